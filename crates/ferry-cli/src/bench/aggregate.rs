@@ -1,0 +1,110 @@
+//! `ferry bench aggregate`: streaming FedAvg over N synthetic updates.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use anyhow::Result;
+use clap::Args;
+use ferry_core::{
+    Update,
+    aggregate::{Aggregator, WeightedMean},
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::peak_rss_bytes;
+
+/// Options of `ferry bench aggregate`.
+#[derive(Args)]
+pub struct AggregateArgs {
+    /// Updates to aggregate.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Parameters per update.
+    #[arg(long, default_value_t = 1_000_000)]
+    params: usize,
+}
+
+/// Bytes the aggregation streams per parameter per update: the f32 update read, the f64
+/// accumulator read and written.
+const TRAFFIC_PER_PARAM: f64 = 4.0 + 8.0 + 8.0;
+
+fn synthetic_update(params: usize, seed: u64) -> Update {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Update {
+        delta: (0..params)
+            .map(|_| rng.random_range(-0.01f32..0.01))
+            .collect(),
+        num_examples: 1,
+        metrics: BTreeMap::new(),
+    }
+}
+
+/// Read bandwidth of this machine: a parallel sum over a buffer far larger than any cache.
+fn read_bandwidth_gbs() -> f64 {
+    let buffer = vec![1.0f32; 64 << 20];
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let began = Instant::now();
+        let sum: f32 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().sum::<f32>())
+            .sum();
+        let secs = began.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(buffer.len() as f64 * 4.0 / secs / 1e9);
+    }
+    best
+}
+
+/// Runs the benchmark.
+pub fn run(args: AggregateArgs) -> Result<()> {
+    anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(args.params >= 1, "--params must be at least 1");
+    let model_bytes = args.params as f64 * 4.0;
+    // Two distinct updates stand in for the N arriving ones: a server holds one at a time.
+    let mut pool = [
+        synthetic_update(args.params, 1),
+        synthetic_update(args.params, 2),
+    ];
+    let began = Instant::now();
+    let mut aggregator = Box::new(WeightedMean::new(args.params));
+    for i in 0..args.clients {
+        let update = &mut pool[i % 2];
+        update.num_examples = 100 + i as u64;
+        aggregator.accept(update)?;
+    }
+    let aggregate = aggregator.finish()?;
+    let secs = began.elapsed().as_secs_f64();
+    std::hint::black_box(&aggregate);
+    let peak = peak_rss_bytes();
+    drop(pool);
+    drop(aggregate);
+    let bandwidth = read_bandwidth_gbs();
+    let update_gbs = args.clients as f64 * model_bytes / secs / 1e9;
+    let traffic_gbs = args.clients as f64 * args.params as f64 * TRAFFIC_PER_PARAM / secs / 1e9;
+    println!(
+        "FedAvg (streaming, f64 accumulator), {} updates x {} parameters ({:.1} MB each)",
+        args.clients,
+        args.params,
+        model_bytes / 1e6
+    );
+    println!("time               {secs:.3} s");
+    println!("updates/s          {:.1}", args.clients as f64 / secs);
+    println!("update data        {update_gbs:.2} GB/s");
+    println!(
+        "memory traffic     {traffic_gbs:.2} GB/s ({TRAFFIC_PER_PARAM} bytes per parameter per update) = {:.0}% of this machine's read bandwidth {bandwidth:.1} GB/s",
+        100.0 * traffic_gbs / bandwidth
+    );
+    match peak {
+        Some(p) => println!(
+            "peak RSS           {:.1} MB = {:.1} model sizes (all {} updates would be {:.1} MB)",
+            p as f64 / 1e6,
+            p as f64 / model_bytes,
+            args.clients,
+            args.clients as f64 * model_bytes / 1e6
+        ),
+        None => println!("peak RSS           unknown (no /proc/self/status)"),
+    }
+    Ok(())
+}

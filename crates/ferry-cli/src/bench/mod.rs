@@ -1,0 +1,47 @@
+//! `ferry bench`: speed measurements, printed with the machine they ran on.
+
+mod aggregate;
+mod train;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+/// The benchmarks.
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Images/second of forward + backward + SGD step at batch 64, per model.
+    Train(train::TrainArgs),
+    /// FedAvg aggregation of N synthetic updates: updates/s, GB/s, peak memory.
+    Aggregate(aggregate::AggregateArgs),
+}
+
+/// Runs one benchmark.
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    println!("machine: {}", machine());
+    match cmd {
+        BenchCommand::Train(args) => train::run(args),
+        BenchCommand::Aggregate(args) => aggregate::run(args),
+    }
+}
+
+/// CPU model and core count, for the record.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    format!("{cpu}, {cores} cores")
+}
+
+/// The process's peak resident memory in bytes (Linux `VmHWM`), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

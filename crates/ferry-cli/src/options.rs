@@ -1,0 +1,313 @@
+//! `ferry simulate` options: flags, an optional TOML file with the same keys, defaults, and
+//! validation into a [`SimConfig`].
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ferry_core::task::LocalTraining;
+use ferry_sim::SimConfig;
+use serde::Deserialize;
+
+/// Options of `ferry simulate`. Every one may also be set in the `--config` file under the
+/// same name (for example `local-epochs = 2`); flags override the file.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SimulateArgs {
+    /// TOML file with the same keys as these flags.
+    #[arg(long, value_name = "FILE.toml")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Dataset: fashion-mnist or mnist-subset [default: fashion-mnist].
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Folder holding the dataset files (searched before $FERRY_DATA and /usr/share/datasets).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Model: lenet, cnn, mlp or logreg [default: lenet].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Number of virtual nodes [default: 10].
+    #[arg(long)]
+    pub clients: Option<usize>,
+    /// Fraction of nodes selected each round, in (0, 1] [default: 1.0].
+    #[arg(long)]
+    pub fraction: Option<f64>,
+    /// Fewest nodes selected per round [default: 1].
+    #[arg(long)]
+    pub min_clients: Option<usize>,
+    /// Rounds to run [default: 10].
+    #[arg(long)]
+    pub rounds: Option<u32>,
+    /// Local epochs per round [default: 1].
+    #[arg(long)]
+    pub local_epochs: Option<u32>,
+    /// Local batch size [default: 64].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Local SGD learning rate [default: 0.01].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Local SGD momentum [default: 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Local L2 weight decay [default: 1e-5].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S [default: iid].
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Strategy: fedavg [default: fedavg].
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Seed for everything random [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop once test accuracy reaches this fraction, in (0, 1].
+    #[arg(long)]
+    pub target_accuracy: Option<f64>,
+    /// Output folder [default: runs/<timestamp>].
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Also train centrally and on each node alone, and compare.
+    #[arg(long)]
+    #[serde(default)]
+    pub baselines: bool,
+    /// Nodes trained at once; results do not depend on it [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+macro_rules! prefer_flags {
+    ($flags:expr, $file:expr, [$($field:ident),*]) => {
+        $( if $flags.$field.is_none() { $flags.$field = $file.$field; } )*
+    };
+}
+
+impl SimulateArgs {
+    /// Fills every option not given as a flag from the `--config` file, if any.
+    pub fn merge_config_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let file = read_config_file(&path)?;
+        prefer_flags!(
+            self,
+            file,
+            [
+                dataset,
+                data_dir,
+                model,
+                clients,
+                fraction,
+                min_clients,
+                rounds,
+                local_epochs,
+                batch_size,
+                lr,
+                momentum,
+                weight_decay,
+                partition,
+                strategy,
+                seed,
+                target_accuracy,
+                out,
+                threads
+            ]
+        );
+        self.baselines |= file.baselines;
+        Ok(self)
+    }
+
+    /// Applies defaults and checks every value.
+    pub fn resolve(&self) -> Result<SimConfig> {
+        let clients = self.clients.unwrap_or(10);
+        let fraction = self.fraction.unwrap_or(1.0);
+        let min_clients = self.min_clients.unwrap_or(1);
+        let rounds = self.rounds.unwrap_or(10);
+        let training = LocalTraining {
+            epochs: self.local_epochs.unwrap_or(1),
+            batch_size: self.batch_size.unwrap_or(64),
+            lr: self.lr.unwrap_or(0.01),
+            momentum: self.momentum.unwrap_or(0.9),
+            weight_decay: self.weight_decay.unwrap_or(1e-5),
+        };
+        let threads = match self.threads {
+            Some(t) => t,
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+        };
+        check(clients >= 1, || {
+            format!("--clients must be at least 1, got {clients}")
+        })?;
+        check(fraction > 0.0 && fraction <= 1.0, || {
+            format!("--fraction must be in (0, 1], got {fraction}")
+        })?;
+        check(min_clients <= clients, || {
+            format!("--min-clients ({min_clients}) cannot exceed --clients ({clients})")
+        })?;
+        check(rounds >= 1, || "--rounds must be at least 1".to_string())?;
+        check(training.epochs >= 1, || {
+            "--local-epochs must be at least 1".to_string()
+        })?;
+        check(training.batch_size >= 1, || {
+            "--batch-size must be at least 1".to_string()
+        })?;
+        check(training.lr > 0.0 && training.lr.is_finite(), || {
+            format!("--lr must be a positive number, got {}", training.lr)
+        })?;
+        check((0.0..1.0).contains(&training.momentum), || {
+            format!("--momentum must be in [0, 1), got {}", training.momentum)
+        })?;
+        check(
+            training.weight_decay >= 0.0 && training.weight_decay.is_finite(),
+            || {
+                format!(
+                    "--weight-decay must be a number >= 0, got {}",
+                    training.weight_decay
+                )
+            },
+        )?;
+        if let Some(t) = self.target_accuracy {
+            check(t > 0.0 && t <= 1.0, || {
+                format!("--target-accuracy is a fraction in (0, 1], got {t}")
+            })?;
+        }
+        check(threads >= 1, || "--threads must be at least 1".to_string())?;
+        Ok(SimConfig {
+            dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
+            data_dir: self.data_dir.clone(),
+            model: self.model.as_deref().unwrap_or("lenet").parse()?,
+            clients,
+            fraction,
+            min_clients,
+            rounds,
+            training,
+            partition: self.partition.as_deref().unwrap_or("iid").parse()?,
+            strategy: self.strategy.as_deref().unwrap_or("fedavg").parse()?,
+            seed: self.seed.unwrap_or(0),
+            target_accuracy: self.target_accuracy,
+            threads,
+        })
+    }
+
+    /// The output folder: `--out`, or `runs/<timestamp>`.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("runs").join(chrono::Local::now().format("%Y%m%d-%H%M%S").to_string())
+        })
+    }
+}
+
+fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { bail!(message()) }
+}
+
+fn read_config_file(path: &Path) -> Result<SimulateArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let reason = e.message().to_string();
+        anyhow::anyhow!("config file {} is not valid: {reason}", path.display())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let cfg = SimulateArgs::default()
+            .resolve()
+            .expect("defaults are valid");
+        assert_eq!(cfg.clients, 10);
+        assert_eq!(cfg.rounds, 10);
+        assert_eq!(cfg.training.batch_size, 64);
+        assert_eq!(cfg.training.lr, 0.01);
+        assert_eq!(cfg.training.momentum, 0.9);
+        assert_eq!(cfg.training.weight_decay, 1e-5);
+        assert_eq!(cfg.partition.to_string(), "iid");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "rounds = 7\nlocal-epochs = 3\npartition = \"labels:2\"\nbaselines = true\n",
+        )
+        .expect("write");
+        let args = SimulateArgs {
+            config: Some(path),
+            rounds: Some(2),
+            ..Default::default()
+        };
+        let merged = args.merge_config_file().expect("merge");
+        let cfg = merged.resolve().expect("valid");
+        assert_eq!(cfg.rounds, 2);
+        assert_eq!(cfg.training.epochs, 3);
+        assert_eq!(cfg.partition.to_string(), "labels:2");
+        assert!(merged.baselines);
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "roundz = 3\n").expect("write");
+        let err = SimulateArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .expect_err("unknown key");
+        assert!(format!("{err:#}").contains("roundz"), "{err:#}");
+        let missing = dir.path().join("missing.toml");
+        let err = SimulateArgs {
+            config: Some(missing.clone()),
+            ..Default::default()
+        }
+        .merge_config_file()
+        .expect_err("missing");
+        assert!(format!("{err:#}").contains(&missing.display().to_string()));
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases: [(SimulateArgs, &str); 4] = [
+            (
+                SimulateArgs {
+                    fraction: Some(1.5),
+                    ..Default::default()
+                },
+                "--fraction",
+            ),
+            (
+                SimulateArgs {
+                    min_clients: Some(11),
+                    ..Default::default()
+                },
+                "--min-clients",
+            ),
+            (
+                SimulateArgs {
+                    partition: Some("zipf".into()),
+                    ..Default::default()
+                },
+                "zipf",
+            ),
+            (
+                SimulateArgs {
+                    target_accuracy: Some(85.0),
+                    ..Default::default()
+                },
+                "--target-accuracy",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve().expect_err(needle).to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Console progress for a run: a bar while a round trains, one line per finished round.
+
+use ferry_engine::{federation::RoundObserver, record::RoundRecord};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Shows a progress bar on stderr (hidden when stderr is not a terminal) and prints round
+/// lines on stdout.
+pub struct ConsoleProgress {
+    rounds: u32,
+    bar: Option<ProgressBar>,
+}
+
+impl ConsoleProgress {
+    /// Progress for a run of at most `rounds` rounds.
+    pub fn new(rounds: u32) -> Self {
+        Self { rounds, bar: None }
+    }
+}
+
+/// Bytes as a short human figure.
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+impl RoundObserver for ConsoleProgress {
+    fn round_started(&mut self, round: u32, selected: usize) {
+        let bar = ProgressBar::new(selected as u64);
+        bar.set_style(
+            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} nodes  {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("{round}/{} training", self.rounds));
+        self.bar = Some(bar);
+    }
+
+    fn node_returned(&mut self, _round: u32) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn evaluating(&mut self, round: u32) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{round}/{} evaluating", self.rounds));
+        }
+    }
+
+    fn round_finished(&mut self, r: &RoundRecord) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let failed = if r.failures > 0 {
+            format!(" ({} failed)", r.failures)
+        } else {
+            String::new()
+        };
+        println!(
+            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}",
+            r.round,
+            self.rounds,
+            r.accuracy,
+            r.loss,
+            r.participants,
+            failed,
+            r.wall_s,
+            human_bytes(r.bytes_up),
+            human_bytes(r.bytes_down)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn bytes_are_shown_in_the_largest_fitting_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1_777_040), "1.8 MB");
+        assert_eq!(human_bytes(4_000_000_000), "4.00 GB");
+    }
+}

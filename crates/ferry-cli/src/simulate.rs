@@ -1,0 +1,99 @@
+//! `ferry simulate`: run a simulated federation and write its outputs.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use ferry_sim::{Simulation, baselines};
+
+use crate::{
+    options::SimulateArgs,
+    progress::{ConsoleProgress, human_bytes},
+    report::{self, FinalRecord, History},
+};
+
+/// Runs `ferry simulate` with the given options.
+pub fn run(args: SimulateArgs) -> Result<()> {
+    let args = args.merge_config_file()?;
+    let config = args.resolve()?;
+    let out = args.out_dir();
+    println!(
+        "ferry simulate: {} on {} split {} across {} clients, {} rounds, strategy {}, seed {}",
+        config.model,
+        config.dataset,
+        config.partition,
+        config.clients,
+        config.rounds,
+        config.strategy,
+        config.seed
+    );
+    let sim = Simulation::prepare(config.clone())?;
+    let sizes = sim.node_sizes();
+    println!(
+        "{} parameters; node sizes {}..{} examples; {} threads",
+        sim.initial_model().num_params(),
+        sizes.iter().min().unwrap_or(&0),
+        sizes.iter().max().unwrap_or(&0),
+        config.threads
+    );
+    let started = Instant::now();
+    let outcome = sim.run(&mut ConsoleProgress::new(config.rounds))?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let last = outcome.rounds.last().context("the run finished no round")?;
+    let (model_bytes, sha) = report::model_bytes(&outcome.model)?;
+    let final_record = FinalRecord {
+        accuracy: last.accuracy,
+        loss: last.loss,
+        model_sha256: sha,
+        rounds_run: last.round,
+        stop: outcome.stop,
+        wall_s,
+        bytes_up: outcome.rounds.iter().map(|r| r.bytes_up).sum(),
+        bytes_down: outcome.rounds.iter().map(|r| r.bytes_down).sum(),
+    };
+    let baselines = if args.baselines {
+        let epochs = config.epochs_per_node(last.round);
+        println!(
+            "training baselines: central on pooled data and each node alone, {epochs} epochs each"
+        );
+        Some(baselines::run(&sim, epochs)?)
+    } else {
+        None
+    };
+    let history = History {
+        config: &config,
+        rounds: &outcome.rounds,
+        final_record,
+        baselines: baselines.as_ref(),
+    };
+    report::write(&out, &history, &model_bytes)?;
+    let f = &history.final_record;
+    let best = outcome
+        .rounds
+        .iter()
+        .map(|r| r.accuracy)
+        .fold(0.0, f64::max);
+    println!(
+        "done: {} rounds in {:.1} s ({:?}); final accuracy {:.4}, loss {:.4}, best accuracy {:.4}; moved up {} down {}",
+        f.rounds_run,
+        f.wall_s,
+        f.stop,
+        f.accuracy,
+        f.loss,
+        best,
+        human_bytes(f.bytes_up),
+        human_bytes(f.bytes_down)
+    );
+    println!("model_sha256 {}", f.model_sha256);
+    if let Some(b) = &baselines {
+        println!(
+            "is federated learning worth it here? test accuracy, same {} epochs per node:",
+            b.epochs
+        );
+        println!("  federated ({})        {:.4}", config.strategy, f.accuracy);
+        println!("  central (pooled data)   {:.4}", b.central_accuracy);
+        println!("  local only, mean node   {:.4}", b.local_mean_accuracy);
+        println!("  local only, worst node  {:.4}", b.local_worst_accuracy);
+    }
+    println!("outputs in {}", out.display());
+    Ok(())
+}

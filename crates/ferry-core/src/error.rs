@@ -1,0 +1,43 @@
+//! The one error type of ferry-core.
+
+/// Everything that can go wrong in model (de)serialisation, update algebra and aggregation.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The bytes are not a valid safetensors file.
+    #[error("invalid safetensors data: {0}")]
+    Safetensors(String),
+    /// A tensor has a dtype Ferry does not train with.
+    #[error("tensor '{name}' has dtype {dtype}; Ferry models hold f32 tensors only")]
+    UnsupportedDtype {
+        /// Tensor name.
+        name: String,
+        /// The dtype found.
+        dtype: String,
+    },
+    /// A model or update does not have the layout of the run's model.
+    #[error("layout mismatch: {0}")]
+    LayoutMismatch(String),
+    /// A flat vector has the wrong number of values.
+    #[error("expected {expected} values, got {got}")]
+    LengthMismatch {
+        /// Values the model has.
+        expected: usize,
+        /// Values received.
+        got: usize,
+    },
+    /// An update holds NaN or infinity.
+    #[error("update holds a non-finite value at index {index}")]
+    NonFinite {
+        /// Index of the first non-finite value.
+        index: usize,
+    },
+    /// An update claims to be trained on zero examples, so it cannot be weighted.
+    #[error("update reports num_examples = 0; a node must train on at least one example")]
+    ZeroExamples,
+    /// Aggregation was asked to finish with nothing accepted.
+    #[error("no updates were accepted this round, so there is nothing to aggregate")]
+    NoUpdates,
+    /// A strategy or partition name that Ferry does not know.
+    #[error("unknown strategy '{0}': expected one of: fedavg")]
+    UnknownStrategy(String),
+}

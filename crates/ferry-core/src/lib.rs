@@ -1,0 +1,24 @@
+//! Ferry's core: what a federated round computes, free of any ML engine or network.
+//!
+//! - [`model`]: a model as named, shaped `f32` tensors in one flat vector, with safetensors
+//!   (de)serialisation and a sha256 content hash.
+//! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
+//! - [`update`]: what a node sends back after local training.
+//! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
+//! - [`server_opt`]: the server-optimizer step that turns an aggregate into the next model.
+//! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
+//!   optimizer.
+//! - [`task`]: the local-training settings a node receives with the global model.
+
+pub mod aggregate;
+pub mod algebra;
+pub mod error;
+pub mod model;
+pub mod server_opt;
+pub mod strategy;
+pub mod task;
+pub mod update;
+
+pub use error::CoreError;
+pub use model::{Model, ModelLayout, TensorSpec};
+pub use update::Update;

@@ -1,0 +1,15 @@
+//! Ferry's round engine: the federated loop that simulation and deployment share.
+//!
+//! A [`federation::Federation`] selects nodes, hands each a [`node::RoundTask`] through the
+//! [`node::NodeHandle`] trait, folds their updates into the strategy's streaming aggregator in
+//! a fixed order, applies the server optimizer, evaluates the new global model and records the
+//! round. In-process virtual nodes (ferry-sim) and network nodes implement the same trait.
+
+pub mod dispatch;
+pub mod error;
+pub mod federation;
+pub mod node;
+pub mod record;
+pub mod selection;
+
+pub use error::EngineError;

@@ -1,0 +1,48 @@
+//! What the engine sees of a node, wherever it runs.
+
+use std::sync::Arc;
+
+use ferry_core::{Model, Update, strategy::ClientProcedure, task::LocalTraining};
+
+/// A node's identifier within a run.
+pub type NodeId = u32;
+
+/// One round's work for one node.
+#[derive(Debug, Clone)]
+pub struct RoundTask {
+    /// The round, from 1.
+    pub round: u32,
+    /// The global model to start from.
+    pub model: Arc<Model>,
+    /// How to train locally.
+    pub training: LocalTraining,
+    /// The strategy's client procedure.
+    pub procedure: ClientProcedure,
+    /// The round's seed; a node mixes in its id for its own randomness.
+    pub seed: u64,
+}
+
+/// Why a node returned no update.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("node {node}: {reason}")]
+pub struct NodeError {
+    /// The node.
+    pub node: NodeId,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// A node the engine can hand a round to: an in-process virtual node or a remote one.
+pub trait NodeHandle: Send + Sync {
+    /// The node's identifier.
+    fn id(&self) -> NodeId;
+
+    /// Trains on the node's data starting from `task.model` and returns the update.
+    fn train(&self, task: &RoundTask) -> Result<Update, NodeError>;
+}
+
+/// Scores a global model on held-out data (the central test set in simulation).
+pub trait Evaluator: Send + Sync {
+    /// Returns `(loss, accuracy)` with accuracy in `[0, 1]`.
+    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String>;
+}

@@ -1,0 +1,28 @@
+//! What a run records about each round.
+
+use serde::{Deserialize, Serialize};
+
+/// One round, as shown on screen and written to `history.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// The round, from 1.
+    pub round: u32,
+    /// Accuracy of the new global model on the test set, in `[0, 1]`.
+    pub accuracy: f64,
+    /// Mean test loss of the new global model.
+    pub loss: f64,
+    /// Nodes whose updates were aggregated.
+    pub participants: usize,
+    /// Selected nodes that failed or whose update was refused.
+    pub failures: usize,
+    /// Update bytes received from nodes.
+    pub bytes_up: u64,
+    /// Model bytes sent to nodes.
+    pub bytes_down: u64,
+    /// Wall-clock seconds for the whole round, evaluation included.
+    pub wall_s: f64,
+    /// Mean local training loss reported by the participants.
+    pub train_loss: f64,
+    /// Bytes of state the server strategy keeps between rounds.
+    pub strategy_state_bytes: usize,
+}

@@ -1,0 +1,221 @@
+//! The round loop with scripted nodes: aggregation, selection, failures, stopping, ordering.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use ferry_core::{
+    Model, ModelLayout, TensorSpec, Update,
+    strategy::{Strategy, StrategyName},
+    task::LocalTraining,
+};
+use ferry_engine::{
+    EngineError,
+    federation::{Federation, RoundObserver, RunSettings, StopReason},
+    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask},
+    record::RoundRecord,
+};
+
+/// A node that moves the model halfway towards its own target, or fails.
+struct ScriptedNode {
+    id: NodeId,
+    target: Vec<f32>,
+    examples: u64,
+    fail: bool,
+}
+
+impl NodeHandle for ScriptedNode {
+    fn id(&self) -> NodeId {
+        self.id
+    }
+
+    fn train(&self, task: &RoundTask) -> Result<Update, NodeError> {
+        if self.fail {
+            return Err(NodeError {
+                node: self.id,
+                reason: "disk on fire".into(),
+            });
+        }
+        // Vary the delta with the round seed so that summation order would show in the bits.
+        let jitter = (task.seed % 1000) as f32 * 1e-7 + self.id as f32 * 1e-3;
+        let delta = task
+            .model
+            .values()
+            .iter()
+            .zip(&self.target)
+            .map(|(m, t)| (t - m) * 0.5 + jitter)
+            .collect();
+        Ok(Update {
+            delta,
+            num_examples: self.examples,
+            metrics: BTreeMap::from([("train_loss".into(), 1.0)]),
+        })
+    }
+}
+
+/// Accuracy rises as the first parameter approaches 1.
+struct DistanceEvaluator;
+
+impl Evaluator for DistanceEvaluator {
+    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+        let d = f64::from((model.values()[0] - 1.0).abs());
+        Ok((d, (1.0 - d).clamp(0.0, 1.0)))
+    }
+}
+
+fn model() -> Model {
+    let layout = ModelLayout::new(vec![TensorSpec {
+        name: "w".into(),
+        shape: vec![3],
+    }])
+    .expect("layout");
+    Model::new(Arc::new(layout), vec![0.0; 3]).expect("model")
+}
+
+fn settings(rounds: u32, parallelism: usize) -> RunSettings {
+    RunSettings {
+        rounds,
+        fraction: 1.0,
+        min_clients: 1,
+        target_accuracy: None,
+        training: LocalTraining {
+            epochs: 1,
+            batch_size: 1,
+            lr: 0.1,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        },
+        seed: 3,
+        parallelism,
+    }
+}
+
+fn nodes(count: u32, failing: &[u32]) -> Vec<Arc<dyn NodeHandle>> {
+    (0..count)
+        .map(|id| {
+            Arc::new(ScriptedNode {
+                id,
+                target: vec![1.0, 2.0, 3.0],
+                examples: u64::from(id) + 1,
+                fail: failing.contains(&id),
+            }) as Arc<dyn NodeHandle>
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct Recorder {
+    started: Vec<(u32, usize)>,
+    returned: usize,
+    finished: Vec<RoundRecord>,
+}
+
+impl RoundObserver for Recorder {
+    fn round_started(&mut self, round: u32, selected: usize) {
+        self.started.push((round, selected));
+    }
+    fn node_returned(&mut self, _round: u32) {
+        self.returned += 1;
+    }
+    fn round_finished(&mut self, record: &RoundRecord) {
+        self.finished.push(record.clone());
+    }
+}
+
+fn run(
+    settings: RunSettings,
+    nodes: Vec<Arc<dyn NodeHandle>>,
+) -> (
+    Result<ferry_engine::federation::RunOutcome, EngineError>,
+    Recorder,
+) {
+    let mut recorder = Recorder::default();
+    let fed = Federation::new(
+        settings,
+        Strategy::new(StrategyName::FedAvg),
+        nodes,
+        Box::new(DistanceEvaluator),
+        model(),
+    );
+    let out = fed.and_then(|f| f.run(&mut recorder));
+    (out, recorder)
+}
+
+#[test]
+fn fedavg_converges_and_records_every_round() {
+    let (out, rec) = run(settings(6, 2), nodes(5, &[]));
+    let out = out.expect("runs");
+    assert_eq!(out.rounds.len(), 6);
+    assert_eq!(out.stop, StopReason::RoundsCompleted);
+    assert!(out.rounds[5].accuracy > out.rounds[0].accuracy);
+    assert!(
+        (out.model.values()[2] - 3.0).abs() < 0.2,
+        "{:?}",
+        out.model.values()
+    );
+    assert_eq!(rec.started, (1..=6).map(|r| (r, 5)).collect::<Vec<_>>());
+    assert_eq!(rec.returned, 30);
+    let first = &out.rounds[0];
+    assert_eq!(first.participants, 5);
+    assert_eq!(first.bytes_down, 5 * 3 * 4);
+    assert_eq!(first.bytes_up, 5 * 3 * 4);
+    assert_eq!(rec.finished, out.rounds);
+}
+
+#[test]
+fn same_model_bits_on_any_number_of_threads() {
+    let a = run(settings(4, 1), nodes(9, &[])).0.expect("runs").model;
+    let b = run(settings(4, 4), nodes(9, &[])).0.expect("runs").model;
+    let c = run(settings(4, 9), nodes(9, &[])).0.expect("runs").model;
+    assert_eq!(a.sha256().expect("hash"), b.sha256().expect("hash"));
+    assert_eq!(a.sha256().expect("hash"), c.sha256().expect("hash"));
+}
+
+#[test]
+fn failed_nodes_are_counted_and_the_round_goes_on() {
+    let (out, _) = run(settings(2, 2), nodes(4, &[1, 3]));
+    let out = out.expect("runs");
+    assert_eq!(out.rounds[0].participants, 2);
+    assert_eq!(out.rounds[0].failures, 2);
+}
+
+#[test]
+fn a_round_with_no_usable_update_is_an_error_naming_the_cause() {
+    let (out, _) = run(settings(2, 2), nodes(2, &[0, 1]));
+    let err = out.expect_err("nothing to aggregate").to_string();
+    assert!(err.contains("disk on fire"), "{err}");
+}
+
+#[test]
+fn stops_at_target_accuracy() {
+    let mut s = settings(50, 2);
+    s.target_accuracy = Some(0.9);
+    let out = run(s, nodes(3, &[])).0.expect("runs");
+    assert_eq!(out.stop, StopReason::TargetReached);
+    assert!(out.rounds.len() < 50);
+    assert!(out.rounds.last().is_some_and(|r| r.accuracy >= 0.9));
+}
+
+#[test]
+fn fraction_selects_a_subset_each_round() {
+    let mut s = settings(3, 2);
+    s.fraction = 0.3;
+    let (out, rec) = run(s, nodes(10, &[]));
+    out.expect("runs");
+    assert!(rec.started.iter().all(|&(_, n)| n == 3));
+}
+
+#[test]
+fn impossible_settings_are_refused() {
+    let mut s = settings(1, 1);
+    s.min_clients = 11;
+    assert!(matches!(
+        run(s, nodes(10, &[])).0,
+        Err(EngineError::Settings(_))
+    ));
+    let mut s = settings(1, 1);
+    s.fraction = 1.5;
+    let err = run(s, nodes(10, &[]))
+        .0
+        .expect_err("bad fraction")
+        .to_string();
+    assert!(err.contains("1.5"), "{err}");
+}

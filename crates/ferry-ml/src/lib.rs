@@ -1,0 +1,14 @@
+//! Ferry's machine-learning side, on burn's `flex` CPU backend.
+//!
+//! - [`models`]: the built-in networks (`lenet`, `cnn`, `mlp`, `logreg`) and their conversion to
+//!   and from ferry-core [`ferry_core::Model`]s.
+//! - [`data`]: datasets (Fashion-MNIST, the MNIST subset), and the NIID-Bench partitioners.
+//! - [`train`]: local training (SGD with momentum and weight decay) and evaluation.
+
+pub mod data;
+pub mod error;
+pub mod models;
+pub mod params;
+pub mod train;
+
+pub use error::MlError;

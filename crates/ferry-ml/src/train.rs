@@ -1,0 +1,337 @@
+//! Local training (SGD with momentum and weight decay) and evaluation.
+//!
+//! Training runs on one thread (burn's `flex` backend without its thread pool): simulation
+//! parallelises across nodes instead, and one thread per node keeps every result independent
+//! of the machine's core count.
+
+use burn::{
+    nn::loss::CrossEntropyLossConfig,
+    optim::{GradientsParams, SgdConfig, decay::WeightDecayConfig, momentum::MomentumConfig},
+    prelude::*,
+};
+use ferry_core::{Model, task::LocalTraining};
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use rayon::prelude::*;
+
+use crate::{
+    MlError,
+    data::{Dataset, PIXELS},
+    models::ModelKind,
+    params,
+};
+
+/// Examples per forward pass when evaluating.
+const EVAL_BATCH: usize = 500;
+
+/// The data one node trains on.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalData<'a> {
+    /// The full training set.
+    pub dataset: &'a Dataset,
+    /// The examples of it this node holds.
+    pub indices: &'a [usize],
+    /// Std of the Gaussian noise added to every pixel read (feature-skew partitions).
+    pub noise_std: f32,
+}
+
+/// What local training produced.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// The trained parameters.
+    pub model: Model,
+    /// Examples trained on per epoch (the FedAvg weight).
+    pub num_examples: u64,
+    /// SGD steps taken.
+    pub steps: u64,
+    /// Mean training loss over all steps, weighted by batch size.
+    pub mean_loss: f64,
+}
+
+/// Loss and accuracy of a model on a test set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction of examples classified correctly, in `[0, 1]`.
+    pub accuracy: f64,
+    /// Examples evaluated.
+    pub examples: usize,
+}
+
+fn optimizer(cfg: &LocalTraining) -> SgdConfig {
+    let momentum = (cfg.momentum != 0.0).then(|| {
+        MomentumConfig::new()
+            .with_momentum(cfg.momentum)
+            .with_dampening(0.0)
+    });
+    let decay = (cfg.weight_decay != 0.0).then(|| WeightDecayConfig::new(cfg.weight_decay as f32));
+    SgdConfig::new()
+        .with_momentum(momentum)
+        .with_weight_decay(decay)
+}
+
+/// Builds an input batch, adding fresh pixel noise when `noise` is set.
+fn images_tensor(
+    dataset: &Dataset,
+    batch: &[usize],
+    noise: Option<(&Normal<f32>, &mut ChaCha8Rng)>,
+    device: &Device,
+) -> Tensor<4> {
+    let mut pixels = Vec::with_capacity(batch.len() * PIXELS);
+    for &i in batch {
+        pixels.extend_from_slice(dataset.image(i));
+    }
+    if let Some((dist, rng)) = noise {
+        for p in &mut pixels {
+            *p += dist.sample(rng);
+        }
+    }
+    Tensor::from_data(TensorData::new(pixels, [batch.len(), 1, 28, 28]), device)
+}
+
+fn labels_tensor(dataset: &Dataset, batch: &[usize], device: &Device) -> Tensor<1, Int> {
+    let labels: Vec<i64> = batch
+        .iter()
+        .map(|&i| i64::from(dataset.labels[i]))
+        .collect();
+    Tensor::from_data(TensorData::new(labels, [batch.len()]), device)
+}
+
+/// Trains `kind` from `start` on `data` for `cfg.epochs` epochs; `seed` fixes the shuffling
+/// and noise, so the same inputs always give the same model.
+pub fn train_local(
+    kind: ModelKind,
+    start: &Model,
+    data: LocalData<'_>,
+    cfg: &LocalTraining,
+    seed: u64,
+) -> Result<TrainOutcome, MlError> {
+    if data.indices.is_empty() {
+        return Err(MlError::BadSpec("a node has no training examples".into()));
+    }
+    if cfg.batch_size == 0 {
+        return Err(MlError::BadSpec("batch size must be at least 1".into()));
+    }
+    let device = Device::flex().autodiff();
+    let mut net = params::build(kind, start, &device)?;
+    let mut optim = optimizer(cfg).init();
+    let loss_fn = CrossEntropyLossConfig::new().init(&device);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise = (data.noise_std > 0.0)
+        .then(|| Normal::new(0.0, data.noise_std))
+        .transpose()
+        .map_err(|e| MlError::BadSpec(format!("invalid noise level: {e}")))?;
+    let mut order = data.indices.to_vec();
+    let (mut steps, mut loss_sum, mut seen) = (0u64, 0.0f64, 0usize);
+    for _ in 0..cfg.epochs {
+        order.shuffle(&mut rng);
+        for batch in order.chunks(cfg.batch_size) {
+            let x = images_tensor(
+                data.dataset,
+                batch,
+                noise.as_ref().map(|n| (n, &mut rng)),
+                &device,
+            );
+            let y = labels_tensor(data.dataset, batch, &device);
+            let loss = loss_fn.forward(net.forward(x), y);
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
+            seen += batch.len();
+            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            net = optim.step(cfg.lr, net, grads);
+            steps += 1;
+        }
+    }
+    Ok(TrainOutcome {
+        model: params::to_model(&net)?,
+        num_examples: data.indices.len() as u64,
+        steps,
+        mean_loss: if seen == 0 {
+            0.0
+        } else {
+            loss_sum / seen as f64
+        },
+    })
+}
+
+/// Sum of cross-entropy and count of correct predictions for a batch of logits.
+fn score(logits: &[f32], labels: &[u8]) -> (f64, usize) {
+    let classes = logits.len() / labels.len().max(1);
+    let mut loss = 0.0;
+    let mut correct = 0;
+    for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum: f64 = row
+            .iter()
+            .map(|v| f64::from(v - max).exp())
+            .sum::<f64>()
+            .ln();
+        loss += log_sum - f64::from(row[usize::from(label)] - max);
+        let predicted = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                if v > best.1 { (i, v) } else { best }
+            })
+            .0;
+        correct += usize::from(predicted == usize::from(label));
+    }
+    (loss, correct)
+}
+
+/// Evaluates `model` on `test`, once per entry of `noise_copies` (each copy of the test set
+/// carries Gaussian pixel noise of that std, drawn from `seed`); an empty list means the clean
+/// test set once. Batches run in parallel; totals are summed in a fixed order.
+pub fn evaluate(
+    kind: ModelKind,
+    model: &Model,
+    test: &Dataset,
+    noise_copies: &[f32],
+    seed: u64,
+) -> Result<Evaluation, MlError> {
+    let copies: Vec<f32> = if noise_copies.is_empty() {
+        vec![0.0]
+    } else {
+        noise_copies.to_vec()
+    };
+    let indices: Vec<usize> = (0..test.len()).collect();
+    let jobs: Vec<(usize, f32, &[usize])> = copies
+        .iter()
+        .enumerate()
+        .flat_map(|(c, &std)| indices.chunks(EVAL_BATCH).map(move |b| (c, std, b)))
+        .collect();
+    let device = Device::flex();
+    let partials = jobs
+        .par_iter()
+        .enumerate()
+        .map(|(job, &(_, std, batch))| {
+            let net = params::build(kind, model, &device)?;
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(seed ^ (job as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let noise = (std > 0.0)
+                .then(|| Normal::new(0.0, std))
+                .transpose()
+                .map_err(|e| MlError::BadSpec(format!("invalid noise level: {e}")))?;
+            let x = images_tensor(test, batch, noise.as_ref().map(|n| (n, &mut rng)), &device);
+            let logits = net
+                .forward(x)
+                .into_data()
+                .try_into_vec::<f32>()
+                .map_err(|e| MlError::BadSpec(format!("unexpected logits dtype: {e:?}")))?;
+            let labels: Vec<u8> = batch.iter().map(|&i| test.labels[i]).collect();
+            Ok(score(&logits, &labels))
+        })
+        .collect::<Result<Vec<_>, MlError>>()?;
+    let (loss, correct) = partials
+        .iter()
+        .fold((0.0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
+    let examples = test.len() * copies.len();
+    Ok(Evaluation {
+        loss: loss / examples.max(1) as f64,
+        accuracy: correct as f64 / examples.max(1) as f64,
+        examples,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::init_model;
+
+    /// Two linearly separable classes: bright top half vs bright bottom half.
+    fn toy(n: usize) -> Dataset {
+        let mut images = Vec::with_capacity(n * PIXELS);
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            let label = (i % 2) as u8;
+            for p in 0..PIXELS {
+                let top = p < PIXELS / 2;
+                let lit = (label == 0) == top;
+                images.push(if lit { 0.9 } else { 0.1 } + ((i * 31 + p * 7) % 10) as f32 * 0.005);
+            }
+            labels.push(label);
+        }
+        Dataset { images, labels }
+    }
+
+    fn cfg(epochs: u32) -> LocalTraining {
+        LocalTraining {
+            epochs,
+            batch_size: 16,
+            lr: 0.05,
+            momentum: 0.9,
+            weight_decay: 1e-5,
+        }
+    }
+
+    #[test]
+    fn score_counts_correct_argmax_and_cross_entropy() {
+        let (loss, correct) = score(&[2.0, 0.0, 0.0, 5.0], &[0, 0]);
+        assert_eq!(correct, 1);
+        let expected = (1.0 + (-2.0f64).exp()).ln() + (1.0 + 5.0f64.exp()).ln();
+        assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+    }
+
+    #[test]
+    fn training_learns_a_separable_task_and_is_reproducible() {
+        let data = toy(128);
+        let indices: Vec<usize> = (0..128).collect();
+        let start = init_model(ModelKind::Logreg, 1).expect("init");
+        let local = LocalData {
+            dataset: &data,
+            indices: &indices,
+            noise_std: 0.0,
+        };
+        let before = evaluate(ModelKind::Logreg, &start, &data, &[], 0).expect("eval");
+        let out = train_local(ModelKind::Logreg, &start, local, &cfg(3), 9).expect("train");
+        let after = evaluate(ModelKind::Logreg, &out.model, &data, &[], 0).expect("eval");
+        assert_eq!(out.num_examples, 128);
+        assert_eq!(out.steps, 3 * 8);
+        assert!(after.accuracy > 0.95, "accuracy {}", after.accuracy);
+        assert!(after.loss < before.loss);
+        let again = train_local(ModelKind::Logreg, &start, local, &cfg(3), 9).expect("train");
+        assert_eq!(again.model, out.model);
+        let other_seed = train_local(ModelKind::Logreg, &start, local, &cfg(3), 10).expect("train");
+        assert_ne!(other_seed.model, out.model);
+    }
+
+    #[test]
+    fn lenet_trains_without_error_and_changes_weights() {
+        let data = toy(64);
+        let indices: Vec<usize> = (0..64).collect();
+        let start = init_model(ModelKind::Lenet, 1).expect("init");
+        let local = LocalData {
+            dataset: &data,
+            indices: &indices,
+            noise_std: 0.1,
+        };
+        let out = train_local(ModelKind::Lenet, &start, local, &cfg(1), 0).expect("train");
+        assert_ne!(out.model, start);
+        assert!(out.mean_loss.is_finite());
+    }
+
+    #[test]
+    fn noisy_evaluation_counts_every_copy() {
+        let data = toy(10);
+        let model = init_model(ModelKind::Logreg, 0).expect("init");
+        let eval = evaluate(ModelKind::Logreg, &model, &data, &[0.0, 0.5, 1.0], 3).expect("eval");
+        assert_eq!(eval.examples, 30);
+        assert_eq!(
+            eval,
+            evaluate(ModelKind::Logreg, &model, &data, &[0.0, 0.5, 1.0], 3).expect("eval")
+        );
+    }
+
+    #[test]
+    fn empty_node_data_is_an_error() {
+        let data = toy(4);
+        let start = init_model(ModelKind::Logreg, 0).expect("init");
+        let local = LocalData {
+            dataset: &data,
+            indices: &[],
+            noise_std: 0.0,
+        };
+        assert!(train_local(ModelKind::Logreg, &start, local, &cfg(1), 0).is_err());
+    }
+}

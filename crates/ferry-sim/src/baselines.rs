@@ -1,0 +1,98 @@
+//! The non-federated baselines a federated result should be judged against.
+//!
+//! - **Central**: one model trained on the pooled training data (what federated learning tries
+//!   to match without moving data).
+//! - **Local only**: each node trains alone on its own data (what a node gets by not joining).
+//!
+//! Both train for as many epochs as a node sees over the federated run, from the same initial
+//! model, and are scored on the same test set.
+
+use ferry_engine::{dispatch, selection::mix_seed};
+use ferry_ml::train::{Evaluation, LocalData, train_local};
+
+use crate::{SimError, Simulation};
+
+/// Baseline results beside a federated run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Baselines {
+    /// Epochs each baseline trained.
+    pub epochs: u32,
+    /// Accuracy of central training on the pooled data.
+    pub central_accuracy: f64,
+    /// Loss of central training on the pooled data.
+    pub central_loss: f64,
+    /// Mean accuracy of the nodes' local-only models.
+    pub local_mean_accuracy: f64,
+    /// Worst node's local-only accuracy.
+    pub local_worst_accuracy: f64,
+    /// Every node's local-only accuracy, in node order.
+    pub local_accuracies: Vec<f64>,
+}
+
+/// Trains the central and local-only baselines for `epochs` epochs each.
+pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
+    let cfg = sim.config();
+    let mut training = cfg.training.clone();
+    training.epochs = epochs;
+    let nodes = sim.nodes();
+    let pooled: Vec<usize> = nodes
+        .iter()
+        .flat_map(|n| n.data().indices.iter().copied())
+        .collect();
+    let first = nodes.first().map(|n| n.data());
+    let central_data = LocalData {
+        indices: &pooled,
+        noise_std: 0.0,
+        ..first.ok_or_else(no_nodes)?
+    };
+    let seed = mix_seed(cfg.seed, u64::MAX);
+    let central = train_local(
+        cfg.model,
+        sim.initial_model(),
+        central_data,
+        &training,
+        seed,
+    )?;
+    let central_eval = sim.evaluator().evaluation(&central.model)?;
+
+    let mut local: Vec<Result<Evaluation, SimError>> = Vec::with_capacity(nodes.len());
+    dispatch::run_ordered(
+        nodes.len(),
+        cfg.threads,
+        |i| -> Result<Evaluation, SimError> {
+            let out = train_local(
+                cfg.model,
+                sim.initial_model(),
+                nodes[i].data(),
+                &training,
+                mix_seed(seed, i as u64),
+            )?;
+            Ok(sim.evaluator().evaluation(&out.model)?)
+        },
+        |_| {},
+        |_, r| local.push(r),
+    );
+    let local_accuracies = local
+        .into_iter()
+        .map(|r| r.map(|e| e.accuracy))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mean = local_accuracies.iter().sum::<f64>() / local_accuracies.len().max(1) as f64;
+    let worst = local_accuracies
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    Ok(Baselines {
+        epochs,
+        central_accuracy: central_eval.accuracy,
+        central_loss: central_eval.loss,
+        local_mean_accuracy: mean,
+        local_worst_accuracy: worst,
+        local_accuracies,
+    })
+}
+
+fn no_nodes() -> SimError {
+    SimError::Engine(ferry_engine::EngineError::Settings(
+        "the run has no nodes".into(),
+    ))
+}

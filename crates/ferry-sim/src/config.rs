@@ -1,0 +1,58 @@
+//! A simulation's complete, validated configuration.
+
+use std::path::PathBuf;
+
+use ferry_core::{strategy::StrategyName, task::LocalTraining};
+use ferry_ml::{
+    data::{DatasetKind, partition::Partitioner},
+    models::ModelKind,
+};
+use serde::{Serialize, Serializer};
+
+/// Everything that determines a simulated run (recorded in `history.json`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimConfig {
+    /// Which dataset to split across nodes.
+    pub dataset: DatasetKind,
+    /// Where to look for it first.
+    pub data_dir: Option<PathBuf>,
+    /// The network to train.
+    pub model: ModelKind,
+    /// Number of virtual nodes.
+    pub clients: usize,
+    /// Fraction of nodes selected per round.
+    pub fraction: f64,
+    /// Fewest nodes per round.
+    pub min_clients: usize,
+    /// Rounds to run at most.
+    pub rounds: u32,
+    /// Local training settings.
+    #[serde(flatten)]
+    pub training: LocalTraining,
+    /// How the training set is split.
+    #[serde(serialize_with = "as_text")]
+    pub partition: Partitioner,
+    /// The federated strategy.
+    pub strategy: StrategyName,
+    /// Seed of everything random: initial model, partition, selection, shuffling.
+    pub seed: u64,
+    /// Stop when the global model reaches this accuracy.
+    pub target_accuracy: Option<f64>,
+    /// Nodes trained at once (does not change results).
+    pub threads: usize,
+}
+
+fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(p)
+}
+
+impl SimConfig {
+    /// Local epochs a node trains over the whole run on average: what the central and
+    /// local-only baselines get, for a like-for-like comparison.
+    pub fn epochs_per_node(&self, rounds_run: u32) -> u32 {
+        let cohort =
+            ferry_engine::selection::cohort_size(self.clients, self.fraction, self.min_clients);
+        let share = cohort as f64 / self.clients as f64;
+        ((f64::from(rounds_run) * f64::from(self.training.epochs) * share).ceil() as u32).max(1)
+    }
+}

@@ -1,0 +1,15 @@
+//! The one error type of ferry-sim.
+
+/// What can stop a simulation.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Data loading, partitioning or training failed.
+    #[error(transparent)]
+    Ml(#[from] ferry_ml::MlError),
+    /// The round engine refused the settings or a round failed.
+    #[error(transparent)]
+    Engine(#[from] ferry_engine::EngineError),
+    /// Model or aggregation error.
+    #[error(transparent)]
+    Core(#[from] ferry_core::CoreError),
+}

@@ -1,0 +1,47 @@
+//! Evaluation of the global model on the central test set.
+
+use std::sync::Arc;
+
+use ferry_core::Model;
+use ferry_engine::node::Evaluator;
+use ferry_ml::{data::Dataset, models::ModelKind, train};
+
+/// Scores models on the test set; under feature-skew partitions, on one noised copy of it per
+/// node (NIID-Bench's protocol).
+pub struct TestSetEvaluator {
+    model: ModelKind,
+    test: Arc<Dataset>,
+    noise_copies: Vec<f32>,
+    seed: u64,
+}
+
+impl TestSetEvaluator {
+    /// An evaluator of `model` networks on `test`, noised once per entry of `noise_copies`
+    /// when any is non-zero.
+    pub fn new(model: ModelKind, test: Arc<Dataset>, noise_copies: &[f32], seed: u64) -> Self {
+        let noisy = noise_copies.iter().any(|&s| s > 0.0);
+        Self {
+            model,
+            test,
+            noise_copies: if noisy {
+                noise_copies.to_vec()
+            } else {
+                Vec::new()
+            },
+            seed,
+        }
+    }
+
+    /// Full evaluation result.
+    pub fn evaluation(&self, model: &Model) -> Result<train::Evaluation, ferry_ml::MlError> {
+        train::evaluate(self.model, model, &self.test, &self.noise_copies, self.seed)
+    }
+}
+
+impl Evaluator for TestSetEvaluator {
+    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+        self.evaluation(model)
+            .map(|e| (e.loss, e.accuracy))
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,18 @@
+//! Federated learning simulated on one machine with the real engine.
+//!
+//! [`Simulation::prepare`] loads a dataset, splits it across virtual nodes with a NIID-Bench
+//! partitioner and builds the initial model; [`Simulation::run`] drives the same
+//! [`ferry_engine::federation::Federation`] that deployment uses, with in-process nodes
+//! training in parallel, one thread each. [`baselines`] answers "is federated learning worth it
+//! here?" by training centrally and on each node alone.
+
+pub mod baselines;
+pub mod config;
+pub mod error;
+pub mod evaluator;
+pub mod node;
+pub mod simulation;
+
+pub use config::SimConfig;
+pub use error::SimError;
+pub use simulation::Simulation;

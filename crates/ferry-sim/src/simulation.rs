@@ -1,0 +1,123 @@
+//! Preparing and running a simulated federation.
+
+use std::sync::Arc;
+
+use ferry_core::{Model, strategy::Strategy};
+use ferry_engine::{
+    federation::{Federation, RoundObserver, RunOutcome, RunSettings},
+    node::NodeHandle,
+};
+use ferry_ml::{data::partition::Partition, params};
+
+use crate::{SimConfig, SimError, evaluator::TestSetEvaluator, node::VirtualNode};
+
+/// A prepared simulation: data split across virtual nodes and the initial model.
+pub struct Simulation {
+    config: SimConfig,
+    nodes: Vec<Arc<VirtualNode>>,
+    evaluator: Arc<TestSetEvaluator>,
+    initial: Model,
+    partition: Partition,
+}
+
+impl Simulation {
+    /// Loads the dataset, partitions it and initialises the model, all from `config.seed`.
+    pub fn prepare(config: SimConfig) -> Result<Self, SimError> {
+        let data = config.dataset.load(config.data_dir.as_deref())?;
+        let partition = config
+            .partition
+            .split(&data.train.labels, config.clients, config.seed)?;
+        let train = Arc::new(data.train);
+        let nodes = partition
+            .parts
+            .iter()
+            .zip(&partition.noise_std)
+            .enumerate()
+            .map(|(i, (indices, &noise))| {
+                Arc::new(VirtualNode::new(
+                    i as u32,
+                    config.model,
+                    train.clone(),
+                    indices.clone(),
+                    noise,
+                ))
+            })
+            .collect();
+        let evaluator = Arc::new(TestSetEvaluator::new(
+            config.model,
+            Arc::new(data.test),
+            &partition.noise_std,
+            config.seed,
+        ));
+        let initial = params::init_model(config.model, config.seed)?;
+        Ok(Self {
+            config,
+            nodes,
+            evaluator,
+            initial,
+            partition,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    /// Each node's example count, in node order.
+    pub fn node_sizes(&self) -> Vec<usize> {
+        self.partition.parts.iter().map(Vec::len).collect()
+    }
+
+    /// The initial global model.
+    pub fn initial_model(&self) -> &Model {
+        &self.initial
+    }
+
+    /// The virtual nodes.
+    pub fn nodes(&self) -> &[Arc<VirtualNode>] {
+        &self.nodes
+    }
+
+    /// The central test-set evaluator.
+    pub fn evaluator(&self) -> &TestSetEvaluator {
+        &self.evaluator
+    }
+
+    /// Runs the federation, reporting progress to `observer`.
+    pub fn run(&self, observer: &mut dyn RoundObserver) -> Result<RunOutcome, SimError> {
+        let c = &self.config;
+        let settings = RunSettings {
+            rounds: c.rounds,
+            fraction: c.fraction,
+            min_clients: c.min_clients,
+            target_accuracy: c.target_accuracy,
+            training: c.training.clone(),
+            seed: c.seed,
+            parallelism: c.threads,
+        };
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|n| n.clone() as Arc<dyn NodeHandle>)
+            .collect();
+        let evaluator = Box::new(SharedEvaluator(self.evaluator.clone()));
+        let federation = Federation::new(
+            settings,
+            Strategy::new(c.strategy),
+            nodes,
+            evaluator,
+            self.initial.clone(),
+        )?;
+        Ok(federation.run(observer)?)
+    }
+}
+
+/// Lends the simulation's evaluator to the engine while keeping it for baselines.
+struct SharedEvaluator(Arc<TestSetEvaluator>);
+
+impl ferry_engine::node::Evaluator for SharedEvaluator {
+    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+        self.0.evaluate(model)
+    }
+}
