@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Simulate a federation of virtual nodes on this machine.
-    Simulate(options::SimulateArgs),
+    Simulate(Box<options::SimulateArgs>),
     /// Measure training and aggregation speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -29,7 +29,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Simulate(args) => simulate::run(args),
+        Command::Simulate(args) => simulate::run(*args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {

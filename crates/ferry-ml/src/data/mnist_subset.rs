@@ -46,7 +46,7 @@ pub fn load(data_dir: Option<&Path>) -> Result<TrainTest, MlError> {
             path: path.clone(),
             reason: format!("not a {{\"data\": [...]}} digit file ({e})"),
         })?;
-        if file.data.len() % PIXELS != 0 || file.data.is_empty() {
+        if !file.data.len().is_multiple_of(PIXELS) || file.data.is_empty() {
             return Err(MlError::BadDataFile {
                 path,
                 reason: format!(

@@ -1,0 +1,342 @@
+//! End-to-end: the real `ferry` binary, run as a user would.
+//!
+//! Needs the datasets and Python packages that `scripts/install-deps.sh` installs.
+
+use std::{
+    path::Path,
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env_remove("FERRY_DATA")
+        .output()
+        .expect("the ferry binary starts")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn history(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("history.json")).expect("history.json written");
+    serde_json::from_str(&text).expect("history.json is JSON")
+}
+
+fn simulate(dir: &Path, extra: &[&str]) -> Value {
+    let out_dir = dir.to_str().expect("utf-8 path");
+    let mut args = vec!["simulate", "--out", out_dir];
+    args.extend_from_slice(extra);
+    let out = ferry(&args);
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed:\n{}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    history(dir)
+}
+
+#[test]
+fn fashion_mnist_fedavg_learns_and_writes_every_output() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let h = simulate(
+        tmp.path(),
+        &["--rounds", "3", "--clients", "10", "--seed", "1"],
+    );
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3);
+    let acc: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["accuracy"].as_f64().expect("accuracy"))
+        .collect();
+    assert!(acc.iter().all(|a| (0.0..=1.0).contains(a)));
+    assert!(acc[2] > acc[0], "accuracy should rise: {acc:?}");
+    assert!(
+        acc[2] > 0.65,
+        "LeNet on Fashion-MNIST after 3 FedAvg rounds: {acc:?}"
+    );
+    for r in rounds {
+        assert_eq!(r["participants"], 10);
+        assert_eq!(r["bytes_up"], 10 * 44_426 * 4);
+        assert_eq!(r["bytes_down"], 10 * 44_426 * 4);
+        assert!(r["wall_s"].as_f64().expect("wall_s") > 0.0);
+    }
+    assert_eq!(h["final"]["accuracy"], rounds[2]["accuracy"]);
+    assert_eq!(h["config"]["seed"], 1);
+
+    let csv = std::fs::read_to_string(tmp.path().join("history.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 4);
+    assert!(csv.starts_with("round,accuracy,loss,participants"));
+    let svg = std::fs::read_to_string(tmp.path().join("accuracy.svg")).expect("svg");
+    assert!(svg.contains("<svg") && svg.contains("test accuracy") && svg.contains("polyline"));
+
+    let model = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&model).expect("model file");
+    let sha = ferry_core::model::sha256_hex(&bytes);
+    assert_eq!(h["final"]["model_sha256"], sha.as_str());
+    let script = "import sys\nfrom safetensors.numpy import load_file\nd = load_file(sys.argv[1])\nfor k in sorted(d): print(k, list(d[k].shape), d[k].dtype)";
+    let py = Command::new("python3")
+        .args(["-c", script, model.to_str().expect("utf-8")])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        py.status.success(),
+        "Python safetensors could not load the model: {}",
+        stderr(&py)
+    );
+    let listing = stdout(&py);
+    assert!(
+        listing.contains("conv1.weight [6, 1, 5, 5] float32"),
+        "{listing}"
+    );
+    assert!(listing.contains("fc3.bias [10] float32"), "{listing}");
+    assert_eq!(listing.lines().count(), 10);
+}
+
+#[test]
+fn same_seed_same_model_on_any_thread_count() {
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let c = tempfile::tempdir().expect("tempdir");
+    let args = [
+        "--dataset",
+        "mnist-subset",
+        "--rounds",
+        "2",
+        "--clients",
+        "5",
+        "--partition",
+        "dirichlet:0.5",
+        "--seed",
+        "4",
+    ];
+    let one = simulate(a.path(), &[&args[..], &["--threads", "1"]].concat());
+    let two = simulate(b.path(), &[&args[..], &["--threads", "2"]].concat());
+    let three = simulate(c.path(), &[&args[..], &["--threads", "3"]].concat());
+    assert_eq!(one["final"]["model_sha256"], two["final"]["model_sha256"]);
+    assert_eq!(one["final"]["model_sha256"], three["final"]["model_sha256"]);
+    let other = tempfile::tempdir().expect("tempdir");
+    let args_seed5: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == "4" { "5" } else { a })
+        .collect();
+    let different = simulate(other.path(), &args_seed5);
+    assert_ne!(
+        one["final"]["model_sha256"],
+        different["final"]["model_sha256"]
+    );
+}
+
+#[test]
+fn non_iid_partitions_run_with_fewer_participants() {
+    for partition in ["dirichlet:0.5", "labels:2"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let h = simulate(
+            tmp.path(),
+            &[
+                "--rounds",
+                "1",
+                "--clients",
+                "10",
+                "--fraction",
+                "0.5",
+                "--partition",
+                partition,
+                "--model",
+                "mlp",
+            ],
+        );
+        assert_eq!(h["rounds"][0]["participants"], 5, "{partition}");
+        assert_eq!(h["config"]["partition"], partition);
+        let acc = h["final"]["accuracy"].as_f64().expect("accuracy");
+        assert!(acc > 0.1, "{partition}: better than chance, got {acc}");
+    }
+}
+
+#[test]
+fn config_file_sets_options_and_flags_override_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nrounds = 3\nclients = 4\nseed = 9\n",
+    )
+    .expect("write");
+    let out = tmp.path().join("out");
+    let h = simulate(
+        &out,
+        &["--config", config.to_str().expect("utf-8"), "--rounds", "2"],
+    );
+    assert_eq!(h["rounds"].as_array().map(Vec::len), Some(2));
+    assert_eq!(h["config"]["model"], "logreg");
+    assert_eq!(h["config"]["clients"], 4);
+}
+
+#[test]
+fn target_accuracy_stops_early() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let h = simulate(
+        tmp.path(),
+        &[
+            "--dataset",
+            "mnist-subset",
+            "--model",
+            "logreg",
+            "--clients",
+            "4",
+            "--rounds",
+            "20",
+            "--target-accuracy",
+            "0.5",
+        ],
+    );
+    let n = h["rounds"].as_array().map_or(0, Vec::len);
+    assert!(n < 20, "should stop before 20 rounds, ran {n}");
+    assert_eq!(h["final"]["stop"], "target_reached");
+}
+
+#[test]
+fn baselines_report_central_and_local_accuracy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let h = simulate(
+        tmp.path(),
+        &[
+            "--dataset",
+            "mnist-subset",
+            "--model",
+            "logreg",
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--partition",
+            "labels:2",
+            "--baselines",
+        ],
+    );
+    let b = &h["baselines"];
+    assert_eq!(b["epochs"], 2);
+    assert_eq!(b["local_accuracies"].as_array().map(Vec::len), Some(4));
+    let central = b["central_accuracy"].as_f64().expect("central");
+    let local_mean = b["local_mean_accuracy"].as_f64().expect("mean");
+    let worst = b["local_worst_accuracy"].as_f64().expect("worst");
+    // A node holding 2 of 10 classes cannot score much above 20% on the full test set.
+    assert!(
+        worst <= local_mean && local_mean < 0.45,
+        "local-only on labels:2: {local_mean}"
+    );
+    assert!(
+        central > 0.8,
+        "pooled training of logreg on MNIST: {central}"
+    );
+}
+
+fn assert_clean_failure(args: &[&str], needle: &str) {
+    let out = ferry(args);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    assert!(err.starts_with("error: "), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected for {args:?}: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "{args:?} should mention {needle}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_one_line_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().to_str().expect("utf-8");
+    assert_clean_failure(
+        &["simulate", "--out", out, "--partition", "zipf:2"],
+        "zipf:2",
+    );
+    assert_clean_failure(
+        &["simulate", "--out", out, "--fraction", "1.5"],
+        "--fraction",
+    );
+    assert_clean_failure(
+        &["simulate", "--out", out, "--dataset", "cifar10"],
+        "cifar10",
+    );
+    assert_clean_failure(&["simulate", "--out", out, "--model", "resnet"], "resnet");
+    assert_clean_failure(
+        &["simulate", "--out", out, "--strategy", "fedfoo"],
+        "fedfoo",
+    );
+    let missing = tmp.path().join("nope.toml");
+    assert_clean_failure(
+        &["simulate", "--config", missing.to_str().expect("utf-8")],
+        "nope.toml",
+    );
+    assert_clean_failure(&["simulate", "--config", out], "cannot read config file");
+    let broken = tmp.path().join("broken.toml");
+    std::fs::write(&broken, "rounds = \"many\"\n").expect("write");
+    assert_clean_failure(
+        &["simulate", "--config", broken.to_str().expect("utf-8")],
+        "broken.toml",
+    );
+}
+
+#[test]
+fn bench_aggregate_holds_a_few_models_not_one_per_client() {
+    let out = ferry(&[
+        "bench",
+        "aggregate",
+        "--clients",
+        "40",
+        "--params",
+        "2000000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("peak RSS"))
+        .expect("peak RSS line");
+    let sizes: f64 = line
+        .split('=')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .expect("model-size ratio");
+    // Holding every update would be 40 model sizes; streaming keeps two inputs, the f64
+    // accumulator (two sizes) and the result, plus the process itself.
+    assert!(sizes < 12.0, "peak RSS is {sizes} model sizes: {line}");
+}
+
+#[test]
+fn bench_train_reports_throughput() {
+    let out = ferry(&[
+        "bench",
+        "train",
+        "--model",
+        "logreg",
+        "--seconds",
+        "0.2",
+        "--threads",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("logreg"))
+        .expect("logreg row");
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[1], "7850");
+    assert!(fields[2].parse::<f64>().expect("img/s") > 0.0);
+}
