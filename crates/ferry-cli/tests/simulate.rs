@@ -143,7 +143,7 @@ fn non_iid_partitions_run_with_fewer_participants() {
             tmp.path(),
             &[
                 "--rounds",
-                "1",
+                "2",
                 "--clients",
                 "10",
                 "--fraction",
@@ -154,10 +154,19 @@ fn non_iid_partitions_run_with_fewer_participants() {
                 "mlp",
             ],
         );
-        assert_eq!(h["rounds"][0]["participants"], 5, "{partition}");
         assert_eq!(h["config"]["partition"], partition);
-        let acc = h["final"]["accuracy"].as_f64().expect("accuracy");
-        assert!(acc > 0.1, "{partition}: better than chance, got {acc}");
+        for r in h["rounds"].as_array().expect("rounds") {
+            assert_eq!(r["participants"], 5, "{partition}");
+            assert!(
+                r["loss"].as_f64().is_some_and(f64::is_finite),
+                "{partition}: {r}"
+            );
+        }
+        if partition == "dirichlet:0.5" {
+            // Mild label skew still learns; labels:2 may sit at chance for the first rounds.
+            let acc = h["final"]["accuracy"].as_f64().expect("accuracy");
+            assert!(acc > 0.3, "{partition}: better than chance, got {acc}");
+        }
     }
 }
 
@@ -214,7 +223,7 @@ fn baselines_report_central_and_local_accuracy() {
             "--model",
             "logreg",
             "--clients",
-            "4",
+            "10",
             "--rounds",
             "2",
             "--partition",
@@ -224,7 +233,7 @@ fn baselines_report_central_and_local_accuracy() {
     );
     let b = &h["baselines"];
     assert_eq!(b["epochs"], 2);
-    assert_eq!(b["local_accuracies"].as_array().map(Vec::len), Some(4));
+    assert_eq!(b["local_accuracies"].as_array().map(Vec::len), Some(10));
     let central = b["central_accuracy"].as_f64().expect("central");
     let local_mean = b["local_mean_accuracy"].as_f64().expect("mean");
     let worst = b["local_worst_accuracy"].as_f64().expect("worst");

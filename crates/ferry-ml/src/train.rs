@@ -297,6 +297,85 @@ mod tests {
     }
 
     #[test]
+    fn one_sgd_step_matches_the_cross_entropy_gradient() {
+        // Logistic regression from zero weights: the softmax is uniform, so the gradient of the
+        // mean cross-entropy w.r.t. bias c is the batch mean of (0.1 - [label == c]).
+        let mut data = toy(2);
+        data.labels = vec![3, 7];
+        let zero = {
+            let m = init_model(ModelKind::Logreg, 0).expect("init");
+            Model::new(m.layout().clone(), vec![0.0; m.num_params()]).expect("zeros")
+        };
+        let one_step = LocalTraining {
+            epochs: 1,
+            batch_size: 2,
+            lr: 1.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        };
+        let local = LocalData {
+            dataset: &data,
+            indices: &[0, 1],
+            noise_std: 0.0,
+        };
+        let out = train_local(ModelKind::Logreg, &zero, local, &one_step, 0).expect("train");
+        let bias = out.model.tensor("fc.bias").expect("bias");
+        for (c, b) in bias.iter().enumerate() {
+            let expected = if c == 3 || c == 7 { 0.5 - 0.1 } else { -0.1 };
+            assert!((b - expected).abs() < 1e-6, "bias {c}: {b} vs {expected}");
+        }
+        // Weight [pixel, class]: -(mean over the batch of x_pixel * (0.1 - onehot)).
+        let weight = out.model.tensor("fc.weight").expect("weight");
+        let (x0, x1) = (data.image(0)[0], data.image(1)[0]);
+        let expected = (x0 * (1.0 - 0.1) + x1 * (-0.1)) / 2.0;
+        assert!(
+            (weight[3] - expected).abs() < 1e-6,
+            "{} vs {expected}",
+            weight[3]
+        );
+    }
+
+    #[test]
+    fn momentum_and_weight_decay_follow_the_pytorch_rule() {
+        // Two steps on the same single example; with momentum m, step 2 moves by
+        // lr * (m * g1 + g2). Compare against training without momentum.
+        let mut data = toy(1);
+        data.labels = vec![2];
+        let zero = {
+            let m = init_model(ModelKind::Logreg, 0).expect("init");
+            Model::new(m.layout().clone(), vec![0.0; m.num_params()]).expect("zeros")
+        };
+        let run = |momentum: f64, weight_decay: f64| {
+            let cfg = LocalTraining {
+                epochs: 2,
+                batch_size: 1,
+                lr: 0.1,
+                momentum,
+                weight_decay,
+            };
+            let local = LocalData {
+                dataset: &data,
+                indices: &[0],
+                noise_std: 0.0,
+            };
+            train_local(ModelKind::Logreg, &zero, local, &cfg, 0)
+                .expect("train")
+                .model
+        };
+        let plain = run(0.0, 0.0);
+        let with_momentum = run(0.9, 0.0);
+        // Step 1 is identical (buffer = g1); step 2 adds 0.9 * lr * g1 more.
+        let g1 = -0.9f32; // d loss / d bias[2] at the uniform softmax: 0.1 - 1
+        let b_plain = plain.tensor("fc.bias").expect("bias")[2];
+        let b_momentum = with_momentum.tensor("fc.bias").expect("bias")[2];
+        assert!(
+            (b_momentum - b_plain - 0.9 * 0.1 * -g1).abs() < 1e-5,
+            "{b_momentum} vs {b_plain}"
+        );
+        assert_ne!(run(0.0, 0.5), plain, "weight decay must change the result");
+    }
+
+    #[test]
     fn lenet_trains_without_error_and_changes_weights() {
         let data = toy(64);
         let indices: Vec<usize> = (0..64).collect();

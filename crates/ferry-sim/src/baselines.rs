@@ -29,7 +29,8 @@ pub struct Baselines {
     pub local_accuracies: Vec<f64>,
 }
 
-/// Trains the central and local-only baselines for `epochs` epochs each.
+/// Trains the central and local-only baselines for `epochs` epochs each, the central model
+/// alongside the nodes' on the same worker threads.
 pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
     let cfg = sim.config();
     let mut training = cfg.training.clone();
@@ -39,41 +40,39 @@ pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
         .iter()
         .flat_map(|n| n.data().indices.iter().copied())
         .collect();
-    let first = nodes.first().map(|n| n.data());
+    let first = nodes.first().map(|n| n.data()).ok_or_else(no_nodes)?;
     let central_data = LocalData {
         indices: &pooled,
         noise_std: 0.0,
-        ..first.ok_or_else(no_nodes)?
+        ..first
     };
     let seed = mix_seed(cfg.seed, u64::MAX);
-    let central = train_local(
-        cfg.model,
-        sim.initial_model(),
-        central_data,
-        &training,
-        seed,
-    )?;
-    let central_eval = sim.evaluator().evaluation(&central.model)?;
-
-    let mut local: Vec<Result<Evaluation, SimError>> = Vec::with_capacity(nodes.len());
+    // Job 0 is central training on the pooled data; job i > 0 is node i - 1 alone.
+    let mut results: Vec<Result<Evaluation, SimError>> = Vec::with_capacity(nodes.len() + 1);
     dispatch::run_ordered(
-        nodes.len(),
+        nodes.len() + 1,
         cfg.threads,
-        |i| -> Result<Evaluation, SimError> {
+        |job| -> Result<Evaluation, SimError> {
+            let data = if job == 0 {
+                central_data
+            } else {
+                nodes[job - 1].data()
+            };
             let out = train_local(
                 cfg.model,
                 sim.initial_model(),
-                nodes[i].data(),
+                data,
                 &training,
-                mix_seed(seed, i as u64),
+                mix_seed(seed, job as u64),
             )?;
             Ok(sim.evaluator().evaluation(&out.model)?)
         },
         |_| {},
-        |_, r| local.push(r),
+        |_, r| results.push(r),
     );
-    let local_accuracies = local
-        .into_iter()
+    let mut results = results.into_iter();
+    let central = results.next().ok_or_else(no_nodes)??;
+    let local_accuracies = results
         .map(|r| r.map(|e| e.accuracy))
         .collect::<Result<Vec<_>, _>>()?;
     let mean = local_accuracies.iter().sum::<f64>() / local_accuracies.len().max(1) as f64;
@@ -83,8 +82,8 @@ pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
         .fold(f64::INFINITY, f64::min);
     Ok(Baselines {
         epochs,
-        central_accuracy: central_eval.accuracy,
-        central_loss: central_eval.loss,
+        central_accuracy: central.accuracy,
+        central_loss: central.loss,
         local_mean_accuracy: mean,
         local_worst_accuracy: worst,
         local_accuracies,
