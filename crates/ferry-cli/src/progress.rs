@@ -17,6 +17,15 @@ impl ConsoleProgress {
     }
 }
 
+/// A progress bar on stderr with the given indicatif template (hidden when stderr is not a
+/// terminal).
+pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    ProgressBar::new(len).with_style(style)
+}
+
 /// Bytes as a short human figure.
 pub fn human_bytes(bytes: u64) -> String {
     let b = bytes as f64;
@@ -33,11 +42,9 @@ pub fn human_bytes(bytes: u64) -> String {
 
 impl RoundObserver for ConsoleProgress {
     fn round_started(&mut self, round: u32, selected: usize) {
-        let bar = ProgressBar::new(selected as u64);
-        bar.set_style(
-            ProgressStyle::with_template("round {msg} [{bar:30}] {pos}/{len} nodes  {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+        let bar = progress_bar(
+            selected as u64,
+            "round {msg} [{bar:30}] {pos}/{len} nodes  {elapsed}",
         );
         bar.set_message(format!("{round}/{} training", self.rounds));
         self.bar = Some(bar);

@@ -7,7 +7,7 @@ use ferry_sim::{Simulation, baselines};
 
 use crate::{
     options::SimulateArgs,
-    progress::{ConsoleProgress, human_bytes},
+    progress::{ConsoleProgress, human_bytes, progress_bar},
     report::{self, FinalRecord, History},
 };
 
@@ -55,7 +55,13 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         println!(
             "training baselines: central on pooled data and each node alone, {epochs} epochs each"
         );
-        Some(baselines::run(&sim, epochs)?)
+        let bar = progress_bar(
+            config.clients as u64 + 1,
+            "baselines [{bar:30}] {pos}/{len} models  {elapsed}",
+        );
+        let result = baselines::run(&sim, epochs, || bar.inc(1));
+        bar.finish_and_clear();
+        Some(result?)
     } else {
         None
     };

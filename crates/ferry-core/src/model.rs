@@ -69,6 +69,11 @@ impl ModelLayout {
         &self.specs
     }
 
+    /// Tensor names in canonical order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.specs.iter().map(|s| s.name.as_str())
+    }
+
     /// Total number of parameters.
     pub fn num_params(&self) -> usize {
         self.total
@@ -243,12 +248,7 @@ mod tests {
     #[test]
     fn layout_sorts_by_name_and_computes_offsets() {
         let model = small_model();
-        let names: Vec<_> = model
-            .layout()
-            .specs()
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
+        let names: Vec<_> = model.layout().names().collect();
         assert_eq!(names, ["fc.bias", "fc.weight"]);
         assert_eq!(model.tensor("fc.bias"), Some(&[0.0, 0.5, 1.0][..]));
         assert_eq!(model.tensor("fc.weight").map(<[f32]>::len), Some(6));

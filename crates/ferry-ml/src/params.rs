@@ -193,12 +193,7 @@ mod tests {
     fn lenet_has_the_niid_bench_parameter_count_and_names() {
         let model = init_model(ModelKind::Lenet, 0).expect("init");
         assert_eq!(model.num_params(), 44_426);
-        let names: Vec<_> = model
-            .layout()
-            .specs()
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
+        let names: Vec<_> = model.layout().names().collect();
         assert_eq!(
             names,
             [

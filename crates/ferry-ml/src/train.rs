@@ -296,16 +296,19 @@ mod tests {
         assert_ne!(other_seed.model, out.model);
     }
 
+    /// Logistic regression with every parameter zero: a uniform softmax.
+    fn zero_logreg() -> Model {
+        let m = init_model(ModelKind::Logreg, 0).expect("init");
+        Model::new(m.layout().clone(), vec![0.0; m.num_params()]).expect("zeros")
+    }
+
     #[test]
     fn one_sgd_step_matches_the_cross_entropy_gradient() {
         // Logistic regression from zero weights: the softmax is uniform, so the gradient of the
         // mean cross-entropy w.r.t. bias c is the batch mean of (0.1 - [label == c]).
         let mut data = toy(2);
         data.labels = vec![3, 7];
-        let zero = {
-            let m = init_model(ModelKind::Logreg, 0).expect("init");
-            Model::new(m.layout().clone(), vec![0.0; m.num_params()]).expect("zeros")
-        };
+        let zero = zero_logreg();
         let one_step = LocalTraining {
             epochs: 1,
             batch_size: 2,
@@ -341,10 +344,7 @@ mod tests {
         // lr * (m * g1 + g2). Compare against training without momentum.
         let mut data = toy(1);
         data.labels = vec![2];
-        let zero = {
-            let m = init_model(ModelKind::Logreg, 0).expect("init");
-            Model::new(m.layout().clone(), vec![0.0; m.num_params()]).expect("zeros")
-        };
+        let zero = zero_logreg();
         let run = |momentum: f64, weight_decay: f64| {
             let cfg = LocalTraining {
                 epochs: 2,

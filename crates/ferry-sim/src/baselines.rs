@@ -30,8 +30,13 @@ pub struct Baselines {
 }
 
 /// Trains the central and local-only baselines for `epochs` epochs each, the central model
-/// alongside the nodes' on the same worker threads.
-pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
+/// alongside the nodes' on the same worker threads; `finished` is called as each of the
+/// `nodes + 1` models is done.
+pub fn run(
+    sim: &Simulation,
+    epochs: u32,
+    mut finished: impl FnMut(),
+) -> Result<Baselines, SimError> {
     let cfg = sim.config();
     let mut training = cfg.training.clone();
     training.epochs = epochs;
@@ -67,7 +72,7 @@ pub fn run(sim: &Simulation, epochs: u32) -> Result<Baselines, SimError> {
             )?;
             Ok(sim.evaluator().evaluation(&out.model)?)
         },
-        |_| {},
+        |_| finished(),
         |_, r| results.push(r),
     );
     let mut results = results.into_iter();
