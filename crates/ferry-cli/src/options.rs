@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::task::LocalTraining;
+use ferry_core::{strategy::ServerParams, task::LocalTraining};
 use ferry_sim::SimConfig;
 use serde::Deserialize;
 
@@ -57,9 +57,24 @@ pub struct SimulateArgs {
     /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
-    /// Strategy: fedavg [default: fedavg].
+    /// Strategy: fedavg, fedavgm, fedadagrad, fedadam or fedyogi [default: fedavg].
     #[arg(long)]
     pub strategy: Option<String>,
+    /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
+    #[arg(long)]
+    pub server_lr: Option<f64>,
+    /// FedAvgM server momentum [default: 0.9].
+    #[arg(long)]
+    pub server_momentum: Option<f64>,
+    /// FedAdam/FedYogi/FedAdagrad first-moment decay [default: 0.9].
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// FedAdam/FedYogi second-moment decay [default: 0.99].
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// FedAdam/FedYogi/FedAdagrad adaptivity floor [default: 1e-3].
+    #[arg(long)]
+    pub tau: Option<f64>,
     /// Seed for everything random [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -173,6 +188,31 @@ impl SimulateArgs {
             })?;
         }
         check(threads >= 1, || "--threads must be at least 1".to_string())?;
+        let defaults = ServerParams::default();
+        let server = ServerParams {
+            server_lr: self.server_lr,
+            server_momentum: self.server_momentum.unwrap_or(defaults.server_momentum),
+            beta1: self.beta1.unwrap_or(defaults.beta1),
+            beta2: self.beta2.unwrap_or(defaults.beta2),
+            tau: self.tau.unwrap_or(defaults.tau),
+        };
+        if let Some(lr) = server.server_lr {
+            check(lr > 0.0 && lr.is_finite(), || {
+                format!("--server-lr must be a positive number, got {lr}")
+            })?;
+        }
+        for (flag, value) in [
+            ("--server-momentum", server.server_momentum),
+            ("--beta1", server.beta1),
+            ("--beta2", server.beta2),
+        ] {
+            check((0.0..1.0).contains(&value), || {
+                format!("{flag} must be in [0, 1), got {value}")
+            })?;
+        }
+        check(server.tau > 0.0 && server.tau.is_finite(), || {
+            format!("--tau must be a positive number, got {}", server.tau)
+        })?;
         Ok(SimConfig {
             dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
             data_dir: self.data_dir.clone(),
@@ -184,6 +224,7 @@ impl SimulateArgs {
             training,
             partition: self.partition.as_deref().unwrap_or("iid").parse()?,
             strategy: self.strategy.as_deref().unwrap_or("fedavg").parse()?,
+            server,
             seed: self.seed.unwrap_or(0),
             target_accuracy: self.target_accuracy,
             threads,

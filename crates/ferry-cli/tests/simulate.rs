@@ -349,3 +349,55 @@ fn bench_train_reports_throughput() {
     assert_eq!(fields[1], "7850");
     assert!(fields[2].parse::<f64>().expect("img/s") > 0.0);
 }
+
+#[test]
+fn every_strategy_improves_on_label_skew_and_reports_its_state() {
+    // MLP: 199,210 parameters; momentum keeps one vector, the adaptive optimizers two.
+    let params = 199_210u64;
+    for (strategy, state_vectors) in [
+        ("fedavg", 0),
+        ("fedavgm", 1),
+        ("fedadagrad", 2),
+        ("fedadam", 2),
+        ("fedyogi", 2),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let h = simulate(
+            tmp.path(),
+            &[
+                "--dataset",
+                "mnist-subset",
+                "--model",
+                "mlp",
+                "--partition",
+                "labels:2",
+                "--rounds",
+                "5",
+                "--strategy",
+                strategy,
+            ],
+        );
+        let rounds = h["rounds"].as_array().expect("rounds");
+        let acc: Vec<f64> = rounds
+            .iter()
+            .map(|r| r["accuracy"].as_f64().expect("accuracy"))
+            .collect();
+        assert!(
+            rounds
+                .iter()
+                .all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)),
+            "{strategy} diverged: {acc:?}"
+        );
+        let best_later = acc[1..].iter().copied().fold(0.0, f64::max);
+        assert!(
+            best_later > acc[0],
+            "{strategy} never improved on round 1: {acc:?}"
+        );
+        assert_eq!(
+            rounds[4]["strategy_state_bytes"],
+            state_vectors * params * 4,
+            "{strategy}"
+        );
+        assert_eq!(h["config"]["strategy"], strategy);
+    }
+}

@@ -38,6 +38,6 @@ pub enum CoreError {
     #[error("no updates were accepted this round, so there is nothing to aggregate")]
     NoUpdates,
     /// A strategy or partition name that Ferry does not know.
-    #[error("unknown strategy '{0}': expected one of: fedavg")]
+    #[error("unknown strategy '{0}': expected fedavg, fedavgm, fedadagrad, fedadam or fedyogi")]
     UnknownStrategy(String),
 }

@@ -15,33 +15,142 @@ pub trait ServerOptimizer: Send {
     fn state_bytes(&self) -> usize;
 }
 
-/// Server SGD: `x = x + lr * delta`. With `lr = 1` this is FedAvg's "apply the mean delta".
+/// Server SGD with optional momentum (FedAvgM, Hsu et al., 2019):
+/// `v = momentum * v + delta; x = x + lr * v`. With `lr = 1` and no momentum this is FedAvg's
+/// "apply the mean delta".
 #[derive(Debug, Clone)]
 pub struct ServerSgd {
     lr: f32,
+    momentum: f32,
+    velocity: Vec<f32>,
 }
 
 impl ServerSgd {
-    /// Server SGD with the given learning rate.
-    pub fn new(lr: f32) -> Self {
-        Self { lr }
+    /// Server SGD with the given learning rate and momentum (0 for none).
+    pub fn new(lr: f32, momentum: f32) -> Self {
+        Self {
+            lr,
+            momentum,
+            velocity: Vec::new(),
+        }
+    }
+}
+
+fn check_len(global: &[f32], aggregate: &Aggregate) -> Result<(), CoreError> {
+    if global.len() == aggregate.delta.len() {
+        Ok(())
+    } else {
+        Err(CoreError::LengthMismatch {
+            expected: global.len(),
+            got: aggregate.delta.len(),
+        })
     }
 }
 
 impl ServerOptimizer for ServerSgd {
     fn apply(&mut self, global: &mut [f32], aggregate: &Aggregate) -> Result<(), CoreError> {
-        if global.len() != aggregate.delta.len() {
-            return Err(CoreError::LengthMismatch {
-                expected: global.len(),
-                got: aggregate.delta.len(),
-            });
+        check_len(global, aggregate)?;
+        if self.momentum == 0.0 {
+            algebra::add_scaled(global, &aggregate.delta, self.lr);
+            return Ok(());
         }
-        algebra::add_scaled(global, &aggregate.delta, self.lr);
+        if self.velocity.is_empty() {
+            self.velocity = vec![0.0; global.len()];
+        }
+        algebra::scale(&mut self.velocity, self.momentum);
+        algebra::add_scaled(&mut self.velocity, &aggregate.delta, 1.0);
+        algebra::add_scaled(global, &self.velocity, self.lr);
         Ok(())
     }
 
     fn state_bytes(&self) -> usize {
-        0
+        self.velocity.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// Which second-moment rule an adaptive server optimizer uses (Reddi et al., 2021).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveRule {
+    /// `v = v + D^2`.
+    Adagrad,
+    /// `v = b2 * v + (1 - b2) * D^2`.
+    Adam,
+    /// `v = v - (1 - b2) * D^2 * sign(v - D^2)`.
+    Yogi,
+}
+
+/// Hyper-parameters of an adaptive server optimizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveParams {
+    /// Server learning rate (eta).
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay (unused by Adagrad).
+    pub beta2: f32,
+    /// Adaptivity floor added to `sqrt(v)`.
+    pub tau: f32,
+}
+
+/// FedAdagrad, FedAdam and FedYogi (Reddi et al., 2021): with the mean delta D,
+/// `m = b1 * m + (1 - b1) * D`, `v` by the rule, `x = x + lr * m / (sqrt(v) + tau)`;
+/// `m` and `v` start at zero and, as in the paper, there is no bias correction.
+#[derive(Debug, Clone)]
+pub struct AdaptiveServer {
+    rule: AdaptiveRule,
+    params: AdaptiveParams,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl AdaptiveServer {
+    /// An adaptive server optimizer with zero-initialised moments.
+    pub fn new(rule: AdaptiveRule, params: AdaptiveParams) -> Self {
+        Self {
+            rule,
+            params,
+            m: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+impl ServerOptimizer for AdaptiveServer {
+    fn apply(&mut self, global: &mut [f32], aggregate: &Aggregate) -> Result<(), CoreError> {
+        check_len(global, aggregate)?;
+        if self.m.is_empty() {
+            self.m = vec![0.0; global.len()];
+            self.v = vec![0.0; global.len()];
+        }
+        let AdaptiveParams {
+            lr,
+            beta1,
+            beta2,
+            tau,
+        } = self.params;
+        let rule = self.rule;
+        for (((x, m), v), d) in global
+            .iter_mut()
+            .zip(&mut self.m)
+            .zip(&mut self.v)
+            .zip(&aggregate.delta)
+        {
+            let d2 = d * d;
+            *m = beta1 * *m + (1.0 - beta1) * d;
+            *v = match rule {
+                AdaptiveRule::Adagrad => *v + d2,
+                AdaptiveRule::Adam => beta2 * *v + (1.0 - beta2) * d2,
+                AdaptiveRule::Yogi => {
+                    *v - (1.0 - beta2) * d2 * (*v - d2).signum() * f32::from(*v != d2)
+                }
+            };
+            *x += lr * *m / (v.sqrt() + tau);
+        }
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        (self.m.len() + self.v.len()) * std::mem::size_of::<f32>()
     }
 }
 
@@ -57,7 +166,7 @@ mod tests {
             participants: 2,
             num_examples: 10,
         };
-        let mut opt = ServerSgd::new(1.0);
+        let mut opt = ServerSgd::new(1.0, 0.0);
         opt.apply(&mut global, &aggregate).expect("same length");
         assert_eq!(global, [1.5, 1.0]);
         assert_eq!(opt.state_bytes(), 0);
@@ -66,5 +175,98 @@ mod tests {
             ..aggregate
         };
         assert!(opt.apply(&mut global, &short).is_err());
+    }
+
+    fn aggregate(delta: Vec<f32>) -> Aggregate {
+        Aggregate {
+            delta,
+            participants: 1,
+            num_examples: 1,
+        }
+    }
+
+    #[test]
+    fn server_momentum_accumulates_velocity() {
+        let mut opt = ServerSgd::new(0.5, 0.9);
+        let mut x = vec![0.0f32];
+        opt.apply(&mut x, &aggregate(vec![1.0])).expect("apply");
+        assert_eq!(x, [0.5]); // v = 1
+        opt.apply(&mut x, &aggregate(vec![1.0])).expect("apply");
+        assert!((x[0] - (0.5 + 0.5 * 1.9)).abs() < 1e-6); // v = 0.9 + 1
+        assert_eq!(opt.state_bytes(), 4);
+    }
+
+    const PARAMS: AdaptiveParams = AdaptiveParams {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.99,
+        tau: 1e-3,
+    };
+
+    /// Hand-computed first step from zero moments with D = [2, -1].
+    #[test]
+    fn adaptive_rules_match_hand_computed_first_step() {
+        // m = 0.1 * D = [0.2, -0.1]
+        let cases = [
+            (AdaptiveRule::Adagrad, [4.0f32, 1.0]), // v = D^2
+            (AdaptiveRule::Adam, [0.04, 0.01]),     // v = 0.01 * D^2
+            (AdaptiveRule::Yogi, [0.04, 0.01]),     // v = 0 - 0.01 * D^2 * sign(0 - D^2)
+        ];
+        for (rule, v) in cases {
+            let mut opt = AdaptiveServer::new(rule, PARAMS);
+            let mut x = vec![1.0f32, 1.0];
+            opt.apply(&mut x, &aggregate(vec![2.0, -1.0]))
+                .expect("apply");
+            let expected = [
+                1.0 + 0.1 * 0.2 / (v[0].sqrt() + 1e-3),
+                1.0 - 0.1 * 0.1 / (v[1].sqrt() + 1e-3),
+            ];
+            for (got, want) in x.iter().zip(expected) {
+                assert!((got - want).abs() < 1e-5, "{rule:?}: {got} vs {want}");
+            }
+            assert_eq!(opt.state_bytes(), 16);
+        }
+    }
+
+    #[test]
+    fn yogi_grows_v_more_slowly_than_adagrad_once_v_is_large() {
+        // Second step with a smaller delta: Adagrad keeps adding, Yogi moves v towards D^2.
+        let mut yogi = AdaptiveServer::new(AdaptiveRule::Yogi, PARAMS);
+        let mut adagrad = AdaptiveServer::new(AdaptiveRule::Adagrad, PARAMS);
+        let (mut xy, mut xa) = (vec![0.0f32], vec![0.0f32]);
+        for d in [3.0f32, 0.1] {
+            yogi.apply(&mut xy, &aggregate(vec![d])).expect("apply");
+            adagrad.apply(&mut xa, &aggregate(vec![d])).expect("apply");
+        }
+        // Yogi: v1 = 0.09, then v1 > D^2 = 0.01 so v2 = 0.09 - 0.01 * 0.01 = 0.0899.
+        assert!((yogi.v[0] - 0.0899).abs() < 1e-6, "{}", yogi.v[0]);
+        assert!((adagrad.v[0] - 9.01).abs() < 1e-5, "{}", adagrad.v[0]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fedavgm_with_zero_momentum_equals_fedavg(
+            deltas in proptest::collection::vec(proptest::collection::vec(-1.0f32..1.0, 5), 1..6),
+        ) {
+            let mut opt = ServerSgd::new(1.0, 0.0);
+            let mut x = vec![0.5f32; 5];
+            for d in &deltas {
+                let expected: Vec<f32> = x.iter().zip(d).map(|(x, d)| x + d).collect();
+                opt.apply(&mut x, &aggregate(d.clone())).expect("apply");
+                proptest::prop_assert_eq!(&x, &expected);
+            }
+            proptest::prop_assert_eq!(opt.state_bytes(), 0);
+        }
+
+        #[test]
+        fn first_momentum_step_equals_fedavg(
+            d in proptest::collection::vec(-1.0f32..1.0, 1..20),
+            momentum in 0.01f32..0.99,
+        ) {
+            let mut opt = ServerSgd::new(1.0, momentum);
+            let mut x = vec![0.0f32; d.len()];
+            opt.apply(&mut x, &aggregate(d.clone())).expect("apply");
+            proptest::prop_assert_eq!(x, d);
+        }
     }
 }

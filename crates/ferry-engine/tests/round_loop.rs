@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
-    strategy::{Strategy, StrategyName},
+    strategy::{ServerParams, Strategy, StrategyName},
     task::LocalTraining,
 };
 use ferry_engine::{
@@ -130,7 +130,7 @@ fn run(
     let mut recorder = Recorder::default();
     let fed = Federation::new(
         settings,
-        Strategy::new(StrategyName::FedAvg),
+        Strategy::new(StrategyName::FedAvg, &ServerParams::default()),
         nodes,
         Box::new(DistanceEvaluator),
         model(),

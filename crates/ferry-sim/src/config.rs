@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use ferry_core::{strategy::StrategyName, task::LocalTraining};
+use ferry_core::{
+    strategy::{ServerParams, StrategyName},
+    task::LocalTraining,
+};
 use ferry_ml::{
     data::{DatasetKind, partition::Partitioner},
     models::ModelKind,
@@ -34,6 +37,9 @@ pub struct SimConfig {
     pub partition: Partitioner,
     /// The federated strategy.
     pub strategy: StrategyName,
+    /// The strategy's server-side hyper-parameters.
+    #[serde(flatten)]
+    pub server: ServerParams,
     /// Seed of everything random: initial model, partition, selection, shuffling.
     pub seed: u64,
     /// Stop when the global model reaches this accuracy.
