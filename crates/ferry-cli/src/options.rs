@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{strategy::ServerParams, task::LocalTraining};
+use ferry_core::{strategy::StrategyParams, task::LocalTraining};
 use ferry_sim::SimConfig;
 use serde::Deserialize;
 
@@ -57,12 +57,16 @@ pub struct SimulateArgs {
     /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
-    /// Strategy: fedavg, fedavgm, fedadagrad, fedadam or fedyogi [default: fedavg].
+    /// Strategy: fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi
+    /// [default: fedavg].
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
     #[arg(long)]
     pub server_lr: Option<f64>,
+    /// FedProx proximal weight mu [default: 0.01].
+    #[arg(long)]
+    pub mu: Option<f64>,
     /// FedAvgM server momentum [default: 0.9].
     #[arg(long)]
     pub server_momentum: Option<f64>,
@@ -124,6 +128,12 @@ impl SimulateArgs {
                 weight_decay,
                 partition,
                 strategy,
+                server_lr,
+                mu,
+                server_momentum,
+                beta1,
+                beta2,
+                tau,
                 seed,
                 target_accuracy,
                 out,
@@ -188,8 +198,9 @@ impl SimulateArgs {
             })?;
         }
         check(threads >= 1, || "--threads must be at least 1".to_string())?;
-        let defaults = ServerParams::default();
-        let server = ServerParams {
+        let defaults = StrategyParams::default();
+        let server = StrategyParams {
+            mu: self.mu.unwrap_or(defaults.mu),
             server_lr: self.server_lr,
             server_momentum: self.server_momentum.unwrap_or(defaults.server_momentum),
             beta1: self.beta1.unwrap_or(defaults.beta1),
@@ -210,6 +221,9 @@ impl SimulateArgs {
                 format!("{flag} must be in [0, 1), got {value}")
             })?;
         }
+        check(server.mu >= 0.0 && server.mu.is_finite(), || {
+            format!("--mu must be a number >= 0, got {}", server.mu)
+        })?;
         check(server.tau > 0.0 && server.tau.is_finite(), || {
             format!("--tau must be a positive number, got {}", server.tau)
         })?;
@@ -224,7 +238,7 @@ impl SimulateArgs {
             training,
             partition: self.partition.as_deref().unwrap_or("iid").parse()?,
             strategy: self.strategy.as_deref().unwrap_or("fedavg").parse()?,
-            server,
+            strategy_params: server,
             seed: self.seed.unwrap_or(0),
             target_accuracy: self.target_accuracy,
             threads,

@@ -354,12 +354,15 @@ fn bench_train_reports_throughput() {
 fn every_strategy_improves_on_label_skew_and_reports_its_state() {
     // MLP: 199,210 parameters; momentum keeps one vector, the adaptive optimizers two.
     let params = 199_210u64;
-    for (strategy, state_vectors) in [
-        ("fedavg", 0),
-        ("fedavgm", 1),
-        ("fedadagrad", 2),
-        ("fedadam", 2),
-        ("fedyogi", 2),
+    for (strategy, state_vectors, upload_vectors) in [
+        ("fedavg", 0, 1),
+        ("fedavgm", 1, 1),
+        ("fedprox", 0, 1),
+        ("scaffold", 1, 2),
+        ("fednova", 0, 1),
+        ("fedadagrad", 2, 1),
+        ("fedadam", 2, 1),
+        ("fedyogi", 2, 1),
     ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let h = simulate(
@@ -399,5 +402,47 @@ fn every_strategy_improves_on_label_skew_and_reports_its_state() {
             "{strategy}"
         );
         assert_eq!(h["config"]["strategy"], strategy);
+        // SCAFFOLD uploads its control-variate change beside the delta: twice the bytes.
+        assert_eq!(
+            rounds[0]["bytes_up"],
+            upload_vectors * 10 * params * 4,
+            "{strategy}"
+        );
+        assert_eq!(rounds[0]["bytes_down"], 10 * params * 4, "{strategy}");
+    }
+}
+
+#[test]
+fn bench_niid_appends_one_row_per_seed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let results = tmp.path().join("niid.csv");
+    let args = [
+        "bench",
+        "niid",
+        "--strategy",
+        "fednova",
+        "--partition",
+        "labels:3",
+        "--seeds",
+        "0,1",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+    ];
+    let out = ferry(&[&args[..], &["--results", results.to_str().expect("utf-8")]].concat());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&results).expect("results file");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("date,command,strategy,partition,seed"));
+    for (row, seed) in lines[1..].iter().zip(["0", "1"]) {
+        let fields: Vec<&str> = row.rsplitn(4, ',').collect();
+        let accuracy: f64 = fields[2].parse().expect("final accuracy");
+        assert!(accuracy > 0.1 && accuracy <= 1.0, "{row}");
+        assert!(
+            row.contains(&format!(",fednova,labels:3,{seed},1,1,")),
+            "{row}"
+        );
     }
 }

@@ -17,6 +17,8 @@ pub struct Aggregate {
     pub participants: usize,
     /// Sum of the participants' `num_examples`.
     pub num_examples: u64,
+    /// SCAFFOLD: the sum of the participants' control-variate changes.
+    pub control_delta_sum: Option<Vec<f32>>,
 }
 
 /// How an aggregator's memory grows with the number of updates it accepts.
@@ -60,31 +62,81 @@ pub fn validate_update(update: &Update, dim: usize) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// FedAvg (McMahan et al., 2017): the mean of the deltas weighted by `num_examples`,
-/// accumulated in `f64`.
+/// How a linear aggregator weights each update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weighting {
+    /// FedAvg (McMahan et al., 2017): weight `n_i`, the node's example count.
+    Examples,
+    /// SCAFFOLD's server step: every participant counts once.
+    Uniform,
+    /// FedNova (Wang et al., 2020): average the normalised deltas `delta_i / a_i` with weights
+    /// `p_i = n_i / sum n`, then scale by `sum p_i a_i`.
+    Normalized,
+}
+
+/// A weighted mean of the deltas, accumulated in `f64` one update at a time; also sums
+/// SCAFFOLD's control-variate changes when updates carry them.
 #[derive(Debug)]
 pub struct WeightedMean {
+    weighting: Weighting,
     sum: Vec<f64>,
-    total_weight: u64,
+    control_sum: Option<Vec<f64>>,
+    weight_sum: f64,
+    examples: u64,
+    normalizer_sum: f64,
     accepted: usize,
 }
 
 impl WeightedMean {
     /// An empty accumulator for a model of `dim` parameters.
-    pub fn new(dim: usize) -> Self {
+    pub fn new(dim: usize, weighting: Weighting) -> Self {
         Self {
+            weighting,
             sum: vec![0.0; dim],
-            total_weight: 0,
+            control_sum: None,
+            weight_sum: 0.0,
+            examples: 0,
+            normalizer_sum: 0.0,
             accepted: 0,
         }
+    }
+
+    fn weight_of(&self, update: &Update) -> Result<f64, CoreError> {
+        let n = update.num_examples as f64;
+        Ok(match self.weighting {
+            Weighting::Examples => n,
+            Weighting::Uniform => 1.0,
+            Weighting::Normalized => match update.normalizer {
+                Some(a) if a > 0.0 && a.is_finite() => n / a,
+                _ => return Err(CoreError::MissingExtra("a positive FedNova normaliser a_i")),
+            },
+        })
     }
 }
 
 impl Aggregator for WeightedMean {
     fn accept(&mut self, update: &Update) -> Result<(), CoreError> {
         validate_update(update, self.sum.len())?;
-        algebra::weighted_accumulate(&mut self.sum, &update.delta, update.num_examples as f64);
-        self.total_weight += update.num_examples;
+        let weight = self.weight_of(update)?;
+        if let Some(control) = &update.control_delta {
+            if control.len() != self.sum.len() {
+                return Err(CoreError::LengthMismatch {
+                    expected: self.sum.len(),
+                    got: control.len(),
+                });
+            }
+            if let Some(index) = algebra::first_non_finite(control) {
+                return Err(CoreError::NonFinite { index });
+            }
+            let sum = self
+                .control_sum
+                .get_or_insert_with(|| vec![0.0; control.len()]);
+            algebra::weighted_accumulate(sum, control, 1.0);
+        }
+        algebra::weighted_accumulate(&mut self.sum, &update.delta, weight);
+        self.weight_sum += weight;
+        self.examples += update.num_examples;
+        self.normalizer_sum += update.num_examples as f64 * update.normalizer.unwrap_or(1.0);
         self.accepted += 1;
         Ok(())
     }
@@ -101,12 +153,25 @@ impl Aggregator for WeightedMean {
         if self.accepted == 0 {
             return Err(CoreError::NoUpdates);
         }
+        let divisor = match self.weighting {
+            Weighting::Examples | Weighting::Uniform => self.weight_sum,
+            // sum_i p_i d_i * sum_i p_i a_i, with p_i = n_i / N and d_i = delta_i / a_i.
+            Weighting::Normalized => {
+                self.examples as f64 * self.examples as f64 / self.normalizer_sum
+            }
+        };
         let mut delta = vec![0.0f32; self.sum.len()];
-        algebra::mean_into(&mut delta, &self.sum, self.total_weight as f64);
+        algebra::mean_into(&mut delta, &self.sum, divisor);
+        let control_delta_sum = self.control_sum.map(|sum| {
+            let mut out = vec![0.0f32; sum.len()];
+            algebra::mean_into(&mut out, &sum, 1.0);
+            out
+        });
         Ok(Aggregate {
             delta,
             participants: self.accepted,
-            num_examples: self.total_weight,
+            num_examples: self.examples,
+            control_delta_sum,
         })
     }
 }
@@ -115,19 +180,14 @@ impl Aggregator for WeightedMean {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     fn update(delta: Vec<f32>, num_examples: u64) -> Update {
-        Update {
-            delta,
-            num_examples,
-            metrics: BTreeMap::new(),
-        }
+        Update::new(delta, num_examples)
     }
 
     #[test]
     fn fedavg_weights_by_examples() {
-        let mut agg = Box::new(WeightedMean::new(2));
+        let mut agg = Box::new(WeightedMean::new(2, Weighting::Examples));
         agg.accept(&update(vec![1.0, 0.0], 1)).expect("valid");
         agg.accept(&update(vec![4.0, 2.0], 3)).expect("valid");
         let out = agg.finish().expect("non-empty");
@@ -138,7 +198,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_updates_without_changing_state() {
-        let mut agg = Box::new(WeightedMean::new(2));
+        let mut agg = Box::new(WeightedMean::new(2, Weighting::Examples));
         assert!(matches!(
             agg.accept(&update(vec![1.0], 1)),
             Err(CoreError::LengthMismatch {
@@ -162,18 +222,71 @@ mod tests {
     #[test]
     fn finishing_empty_is_an_error() {
         assert!(matches!(
-            Box::new(WeightedMean::new(3)).finish(),
+            Box::new(WeightedMean::new(3, Weighting::Examples)).finish(),
             Err(CoreError::NoUpdates)
+        ));
+    }
+
+    #[test]
+    fn uniform_weighting_ignores_example_counts_and_sums_controls() {
+        let mut agg = Box::new(WeightedMean::new(2, Weighting::Uniform));
+        let mut a = update(vec![1.0, 0.0], 1);
+        a.control_delta = Some(vec![0.5, 0.5]);
+        let mut b = update(vec![3.0, 2.0], 99);
+        b.control_delta = Some(vec![1.0, -1.0]);
+        agg.accept(&a).expect("valid");
+        agg.accept(&b).expect("valid");
+        let out = agg.finish().expect("non-empty");
+        assert_eq!(out.delta, [2.0, 1.0]);
+        assert_eq!(out.control_delta_sum, Some(vec![1.5, -0.5]));
+    }
+
+    #[test]
+    fn fednova_normalises_by_local_steps() {
+        // Node 1: 10 examples, a = 2, delta [2]; node 2: 30 examples, a = 6, delta [12].
+        // p = [0.25, 0.75]; sum p d = 0.25 * 1 + 0.75 * 2 = 1.75; sum p a = 0.5 + 4.5 = 5.
+        let mut agg = Box::new(WeightedMean::new(1, Weighting::Normalized));
+        let mut a = update(vec![2.0], 10);
+        a.normalizer = Some(2.0);
+        let mut b = update(vec![12.0], 30);
+        b.normalizer = Some(6.0);
+        agg.accept(&a).expect("valid");
+        agg.accept(&b).expect("valid");
+        let out = agg.finish().expect("non-empty");
+        assert!((out.delta[0] - 8.75).abs() < 1e-6, "{:?}", out.delta);
+        let mut missing = Box::new(WeightedMean::new(1, Weighting::Normalized));
+        assert!(matches!(
+            missing.accept(&update(vec![1.0], 1)),
+            Err(CoreError::MissingExtra(_))
         ));
     }
 
     proptest! {
         #[test]
+        fn fednova_with_equal_steps_equals_fedavg(
+            rows in prop::collection::vec((prop::collection::vec(-5f32..5.0, 3), 1u64..500), 1..8),
+            steps in 1.0f64..50.0,
+        ) {
+            let mut avg = Box::new(WeightedMean::new(3, Weighting::Examples));
+            let mut nova = Box::new(WeightedMean::new(3, Weighting::Normalized));
+            for (d, n) in &rows {
+                let mut u = update(d.clone(), *n);
+                avg.accept(&u).expect("valid");
+                u.normalizer = Some(steps);
+                nova.accept(&u).expect("valid");
+            }
+            let (a, b) = (avg.finish().expect("a").delta, nova.finish().expect("b").delta);
+            for (x, y) in a.iter().zip(&b) {
+                prop_assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0));
+            }
+        }
+
+        #[test]
         fn mean_of_identical_updates_is_that_update(
             delta in prop::collection::vec(-1e3f32..1e3, 1..100),
             weights in prop::collection::vec(1u64..10_000, 1..12),
         ) {
-            let mut agg = Box::new(WeightedMean::new(delta.len()));
+            let mut agg = Box::new(WeightedMean::new(delta.len(), Weighting::Examples));
             for w in &weights {
                 agg.accept(&update(delta.clone(), *w)).expect("valid");
             }
@@ -187,7 +300,7 @@ mod tests {
         fn mean_lies_within_coordinate_range(
             rows in prop::collection::vec((prop::collection::vec(-50f32..50.0, 4), 1u64..100), 1..10),
         ) {
-            let mut agg = Box::new(WeightedMean::new(4));
+            let mut agg = Box::new(WeightedMean::new(4, Weighting::Examples));
             for (d, w) in &rows {
                 agg.accept(&update(d.clone(), *w)).expect("valid");
             }

@@ -34,10 +34,15 @@ pub enum CoreError {
     /// An update claims to be trained on zero examples, so it cannot be weighted.
     #[error("update reports num_examples = 0; a node must train on at least one example")]
     ZeroExamples,
+    /// An update lacks what the run's strategy needs from it.
+    #[error("update lacks {0}, which this strategy needs")]
+    MissingExtra(&'static str),
     /// Aggregation was asked to finish with nothing accepted.
     #[error("no updates were accepted this round, so there is nothing to aggregate")]
     NoUpdates,
     /// A strategy or partition name that Ferry does not know.
-    #[error("unknown strategy '{0}': expected fedavg, fedavgm, fedadagrad, fedadam or fedyogi")]
+    #[error(
+        "unknown strategy '{0}': expected fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi"
+    )]
     UnknownStrategy(String),
 }

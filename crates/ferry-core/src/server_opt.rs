@@ -4,6 +4,8 @@
 //! adaptive server optimizers (FedAdam, FedYogi, FedAdagrad) and server momentum (FedAvgM)
 //! are the same step with state, which [`ServerOptimizer::state_bytes`] reports.
 
+use std::sync::Arc;
+
 use crate::{CoreError, aggregate::Aggregate, algebra};
 
 /// Applies an aggregated delta to the global parameters.
@@ -13,6 +15,12 @@ pub trait ServerOptimizer: Send {
 
     /// Bytes of state the optimizer keeps between rounds (0 for plain FedAvg).
     fn state_bytes(&self) -> usize;
+
+    /// Server state that every selected node receives with the model (SCAFFOLD's control
+    /// variate `c`); none for most optimizers.
+    fn broadcast(&self) -> Option<Arc<Vec<f32>>> {
+        None
+    }
 }
 
 /// Server SGD with optional momentum (FedAvgM, Hsu et al., 2019):
@@ -65,6 +73,57 @@ impl ServerOptimizer for ServerSgd {
 
     fn state_bytes(&self) -> usize {
         self.velocity.len() * std::mem::size_of::<f32>()
+    }
+}
+
+/// SCAFFOLD's server (Karimireddy et al., 2020, option II): `x = x + lr * mean(dy)` over the
+/// participants and `c = c + sum(dc) / N` over all `N` nodes of the federation.
+#[derive(Debug, Clone)]
+pub struct ScaffoldServer {
+    lr: f32,
+    fleet_size: usize,
+    control: Arc<Vec<f32>>,
+}
+
+impl ScaffoldServer {
+    /// A SCAFFOLD server for a federation of `fleet_size` nodes, with `c = 0`.
+    pub fn new(lr: f32, fleet_size: usize) -> Self {
+        Self {
+            lr,
+            fleet_size: fleet_size.max(1),
+            control: Arc::new(Vec::new()),
+        }
+    }
+}
+
+impl ServerOptimizer for ScaffoldServer {
+    fn apply(&mut self, global: &mut [f32], aggregate: &Aggregate) -> Result<(), CoreError> {
+        check_len(global, aggregate)?;
+        let dc = aggregate
+            .control_delta_sum
+            .as_ref()
+            .ok_or(CoreError::MissingExtra("SCAFFOLD control-variate changes"))?;
+        if dc.len() != global.len() {
+            return Err(CoreError::LengthMismatch {
+                expected: global.len(),
+                got: dc.len(),
+            });
+        }
+        algebra::add_scaled(global, &aggregate.delta, self.lr);
+        let control = Arc::make_mut(&mut self.control);
+        if control.is_empty() {
+            control.resize(global.len(), 0.0);
+        }
+        algebra::add_scaled(control, dc, 1.0 / self.fleet_size as f32);
+        Ok(())
+    }
+
+    fn state_bytes(&self) -> usize {
+        self.control.len() * std::mem::size_of::<f32>()
+    }
+
+    fn broadcast(&self) -> Option<Arc<Vec<f32>>> {
+        Some(self.control.clone())
     }
 }
 
@@ -165,6 +224,7 @@ mod tests {
             delta: vec![0.5, -1.0],
             participants: 2,
             num_examples: 10,
+            control_delta_sum: None,
         };
         let mut opt = ServerSgd::new(1.0, 0.0);
         opt.apply(&mut global, &aggregate).expect("same length");
@@ -182,7 +242,25 @@ mod tests {
             delta,
             participants: 1,
             num_examples: 1,
+            control_delta_sum: None,
         }
+    }
+
+    #[test]
+    fn scaffold_moves_x_by_mean_delta_and_c_by_control_sum_over_fleet() {
+        let mut opt = ScaffoldServer::new(1.0, 4);
+        assert_eq!(opt.broadcast().map(|c| c.len()), Some(0));
+        let mut x = vec![1.0f32, 1.0];
+        let mut agg = aggregate(vec![0.5, -0.5]);
+        assert!(
+            opt.apply(&mut x, &agg).is_err(),
+            "control changes are required"
+        );
+        agg.control_delta_sum = Some(vec![2.0, -4.0]);
+        opt.apply(&mut x, &agg).expect("apply");
+        assert_eq!(x, [1.5, 0.5]);
+        assert_eq!(opt.broadcast().map(|c| c.to_vec()), Some(vec![0.5, -1.0]));
+        assert_eq!(opt.state_bytes(), 8);
     }
 
     #[test]

@@ -8,29 +8,51 @@ use std::{fmt, str::FromStr};
 
 use crate::{
     CoreError,
-    aggregate::{Aggregator, WeightedMean},
-    server_opt::{AdaptiveParams, AdaptiveRule, AdaptiveServer, ServerOptimizer, ServerSgd},
+    aggregate::{Aggregator, WeightedMean, Weighting},
+    server_opt::{
+        AdaptiveParams, AdaptiveRule, AdaptiveServer, ScaffoldServer, ServerOptimizer, ServerSgd,
+    },
 };
 
 /// What a node does with the global model in a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ClientProcedure {
     /// Local SGD on the node's data, starting from the global model.
     LocalSgd,
+    /// FedProx (Li et al., 2020): local loss + `(mu / 2) * ||w - w_global||^2`.
+    Proximal {
+        /// Proximal weight.
+        mu: f64,
+    },
+    /// SCAFFOLD option II: local steps corrected by `c - c_i`; the node keeps `c_i` and
+    /// returns its change.
+    Scaffold,
+    /// FedNova: plain local SGD, returning the normalising factor `a_i` of its local steps.
+    Normalized,
+}
+
+/// FedNova's normalising factor for `steps` local SGD steps with momentum `rho`:
+/// `a = [steps - rho * (1 - rho^steps) / (1 - rho)] / (1 - rho)`, or `steps` without momentum.
+pub fn fednova_normalizer(steps: u64, rho: f64) -> f64 {
+    let tau = steps as f64;
+    if rho == 0.0 {
+        return tau;
+    }
+    (tau - rho * (1.0 - rho.powf(tau)) / (1.0 - rho)) / (1.0 - rho)
 }
 
 /// How the server combines the round's updates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AggregationRule {
-    /// Mean weighted by `num_examples` (streaming).
-    WeightedMean,
+    /// A streaming weighted mean of the deltas.
+    WeightedMean(Weighting),
 }
 
 impl AggregationRule {
     /// A fresh aggregator for one round over a model of `dim` parameters.
     pub fn start(self, dim: usize) -> Box<dyn Aggregator> {
         match self {
-            Self::WeightedMean => Box::new(WeightedMean::new(dim)),
+            Self::WeightedMean(weighting) => Box::new(WeightedMean::new(dim, weighting)),
         }
     }
 }
@@ -43,6 +65,12 @@ pub enum StrategyName {
     FedAvg,
     /// FedAvg with server momentum (Hsu et al., 2019).
     FedAvgM,
+    /// FedProx (Li et al., 2020).
+    FedProx,
+    /// SCAFFOLD, option II (Karimireddy et al., 2020).
+    Scaffold,
+    /// FedNova (Wang et al., 2020).
+    FedNova,
     /// FedAdagrad (Reddi et al., 2021).
     FedAdagrad,
     /// FedAdam (Reddi et al., 2021).
@@ -53,9 +81,12 @@ pub enum StrategyName {
 
 impl StrategyName {
     /// Every strategy, in the order help texts list them.
-    pub const ALL: [StrategyName; 5] = [
+    pub const ALL: [StrategyName; 8] = [
         Self::FedAvg,
         Self::FedAvgM,
+        Self::FedProx,
+        Self::Scaffold,
+        Self::FedNova,
         Self::FedAdagrad,
         Self::FedAdam,
         Self::FedYogi,
@@ -65,6 +96,9 @@ impl StrategyName {
         match self {
             Self::FedAvg => "fedavg",
             Self::FedAvgM => "fedavgm",
+            Self::FedProx => "fedprox",
+            Self::Scaffold => "scaffold",
+            Self::FedNova => "fednova",
             Self::FedAdagrad => "fedadagrad",
             Self::FedAdam => "fedadam",
             Self::FedYogi => "fedyogi",
@@ -75,7 +109,7 @@ impl StrategyName {
     /// (FedAvg applies the mean delta as is), 0.01 for the adaptive optimizers.
     pub fn default_server_lr(self) -> f64 {
         match self {
-            Self::FedAvg | Self::FedAvgM => 1.0,
+            Self::FedAvg | Self::FedAvgM | Self::FedProx | Self::Scaffold | Self::FedNova => 1.0,
             Self::FedAdagrad | Self::FedAdam | Self::FedYogi => 0.01,
         }
     }
@@ -99,9 +133,11 @@ impl fmt::Display for StrategyName {
     }
 }
 
-/// Server-side hyper-parameters; each strategy reads the ones it uses.
+/// Strategy hyper-parameters; each strategy reads the ones it uses.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct ServerParams {
+pub struct StrategyParams {
+    /// FedProx proximal weight.
+    pub mu: f64,
     /// Server learning rate (eta); `None` takes the strategy's default.
     pub server_lr: Option<f64>,
     /// FedAvgM momentum.
@@ -114,11 +150,12 @@ pub struct ServerParams {
     pub tau: f64,
 }
 
-impl Default for ServerParams {
-    /// Reddi et al.'s suggested starting point (b1 0.9, b2 0.99, tau 1e-3) and FedAvgM
-    /// momentum 0.9.
+impl Default for StrategyParams {
+    /// Reddi et al.'s suggested starting point (b1 0.9, b2 0.99, tau 1e-3), FedAvgM
+    /// momentum 0.9 and FedProx mu 0.01 (from NIID-Bench's grid).
     fn default() -> Self {
         Self {
+            mu: 0.01,
             server_lr: None,
             server_momentum: 0.9,
             beta1: 0.9,
@@ -141,8 +178,8 @@ pub struct Strategy {
 }
 
 impl Strategy {
-    /// Builds the named strategy from its components.
-    pub fn new(name: StrategyName, params: &ServerParams) -> Self {
+    /// Builds the named strategy for a federation of `fleet_size` nodes.
+    pub fn new(name: StrategyName, params: &StrategyParams, fleet_size: usize) -> Self {
         let lr = params.server_lr.unwrap_or(name.default_server_lr()) as f32;
         let adaptive = |rule| -> Box<dyn ServerOptimizer> {
             Box::new(AdaptiveServer::new(
@@ -155,17 +192,52 @@ impl Strategy {
                 },
             ))
         };
-        let optimizer: Box<dyn ServerOptimizer> = match name {
-            StrategyName::FedAvg => Box::new(ServerSgd::new(lr, 0.0)),
-            StrategyName::FedAvgM => Box::new(ServerSgd::new(lr, params.server_momentum as f32)),
-            StrategyName::FedAdagrad => adaptive(AdaptiveRule::Adagrad),
-            StrategyName::FedAdam => adaptive(AdaptiveRule::Adam),
-            StrategyName::FedYogi => adaptive(AdaptiveRule::Yogi),
+        let sgd = |momentum: f64| -> Box<dyn ServerOptimizer> {
+            Box::new(ServerSgd::new(lr, momentum as f32))
+        };
+        let by_examples = AggregationRule::WeightedMean(Weighting::Examples);
+        let (client, aggregation, optimizer) = match name {
+            StrategyName::FedAvg => (ClientProcedure::LocalSgd, by_examples, sgd(0.0)),
+            StrategyName::FedAvgM => (
+                ClientProcedure::LocalSgd,
+                by_examples,
+                sgd(params.server_momentum),
+            ),
+            StrategyName::FedProx => (
+                ClientProcedure::Proximal { mu: params.mu },
+                by_examples,
+                sgd(0.0),
+            ),
+            StrategyName::Scaffold => (
+                ClientProcedure::Scaffold,
+                AggregationRule::WeightedMean(Weighting::Uniform),
+                Box::new(ScaffoldServer::new(lr, fleet_size)) as Box<dyn ServerOptimizer>,
+            ),
+            StrategyName::FedNova => (
+                ClientProcedure::Normalized,
+                AggregationRule::WeightedMean(Weighting::Normalized),
+                sgd(0.0),
+            ),
+            StrategyName::FedAdagrad => (
+                ClientProcedure::LocalSgd,
+                by_examples,
+                adaptive(AdaptiveRule::Adagrad),
+            ),
+            StrategyName::FedAdam => (
+                ClientProcedure::LocalSgd,
+                by_examples,
+                adaptive(AdaptiveRule::Adam),
+            ),
+            StrategyName::FedYogi => (
+                ClientProcedure::LocalSgd,
+                by_examples,
+                adaptive(AdaptiveRule::Yogi),
+            ),
         };
         Self {
             name,
-            client: ClientProcedure::LocalSgd,
-            aggregation: AggregationRule::WeightedMean,
+            client,
+            aggregation,
             optimizer,
         }
     }
@@ -197,10 +269,22 @@ mod tests {
 
     #[test]
     fn fedavg_is_weighted_mean_plus_unit_server_sgd() {
-        let strategy = Strategy::new(StrategyName::FedAvg, &ServerParams::default());
-        assert_eq!(strategy.aggregation, AggregationRule::WeightedMean);
+        let strategy = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), 10);
+        assert_eq!(
+            strategy.aggregation,
+            AggregationRule::WeightedMean(Weighting::Examples)
+        );
         assert_eq!(strategy.optimizer.state_bytes(), 0);
         assert_eq!(strategy.name.to_string(), "fedavg");
+    }
+
+    #[test]
+    fn fednova_normalizer_matches_hand_values() {
+        assert_eq!(fednova_normalizer(7, 0.0), 7.0);
+        // rho 0.5, tau 2: [2 - 0.5 * 0.75 / 0.5] / 0.5 = (2 - 0.75) * 2 = 2.5
+        assert!((fednova_normalizer(2, 0.5) - 2.5).abs() < 1e-12);
+        // One step is one step whatever the momentum.
+        assert!((fednova_normalizer(1, 0.9) - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-/// A node's contribution to one round: the change it made to the global model, and how much
-/// data that change stands for.
+/// A node's contribution to one round: the change it made to the global model, how much data
+/// that change stands for, and what its strategy's client procedure adds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Update {
     /// `local - global`, flat, in the run's model layout order.
@@ -12,11 +12,40 @@ pub struct Update {
     pub num_examples: u64,
     /// Node-reported training metrics (for example `train_loss`), for the round record.
     pub metrics: BTreeMap<String, f64>,
+    /// SCAFFOLD: the change of the node's control variate, `c_i+ - c_i`.
+    pub control_delta: Option<Vec<f32>>,
+    /// FedNova: the node's normalising factor `a_i` (effective local steps).
+    pub normalizer: Option<f64>,
 }
 
 impl Update {
-    /// Bytes this update occupies on the wire: its `f32` values (metrics are negligible).
+    /// A plain update: a delta and its example count, nothing else.
+    pub fn new(delta: Vec<f32>, num_examples: u64) -> Self {
+        Self {
+            delta,
+            num_examples,
+            metrics: BTreeMap::new(),
+            control_delta: None,
+            normalizer: None,
+        }
+    }
+
+    /// Bytes this update occupies on the wire: its `f32` vectors (scalars are negligible).
     pub fn payload_bytes(&self) -> u64 {
-        (self.delta.len() * std::mem::size_of::<f32>()) as u64
+        let values = self.delta.len() + self.control_delta.as_ref().map_or(0, Vec::len);
+        (values * std::mem::size_of::<f32>()) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_variates_double_the_payload() {
+        let mut u = Update::new(vec![0.0; 10], 1);
+        assert_eq!(u.payload_bytes(), 40);
+        u.control_delta = Some(vec![0.0; 10]);
+        assert_eq!(u.payload_bytes(), 80);
     }
 }

@@ -154,6 +154,7 @@ impl Federation {
             training: self.settings.training.clone(),
             procedure: self.strategy.client,
             seed: round_seed,
+            server_control: self.strategy.optimizer.broadcast(),
         };
         let mut aggregator = self.strategy.aggregation.start(self.global.num_params());
         let (mut bytes_up, mut train_loss_sum, mut failures) = (0u64, 0.0f64, Vec::new());

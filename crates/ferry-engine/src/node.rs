@@ -20,6 +20,9 @@ pub struct RoundTask {
     pub procedure: ClientProcedure,
     /// The round's seed; a node mixes in its id for its own randomness.
     pub seed: u64,
+    /// Server state the strategy sends to every node (SCAFFOLD's control variate `c`; empty
+    /// until the first round has updated it).
+    pub server_control: Option<Arc<Vec<f32>>>,
 }
 
 /// Why a node returned no update.

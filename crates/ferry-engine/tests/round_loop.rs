@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
-    strategy::{ServerParams, Strategy, StrategyName},
+    strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
 use ferry_engine::{
@@ -43,11 +43,9 @@ impl NodeHandle for ScriptedNode {
             .zip(&self.target)
             .map(|(m, t)| (t - m) * 0.5 + jitter)
             .collect();
-        Ok(Update {
-            delta,
-            num_examples: self.examples,
-            metrics: BTreeMap::from([("train_loss".into(), 1.0)]),
-        })
+        let mut update = Update::new(delta, self.examples);
+        update.metrics = BTreeMap::from([("train_loss".into(), 1.0)]);
+        Ok(update)
     }
 }
 
@@ -130,7 +128,7 @@ fn run(
     let mut recorder = Recorder::default();
     let fed = Federation::new(
         settings,
-        Strategy::new(StrategyName::FedAvg, &ServerParams::default()),
+        Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), 3),
         nodes,
         Box::new(DistanceEvaluator),
         model(),

@@ -5,7 +5,7 @@
 //! so a saved model reads like the network it came from. burn stores a linear layer's weight as
 //! `[in, out]` (PyTorch uses `[out, in]`).
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use burn::{
     module::{ModuleMapper, ModuleVisitor, Param},
@@ -144,6 +144,66 @@ pub fn load_into(net: Net, model: &Model) -> Result<Net, MlError> {
         Some(e) => Err(e.into()),
         None => Ok(net),
     }
+}
+
+/// Each tensor of `model` as a flat constant on `device`, by name: the anchor of FedProx's
+/// proximal term.
+pub fn flat_tensors(model: &Model, device: &Device) -> HashMap<String, Tensor<1>> {
+    model
+        .layout()
+        .entries()
+        .map(|(spec, range)| {
+            let n = range.len();
+            let data = TensorData::new(model.values()[range].to_vec(), [n]);
+            (spec.name.clone(), Tensor::from_data(data, device))
+        })
+        .collect()
+}
+
+struct SquaredDistance<'a> {
+    path: PathTracker,
+    anchor: &'a HashMap<String, Tensor<1>>,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredDistance<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some(anchor) = self.anchor.get(&self.path.name()) else {
+            return;
+        };
+        let w = param.val();
+        let n = w.dims().iter().product::<usize>();
+        let term = (w.reshape([n]) - anchor.clone()).powi_scalar(2).sum();
+        self.total = Some(match self.total.take() {
+            Some(total) => total + term,
+            None => term,
+        });
+    }
+}
+
+/// `||w - anchor||^2` over every parameter of `net` that `anchor` names, as a differentiable
+/// one-element tensor.
+pub fn squared_distance(net: &Net, anchor: &HashMap<String, Tensor<1>>) -> Tensor<1> {
+    let mut visitor = SquaredDistance {
+        path: PathTracker::default(),
+        anchor,
+        total: None,
+    };
+    net.visit(&mut visitor);
+    let device = anchor
+        .values()
+        .next()
+        .map(Tensor::device)
+        .unwrap_or_else(Device::flex);
+    visitor.total.unwrap_or_else(|| Tensor::zeros([1], &device))
 }
 
 /// A network of `kind` on `device` holding `model`'s parameters.

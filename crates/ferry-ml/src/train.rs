@@ -25,6 +25,24 @@ use crate::{
 /// Examples per forward pass when evaluating.
 const EVAL_BATCH: usize = 500;
 
+/// What local training adds to plain SGD, per the strategy's client procedure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LocalProcedure<'a> {
+    /// Plain SGD.
+    Plain,
+    /// FedProx: `(mu / 2) * ||w - w_start||^2` added to the loss.
+    Proximal {
+        /// Proximal weight.
+        mu: f64,
+    },
+    /// SCAFFOLD: after every SGD step, `w = w - lr * correction` with `correction = c - c_i`
+    /// (flat, in model layout order), as NIID-Bench applies it.
+    Corrected {
+        /// `c - c_i`.
+        correction: &'a [f32],
+    },
+}
+
 /// The data one node trains on.
 #[derive(Debug, Clone, Copy)]
 pub struct LocalData<'a> {
@@ -106,6 +124,7 @@ pub fn train_local(
     start: &Model,
     data: LocalData<'_>,
     cfg: &LocalTraining,
+    procedure: LocalProcedure<'_>,
     seed: u64,
 ) -> Result<TrainOutcome, MlError> {
     if data.indices.is_empty() {
@@ -123,6 +142,21 @@ pub fn train_local(
         .then(|| Normal::new(0.0, data.noise_std))
         .transpose()
         .map_err(|e| MlError::BadSpec(format!("invalid noise level: {e}")))?;
+    let proximal = match procedure {
+        LocalProcedure::Proximal { mu } => Some((mu, params::flat_tensors(start, &device))),
+        _ => None,
+    };
+    let correction = match procedure {
+        LocalProcedure::Corrected { correction } if correction.len() != start.num_params() => {
+            return Err(MlError::BadSpec(format!(
+                "the SCAFFOLD correction has {} values for a model of {}",
+                correction.len(),
+                start.num_params()
+            )));
+        }
+        LocalProcedure::Corrected { correction } => Some(correction),
+        _ => None,
+    };
     let mut order = data.indices.to_vec();
     let (mut steps, mut loss_sum, mut seen) = (0u64, 0.0f64, 0usize);
     for _ in 0..cfg.epochs {
@@ -138,8 +172,19 @@ pub fn train_local(
             let loss = loss_fn.forward(net.forward(x), y);
             loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * batch.len() as f64;
             seen += batch.len();
-            let grads = GradientsParams::from_grads(loss.backward(), &net);
+            let objective = match &proximal {
+                Some((mu, anchor)) => {
+                    loss + params::squared_distance(&net, anchor).mul_scalar(mu / 2.0)
+                }
+                None => loss,
+            };
+            let grads = GradientsParams::from_grads(objective.backward(), &net);
             net = optim.step(cfg.lr, net, grads);
+            if let Some(correction) = correction {
+                let mut current = params::to_model(&net)?;
+                ferry_core::algebra::add_scaled(current.values_mut(), correction, -(cfg.lr as f32));
+                net = params::load_into(net, &current)?;
+            }
             steps += 1;
         }
     }
@@ -284,15 +329,39 @@ mod tests {
             noise_std: 0.0,
         };
         let before = evaluate(ModelKind::Logreg, &start, &data, &[], 0).expect("eval");
-        let out = train_local(ModelKind::Logreg, &start, local, &cfg(3), 9).expect("train");
+        let out = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &cfg(3),
+            LocalProcedure::Plain,
+            9,
+        )
+        .expect("train");
         let after = evaluate(ModelKind::Logreg, &out.model, &data, &[], 0).expect("eval");
         assert_eq!(out.num_examples, 128);
         assert_eq!(out.steps, 3 * 8);
         assert!(after.accuracy > 0.95, "accuracy {}", after.accuracy);
         assert!(after.loss < before.loss);
-        let again = train_local(ModelKind::Logreg, &start, local, &cfg(3), 9).expect("train");
+        let again = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &cfg(3),
+            LocalProcedure::Plain,
+            9,
+        )
+        .expect("train");
         assert_eq!(again.model, out.model);
-        let other_seed = train_local(ModelKind::Logreg, &start, local, &cfg(3), 10).expect("train");
+        let other_seed = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &cfg(3),
+            LocalProcedure::Plain,
+            10,
+        )
+        .expect("train");
         assert_ne!(other_seed.model, out.model);
     }
 
@@ -321,7 +390,15 @@ mod tests {
             indices: &[0, 1],
             noise_std: 0.0,
         };
-        let out = train_local(ModelKind::Logreg, &zero, local, &one_step, 0).expect("train");
+        let out = train_local(
+            ModelKind::Logreg,
+            &zero,
+            local,
+            &one_step,
+            LocalProcedure::Plain,
+            0,
+        )
+        .expect("train");
         let bias = out.model.tensor("fc.bias").expect("bias");
         for (c, b) in bias.iter().enumerate() {
             let expected = if c == 3 || c == 7 { 0.5 - 0.1 } else { -0.1 };
@@ -358,9 +435,16 @@ mod tests {
                 indices: &[0],
                 noise_std: 0.0,
             };
-            train_local(ModelKind::Logreg, &zero, local, &cfg, 0)
-                .expect("train")
-                .model
+            train_local(
+                ModelKind::Logreg,
+                &zero,
+                local,
+                &cfg,
+                LocalProcedure::Plain,
+                0,
+            )
+            .expect("train")
+            .model
         };
         let plain = run(0.0, 0.0);
         let with_momentum = run(0.9, 0.0);
@@ -376,6 +460,110 @@ mod tests {
     }
 
     #[test]
+    fn proximal_term_pulls_towards_the_start_and_vanishes_at_mu_zero() {
+        let data = toy(64);
+        let indices: Vec<usize> = (0..64).collect();
+        let start = init_model(ModelKind::Mlp, 2).expect("init");
+        let local = LocalData {
+            dataset: &data,
+            indices: &indices,
+            noise_std: 0.0,
+        };
+        let run = |procedure| {
+            train_local(ModelKind::Mlp, &start, local, &cfg(2), procedure, 1)
+                .expect("train")
+                .model
+        };
+        let distance = |m: &Model| {
+            let mut d = vec![0.0; m.num_params()];
+            ferry_core::algebra::delta_into(&mut d, m.values(), start.values());
+            ferry_core::algebra::l2_norm(&d)
+        };
+        let plain = run(LocalProcedure::Plain);
+        assert_eq!(
+            run(LocalProcedure::Proximal { mu: 0.0 }),
+            plain,
+            "mu = 0 is plain SGD"
+        );
+        let pulled = run(LocalProcedure::Proximal { mu: 5.0 });
+        assert!(
+            distance(&pulled) < 0.8 * distance(&plain),
+            "{} vs {}",
+            distance(&pulled),
+            distance(&plain)
+        );
+    }
+
+    #[test]
+    fn scaffold_correction_shifts_every_step_by_lr_times_correction() {
+        let mut data = toy(1);
+        data.labels = vec![4];
+        let start = init_model(ModelKind::Logreg, 5).expect("init");
+        let one = LocalTraining {
+            epochs: 1,
+            batch_size: 1,
+            lr: 0.1,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        };
+        let local = LocalData {
+            dataset: &data,
+            indices: &[0],
+            noise_std: 0.0,
+        };
+        let zeros = vec![0.0f32; start.num_params()];
+        let halves = vec![0.5f32; start.num_params()];
+        let plain = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &one,
+            LocalProcedure::Plain,
+            0,
+        )
+        .expect("train");
+        let zero = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &one,
+            LocalProcedure::Corrected { correction: &zeros },
+            0,
+        )
+        .expect("train");
+        assert_eq!(
+            zero.model, plain.model,
+            "zero control variates change nothing"
+        );
+        let shifted = train_local(
+            ModelKind::Logreg,
+            &start,
+            local,
+            &one,
+            LocalProcedure::Corrected {
+                correction: &halves,
+            },
+            0,
+        )
+        .expect("train");
+        for (s, p) in shifted.model.values().iter().zip(plain.model.values()) {
+            assert!((s - (p - 0.05)).abs() < 1e-6, "{s} vs {p}");
+        }
+        let short = [0.0f32; 3];
+        assert!(
+            train_local(
+                ModelKind::Logreg,
+                &start,
+                local,
+                &one,
+                LocalProcedure::Corrected { correction: &short },
+                0
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
     fn lenet_trains_without_error_and_changes_weights() {
         let data = toy(64);
         let indices: Vec<usize> = (0..64).collect();
@@ -385,7 +573,15 @@ mod tests {
             indices: &indices,
             noise_std: 0.1,
         };
-        let out = train_local(ModelKind::Lenet, &start, local, &cfg(1), 0).expect("train");
+        let out = train_local(
+            ModelKind::Lenet,
+            &start,
+            local,
+            &cfg(1),
+            LocalProcedure::Plain,
+            0,
+        )
+        .expect("train");
         assert_ne!(out.model, start);
         assert!(out.mean_loss.is_finite());
     }
@@ -411,6 +607,16 @@ mod tests {
             indices: &[],
             noise_std: 0.0,
         };
-        assert!(train_local(ModelKind::Logreg, &start, local, &cfg(1), 0).is_err());
+        assert!(
+            train_local(
+                ModelKind::Logreg,
+                &start,
+                local,
+                &cfg(1),
+                LocalProcedure::Plain,
+                0
+            )
+            .is_err()
+        );
     }
 }

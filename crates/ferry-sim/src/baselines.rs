@@ -8,7 +8,7 @@
 //! model, and are scored on the same test set.
 
 use ferry_engine::{dispatch, selection::mix_seed};
-use ferry_ml::train::{Evaluation, LocalData, train_local};
+use ferry_ml::train::{Evaluation, LocalData, LocalProcedure, train_local};
 
 use crate::{SimError, Simulation};
 
@@ -68,6 +68,7 @@ pub fn run(
                 sim.initial_model(),
                 data,
                 &training,
+                LocalProcedure::Plain,
                 mix_seed(seed, job as u64),
             )?;
             Ok(sim.evaluator().evaluation(&out.model)?)

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ferry_core::{
-    strategy::{ServerParams, StrategyName},
+    strategy::{StrategyName, StrategyParams},
     task::LocalTraining,
 };
 use ferry_ml::{
@@ -37,9 +37,9 @@ pub struct SimConfig {
     pub partition: Partitioner,
     /// The federated strategy.
     pub strategy: StrategyName,
-    /// The strategy's server-side hyper-parameters.
+    /// The strategy's hyper-parameters.
     #[serde(flatten)]
-    pub server: ServerParams,
+    pub strategy_params: StrategyParams,
     /// Seed of everything random: initial model, partition, selection, shuffling.
     pub seed: u64,
     /// Stop when the global model reaches this accuracy.

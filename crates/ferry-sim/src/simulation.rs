@@ -104,7 +104,7 @@ impl Simulation {
         let evaluator = Box::new(SharedEvaluator(self.evaluator.clone()));
         let federation = Federation::new(
             settings,
-            Strategy::new(c.strategy, &c.server),
+            Strategy::new(c.strategy, &c.strategy_params, self.nodes.len()),
             nodes,
             evaluator,
             self.initial.clone(),

@@ -1,12 +1,12 @@
 //! `ferry bench aggregate`: streaming FedAvg over N synthetic updates.
 
-use std::{collections::BTreeMap, time::Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
 use ferry_core::{
     Update,
-    aggregate::{Aggregator, WeightedMean},
+    aggregate::{Aggregator, WeightedMean, Weighting},
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,13 +31,10 @@ const TRAFFIC_PER_PARAM: f64 = 4.0 + 8.0 + 8.0;
 
 fn synthetic_update(params: usize, seed: u64) -> Update {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    Update {
-        delta: (0..params)
-            .map(|_| rng.random_range(-0.01f32..0.01))
-            .collect(),
-        num_examples: 1,
-        metrics: BTreeMap::new(),
-    }
+    let delta = (0..params)
+        .map(|_| rng.random_range(-0.01f32..0.01))
+        .collect();
+    Update::new(delta, 1)
 }
 
 /// Read bandwidth of this machine: a parallel sum over a buffer far larger than any cache.
@@ -68,7 +65,7 @@ pub fn run(args: AggregateArgs) -> Result<()> {
         synthetic_update(args.params, 2),
     ];
     let began = Instant::now();
-    let mut aggregator = Box::new(WeightedMean::new(args.params));
+    let mut aggregator = Box::new(WeightedMean::new(args.params, Weighting::Examples));
     for i in 0..args.clients {
         let update = &mut pool[i % 2];
         update.num_examples = 100 + i as u64;

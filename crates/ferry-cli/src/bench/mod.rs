@@ -1,6 +1,7 @@
 //! `ferry bench`: speed measurements, printed with the machine they ran on.
 
 mod aggregate;
+mod niid;
 mod train;
 
 use anyhow::Result;
@@ -13,6 +14,8 @@ pub enum BenchCommand {
     Train(train::TrainArgs),
     /// FedAvg aggregation of N synthetic updates: updates/s, GB/s, peak memory.
     Aggregate(aggregate::AggregateArgs),
+    /// The NIID-Bench Fashion-MNIST protocol for one strategy and partition.
+    Niid(niid::NiidArgs),
 }
 
 /// Runs one benchmark.
@@ -21,6 +24,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::Aggregate(args) => aggregate::run(args),
+        BenchCommand::Niid(args) => niid::run(args),
     }
 }
 

@@ -9,7 +9,7 @@ use ferry_ml::{
     data::{Dataset, NUM_CLASSES, PIXELS},
     models::ModelKind,
     params::init_model,
-    train::{LocalData, train_local},
+    train::{LocalData, LocalProcedure, train_local},
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -52,12 +52,12 @@ fn throughput(kind: ModelKind, data: &Dataset, cfg: &LocalTraining, seconds: f64
         indices: &indices,
         noise_std: 0.0,
     };
-    train_local(kind, &start, local, cfg, 0)?; // warm-up
+    train_local(kind, &start, local, cfg, LocalProcedure::Plain, 0)?; // warm-up
     let began = Instant::now();
     let mut images = 0usize;
     let mut seed = 1;
     while began.elapsed() < Duration::from_secs_f64(seconds) {
-        train_local(kind, &start, local, cfg, seed)?;
+        train_local(kind, &start, local, cfg, LocalProcedure::Plain, seed)?;
         images += data.len() * cfg.epochs as usize;
         seed += 1;
     }

@@ -1,0 +1,147 @@
+//! `ferry bench niid`: the NIID-Bench protocol (Li et al., ICDE 2022) on Fashion-MNIST, one row
+//! per seed appended to a results file.
+//!
+//! Protocol: 10 parties, all sampled every round, 50 rounds, 10 local epochs, batch 64, SGD
+//! lr 0.01, momentum 0.9, weight decay 1e-5, the `lenet` model, one initial model for all.
+
+use std::{io::Write, path::PathBuf, time::Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_core::{
+    strategy::{StrategyName, StrategyParams},
+    task::LocalTraining,
+};
+use ferry_ml::{data::DatasetKind, models::ModelKind};
+use ferry_sim::{SimConfig, Simulation};
+
+use crate::progress::ConsoleProgress;
+
+/// Options of `ferry bench niid`.
+#[derive(Args)]
+pub struct NiidArgs {
+    /// Strategy to run.
+    #[arg(long, default_value = "fedavg")]
+    strategy: String,
+    /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S.
+    #[arg(long, default_value = "iid")]
+    partition: String,
+    /// Comma-separated seeds; one run each.
+    #[arg(long, default_value = "0", value_delimiter = ',')]
+    seeds: Vec<u64>,
+    /// Rounds (the protocol's 50; fewer to shorten).
+    #[arg(long, default_value_t = 50)]
+    rounds: u32,
+    /// Local epochs (the protocol's 10; fewer to shorten).
+    #[arg(long, default_value_t = 10)]
+    local_epochs: u32,
+    /// FedProx proximal weight (NIID-Bench's grid: 0.001, 0.01, 0.1, 1).
+    #[arg(long, default_value_t = 0.01)]
+    mu: f64,
+    /// Server learning rate [default: the strategy's].
+    #[arg(long)]
+    server_lr: Option<f64>,
+    /// CSV file the results are appended to.
+    #[arg(long, default_value = "docs/benchmarks/niid-results.csv")]
+    results: PathBuf,
+    /// Folder with the Fashion-MNIST files (searched first).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Nodes trained at once [default: all cores].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+const HEADER: &str = "date,command,strategy,partition,seed,rounds,local_epochs,mu,wall_s,final_accuracy,best_accuracy,per_round_accuracy\n";
+
+/// Runs the protocol once per seed, appending a row after each run.
+pub fn run(args: NiidArgs) -> Result<()> {
+    let strategy: StrategyName = args.strategy.parse()?;
+    let partition = args.partition.parse()?;
+    anyhow::ensure!(
+        args.rounds >= 1 && args.local_epochs >= 1,
+        "--rounds and --local-epochs must be at least 1"
+    );
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    for &seed in &args.seeds {
+        let config = SimConfig {
+            dataset: DatasetKind::FashionMnist,
+            data_dir: args.data_dir.clone(),
+            model: ModelKind::Lenet,
+            clients: 10,
+            fraction: 1.0,
+            min_clients: 10,
+            rounds: args.rounds,
+            training: LocalTraining {
+                epochs: args.local_epochs,
+                batch_size: 64,
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 1e-5,
+            },
+            partition,
+            strategy,
+            strategy_params: StrategyParams {
+                mu: args.mu,
+                server_lr: args.server_lr,
+                ..StrategyParams::default()
+            },
+            seed,
+            target_accuracy: None,
+            threads: args
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+                .max(1),
+        };
+        println!(
+            "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",
+            args.rounds, args.local_epochs
+        );
+        let started = Instant::now();
+        let outcome = Simulation::prepare(config)?.run(&mut ConsoleProgress::new(args.rounds))?;
+        let wall_s = started.elapsed().as_secs_f64();
+        let accuracies: Vec<String> = outcome
+            .rounds
+            .iter()
+            .map(|r| format!("{:.4}", r.accuracy))
+            .collect();
+        let last = outcome.rounds.last().map_or(0.0, |r| r.accuracy);
+        let best = outcome
+            .rounds
+            .iter()
+            .map(|r| r.accuracy)
+            .fold(0.0, f64::max);
+        let row = format!(
+            "{},\"{}\",{strategy},{partition},{seed},{},{},{},{wall_s:.1},{last:.4},{best:.4},{}\n",
+            chrono::Local::now().format("%Y-%m-%d"),
+            command.replace('"', "'"),
+            args.rounds,
+            args.local_epochs,
+            args.mu,
+            accuracies.join(";")
+        );
+        append(&args.results, &row)?;
+        println!(
+            "seed {seed}: final accuracy {last:.4} (best {best:.4}) in {wall_s:.0} s; appended to {}",
+            args.results.display()
+        );
+    }
+    Ok(())
+}
+
+fn append(path: &PathBuf, row: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let fresh = !path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open results file {}", path.display()))?;
+    if fresh {
+        file.write_all(HEADER.as_bytes())?;
+    }
+    file.write_all(row.as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))
+}
