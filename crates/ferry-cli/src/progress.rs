@@ -97,3 +97,28 @@ mod tests {
         assert_eq!(human_bytes(4_000_000_000), "4.00 GB");
     }
 }
+
+/// Two observers fed the same events, in order.
+pub struct Both<A, B>(pub A, pub B);
+
+impl<A: RoundObserver, B: RoundObserver> RoundObserver for Both<A, B> {
+    fn round_started(&mut self, round: u32, selected: usize) {
+        self.0.round_started(round, selected);
+        self.1.round_started(round, selected);
+    }
+
+    fn node_returned(&mut self, round: u32) {
+        self.0.node_returned(round);
+        self.1.node_returned(round);
+    }
+
+    fn evaluating(&mut self, round: u32) {
+        self.0.evaluating(round);
+        self.1.evaluating(round);
+    }
+
+    fn round_finished(&mut self, record: &RoundRecord) {
+        self.0.round_finished(record);
+        self.1.round_finished(record);
+    }
+}

@@ -5,7 +5,10 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
 use ferry_core::{Model, model::sha256_hex};
-use ferry_engine::{federation::StopReason, record::RoundRecord};
+use ferry_engine::{
+    federation::{RoundObserver, StopReason},
+    record::RoundRecord,
+};
 use ferry_sim::{SimConfig, baselines::Baselines};
 use serde::Serialize;
 
@@ -37,9 +40,9 @@ pub struct History<'a> {
     pub config: &'a SimConfig,
     /// One record per round.
     pub rounds: &'a [RoundRecord],
-    /// The final model's figures.
+    /// The final model's figures; `null` while the run is in progress.
     #[serde(rename = "final")]
-    pub final_record: FinalRecord,
+    pub final_record: Option<FinalRecord>,
     /// Central and local-only baselines, when asked for.
     pub baselines: Option<&'a Baselines>,
 }
@@ -53,20 +56,38 @@ pub fn model_bytes(model: &Model) -> Result<(Vec<u8>, String)> {
     Ok((bytes, sha))
 }
 
-/// Writes every output file into `dir`, creating it if needed.
-pub fn write(dir: &Path, history: &History<'_>, model_safetensors: &[u8]) -> Result<()> {
+/// Creates the output folder, so that a run that cannot write its results fails before it
+/// trains.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create output folder {}", dir.display()))?;
-    let put = |name: &str, bytes: &[u8]| {
-        let path = dir.join(name);
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))
-    };
-    put("model.safetensors", model_safetensors)?;
+        .with_context(|| format!("cannot create output folder {}", dir.display()))
+}
+
+fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    // Write beside the target and rename, so a reader never sees half a file.
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes `history.json` and `history.csv` as they stand; called after every round so that a
+/// long run that is stopped keeps the rounds it finished.
+pub fn write_history(dir: &Path, history: &History<'_>) -> Result<()> {
     put(
+        dir,
         "history.json",
         serde_json::to_string_pretty(history)?.as_bytes(),
     )?;
-    put("history.csv", csv(history.rounds).as_bytes())?;
+    put(dir, "history.csv", csv(history.rounds).as_bytes())
+}
+
+/// Writes every output file into `dir`.
+pub fn write(dir: &Path, history: &History<'_>, model_safetensors: &[u8]) -> Result<()> {
+    prepare_dir(dir)?;
+    put(dir, "model.safetensors", model_safetensors)?;
+    write_history(dir, history)?;
     let title = format!(
         "{} on {} ({}, {} clients, {})",
         history.config.strategy,
@@ -99,4 +120,104 @@ fn csv(rounds: &[RoundRecord]) -> String {
         );
     }
     out
+}
+
+/// Rewrites the history files after every round.
+pub struct HistoryFiles<'a> {
+    dir: &'a Path,
+    config: &'a SimConfig,
+    rounds: Vec<RoundRecord>,
+    warned: bool,
+}
+
+impl<'a> HistoryFiles<'a> {
+    /// Keeps `dir`'s history files up to date for a run of `config`.
+    pub fn new(dir: &'a Path, config: &'a SimConfig) -> Self {
+        Self {
+            dir,
+            config,
+            rounds: Vec::new(),
+            warned: false,
+        }
+    }
+}
+
+impl RoundObserver for HistoryFiles<'_> {
+    fn round_finished(&mut self, record: &RoundRecord) {
+        self.rounds.push(record.clone());
+        let history = History {
+            config: self.config,
+            rounds: &self.rounds,
+            final_record: None,
+            baselines: None,
+        };
+        if let Err(e) = write_history(self.dir, &history) {
+            if !self.warned {
+                eprintln!("warning: {e:#}; the run goes on and will try again after each round");
+                self.warned = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::{strategy::StrategyParams, task::LocalTraining};
+
+    fn config() -> SimConfig {
+        SimConfig {
+            dataset: "fashion-mnist".parse().expect("dataset"),
+            data_dir: None,
+            model: "logreg".parse().expect("model"),
+            clients: 2,
+            fraction: 1.0,
+            min_clients: 1,
+            rounds: 5,
+            training: LocalTraining {
+                epochs: 1,
+                batch_size: 8,
+                lr: 0.1,
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            partition: "iid".parse().expect("partition"),
+            strategy: "fedavg".parse().expect("strategy"),
+            strategy_params: StrategyParams::default(),
+            seed: 0,
+            target_accuracy: None,
+            threads: 1,
+        }
+    }
+
+    fn record(round: u32) -> RoundRecord {
+        RoundRecord {
+            round,
+            accuracy: 0.5,
+            loss: 1.0,
+            participants: 2,
+            failures: 0,
+            bytes_up: 8,
+            bytes_down: 8,
+            wall_s: 0.1,
+            train_loss: 1.2,
+            strategy_state_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn history_is_on_disk_after_every_round_with_final_null() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config();
+        let mut files = HistoryFiles::new(dir.path(), &config);
+        files.round_finished(&record(1));
+        files.round_finished(&record(2));
+        let text = std::fs::read_to_string(dir.path().join("history.json")).expect("json");
+        let json: serde_json::Value = serde_json::from_str(&text).expect("valid");
+        assert_eq!(json["rounds"].as_array().map(Vec::len), Some(2));
+        assert!(json["final"].is_null());
+        let csv = std::fs::read_to_string(dir.path().join("history.csv")).expect("csv");
+        assert_eq!(csv.lines().count(), 3);
+        assert!(!dir.path().join(".history.json.partial").exists());
+    }
 }

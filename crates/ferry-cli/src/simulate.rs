@@ -7,8 +7,8 @@ use ferry_sim::{Simulation, baselines};
 
 use crate::{
     options::SimulateArgs,
-    progress::{ConsoleProgress, human_bytes, progress_bar},
-    report::{self, FinalRecord, History},
+    progress::{Both, ConsoleProgress, human_bytes, progress_bar},
+    report::{self, FinalRecord, History, HistoryFiles},
 };
 
 /// Runs `ferry simulate` with the given options.
@@ -26,6 +26,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         config.strategy,
         config.seed
     );
+    report::prepare_dir(&out)?;
     let sim = Simulation::prepare(config.clone())?;
     let sizes = sim.node_sizes();
     println!(
@@ -36,7 +37,11 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         config.threads
     );
     let started = Instant::now();
-    let outcome = sim.run(&mut ConsoleProgress::new(config.rounds))?;
+    let mut observer = Both(
+        ConsoleProgress::new(config.rounds),
+        HistoryFiles::new(&out, &config),
+    );
+    let outcome = sim.run(&mut observer)?;
     let wall_s = started.elapsed().as_secs_f64();
     let last = outcome.rounds.last().context("the run finished no round")?;
     let (model_bytes, sha) = report::model_bytes(&outcome.model)?;
@@ -68,11 +73,14 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let history = History {
         config: &config,
         rounds: &outcome.rounds,
-        final_record,
+        final_record: Some(final_record),
         baselines: baselines.as_ref(),
     };
     report::write(&out, &history, &model_bytes)?;
-    let f = &history.final_record;
+    let f = history
+        .final_record
+        .as_ref()
+        .context("the final record was just written")?;
     let best = outcome
         .rounds
         .iter()

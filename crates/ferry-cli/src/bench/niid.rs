@@ -15,7 +15,10 @@ use ferry_core::{
 use ferry_ml::{data::DatasetKind, models::ModelKind};
 use ferry_sim::{SimConfig, Simulation};
 
-use crate::progress::ConsoleProgress;
+use crate::{
+    progress::{Both, ConsoleProgress},
+    report::{self, HistoryFiles},
+};
 
 /// Options of `ferry bench niid`.
 #[derive(Args)]
@@ -44,6 +47,9 @@ pub struct NiidArgs {
     /// CSV file the results are appended to.
     #[arg(long, default_value = "docs/benchmarks/niid-results.csv")]
     results: PathBuf,
+    /// Folder under which each run keeps its per-round history (`<strategy>-<partition>-s<seed>`).
+    #[arg(long, default_value = "runs/niid")]
+    out: PathBuf,
     /// Folder with the Fashion-MNIST files (searched first).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -98,7 +104,17 @@ pub fn run(args: NiidArgs) -> Result<()> {
             args.rounds, args.local_epochs
         );
         let started = Instant::now();
-        let outcome = Simulation::prepare(config)?.run(&mut ConsoleProgress::new(args.rounds))?;
+        let run_dir = args.out.join(format!(
+            "{strategy}-{}-s{seed}",
+            partition.to_string().replace(':', "")
+        ));
+        report::prepare_dir(&run_dir)?;
+        let sim = Simulation::prepare(config.clone())?;
+        let mut observer = Both(
+            ConsoleProgress::new(args.rounds),
+            HistoryFiles::new(&run_dir, &config),
+        );
+        let outcome = sim.run(&mut observer)?;
         let wall_s = started.elapsed().as_secs_f64();
         let accuracies: Vec<String> = outcome
             .rounds
