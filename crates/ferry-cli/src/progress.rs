@@ -86,18 +86,6 @@ impl RoundObserver for ConsoleProgress {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::human_bytes;
-
-    #[test]
-    fn bytes_are_shown_in_the_largest_fitting_unit() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1_777_040), "1.8 MB");
-        assert_eq!(human_bytes(4_000_000_000), "4.00 GB");
-    }
-}
-
 /// Two observers fed the same events, in order.
 pub struct Both<A, B>(pub A, pub B);
 
@@ -120,5 +108,17 @@ impl<A: RoundObserver, B: RoundObserver> RoundObserver for Both<A, B> {
     fn round_finished(&mut self, record: &RoundRecord) {
         self.0.round_finished(record);
         self.1.round_finished(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::human_bytes;
+
+    #[test]
+    fn bytes_are_shown_in_the_largest_fitting_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1_777_040), "1.8 MB");
+        assert_eq!(human_bytes(4_000_000_000), "4.00 GB");
     }
 }

@@ -151,11 +151,11 @@ impl RoundObserver for HistoryFiles<'_> {
             final_record: None,
             baselines: None,
         };
-        if let Err(e) = write_history(self.dir, &history) {
-            if !self.warned {
-                eprintln!("warning: {e:#}; the run goes on and will try again after each round");
-                self.warned = true;
-            }
+        if let Err(e) = write_history(self.dir, &history)
+            && !self.warned
+        {
+            eprintln!("warning: {e:#}; the run goes on and will try again after each round");
+            self.warned = true;
         }
     }
 }
