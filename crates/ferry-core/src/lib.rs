@@ -10,6 +10,8 @@
 //!   optimizer.
 //! - [`task`]: the local-training settings a node receives with the global model.
 
+#![warn(missing_docs)]
+
 pub mod aggregate;
 pub mod algebra;
 pub mod error;

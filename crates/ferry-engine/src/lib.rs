@@ -5,6 +5,8 @@
 //! a fixed order, applies the server optimizer, evaluates the new global model and records the
 //! round. In-process virtual nodes (ferry-sim) and network nodes implement the same trait.
 
+#![warn(missing_docs)]
+
 pub mod dispatch;
 pub mod error;
 pub mod federation;

@@ -5,6 +5,8 @@
 //! - [`data`]: datasets (Fashion-MNIST, the MNIST subset), and the NIID-Bench partitioners.
 //! - [`train`]: local training (SGD with momentum and weight decay) and evaluation.
 
+#![warn(missing_docs)]
+
 pub mod data;
 pub mod error;
 pub mod models;

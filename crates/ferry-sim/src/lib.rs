@@ -6,6 +6,8 @@
 //! training in parallel, one thread each. [`baselines`] answers "is federated learning worth it
 //! here?" by training centrally and on each node alone.
 
+#![warn(missing_docs)]
+
 pub mod baselines;
 pub mod config;
 pub mod error;
