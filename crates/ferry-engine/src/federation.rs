@@ -156,6 +156,9 @@ impl Federation {
             seed: round_seed,
             server_control: self.strategy.optimizer.broadcast(),
         };
+        // Every selected node receives the model and whatever the strategy broadcasts.
+        let downloaded_values =
+            self.global.num_params() + task.server_control.as_ref().map_or(0, |c| c.len());
         let mut aggregator = self.strategy.aggregation.start(self.global.num_params());
         let (mut bytes_up, mut train_loss_sum, mut failures) = (0u64, 0.0f64, Vec::new());
         dispatch::run_ordered(
@@ -206,8 +209,7 @@ impl Federation {
             participants,
             failures: failures.len(),
             bytes_up,
-            bytes_down: (selected.len() * self.global.num_params() * std::mem::size_of::<f32>())
-                as u64,
+            bytes_down: (selected.len() * downloaded_values * std::mem::size_of::<f32>()) as u64,
             wall_s: started.elapsed().as_secs_f64(),
             train_loss: train_loss_sum / participants as f64,
             strategy_state_bytes: self.strategy.optimizer.state_bytes(),
