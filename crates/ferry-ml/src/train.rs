@@ -300,6 +300,15 @@ mod tests {
         Dataset { images, labels }
     }
 
+    /// All of `indices` of `data`, without pixel noise.
+    fn clean<'a>(data: &'a Dataset, indices: &'a [usize]) -> LocalData<'a> {
+        LocalData {
+            dataset: data,
+            indices,
+            noise_std: 0.0,
+        }
+    }
+
     fn cfg(epochs: u32) -> LocalTraining {
         LocalTraining {
             epochs,
@@ -323,11 +332,7 @@ mod tests {
         let data = toy(128);
         let indices: Vec<usize> = (0..128).collect();
         let start = init_model(ModelKind::Logreg, 1).expect("init");
-        let local = LocalData {
-            dataset: &data,
-            indices: &indices,
-            noise_std: 0.0,
-        };
+        let local = clean(&data, &indices);
         let before = evaluate(ModelKind::Logreg, &start, &data, &[], 0).expect("eval");
         let out = train_local(
             ModelKind::Logreg,
@@ -385,11 +390,7 @@ mod tests {
             momentum: 0.0,
             weight_decay: 0.0,
         };
-        let local = LocalData {
-            dataset: &data,
-            indices: &[0, 1],
-            noise_std: 0.0,
-        };
+        let local = clean(&data, &[0, 1]);
         let out = train_local(
             ModelKind::Logreg,
             &zero,
@@ -430,11 +431,7 @@ mod tests {
                 momentum,
                 weight_decay,
             };
-            let local = LocalData {
-                dataset: &data,
-                indices: &[0],
-                noise_std: 0.0,
-            };
+            let local = clean(&data, &[0]);
             train_local(
                 ModelKind::Logreg,
                 &zero,
@@ -464,11 +461,7 @@ mod tests {
         let data = toy(64);
         let indices: Vec<usize> = (0..64).collect();
         let start = init_model(ModelKind::Mlp, 2).expect("init");
-        let local = LocalData {
-            dataset: &data,
-            indices: &indices,
-            noise_std: 0.0,
-        };
+        let local = clean(&data, &indices);
         let run = |procedure| {
             train_local(ModelKind::Mlp, &start, local, &cfg(2), procedure, 1)
                 .expect("train")
@@ -506,11 +499,7 @@ mod tests {
             momentum: 0.0,
             weight_decay: 0.0,
         };
-        let local = LocalData {
-            dataset: &data,
-            indices: &[0],
-            noise_std: 0.0,
-        };
+        let local = clean(&data, &[0]);
         let zeros = vec![0.0f32; start.num_params()];
         let halves = vec![0.5f32; start.num_params()];
         let plain = train_local(
@@ -602,11 +591,7 @@ mod tests {
     fn empty_node_data_is_an_error() {
         let data = toy(4);
         let start = init_model(ModelKind::Logreg, 0).expect("init");
-        let local = LocalData {
-            dataset: &data,
-            indices: &[],
-            noise_std: 0.0,
-        };
+        let local = clean(&data, &[]);
         assert!(
             train_local(
                 ModelKind::Logreg,
