@@ -333,41 +333,26 @@ mod tests {
         let indices: Vec<usize> = (0..128).collect();
         let start = init_model(ModelKind::Logreg, 1).expect("init");
         let local = clean(&data, &indices);
+        let train = |seed| {
+            train_local(
+                ModelKind::Logreg,
+                &start,
+                local,
+                &cfg(3),
+                LocalProcedure::Plain,
+                seed,
+            )
+            .expect("train")
+        };
         let before = evaluate(ModelKind::Logreg, &start, &data, &[], 0).expect("eval");
-        let out = train_local(
-            ModelKind::Logreg,
-            &start,
-            local,
-            &cfg(3),
-            LocalProcedure::Plain,
-            9,
-        )
-        .expect("train");
+        let out = train(9);
         let after = evaluate(ModelKind::Logreg, &out.model, &data, &[], 0).expect("eval");
         assert_eq!(out.num_examples, 128);
         assert_eq!(out.steps, 3 * 8);
         assert!(after.accuracy > 0.95, "accuracy {}", after.accuracy);
         assert!(after.loss < before.loss);
-        let again = train_local(
-            ModelKind::Logreg,
-            &start,
-            local,
-            &cfg(3),
-            LocalProcedure::Plain,
-            9,
-        )
-        .expect("train");
-        assert_eq!(again.model, out.model);
-        let other_seed = train_local(
-            ModelKind::Logreg,
-            &start,
-            local,
-            &cfg(3),
-            LocalProcedure::Plain,
-            10,
-        )
-        .expect("train");
-        assert_ne!(other_seed.model, out.model);
+        assert_eq!(train(9).model, out.model);
+        assert_ne!(train(10).model, out.model);
     }
 
     /// Logistic regression with every parameter zero: a uniform softmax.
