@@ -1,11 +1,16 @@
 //! `ferry`: the one command of the Ferry federated learning platform.
 
 mod bench;
+mod certs;
 mod chart;
+mod client;
+mod demo;
 mod options;
 mod progress;
 mod report;
+mod server;
 mod simulate;
+mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +26,17 @@ struct Cli {
 enum Command {
     /// Simulate a federation of virtual nodes on this machine.
     Simulate(Box<options::SimulateArgs>),
+    /// Run a whole deployment on this machine: TLS server, client processes, fresh credentials.
+    Demo(demo::DemoArgs),
+    /// Coordinate a deployed federation: nodes on other machines dial in over gRPC + TLS.
+    Server(server::ServerArgs),
+    /// Run a node: train on local data for a server, send back only model updates.
+    Client(Box<client::ClientArgs>),
+    /// Create or revoke node enrolment tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Generate a CA, a server certificate and client certificates.
+    Certs(certs::CertsArgs),
     /// Measure training and aggregation speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -28,8 +44,22 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Logs (refusals, enrolments) go to stderr; FERRY_LOG=debug|info|warn|off adjusts them.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(*args),
+        Command::Demo(args) => demo::run(args),
+        Command::Server(args) => server::run(args),
+        Command::Client(args) => client::run(*args),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Certs(args) => certs::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {

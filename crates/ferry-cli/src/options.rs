@@ -10,7 +10,8 @@ use ferry_sim::SimConfig;
 use serde::Deserialize;
 
 /// Options of `ferry simulate`. Every one may also be set in the `--config` file under the
-/// same name (for example `local-epochs = 2`); flags override the file.
+/// same name (for example `local-epochs = 2`, or `local_epochs = 2`); flags override the file.
+/// The `[run]` section of a server configuration uses the same keys.
 #[derive(Args, Debug, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SimulateArgs {
@@ -23,6 +24,7 @@ pub struct SimulateArgs {
     pub dataset: Option<String>,
     /// Folder holding the dataset files (searched before $FERRY_DATA and /usr/share/datasets).
     #[arg(long, value_name = "DIR")]
+    #[serde(alias = "data_dir")]
     pub data_dir: Option<PathBuf>,
     /// Model: lenet, cnn, mlp or logreg [default: lenet].
     #[arg(long)]
@@ -35,15 +37,18 @@ pub struct SimulateArgs {
     pub fraction: Option<f64>,
     /// Fewest nodes selected per round [default: 1].
     #[arg(long)]
+    #[serde(alias = "min_clients")]
     pub min_clients: Option<usize>,
     /// Rounds to run [default: 10].
     #[arg(long)]
     pub rounds: Option<u32>,
     /// Local epochs per round [default: 1].
     #[arg(long)]
+    #[serde(alias = "local_epochs")]
     pub local_epochs: Option<u32>,
     /// Local batch size [default: 64].
     #[arg(long)]
+    #[serde(alias = "batch_size")]
     pub batch_size: Option<usize>,
     /// Local SGD learning rate [default: 0.01].
     #[arg(long)]
@@ -53,6 +58,7 @@ pub struct SimulateArgs {
     pub momentum: Option<f64>,
     /// Local L2 weight decay [default: 1e-5].
     #[arg(long)]
+    #[serde(alias = "weight_decay")]
     pub weight_decay: Option<f64>,
     /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S [default: iid].
     #[arg(long)]
@@ -63,12 +69,14 @@ pub struct SimulateArgs {
     pub strategy: Option<String>,
     /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
     #[arg(long)]
+    #[serde(alias = "server_lr")]
     pub server_lr: Option<f64>,
     /// FedProx proximal weight mu [default: 0.01].
     #[arg(long)]
     pub mu: Option<f64>,
     /// FedAvgM server momentum [default: 0.9].
     #[arg(long)]
+    #[serde(alias = "server_momentum")]
     pub server_momentum: Option<f64>,
     /// FedAdam/FedYogi/FedAdagrad first-moment decay [default: 0.9].
     #[arg(long)]
@@ -84,6 +92,7 @@ pub struct SimulateArgs {
     pub seed: Option<u64>,
     /// Stop once test accuracy reaches this fraction, in (0, 1].
     #[arg(long)]
+    #[serde(alias = "target_accuracy")]
     pub target_accuracy: Option<f64>,
     /// Output folder [default: runs/<timestamp>].
     #[arg(long, value_name = "DIR")]
@@ -257,13 +266,18 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
     if ok { Ok(()) } else { bail!(message()) }
 }
 
-fn read_config_file(path: &Path) -> Result<SimulateArgs> {
+/// Reads a TOML file into `T`, with errors that name the file and the offending key.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).map_err(|e| {
         let reason = e.message().to_string();
         anyhow::anyhow!("config file {} is not valid: {reason}", path.display())
     })
+}
+
+fn read_config_file(path: &Path) -> Result<SimulateArgs> {
+    read_toml(path)
 }
 
 #[cfg(test)]

@@ -15,6 +15,14 @@ impl ConsoleProgress {
     pub fn new(rounds: u32) -> Self {
         Self { rounds, bar: None }
     }
+
+    /// Prints a line about the run (a refusal, a resumed round) without breaking the bar.
+    pub fn notice(&self, message: &str) {
+        match &self.bar {
+            Some(bar) if !bar.is_finished() => bar.println(message),
+            _ => println!("{message}"),
+        }
+    }
 }
 
 /// A progress bar on stderr with the given indicatif template (hidden when stderr is not a

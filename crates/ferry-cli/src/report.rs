@@ -33,11 +33,11 @@ pub struct FinalRecord {
     pub bytes_down: u64,
 }
 
-/// Everything `history.json` holds.
+/// Everything `history.json` holds, for a run configured by `C` (a simulation or a deployment).
 #[derive(Debug, Serialize)]
-pub struct History<'a> {
+pub struct History<'a, C: Serialize = SimConfig> {
     /// The resolved configuration.
-    pub config: &'a SimConfig,
+    pub config: &'a C,
     /// One record per round.
     pub rounds: &'a [RoundRecord],
     /// The final model's figures; `null` while the run is in progress.
@@ -74,7 +74,7 @@ fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 
 /// Writes `history.json` and `history.csv` as they stand; called after every round so that a
 /// long run that is stopped keeps the rounds it finished.
-pub fn write_history(dir: &Path, history: &History<'_>) -> Result<()> {
+pub fn write_history<C: Serialize>(dir: &Path, history: &History<'_, C>) -> Result<()> {
     put(
         dir,
         "history.json",
@@ -83,20 +83,17 @@ pub fn write_history(dir: &Path, history: &History<'_>) -> Result<()> {
     put(dir, "history.csv", csv(history.rounds).as_bytes())
 }
 
-/// Writes every output file into `dir`.
-pub fn write(dir: &Path, history: &History<'_>, model_safetensors: &[u8]) -> Result<()> {
+/// Writes every output file into `dir`, with `title` over the chart.
+pub fn write<C: Serialize>(
+    dir: &Path,
+    history: &History<'_, C>,
+    model_safetensors: &[u8],
+    title: &str,
+) -> Result<()> {
     prepare_dir(dir)?;
     put(dir, "model.safetensors", model_safetensors)?;
     write_history(dir, history)?;
-    let title = format!(
-        "{} on {} ({}, {} clients, {})",
-        history.config.strategy,
-        history.config.dataset,
-        history.config.model,
-        history.config.clients,
-        history.config.partition
-    );
-    crate::chart::draw(&dir.join("accuracy.svg"), history.rounds, &title)
+    crate::chart::draw(&dir.join("accuracy.svg"), history.rounds, title)
 }
 
 fn csv(rounds: &[RoundRecord]) -> String {

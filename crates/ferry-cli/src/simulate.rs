@@ -76,7 +76,11 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         final_record: Some(final_record),
         baselines: baselines.as_ref(),
     };
-    report::write(&out, &history, &model_bytes)?;
+    let title = format!(
+        "{} on {} ({}, {} clients, {})",
+        config.strategy, config.dataset, config.model, config.clients, config.partition
+    );
+    report::write(&out, &history, &model_bytes, &title)?;
     let f = history
         .final_record
         .as_ref()

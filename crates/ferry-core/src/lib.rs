@@ -5,10 +5,12 @@
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`update`]: what a node sends back after local training.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
+//! - [`seed`]: independent random streams from one run seed.
 //! - [`server_opt`]: the server-optimizer step that turns an aggregate into the next model.
 //! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
 //!   optimizer.
 //! - [`task`]: the local-training settings a node receives with the global model.
+//! - [`wire`]: updates and server state as safetensors files, for transport and persistence.
 
 #![warn(missing_docs)]
 
@@ -16,10 +18,12 @@ pub mod aggregate;
 pub mod algebra;
 pub mod error;
 pub mod model;
+pub mod seed;
 pub mod server_opt;
 pub mod strategy;
 pub mod task;
 pub mod update;
+pub mod wire;
 
 pub use error::CoreError;
 pub use model::{Model, ModelLayout, TensorSpec};

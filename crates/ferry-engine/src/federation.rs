@@ -1,14 +1,14 @@
 //! The round loop.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use ferry_core::{Model, strategy::Strategy, task::LocalTraining};
 
 use crate::{
     EngineError, dispatch,
-    node::{Evaluator, NodeHandle, RoundTask},
+    node::{Evaluator, NodeHandle},
     record::RoundRecord,
-    selection,
+    round::{self, CohortRule, OpenRound},
 };
 
 /// How a run proceeds.
@@ -135,84 +135,32 @@ impl Federation {
         round: u32,
         observer: &mut dyn RoundObserver,
     ) -> Result<RoundRecord, EngineError> {
-        let started = Instant::now();
-        let round_seed = selection::mix_seed(self.settings.seed, u64::from(round));
-        let count = selection::cohort_size(
-            self.nodes.len(),
-            self.settings.fraction,
-            self.settings.min_clients,
-        );
-        let selected: Vec<Arc<dyn NodeHandle>> =
-            selection::sample(self.nodes.len(), count, round_seed)
-                .into_iter()
-                .map(|i| self.nodes[i].clone())
-                .collect();
-        observer.round_started(round, selected.len());
-        let task = RoundTask {
-            round,
-            model: Arc::new(self.global.clone()),
+        let rule = CohortRule {
+            fraction: self.settings.fraction,
+            min_clients: self.settings.min_clients,
+            seed: self.settings.seed,
             training: self.settings.training.clone(),
-            procedure: self.strategy.client,
-            seed: round_seed,
-            server_control: self.strategy.optimizer.broadcast(),
         };
-        // Every selected node receives the model and whatever the strategy broadcasts.
-        let downloaded_values =
-            self.global.num_params() + task.server_control.as_ref().map_or(0, |c| c.len());
-        let mut aggregator = self.strategy.aggregation.start(self.global.num_params());
-        let (mut bytes_up, mut train_loss_sum, mut failures) = (0u64, 0.0f64, Vec::new());
+        let plan = round::plan(round, &rule, &self.strategy, &self.global, self.nodes.len());
+        observer.round_started(round, plan.selected.len());
+        let mut open = OpenRound::new(&plan, &self.strategy);
         dispatch::run_ordered(
-            selected.len(),
+            plan.selected.len(),
             self.settings.parallelism,
-            |i| selected[i].train(&task),
+            |i| self.nodes[plan.selected[i]].train(&plan.task),
             |_| observer.node_returned(round),
             |_, result| match result {
-                Ok(update) => {
-                    bytes_up += update.payload_bytes();
-                    match aggregator.accept(&update) {
-                        Ok(()) => {
-                            train_loss_sum +=
-                                update.metrics.get("train_loss").copied().unwrap_or(0.0)
-                        }
-                        Err(e) => failures.push(e.to_string()),
-                    }
-                }
-                Err(e) => failures.push(e.to_string()),
+                // A refused update is counted in the round's failures; the round goes on.
+                Ok(update) => open.accept(&update).unwrap_or(()),
+                Err(e) => open.fail(e.to_string()),
             },
         );
-        let participants = aggregator.accepted();
-        if participants == 0 {
-            return Err(EngineError::EmptyRound {
-                round,
-                selected: selected.len(),
-                reasons: failures
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        }
-        let aggregate = aggregator.finish()?;
-        self.strategy
-            .optimizer
-            .apply(self.global.values_mut(), &aggregate)?;
+        let applied = open.apply(&mut self.strategy, &mut self.global)?;
         observer.evaluating(round);
-        let (loss, accuracy) = self
+        let evaluation = self
             .evaluator
             .evaluate(&self.global)
             .map_err(EngineError::Evaluation)?;
-        Ok(RoundRecord {
-            round,
-            accuracy,
-            loss,
-            participants,
-            failures: failures.len(),
-            bytes_up,
-            bytes_down: (selected.len() * downloaded_values * std::mem::size_of::<f32>()) as u64,
-            wall_s: started.elapsed().as_secs_f64(),
-            train_loss: train_loss_sum / participants as f64,
-            strategy_state_bytes: self.strategy.optimizer.state_bytes(),
-        })
+        Ok(applied.record(evaluation))
     }
 }

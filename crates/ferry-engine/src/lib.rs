@@ -3,7 +3,8 @@
 //! A [`federation::Federation`] selects nodes, hands each a [`node::RoundTask`] through the
 //! [`node::NodeHandle`] trait, folds their updates into the strategy's streaming aggregator in
 //! a fixed order, applies the server optimizer, evaluates the new global model and records the
-//! round. In-process virtual nodes (ferry-sim) and network nodes implement the same trait.
+//! round. In-process virtual nodes (ferry-sim) implement that trait; the deployed server
+//! (ferry-server) drives the same [`round`] bookkeeping from network events.
 
 #![warn(missing_docs)]
 
@@ -12,6 +13,7 @@ pub mod error;
 pub mod federation;
 pub mod node;
 pub mod record;
+pub mod round;
 pub mod selection;
 
 pub use error::EngineError;

@@ -18,15 +18,6 @@ pub fn sample(available: usize, count: usize, seed: u64) -> Vec<usize> {
     picked
 }
 
-/// A seed for `(seed, stream)`, so rounds and nodes draw independent randomness.
-pub fn mix_seed(seed: u64, stream: u64) -> u64 {
-    // SplitMix64 finaliser over the combined value.
-    let mut z = seed ^ stream.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,12 +40,5 @@ mod tests {
         assert_eq!(a, sample(100, 10, 5));
         assert_ne!(a, sample(100, 10, 6));
         assert_eq!(sample(3, 10, 0), [0, 1, 2]);
-    }
-
-    #[test]
-    fn mixed_seeds_differ_per_stream() {
-        assert_ne!(mix_seed(0, 1), mix_seed(0, 2));
-        assert_ne!(mix_seed(1, 1), mix_seed(0, 1));
-        assert_eq!(mix_seed(7, 3), mix_seed(7, 3));
     }
 }

@@ -4,9 +4,12 @@
 //!   and from ferry-core [`ferry_core::Model`]s.
 //! - [`data`]: datasets (Fashion-MNIST, the MNIST subset), and the NIID-Bench partitioners.
 //! - [`train`]: local training (SGD with momentum and weight decay) and evaluation.
+//! - [`client`]: the client half of a strategy around the trainer, shared by simulated and
+//!   deployed nodes.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod data;
 pub mod error;
 pub mod models;

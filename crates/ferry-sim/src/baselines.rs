@@ -7,7 +7,8 @@
 //! Both train for as many epochs as a node sees over the federated run, from the same initial
 //! model, and are scored on the same test set.
 
-use ferry_engine::{dispatch, selection::mix_seed};
+use ferry_core::seed::mix_seed;
+use ferry_engine::dispatch;
 use ferry_ml::train::{Evaluation, LocalData, LocalProcedure, train_local};
 
 use crate::{SimError, Simulation};

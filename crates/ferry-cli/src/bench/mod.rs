@@ -2,6 +2,7 @@
 
 mod aggregate;
 mod niid;
+mod round;
 mod train;
 
 use anyhow::Result;
@@ -16,15 +17,26 @@ pub enum BenchCommand {
     Aggregate(aggregate::AggregateArgs),
     /// The NIID-Bench Fashion-MNIST protocol for one strategy and partition.
     Niid(niid::NiidArgs),
+    /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
+    /// memory.
+    Round(round::RoundArgs),
+    /// The server half of `bench round` (started by it).
+    #[command(hide = true)]
+    RoundServer(round::RoundServerArgs),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
+    if let BenchCommand::RoundServer(args) = cmd {
+        return round::run_server(args);
+    }
     println!("machine: {}", machine());
     match cmd {
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::Aggregate(args) => aggregate::run(args),
         BenchCommand::Niid(args) => niid::run(args),
+        BenchCommand::Round(args) => round::run(args),
+        BenchCommand::RoundServer(args) => round::run_server(args),
     }
 }
 

@@ -1,0 +1,321 @@
+//! `ferry bench round`: one deployed round over loopback gRPC + TLS with N clients that upload
+//! synthetic updates (no training). The server runs in its own process, so its peak memory is
+//! measured apart from the clients'.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ferry_client::{
+    agent::{self, AgentSettings, TrainTask, Trainer},
+    connection::ServerAddress,
+};
+use ferry_core::{
+    Model, ModelLayout, TensorSpec, Update,
+    strategy::{Strategy, StrategyName, StrategyParams},
+    task::LocalTraining,
+};
+use ferry_engine::{node::Evaluator, round::CohortRule};
+use ferry_server::{
+    Listener, TlsPem, auth,
+    blobs::Blobs,
+    coordinator::{Coordinator, Event, RunSpec},
+    store::Store,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::peak_rss_bytes;
+
+/// Options of `ferry bench round`.
+#[derive(Args, Debug)]
+pub struct RoundArgs {
+    /// Clients taking part.
+    #[arg(long, default_value_t = 20)]
+    pub clients: usize,
+    /// Model parameters (one f32 tensor).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub params: usize,
+    /// Transfer chunk size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub chunk_bytes: usize,
+}
+
+/// The server half, run by `ferry bench round` in a child process.
+#[derive(Args, Debug)]
+pub struct RoundServerArgs {
+    /// Working folder prepared by the parent (certificates, store).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Loopback port to listen on.
+    #[arg(long)]
+    pub port: u16,
+    /// Clients expected.
+    #[arg(long)]
+    pub clients: usize,
+    /// Model parameters.
+    #[arg(long)]
+    pub params: usize,
+    /// Transfer chunk size.
+    #[arg(long)]
+    pub chunk_bytes: usize,
+}
+
+/// What the server process reports on its last stdout line.
+#[derive(Debug, Serialize, Deserialize)]
+struct ServerReport {
+    round_wall_s: f64,
+    bytes_up: u64,
+    bytes_down: u64,
+    peak_rss_bytes: Option<u64>,
+}
+
+/// The round's figures are the transport's; nothing is evaluated.
+struct NotEvaluated;
+
+impl Evaluator for NotEvaluated {
+    fn evaluate(&self, _model: &Model) -> Result<(f64, f64), String> {
+        Ok((0.0, 0.0))
+    }
+}
+
+/// Returns a random update of the model's size instead of training.
+struct SyntheticTrainer(u64);
+
+impl Trainer for SyntheticTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.0);
+        let delta = (0..task.model.num_params())
+            .map(|_| rng.random_range(-0.01f32..0.01))
+            .collect();
+        Ok(Update::new(delta, 1))
+    }
+}
+
+fn synthetic_model(params: usize) -> Result<Model> {
+    let layout = ModelLayout::new(vec![TensorSpec {
+        name: "weights".into(),
+        shape: vec![params],
+    }])?;
+    Ok(Model::new(Arc::new(layout), vec![0.0; params])?)
+}
+
+fn store_url(dir: &Path) -> String {
+    format!("sqlite:{}", dir.join("ferry.db").display())
+}
+
+/// Runs the server half and prints its report.
+pub fn run_server(args: RoundServerArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let store = Store::open(&store_url(&args.dir)).await?;
+        let blobs = Blobs::local(&args.dir.join("blobs"))?;
+        let spec = RunSpec {
+            config_hash: "bench-round".into(),
+            rounds: 1,
+            cohort: CohortRule {
+                fraction: 1.0,
+                min_clients: args.clients,
+                seed: 0,
+                training: LocalTraining {
+                    epochs: 1,
+                    batch_size: 1,
+                    lr: 0.01,
+                    momentum: 0.0,
+                    weight_decay: 0.0,
+                },
+            },
+            min_results: args.clients,
+            round_timeout: Duration::from_secs(600),
+            target_accuracy: None,
+            heartbeat_interval: Duration::from_secs(5),
+            offline_after: Duration::from_secs(60),
+            max_chunk_bytes: args.chunk_bytes,
+        };
+        let strategy = Strategy::new(
+            StrategyName::FedAvg,
+            &StrategyParams::default(),
+            args.clients,
+        );
+        let (coordinator, mut events) = Coordinator::start(
+            spec,
+            strategy,
+            synthetic_model(args.params)?,
+            Arc::new(NotEvaluated),
+            store.clone(),
+            blobs,
+        )
+        .await?;
+        let tls = TlsPem {
+            cert: std::fs::read(args.dir.join("certs/server.pem"))?,
+            key: std::fs::read(args.dir.join("certs/server.key"))?,
+            client_ca: None,
+        };
+        let listener = Listener {
+            addr: ([127, 0, 0, 1], args.port).into(),
+            tls: Some(tls),
+        };
+        let driver = tokio::spawn(coordinator.clone().drive());
+        let shutdown = {
+            let coordinator = coordinator.clone();
+            async move {
+                let mut changed = coordinator.subscribe();
+                while coordinator.finished().await.is_none() {
+                    if changed.changed().await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        };
+        println!("ready");
+        ferry_server::serve(listener, coordinator, store, shutdown).await?;
+        driver.await??;
+        let mut report = None;
+        while let Ok(event) = events.try_recv() {
+            if let Event::RoundFinished(record) = event {
+                report = Some(ServerReport {
+                    round_wall_s: record.wall_s,
+                    bytes_up: record.bytes_up,
+                    bytes_down: record.bytes_down,
+                    peak_rss_bytes: peak_rss_bytes(),
+                });
+            }
+        }
+        let report = report.context("the round did not finish")?;
+        println!("{}", serde_json::to_string(&report)?);
+        anyhow::Ok(())
+    })
+}
+
+/// Runs the benchmark.
+pub fn run(args: RoundArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.clients >= 1 && args.params >= 1,
+        "--clients and --params must be at least 1"
+    );
+    anyhow::ensure!(
+        args.chunk_bytes >= 1024,
+        "--chunk-bytes must be at least 1024"
+    );
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    crate::certs::generate(&dir.join("certs"), &["localhost".into()], &[])?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let tokens = runtime.block_on(async {
+        let store = Store::open(&store_url(dir)).await?;
+        let mut tokens = Vec::new();
+        for i in 0..args.clients {
+            let token = format!("ferry-{}", auth::new_secret());
+            store
+                .add_token(&format!("bench-{i}"), &auth::hash_secret(&token))
+                .await?;
+            tokens.push(token);
+        }
+        anyhow::Ok(tokens)
+    })?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = Command::new(std::env::current_exe()?)
+        .args(["bench", "round-server", "--dir"])
+        .arg(dir)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--clients",
+            &args.clients.to_string(),
+        ])
+        .args([
+            "--params",
+            &args.params.to_string(),
+            "--chunk-bytes",
+            &args.chunk_bytes.to_string(),
+        ])
+        .env("FERRY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start the server process")?;
+    let mut lines = BufReader::new(server.stdout.take().context("server stdout")?).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    if !first.contains("ready") {
+        bail!("the server process did not start: {first}");
+    }
+    let ca = std::fs::read(dir.join("certs/ca.pem"))?;
+    let model_mb = args.params as f64 * 4.0 / 1e6;
+    println!(
+        "one FedAvg round, {} clients x {} parameters ({model_mb:.1} MB), gRPC + TLS on loopback, {} kB chunks",
+        args.clients,
+        args.params,
+        args.chunk_bytes / 1024
+    );
+    let began = Instant::now();
+    runtime.block_on(async {
+        let mut agents = Vec::new();
+        for (i, token) in tokens.into_iter().enumerate() {
+            let settings = AgentSettings {
+                server: ServerAddress {
+                    url: format!("https://localhost:{port}"),
+                    ca_pem: Some(ca.clone()),
+                    identity: None,
+                },
+                token: Some(token),
+                state_dir: dir.join(format!("node-{i}")),
+                seed_stream: i as u64,
+                max_backoff: Duration::from_secs(1),
+                give_up_after: Duration::from_secs(60),
+            };
+            agents.push(tokio::spawn(agent::run(
+                settings,
+                Arc::new(SyntheticTrainer(i as u64)),
+                |_| {},
+            )));
+        }
+        for agent in agents {
+            agent.await??;
+        }
+        anyhow::Ok(())
+    })?;
+    let total_s = began.elapsed().as_secs_f64();
+    let report: ServerReport = lines
+        .map_while(Result::ok)
+        .find_map(|line| serde_json::from_str(&line).ok())
+        .context("the server process reported nothing")?;
+    let status = server.wait()?;
+    anyhow::ensure!(status.success(), "the server process failed: {status}");
+    let moved = report.bytes_up + report.bytes_down;
+    println!(
+        "round wall time     {:.2} s (server: round open to committed)",
+        report.round_wall_s
+    );
+    println!(
+        "clients wall time   {total_s:.2} s (enrol, pull, download, upload, until told the run is over)"
+    );
+    println!(
+        "bytes moved         {:.1} MB up + {:.1} MB down = {:.2} GB/s over the round",
+        report.bytes_up as f64 / 1e6,
+        report.bytes_down as f64 / 1e6,
+        moved as f64 / report.round_wall_s / 1e9
+    );
+    match report.peak_rss_bytes {
+        Some(p) => println!(
+            "server peak RSS     {:.1} MB = {:.1} model sizes (one per client would be {:.1} MB)",
+            p as f64 / 1e6,
+            p as f64 / (model_mb * 1e6),
+            args.clients as f64 * model_mb
+        ),
+        None => println!("server peak RSS     unknown (no /proc/self/status)"),
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! `ferry client`: a node. It holds its data (a share of a public dataset for demos and tests,
+//! or the site's own files), dials the server, and trains with the built-in burn models.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ferry_client::{
+    agent::{self, AgentEvent, AgentSettings, TrainTask, Trainer},
+    connection::ServerAddress,
+    exec::ExecTrainer,
+};
+use ferry_core::{Update, wire};
+use ferry_ml::{
+    client::{ClientTask, train_update},
+    data::{Dataset, DatasetKind, partition::Partitioner},
+    models::ModelKind,
+    params,
+    train::LocalData,
+};
+
+/// Options of `ferry client`.
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The server, https://HOST:PORT (http://127.0.0.1:PORT for an --insecure server).
+    #[arg(long)]
+    pub server: String,
+    /// CA certificate that signed the server's certificate.
+    #[arg(long, value_name = "CA.pem")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate, for servers that require mutual TLS.
+    #[arg(long, value_name = "CERT.pem", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// This node's private key, for mutual TLS.
+    #[arg(long, value_name = "KEY.pem", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// One-time enrolment token from `ferry token create` (only needed the first time).
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Folder where the node keeps its credential and strategy state.
+    #[arg(long, value_name = "DIR", default_value = "ferry-node")]
+    pub state_dir: PathBuf,
+    /// Dataset: fashion-mnist or mnist-subset.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub dataset: String,
+    /// Folder holding the site's dataset files (searched before $FERRY_DATA and
+    /// /usr/share/datasets).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Model the server trains: lenet, cnn, mlp or logreg.
+    #[arg(long, default_value = "lenet")]
+    pub model: String,
+    /// Take one share of the dataset, split like `ferry simulate` does: iid, dirichlet:B, ...
+    #[arg(long, default_value = "iid")]
+    pub partition: String,
+    /// Number of shares the dataset is split into.
+    #[arg(long, default_value_t = 10)]
+    pub num_partitions: usize,
+    /// This node's share, from 0; without it the node trains on the whole training split.
+    #[arg(long)]
+    pub partition_index: Option<usize>,
+    /// Seed of the split (the same on every node).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Train with this command instead of the built-in models, for example "python3 train.py"
+    /// (see docs/exec-trainer.md); it gets the round's task.json path as its last argument.
+    #[arg(long, value_name = "COMMAND")]
+    pub trainer_cmd: Option<String>,
+    /// Seconds to keep retrying while the server is unreachable.
+    #[arg(long, default_value_t = 300.0)]
+    pub give_up_after: f64,
+}
+
+/// Local training with the built-in burn models on the node's own examples.
+struct BuiltinTrainer {
+    model: ModelKind,
+    data: Dataset,
+    indices: Vec<usize>,
+    noise_std: f32,
+    /// SCAFFOLD's `c_i`, kept across rounds and saved in the state folder.
+    control: Mutex<Vec<f32>>,
+    control_file: PathBuf,
+}
+
+impl Trainer for BuiltinTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        params::layout(self.model)
+            .map_err(|e| e.to_string())
+            .and_then(|layout| {
+                task.model
+                    .check_same_layout(&layout)
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                format!(
+                    "the server's model does not fit --model {}: {e}",
+                    self.model
+                )
+            })?;
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let data = LocalData {
+            dataset: &self.data,
+            indices: &self.indices,
+            noise_std: self.noise_std,
+        };
+        let client_task = ClientTask {
+            model: &task.model,
+            training: &task.training,
+            procedure: task.procedure,
+            server_control: task.server_control.as_deref(),
+            seed: task.seed,
+        };
+        let update =
+            train_update(self.model, data, client_task, &mut control).map_err(|e| e.to_string())?;
+        if !control.is_empty() {
+            save_control(&self.control_file, &control)?;
+        }
+        Ok(update)
+    }
+}
+
+fn save_control(path: &Path, control: &[f32]) -> Result<(), String> {
+    let bytes = wire::encode_vectors(&[("control", control)]).map_err(|e| e.to_string())?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            format!(
+                "cannot save the node's control variate to {}: {e}",
+                path.display()
+            )
+        })
+}
+
+fn load_control(path: &Path) -> Result<Vec<f32>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(wire::decode_vectors(&bytes)
+            .with_context(|| {
+                format!(
+                    "{} is damaged; delete it to start SCAFFOLD from zero",
+                    path.display()
+                )
+            })?
+            .remove("control")
+            .unwrap_or_default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
+    let kind: DatasetKind = args.dataset.parse()?;
+    let model: ModelKind = args.model.parse()?;
+    let data = kind.load(args.data_dir.as_deref())?.train;
+    let (indices, noise_std) = match args.partition_index {
+        Some(index) => {
+            anyhow::ensure!(
+                index < args.num_partitions,
+                "--partition-index {index} must be below --num-partitions {}",
+                args.num_partitions
+            );
+            let partitioner: Partitioner = args.partition.parse()?;
+            let mut split = partitioner.split(&data.labels, args.num_partitions, args.seed)?;
+            (split.parts.swap_remove(index), split.noise_std[index])
+        }
+        None => ((0..data.len()).collect(), 0.0),
+    };
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
+    let control_file = args.state_dir.join("scaffold-control.safetensors");
+    Ok(BuiltinTrainer {
+        model,
+        data,
+        indices,
+        noise_std,
+        control: Mutex::new(load_control(&control_file)?),
+        control_file,
+    })
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+/// Runs `ferry client`.
+pub fn run(args: ClientArgs) -> Result<()> {
+    let trainer: Arc<dyn Trainer> = match &args.trainer_cmd {
+        Some(command) => {
+            println!(
+                "ferry client: training with `{command}`, server {}",
+                args.server
+            );
+            let work_dir = args.state_dir.join("exec");
+            Arc::new(
+                ExecTrainer::new(command, args.data_dir.clone(), work_dir)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => {
+            let trainer = builtin_trainer(&args)?;
+            println!(
+                "ferry client: {} examples of {} for {}, server {}",
+                trainer.indices.len(),
+                args.dataset,
+                args.model,
+                args.server
+            );
+            Arc::new(trainer)
+        }
+    };
+    let settings = AgentSettings {
+        server: ServerAddress {
+            url: args.server.clone(),
+            ca_pem: args
+                .ca
+                .as_deref()
+                .map(|p| read_file(p, "CA certificate"))
+                .transpose()?,
+            identity: match (&args.cert, &args.key) {
+                (Some(cert), Some(key)) => Some((
+                    read_file(cert, "node certificate")?,
+                    read_file(key, "node key")?,
+                )),
+                _ => None,
+            },
+        },
+        token: args.token.clone(),
+        state_dir: args.state_dir.clone(),
+        seed_stream: args.partition_index.unwrap_or(0) as u64,
+        max_backoff: Duration::from_secs(10),
+        give_up_after: Duration::from_secs_f64(args.give_up_after),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let reason = runtime.block_on(agent::run(settings, trainer, |event| match event {
+        AgentEvent::Ready { node_id, name } => {
+            println!("enrolled as node {node_id} ('{name}')")
+        }
+        AgentEvent::Training(round) => println!("round {round}: training"),
+        AgentEvent::Delivered { round, duplicate } => println!(
+            "round {round}: update delivered{}",
+            if duplicate { " (already counted)" } else { "" }
+        ),
+        AgentEvent::Abandoned { round, reason } => {
+            println!("round {round}: skipped ({reason})")
+        }
+        AgentEvent::Retrying(message) => eprintln!("server unreachable: {message}"),
+    }))?;
+    println!("run finished: {reason}");
+    Ok(())
+}

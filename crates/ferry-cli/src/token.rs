@@ -1,0 +1,73 @@
+//! `ferry token create|revoke`: one-time enrolment tokens for nodes. The store keeps only each
+//! token's hash; the token itself is printed once.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+use ferry_server::{auth, store::Store};
+
+/// Token commands.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a one-time enrolment token for a node and print it.
+    Create(TokenArgs),
+    /// Revoke a token and the node that enrolled with it.
+    Revoke(TokenArgs),
+}
+
+/// Which token, and which server's store.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The node's name, for example site-3.
+    #[arg(long)]
+    pub name: String,
+    /// The server configuration whose store to use.
+    #[arg(long, value_name = "FILE.toml", conflicts_with = "store")]
+    pub config: Option<PathBuf>,
+    /// The store URL directly (sqlite:PATH or postgres://...) [default: the config's, or
+    /// sqlite:./ferry-data/ferry.db].
+    #[arg(long)]
+    pub store: Option<String>,
+}
+
+async fn open_store(args: &TokenArgs) -> Result<Store> {
+    let url = match (&args.store, &args.config) {
+        (Some(url), _) => url.clone(),
+        (None, Some(path)) => crate::server::store_url(path)?,
+        (None, None) => crate::server::DEFAULT_STORE.to_string(),
+    };
+    Ok(Store::open(&url).await?)
+}
+
+/// Runs a token command.
+pub fn run(command: TokenCommand) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match command {
+            TokenCommand::Create(args) => {
+                if args.name.trim().is_empty() {
+                    bail!("--name must not be empty");
+                }
+                let store = open_store(&args).await?;
+                let token = format!("ferry-{}", auth::new_secret());
+                store.add_token(&args.name, &auth::hash_secret(&token)).await?;
+                println!("{token}");
+                eprintln!(
+                    "one-time token for '{}': give it to the node (ferry client --token ...); it is not stored and cannot be shown again",
+                    args.name
+                );
+            }
+            TokenCommand::Revoke(args) => {
+                let store = open_store(&args).await?;
+                if !store.revoke(&args.name).await? {
+                    bail!("no token named '{}'; `ferry token create --name {}` makes one", args.name, args.name);
+                }
+                println!("revoked '{}' and any node enrolled with it", args.name);
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,552 @@
+//! End-to-end deployment: the real `ferry` binary as a server and four client processes over
+//! TLS on loopback. One client is killed mid-run and the server is killed with SIGKILL and
+//! restarted; the run still completes, counts no update twice, and lands within two accuracy
+//! points of the same run in `ferry simulate`.
+//!
+//! Needs the MNIST subset that `scripts/install-deps.sh` installs.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+const ROUNDS: usize = 6;
+const CLIENTS: usize = 4;
+
+fn ferry() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.env_remove("FERRY_DATA").env_remove("FERRY_TOKEN");
+    command
+}
+
+fn run_ok(args: &[&str]) -> Output {
+    let out = ferry().args(args).output().expect("ferry starts");
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn spawn_logged(args: &[String], log: &Path) -> Child {
+    let file = fs::File::create(log).expect("log file");
+    ferry()
+        .args(args)
+        .stdout(Stdio::from(file.try_clone().expect("clone")))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("ferry starts")
+}
+
+fn history(dir: &Path) -> Option<Value> {
+    let text = fs::read_to_string(dir.join("history.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn rounds_done(dir: &Path) -> usize {
+    history(dir).map_or(0, |h| h["rounds"].as_array().map_or(0, Vec::len))
+}
+
+/// Waits for `done`, failing with the logs after `limit`.
+fn wait_for(what: &str, limit: Duration, logs: &[PathBuf], mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        if start.elapsed() > limit {
+            let text: Vec<String> = logs
+                .iter()
+                .map(|p| {
+                    format!(
+                        "--- {}\n{}",
+                        p.display(),
+                        fs::read_to_string(p).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!("timed out waiting for {what}\n{}", text.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: `(status code, body)`.
+fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+struct Killer(Vec<Child>);
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn deployed_run_survives_a_lost_client_and_a_killed_server() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    run_ok(&[
+        "certs",
+        "--out",
+        certs.to_str().expect("utf-8"),
+        "--hosts",
+        "localhost,127.0.0.1",
+    ]);
+    let (port, api_port) = (free_port(), free_port());
+    let store = format!("sqlite:{}", dir.join("ferry.db").display());
+    let out = dir.join("run");
+    let config = dir.join("server.toml");
+    let admin_token_file = dir.join("admin-token");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstore = \"{store}\"\nblobs = \"{}\"\nout = \"{}\"\n\
+             [api]\nlisten = \"127.0.0.1:{api_port}\"\nadmin_token_file = \"{}\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [run]\ndataset = \"mnist-subset\"\nmodel = \"lenet\"\nclients = {CLIENTS}\n\
+             min_clients = 3\nrounds = {ROUNDS}\nseed = 0\nround_timeout = 10\nmin_results = 3\n\
+             heartbeat = 1\noffline_after = 4\n",
+            dir.join("blobs").display(),
+            out.display(),
+            admin_token_file.display(),
+            certs.join("server.pem").display(),
+            certs.join("server.key").display(),
+        ),
+    )
+    .expect("config");
+    let tokens: Vec<String> = (0..CLIENTS)
+        .map(|i| {
+            let out = run_ok(&[
+                "token",
+                "create",
+                "--name",
+                &format!("site-{i}"),
+                "--store",
+                &store,
+            ]);
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+        .collect();
+    assert!(tokens.iter().all(|t| t.starts_with("ferry-")), "{tokens:?}");
+
+    let server_args: Vec<String> = ["server", "--config", config.to_str().expect("utf-8")]
+        .map(String::from)
+        .to_vec();
+    let mut logs = vec![dir.join("server-1.log")];
+    let mut processes = Killer(vec![spawn_logged(&server_args, &logs[0])]);
+    for (i, token) in tokens.iter().enumerate() {
+        let log = dir.join(format!("client-{i}.log"));
+        let args: Vec<String> = [
+            "client",
+            "--server",
+            &format!("https://localhost:{port}"),
+            "--ca",
+            certs.join("ca.pem").to_str().expect("utf-8"),
+            "--token",
+            token,
+            "--state-dir",
+            dir.join(format!("node-{i}")).to_str().expect("utf-8"),
+            "--dataset",
+            "mnist-subset",
+            "--model",
+            "lenet",
+            "--partition",
+            "iid",
+            "--num-partitions",
+            &CLIENTS.to_string(),
+            "--partition-index",
+            &i.to_string(),
+            "--give-up-after",
+            "120",
+        ]
+        .map(String::from)
+        .to_vec();
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+
+    // A client dies for good while it trains for round 2.
+    let victim_log = logs[CLIENTS].clone();
+    wait_for(
+        "the last client to train round 2",
+        Duration::from_secs(240),
+        &logs,
+        || fs::read_to_string(&victim_log).is_ok_and(|log| log.contains("round 2: training")),
+    );
+    processes.0[CLIENTS].kill().expect("kill a client");
+
+    // The operator API needs the admin token; metrics are open.
+    let (code, _) = http_get(api_port, "/api/v1/status", None);
+    assert_eq!(code, 401);
+    let admin = fs::read_to_string(&admin_token_file).expect("admin token written");
+    let (code, body) = http_get(api_port, "/api/v1/status", Some(admin.trim()));
+    assert_eq!(code, 200, "{body}");
+    let status: Value = serde_json::from_str(&body).expect("status JSON");
+    assert!(status["round"].as_u64().expect("round") >= 2, "{status}");
+    assert_eq!(status["rounds"], ROUNDS);
+    let (code, body) = http_get(api_port, "/api/v1/nodes", Some(admin.trim()));
+    assert_eq!(code, 200);
+    let nodes: Value = serde_json::from_str(&body).expect("nodes JSON");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(CLIENTS), "{nodes}");
+    let (code, body) = http_get(api_port, "/api/v1/rounds", Some(admin.trim()));
+    assert!(code == 200 && body.contains("\"participants\""), "{body}");
+    let (code, body) = http_get(api_port, "/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("ferry_updates_accepted_total") && body.contains("ferry_rounds_total"),
+        "{body}"
+    );
+    // The server dies with SIGKILL mid-run and comes back with the same configuration.
+    wait_for("round 3", Duration::from_secs(240), &logs, || {
+        rounds_done(&out) >= 3
+    });
+    processes.0[0].kill().expect("kill -9 the server");
+    let _ = processes.0[0].wait();
+    logs.push(dir.join("server-2.log"));
+    processes.0[0] = spawn_logged(&server_args, &logs[logs.len() - 1]);
+
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(300),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let status = processes.0[0].wait().expect("server status");
+    assert!(status.success(), "server exit {status}");
+    for i in 1..CLIENTS {
+        wait_for("clients to finish", Duration::from_secs(60), &logs, || {
+            matches!(processes.0[i].try_wait(), Ok(Some(_)))
+        });
+        let client_log = fs::read_to_string(&logs[i]).expect("client log");
+        assert!(
+            client_log.contains("run finished"),
+            "client {i}:\n{client_log}"
+        );
+    }
+
+    let h = history(&out).expect("final history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), ROUNDS, "every round is recorded once");
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i + 1);
+        let participants = r["participants"].as_u64().expect("participants");
+        assert!(
+            (3..=CLIENTS as u64).contains(&participants),
+            "round {}: {participants}",
+            i + 1
+        );
+    }
+    let last = rounds.last().expect("a round");
+    assert!(
+        rounds.iter().skip(1).any(|r| r["participants"] == 3),
+        "the lost client is missing from later rounds"
+    );
+    let deployed = h["final"]["accuracy"].as_f64().expect("final accuracy");
+    assert_eq!(h["final"]["accuracy"], last["accuracy"]);
+    let restarted = fs::read_to_string(&logs[logs.len() - 1]).expect("second server log");
+    assert!(restarted.contains("ferry server: run"), "{restarted}");
+
+    let sim_dir = dir.join("sim");
+    run_ok(&[
+        "simulate",
+        "--dataset",
+        "mnist-subset",
+        "--model",
+        "lenet",
+        "--clients",
+        &CLIENTS.to_string(),
+        "--rounds",
+        &ROUNDS.to_string(),
+        "--seed",
+        "0",
+        "--out",
+        sim_dir.to_str().expect("utf-8"),
+    ]);
+    let simulated = history(&sim_dir).expect("simulate history")["final"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    eprintln!("deployed {deployed:.4}, simulated {simulated:.4}, participants per round:");
+    for r in rounds {
+        eprintln!(
+            "  round {} participants {} accuracy {}",
+            r["round"], r["participants"], r["accuracy"]
+        );
+    }
+    assert!(
+        (deployed - simulated).abs() <= 0.02,
+        "deployed {deployed:.4} vs simulated {simulated:.4}"
+    );
+}
+
+#[test]
+fn unknown_tokens_and_plain_http_are_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let certs = tmp.path().join("certs");
+    run_ok(&["certs", "--out", certs.to_str().expect("utf-8")]);
+    let port = free_port();
+    let config = tmp.path().join("server.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstore = \"sqlite:{}\"\nblobs = \"{}\"\nout = \"{}\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n[run]\ndataset = \"mnist-subset\"\nmodel = \"logreg\"\nmin_clients = 1\n",
+            tmp.path().join("ferry.db").display(),
+            tmp.path().join("blobs").display(),
+            tmp.path().join("run").display(),
+            certs.join("server.pem").display(),
+            certs.join("server.key").display(),
+        ),
+    )
+    .expect("config");
+    let log = tmp.path().join("server.log");
+    let _server = Killer(vec![spawn_logged(
+        &[
+            "server".into(),
+            "--config".into(),
+            config.to_str().expect("utf-8").into(),
+        ],
+        &log,
+    )]);
+    let client = |extra: &[&str]| {
+        let mut args = vec![
+            "client",
+            "--dataset",
+            "mnist-subset",
+            "--model",
+            "logreg",
+            "--give-up-after",
+            "20",
+        ];
+        args.extend_from_slice(extra);
+        ferry().args(&args).output().expect("client runs")
+    };
+    let url = format!("https://localhost:{port}");
+    let state = tmp.path().join("node");
+    let ca = certs.join("ca.pem");
+    let out = client(&[
+        "--server",
+        &url,
+        "--ca",
+        ca.to_str().expect("utf-8"),
+        "--token",
+        "ferry-forged",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refused this node") && stderr.contains("ferry token create"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let out = client(&[
+        "--server",
+        &url,
+        "--token",
+        "x",
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--ca"), "{stderr}");
+    let server_log = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!server_log.contains("panicked"), "{server_log}");
+}
+
+/// Writes every `stride`-th example of the MNIST subset's training split (which is sorted by
+/// digit), from `first`, as `label,pixel0,...,pixel783` rows with 0-255 pixel values.
+fn write_csv(dir: &Path, first: usize, stride: usize) {
+    let data = ferry_ml::data::DatasetKind::MnistSubset
+        .load(None)
+        .expect("the MNIST subset is installed")
+        .train;
+    let mut text = String::new();
+    for i in (first..data.len()).step_by(stride) {
+        text.push_str(&data.labels[i].to_string());
+        for p in data.image(i) {
+            text.push(',');
+            text.push_str(&((p * 255.0).round() as u32).to_string());
+        }
+        text.push('\n');
+    }
+    fs::create_dir_all(dir).expect("data dir");
+    fs::write(dir.join("train.csv"), text).expect("csv");
+}
+
+#[test]
+fn exec_trainer_learns_over_mutual_tls() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let certs = dir.join("certs");
+    run_ok(&[
+        "certs",
+        "--out",
+        certs.to_str().expect("utf-8"),
+        "--clients",
+        "node",
+    ]);
+    let port = free_port();
+    let store = format!("sqlite:{}", dir.join("ferry.db").display());
+    let out = dir.join("run");
+    let config = dir.join("server.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nstore = \"{store}\"\nblobs = \"{}\"\nout = \"{}\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
+             [run]\ndataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 2\nmin_clients = 2\n\
+             rounds = 3\nround_timeout = 60\n",
+            dir.join("blobs").display(),
+            out.display(),
+            certs.join("server.pem").display(),
+            certs.join("server.key").display(),
+            certs.join("ca.pem").display(),
+        ),
+    )
+    .expect("config");
+    let server_log = dir.join("server.log");
+    let mut processes = Killer(vec![spawn_logged(
+        &[
+            "server".into(),
+            "--config".into(),
+            config.to_str().expect("utf-8").into(),
+        ],
+        &server_log,
+    )]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
+    let url = format!("https://localhost:{port}");
+    let ca = certs.join("ca.pem").to_str().expect("utf-8").to_string();
+    let mut logs = vec![server_log];
+
+    // Without a client certificate the TLS handshake itself is refused.
+    let token = String::from_utf8_lossy(
+        &run_ok(&["token", "create", "--name", "no-cert", "--store", &store]).stdout,
+    )
+    .trim()
+    .to_string();
+    let refused = ferry()
+        .args([
+            "client",
+            "--server",
+            &url,
+            "--ca",
+            &ca,
+            "--token",
+            &token,
+            "--give-up-after",
+            "3",
+        ])
+        .arg("--state-dir")
+        .arg(dir.join("no-cert"))
+        .args(["--trainer-cmd", "python3 train.py"])
+        .output()
+        .expect("client runs");
+    assert!(
+        !refused.status.success(),
+        "a node without a certificate got in"
+    );
+
+    for i in 0..2 {
+        let token = String::from_utf8_lossy(
+            &run_ok(&[
+                "token",
+                "create",
+                "--name",
+                &format!("py-{i}"),
+                "--store",
+                &store,
+            ])
+            .stdout,
+        )
+        .trim()
+        .to_string();
+        let data = dir.join(format!("site-{i}"));
+        write_csv(&data, i, 4);
+        let log = dir.join(format!("client-{i}.log"));
+        let args: Vec<String> = [
+            "client",
+            "--server",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            certs.join("client-node.pem").to_str().expect("utf-8"),
+            "--key",
+            certs.join("client-node.key").to_str().expect("utf-8"),
+            "--token",
+            &token,
+            "--state-dir",
+            dir.join(format!("node-{i}")).to_str().expect("utf-8"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--trainer-cmd",
+            &format!("python3 {}", script.display()),
+        ]
+        .map(String::from)
+        .to_vec();
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(240),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let h = history(&out).expect("history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3);
+    assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
+    let accuracy = h["final"]["accuracy"].as_f64().expect("accuracy");
+    eprintln!(
+        "exec trainer, logistic regression on MNIST-subset CSVs: final accuracy {accuracy:.4}"
+    );
+    assert!(
+        accuracy > 0.75,
+        "logistic regression trained by the Python script: {accuracy}"
+    );
+    assert!(
+        rounds[0]["train_loss"].as_f64().expect("train_loss") > 0.0,
+        "metrics reach the server"
+    );
+}

@@ -1,0 +1,146 @@
+//! Reaching the server: the TLS channel, and the node's credential (enrolled once, kept in the
+//! node's state folder, attached to every call).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ferry_proto::v1::{EnrolRequest, fleet_client::FleetClient};
+use serde::{Deserialize, Serialize};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+use crate::ClientError;
+
+/// How to reach the server.
+#[derive(Debug, Clone)]
+pub struct ServerAddress {
+    /// `https://HOST:PORT`, or `http://127.0.0.1:PORT` against an `--insecure` server.
+    pub url: String,
+    /// CA certificate (PEM) that signed the server's certificate.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The node's own certificate and key (PEM), for servers that require mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Builds a lazily connecting channel to the server.
+pub fn channel(address: &ServerAddress) -> Result<Channel, ClientError> {
+    let bad = |e: tonic::transport::Error| {
+        ClientError::Settings(format!("server address '{}': {e}", address.url))
+    };
+    let mut endpoint = Endpoint::from_shared(address.url.clone())
+        .map_err(|e| ClientError::Settings(format!("server address '{}': {e}", address.url)))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_keepalive(Some(Duration::from_secs(30)));
+    if address.url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        match &address.ca_pem {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
+            None => {
+                return Err(ClientError::Settings(
+                    "an https server needs --ca CA.pem (the CA that signed its certificate)".into(),
+                ));
+            }
+        }
+        if let Some((cert, key)) = &address.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(tls).map_err(bad)?;
+    } else if !address.url.starts_with("http://") {
+        return Err(ClientError::Settings(format!(
+            "server address '{}' must start with https:// (or http:// for an --insecure server)",
+            address.url
+        )));
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// The node's credential, as stored in its state folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredCredential {
+    /// The server it belongs to.
+    pub server: String,
+    /// The node's identifier.
+    pub node_id: String,
+    /// The node's secret.
+    pub secret: String,
+    /// The token name the node enrolled under.
+    pub name: String,
+}
+
+impl StoredCredential {
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("credential.json")
+    }
+
+    /// The credential saved in `state_dir` for `server`, if any.
+    pub fn load(state_dir: &Path, server: &str) -> Result<Option<Self>, ClientError> {
+        let path = Self::path(state_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ClientError::Io {
+                    context: format!("reading {}", path.display()),
+                    source,
+                });
+            }
+        };
+        let credential: Self = serde_json::from_str(&text).map_err(|e| {
+            ClientError::Settings(format!(
+                "{} is not a credential file ({e}); delete it and enrol again with a new token",
+                path.display()
+            ))
+        })?;
+        Ok((credential.server == server).then_some(credential))
+    }
+
+    /// Saves the credential in `state_dir` (written to a temporary file, then renamed).
+    pub fn save(&self, state_dir: &Path) -> Result<(), ClientError> {
+        let io = |context: String| move |source| ClientError::Io { context, source };
+        std::fs::create_dir_all(state_dir)
+            .map_err(io(format!("creating {}", state_dir.display())))?;
+        let path = Self::path(state_dir);
+        let tmp = path.with_extension("json.tmp");
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| ClientError::Settings(e.to_string()))?;
+        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))
+    }
+
+    /// Attaches the credential to a request.
+    pub fn authorize<T>(&self, mut request: Request<T>) -> Request<T> {
+        if let Ok(value) =
+            MetadataValue::try_from(format!("Bearer {}.{}", self.node_id, self.secret))
+        {
+            request
+                .metadata_mut()
+                .insert(ferry_proto::AUTHORIZATION, value);
+        }
+        request
+    }
+}
+
+/// Exchanges a one-time token for the node's credential.
+pub async fn enrol(
+    client: &mut FleetClient<Channel>,
+    server: &str,
+    token: &str,
+) -> Result<StoredCredential, tonic::Status> {
+    let response = client
+        .enrol(EnrolRequest {
+            token: token.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(StoredCredential {
+        server: server.to_string(),
+        node_id: response.node_id,
+        secret: response.secret,
+        name: response.name,
+    })
+}

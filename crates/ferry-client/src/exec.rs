@@ -1,0 +1,275 @@
+//! The external-command trainer: local training in any language. For each round Ferry writes
+//! the global model (safetensors) and the task (JSON) to a fresh folder, runs the command with
+//! their paths, and reads back the trained model (safetensors) and a result (JSON). The
+//! contract is documented in `docs/exec-trainer.md`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use ferry_core::{
+    Model, Update, algebra,
+    strategy::{ClientProcedure, fednova_normalizer},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{TrainTask, Trainer};
+
+/// A trainer that runs a command, for example `python3 train.py`.
+#[derive(Debug, Clone)]
+pub struct ExecTrainer {
+    program: String,
+    args: Vec<String>,
+    data_dir: Option<PathBuf>,
+    work_dir: PathBuf,
+}
+
+/// What the command reads from `task.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecTask {
+    /// The round.
+    pub round: u32,
+    /// Local epochs.
+    pub epochs: u32,
+    /// Batch size.
+    pub batch_size: usize,
+    /// SGD learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Seed for shuffling.
+    pub seed: u64,
+    /// `local_sgd`, `proximal` (add `(mu/2)·‖w − w_global‖²`) or `normalized` (report `steps`).
+    pub procedure: String,
+    /// FedProx's mu (0 unless `procedure` is `proximal`).
+    pub mu: f64,
+    /// The global model to start from.
+    pub model_in: PathBuf,
+    /// Where to write the trained model.
+    pub model_out: PathBuf,
+    /// Where to write the result.
+    pub result_out: PathBuf,
+    /// The node's data folder (`--data-dir`), if given.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What the command writes to `result.json`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ExecResult {
+    /// Training examples behind the trained model (the FedAvg weight).
+    pub num_examples: u64,
+    /// Metrics to report, for example `train_loss`; `steps` is required by FedNova.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl ExecTrainer {
+    /// A trainer running `command` (split on whitespace; the first word is the program), with
+    /// round folders under `work_dir`.
+    pub fn new(
+        command: &str,
+        data_dir: Option<PathBuf>,
+        work_dir: PathBuf,
+    ) -> Result<Self, String> {
+        let mut words = command.split_whitespace().map(String::from);
+        let program = words.next().ok_or(
+            "--trainer-cmd is empty; give the command to run, for example \"python3 train.py\"",
+        )?;
+        Ok(Self {
+            program,
+            args: words.collect(),
+            data_dir,
+            work_dir,
+        })
+    }
+
+    fn round_dir(&self, round: u32) -> Result<PathBuf, String> {
+        let dir = self.work_dir.join(format!("round-{round}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+fn procedure_name(procedure: ClientProcedure) -> Result<(&'static str, f64), String> {
+    match procedure {
+        ClientProcedure::LocalSgd => Ok(("local_sgd", 0.0)),
+        ClientProcedure::Proximal { mu } => Ok(("proximal", mu)),
+        ClientProcedure::Normalized => Ok(("normalized", 0.0)),
+        ClientProcedure::Scaffold => Err(
+            "the run uses SCAFFOLD, which the external-command trainer does not support; use the built-in trainer".into(),
+        ),
+    }
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| {
+        format!(
+            "the trainer command wrote no {what} at {}: {e}",
+            path.display()
+        )
+    })
+}
+
+impl Trainer for ExecTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        let (procedure, mu) = procedure_name(task.procedure)?;
+        let dir = self.round_dir(task.round)?;
+        let exec_task = ExecTask {
+            round: task.round,
+            epochs: task.training.epochs,
+            batch_size: task.training.batch_size,
+            lr: task.training.lr,
+            momentum: task.training.momentum,
+            weight_decay: task.training.weight_decay,
+            seed: task.seed,
+            procedure: procedure.into(),
+            mu,
+            model_in: dir.join("global.safetensors"),
+            model_out: dir.join("trained.safetensors"),
+            result_out: dir.join("result.json"),
+            data_dir: self.data_dir.clone(),
+        };
+        let task_path = dir.join("task.json");
+        let global = task.model.to_safetensors().map_err(|e| e.to_string())?;
+        let task_json = serde_json::to_vec_pretty(&exec_task).map_err(|e| e.to_string())?;
+        std::fs::write(&exec_task.model_in, global)
+            .and_then(|()| std::fs::write(&task_path, task_json))
+            .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
+        let status = Command::new(&self.program)
+            .args(&self.args)
+            .arg(&task_path)
+            .env("FERRY_TASK", &task_path)
+            .status()
+            .map_err(|e| format!("cannot run the trainer command '{}': {e}", self.program))?;
+        if !status.success() {
+            return Err(format!("the trainer command exited with {status}"));
+        }
+        let trained = Model::from_safetensors(&read(&exec_task.model_out, "trained model")?)
+            .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
+        task.model
+            .check_same_layout(trained.layout())
+            .map_err(|e| format!("the trained model does not match the global model: {e}"))?;
+        let result: ExecResult = serde_json::from_slice(&read(&exec_task.result_out, "result")?)
+            .map_err(|e| {
+                format!("result.json must be {{\"num_examples\": N, \"metrics\": {{...}}}}: {e}")
+            })?;
+        let mut delta = vec![0.0; task.model.num_params()];
+        algebra::delta_into(&mut delta, trained.values(), task.model.values());
+        let mut update = Update::new(delta, result.num_examples);
+        if task.procedure == ClientProcedure::Normalized {
+            let steps = result
+                .metrics
+                .get("steps")
+                .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
+            update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
+        }
+        update.metrics = result.metrics;
+        Ok(update)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::{ModelLayout, TensorSpec, task::LocalTraining};
+    use std::sync::Arc;
+
+    fn task(procedure: ClientProcedure) -> TrainTask {
+        let layout = ModelLayout::new(vec![TensorSpec {
+            name: "w".into(),
+            shape: vec![3],
+        }])
+        .expect("layout");
+        TrainTask {
+            round: 2,
+            model: Model::new(Arc::new(layout), vec![1.0, 2.0, 3.0]).expect("model"),
+            training: LocalTraining {
+                epochs: 1,
+                batch_size: 4,
+                lr: 0.1,
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+            procedure,
+            server_control: None,
+            seed: 5,
+        }
+    }
+
+    /// A shell "trainer" that copies the model and reports 7 examples: the delta is zero and
+    /// the count and metrics come through.
+    #[test]
+    fn a_command_that_copies_the_model_gives_a_zero_delta() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("train.sh");
+        std::fs::write(
+            &script,
+            "d=$(dirname \"$1\"); cp \"$d/global.safetensors\" \"$d/trained.safetensors\"; \
+             echo '{\"num_examples\": 7, \"metrics\": {\"train_loss\": 0.5, \"steps\": 3}}' > \"$d/result.json\"",
+        )
+        .expect("script");
+        let trainer = ExecTrainer::new(
+            &format!("sh {}", script.display()),
+            None,
+            dir.path().join("work"),
+        )
+        .expect("trainer");
+        let update = trainer
+            .train(&task(ClientProcedure::Normalized))
+            .expect("trains");
+        assert_eq!(update.delta, [0.0, 0.0, 0.0]);
+        assert_eq!(update.num_examples, 7);
+        assert_eq!(update.metrics["train_loss"], 0.5);
+        assert_eq!(update.normalizer, Some(3.0));
+        let written: ExecTask = serde_json::from_slice(
+            &std::fs::read(dir.path().join("work/round-2/task.json")).expect("task.json"),
+        )
+        .expect("task parses");
+        assert_eq!(
+            (written.round, written.seed, written.procedure.as_str()),
+            (2, 5, "normalized")
+        );
+    }
+
+    #[test]
+    fn failures_say_what_the_command_did_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases = [
+            ("exit 3", "exited"),
+            ("true", "no trained model"),
+            (
+                "d=$(dirname \"$1\"); printf junk > \"$d/trained.safetensors\"",
+                "not valid safetensors",
+            ),
+        ];
+        for (body, needle) in cases {
+            let script = dir.path().join("bad.sh");
+            std::fs::write(&script, body).expect("script");
+            let trainer = ExecTrainer::new(
+                &format!("sh {}", script.display()),
+                None,
+                dir.path().join("w"),
+            )
+            .expect("trainer");
+            let err = trainer
+                .train(&task(ClientProcedure::LocalSgd))
+                .expect_err(needle);
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+        let trainer = ExecTrainer::new("true", None, dir.path().join("w")).expect("trainer");
+        let err = trainer
+            .train(&task(ClientProcedure::Scaffold))
+            .expect_err("scaffold");
+        assert!(err.contains("SCAFFOLD"), "{err}");
+        assert!(ExecTrainer::new("  ", None, dir.path().into()).is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! Ferry's node agent: runs where the data lives, dials the coordinator, and sends back only
+//! model updates.
+//!
+//! - [`agent`]: the loop (enrol, pull, download, train with heartbeats, upload) and the
+//!   [`agent::Trainer`] trait that local training plugs into.
+//! - [`connection`]: the TLS channel and the node's stored credential.
+//! - [`transfer`]: resumable, hash-checked downloads and uploads.
+//! - [`exec`]: the external-command trainer (any language, through files).
+//! - [`backoff`]: reconnection pacing.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod backoff;
+pub mod connection;
+pub mod error;
+pub mod exec;
+pub mod transfer;
+
+pub use error::ClientError;

@@ -1,0 +1,180 @@
+//! One round's bookkeeping, shared by every coordinator: the simulated one in
+//! [`crate::federation`] and the deployed gRPC server.
+//!
+//! A round is planned ([`plan`]: the cohort and the task), opened ([`OpenRound`]: updates are
+//! folded into the strategy's streaming aggregator as they arrive, refusals are counted), and
+//! applied ([`OpenRound::apply`]: the server optimizer moves the global model), after which the
+//! caller evaluates the model and [`AppliedRound::record`] writes the round down.
+
+use std::{sync::Arc, time::Instant};
+
+use ferry_core::{Model, Update, aggregate::Aggregator, strategy::Strategy, task::LocalTraining};
+
+use crate::{EngineError, node::RoundTask, record::RoundRecord, selection};
+
+/// How rounds choose their cohort and what they ask nodes to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CohortRule {
+    /// Fraction of the available nodes selected each round, in `(0, 1]`.
+    pub fraction: f64,
+    /// Fewest nodes a round may select.
+    pub min_clients: usize,
+    /// Seed for selection and the nodes' own randomness.
+    pub seed: u64,
+    /// Local training settings sent to nodes.
+    pub training: LocalTraining,
+}
+
+/// The cohort and task of one round.
+#[derive(Debug, Clone)]
+pub struct RoundPlan {
+    /// Positions (in the caller's list of available nodes) of the selected nodes, ascending.
+    pub selected: Vec<usize>,
+    /// What every selected node receives.
+    pub task: RoundTask,
+}
+
+/// Selects the round's cohort from `available` nodes and builds its task from the current
+/// global model and strategy state.
+pub fn plan(
+    round: u32,
+    rule: &CohortRule,
+    strategy: &Strategy,
+    global: &Model,
+    available: usize,
+) -> RoundPlan {
+    let seed = ferry_core::seed::mix_seed(rule.seed, u64::from(round));
+    let count = selection::cohort_size(available, rule.fraction, rule.min_clients);
+    RoundPlan {
+        selected: selection::sample(available, count, seed),
+        task: RoundTask {
+            round,
+            model: Arc::new(global.clone()),
+            training: rule.training.clone(),
+            procedure: strategy.client,
+            seed,
+            server_control: strategy.optimizer.broadcast(),
+        },
+    }
+}
+
+/// A round collecting updates.
+pub struct OpenRound {
+    round: u32,
+    started: Instant,
+    selected: usize,
+    downloaded_values: usize,
+    aggregator: Box<dyn Aggregator>,
+    bytes_up: u64,
+    train_loss_sum: f64,
+    failures: Vec<String>,
+}
+
+impl OpenRound {
+    /// Opens `plan`'s round with a fresh aggregator of the strategy's rule.
+    pub fn new(plan: &RoundPlan, strategy: &Strategy) -> Self {
+        let dim = plan.task.model.num_params();
+        Self {
+            round: plan.task.round,
+            started: Instant::now(),
+            selected: plan.selected.len(),
+            // Every selected node receives the model and whatever the strategy broadcasts.
+            downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
+            aggregator: strategy.aggregation.start(dim),
+            bytes_up: 0,
+            train_loss_sum: 0.0,
+            failures: Vec::new(),
+        }
+    }
+
+    /// Folds one node's update into the round, or counts it as refused and says why.
+    pub fn accept(&mut self, update: &Update) -> Result<(), ferry_core::CoreError> {
+        self.bytes_up += update.payload_bytes();
+        match self.aggregator.accept(update) {
+            Ok(()) => {
+                self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+                Ok(())
+            }
+            Err(e) => {
+                self.failures.push(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a selected node that returned no update.
+    pub fn fail(&mut self, reason: String) {
+        self.failures.push(reason);
+    }
+
+    /// Updates folded in so far.
+    pub fn accepted(&self) -> usize {
+        self.aggregator.accepted()
+    }
+
+    /// Aggregates the accepted updates and applies the server optimizer to `global`.
+    pub fn apply(
+        self,
+        strategy: &mut Strategy,
+        global: &mut Model,
+    ) -> Result<AppliedRound, EngineError> {
+        let participants = self.aggregator.accepted();
+        if participants == 0 {
+            return Err(EngineError::EmptyRound {
+                round: self.round,
+                selected: self.selected,
+                reasons: self
+                    .failures
+                    .iter()
+                    .take(3)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        let aggregate = self.aggregator.finish()?;
+        strategy.optimizer.apply(global.values_mut(), &aggregate)?;
+        Ok(AppliedRound {
+            round: self.round,
+            started: self.started,
+            participants,
+            failures: self.failures.len(),
+            bytes_up: self.bytes_up,
+            bytes_down: (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
+                as u64,
+            train_loss: self.train_loss_sum / participants as f64,
+            strategy_state_bytes: strategy.optimizer.state_bytes(),
+        })
+    }
+}
+
+/// A round whose aggregate has moved the global model, waiting for its evaluation.
+#[derive(Debug, Clone)]
+pub struct AppliedRound {
+    round: u32,
+    started: Instant,
+    participants: usize,
+    failures: usize,
+    bytes_up: u64,
+    bytes_down: u64,
+    train_loss: f64,
+    strategy_state_bytes: usize,
+}
+
+impl AppliedRound {
+    /// The round's record, given the new global model's `(loss, accuracy)`.
+    pub fn record(self, (loss, accuracy): (f64, f64)) -> RoundRecord {
+        RoundRecord {
+            round: self.round,
+            accuracy,
+            loss,
+            participants: self.participants,
+            failures: self.failures,
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            wall_s: self.started.elapsed().as_secs_f64(),
+            train_loss: self.train_loss,
+            strategy_state_bytes: self.strategy_state_bytes,
+        }
+    }
+}

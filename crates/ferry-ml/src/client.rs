@@ -1,0 +1,94 @@
+//! The client half of a strategy, wrapped around the local trainer: what a node does with a
+//! round's task, whether it is a virtual node in `ferry simulate` or a real one behind
+//! `ferry client`. Both call [`train_update`], so a strategy behaves the same in both.
+
+use std::collections::BTreeMap;
+
+use ferry_core::{
+    Model, Update, algebra,
+    strategy::{ClientProcedure, fednova_normalizer},
+    task::LocalTraining,
+};
+
+use crate::{
+    MlError,
+    models::ModelKind,
+    train::{LocalData, LocalProcedure, train_local},
+};
+
+/// One round's work as the node sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTask<'a> {
+    /// The global model to start from.
+    pub model: &'a Model,
+    /// Local training settings.
+    pub training: &'a LocalTraining,
+    /// The strategy's client procedure.
+    pub procedure: ClientProcedure,
+    /// Server state sent with the model (SCAFFOLD's `c`); `None` or empty until set.
+    pub server_control: Option<&'a [f32]>,
+    /// The node's own seed for this round (shuffling, noise).
+    pub seed: u64,
+}
+
+/// Trains `kind` on `data` for one round and returns the update to send.
+///
+/// `control` is the node's SCAFFOLD control variate `c_i`, kept by the caller across rounds
+/// (empty means zero); other procedures leave it untouched.
+pub fn train_update(
+    kind: ModelKind,
+    data: LocalData<'_>,
+    task: ClientTask<'_>,
+    control: &mut Vec<f32>,
+) -> Result<Update, MlError> {
+    let dim = task.model.num_params();
+    let server_control = task.server_control.filter(|c| !c.is_empty());
+    let scaffold = task.procedure == ClientProcedure::Scaffold;
+    if scaffold && control.len() != dim {
+        control.clear();
+        control.resize(dim, 0.0);
+    }
+    // SCAFFOLD: the correction c - c_i, with c and c_i zero until first set.
+    let correction: Vec<f32> = if scaffold {
+        match server_control {
+            Some(c) => c.iter().zip(control.iter()).map(|(c, ci)| c - ci).collect(),
+            None => control.iter().map(|ci| -ci).collect(),
+        }
+    } else {
+        Vec::new()
+    };
+    let procedure = match task.procedure {
+        ClientProcedure::LocalSgd | ClientProcedure::Normalized => LocalProcedure::Plain,
+        ClientProcedure::Proximal { mu } => LocalProcedure::Proximal { mu },
+        ClientProcedure::Scaffold => LocalProcedure::Corrected {
+            correction: &correction,
+        },
+    };
+    let outcome = train_local(kind, task.model, data, task.training, procedure, task.seed)?;
+    let mut delta = vec![0.0; dim];
+    algebra::delta_into(&mut delta, outcome.model.values(), task.model.values());
+    let mut update = Update::new(delta, outcome.num_examples);
+    update.metrics = BTreeMap::from([
+        ("train_loss".to_string(), outcome.mean_loss),
+        ("steps".to_string(), outcome.steps as f64),
+    ]);
+    match task.procedure {
+        ClientProcedure::Scaffold => {
+            // c_i+ = c_i - c + (x - y) / (K * lr); the node sends dc = c_i+ - c_i.
+            let scale = -1.0 / (outcome.steps.max(1) as f64 * task.training.lr) as f32;
+            let dc: Vec<f32> = update
+                .delta
+                .iter()
+                .enumerate()
+                .map(|(j, d)| scale * d - server_control.map_or(0.0, |c| c[j]))
+                .collect();
+            algebra::add_scaled(control, &dc, 1.0);
+            update.control_delta = Some(dc);
+        }
+        ClientProcedure::Normalized => {
+            update.normalizer = Some(fednova_normalizer(outcome.steps, task.training.momentum));
+        }
+        ClientProcedure::LocalSgd | ClientProcedure::Proximal { .. } => {}
+    }
+    Ok(update)
+}

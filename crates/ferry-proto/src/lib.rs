@@ -1,0 +1,11 @@
+//! Ferry's wire protocol, `ferry.v1`: the messages and the gRPC `Fleet` service that nodes and
+//! the coordinator speak. Generated at build time from `proto/ferry/v1/fleet.proto`.
+
+/// Version 1 of the protocol.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("ferry.v1");
+}
+
+/// The metadata key that carries a node's credential on every call after enrolment.
+pub const AUTHORIZATION: &str = "authorization";

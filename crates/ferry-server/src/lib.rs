@@ -1,0 +1,84 @@
+//! Ferry's coordinator for deployment: the gRPC fleet service nodes dial into, node identity,
+//! durable run state (SQLite or Postgres) and content-addressed model blobs.
+//!
+//! - [`coordinator`]: the run, driven by network events through the same round bookkeeping as
+//!   simulation, with every accepted update stored before it is acknowledged.
+//! - [`service`]: the `ferry.v1.Fleet` gRPC service.
+//! - [`store`] and [`blobs`]: where state and models live.
+//! - [`auth`]: enrolment tokens and node credentials.
+//! - [`api`]: the operator's REST API and Prometheus metrics.
+//!
+//! This crate never links the ML engine: the caller supplies the initial model, the strategy
+//! and the evaluator.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod auth;
+pub mod blobs;
+pub mod coordinator;
+pub mod error;
+pub mod service;
+pub mod store;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+pub use error::ServerError;
+use ferry_proto::v1::fleet_server::FleetServer;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+/// PEM files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsPem {
+    /// The server's certificate chain.
+    pub cert: Vec<u8>,
+    /// The server's private key.
+    pub key: Vec<u8>,
+    /// When set, nodes must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// Where and how the fleet service listens.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// TLS material; `None` only for loopback addresses.
+    pub tls: Option<TlsPem>,
+}
+
+/// Serves the fleet service for `coordinator` until `shutdown` completes.
+pub async fn serve(
+    listener: Listener,
+    coordinator: Arc<coordinator::Coordinator>,
+    store: store::Store,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let mut builder = Server::builder();
+    match &listener.tls {
+        Some(tls) => {
+            let mut config =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+            if let Some(ca) = &tls.client_ca {
+                config = config.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(config)?;
+        }
+        None if !listener.addr.ip().is_loopback() => {
+            return Err(ServerError::Settings(format!(
+                "refusing to serve without TLS on {}: --insecure binds loopback addresses only",
+                listener.addr
+            )));
+        }
+        None => {}
+    }
+    let limit = coordinator.spec().max_chunk_bytes + 64 * 1024;
+    let service = FleetServer::new(service::FleetService::new(coordinator, store))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    builder
+        .add_service(service)
+        .serve_with_shutdown(listener.addr, shutdown)
+        .await?;
+    Ok(())
+}

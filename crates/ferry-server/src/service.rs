@@ -1,0 +1,441 @@
+//! The gRPC `ferry.v1.Fleet` service: authenticates every call, then hands it to the
+//! [`Coordinator`]. Bad input gets a precise status and a log line; nothing a node sends can
+//! take the server down.
+
+use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
+
+use ferry_core::{model::sha256_hex, strategy::ClientProcedure};
+use ferry_proto::v1::{
+    self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, FailureAck, FailureReport,
+    HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse, UploadChunk,
+    UploadReceipt, UploadStatusRequest, fleet_server::Fleet, pull_task_response::Outcome,
+};
+use futures::{Stream, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    auth::{self, Credential},
+    coordinator::{Coordinator, NodeTask, Refusal, Submission, Work},
+    store::Store,
+};
+
+/// Longest a PullTask call is held open.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Completed uploads decoded at once; each holds about two model sizes in memory, so this
+/// bounds the server's memory however many nodes finish together.
+const CONCURRENT_DECODES: usize = 2;
+
+/// The fleet service over one coordinator and its store.
+pub struct FleetService {
+    coordinator: Arc<Coordinator>,
+    store: Store,
+    decoding: tokio::sync::Semaphore,
+}
+
+impl FleetService {
+    /// A service for `coordinator`, authenticating nodes against `store`.
+    pub fn new(coordinator: Arc<Coordinator>, store: Store) -> Self {
+        Self {
+            coordinator,
+            store,
+            decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
+        }
+    }
+
+    /// The node a call comes from, or UNAUTHENTICATED with the reason.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let header = request
+            .metadata()
+            .get(ferry_proto::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthenticated("no credential sent; enrol with a token first"))?;
+        let credential = Credential::from_header(header).ok_or_else(|| {
+            unauthenticated("malformed credential; expected 'Bearer <node_id>.<secret>'")
+        })?;
+        let node = self
+            .store
+            .node(&credential.node_id)
+            .await
+            .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?;
+        match node {
+            Some(node) if node.revoked => Err(unauthenticated(&format!(
+                "node {} ('{}') has been revoked; ask the operator for a new token",
+                node.node_id, node.name
+            ))),
+            Some(node) if credential.matches(&node.secret_hash) => {
+                self.coordinator.seen(&node.node_id).await;
+                Ok(node.node_id)
+            }
+            _ => Err(unauthenticated(&format!(
+                "unknown credential for node '{}'; enrol again with a new token",
+                credential.node_id
+            ))),
+        }
+    }
+}
+
+fn unauthenticated(message: &str) -> Status {
+    tracing::warn!("refused call: {message}");
+    metrics::counter!("ferry_calls_unauthenticated_total").increment(1);
+    Status::unauthenticated(message.to_string())
+}
+
+fn procedure(p: ClientProcedure) -> (v1::Procedure, f64) {
+    match p {
+        ClientProcedure::LocalSgd => (v1::Procedure::LocalSgd, 0.0),
+        ClientProcedure::Proximal { mu } => (v1::Procedure::Proximal, mu),
+        ClientProcedure::Scaffold => (v1::Procedure::Scaffold, 0.0),
+        ClientProcedure::Normalized => (v1::Procedure::Normalized, 0.0),
+    }
+}
+
+fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
+    let blob = |b: &crate::coordinator::BlobRef| v1::BlobRef {
+        sha256: b.sha256.clone(),
+        size_bytes: b.size,
+    };
+    let task = &node_task.task;
+    let (procedure, mu) = procedure(task.procedure);
+    v1::Task {
+        run_id: node_task.run_id.clone(),
+        round: task.round,
+        model: Some(blob(&node_task.model)),
+        server_control: node_task.server_control.as_ref().map(blob),
+        training: Some(v1::LocalTraining {
+            epochs: task.training.epochs,
+            batch_size: task.training.batch_size as u32,
+            lr: task.training.lr,
+            momentum: task.training.momentum,
+            weight_decay: task.training.weight_decay,
+        }),
+        procedure: procedure.into(),
+        mu,
+        seed: task.seed,
+        deadline_unix_ms: node_task.deadline_unix_ms,
+        heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
+        max_chunk_bytes: spec.max_chunk_bytes as u32,
+    }
+}
+
+/// Logs and counts a refused upload, and returns its status.
+fn rejected(node: &str, reason: &'static str, status: Status) -> Status {
+    tracing::warn!(
+        "node {node}: upload refused ({reason}): {}",
+        status.message()
+    );
+    metrics::counter!("ferry_updates_rejected_total", "reason" => reason).increment(1);
+    status
+}
+
+/// [`rejected`] for the coordinator's refusals.
+fn refused(node: &str, refusal: Refusal) -> Status {
+    match refusal {
+        Refusal::NotOpen(m) => rejected(node, "round_not_open", Status::failed_precondition(m)),
+        Refusal::Invalid(m) => rejected(node, "invalid_update", Status::invalid_argument(m)),
+    }
+}
+
+fn receipt(received_bytes: u64, submission: Option<Submission>) -> UploadReceipt {
+    UploadReceipt {
+        received_bytes,
+        accepted: submission.is_some(),
+        duplicate: submission == Some(Submission::Duplicate),
+    }
+}
+
+async fn staged_len(path: &Path) -> u64 {
+    tokio::fs::metadata(path).await.map_or(0, |m| m.len())
+}
+
+fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
+    move |e| Status::internal(format!("{context}: {e}"))
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Fleet for FleetService {
+    async fn enrol(
+        &self,
+        request: Request<EnrolRequest>,
+    ) -> Result<Response<EnrolResponse>, Status> {
+        let token = request.into_inner().token;
+        let (node_id, secret) = (auth::new_node_id(), auth::new_secret());
+        let name = self
+            .store
+            .enrol(&auth::hash_secret(token.trim()), &node_id, &auth::hash_secret(&secret))
+            .await
+            .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?
+            .ok_or_else(|| {
+                unauthenticated("enrolment token unknown, already used or revoked; create a new one with `ferry token create`")
+            })?;
+        tracing::info!("node {node_id} enrolled as '{name}'");
+        self.coordinator.seen(&node_id).await;
+        Ok(Response::new(EnrolResponse {
+            node_id,
+            secret,
+            name,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let (keep_working, current_round) = self
+            .coordinator
+            .keep_working(&node, request.into_inner().round)
+            .await;
+        Ok(Response::new(HeartbeatResponse {
+            keep_working,
+            current_round,
+        }))
+    }
+
+    async fn pull_task(
+        &self,
+        request: Request<PullTaskRequest>,
+    ) -> Result<Response<PullTaskResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
+        let mut changed = self.coordinator.subscribe();
+        let give_up = tokio::time::Instant::now() + wait;
+        let outcome = loop {
+            match self.coordinator.work_for(&node).await {
+                Work::Task(task) => {
+                    break Outcome::Task(task_message(&task, self.coordinator.spec()));
+                }
+                Work::Finished(reason) => break Outcome::Finished(v1::Finished { reason }),
+                Work::Idle(reason) => {
+                    let woke = tokio::time::timeout_at(give_up, changed.changed()).await;
+                    if !matches!(woke, Ok(Ok(()))) {
+                        break Outcome::Idle(v1::Idle {
+                            retry_after_ms: 500,
+                            reason,
+                        });
+                    }
+                    self.coordinator.seen(&node).await;
+                }
+            }
+        };
+        Ok(Response::new(PullTaskResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    type DownloadStream = ChunkStream;
+
+    async fn download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        self.authenticate(&request).await?;
+        let DownloadRequest { sha256, offset } = request.into_inner();
+        let blob = self
+            .coordinator
+            .downloadable(&sha256)
+            .await
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "blob {sha256} is not the current model or server state; pull a new task"
+                ))
+            })?;
+        if offset > blob.size {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end of blob {sha256} ({} bytes)",
+                blob.size
+            )));
+        }
+        let chunk = self.coordinator.spec().max_chunk_bytes as u64;
+        let blobs = self.coordinator.blobs().clone();
+        let total = blob.size;
+        let stream = futures::stream::unfold(offset, move |at| {
+            let (blobs, sha) = (blobs.clone(), sha256.clone());
+            async move {
+                if at >= total {
+                    return None;
+                }
+                let end = (at + chunk).min(total);
+                let item = blobs
+                    .range(&sha, at..end)
+                    .await
+                    .inspect(|data| {
+                        metrics::counter!("ferry_bytes_out_total").increment(data.len() as u64)
+                    })
+                    .map(|data| BlobChunk {
+                        offset: at,
+                        data: data.to_vec(),
+                        total_bytes: total,
+                    })
+                    .map_err(|e| Status::internal(format!("reading blob: {e}")));
+                Some((item, end))
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadReceipt>, Status> {
+        let node = self.authenticate(&request).await?;
+        let mut chunks = request.into_inner();
+        let max_chunk = self.coordinator.spec().max_chunk_bytes;
+        let max_total = self.coordinator.max_update_bytes();
+        let mut file: Option<(tokio::fs::File, std::path::PathBuf, u64)> = None;
+        let mut header: Option<(u32, u64, String)> = None;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if chunk.data.len() > max_chunk {
+                let message = format!(
+                    "chunk of {} bytes exceeds the limit of {max_chunk}",
+                    chunk.data.len()
+                );
+                return Err(rejected(
+                    &node,
+                    "chunk_too_large",
+                    Status::resource_exhausted(message),
+                ));
+            }
+            let this = (chunk.round, chunk.total_bytes, chunk.sha256.clone());
+            match &header {
+                None => {
+                    if chunk.total_bytes > max_total {
+                        let message = format!(
+                            "update of {} bytes exceeds the limit of {max_total} for this model",
+                            chunk.total_bytes
+                        );
+                        return Err(rejected(
+                            &node,
+                            "update_too_large",
+                            Status::resource_exhausted(message),
+                        ));
+                    }
+                    if chunk.sha256.len() != 64
+                        || !chunk.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    {
+                        let status = Status::invalid_argument("sha256 must be 64 hex digits");
+                        return Err(rejected(&node, "malformed", status));
+                    }
+                    if let Some(dup) = self
+                        .coordinator
+                        .may_upload(&node, chunk.round)
+                        .await
+                        .map_err(|r| refused(&node, r))?
+                    {
+                        return Ok(Response::new(receipt(chunk.total_bytes, Some(dup))));
+                    }
+                    let path =
+                        self.coordinator
+                            .blobs()
+                            .staging_file(chunk.round, &node, &chunk.sha256);
+                    let have = staged_len(&path).await;
+                    let handle = tokio::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .await
+                        .map_err(io_status("opening the staged upload"))?;
+                    file = Some((handle, path, have));
+                    header = Some(this.clone());
+                }
+                Some(h) if *h != this => {
+                    let status = Status::invalid_argument(
+                        "round, total_bytes and sha256 must be the same in every chunk of an upload",
+                    );
+                    return Err(rejected(&node, "malformed", status));
+                }
+                Some(_) => {}
+            }
+            let Some((handle, _, have)) = file.as_mut() else {
+                continue;
+            };
+            if chunk.offset != *have {
+                let message = format!(
+                    "upload continues at byte {have}, not {}; ask UploadStatus and resume there",
+                    chunk.offset
+                );
+                return Err(rejected(
+                    &node,
+                    "wrong_offset",
+                    Status::failed_precondition(message),
+                ));
+            }
+            if *have + chunk.data.len() as u64 > chunk.total_bytes {
+                let status = Status::invalid_argument("chunk runs past total_bytes");
+                return Err(rejected(&node, "malformed", status));
+            }
+            metrics::counter!("ferry_bytes_in_total").increment(chunk.data.len() as u64);
+            handle
+                .write_all(&chunk.data)
+                .await
+                .map_err(io_status("writing the staged upload"))?;
+            handle
+                .flush()
+                .await
+                .map_err(io_status("writing the staged upload"))?;
+            *have += chunk.data.len() as u64;
+        }
+        let (Some((_, path, have)), Some((round, total, sha))) = (file, header) else {
+            return Err(rejected(
+                &node,
+                "malformed",
+                Status::invalid_argument("empty upload"),
+            ));
+        };
+        if have < total {
+            return Ok(Response::new(receipt(have, None)));
+        }
+        let _permit = self
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(io_status("reading the staged upload"))?;
+        // The staged bytes are consumed either way: a corrupt upload must start again.
+        let _ = tokio::fs::remove_file(&path).await;
+        if sha256_hex(&bytes) != sha {
+            let status = Status::data_loss(
+                "the uploaded bytes do not match the announced sha256; upload again from byte 0",
+            );
+            return Err(rejected(&node, "hash_mismatch", status));
+        }
+        match self.coordinator.submit(&node, round, bytes).await {
+            Ok(submission) => Ok(Response::new(receipt(total, Some(submission)))),
+            Err(refusal) => Err(refused(&node, refusal)),
+        }
+    }
+
+    async fn upload_status(
+        &self,
+        request: Request<UploadStatusRequest>,
+    ) -> Result<Response<UploadReceipt>, Status> {
+        let node = self.authenticate(&request).await?;
+        let UploadStatusRequest { round, sha256 } = request.into_inner();
+        if let Some(dup) = self
+            .coordinator
+            .may_upload(&node, round)
+            .await
+            .map_err(|r| refused(&node, r))?
+        {
+            return Ok(Response::new(receipt(0, Some(dup))));
+        }
+        let path = self.coordinator.blobs().staging_file(round, &node, &sha256);
+        Ok(Response::new(receipt(staged_len(&path).await, None)))
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<FailureReport>,
+    ) -> Result<Response<FailureAck>, Status> {
+        let node = self.authenticate(&request).await?;
+        let FailureReport { round, reason } = request.into_inner();
+        self.coordinator.report_failure(&node, round, &reason).await;
+        Ok(Response::new(FailureAck {}))
+    }
+}

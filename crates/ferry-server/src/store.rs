@@ -1,0 +1,475 @@
+//! Durable run state behind one interface: SQLite by default (`sqlite:PATH`), Postgres by URL
+//! (`postgres://...`), through sqlx's `Any` driver and SQL that both accept.
+//!
+//! What is kept: enrolment tokens and node credentials (hashes only), the run (its id, the
+//! config it was started with, the open round, the current model and optimizer state by
+//! content hash), each finished round's record, each round's cohort, and every accepted update
+//! (by content hash). A round's commit is one transaction, so after a crash the store shows
+//! either the round still open with its accepted updates, or the round closed — never half.
+
+use sqlx::{AnyPool, Row, any::AnyPoolOptions};
+
+use crate::ServerError;
+
+/// Milliseconds since the Unix epoch, for timestamps in the store.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, \
+     created_ms BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+     secret_hash TEXT NOT NULL, enrolled_ms BIGINT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, \
+     config_hash TEXT NOT NULL, round INTEGER NOT NULL, model_sha TEXT NOT NULL, \
+     state_sha TEXT NOT NULL, finished TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cohort (round INTEGER NOT NULL, node_id TEXT NOT NULL, \
+     PRIMARY KEY (round, node_id))",
+    "CREATE TABLE IF NOT EXISTS accepted (round INTEGER NOT NULL, node_id TEXT NOT NULL, \
+     sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
+];
+
+/// The stored state of the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunRow {
+    /// Random identifier chosen when the run started.
+    pub run_id: String,
+    /// Hash of the run configuration it was started with.
+    pub config_hash: String,
+    /// The open round (the next one to run when none is open).
+    pub round: u32,
+    /// Content hash of the current global model.
+    pub model_sha: String,
+    /// Content hash of the server optimizer's state (empty when it has none).
+    pub state_sha: String,
+    /// Why the run ended; empty while it runs.
+    pub finished: String,
+}
+
+/// What a finished round changes, committed at once.
+#[derive(Debug, Clone)]
+pub struct RoundCommit {
+    /// The round that closed.
+    pub round: u32,
+    /// Its record, as JSON.
+    pub record_json: String,
+    /// The new global model's hash.
+    pub model_sha: String,
+    /// The optimizer state's hash.
+    pub state_sha: String,
+    /// Set when this round ends the run.
+    pub finished: Option<String>,
+}
+
+/// A node's enrolment, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// The node's identifier.
+    pub node_id: String,
+    /// The name of the token it enrolled with.
+    pub name: String,
+    /// sha256 of its secret.
+    pub secret_hash: String,
+    /// Whether its credential was revoked.
+    pub revoked: bool,
+}
+
+fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, ServerError> {
+    Ok(NodeRow {
+        node_id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        secret_hash: row.try_get(2)?,
+        revoked: row.try_get::<i32, _>(3)? != 0,
+    })
+}
+
+/// The store of a coordinator.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+/// Turns `sqlite:PATH` into a URL that creates the file when missing.
+fn connect_url(url: &str) -> String {
+    if url.starts_with("sqlite:") && !url.contains('?') && !url.contains(":memory:") {
+        format!("{url}?mode=rwc")
+    } else {
+        url.to_string()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `url`: `sqlite:PATH` or `postgres://...`.
+    pub async fn open(url: &str) -> Result<Self, ServerError> {
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ServerError::Settings(format!(
+                "store '{url}' is not supported; use sqlite:PATH or postgres://USER@HOST/DB"
+            )));
+        }
+        if let Some(path) = url
+            .strip_prefix("sqlite:")
+            .filter(|p| !p.contains(":memory:"))
+        {
+            let path = std::path::Path::new(path.trim_start_matches("//"));
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(ServerError::io(format!("creating {}", dir.display())))?;
+            }
+        }
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(if url.starts_with("sqlite:") { 1 } else { 8 })
+            .connect(&connect_url(url))
+            .await?;
+        if url.starts_with("sqlite:") {
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+            sqlx::query("PRAGMA busy_timeout=5000")
+                .execute(&pool)
+                .await?;
+        }
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+
+    /// Records a new enrolment token under `name`; a live token of that name must not exist.
+    pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
+        let taken = sqlx::query("SELECT revoked FROM tokens WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = taken {
+            if row.try_get::<i32, _>(0)? == 0 {
+                return Err(ServerError::Settings(format!(
+                    "a token named '{name}' already exists; revoke it first (ferry token revoke --name {name})"
+                )));
+            }
+            sqlx::query("DELETE FROM tokens WHERE name = $1")
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+        }
+        sqlx::query("INSERT INTO tokens (name, token_hash, created_ms) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(token_hash)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes the token `name` and every node enrolled with it; false if no such token.
+    pub async fn revoke(&self, name: &str) -> Result<bool, ServerError> {
+        let tokens = sqlx::query("UPDATE tokens SET revoked = 1 WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE nodes SET revoked = 1 WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(tokens > 0)
+    }
+
+    /// Spends a one-time token: if `token_hash` names an unused, unrevoked token, marks it used
+    /// and records the node; returns the token's name. Done in one transaction, so a token
+    /// enrols at most one node.
+    pub async fn enrol(
+        &self,
+        token_hash: &str,
+        node_id: &str,
+        secret_hash: &str,
+    ) -> Result<Option<String>, ServerError> {
+        let mut tx = self.pool.begin().await?;
+        let spent = sqlx::query(
+            "UPDATE tokens SET used = 1 WHERE token_hash = $1 AND used = 0 AND revoked = 0",
+        )
+        .bind(token_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if spent == 0 {
+            return Ok(None);
+        }
+        let name: String = sqlx::query("SELECT name FROM tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        sqlx::query(
+            "INSERT INTO nodes (node_id, name, secret_hash, enrolled_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(node_id)
+        .bind(&name)
+        .bind(secret_hash)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(name))
+    }
+
+    /// The node `node_id`, if enrolled.
+    pub async fn node(&self, node_id: &str) -> Result<Option<NodeRow>, ServerError> {
+        let row =
+            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes WHERE node_id = $1")
+                .bind(node_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(node_row).transpose()
+    }
+
+    /// All enrolled nodes.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, ServerError> {
+        let rows =
+            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes ORDER BY node_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(node_row).collect()
+    }
+
+    /// The stored run, if one was started.
+    pub async fn run(&self) -> Result<Option<RunRow>, ServerError> {
+        let row = sqlx::query(
+            "SELECT run_id, config_hash, round, model_sha, state_sha, finished FROM run WHERE id = 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(RunRow {
+                run_id: row.try_get(0)?,
+                config_hash: row.try_get(1)?,
+                round: u32::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
+                model_sha: row.try_get(3)?,
+                state_sha: row.try_get(4)?,
+                finished: row.try_get(5)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records the start of a run.
+    pub async fn start_run(&self, run: &RunRow) -> Result<(), ServerError> {
+        sqlx::query(
+            "INSERT INTO run (id, run_id, config_hash, round, model_sha, state_sha, finished) \
+             VALUES (1, $1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&run.run_id)
+        .bind(&run.config_hash)
+        .bind(i64::from(run.round))
+        .bind(&run.model_sha)
+        .bind(&run.state_sha)
+        .bind(&run.finished)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a round's cohort (idempotent).
+    pub async fn set_cohort(&self, round: u32, nodes: &[String]) -> Result<(), ServerError> {
+        let mut tx = self.pool.begin().await?;
+        for node in nodes {
+            sqlx::query("DELETE FROM cohort WHERE round = $1 AND node_id = $2")
+                .bind(i64::from(round))
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO cohort (round, node_id) VALUES ($1, $2)")
+                .bind(i64::from(round))
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The stored cohort of `round`.
+    pub async fn cohort(&self, round: u32) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query("SELECT node_id FROM cohort WHERE round = $1 ORDER BY node_id")
+            .bind(i64::from(round))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Records that `node`'s update for `round` (blob `sha256`) is counted; false if that node
+    /// already has an update counted in the round (a replay).
+    pub async fn accept(&self, round: u32, node: &str, sha256: &str) -> Result<bool, ServerError> {
+        let exists = sqlx::query("SELECT 1 FROM accepted WHERE round = $1 AND node_id = $2")
+            .bind(i64::from(round))
+            .bind(node)
+            .fetch_optional(&self.pool)
+            .await?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        sqlx::query("INSERT INTO accepted (round, node_id, sha256) VALUES ($1, $2, $3)")
+            .bind(i64::from(round))
+            .bind(node)
+            .bind(sha256)
+            .execute(&self.pool)
+            .await?;
+        Ok(true)
+    }
+
+    /// Takes back an acceptance that the aggregator then refused.
+    pub async fn unaccept(&self, round: u32, node: &str) -> Result<(), ServerError> {
+        sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
+            .bind(i64::from(round))
+            .bind(node)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The updates counted in `round`, as `(node, sha256)`, in node order.
+    pub async fn accepted(&self, round: u32) -> Result<Vec<(String, String)>, ServerError> {
+        let rows =
+            sqlx::query("SELECT node_id, sha256 FROM accepted WHERE round = $1 ORDER BY node_id")
+                .bind(i64::from(round))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
+    }
+
+    /// Closes a round: its record, the new model and optimizer state, and the next round, in
+    /// one transaction.
+    pub async fn commit_round(&self, commit: &RoundCommit) -> Result<(), ServerError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO rounds (round, record) VALUES ($1, $2)")
+            .bind(i64::from(commit.round))
+            .bind(&commit.record_json)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE run SET round = $1, model_sha = $2, state_sha = $3, finished = $4 WHERE id = 1",
+        )
+        .bind(i64::from(commit.round) + 1)
+        .bind(&commit.model_sha)
+        .bind(&commit.state_sha)
+        .bind(commit.finished.clone().unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The records of all finished rounds, as JSON, in round order.
+    pub async fn round_records(&self) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query("SELECT record FROM rounds ORDER BY round")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store(dir: &tempfile::TempDir) -> Store {
+        let url = format!("sqlite:{}", dir.path().join("db/ferry.db").display());
+        Store::open(&url).await.expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_token_enrols_exactly_one_node_and_revocation_reaches_the_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        store.add_token("site-1", "h1").await.expect("add");
+        assert!(store.add_token("site-1", "h2").await.is_err(), "name taken");
+        assert_eq!(
+            store.enrol("h1", "n1", "s1").await.expect("enrol"),
+            Some("site-1".into())
+        );
+        assert_eq!(
+            store.enrol("h1", "n2", "s2").await.expect("enrol"),
+            None,
+            "one-time"
+        );
+        assert_eq!(store.enrol("nope", "n3", "s3").await.expect("enrol"), None);
+        assert!(
+            !store
+                .node("n1")
+                .await
+                .expect("node")
+                .expect("exists")
+                .revoked
+        );
+        assert!(store.revoke("site-1").await.expect("revoke"));
+        assert!(
+            store
+                .node("n1")
+                .await
+                .expect("node")
+                .expect("exists")
+                .revoked
+        );
+        assert!(!store.revoke("site-9").await.expect("revoke"));
+        store
+            .add_token("site-1", "h3")
+            .await
+            .expect("a revoked name can be reused");
+    }
+
+    #[tokio::test]
+    async fn accepted_updates_count_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = RunRow {
+            run_id: "r".into(),
+            config_hash: "c".into(),
+            round: 1,
+            model_sha: "m0".into(),
+            state_sha: String::new(),
+            finished: String::new(),
+        };
+        {
+            let store = store(&dir).await;
+            store.start_run(&run).await.expect("start");
+            store
+                .set_cohort(1, &["a".into(), "b".into()])
+                .await
+                .expect("cohort");
+            store
+                .set_cohort(1, &["b".into()])
+                .await
+                .expect("idempotent");
+            assert!(store.accept(1, "a", "x").await.expect("accept"));
+            assert!(!store.accept(1, "a", "x").await.expect("replay"));
+        }
+        let store = store(&dir).await;
+        assert_eq!(store.run().await.expect("run"), Some(run));
+        assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
+        assert_eq!(
+            store.accepted(1).await.expect("accepted"),
+            [("a".into(), "x".into())]
+        );
+        store
+            .commit_round(&RoundCommit {
+                round: 1,
+                record_json: "{}".into(),
+                model_sha: "m1".into(),
+                state_sha: "s1".into(),
+                finished: None,
+            })
+            .await
+            .expect("commit");
+        let run = store.run().await.expect("run").expect("exists");
+        assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
+        assert_eq!(store.round_records().await.expect("records"), ["{}"]);
+    }
+}

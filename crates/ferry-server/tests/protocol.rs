@@ -1,0 +1,461 @@
+//! The fleet protocol against a real server on loopback: identity, task pull, resumable and
+//! idempotent uploads, refusals of bad input, and a restart that keeps every accepted update
+//! exactly once.
+//!
+//! The model is a two-tensor toy and the evaluator scores the model by its distance to a known
+//! target, so the test needs no ML engine; the protocol and the round bookkeeping are real.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use ferry_core::{
+    Model, ModelLayout, TensorSpec, Update,
+    model::sha256_hex,
+    strategy::{Strategy, StrategyName, StrategyParams},
+    task::LocalTraining,
+    wire,
+};
+use ferry_engine::{node::Evaluator, round::CohortRule};
+use ferry_proto::v1::{
+    DownloadRequest, EnrolRequest, PullTaskRequest, Task, UploadChunk, UploadStatusRequest,
+    fleet_client::FleetClient, pull_task_response::Outcome,
+};
+use ferry_server::{
+    Listener, auth,
+    blobs::Blobs,
+    coordinator::{Coordinator, RunSpec},
+    store::Store,
+};
+use futures::StreamExt;
+use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
+
+/// Accuracy = 1 / (1 + squared distance to all-ones): rises as updates pull the model there.
+struct DistanceToOnes;
+
+impl Evaluator for DistanceToOnes {
+    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+        let d: f64 = model
+            .values()
+            .iter()
+            .map(|v| f64::from(v - 1.0).powi(2))
+            .sum();
+        Ok((d, 1.0 / (1.0 + d)))
+    }
+}
+
+fn initial() -> Model {
+    let layout = ModelLayout::new(vec![
+        TensorSpec {
+            name: "w".into(),
+            shape: vec![2, 2],
+        },
+        TensorSpec {
+            name: "b".into(),
+            shape: vec![2],
+        },
+    ])
+    .expect("layout");
+    Model::new(Arc::new(layout), vec![0.0; 6]).expect("model")
+}
+
+fn spec(rounds: u32, min_clients: usize) -> RunSpec {
+    RunSpec {
+        config_hash: "test".into(),
+        rounds,
+        cohort: CohortRule {
+            fraction: 1.0,
+            min_clients,
+            seed: 7,
+            training: LocalTraining {
+                epochs: 1,
+                batch_size: 8,
+                lr: 0.1,
+                momentum: 0.0,
+                weight_decay: 0.0,
+            },
+        },
+        min_results: min_clients,
+        round_timeout: Duration::from_secs(60),
+        target_accuracy: None,
+        heartbeat_interval: Duration::from_secs(1),
+        offline_after: Duration::from_secs(30),
+        max_chunk_bytes: 1024,
+    }
+}
+
+struct Running {
+    coordinator: Arc<Coordinator>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+    driver: tokio::task::JoinHandle<()>,
+    url: String,
+}
+
+async fn start(dir: &std::path::Path, rounds: u32, min_clients: usize) -> Running {
+    let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
+        .await
+        .expect("store");
+    let blobs = Blobs::local(&dir.join("blobs")).expect("blobs");
+    let strategy = Strategy::new(
+        StrategyName::FedAvg,
+        &StrategyParams::default(),
+        min_clients,
+    );
+    let (coordinator, _events) = Coordinator::start(
+        spec(rounds, min_clients),
+        strategy,
+        initial(),
+        Arc::new(DistanceToOnes),
+        store.clone(),
+        blobs,
+    )
+    .await
+    .expect("coordinator");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            ferry_server::serve(Listener { addr, tls: None }, coordinator, store, shutdown)
+                .await
+                .expect("serve");
+        }
+    });
+    let driver = tokio::spawn({
+        let coordinator = coordinator.clone();
+        async move {
+            let _ = coordinator.drive().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Running {
+        coordinator,
+        stop,
+        server,
+        driver,
+        url: format!("http://{addr}"),
+    }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+        self.driver.abort();
+    }
+}
+
+async fn client(url: &str) -> FleetClient<Channel> {
+    FleetClient::connect(url.to_string())
+        .await
+        .expect("connect")
+}
+
+fn authed<T>(credential: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {credential}")).expect("ascii"),
+    );
+    request
+}
+
+async fn add_token(dir: &std::path::Path, name: &str) -> String {
+    let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
+        .await
+        .expect("store");
+    let token = format!("ferry-{}", auth::new_secret());
+    store
+        .add_token(name, &auth::hash_secret(&token))
+        .await
+        .expect("token");
+    token
+}
+
+async fn enrol(client: &mut FleetClient<Channel>, token: &str) -> String {
+    let r = client
+        .enrol(EnrolRequest {
+            token: token.into(),
+        })
+        .await
+        .expect("enrol")
+        .into_inner();
+    format!("{}.{}", r.node_id, r.secret)
+}
+
+async fn pull(client: &mut FleetClient<Channel>, credential: &str) -> Task {
+    for _ in 0..20 {
+        let response = client
+            .pull_task(authed(credential, PullTaskRequest { wait_ms: 2000 }))
+            .await
+            .expect("pull")
+            .into_inner();
+        if let Some(Outcome::Task(task)) = response.outcome {
+            return task;
+        }
+    }
+    panic!("no task within 40 s");
+}
+
+fn chunks(round: u32, bytes: &[u8], from: usize, size: usize) -> Vec<UploadChunk> {
+    let sha = sha256_hex(bytes);
+    bytes[from..]
+        .chunks(size)
+        .enumerate()
+        .map(|(i, data)| UploadChunk {
+            round,
+            offset: (from + i * size) as u64,
+            data: data.to_vec(),
+            total_bytes: bytes.len() as u64,
+            sha256: sha.clone(),
+        })
+        .collect()
+}
+
+async fn upload(
+    client: &mut FleetClient<Channel>,
+    credential: &str,
+    parts: Vec<UploadChunk>,
+) -> Result<ferry_proto::v1::UploadReceipt, tonic::Status> {
+    client
+        .upload(authed(credential, futures::stream::iter(parts)))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn update_bytes(delta: Vec<f32>, examples: u64) -> Vec<u8> {
+    wire::encode_update(&Update::new(delta, examples), initial().layout()).expect("encode")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_uploads_refusals_and_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (token_a, token_b) = (
+        add_token(dir.path(), "site-a").await,
+        add_token(dir.path(), "site-b").await,
+    );
+    let running = start(dir.path(), 3, 2).await;
+    let mut c = client(&running.url).await;
+
+    // Identity: bad tokens and credentials are refused; a token enrols once.
+    let err = c
+        .enrol(EnrolRequest {
+            token: "ferry-bogus".into(),
+        })
+        .await
+        .expect_err("bogus token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("ferry token create"),
+        "{}",
+        err.message()
+    );
+    let a = enrol(&mut c, &token_a).await;
+    let again = c
+        .enrol(EnrolRequest {
+            token: token_a.clone(),
+        })
+        .await
+        .expect_err("one-time");
+    assert_eq!(again.code(), Code::Unauthenticated);
+    let b = enrol(&mut c, &token_b).await;
+    let forged = format!("{}.{}", a.split('.').next().expect("id"), "0".repeat(64));
+    let err = c
+        .pull_task(authed(&forged, PullTaskRequest { wait_ms: 0 }))
+        .await
+        .expect_err("forged");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = c
+        .pull_task(Request::new(PullTaskRequest { wait_ms: 0 }))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Both nodes online: round 1 starts with both; the model downloads in chunks and verifies.
+    let task = pull(&mut c, &a).await;
+    assert_eq!(task.round, 1);
+    let model = task.model.clone().expect("model ref");
+    let mut stream = c
+        .download(authed(
+            &a,
+            DownloadRequest {
+                sha256: model.sha256.clone(),
+                offset: 10,
+            },
+        ))
+        .await
+        .expect("download")
+        .into_inner();
+    let mut tail = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        tail.extend(chunk.expect("chunk").data);
+    }
+    let whole = initial().to_safetensors().expect("bytes");
+    assert_eq!(tail, whole[10..], "download resumes at an offset");
+    assert_eq!(sha256_hex(&whole), model.sha256);
+
+    // Bad updates are refused with precise statuses and do not count. A refused update is the
+    // node's answer for the round; transport refusals (chunk size, stale round) are not.
+    let nan = update_bytes(vec![f32::NAN, 0.0, 0.0, 0.0, 0.0, 0.0], 5);
+    let err = upload(&mut c, &a, chunks(1, &nan, 0, 512))
+        .await
+        .expect_err("NaN");
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("non-finite"), "{}", err.message());
+    let big = vec![0u8; 2000];
+    let oversized = UploadChunk {
+        round: 1,
+        offset: 0,
+        total_bytes: big.len() as u64,
+        sha256: sha256_hex(&big),
+        data: big,
+    };
+    let err = upload(&mut c, &b, vec![oversized])
+        .await
+        .expect_err("oversized chunk");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let err = upload(
+        &mut c,
+        &b,
+        chunks(9, &update_bytes(vec![1.0; 6], 5), 0, 512),
+    )
+    .await
+    .expect_err("stale");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // A cut upload resumes where the server says it stopped.
+    let good = update_bytes(vec![1.0; 6], 30);
+    let first: Vec<UploadChunk> = chunks(1, &good, 0, 50).into_iter().take(2).collect();
+    let partial = upload(&mut c, &b, first).await.expect("partial upload");
+    assert!(!partial.accepted);
+    assert_eq!(partial.received_bytes, 100);
+    let status = c
+        .upload_status(authed(
+            &b,
+            UploadStatusRequest {
+                round: 1,
+                sha256: sha256_hex(&good),
+            },
+        ))
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.received_bytes, 100);
+    let err = upload(&mut c, &b, chunks(1, &good, 50, 50))
+        .await
+        .expect_err("wrong offset");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("100"), "{}", err.message());
+    let receipt = upload(&mut c, &b, chunks(1, &good, 100, 50))
+        .await
+        .expect("resumed");
+    assert!(receipt.accepted && !receipt.duplicate);
+    let replay = upload(&mut c, &b, chunks(1, &good, 0, 512))
+        .await
+        .expect("replay answered");
+    assert!(
+        replay.accepted && replay.duplicate,
+        "a replay is acknowledged, not counted"
+    );
+
+    // Round 1 closed once both had answered: b's update counted, a's refused.
+    let history = wait_rounds(&running.coordinator, 1).await;
+    assert_eq!((history[0].participants, history[0].failures), (1, 1));
+
+    // Round 2: a sends a tensor the model does not have; b delivers.
+    assert_eq!(pull(&mut c, &a).await.round, 2);
+    let foreign = wire::encode_vectors(&[("delta/evil", &[1.0; 6])]).expect("encode");
+    let err = upload(&mut c, &a, chunks(2, &foreign, 0, 512))
+        .await
+        .expect_err("foreign tensor");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("evil"), "{}", err.message());
+    let b2 = update_bytes(vec![1.0; 6], 30);
+    let receipt = upload(&mut c, &b, chunks(2, &b2, 0, 512)).await;
+    assert!(receipt.expect("b round 2").accepted);
+    wait_rounds(&running.coordinator, 2).await;
+
+    // Round 3: b delivers, then the server dies before a does.
+    assert_eq!(pull(&mut c, &b).await.round, 3);
+    let b3 = update_bytes(vec![1.0; 6], 30);
+    let receipt = upload(&mut c, &b, chunks(3, &b3, 0, 512)).await;
+    assert!(receipt.expect("b round 3").accepted);
+    running.stop().await;
+
+    let running = start(dir.path(), 3, 2).await;
+    let mut c = client(&running.url).await;
+    let replay = upload(&mut c, &b, chunks(3, &b3, 0, 512))
+        .await
+        .expect("replay after restart");
+    assert!(
+        replay.accepted && replay.duplicate,
+        "the accepted update survived the restart, once"
+    );
+    let replay = upload(&mut c, &b, chunks(1, &good, 0, 512))
+        .await
+        .expect("old replay");
+    assert!(
+        replay.duplicate,
+        "a replay of a closed round is acknowledged, not counted"
+    );
+    assert_eq!(pull(&mut c, &a).await.round, 3, "a still owes round 3");
+    let a3 = update_bytes(vec![-1.0; 6], 10);
+    let receipt = upload(&mut c, &a, chunks(3, &a3, 0, 512)).await;
+    assert!(receipt.expect("a round 3").accepted);
+    let history = wait_rounds(&running.coordinator, 3).await;
+    assert_eq!((history[1].participants, history[1].failures), (1, 1));
+    assert_eq!(history[2].participants, 2);
+    // Rounds 1 and 2 moved every value to 2; round 3 adds (30 * 1 + 10 * -1) / 40 = 0.5, which
+    // holds only if b's update was counted exactly once across the crash.
+    let global = running.coordinator.global().await;
+    assert!(
+        global.values().iter().all(|v| (v - 2.5).abs() < 1e-6),
+        "{:?}",
+        global.values()
+    );
+    let finished = c
+        .pull_task(authed(&a, PullTaskRequest { wait_ms: 2000 }))
+        .await
+        .expect("pull")
+        .into_inner();
+    assert!(
+        matches!(finished.outcome, Some(Outcome::Finished(_))),
+        "{finished:?}"
+    );
+
+    // Revocation takes effect on the next call.
+    Store::open(&format!("sqlite:{}", dir.path().join("ferry.db").display()))
+        .await
+        .expect("store")
+        .revoke("site-a")
+        .await
+        .expect("revoke");
+    let err = c
+        .pull_task(authed(&a, PullTaskRequest { wait_ms: 0 }))
+        .await
+        .expect_err("revoked");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    running.stop().await;
+}
+
+async fn wait_rounds(
+    coordinator: &Coordinator,
+    rounds: usize,
+) -> Vec<ferry_engine::record::RoundRecord> {
+    for _ in 0..100 {
+        let history = coordinator.history().await.expect("history");
+        if history.len() >= rounds {
+            return history;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("round {rounds} did not close within 10 s");
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Logistic regression on a CSV file, as a Ferry external-command trainer.
+
+Ferry runs `python3 train.py TASK_JSON` once per round (see docs/exec-trainer.md). This script
+reads the global model (one weight matrix [features, classes] and one bias [classes]), trains it
+with mini-batch SGD on DATA_DIR/train.csv (one row per example: the class label, then the
+features; features above 1 are read as 0-255 pixel values and scaled to [0, 1]), and writes the
+trained model and the result where the task says.
+
+Needs numpy and the safetensors package.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+def softmax(logits):
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def main():
+    with open(sys.argv[-1]) as f:
+        task = json.load(f)
+    tensors = load_file(task["model_in"])
+    weight_name = next(name for name, t in tensors.items() if t.ndim == 2)
+    bias_name = next(name for name, t in tensors.items() if t.ndim == 1)
+    w = tensors[weight_name].astype(np.float64)
+    b = tensors[bias_name].astype(np.float64)
+    w_global, b_global = w.copy(), b.copy()
+
+    data = np.loadtxt(os.path.join(task["data_dir"], "train.csv"), delimiter=",", ndmin=2)
+    labels = data[:, 0].astype(np.int64)
+    features = data[:, 1:]
+    if features.max() > 1.0:
+        features = features / 255.0
+    classes = w.shape[1]
+    onehot = np.eye(classes)[labels]
+
+    lr, momentum, decay = task["lr"], task["momentum"], task["weight_decay"]
+    mu = task["mu"] if task["procedure"] == "proximal" else 0.0
+    rng = np.random.default_rng(task["seed"])
+    velocity_w, velocity_b = np.zeros_like(w), np.zeros_like(b)
+    steps, loss_sum = 0, 0.0
+    for _ in range(task["epochs"]):
+        order = rng.permutation(len(labels))
+        for start in range(0, len(order), task["batch_size"]):
+            batch = order[start:start + task["batch_size"]]
+            x, y = features[batch], onehot[batch]
+            p = softmax(x @ w + b)
+            loss_sum += -np.log(np.clip((p * y).sum(axis=1), 1e-12, None)).mean()
+            grad_w = x.T @ (p - y) / len(batch) + decay * w + mu * (w - w_global)
+            grad_b = (p - y).mean(axis=0) + decay * b + mu * (b - b_global)
+            velocity_w = momentum * velocity_w + grad_w
+            velocity_b = momentum * velocity_b + grad_b
+            w -= lr * velocity_w
+            b -= lr * velocity_b
+            steps += 1
+
+    save_file({weight_name: w.astype(np.float32), bias_name: b.astype(np.float32)}, task["model_out"])
+    with open(task["result_out"], "w") as f:
+        json.dump({"num_examples": int(len(labels)),
+                   "metrics": {"train_loss": loss_sum / max(steps, 1), "steps": steps}}, f)
+
+
+if __name__ == "__main__":
+    main()
