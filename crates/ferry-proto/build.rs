@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
+        // Chunk payloads as `bytes::Bytes`: sliced and forwarded without copies.
+        .bytes(".ferry.v1.BlobChunk.data")
+        .bytes(".ferry.v1.UploadChunk.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(descriptors)?;

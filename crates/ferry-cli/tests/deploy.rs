@@ -550,3 +550,42 @@ fn exec_trainer_learns_over_mutual_tls() {
         "metrics reach the server"
     );
 }
+
+#[test]
+fn demo_runs_a_whole_deployment_and_stops_everything() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("demo");
+    let result = run_ok(&[
+        "demo",
+        "--dataset",
+        "mnist-subset",
+        "--partition",
+        "iid",
+        "--clients",
+        "2",
+        "--rounds",
+        "2",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(stdout.contains("round   2/2"), "{stdout}");
+    assert!(stdout.contains("demo done"), "{stdout}");
+    let h = history(&out.join("results")).expect("results/history.json");
+    assert_eq!(h["rounds"].as_array().map(Vec::len), Some(2));
+    assert!(
+        h["rounds"]
+            .as_array()
+            .expect("rounds")
+            .iter()
+            .all(|r| r["participants"] == 2)
+    );
+    assert!(out.join("results/model.safetensors").exists());
+    for i in 0..2 {
+        let log = fs::read_to_string(out.join(format!("client-{i}.log"))).expect("client log");
+        assert!(
+            log.contains("run finished"),
+            "client {i} did not stop by itself:\n{log}"
+        );
+    }
+}

@@ -316,7 +316,7 @@ async fn work(
         }
     };
     let bytes = match wire::encode_update(&update, &layout) {
-        Ok(bytes) => bytes,
+        Ok(bytes) => bytes::Bytes::from(bytes),
         Err(e) => {
             report_failure(client, credential, round, &e.to_string()).await;
             on_event(abandon(e.to_string()));

@@ -35,6 +35,8 @@ pub fn channel(address: &ServerAddress) -> Result<Channel, ClientError> {
     let mut endpoint = Endpoint::from_shared(address.url.clone())
         .map_err(|e| ClientError::Settings(format!("server address '{}': {e}", address.url)))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20))
         .tcp_keepalive(Some(Duration::from_secs(30)));
     if address.url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();

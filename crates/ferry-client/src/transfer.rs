@@ -1,6 +1,7 @@
 //! Resumable transfers: downloads continue from the bytes already held, uploads from the bytes
 //! the server says it holds, and both are checked against their sha256.
 
+use bytes::Bytes;
 use ferry_core::model::sha256_hex;
 use ferry_proto::v1::{
     DownloadRequest, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_client::FleetClient,
@@ -52,7 +53,7 @@ pub async fn upload(
     client: &mut FleetClient<Channel>,
     credential: &StoredCredential,
     round: u32,
-    bytes: &[u8],
+    bytes: &Bytes,
     chunk_bytes: usize,
 ) -> Result<UploadReceipt, Status> {
     let sha256 = sha256_hex(bytes);
@@ -71,13 +72,12 @@ pub async fn upload(
     let start = (status.received_bytes as usize).min(bytes.len());
     let total = bytes.len() as u64;
     let chunk_bytes = chunk_bytes.max(1);
-    let mut chunks: Vec<UploadChunk> = bytes[start..]
-        .chunks(chunk_bytes)
-        .enumerate()
-        .map(|(i, data)| UploadChunk {
+    let mut chunks: Vec<UploadChunk> = (start..bytes.len())
+        .step_by(chunk_bytes)
+        .map(|offset| UploadChunk {
             round,
-            offset: (start + i * chunk_bytes) as u64,
-            data: data.to_vec(),
+            offset: offset as u64,
+            data: bytes.slice(offset..(offset + chunk_bytes).min(bytes.len())),
             total_bytes: total,
             sha256: sha256.clone(),
         })
@@ -87,7 +87,7 @@ pub async fn upload(
         chunks.push(UploadChunk {
             round,
             offset: total,
-            data: Vec::new(),
+            data: Bytes::new(),
             total_bytes: total,
             sha256: sha256.clone(),
         });

@@ -54,7 +54,11 @@ pub async fn serve(
     store: store::Store,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let mut builder = Server::builder();
+    // Wide HTTP/2 windows: a model moves as a stream of 1 MiB chunks without waiting on
+    // window updates.
+    let mut builder = Server::builder()
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     match &listener.tls {
         Some(tls) => {
             let mut config =

@@ -267,7 +267,7 @@ impl Fleet for FleetService {
                     })
                     .map(|data| BlobChunk {
                         offset: at,
-                        data: data.to_vec(),
+                        data,
                         total_bytes: total,
                     })
                     .map_err(|e| Status::internal(format!("reading blob: {e}")));

@@ -20,16 +20,16 @@ pub fn now_ms() -> i64 {
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, \
-     created_ms BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)",
+     created_ms BIGINT NOT NULL, used BIGINT NOT NULL DEFAULT 0, revoked BIGINT NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, \
-     secret_hash TEXT NOT NULL, enrolled_ms BIGINT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS run (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, \
-     config_hash TEXT NOT NULL, round INTEGER NOT NULL, model_sha TEXT NOT NULL, \
+     secret_hash TEXT NOT NULL, enrolled_ms BIGINT NOT NULL, revoked BIGINT NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS run (id BIGINT PRIMARY KEY, run_id TEXT NOT NULL, \
+     config_hash TEXT NOT NULL, round BIGINT NOT NULL, model_sha TEXT NOT NULL, \
      state_sha TEXT NOT NULL, finished TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, record TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS cohort (round INTEGER NOT NULL, node_id TEXT NOT NULL, \
+    "CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cohort (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
      PRIMARY KEY (round, node_id))",
-    "CREATE TABLE IF NOT EXISTS accepted (round INTEGER NOT NULL, node_id TEXT NOT NULL, \
+    "CREATE TABLE IF NOT EXISTS accepted (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
      sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
 ];
 
@@ -83,7 +83,7 @@ fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, ServerError> {
         node_id: row.try_get(0)?,
         name: row.try_get(1)?,
         secret_hash: row.try_get(2)?,
-        revoked: row.try_get::<i32, _>(3)? != 0,
+        revoked: row.try_get::<i64, _>(3)? != 0,
     })
 }
 
@@ -149,7 +149,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?;
         if let Some(row) = taken {
-            if row.try_get::<i32, _>(0)? == 0 {
+            if row.try_get::<i64, _>(0)? == 0 {
                 return Err(ServerError::Settings(format!(
                     "a token named '{name}' already exists; revoke it first (ferry token revoke --name {name})"
                 )));
@@ -386,10 +386,46 @@ mod tests {
         Store::open(&url).await.expect("open")
     }
 
+    /// Empties every table, so a shared Postgres database starts clean.
+    async fn wipe(store: &Store) {
+        for table in ["tokens", "nodes", "run", "rounds", "cohort", "accepted"] {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&store.pool)
+                .await
+                .expect("wipe");
+        }
+    }
+
     #[tokio::test]
-    async fn a_token_enrols_exactly_one_node_and_revocation_reaches_the_node() {
+    async fn sqlite_tokens_enrol_exactly_one_node_and_revocation_reaches_the_node() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = store(&dir).await;
+        tokens_enrol_once_and_revocation_reaches_the_node(&store(&dir).await).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_accepted_updates_count_once_and_survive_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite:{}", dir.path().join("db/ferry.db").display());
+        accepted_updates_count_once_and_survive_reopening(&url).await;
+    }
+
+    /// The same behaviour on Postgres, through the same code. Needs a database to write to:
+    /// `FERRY_TEST_POSTGRES_URL=postgres://USER@HOST:PORT/DB` (its Ferry tables are emptied).
+    #[tokio::test]
+    async fn postgres_behaves_like_sqlite() {
+        let Ok(url) = std::env::var("FERRY_TEST_POSTGRES_URL") else {
+            eprintln!("FERRY_TEST_POSTGRES_URL is not set; the Postgres store was not exercised");
+            return;
+        };
+        let store = Store::open(&url).await.expect("open postgres");
+        wipe(&store).await;
+        tokens_enrol_once_and_revocation_reaches_the_node(&store).await;
+        wipe(&store).await;
+        accepted_updates_count_once_and_survive_reopening(&url).await;
+        wipe(&store).await;
+    }
+
+    async fn tokens_enrol_once_and_revocation_reaches_the_node(store: &Store) {
         store.add_token("site-1", "h1").await.expect("add");
         assert!(store.add_token("site-1", "h2").await.is_err(), "name taken");
         assert_eq!(
@@ -426,9 +462,7 @@ mod tests {
             .expect("a revoked name can be reused");
     }
 
-    #[tokio::test]
-    async fn accepted_updates_count_once_and_survive_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    async fn accepted_updates_count_once_and_survive_reopening(url: &str) {
         let run = RunRow {
             run_id: "r".into(),
             config_hash: "c".into(),
@@ -438,7 +472,7 @@ mod tests {
             finished: String::new(),
         };
         {
-            let store = store(&dir).await;
+            let store = Store::open(url).await.expect("open");
             store.start_run(&run).await.expect("start");
             store
                 .set_cohort(1, &["a".into(), "b".into()])
@@ -451,7 +485,7 @@ mod tests {
             assert!(store.accept(1, "a", "x").await.expect("accept"));
             assert!(!store.accept(1, "a", "x").await.expect("replay"));
         }
-        let store = store(&dir).await;
+        let store = Store::open(url).await.expect("reopen");
         assert_eq!(store.run().await.expect("run"), Some(run));
         assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
         assert_eq!(

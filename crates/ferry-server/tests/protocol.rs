@@ -212,7 +212,7 @@ fn chunks(round: u32, bytes: &[u8], from: usize, size: usize) -> Vec<UploadChunk
         .map(|(i, data)| UploadChunk {
             round,
             offset: (from + i * size) as u64,
-            data: data.to_vec(),
+            data: bytes::Bytes::copy_from_slice(data),
             total_bytes: bytes.len() as u64,
             sha256: sha.clone(),
         })
@@ -315,7 +315,7 @@ async fn identity_uploads_refusals_and_restart() {
         offset: 0,
         total_bytes: big.len() as u64,
         sha256: sha256_hex(&big),
-        data: big,
+        data: big.into(),
     };
     let err = upload(&mut c, &b, vec![oversized])
         .await

@@ -86,16 +86,27 @@ impl Evaluator for NotEvaluated {
     }
 }
 
-/// Returns a random update of the model's size instead of training.
-struct SyntheticTrainer(u64);
+/// Returns a copy of one random update of the model's size instead of training, so that the
+/// clients spend their time on the protocol.
+struct SyntheticTrainer(Arc<Vec<f32>>);
+
+impl SyntheticTrainer {
+    fn new(params: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        Self(Arc::new(
+            (0..params)
+                .map(|_| rng.random_range(-0.01f32..0.01))
+                .collect(),
+        ))
+    }
+}
 
 impl Trainer for SyntheticTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.0);
-        let delta = (0..task.model.num_params())
-            .map(|_| rng.random_range(-0.01f32..0.01))
-            .collect();
-        Ok(Update::new(delta, 1))
+        if task.model.num_params() != self.0.len() {
+            return Err("the server's model is not the benchmark's".into());
+        }
+        Ok(Update::new(self.0.to_vec(), 1))
     }
 }
 
@@ -260,6 +271,7 @@ pub fn run(args: RoundArgs) -> Result<()> {
         args.params,
         args.chunk_bytes / 1024
     );
+    let trainer = Arc::new(SyntheticTrainer::new(args.params));
     let began = Instant::now();
     runtime.block_on(async {
         let mut agents = Vec::new();
@@ -276,11 +288,7 @@ pub fn run(args: RoundArgs) -> Result<()> {
                 max_backoff: Duration::from_secs(1),
                 give_up_after: Duration::from_secs(60),
             };
-            agents.push(tokio::spawn(agent::run(
-                settings,
-                Arc::new(SyntheticTrainer(i as u64)),
-                |_| {},
-            )));
+            agents.push(tokio::spawn(agent::run(settings, trainer.clone(), |_| {})));
         }
         for agent in agents {
             agent.await??;
