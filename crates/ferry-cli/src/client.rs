@@ -44,7 +44,7 @@ pub struct ClientArgs {
     /// Folder where the node keeps its credential and strategy state.
     #[arg(long, value_name = "DIR", default_value = "ferry-node")]
     pub state_dir: PathBuf,
-    /// Dataset: fashion-mnist or mnist-subset.
+    /// Dataset: fashion-mnist, mnist-subset or csv (train.csv in --data-dir).
     #[arg(long, default_value = "fashion-mnist")]
     pub dataset: String,
     /// Folder holding the site's dataset files (searched before $FERRY_DATA and

