@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_server::{auth, store::Store};
+use ferry_server::store::Store;
 
 /// Options of `ferry demo`.
 #[derive(Args, Debug)]
@@ -56,7 +56,8 @@ impl Drop for Processes {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .context("cannot find a free loopback port")?
@@ -123,11 +124,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         let store = Store::open(&store_url).await?;
         let mut tokens = Vec::new();
         for i in 0..args.clients {
-            let token = format!("ferry-{}", auth::new_secret());
-            store
-                .add_token(&format!("demo-site-{i}"), &auth::hash_secret(&token))
-                .await?;
-            tokens.push(token);
+            tokens.push(store.create_token(&format!("demo-site-{i}")).await?);
         }
         anyhow::Ok(tokens)
     })?;

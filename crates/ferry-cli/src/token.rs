@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use ferry_server::{auth, store::Store};
+use ferry_server::store::Store;
 
 /// Token commands.
 #[derive(Subcommand, Debug)]
@@ -51,9 +51,7 @@ pub fn run(command: TokenCommand) -> Result<()> {
                 if args.name.trim().is_empty() {
                     bail!("--name must not be empty");
                 }
-                let store = open_store(&args).await?;
-                let token = format!("ferry-{}", auth::new_secret());
-                store.add_token(&args.name, &auth::hash_secret(&token)).await?;
+                let token = open_store(&args).await?.create_token(&args.name).await?;
                 println!("{token}");
                 eprintln!(
                     "one-time token for '{}': give it to the node (ferry client --token ...); it is not stored and cannot be shown again",

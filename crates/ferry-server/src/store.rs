@@ -142,6 +142,15 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Creates a one-time enrolment token for the node `name` and returns it; only its hash is
+    /// stored, so this is the one time it can be shown.
+    pub async fn create_token(&self, name: &str) -> Result<String, ServerError> {
+        let token = format!("ferry-{}", crate::auth::new_secret());
+        self.add_token(name, &crate::auth::hash_secret(&token))
+            .await?;
+        Ok(token)
+    }
+
     /// Records a new enrolment token under `name`; a live token of that name must not exist.
     pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
         let taken = sqlx::query("SELECT revoked FROM tokens WHERE name = $1")

@@ -20,7 +20,7 @@ use ferry_proto::v1::{
     fleet_client::FleetClient, pull_task_response::Outcome,
 };
 use ferry_server::{
-    Listener, auth,
+    Listener,
     blobs::Blobs,
     coordinator::{Coordinator, RunSpec},
     store::Store,
@@ -171,12 +171,7 @@ async fn add_token(dir: &std::path::Path, name: &str) -> String {
     let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
         .await
         .expect("store");
-    let token = format!("ferry-{}", auth::new_secret());
-    store
-        .add_token(name, &auth::hash_secret(&token))
-        .await
-        .expect("token");
-    token
+    store.create_token(name).await.expect("token")
 }
 
 async fn enrol(client: &mut FleetClient<Channel>, token: &str) -> String {

@@ -23,7 +23,7 @@ use ferry_core::{
 };
 use ferry_engine::{node::Evaluator, round::CohortRule};
 use ferry_server::{
-    Listener, TlsPem, auth,
+    Listener, TlsPem,
     blobs::Blobs,
     coordinator::{Coordinator, Event, RunSpec},
     store::Store,
@@ -228,17 +228,11 @@ pub fn run(args: RoundArgs) -> Result<()> {
         let store = Store::open(&store_url(dir)).await?;
         let mut tokens = Vec::new();
         for i in 0..args.clients {
-            let token = format!("ferry-{}", auth::new_secret());
-            store
-                .add_token(&format!("bench-{i}"), &auth::hash_secret(&token))
-                .await?;
-            tokens.push(token);
+            tokens.push(store.create_token(&format!("bench-{i}")).await?);
         }
         anyhow::Ok(tokens)
     })?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = crate::demo::free_port()?;
     let mut server = Command::new(std::env::current_exe()?)
         .args(["bench", "round-server", "--dir"])
         .arg(dir)
