@@ -34,6 +34,22 @@ pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
     ProgressBar::new(len).with_style(style)
 }
 
+/// Prints each node's classes (label: examples), for federations small enough to read.
+pub fn print_split(classes: &[[usize; ferry_ml::data::NUM_CLASSES]]) {
+    if classes.len() > 20 {
+        return;
+    }
+    for (node, counts) in classes.iter().enumerate() {
+        let held: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(label, n)| format!("{label}:{n}"))
+            .collect();
+        println!("  node {node}: {}", held.join(" "));
+    }
+}
+
 /// Bytes as a short human figure.
 pub fn human_bytes(bytes: u64) -> String {
     let b = bytes as f64;

@@ -7,7 +7,7 @@ use ferry_sim::{Simulation, baselines};
 
 use crate::{
     options::SimulateArgs,
-    progress::{Both, ConsoleProgress, human_bytes, progress_bar},
+    progress::{self, Both, ConsoleProgress, human_bytes, progress_bar},
     report::{self, FinalRecord, History, HistoryFiles},
 };
 
@@ -28,7 +28,8 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     );
     report::prepare_dir(&out)?;
     let sim = Simulation::prepare(config.clone())?;
-    let sizes = sim.node_sizes();
+    let classes = sim.node_classes();
+    let sizes: Vec<usize> = classes.iter().map(|c| c.iter().sum()).collect();
     println!(
         "{} parameters; node sizes {}..{} examples; {} threads",
         sim.initial_model().num_params(),
@@ -36,6 +37,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         sizes.iter().max().unwrap_or(&0),
         config.threads
     );
+    progress::print_split(&classes);
     let started = Instant::now();
     let mut observer = Both(
         ConsoleProgress::new(config.rounds),

@@ -7,7 +7,10 @@ use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome, RunSettings},
     node::NodeHandle,
 };
-use ferry_ml::{data::partition::Partition, params};
+use ferry_ml::{
+    data::{NUM_CLASSES, partition::Partition},
+    params,
+};
 
 use crate::{SimConfig, SimError, evaluator::TestSetEvaluator, node::VirtualNode};
 
@@ -18,6 +21,7 @@ pub struct Simulation {
     evaluator: Arc<TestSetEvaluator>,
     initial: Model,
     partition: Partition,
+    train_labels: Vec<u8>,
 }
 
 impl Simulation {
@@ -34,6 +38,7 @@ impl Simulation {
         let partition = config
             .partition
             .split(&data.train.labels, config.clients, config.seed)?;
+        let train_labels = data.train.labels.clone();
         let train = Arc::new(data.train);
         let nodes = partition
             .parts
@@ -63,6 +68,7 @@ impl Simulation {
             evaluator,
             initial,
             partition,
+            train_labels,
         })
     }
 
@@ -71,9 +77,19 @@ impl Simulation {
         &self.config
     }
 
-    /// Each node's example count, in node order.
-    pub fn node_sizes(&self) -> Vec<usize> {
-        self.partition.parts.iter().map(Vec::len).collect()
+    /// Each node's examples per class, in node order: what the split looks like.
+    pub fn node_classes(&self) -> Vec<[usize; NUM_CLASSES]> {
+        self.partition
+            .parts
+            .iter()
+            .map(|part| {
+                let mut counts = [0; NUM_CLASSES];
+                for &i in part {
+                    counts[usize::from(self.train_labels[i])] += 1;
+                }
+                counts
+            })
+            .collect()
     }
 
     /// The initial global model.

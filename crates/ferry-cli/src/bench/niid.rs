@@ -110,6 +110,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
         ));
         report::prepare_dir(&run_dir)?;
         let sim = Simulation::prepare(config.clone())?;
+        crate::progress::print_split(&sim.node_classes());
         let mut observer = Both(
             ConsoleProgress::new(args.rounds),
             HistoryFiles::new(&run_dir, &config),
