@@ -6,6 +6,7 @@ mod chart;
 mod client;
 mod demo;
 mod options;
+mod privacy;
 mod progress;
 mod report;
 mod server;
@@ -37,6 +38,9 @@ enum Command {
     Token(token::TokenCommand),
     /// Generate a CA, a server certificate and client certificates.
     Certs(certs::CertsArgs),
+    /// Differential-privacy accounting: epsilon of a planned run, or the noise a budget needs.
+    #[command(subcommand)]
+    Privacy(privacy::PrivacyCommand),
     /// Measure training and aggregation speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -60,6 +64,7 @@ fn main() {
         Command::Client(args) => client::run(*args),
         Command::Token(cmd) => token::run(cmd),
         Command::Certs(args) => certs::run(args),
+        Command::Privacy(cmd) => privacy::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };
     if let Err(e) = result {

@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{strategy::StrategyParams, task::LocalTraining};
+use ferry_core::{
+    privacy::{AdaptiveClip, ClipRule, DpSettings},
+    strategy::StrategyParams,
+    task::LocalTraining,
+};
 use ferry_sim::SimConfig;
 use serde::Deserialize;
 
@@ -105,6 +109,51 @@ pub struct SimulateArgs {
     /// Nodes trained at once; results do not depend on it [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Differential privacy: noise multiplier z (noise std = z * clip norm). Setting it makes
+    /// the run private: nodes are Poisson-sampled with rate --fraction, updates are clipped,
+    /// and epsilon is reported each round.
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_noise_multiplier")]
+    pub dp_noise_multiplier: Option<f64>,
+    /// L2 clip norm S of each update (with --dp-adaptive-clip: the first round's norm
+    /// [default: 0.1]).
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_clip")]
+    pub dp_clip: Option<f64>,
+    /// Adapt the clip norm each round to a quantile of the update norms (Andrew et al., 2021).
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(default, alias = "dp_adaptive_clip")]
+    pub dp_adaptive_clip: bool,
+    /// Adaptive clipping: fraction of updates that should fall under the clip [default: 0.5].
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_target_quantile")]
+    pub dp_target_quantile: Option<f64>,
+    /// Adaptive clipping: geometric learning rate of the clip norm [default: 0.2].
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_clip_lr")]
+    pub dp_clip_lr: Option<f64>,
+    /// Adaptive clipping: std of the noise on the unclipped count [default: expected cohort / 20].
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_count_stddev")]
+    pub dp_count_stddev: Option<f64>,
+    /// Clip each tensor to S / sqrt(number of tensors) instead of the whole update to S.
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(default, alias = "dp_per_layer")]
+    pub dp_per_layer: bool,
+    /// The delta of the reported (epsilon, delta) guarantee [default: 1e-5].
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_delta")]
+    pub dp_delta: Option<f64>,
+    /// Who adds the noise: central (the server) or distributed (each node its share)
+    /// [default: central].
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_placement")]
+    pub dp_placement: Option<String>,
+    /// Stop before a round that would take epsilon above this; a run whose first round would
+    /// is refused.
+    #[arg(long, help_heading = "Differential privacy")]
+    #[serde(alias = "dp_epsilon_budget")]
+    pub dp_epsilon_budget: Option<f64>,
 }
 
 macro_rules! prefer_flags {
@@ -147,10 +196,20 @@ impl SimulateArgs {
                 seed,
                 target_accuracy,
                 out,
-                threads
+                threads,
+                dp_noise_multiplier,
+                dp_clip,
+                dp_target_quantile,
+                dp_clip_lr,
+                dp_count_stddev,
+                dp_delta,
+                dp_placement,
+                dp_epsilon_budget
             ]
         );
         self.baselines |= file.baselines;
+        self.dp_adaptive_clip |= file.dp_adaptive_clip;
+        self.dp_per_layer |= file.dp_per_layer;
         Ok(self)
     }
 
@@ -252,7 +311,59 @@ impl SimulateArgs {
             seed: self.seed.unwrap_or(0),
             target_accuracy: self.target_accuracy,
             threads,
+            dp: self.resolve_dp(fraction)?,
         })
+    }
+
+    /// The differential-privacy settings, when `--dp-noise-multiplier` makes the run private.
+    fn resolve_dp(&self, sampling_rate: f64) -> Result<Option<DpSettings>> {
+        let Some(noise_multiplier) = self.dp_noise_multiplier else {
+            let stray = [
+                ("--dp-clip", self.dp_clip.is_some()),
+                ("--dp-adaptive-clip", self.dp_adaptive_clip),
+                ("--dp-target-quantile", self.dp_target_quantile.is_some()),
+                ("--dp-clip-lr", self.dp_clip_lr.is_some()),
+                ("--dp-count-stddev", self.dp_count_stddev.is_some()),
+                ("--dp-per-layer", self.dp_per_layer),
+                ("--dp-delta", self.dp_delta.is_some()),
+                ("--dp-placement", self.dp_placement.is_some()),
+                ("--dp-epsilon-budget", self.dp_epsilon_budget.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+                bail!("{flag} needs --dp-noise-multiplier, which makes the run private");
+            }
+            return Ok(None);
+        };
+        let adaptive_only = [
+            ("--dp-target-quantile", self.dp_target_quantile.is_some()),
+            ("--dp-clip-lr", self.dp_clip_lr.is_some()),
+            ("--dp-count-stddev", self.dp_count_stddev.is_some()),
+        ];
+        let clip = if self.dp_adaptive_clip {
+            ClipRule::Adaptive(AdaptiveClip {
+                initial: self.dp_clip.unwrap_or(0.1),
+                target_quantile: self.dp_target_quantile.unwrap_or(0.5),
+                lr: self.dp_clip_lr.unwrap_or(0.2),
+                count_stddev: self.dp_count_stddev,
+            })
+        } else if let Some((flag, _)) = adaptive_only.iter().find(|(_, set)| *set) {
+            bail!("{flag} applies to adaptive clipping; add --dp-adaptive-clip");
+        } else {
+            ClipRule::Fixed(self.dp_clip.context(
+                "a private run needs a clip norm: set --dp-clip S, or --dp-adaptive-clip",
+            )?)
+        };
+        let settings = DpSettings {
+            noise_multiplier,
+            clip,
+            per_layer: self.dp_per_layer,
+            delta: self.dp_delta.unwrap_or(1e-5),
+            placement: self.dp_placement.as_deref().unwrap_or("central").parse()?,
+            epsilon_budget: self.dp_epsilon_budget,
+            sampling_rate,
+        };
+        settings.validate()?;
+        Ok(Some(settings))
     }
 
     /// The output folder: `--out`, or `runs/<timestamp>`.
@@ -373,6 +484,59 @@ mod tests {
                     ..Default::default()
                 },
                 "--target-accuracy",
+            ),
+        ];
+        for (args, needle) in cases {
+            let err = args.resolve().expect_err(needle).to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn privacy_flags_resolve_and_misuse_is_named() {
+        let private = SimulateArgs {
+            fraction: Some(0.1),
+            dp_noise_multiplier: Some(1.1),
+            dp_clip: Some(0.5),
+            dp_placement: Some("distributed".into()),
+            ..Default::default()
+        };
+        let dp = private.resolve().expect("valid").dp.expect("private");
+        assert_eq!(dp.sampling_rate, 0.1);
+        assert_eq!(dp.clip, ClipRule::Fixed(0.5));
+        assert_eq!(dp.delta, 1e-5);
+        let cases: [(SimulateArgs, &str); 4] = [
+            (
+                SimulateArgs {
+                    dp_clip: Some(0.5),
+                    ..Default::default()
+                },
+                "--dp-noise-multiplier",
+            ),
+            (
+                SimulateArgs {
+                    dp_noise_multiplier: Some(1.0),
+                    ..Default::default()
+                },
+                "--dp-clip",
+            ),
+            (
+                SimulateArgs {
+                    dp_noise_multiplier: Some(1.0),
+                    dp_clip: Some(1.0),
+                    dp_target_quantile: Some(0.3),
+                    ..Default::default()
+                },
+                "--dp-adaptive-clip",
+            ),
+            (
+                SimulateArgs {
+                    dp_noise_multiplier: Some(1.0),
+                    dp_clip: Some(1.0),
+                    dp_placement: Some("edge".into()),
+                    ..Default::default()
+                },
+                "central or distributed",
             ),
         ];
         for (args, needle) in cases {

@@ -95,8 +95,14 @@ impl RoundObserver for ConsoleProgress {
         } else {
             String::new()
         };
+        let privacy = r.dp.map_or(String::new(), |dp| {
+            format!(
+                "  epsilon {:.3} (delta {:e})  clip {:.4}",
+                dp.epsilon, dp.delta, dp.clip_norm
+            )
+        });
         println!(
-            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}",
+            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}",
             r.round,
             self.rounds,
             r.accuracy,
@@ -105,7 +111,8 @@ impl RoundObserver for ConsoleProgress {
             failed,
             r.wall_s,
             human_bytes(r.bytes_up),
-            human_bytes(r.bytes_down)
+            human_bytes(r.bytes_down),
+            privacy
         );
     }
 }

@@ -98,12 +98,13 @@ pub fn write<C: Serialize>(
 
 fn csv(rounds: &[RoundRecord]) -> String {
     let mut out = String::from(
-        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes\n",
+        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm\n",
     );
+    let optional = |value: Option<f64>| value.map_or(String::new(), |v| v.to_string());
     for r in rounds {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{:.3},{},{}",
+            "{},{},{},{},{},{},{},{:.3},{},{},{},{}",
             r.round,
             r.accuracy,
             r.loss,
@@ -113,7 +114,9 @@ fn csv(rounds: &[RoundRecord]) -> String {
             r.bytes_down,
             r.wall_s,
             r.train_loss,
-            r.strategy_state_bytes
+            r.strategy_state_bytes,
+            optional(r.epsilon),
+            optional(r.dp.map(|dp| dp.clip_norm))
         );
     }
     out
@@ -184,6 +187,7 @@ mod tests {
             seed: 0,
             target_accuracy: None,
             threads: 1,
+            dp: None,
         }
     }
 
@@ -199,6 +203,8 @@ mod tests {
             wall_s: 0.1,
             train_loss: 1.2,
             strategy_state_bytes: 0,
+            epsilon: None,
+            dp: None,
         }
     }
 

@@ -14,7 +14,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{model::sha256_hex, strategy::Strategy};
+use ferry_core::{
+    model::sha256_hex,
+    privacy::{mechanism::Privacy, noise::NoiseSeed},
+    strategy::Strategy,
+};
 use ferry_engine::{
     federation::{RoundObserver, StopReason},
     round::CohortRule,
@@ -386,7 +390,11 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         run.seed,
     ));
     let initial = params::init_model(run.model, run.seed)?;
-    let strategy = Strategy::new(run.strategy, &run.strategy_params, run.clients);
+    let mut strategy = Strategy::new(run.strategy, &run.strategy_params, run.clients);
+    if let Some(dp) = run.dp {
+        // A deployment draws its noise from the operating system, never from the run seed.
+        strategy = strategy.with_privacy(Privacy::new(dp, NoiseSeed::Os)?)?;
+    }
     let store = Store::open(&setup.file.store).await?;
     let blobs = Blobs::local(&setup.file.blobs)?;
     let (coordinator, mut events) = Coordinator::start(
@@ -490,11 +498,9 @@ async fn serve(setup: ServerSetup) -> Result<()> {
             loss: last.loss,
             model_sha256: sha.clone(),
             rounds_run: last.round,
-            stop: if reason == "target_reached" {
-                StopReason::TargetReached
-            } else {
-                StopReason::RoundsCompleted
-            },
+            // The coordinator ends runs with the stop reasons' names.
+            stop: serde_json::from_value(serde_json::Value::String(reason.clone()))
+                .unwrap_or(StopReason::RoundsCompleted),
             wall_s: started.elapsed().as_secs_f64(),
             bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
             bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),

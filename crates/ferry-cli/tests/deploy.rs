@@ -119,90 +119,120 @@ impl Drop for Killer {
     }
 }
 
+/// A server set up for a test in its own folder: certificates from `ferry certs`, free ports,
+/// a SQLite store, and `server.toml` with TLS, the operator API and the given `[run]` section.
+struct TestServer {
+    dir: PathBuf,
+    certs: PathBuf,
+    port: u16,
+    api_port: u16,
+    store: String,
+    out: PathBuf,
+    config: PathBuf,
+}
+
+impl TestServer {
+    /// Writes everything; `cert_args` go to `ferry certs`, `client_ca` requires client
+    /// certificates.
+    fn new(dir: &Path, cert_args: &[&str], client_ca: bool, run: &str) -> Self {
+        let certs = dir.join("certs");
+        let mut args = vec!["certs", "--out", certs.to_str().expect("utf-8")];
+        args.extend_from_slice(cert_args);
+        run_ok(&args);
+        let server = Self {
+            dir: dir.to_path_buf(),
+            port: free_port(),
+            api_port: free_port(),
+            store: format!("sqlite:{}", dir.join("ferry.db").display()),
+            out: dir.join("run"),
+            config: dir.join("server.toml"),
+            certs,
+        };
+        let client_ca = if client_ca {
+            format!(
+                "client_ca = \"{}\"\n",
+                server.certs.join("ca.pem").display()
+            )
+        } else {
+            String::new()
+        };
+        fs::write(
+            &server.config,
+            format!(
+                "listen = \"127.0.0.1:{}\"\nstore = \"{}\"\nblobs = \"{}\"\nout = \"{}\"\n\
+                 [api]\nlisten = \"127.0.0.1:{}\"\nadmin_token_file = \"{}\"\n\
+                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n{client_ca}[run]\n{run}",
+                server.port,
+                server.store,
+                dir.join("blobs").display(),
+                server.out.display(),
+                server.api_port,
+                server.admin_token_file().display(),
+                server.certs.join("server.pem").display(),
+                server.certs.join("server.key").display(),
+            ),
+        )
+        .expect("config");
+        server
+    }
+
+    fn admin_token_file(&self) -> PathBuf {
+        self.dir.join("admin-token")
+    }
+
+    fn admin_token(&self) -> String {
+        fs::read_to_string(self.admin_token_file())
+            .expect("admin token written")
+            .trim()
+            .to_string()
+    }
+
+    /// `ferry server --config server.toml`, logging to `log`.
+    fn spawn(&self, log: &Path) -> Child {
+        spawn_logged(&self.args(), log)
+    }
+
+    fn args(&self) -> Vec<String> {
+        ["server", "--config", self.config.to_str().expect("utf-8")]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// A fresh enrolment token for `name`.
+    fn token(&self, name: &str) -> String {
+        let out = run_ok(&["token", "create", "--name", name, "--store", &self.store]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    fn ca(&self) -> String {
+        self.certs
+            .join("ca.pem")
+            .to_str()
+            .expect("utf-8")
+            .to_string()
+    }
+}
+
 #[test]
 fn deployed_run_survives_a_lost_client_and_a_killed_server() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    run_ok(&[
-        "certs",
-        "--out",
-        certs.to_str().expect("utf-8"),
-        "--hosts",
-        "localhost,127.0.0.1",
-    ]);
-    let (port, api_port) = (free_port(), free_port());
-    let store = format!("sqlite:{}", dir.join("ferry.db").display());
-    let out = dir.join("run");
-    let config = dir.join("server.toml");
-    let admin_token_file = dir.join("admin-token");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nstore = \"{store}\"\nblobs = \"{}\"\nout = \"{}\"\n\
-             [api]\nlisten = \"127.0.0.1:{api_port}\"\nadmin_token_file = \"{}\"\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
-             [run]\ndataset = \"mnist-subset\"\nmodel = \"lenet\"\nclients = {CLIENTS}\n\
+    let server = TestServer::new(
+        dir,
+        &["--hosts", "localhost,127.0.0.1"],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"lenet\"\nclients = {CLIENTS}\n\
              min_clients = 3\nrounds = {ROUNDS}\nseed = 0\nround_timeout = 10\nmin_results = 3\n\
-             heartbeat = 1\noffline_after = 4\n",
-            dir.join("blobs").display(),
-            out.display(),
-            admin_token_file.display(),
-            certs.join("server.pem").display(),
-            certs.join("server.key").display(),
+             heartbeat = 1\noffline_after = 4\n"
         ),
-    )
-    .expect("config");
-    let tokens: Vec<String> = (0..CLIENTS)
-        .map(|i| {
-            let out = run_ok(&[
-                "token",
-                "create",
-                "--name",
-                &format!("site-{i}"),
-                "--store",
-                &store,
-            ]);
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        })
-        .collect();
-    assert!(tokens.iter().all(|t| t.starts_with("ferry-")), "{tokens:?}");
-
-    let server_args: Vec<String> = ["server", "--config", config.to_str().expect("utf-8")]
-        .map(String::from)
-        .to_vec();
-    let mut logs = vec![dir.join("server-1.log")];
-    let mut processes = Killer(vec![spawn_logged(&server_args, &logs[0])]);
-    for (i, token) in tokens.iter().enumerate() {
-        let log = dir.join(format!("client-{i}.log"));
-        let args: Vec<String> = [
-            "client",
-            "--server",
-            &format!("https://localhost:{port}"),
-            "--ca",
-            certs.join("ca.pem").to_str().expect("utf-8"),
-            "--token",
-            token,
-            "--state-dir",
-            dir.join(format!("node-{i}")).to_str().expect("utf-8"),
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            "lenet",
-            "--partition",
-            "iid",
-            "--num-partitions",
-            &CLIENTS.to_string(),
-            "--partition-index",
-            &i.to_string(),
-            "--give-up-after",
-            "120",
-        ]
-        .map(String::from)
-        .to_vec();
-        processes.0.push(spawn_logged(&args, &log));
-        logs.push(log);
-    }
+    );
+    let out = server.out.clone();
+    let (mut processes, mut logs) = start_fleet(&server, "lenet", 120);
 
     // A client dies for good while it trains for round 2.
     let victim_log = logs[CLIENTS].clone();
@@ -215,9 +245,10 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
     processes.0[CLIENTS].kill().expect("kill a client");
 
     // The operator API needs the admin token; metrics are open.
+    let api_port = server.api_port;
     let (code, _) = http_get(api_port, "/api/v1/status", None);
     assert_eq!(code, 401);
-    let admin = fs::read_to_string(&admin_token_file).expect("admin token written");
+    let admin = server.admin_token();
     let (code, body) = http_get(api_port, "/api/v1/status", Some(admin.trim()));
     assert_eq!(code, 200, "{body}");
     let status: Value = serde_json::from_str(&body).expect("status JSON");
@@ -242,7 +273,7 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
     processes.0[0].kill().expect("kill -9 the server");
     let _ = processes.0[0].wait();
     logs.push(dir.join("server-2.log"));
-    processes.0[0] = spawn_logged(&server_args, &logs[logs.len() - 1]);
+    processes.0[0] = server.spawn(&logs[logs.len() - 1]);
 
     wait_for(
         "the server to finish",
@@ -320,32 +351,14 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
 #[test]
 fn unknown_tokens_and_plain_http_are_refused_with_a_clear_message() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let certs = tmp.path().join("certs");
-    run_ok(&["certs", "--out", certs.to_str().expect("utf-8")]);
-    let port = free_port();
-    let config = tmp.path().join("server.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nstore = \"sqlite:{}\"\nblobs = \"{}\"\nout = \"{}\"\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\n[run]\ndataset = \"mnist-subset\"\nmodel = \"logreg\"\nmin_clients = 1\n",
-            tmp.path().join("ferry.db").display(),
-            tmp.path().join("blobs").display(),
-            tmp.path().join("run").display(),
-            certs.join("server.pem").display(),
-            certs.join("server.key").display(),
-        ),
-    )
-    .expect("config");
+    let server = TestServer::new(
+        tmp.path(),
+        &[],
+        false,
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nmin_clients = 1\n",
+    );
     let log = tmp.path().join("server.log");
-    let _server = Killer(vec![spawn_logged(
-        &[
-            "server".into(),
-            "--config".into(),
-            config.to_str().expect("utf-8").into(),
-        ],
-        &log,
-    )]);
+    let _server = Killer(vec![server.spawn(&log)]);
     let client = |extra: &[&str]| {
         let mut args = vec![
             "client",
@@ -359,14 +372,14 @@ fn unknown_tokens_and_plain_http_are_refused_with_a_clear_message() {
         args.extend_from_slice(extra);
         ferry().args(&args).output().expect("client runs")
     };
-    let url = format!("https://localhost:{port}");
+    let url = server.url();
     let state = tmp.path().join("node");
-    let ca = certs.join("ca.pem");
+    let ca = server.ca();
     let out = client(&[
         "--server",
         &url,
         "--ca",
-        ca.to_str().expect("utf-8"),
+        &ca,
         "--token",
         "ferry-forged",
         "--state-dir",
@@ -417,53 +430,22 @@ fn write_csv(dir: &Path, first: usize, stride: usize) {
 fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let certs = dir.join("certs");
-    run_ok(&[
-        "certs",
-        "--out",
-        certs.to_str().expect("utf-8"),
-        "--clients",
-        "node",
-    ]);
-    let port = free_port();
-    let store = format!("sqlite:{}", dir.join("ferry.db").display());
-    let out = dir.join("run");
-    let config = dir.join("server.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\nstore = \"{store}\"\nblobs = \"{}\"\nout = \"{}\"\n\
-             [tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\
-             [run]\ndataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 2\nmin_clients = 2\n\
-             rounds = 3\nround_timeout = 60\n",
-            dir.join("blobs").display(),
-            out.display(),
-            certs.join("server.pem").display(),
-            certs.join("server.key").display(),
-            certs.join("ca.pem").display(),
-        ),
-    )
-    .expect("config");
+    let server = TestServer::new(
+        dir,
+        &["--clients", "node"],
+        true,
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 2\nmin_clients = 2\n\
+         rounds = 3\nround_timeout = 60\n",
+    );
+    let (certs, out) = (server.certs.clone(), server.out.clone());
     let server_log = dir.join("server.log");
-    let mut processes = Killer(vec![spawn_logged(
-        &[
-            "server".into(),
-            "--config".into(),
-            config.to_str().expect("utf-8").into(),
-        ],
-        &server_log,
-    )]);
+    let mut processes = Killer(vec![server.spawn(&server_log)]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
-    let url = format!("https://localhost:{port}");
-    let ca = certs.join("ca.pem").to_str().expect("utf-8").to_string();
+    let (url, ca) = (server.url(), server.ca());
     let mut logs = vec![server_log];
 
     // Without a client certificate the TLS handshake itself is refused.
-    let token = String::from_utf8_lossy(
-        &run_ok(&["token", "create", "--name", "no-cert", "--store", &store]).stdout,
-    )
-    .trim()
-    .to_string();
+    let token = server.token("no-cert");
     let refused = ferry()
         .args([
             "client",
@@ -487,19 +469,7 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
     );
 
     for i in 0..2 {
-        let token = String::from_utf8_lossy(
-            &run_ok(&[
-                "token",
-                "create",
-                "--name",
-                &format!("py-{i}"),
-                "--store",
-                &store,
-            ])
-            .stdout,
-        )
-        .trim()
-        .to_string();
+        let token = server.token(&format!("py-{i}"));
         let data = dir.join(format!("site-{i}"));
         write_csv(&data, i, 4);
         let log = dir.join(format!("client-{i}.log"));
@@ -598,5 +568,94 @@ fn demo_runs_a_whole_deployment_and_stops_everything() {
             log.contains("run finished"),
             "client {i} did not stop by itself:\n{log}"
         );
+    }
+}
+
+/// Starts `server` and `CLIENTS` built-in-trainer clients on IID shares of the MNIST subset,
+/// each with its own token; returns the processes (server first) and their logs.
+fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec<PathBuf>) {
+    let dir = &server.dir;
+    let mut logs = vec![dir.join("server-1.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..CLIENTS {
+        let token = server.token(&format!("site-{i}"));
+        assert!(token.starts_with("ferry-"), "{token}");
+        let log = dir.join(format!("client-{i}.log"));
+        let args: Vec<String> = [
+            "client",
+            "--server",
+            &server.url(),
+            "--ca",
+            &server.ca(),
+            "--token",
+            &token,
+            "--state-dir",
+            dir.join(format!("node-{i}")).to_str().expect("utf-8"),
+            "--dataset",
+            "mnist-subset",
+            "--model",
+            model,
+            "--partition",
+            "iid",
+            "--num-partitions",
+            &CLIENTS.to_string(),
+            "--partition-index",
+            &i.to_string(),
+            "--give-up-after",
+            &give_up_s.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+    (processes, logs)
+}
+
+#[test]
+fn distributed_dp_deployment_reports_epsilon_and_stops_at_its_budget() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Poisson sampling at q = 0.75 of 4 nodes, z = 0.8: epsilon is 8.45 after 2 rounds and
+    // 10.60 after 3 (`ferry privacy epsilon`), so a budget of 9 stops the run after round 2.
+    // Nodes clip and noise their own updates (distributed placement) with an adaptive clip,
+    // whose noised indicator the server cannot aggregate unless every node sent one.
+    let server = TestServer::new(
+        tmp.path(),
+        &[],
+        false,
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 4\nmin_clients = 4\n\
+         fraction = 0.75\nrounds = 5\nround_timeout = 60\ndp-noise-multiplier = 0.8\n\
+         dp-adaptive-clip = true\ndp-count-stddev = 2.0\ndp-placement = \"distributed\"\n\
+         dp-epsilon-budget = 9.0\n",
+    );
+    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
+    wait_for(
+        "the server to stop at its budget",
+        Duration::from_secs(240),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let server_log = fs::read_to_string(&logs[0]).expect("server log");
+    assert!(server_log.contains("budget_exhausted"), "{server_log}");
+    let h = history(&server.out).expect("history.json");
+    assert_eq!(h["final"]["stop"], "budget_exhausted");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+    let mut last_epsilon = 0.0;
+    for r in rounds {
+        let epsilon = r["epsilon"].as_f64().expect("epsilon each round");
+        assert!(epsilon > last_epsilon && epsilon <= 9.0, "{r}");
+        last_epsilon = epsilon;
+        assert_eq!(
+            r["failures"], 0,
+            "every update carried its clip indicator: {r}"
+        );
+        assert!(r["dp"]["unclipped_fraction"].is_f64(), "{r}");
+        assert_eq!(r["dp"]["expected_count"], 3.0);
+    }
+    for i in 1..=CLIENTS {
+        wait_for("clients to finish", Duration::from_secs(60), &logs, || {
+            matches!(processes.0[i].try_wait(), Ok(Some(_)))
+        });
     }
 }

@@ -4,7 +4,16 @@
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use ferry_core::{Model, Update, strategy::ClientProcedure, task::LocalTraining, wire};
+use ferry_core::{
+    Model, Update,
+    privacy::{
+        node::{NodePrivacy, privatize},
+        noise::{NoiseSeed, NoiseSource},
+    },
+    strategy::ClientProcedure,
+    task::LocalTraining,
+    wire,
+};
 use ferry_proto::v1::{
     FailureReport, HeartbeatRequest, PullTaskRequest, Task, fleet_client::FleetClient,
     pull_task_response::Outcome,
@@ -303,7 +312,7 @@ async fn work(
     let layout = train_task.model.layout().clone();
     let job = tokio::task::spawn_blocking(move || trainer.train(&train_task));
     let interval = Duration::from_millis(u64::from(task.heartbeat_interval_ms.max(200)));
-    let update = match with_heartbeats(client, credential, round, interval, job).await {
+    let mut update = match with_heartbeats(client, credential, round, interval, job).await {
         Some(Ok(update)) => update,
         Some(Err(reason)) => {
             report_failure(client, credential, round, &reason).await;
@@ -315,6 +324,22 @@ async fn work(
             return Ok(());
         }
     };
+    if let Some(p) = task.privacy {
+        // Whatever the trainer, the update is clipped and noised before it leaves the node,
+        // with noise from this machine's entropy so the server cannot reproduce it.
+        let instructions = NodePrivacy {
+            clip: p.clip,
+            noise_std: p.noise_std,
+            count_noise_std: p.count_noise_std,
+            per_layer: p.per_layer,
+        };
+        privatize(
+            &mut update,
+            &instructions,
+            &layout,
+            &mut NoiseSource::new(NoiseSeed::Os, 0),
+        );
+    }
     let bytes = match wire::encode_update(&update, &layout) {
         Ok(bytes) => bytes::Bytes::from(bytes),
         Err(e) => {

@@ -19,6 +19,8 @@ pub struct Aggregate {
     pub num_examples: u64,
     /// SCAFFOLD: the sum of the participants' control-variate changes.
     pub control_delta_sum: Option<Vec<f32>>,
+    /// Adaptive DP clipping: the noisy fraction of updates that were within the clip norm.
+    pub unclipped_fraction: Option<f64>,
 }
 
 /// How an aggregator's memory grows with the number of updates it accepts.
@@ -172,6 +174,7 @@ impl Aggregator for WeightedMean {
             participants: self.accepted,
             num_examples: self.examples,
             control_delta_sum,
+            unclipped_fraction: None,
         })
     }
 }

@@ -45,4 +45,7 @@ pub enum CoreError {
         "unknown strategy '{0}': expected fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi"
     )]
     UnknownStrategy(String),
+    /// A differential-privacy setting or step that cannot be carried out.
+    #[error("{0}")]
+    Privacy(String),
 }

@@ -5,6 +5,7 @@
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`update`]: what a node sends back after local training.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
+//! - [`privacy`]: client-level differential privacy (clipping, noise, RDP accountant).
 //! - [`seed`]: independent random streams from one run seed.
 //! - [`server_opt`]: the server-optimizer step that turns an aggregate into the next model.
 //! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
@@ -18,6 +19,7 @@ pub mod aggregate;
 pub mod algebra;
 pub mod error;
 pub mod model;
+pub mod privacy;
 pub mod seed;
 pub mod server_opt;
 pub mod strategy;

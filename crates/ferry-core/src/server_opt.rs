@@ -289,6 +289,7 @@ mod tests {
             participants: 2,
             num_examples: 10,
             control_delta_sum: None,
+            unclipped_fraction: None,
         };
         let mut opt = ServerSgd::new(1.0, 0.0);
         opt.apply(&mut global, &aggregate).expect("same length");
@@ -307,6 +308,7 @@ mod tests {
             participants: 1,
             num_examples: 1,
             control_delta_sum: None,
+            unclipped_fraction: None,
         }
     }
 

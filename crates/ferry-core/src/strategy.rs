@@ -9,6 +9,7 @@ use std::{fmt, str::FromStr};
 use crate::{
     CoreError,
     aggregate::{Aggregator, WeightedMean, Weighting},
+    privacy::mechanism::Privacy,
     server_opt::{
         AdaptiveParams, AdaptiveRule, AdaptiveServer, ScaffoldServer, ServerOptimizer, ServerSgd,
     },
@@ -175,6 +176,9 @@ pub struct Strategy {
     pub aggregation: AggregationRule,
     /// How the combination moves the global model (holds the strategy's server state).
     pub optimizer: Box<dyn ServerOptimizer>,
+    /// Differential privacy: when set, the round's sum is clipped and noised
+    /// ([`crate::privacy`]) in place of the aggregation rule.
+    pub privacy: Option<Privacy>,
 }
 
 impl Strategy {
@@ -239,7 +243,23 @@ impl Strategy {
             client,
             aggregation,
             optimizer,
+            privacy: None,
         }
+    }
+
+    /// Adds differential privacy. Only strategies that average plain deltas can be privatised:
+    /// SCAFFOLD's control variates and FedNova's step-normalised weights would leave the
+    /// noise's sensitivity bound.
+    pub fn with_privacy(mut self, privacy: Privacy) -> Result<Self, CoreError> {
+        if self.aggregation != AggregationRule::WeightedMean(Weighting::Examples) {
+            return Err(CoreError::Privacy(format!(
+                "{} cannot run with differential privacy: its updates carry more than a \
+                 clipped delta; use fedavg, fedavgm, fedprox, fedadagrad, fedadam or fedyogi",
+                self.name
+            )));
+        }
+        self.privacy = Some(privacy);
+        Ok(self)
     }
 }
 
@@ -249,6 +269,7 @@ impl fmt::Debug for Strategy {
             .field("name", &self.name)
             .field("client", &self.client)
             .field("aggregation", &self.aggregation)
+            .field("privacy", &self.privacy)
             .finish_non_exhaustive()
     }
 }
@@ -285,6 +306,35 @@ mod tests {
         assert!((fednova_normalizer(2, 0.5) - 2.5).abs() < 1e-12);
         // One step is one step whatever the momentum.
         assert!((fednova_normalizer(1, 0.9) - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn privacy_is_refused_for_strategies_with_extras() {
+        use crate::privacy::{ClipRule, DpSettings, Placement, noise::NoiseSeed};
+        let privacy = Privacy::new(
+            DpSettings {
+                noise_multiplier: 1.0,
+                clip: ClipRule::Fixed(1.0),
+                per_layer: false,
+                delta: 1e-5,
+                placement: Placement::Central,
+                epsilon_budget: None,
+                sampling_rate: 0.1,
+            },
+            NoiseSeed::Run(0),
+        )
+        .expect("valid");
+        let params = StrategyParams::default();
+        for name in [StrategyName::Scaffold, StrategyName::FedNova] {
+            let err = Strategy::new(name, &params, 10)
+                .with_privacy(privacy.clone())
+                .expect_err("refused");
+            assert!(err.to_string().contains(&name.to_string()), "{err}");
+        }
+        let fedadam = Strategy::new(StrategyName::FedAdam, &params, 10)
+            .with_privacy(privacy)
+            .expect("fedadam composes with DP");
+        assert!(fedadam.privacy.is_some());
     }
 
     #[test]

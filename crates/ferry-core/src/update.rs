@@ -16,6 +16,9 @@ pub struct Update {
     pub control_delta: Option<Vec<f32>>,
     /// FedNova: the node's normalising factor `a_i` (effective local steps).
     pub normalizer: Option<f64>,
+    /// Distributed differential privacy: 1 if the delta was within the clip norm before
+    /// clipping, 0 if not, plus the node's noise share (adaptive clipping counts these).
+    pub unclipped: Option<f64>,
 }
 
 impl Update {
@@ -27,6 +30,7 @@ impl Update {
             metrics: BTreeMap::new(),
             control_delta: None,
             normalizer: None,
+            unclipped: None,
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! An update file holds the delta as `delta/<tensor>` with the model's shapes, SCAFFOLD's
 //! control-variate change as `control/<tensor>`, and the scalars (`num_examples`, FedNova's
-//! normaliser, metrics as `metric.<name>`) in the safetensors metadata. Anything else is refused,
+//! normaliser, the distributed-DP clip indicator `unclipped`, metrics as `metric.<name>`) in the safetensors metadata. Anything else is refused,
 //! so a node cannot slip in tensors of the wrong name, shape or dtype.
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,6 +58,9 @@ pub fn encode_update(update: &Update, layout: &ModelLayout) -> Result<Vec<u8>, C
         HashMap::from([("num_examples".to_string(), update.num_examples.to_string())]);
     if let Some(normalizer) = update.normalizer {
         metadata.insert("normalizer".into(), normalizer.to_string());
+    }
+    if let Some(unclipped) = update.unclipped {
+        metadata.insert("unclipped".into(), unclipped.to_string());
     }
     for (name, value) in &update.metrics {
         metadata.insert(format!("{METRIC}{name}"), value.to_string());
@@ -137,6 +140,10 @@ pub fn decode_update(bytes: &[u8], layout: &ModelLayout) -> Result<Update, CoreE
         .get("normalizer")
         .map(|text| parse_number("normalizer", text))
         .transpose()?;
+    let unclipped = metadata
+        .get("unclipped")
+        .map(|text| parse_number("unclipped", text))
+        .transpose()?;
     let metrics = metadata
         .iter()
         .filter_map(|(key, text)| key.strip_prefix(METRIC).map(|name| (key, name, text)))
@@ -148,6 +155,7 @@ pub fn decode_update(bytes: &[u8], layout: &ModelLayout) -> Result<Update, CoreE
         metrics,
         control_delta,
         normalizer,
+        unclipped,
     })
 }
 
@@ -210,6 +218,7 @@ mod tests {
         let mut update = Update::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 42);
         update.control_delta = Some(vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]);
         update.normalizer = Some(9.5);
+        update.unclipped = Some(0.75);
         update.metrics.insert("train_loss".into(), 0.25);
         update
     }

@@ -43,13 +43,15 @@ pub trait RoundObserver {
 }
 
 /// Why a run stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// All configured rounds ran.
     RoundsCompleted,
     /// The target accuracy was reached.
     TargetReached,
+    /// The next round would have spent more privacy than the run's epsilon budget.
+    BudgetExhausted,
 }
 
 /// The outcome of a run.
@@ -97,6 +99,21 @@ impl Federation {
                 nodes.len()
             )));
         }
+        if let Some(privacy) = &strategy.privacy {
+            // Settings that only fail once a round is planned (adaptive clipping's count noise)
+            // are refused now.
+            privacy.plan_round(1, nodes.len())?;
+        }
+        if let Some(epsilon) = strategy
+            .privacy
+            .as_ref()
+            .and_then(|p| p.next_round_exceeds_budget())
+        {
+            return Err(EngineError::Settings(format!(
+                "the first round alone would spend epsilon {epsilon:.3}, over the budget; raise \
+                 the noise multiplier or the budget, or lower the sampling rate"
+            )));
+        }
         Ok(Self {
             settings,
             strategy,
@@ -111,6 +128,12 @@ impl Federation {
         let mut rounds = Vec::new();
         let mut stop = StopReason::RoundsCompleted;
         for round in 1..=self.settings.rounds {
+            if let Some(privacy) = &self.strategy.privacy
+                && privacy.next_round_exceeds_budget().is_some()
+            {
+                stop = StopReason::BudgetExhausted;
+                break;
+            }
             let record = self.run_round(round, observer)?;
             observer.round_finished(&record);
             let reached = self
@@ -141,7 +164,7 @@ impl Federation {
             seed: self.settings.seed,
             training: self.settings.training.clone(),
         };
-        let plan = round::plan(round, &rule, &self.strategy, &self.global, self.nodes.len());
+        let plan = round::plan(round, &rule, &self.strategy, &self.global, self.nodes.len())?;
         observer.round_started(round, plan.selected.len());
         let mut open = OpenRound::new(&plan, &self.strategy);
         dispatch::run_ordered(

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use ferry_core::{Model, Update, strategy::ClientProcedure, task::LocalTraining};
+use ferry_core::{
+    Model, Update, privacy::node::NodePrivacy, strategy::ClientProcedure, task::LocalTraining,
+};
 
 /// A node's identifier within a run.
 pub type NodeId = u32;
@@ -23,6 +25,8 @@ pub struct RoundTask {
     /// Server state the strategy sends to every node (SCAFFOLD's control variate `c`; empty
     /// until the first round has updated it).
     pub server_control: Option<Arc<Vec<f32>>>,
+    /// Distributed differential privacy: how the node clips and noises its update.
+    pub privacy: Option<NodePrivacy>,
 }
 
 /// Why a node returned no update.

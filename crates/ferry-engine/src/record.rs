@@ -1,5 +1,6 @@
 //! What a run records about each round.
 
+use ferry_core::privacy::DpRoundRecord;
 use serde::{Deserialize, Serialize};
 
 /// One round, as shown on screen and written to `history.json`.
@@ -25,4 +26,10 @@ pub struct RoundRecord {
     pub train_loss: f64,
     /// Bytes of state the server strategy keeps between rounds.
     pub strategy_state_bytes: usize,
+    /// Differential privacy: epsilon spent by the run so far, at the run's delta.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Differential privacy: the round's clip norm, noise and accounting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<DpRoundRecord>,
 }

@@ -8,7 +8,13 @@
 
 use std::{sync::Arc, time::Instant};
 
-use ferry_core::{Model, Update, aggregate::Aggregator, strategy::Strategy, task::LocalTraining};
+use ferry_core::{
+    CoreError, Model, Update,
+    aggregate::Aggregator,
+    privacy::{DpRoundRecord, mechanism::RoundPrivacy},
+    strategy::Strategy,
+    task::LocalTraining,
+};
 
 use crate::{EngineError, node::RoundTask, record::RoundRecord, selection};
 
@@ -32,21 +38,36 @@ pub struct RoundPlan {
     pub selected: Vec<usize>,
     /// What every selected node receives.
     pub task: RoundTask,
+    /// Differential privacy: the round's clip norm and noise.
+    pub privacy: Option<RoundPrivacy>,
 }
 
 /// Selects the round's cohort from `available` nodes and builds its task from the current
-/// global model and strategy state.
+/// global model and strategy state. Private runs sample each node independently with
+/// probability `fraction` (Poisson sampling, as the accountant assumes); others take a fixed
+/// `fraction` of the nodes, at least `min_clients`.
 pub fn plan(
     round: u32,
     rule: &CohortRule,
     strategy: &Strategy,
     global: &Model,
     available: usize,
-) -> RoundPlan {
+) -> Result<RoundPlan, EngineError> {
     let seed = ferry_core::seed::mix_seed(rule.seed, u64::from(round));
-    let count = selection::cohort_size(available, rule.fraction, rule.min_clients);
-    RoundPlan {
-        selected: selection::sample(available, count, seed),
+    let privacy = strategy
+        .privacy
+        .as_ref()
+        .map(|p| p.plan_round(round, available))
+        .transpose()?;
+    let selected = match &privacy {
+        Some(_) => selection::poisson(available, rule.fraction, seed),
+        None => {
+            let count = selection::cohort_size(available, rule.fraction, rule.min_clients);
+            selection::sample(available, count, seed)
+        }
+    };
+    Ok(RoundPlan {
+        selected,
         task: RoundTask {
             round,
             model: Arc::new(global.clone()),
@@ -54,8 +75,10 @@ pub fn plan(
             procedure: strategy.client,
             seed,
             server_control: strategy.optimizer.broadcast(),
+            privacy: privacy.as_ref().and_then(RoundPrivacy::node_instructions),
         },
-    }
+        privacy,
+    })
 }
 
 /// A round collecting updates.
@@ -65,22 +88,29 @@ pub struct OpenRound {
     selected: usize,
     downloaded_values: usize,
     aggregator: Box<dyn Aggregator>,
+    privacy: Option<RoundPrivacy>,
     bytes_up: u64,
     train_loss_sum: f64,
     failures: Vec<String>,
 }
 
 impl OpenRound {
-    /// Opens `plan`'s round with a fresh aggregator of the strategy's rule.
+    /// Opens `plan`'s round with a fresh aggregator: the strategy's rule, or the noisy sum of
+    /// a private run.
     pub fn new(plan: &RoundPlan, strategy: &Strategy) -> Self {
         let dim = plan.task.model.num_params();
+        let aggregator: Box<dyn Aggregator> = match &plan.privacy {
+            Some(privacy) => Box::new(privacy.aggregator(plan.task.model.layout())),
+            None => strategy.aggregation.start(dim),
+        };
         Self {
             round: plan.task.round,
             started: Instant::now(),
             selected: plan.selected.len(),
             // Every selected node receives the model and whatever the strategy broadcasts.
             downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
-            aggregator: strategy.aggregation.start(dim),
+            aggregator,
+            privacy: plan.privacy.clone(),
             bytes_up: 0,
             train_loss_sum: 0.0,
             failures: Vec::new(),
@@ -112,28 +142,38 @@ impl OpenRound {
         self.aggregator.accepted()
     }
 
-    /// Aggregates the accepted updates and applies the server optimizer to `global`.
+    /// Aggregates the accepted updates and applies the server optimizer to `global`; a private
+    /// round is then charged to the run's privacy account.
     pub fn apply(
         self,
         strategy: &mut Strategy,
         global: &mut Model,
     ) -> Result<AppliedRound, EngineError> {
         let participants = self.aggregator.accepted();
-        if participants == 0 {
-            return Err(EngineError::EmptyRound {
-                round: self.round,
-                selected: self.selected,
-                reasons: self
-                    .failures
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        }
-        let aggregate = self.aggregator.finish()?;
+        let aggregate = match self.aggregator.finish() {
+            Ok(aggregate) => aggregate,
+            Err(CoreError::NoUpdates) => {
+                return Err(EngineError::EmptyRound {
+                    round: self.round,
+                    selected: self.selected,
+                    reasons: self
+                        .failures
+                        .iter()
+                        .take(3)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         strategy.optimizer.apply(global.values_mut(), &aggregate)?;
+        let dp = match (&self.privacy, strategy.privacy.as_mut()) {
+            (Some(round), Some(privacy)) => {
+                Some(privacy.finish_round(round, participants, aggregate.unclipped_fraction))
+            }
+            _ => None,
+        };
         Ok(AppliedRound {
             round: self.round,
             started: self.started,
@@ -142,8 +182,9 @@ impl OpenRound {
             bytes_up: self.bytes_up,
             bytes_down: (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
                 as u64,
-            train_loss: self.train_loss_sum / participants as f64,
+            train_loss: self.train_loss_sum / participants.max(1) as f64,
             strategy_state_bytes: strategy.optimizer.state_bytes(),
+            dp,
         })
     }
 }
@@ -159,6 +200,7 @@ pub struct AppliedRound {
     bytes_down: u64,
     train_loss: f64,
     strategy_state_bytes: usize,
+    dp: Option<DpRoundRecord>,
 }
 
 impl AppliedRound {
@@ -175,6 +217,8 @@ impl AppliedRound {
             wall_s: self.started.elapsed().as_secs_f64(),
             train_loss: self.train_loss,
             strategy_state_bytes: self.strategy_state_bytes,
+            epsilon: self.dp.map(|dp| dp.epsilon),
+            dp: self.dp,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Choosing which nodes take part in a round.
 
-use rand::{SeedableRng, seq::index};
+use rand::{Rng, SeedableRng, seq::index};
 use rand_chacha::ChaCha8Rng;
 
 /// How many of `available` nodes a round uses: `fraction` of them, at least `min_clients`,
@@ -16,6 +16,16 @@ pub fn sample(available: usize, count: usize, seed: u64) -> Vec<usize> {
     let mut picked = index::sample(&mut rng, available, count.min(available)).into_vec();
     picked.sort_unstable();
     picked
+}
+
+/// Poisson sampling: each of `available` positions is taken independently with probability
+/// `rate`, from `seed`; sorted. The cohort size varies from round to round, which is what the
+/// differential-privacy accountant assumes.
+pub fn poisson(available: usize, rate: f64, seed: u64) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..available)
+        .filter(|_| rng.random_bool(rate.clamp(0.0, 1.0)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -40,5 +50,16 @@ mod tests {
         assert_eq!(a, sample(100, 10, 5));
         assert_ne!(a, sample(100, 10, 6));
         assert_eq!(sample(3, 10, 0), [0, 1, 2]);
+    }
+
+    #[test]
+    fn poisson_sampling_takes_each_node_with_the_rate() {
+        let picks: usize = (0..200).map(|seed| poisson(100, 0.1, seed).len()).sum();
+        // 20,000 Bernoulli(0.1) draws: mean 2,000, standard deviation 42.
+        assert!((1800..=2200).contains(&picks), "{picks}");
+        let one = poisson(100, 0.1, 3);
+        assert!(one.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(one, poisson(100, 0.1, 3));
+        assert_eq!(poisson(5, 1.0, 0), [0, 1, 2, 3, 4]);
     }
 }

@@ -20,7 +20,7 @@ use ferry_core::{
 use ferry_engine::{
     node::{Evaluator, RoundTask},
     record::RoundRecord,
-    round::{self, CohortRule, OpenRound},
+    round::{self, CohortRule, OpenRound, RoundPlan},
 };
 use tokio::sync::{Mutex, mpsc, watch};
 
@@ -83,6 +83,10 @@ pub struct RunStatus {
     pub finished: Option<String>,
     /// Content hash of the current global model.
     pub model_sha256: String,
+    /// Differential privacy: epsilon spent so far, at `delta`.
+    pub epsilon: Option<f64>,
+    /// Differential privacy: the delta of the guarantee.
+    pub delta: Option<f64>,
 }
 
 /// What the coordinator tells its operator.
@@ -232,21 +236,29 @@ impl Coordinator {
                 .optimizer
                 .restore(wire::decode_vectors(&blobs.get(&run.state_sha).await?)?)?;
         }
+        if let Some(privacy) = strategy.privacy.as_mut() {
+            // The privacy spent and the adaptive clip norm follow from the committed rounds.
+            let history = parse_records(&store.round_records().await?)?;
+            for dp in history.iter().filter_map(|r| r.dp) {
+                privacy.replay(&dp);
+            }
+            if let Some(epsilon) = privacy.spent().map(|s| s.epsilon) {
+                metrics::gauge!("ferry_dp_epsilon").set(epsilon);
+            }
+            if history.is_empty()
+                && let Some(epsilon) = privacy.next_round_exceeds_budget()
+            {
+                return Err(ServerError::Settings(format!(
+                    "the first round alone would spend epsilon {epsilon:.3}, over the budget; \
+                     raise dp-noise-multiplier or dp-epsilon-budget, or lower fraction"
+                )));
+            }
+        }
         let model_blob = BlobRef {
             size: blobs.size(&run.model_sha).await?,
             sha256: run.model_sha.clone(),
         };
-        let control_blob = match strategy.optimizer.broadcast() {
-            Some(c) => {
-                let bytes = wire::encode_vectors(&[("control", &c)])?;
-                let size = bytes.len() as u64;
-                Some(BlobRef {
-                    sha256: blobs.put(bytes).await?,
-                    size,
-                })
-            }
-            None => None,
-        };
+        let control_blob = put_control(&blobs, strategy.optimizer.broadcast()).await?;
         let (events, receiver) = mpsc::unbounded_channel();
         let coordinator = Arc::new(Self {
             run_id: run.run_id.clone(),
@@ -279,15 +291,7 @@ impl Coordinator {
 
     /// The records of the rounds finished so far.
     pub async fn history(&self) -> Result<Vec<RoundRecord>, ServerError> {
-        self.store
-            .round_records()
-            .await?
-            .iter()
-            .map(|json| {
-                serde_json::from_str(json)
-                    .map_err(|e| ServerError::Settings(format!("stored round record: {e}")))
-            })
-            .collect()
+        parse_records(&self.store.round_records().await?)
     }
 
     /// The current global model.
@@ -318,6 +322,13 @@ impl Coordinator {
             updates_in,
             finished: state.finished.clone(),
             model_sha256: state.model_blob.sha256.clone(),
+            epsilon: state
+                .strategy
+                .privacy
+                .as_ref()
+                .and_then(|p| p.spent())
+                .map(|s| s.epsilon),
+            delta: state.strategy.privacy.as_ref().map(|p| p.settings().delta),
         }
     }
 
@@ -355,7 +366,19 @@ impl Coordinator {
         if cohort.is_empty() {
             return Ok(());
         }
-        let mut training = self.open_training(&state, cohort.into_iter().collect());
+        let population = self
+            .store
+            .population(state.round)
+            .await?
+            .unwrap_or(cohort.len());
+        let plan = round::plan(
+            state.round,
+            &self.spec.cohort,
+            &state.strategy,
+            &state.global,
+            population,
+        )?;
+        let mut training = self.open_training(&state, plan, cohort.into_iter().collect());
         for (node, sha) in self.store.accepted(state.round).await? {
             let update = wire::decode_update(&self.blobs.get(&sha).await?, &self.layout)?;
             training.open.accept(&update)?;
@@ -371,14 +394,7 @@ impl Coordinator {
         Ok(())
     }
 
-    fn open_training(&self, state: &State, cohort: BTreeSet<String>) -> Training {
-        let plan = round::plan(
-            state.round,
-            &self.spec.cohort,
-            &state.strategy,
-            &state.global,
-            cohort.len(),
-        );
+    fn open_training(&self, state: &State, plan: RoundPlan, cohort: BTreeSet<String>) -> Training {
         let deadline = Instant::now() + self.spec.round_timeout;
         Training {
             open: OpenRound::new(&plan, &state.strategy),
@@ -624,17 +640,36 @@ impl Coordinator {
                 if online.len() < self.spec.cohort.min_clients {
                     return Ok(None);
                 }
+                if let Some(epsilon) = state
+                    .strategy
+                    .privacy
+                    .as_ref()
+                    .and_then(|p| p.next_round_exceeds_budget())
+                {
+                    let reason = "budget_exhausted".to_string();
+                    self.store.finish_run(&reason).await?;
+                    state.finished = Some(reason.clone());
+                    drop(guard);
+                    self.emit(Event::Notice(format!(
+                        "stopping before the next round: it would take epsilon to {epsilon:.3}, \
+                         over the budget"
+                    )));
+                    self.emit(Event::Finished(reason.clone()));
+                    self.notify();
+                    return Ok(Some(reason));
+                }
                 let plan = round::plan(
                     state.round,
                     &self.spec.cohort,
                     &state.strategy,
                     &state.global,
                     online.len(),
-                );
+                )?;
                 let cohort: Vec<String> =
                     plan.selected.iter().map(|&i| online[i].clone()).collect();
+                self.store.set_population(state.round, online.len()).await?;
                 self.store.set_cohort(state.round, &cohort).await?;
-                let training = self.open_training(state, cohort.into_iter().collect());
+                let training = self.open_training(state, plan, cohort.into_iter().collect());
                 self.emit(Event::RoundStarted {
                     round: state.round,
                     cohort: training.cohort.len(),
@@ -649,8 +684,13 @@ impl Coordinator {
                 if !all_answered && now < t.deadline {
                     return Ok(None);
                 }
-                if all_answered && t.open.accepted() == 0
-                    || !all_answered && t.open.accepted() < self.spec.min_results
+                // A private round closes with whoever answered by the deadline: widening its
+                // Poisson-sampled cohort would break the accountant's assumption, and its noise
+                // makes an empty round a valid (data-free) release.
+                let private = state.strategy.privacy.is_some();
+                if !private
+                    && (all_answered && t.open.accepted() == 0
+                        || !all_answered && t.open.accepted() < self.spec.min_results)
                 {
                     // Not enough to close: widen the cohort with idle online nodes and wait on.
                     let idle: Vec<String> = state
@@ -742,17 +782,10 @@ impl Coordinator {
             sha256: model_sha,
             size: model_size,
         };
-        state.control_blob = match state.strategy.optimizer.broadcast() {
-            Some(c) => {
-                let bytes = wire::encode_vectors(&[("control", &c)])?;
-                let size = bytes.len() as u64;
-                Some(BlobRef {
-                    sha256: self.blobs.put(bytes).await?,
-                    size,
-                })
-            }
-            None => None,
-        };
+        state.control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
+        if let Some(epsilon) = record.epsilon {
+            metrics::gauge!("ferry_dp_epsilon").set(epsilon);
+        }
         state.round = round + 1;
         metrics::counter!("ferry_rounds_total").increment(1);
         metrics::histogram!("ferry_round_duration_seconds").record(record.wall_s);
@@ -763,4 +796,31 @@ impl Coordinator {
         }
         Ok(())
     }
+}
+
+/// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
+async fn put_control(
+    blobs: &Blobs,
+    control: Option<Arc<Vec<f32>>>,
+) -> Result<Option<BlobRef>, ServerError> {
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let bytes = wire::encode_vectors(&[("control", &control)])?;
+    let size = bytes.len() as u64;
+    Ok(Some(BlobRef {
+        sha256: blobs.put(bytes).await?,
+        size,
+    }))
+}
+
+/// Round records as the store holds them (JSON).
+fn parse_records(jsons: &[String]) -> Result<Vec<RoundRecord>, ServerError> {
+    jsons
+        .iter()
+        .map(|json| {
+            serde_json::from_str(json)
+                .map_err(|e| ServerError::Settings(format!("stored round record: {e}")))
+        })
+        .collect()
 }

@@ -116,6 +116,12 @@ fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1:
         deadline_unix_ms: node_task.deadline_unix_ms,
         heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
         max_chunk_bytes: spec.max_chunk_bytes as u32,
+        privacy: task.privacy.map(|p| v1::NodePrivacy {
+            clip: p.clip,
+            noise_std: p.noise_std,
+            count_noise_std: p.count_noise_std,
+            per_layer: p.per_layer,
+        }),
     }
 }
 

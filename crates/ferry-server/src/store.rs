@@ -31,6 +31,7 @@ const SCHEMA: &[&str] = &[
      PRIMARY KEY (round, node_id))",
     "CREATE TABLE IF NOT EXISTS accepted (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
      sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
+    "CREATE TABLE IF NOT EXISTS population (round BIGINT PRIMARY KEY, nodes BIGINT NOT NULL)",
 ];
 
 /// The stored state of the run.
@@ -304,6 +305,44 @@ impl Store {
         Ok(())
     }
 
+    /// Records how many nodes `round`'s cohort was drawn from (idempotent): a private round's
+    /// noise and denominator depend on it, so a restarted server must plan with the same.
+    pub async fn set_population(&self, round: u32, nodes: usize) -> Result<(), ServerError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM population WHERE round = $1")
+            .bind(i64::from(round))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO population (round, nodes) VALUES ($1, $2)")
+            .bind(i64::from(round))
+            .bind(nodes as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The population stored for `round`, if any.
+    pub async fn population(&self, round: u32) -> Result<Option<usize>, ServerError> {
+        let row = sqlx::query("SELECT nodes FROM population WHERE round = $1")
+            .bind(i64::from(round))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<i64, _>(0))
+            .transpose()?
+            .map(|n| n as usize))
+    }
+
+    /// Ends the run without closing a round (a privacy budget reached before the next one).
+    pub async fn finish_run(&self, reason: &str) -> Result<(), ServerError> {
+        sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
+            .bind(reason)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The stored cohort of `round`.
     pub async fn cohort(&self, round: u32) -> Result<Vec<String>, ServerError> {
         let rows = sqlx::query("SELECT node_id FROM cohort WHERE round = $1 ORDER BY node_id")
@@ -397,7 +436,15 @@ mod tests {
 
     /// Empties every table, so a shared Postgres database starts clean.
     async fn wipe(store: &Store) {
-        for table in ["tokens", "nodes", "run", "rounds", "cohort", "accepted"] {
+        for table in [
+            "tokens",
+            "nodes",
+            "run",
+            "rounds",
+            "cohort",
+            "accepted",
+            "population",
+        ] {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&store.pool)
                 .await
@@ -493,10 +540,14 @@ mod tests {
                 .expect("idempotent");
             assert!(store.accept(1, "a", "x").await.expect("accept"));
             assert!(!store.accept(1, "a", "x").await.expect("replay"));
+            store.set_population(1, 7).await.expect("population");
+            store.set_population(1, 9).await.expect("idempotent");
         }
         let store = Store::open(url).await.expect("reopen");
         assert_eq!(store.run().await.expect("run"), Some(run));
         assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
+        assert_eq!(store.population(1).await.expect("population"), Some(9));
+        assert_eq!(store.population(2).await.expect("population"), None);
         assert_eq!(
             store.accepted(1).await.expect("accepted"),
             [("a".into(), "x".into())]
@@ -514,5 +565,8 @@ mod tests {
         let run = store.run().await.expect("run").expect("exists");
         assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
         assert_eq!(store.round_records().await.expect("records"), ["{}"]);
+        store.finish_run("budget_exhausted").await.expect("finish");
+        let run = store.run().await.expect("run").expect("exists");
+        assert_eq!((run.round, run.finished.as_str()), (2, "budget_exhausted"));
     }
 }

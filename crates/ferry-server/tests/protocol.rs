@@ -10,6 +10,12 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
     model::sha256_hex,
+    privacy::{
+        ClipRule, DpSettings, Placement,
+        accountant::{default_orders, epsilon_for},
+        mechanism::Privacy,
+        noise::NoiseSeed,
+    },
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
     wire,
@@ -91,15 +97,29 @@ struct Running {
 }
 
 async fn start(dir: &std::path::Path, rounds: u32, min_clients: usize) -> Running {
+    start_private(dir, rounds, min_clients, None).await
+}
+
+async fn start_private(
+    dir: &std::path::Path,
+    rounds: u32,
+    min_clients: usize,
+    dp: Option<DpSettings>,
+) -> Running {
     let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
         .await
         .expect("store");
     let blobs = Blobs::local(&dir.join("blobs")).expect("blobs");
-    let strategy = Strategy::new(
+    let mut strategy = Strategy::new(
         StrategyName::FedAvg,
         &StrategyParams::default(),
         min_clients,
     );
+    if let Some(dp) = dp {
+        strategy = strategy
+            .with_privacy(Privacy::new(dp, NoiseSeed::Run(3)).expect("valid"))
+            .expect("fedavg takes DP");
+    }
     let (coordinator, _events) = Coordinator::start(
         spec(rounds, min_clients),
         strategy,
@@ -453,4 +473,73 @@ async fn wait_rounds(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("round {rounds} did not close within 10 s");
+}
+
+#[tokio::test]
+async fn central_dp_rounds_are_accounted_reported_and_replayed_after_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dp = DpSettings {
+        noise_multiplier: 1.0,
+        clip: ClipRule::Fixed(1.0),
+        per_layer: false,
+        delta: 1e-5,
+        placement: Placement::Central,
+        epsilon_budget: None,
+        sampling_rate: 1.0,
+    };
+    let running = start_private(dir.path(), 3, 1, Some(dp)).await;
+    assert_eq!(running.coordinator.status().await.epsilon, None);
+    let token = add_token(dir.path(), "site-a").await;
+    let mut fleet = client(&running.url).await;
+    let credential = enrol(&mut fleet, &token).await;
+    let task = pull(&mut fleet, &credential).await;
+    assert!(
+        task.privacy.is_none(),
+        "central DP asks nothing of the node"
+    );
+    let receipt = upload(
+        &mut fleet,
+        &credential,
+        chunks(
+            1,
+            &update_bytes(vec![30.0, 40.0, 0.0, 0.0, 0.0, 0.0], 5),
+            0,
+            1024,
+        ),
+    )
+    .await
+    .expect("accepted");
+    assert!(!receipt.duplicate);
+    let records = wait_rounds(&running.coordinator, 1).await;
+    let want = epsilon_for(1.0, 1.0, 1, 1e-5, &default_orders()).epsilon;
+    let record = records[0].dp.expect("a private round's record");
+    assert_eq!(records[0].epsilon, Some(record.epsilon));
+    assert!(
+        (record.epsilon - want).abs() < 1e-12,
+        "{} vs {want}",
+        record.epsilon
+    );
+    assert_eq!(record.clip_norm, 1.0);
+    assert_eq!(record.noise_multiplier, Some(1.0));
+    // The update (norm 50) was clipped to norm 1 and noised with std 1 per value: the model
+    // moved, but by nothing like the raw update.
+    let moved = running.coordinator.global().await;
+    assert!(
+        moved.values().iter().all(|v| v.abs() < 10.0),
+        "{:?}",
+        moved.values()
+    );
+    assert!(moved.values().iter().any(|v| *v != 0.0));
+    assert_eq!(
+        running.coordinator.status().await.epsilon,
+        Some(record.epsilon)
+    );
+    running.stop().await;
+
+    // A restarted coordinator rebuilds the spent budget from its committed rounds.
+    let restarted = start_private(dir.path(), 3, 1, Some(dp)).await;
+    let status = restarted.coordinator.status().await;
+    assert_eq!(status.epsilon, Some(record.epsilon));
+    assert_eq!(status.delta, Some(1e-5));
+    restarted.stop().await;
 }

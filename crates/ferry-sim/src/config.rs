@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use ferry_core::{
+    privacy::DpSettings,
     strategy::{StrategyName, StrategyParams},
     task::LocalTraining,
 };
@@ -46,6 +47,8 @@ pub struct SimConfig {
     pub target_accuracy: Option<f64>,
     /// Nodes trained at once (does not change results).
     pub threads: usize,
+    /// Differential privacy, when the run is private.
+    pub dp: Option<DpSettings>,
 }
 
 fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {

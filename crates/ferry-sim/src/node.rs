@@ -3,7 +3,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use ferry_core::{Update, seed::mix_seed};
+use ferry_core::{
+    Update,
+    privacy::{
+        node::privatize,
+        noise::{NoiseSeed, NoiseSource},
+    },
+    seed::mix_seed,
+};
 use ferry_engine::node::{NodeError, NodeHandle, NodeId, RoundTask};
 use ferry_ml::{
     client::{ClientTask, train_update},
@@ -59,16 +66,25 @@ impl NodeHandle for VirtualNode {
 
     fn train(&self, task: &RoundTask) -> Result<Update, NodeError> {
         let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        let seed = mix_seed(task.seed, u64::from(self.id));
         let client_task = ClientTask {
             model: &task.model,
             training: &task.training,
             procedure: task.procedure,
             server_control: task.server_control.as_deref().map(Vec::as_slice),
-            seed: mix_seed(task.seed, u64::from(self.id)),
+            seed,
         };
-        train_update(self.model, self.data(), client_task, &mut control).map_err(|e| NodeError {
-            node: self.id,
-            reason: e.to_string(),
-        })
+        let mut update =
+            train_update(self.model, self.data(), client_task, &mut control).map_err(|e| {
+                NodeError {
+                    node: self.id,
+                    reason: e.to_string(),
+                }
+            })?;
+        if let Some(instructions) = &task.privacy {
+            let mut noise = NoiseSource::new(NoiseSeed::Run(seed), u64::from(task.round));
+            privatize(&mut update, instructions, task.model.layout(), &mut noise);
+        }
+        Ok(update)
     }
 }

@@ -2,7 +2,11 @@
 
 use std::sync::Arc;
 
-use ferry_core::{Model, strategy::Strategy};
+use ferry_core::{
+    Model,
+    privacy::{mechanism::Privacy, noise::NoiseSeed},
+    strategy::Strategy,
+};
 use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome, RunSettings},
     node::NodeHandle,
@@ -125,13 +129,13 @@ impl Simulation {
             .map(|n| n.clone() as Arc<dyn NodeHandle>)
             .collect();
         let evaluator = Box::new(SharedEvaluator(self.evaluator.clone()));
-        let federation = Federation::new(
-            settings,
-            Strategy::new(c.strategy, &c.strategy_params, self.nodes.len()),
-            nodes,
-            evaluator,
-            self.initial.clone(),
-        )?;
+        let mut strategy = Strategy::new(c.strategy, &c.strategy_params, self.nodes.len());
+        if let Some(dp) = c.dp {
+            // Simulated noise comes from the run seed, so a private run repeats exactly.
+            strategy = strategy.with_privacy(Privacy::new(dp, NoiseSeed::Run(c.seed))?)?;
+        }
+        let federation =
+            Federation::new(settings, strategy, nodes, evaluator, self.initial.clone())?;
         Ok(federation.run(observer)?)
     }
 }

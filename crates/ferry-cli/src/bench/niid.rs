@@ -98,6 +98,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
                 .max(1),
+            dp: None,
         };
         println!(
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",
