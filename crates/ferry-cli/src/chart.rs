@@ -1,4 +1,5 @@
-//! `accuracy.svg`: test accuracy and loss per round.
+//! Charts: `accuracy.svg` (test accuracy and loss per round) and the privacy-utility chart of
+//! `ferry bench dp`.
 
 use std::{ops::Range, path::Path};
 
@@ -53,4 +54,71 @@ fn panel(
     ))?;
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     Ok(())
+}
+
+/// Draws final accuracy against epsilon, one marker per noise multiplier (`(z, epsilon,
+/// accuracy)`), with the non-private accuracy as a dashed reference line.
+pub fn draw_privacy_utility(
+    path: &Path,
+    points: &[(f64, f64, f64)],
+    reference: Option<f64>,
+    title: &str,
+) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let max_eps = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.15;
+    let mut sorted = points.to_vec();
+    sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let draw = || -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..max_eps, 0.0..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc("epsilon")
+            .y_desc("final test accuracy")
+            .draw()?;
+        if let Some(acc) = reference {
+            chart
+                .draw_series(DashedLineSeries::new(
+                    [(0.0, acc), (max_eps, acc)],
+                    8,
+                    6,
+                    BLACK.stroke_width(1),
+                ))?
+                .label(format!("no privacy: {acc:.3}"))
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK));
+        }
+        chart
+            .draw_series(LineSeries::new(
+                sorted.iter().map(|p| (p.1, p.2)),
+                BLUE.stroke_width(2),
+            ))?
+            .label("DP-FedAvg")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+        chart.draw_series(
+            sorted
+                .iter()
+                .map(|p| Circle::new((p.1, p.2), 4, BLUE.filled())),
+        )?;
+        chart.draw_series(sorted.iter().map(|p| {
+            Text::new(
+                format!("z={}", p.0),
+                (p.1, p.2 + 0.03),
+                ("sans-serif", 14).into_font(),
+            )
+        }))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()
+    };
+    draw().map_err(|e| fail(&e))
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 /// Options of `ferry simulate`. Every one may also be set in the `--config` file under the
 /// same name (for example `local-epochs = 2`, or `local_epochs = 2`); flags override the file.
 /// The `[run]` section of a server configuration uses the same keys.
-#[derive(Args, Debug, Default, Deserialize)]
+#[derive(Args, Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SimulateArgs {
     /// TOML file with the same keys as these flags.

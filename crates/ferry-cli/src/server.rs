@@ -350,14 +350,7 @@ fn start_api(api: &ApiFile, coordinator: Arc<Coordinator>, store: Store) -> Resu
         api.admin_token_file.display()
     );
     tokio::spawn(async move {
-        let shutdown = async move {
-            let mut changed = coordinator.subscribe();
-            while coordinator.finished().await.is_none() {
-                if changed.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
+        let shutdown = async move { coordinator.until_finished().await };
         if let Err(e) = ferry_server::api::serve(addr, handler, shutdown).await {
             eprintln!("warning: the REST API stopped: {e}");
         }
@@ -463,13 +456,10 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let finished = {
         let coordinator = coordinator.clone();
         async move {
-            let mut changed = coordinator.subscribe();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async {
-                    while coordinator.finished().await.is_none() {
-                        if changed.changed().await.is_err() { break; }
-                    }
+                    coordinator.until_finished().await;
                     // Give polling nodes time to hear that the run is over.
                     tokio::time::sleep(linger).await;
                 } => {}

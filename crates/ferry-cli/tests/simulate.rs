@@ -623,3 +623,45 @@ fn privacy_commands_agree_with_each_other_and_the_public_vector() {
         "--sampling-rate",
     );
 }
+
+#[test]
+fn bench_dp_writes_accuracy_against_epsilon() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("study");
+    let mut args = vec!["bench", "dp", "--noise-multipliers", "0,0.6,1.2"];
+    args.extend(mnist_logreg(&[
+        "--clients",
+        "20",
+        "--fraction",
+        "0.5",
+        "--rounds",
+        "3",
+        "--dp-clip",
+        "0.5",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]));
+    let result = ferry(&args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert_eq!(
+        rows[0][1], "inf",
+        "the reference run spends no privacy: {csv}"
+    );
+    let eps: Vec<f64> = rows[1..]
+        .iter()
+        .map(|r| r[1].parse().expect("epsilon"))
+        .collect();
+    let want = cli_epsilon("0.5", "0.6", 3);
+    assert!((eps[0] - want).abs() < 1e-3, "{eps:?} vs {want}");
+    assert!(eps[1] < eps[0], "more noise, less epsilon: {eps:?}");
+    let svg = std::fs::read_to_string(out.join("accuracy-vs-epsilon.svg")).expect("chart");
+    assert!(svg.contains("epsilon") && svg.contains("z=1.2") && svg.contains("no privacy"));
+    assert!(out.join("z1.2/history.json").exists());
+}

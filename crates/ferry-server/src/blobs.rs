@@ -43,10 +43,19 @@ impl Blobs {
     /// Stores `bytes` under their sha256 and returns it; storing the same bytes twice is a no-op.
     pub async fn put(&self, bytes: Vec<u8>) -> Result<String, ServerError> {
         let sha = sha256_hex(&bytes);
-        if self.size(&sha).await.is_err() {
-            self.store.put(&key(&sha), PutPayload::from(bytes)).await?;
-        }
+        self.put_hashed(&sha, bytes).await?;
         Ok(sha)
+    }
+
+    /// Stores `bytes` whose sha256 the caller has just verified to be `sha256` (a checked
+    /// upload), without hashing them again.
+    pub async fn put_hashed(&self, sha256: &str, bytes: Vec<u8>) -> Result<(), ServerError> {
+        if self.size(sha256).await.is_err() {
+            self.store
+                .put(&key(sha256), PutPayload::from(bytes))
+                .await?;
+        }
+        Ok(())
     }
 
     /// The whole blob `sha256`, checked against its hash.

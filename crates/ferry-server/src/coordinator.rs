@@ -342,6 +342,16 @@ impl Coordinator {
             .collect()
     }
 
+    /// Returns once the run has ended (or the coordinator is gone).
+    pub async fn until_finished(&self) {
+        let mut changed = self.subscribe();
+        while self.finished().await.is_none() {
+            if changed.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+
     /// A receiver that changes whenever the run's state does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
@@ -523,12 +533,13 @@ impl Coordinator {
         }
     }
 
-    /// Takes a complete, hash-verified upload: decodes and validates it, stores it, and folds
-    /// it into the open round.
+    /// Takes a complete upload whose content hash `sha256` the caller has verified: decodes and
+    /// validates it, stores it, and folds it into the open round.
     pub async fn submit(
         &self,
         node: &str,
         round: u32,
+        sha256: &str,
         bytes: Vec<u8>,
     ) -> Result<Submission, Refusal> {
         let update = wire::decode_update(&bytes, &self.layout)
@@ -552,8 +563,8 @@ impl Coordinator {
             }
         };
         let stored = async {
-            let sha = self.blobs.put(bytes).await?;
-            self.store.accept(round, node, &sha).await
+            self.blobs.put_hashed(sha256, bytes).await?;
+            self.store.accept(round, node, sha256).await
         }
         .await;
         match stored {

@@ -411,7 +411,7 @@ impl Fleet for FleetService {
             );
             return Err(rejected(&node, "hash_mismatch", status));
         }
-        match self.coordinator.submit(&node, round, bytes).await {
+        match self.coordinator.submit(&node, round, &sha, bytes).await {
             Ok(submission) => Ok(Response::new(receipt(total, Some(submission)))),
             Err(refusal) => Err(refused(&node, refusal)),
         }

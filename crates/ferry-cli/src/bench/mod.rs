@@ -1,6 +1,7 @@
 //! `ferry bench`: speed measurements, printed with the machine they ran on.
 
 mod aggregate;
+mod dp;
 mod niid;
 mod round;
 mod train;
@@ -15,6 +16,9 @@ pub enum BenchCommand {
     Train(train::TrainArgs),
     /// FedAvg aggregation of N synthetic updates: updates/s, GB/s, peak memory.
     Aggregate(aggregate::AggregateArgs),
+    /// Privacy-utility trade-off: one simulation per DP noise multiplier, accuracy against
+    /// epsilon.
+    Dp(Box<dp::DpArgs>),
     /// The NIID-Bench Fashion-MNIST protocol for one strategy and partition.
     Niid(niid::NiidArgs),
     /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
@@ -34,6 +38,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train(args) => train::run(args),
         BenchCommand::Aggregate(args) => aggregate::run(args),
+        BenchCommand::Dp(args) => dp::run(*args),
         BenchCommand::Niid(args) => niid::run(args),
         BenchCommand::Round(args) => round::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),

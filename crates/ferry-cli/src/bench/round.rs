@@ -179,12 +179,7 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
         let shutdown = {
             let coordinator = coordinator.clone();
             async move {
-                let mut changed = coordinator.subscribe();
-                while coordinator.finished().await.is_none() {
-                    if changed.changed().await.is_err() {
-                        break;
-                    }
-                }
+                coordinator.until_finished().await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         };
