@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use ferry_core::robust::{AggregatorName, RobustRule};
 use ferry_core::{
     privacy::{AdaptiveClip, ClipRule, DpSettings},
     strategy::StrategyParams,
     task::LocalTraining,
 };
-use ferry_sim::SimConfig;
+use ferry_sim::{SimConfig, attack::AttackSettings};
 use serde::Deserialize;
 
 /// Options of `ferry simulate`. Every one may also be set in the `--config` file under the
@@ -154,6 +155,51 @@ pub struct SimulateArgs {
     #[arg(long, help_heading = "Differential privacy")]
     #[serde(alias = "dp_epsilon_budget")]
     pub dp_epsilon_budget: Option<f64>,
+    /// Aggregation rule: mean (the weighted mean), median, trimmed-mean, krum, multi-krum or
+    /// bulyan [default: mean].
+    #[arg(long, help_heading = "Robust aggregation")]
+    pub aggregator: Option<String>,
+    /// Trimmed mean: share of values dropped from each end of every coordinate [default: 0.2].
+    #[arg(long, help_heading = "Robust aggregation")]
+    #[serde(alias = "trim_beta")]
+    pub trim_beta: Option<f64>,
+    /// Krum, Multi-Krum, Bulyan: Byzantine updates to tolerate (f) [default: 1].
+    #[arg(long, help_heading = "Robust aggregation")]
+    pub byzantine: Option<usize>,
+    /// Multi-Krum: updates averaged (m) [default: n - f].
+    #[arg(long, help_heading = "Robust aggregation")]
+    #[serde(alias = "krum_keep")]
+    pub krum_keep: Option<usize>,
+    /// Clip every update to this L2 norm before aggregating (composes with any rule).
+    #[arg(long, help_heading = "Robust aggregation")]
+    #[serde(alias = "norm_bound")]
+    pub norm_bound: Option<f64>,
+    /// Simulated attackers: a fraction of the nodes (0.2) or a count (4), drawn from the seed.
+    #[arg(long, help_heading = "Attack simulation")]
+    pub attackers: Option<String>,
+    /// What they do: sign-flip, gaussian, scale, label-flip, alie or backdoor.
+    #[arg(long, help_heading = "Attack simulation")]
+    pub attack: Option<String>,
+    /// Sign flip's k (send -k * update) and scaling's factor [default: 10].
+    #[arg(long, help_heading = "Attack simulation")]
+    #[serde(alias = "attack_scale")]
+    pub attack_scale: Option<f64>,
+    /// Gaussian attack's standard deviation [default: 1].
+    #[arg(long, help_heading = "Attack simulation")]
+    #[serde(alias = "attack_std")]
+    pub attack_std: Option<f64>,
+    /// ALIE's z [default: from the cohort and attacker counts, as Baruch et al.].
+    #[arg(long, help_heading = "Attack simulation")]
+    #[serde(alias = "attack_z")]
+    pub attack_z: Option<f64>,
+    /// Backdoor: the label triggered images should get [default: 0].
+    #[arg(long, help_heading = "Attack simulation")]
+    #[serde(alias = "backdoor_target")]
+    pub backdoor_target: Option<u8>,
+    /// Backdoor: share of each attacker's examples stamped and relabelled [default: 0.5].
+    #[arg(long, help_heading = "Attack simulation")]
+    #[serde(alias = "poison_fraction")]
+    pub poison_fraction: Option<f64>,
 }
 
 macro_rules! prefer_flags {
@@ -204,7 +250,19 @@ impl SimulateArgs {
                 dp_count_stddev,
                 dp_delta,
                 dp_placement,
-                dp_epsilon_budget
+                dp_epsilon_budget,
+                aggregator,
+                trim_beta,
+                byzantine,
+                krum_keep,
+                norm_bound,
+                attackers,
+                attack,
+                attack_scale,
+                attack_std,
+                attack_z,
+                backdoor_target,
+                poison_fraction
             ]
         );
         self.baselines |= file.baselines;
@@ -312,7 +370,62 @@ impl SimulateArgs {
             target_accuracy: self.target_accuracy,
             threads,
             dp: self.resolve_dp(fraction)?,
+            aggregator: self.resolve_aggregator(clients, fraction, min_clients)?,
+            norm_bound: self.norm_bound,
+            attack: self.resolve_attack()?,
         })
+    }
+
+    /// The robust rule, checked against the cohort it will see each round.
+    fn resolve_aggregator(
+        &self,
+        clients: usize,
+        fraction: f64,
+        min_clients: usize,
+    ) -> Result<Option<RobustRule>> {
+        let name: AggregatorName = self.aggregator.as_deref().unwrap_or("mean").parse()?;
+        let rule = name.with(
+            self.trim_beta.unwrap_or(0.2),
+            self.byzantine.unwrap_or(1),
+            self.krum_keep,
+        );
+        if let Some(rule) = rule {
+            let cohort = ferry_engine::selection::cohort_size(clients, fraction, min_clients);
+            rule.check(cohort)?;
+        }
+        Ok(rule)
+    }
+
+    /// The simulated attack, when `--attack` names one.
+    fn resolve_attack(&self) -> Result<Option<AttackSettings>> {
+        let Some(kind) = &self.attack else {
+            if self.attackers.is_some() {
+                bail!("--attackers needs --attack to say what they do");
+            }
+            return Ok(None);
+        };
+        let attackers = self
+            .attackers
+            .as_deref()
+            .context("--attack needs --attackers: a fraction (0.2) or a count (4)")?
+            .parse()?;
+        let poison_fraction = self.poison_fraction.unwrap_or(0.5);
+        check((0.0..=1.0).contains(&poison_fraction), || {
+            format!("--poison-fraction must be in [0, 1], got {poison_fraction}")
+        })?;
+        let target = self.backdoor_target.unwrap_or(0);
+        check(usize::from(target) < ferry_ml::data::NUM_CLASSES, || {
+            format!("--backdoor-target must be a class label 0-9, got {target}")
+        })?;
+        Ok(Some(AttackSettings {
+            kind: kind.parse()?,
+            attackers,
+            scale: self.attack_scale.unwrap_or(10.0),
+            std: self.attack_std.unwrap_or(1.0),
+            z: self.attack_z,
+            target,
+            poison_fraction,
+        }))
     }
 
     /// The differential-privacy settings, when `--dp-noise-multiplier` makes the run private.

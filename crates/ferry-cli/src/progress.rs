@@ -101,8 +101,16 @@ impl RoundObserver for ConsoleProgress {
                 dp.epsilon, dp.delta, dp.clip_norm
             )
         });
+        let backdoor = r
+            .attack_success_rate
+            .map_or(String::new(), |asr| format!("  backdoor success {asr:.4}"));
+        let left_out = if r.excluded.is_empty() {
+            String::new()
+        } else {
+            format!("  left out {}: {}", r.excluded.len(), r.excluded.join(","))
+        };
         println!(
-            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}",
+            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}{}{}",
             r.round,
             self.rounds,
             r.accuracy,
@@ -112,7 +120,9 @@ impl RoundObserver for ConsoleProgress {
             r.wall_s,
             human_bytes(r.bytes_up),
             human_bytes(r.bytes_down),
-            privacy
+            privacy,
+            backdoor,
+            left_out
         );
     }
 }

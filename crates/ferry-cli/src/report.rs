@@ -45,6 +45,9 @@ pub struct History<'a, C: Serialize = SimConfig> {
     pub final_record: Option<FinalRecord>,
     /// Central and local-only baselines, when asked for.
     pub baselines: Option<&'a Baselines>,
+    /// The nodes that attacked, in an attack simulation.
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    pub attackers: &'a [u32],
 }
 
 /// Serialises `model` and returns its bytes with their sha256.
@@ -126,16 +129,19 @@ fn csv(rounds: &[RoundRecord]) -> String {
 pub struct HistoryFiles<'a> {
     dir: &'a Path,
     config: &'a SimConfig,
+    attackers: &'a [u32],
     rounds: Vec<RoundRecord>,
     warned: bool,
 }
 
 impl<'a> HistoryFiles<'a> {
-    /// Keeps `dir`'s history files up to date for a run of `config`.
-    pub fn new(dir: &'a Path, config: &'a SimConfig) -> Self {
+    /// Keeps `dir`'s history files up to date for a run of `config` whose attacking nodes (in
+    /// an attack simulation) are `attackers`.
+    pub fn new(dir: &'a Path, config: &'a SimConfig, attackers: &'a [u32]) -> Self {
         Self {
             dir,
             config,
+            attackers,
             rounds: Vec::new(),
             warned: false,
         }
@@ -150,6 +156,7 @@ impl RoundObserver for HistoryFiles<'_> {
             rounds: &self.rounds,
             final_record: None,
             baselines: None,
+            attackers: self.attackers,
         };
         if let Err(e) = write_history(self.dir, &history)
             && !self.warned
@@ -188,6 +195,9 @@ mod tests {
             target_accuracy: None,
             threads: 1,
             dp: None,
+            aggregator: None,
+            norm_bound: None,
+            attack: None,
         }
     }
 
@@ -205,6 +215,9 @@ mod tests {
             strategy_state_bytes: 0,
             epsilon: None,
             dp: None,
+            excluded: Vec::new(),
+            attack_success_rate: None,
+            aggregation_s: 0.0,
         }
     }
 
@@ -212,7 +225,7 @@ mod tests {
     fn history_is_on_disk_after_every_round_with_final_null() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = config();
-        let mut files = HistoryFiles::new(dir.path(), &config);
+        let mut files = HistoryFiles::new(dir.path(), &config, &[]);
         files.round_finished(&record(1));
         files.round_finished(&record(2));
         let text = std::fs::read_to_string(dir.path().join("history.json")).expect("json");

@@ -14,11 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{
-    model::sha256_hex,
-    privacy::{mechanism::Privacy, noise::NoiseSeed},
-    strategy::Strategy,
-};
+use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed};
 use ferry_engine::{
     federation::{RoundObserver, StopReason},
     round::CohortRule,
@@ -229,6 +225,12 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
     };
     let args: SimulateArgs = run.try_into().map_err(bad)?;
     let mut sim = args.resolve()?;
+    anyhow::ensure!(
+        sim.attack.is_none(),
+        "config file {}: attack and attackers simulate poisoned nodes in `ferry simulate`; a \
+         deployment's nodes are real, so remove them from [run]",
+        path.display()
+    );
     // The server evaluates on one thread pool and partitions nothing.
     sim.threads = 1;
     anyhow::ensure!(
@@ -383,11 +385,8 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         run.seed,
     ));
     let initial = params::init_model(run.model, run.seed)?;
-    let mut strategy = Strategy::new(run.strategy, &run.strategy_params, run.clients);
-    if let Some(dp) = run.dp {
-        // A deployment draws its noise from the operating system, never from the run seed.
-        strategy = strategy.with_privacy(Privacy::new(dp, NoiseSeed::Os)?)?;
-    }
+    // A deployment draws its DP noise from the operating system, never from the run seed.
+    let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
     let store = Store::open(&setup.file.store).await?;
     let blobs = Blobs::local(&setup.file.blobs)?;
     let (coordinator, mut events) = Coordinator::start(
@@ -436,6 +435,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
                                 rounds: &rounds,
                                 final_record: None,
                                 baselines: None,
+                                attackers: &[],
                             };
                             if let Err(e) = report::write_history(&out, &history) {
                                 eprintln!("warning: {e:#}");
@@ -496,6 +496,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
             bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
         }),
         baselines: None,
+        attackers: &[],
     };
     let title = format!(
         "{} on {} ({}, deployed)",

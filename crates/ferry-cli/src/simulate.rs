@@ -41,7 +41,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let started = Instant::now();
     let mut observer = Both(
         ConsoleProgress::new(config.rounds),
-        HistoryFiles::new(&out, &config),
+        HistoryFiles::new(&out, &config, sim.attackers()),
     );
     let outcome = sim.run(&mut observer)?;
     let wall_s = started.elapsed().as_secs_f64();
@@ -77,6 +77,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         rounds: &outcome.rounds,
         final_record: Some(final_record),
         baselines: baselines.as_ref(),
+        attackers: sim.attackers(),
     };
     let title = format!(
         "{} on {} ({}, {} clients, {})",
@@ -87,11 +88,7 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         .final_record
         .as_ref()
         .context("the final record was just written")?;
-    let best = outcome
-        .rounds
-        .iter()
-        .map(|r| r.accuracy)
-        .fold(0.0, f64::max);
+    let best = outcome.best_accuracy();
     println!(
         "done: {} rounds in {:.1} s ({:?}); final accuracy {:.4}, loss {:.4}, best accuracy {:.4}; moved up {} down {}",
         f.rounds_run,

@@ -665,3 +665,194 @@ fn bench_dp_writes_accuracy_against_epsilon() {
     assert!(svg.contains("epsilon") && svg.contains("z=1.2") && svg.contains("no privacy"));
     assert!(out.join("z1.2/history.json").exists());
 }
+
+/// A 20-node, 5-round logistic-regression run on the MNIST subset with `extra` flags; returns
+/// the history and the printed output.
+fn attacked_run(dir: &Path, extra: &[&str]) -> (Value, String) {
+    let out_dir = dir.to_str().expect("utf-8");
+    let mut args = vec!["simulate", "--out", out_dir];
+    args.extend(mnist_logreg(&["--clients", "20", "--rounds", "5"]));
+    args.extend_from_slice(extra);
+    let out = ferry(&args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    (history(dir), stdout(&out))
+}
+
+fn final_accuracy(h: &Value) -> f64 {
+    h["final"]["accuracy"].as_f64().expect("final accuracy")
+}
+
+#[test]
+fn sign_flip_attackers_break_fedavg_but_not_median_or_krum() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let attack = ["--attackers", "0.2", "--attack", "sign-flip"];
+    let (clean, _) = attacked_run(&tmp.path().join("clean"), &[]);
+    let (mean, _) = attacked_run(&tmp.path().join("mean"), &attack);
+    let mut median_args = attack.to_vec();
+    median_args.extend(["--aggregator", "median"]);
+    let (median, _) = attacked_run(&tmp.path().join("median"), &median_args);
+    let mut krum_args = attack.to_vec();
+    krum_args.extend(["--aggregator", "krum", "--byzantine", "4"]);
+    let (krum, printed) = attacked_run(&tmp.path().join("krum"), &krum_args);
+    let (clean, mean, median, krum) = (
+        final_accuracy(&clean),
+        final_accuracy(&mean),
+        final_accuracy(&median),
+        final_accuracy(&krum),
+    );
+    eprintln!(
+        "no attack {clean:.4}; sign flip: mean {mean:.4}, median {median:.4}, krum {krum:.4}"
+    );
+    assert!(
+        mean < 0.3,
+        "FedAvg should collapse under 20% sign flips: {mean}"
+    );
+    assert!(
+        median > clean - 0.05,
+        "median {median} vs no attack {clean}"
+    );
+    assert!(krum > clean - 0.08, "krum {krum} vs no attack {clean}");
+    // Four attackers, drawn from the seed, are recorded; Krum keeps one update and names the
+    // nodes it left out, in history and on screen.
+    let h = history(&tmp.path().join("krum"));
+    assert_eq!(h["attackers"].as_array().map(Vec::len), Some(4));
+    assert_eq!(h["config"]["aggregator"]["rule"], "krum");
+    for r in h["rounds"].as_array().expect("rounds") {
+        assert_eq!(r["excluded"].as_array().map(Vec::len), Some(19), "{r}");
+        assert!(r["aggregation_s"].as_f64().expect("aggregation time") > 0.0);
+    }
+    assert!(printed.contains("left out 19:"), "{printed}");
+}
+
+#[test]
+fn backdoor_success_is_reported_each_round_and_the_median_resists_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let backdoor = [
+        "--attackers",
+        "0.2",
+        "--attack",
+        "backdoor",
+        "--backdoor-target",
+        "0",
+    ];
+    let (mean, printed) = attacked_run(&tmp.path().join("mean"), &backdoor);
+    let mut median_args = backdoor.to_vec();
+    median_args.extend(["--aggregator", "median"]);
+    let (median, _) = attacked_run(&tmp.path().join("median"), &median_args);
+    let asr = |h: &Value| -> Vec<f64> {
+        h["rounds"]
+            .as_array()
+            .expect("rounds")
+            .iter()
+            .map(|r| r["attack_success_rate"].as_f64().expect("every round"))
+            .collect()
+    };
+    let (mean_asr, median_asr) = (asr(&mean), asr(&median));
+    eprintln!("backdoor success: mean {mean_asr:?}, median {median_asr:?}");
+    assert!(
+        mean_asr[4] > 0.5,
+        "the backdoor should take under FedAvg: {mean_asr:?}"
+    );
+    assert!(
+        median_asr[4] < 0.2,
+        "the median should resist it: {median_asr:?}"
+    );
+    assert!(printed.contains("backdoor success"), "{printed}");
+}
+
+#[test]
+fn bench_robust_writes_the_rule_by_attack_table() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("grid");
+    let mut args = vec![
+        "bench",
+        "robust",
+        "--rules",
+        "mean,median",
+        "--attacks",
+        "none,sign-flip",
+    ];
+    args.extend(mnist_logreg(&[
+        "--clients",
+        "10",
+        "--rounds",
+        "3",
+        "--attackers",
+        "0.2",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]));
+    let result = ferry(&args);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let table = std::fs::read_to_string(out.join("table.md")).expect("table.md");
+    assert!(
+        table.starts_with("| rule | none | sign-flip | aggregation per round |"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 4, "{table}");
+    let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    assert!(out.join("median-sign-flip/history.json").exists());
+}
+
+#[test]
+fn robust_rule_preconditions_and_attack_flags_get_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().to_str().expect("utf-8");
+    assert_clean_failure(
+        &[
+            "simulate",
+            "--out",
+            out,
+            "--aggregator",
+            "krum",
+            "--byzantine",
+            "4",
+        ],
+        "2f + 2 = 10",
+    );
+    assert_clean_failure(
+        &[
+            "simulate",
+            "--out",
+            out,
+            "--aggregator",
+            "bulyan",
+            "--byzantine",
+            "2",
+        ],
+        "4f + 3 = 11",
+    );
+    assert_clean_failure(
+        &["simulate", "--out", out, "--aggregator", "krumm"],
+        "krumm",
+    );
+    assert_clean_failure(
+        &["simulate", "--out", out, "--attack", "sign-flip"],
+        "--attackers",
+    );
+    assert_clean_failure(
+        &[
+            "simulate",
+            "--out",
+            out,
+            "--attackers",
+            "0.2",
+            "--attack",
+            "meteor",
+        ],
+        "meteor",
+    );
+    assert_clean_failure(
+        &[
+            "simulate",
+            "--out",
+            out,
+            "--strategy",
+            "scaffold",
+            "--aggregator",
+            "median",
+        ],
+        "scaffold cannot use --aggregator median",
+    );
+}

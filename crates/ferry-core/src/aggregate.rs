@@ -21,6 +21,8 @@ pub struct Aggregate {
     pub control_delta_sum: Option<Vec<f32>>,
     /// Adaptive DP clipping: the noisy fraction of updates that were within the clip norm.
     pub unclipped_fraction: Option<f64>,
+    /// Positions (in acceptance order) of the accepted updates a robust rule left out.
+    pub excluded: Vec<usize>,
 }
 
 /// How an aggregator's memory grows with the number of updates it accepts.
@@ -175,6 +177,7 @@ impl Aggregator for WeightedMean {
             num_examples: self.examples,
             control_delta_sum,
             unclipped_fraction: None,
+            excluded: Vec::new(),
         })
     }
 }

@@ -45,6 +45,9 @@ pub enum CoreError {
         "unknown strategy '{0}': expected fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi"
     )]
     UnknownStrategy(String),
+    /// A robust aggregation rule that cannot work with its parameters or its updates.
+    #[error("{0}")]
+    Robust(String),
     /// A differential-privacy setting or step that cannot be carried out.
     #[error("{0}")]
     Privacy(String),

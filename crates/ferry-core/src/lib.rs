@@ -6,6 +6,8 @@
 //! - [`update`]: what a node sends back after local training.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
 //! - [`privacy`]: client-level differential privacy (clipping, noise, RDP accountant).
+//! - [`robust`]: robust aggregation (median, trimmed mean, Krum, Multi-Krum, Bulyan, norm
+//!   bounding).
 //! - [`seed`]: independent random streams from one run seed.
 //! - [`server_opt`]: the server-optimizer step that turns an aggregate into the next model.
 //! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
@@ -20,6 +22,7 @@ pub mod algebra;
 pub mod error;
 pub mod model;
 pub mod privacy;
+pub mod robust;
 pub mod seed;
 pub mod server_opt;
 pub mod strategy;

@@ -290,6 +290,7 @@ mod tests {
             num_examples: 10,
             control_delta_sum: None,
             unclipped_fraction: None,
+            excluded: Vec::new(),
         };
         let mut opt = ServerSgd::new(1.0, 0.0);
         opt.apply(&mut global, &aggregate).expect("same length");
@@ -309,6 +310,7 @@ mod tests {
             num_examples: 1,
             control_delta_sum: None,
             unclipped_fraction: None,
+            excluded: Vec::new(),
         }
     }
 

@@ -10,6 +10,7 @@ use crate::{
     CoreError,
     aggregate::{Aggregator, WeightedMean, Weighting},
     privacy::mechanism::Privacy,
+    robust::{NormBounded, RobustAggregator, RobustRule},
     server_opt::{
         AdaptiveParams, AdaptiveRule, AdaptiveServer, ScaffoldServer, ServerOptimizer, ServerSgd,
     },
@@ -43,10 +44,12 @@ pub fn fednova_normalizer(steps: u64, rho: f64) -> f64 {
 }
 
 /// How the server combines the round's updates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AggregationRule {
     /// A streaming weighted mean of the deltas.
     WeightedMean(Weighting),
+    /// A robust rule over the buffered deltas.
+    Robust(RobustRule),
 }
 
 impl AggregationRule {
@@ -54,6 +57,7 @@ impl AggregationRule {
     pub fn start(self, dim: usize) -> Box<dyn Aggregator> {
         match self {
             Self::WeightedMean(weighting) => Box::new(WeightedMean::new(dim, weighting)),
+            Self::Robust(rule) => Box::new(RobustAggregator::new(rule, dim)),
         }
     }
 }
@@ -179,6 +183,8 @@ pub struct Strategy {
     /// Differential privacy: when set, the round's sum is clipped and noised
     /// ([`crate::privacy`]) in place of the aggregation rule.
     pub privacy: Option<Privacy>,
+    /// Norm bounding: every update is clipped to this L2 norm before the aggregation rule.
+    pub norm_bound: Option<f64>,
 }
 
 impl Strategy {
@@ -244,13 +250,61 @@ impl Strategy {
             aggregation,
             optimizer,
             privacy: None,
+            norm_bound: None,
         }
+    }
+
+    /// A fresh aggregator for one round: the aggregation rule, behind the norm bound if any.
+    pub fn start_aggregator(&self, dim: usize) -> Box<dyn Aggregator> {
+        let rule = self.aggregation.start(dim);
+        match self.norm_bound {
+            Some(bound) => Box::new(NormBounded::new(rule, bound)),
+            None => rule,
+        }
+    }
+
+    /// Replaces the weighted mean by a robust rule (Krum + FedAdam is as valid as Krum +
+    /// FedAvg). Strategies whose server step needs more than a mean delta are refused.
+    pub fn with_robust_rule(mut self, rule: RobustRule) -> Result<Self, CoreError> {
+        if self.aggregation != AggregationRule::WeightedMean(Weighting::Examples) {
+            return Err(CoreError::Robust(format!(
+                "{} cannot use --aggregator {rule}: its server step needs every update's \
+                 extras; use fedavg, fedavgm, fedprox, fedadagrad, fedadam or fedyogi",
+                self.name
+            )));
+        }
+        if self.privacy.is_some() {
+            return Err(privacy_and_robust(rule));
+        }
+        self.aggregation = AggregationRule::Robust(rule);
+        Ok(self)
+    }
+
+    /// Clips every update to L2 norm `bound` before aggregating.
+    pub fn with_norm_bound(mut self, bound: f64) -> Result<Self, CoreError> {
+        if !(bound.is_finite() && bound > 0.0) {
+            return Err(CoreError::Robust(format!(
+                "--norm-bound must be a positive number, got {bound}"
+            )));
+        }
+        if self.privacy.is_some() {
+            return Err(CoreError::Robust(
+                "--norm-bound is redundant with differential privacy, which clips every \
+                 update to --dp-clip; drop one"
+                    .into(),
+            ));
+        }
+        self.norm_bound = Some(bound);
+        Ok(self)
     }
 
     /// Adds differential privacy. Only strategies that average plain deltas can be privatised:
     /// SCAFFOLD's control variates and FedNova's step-normalised weights would leave the
     /// noise's sensitivity bound.
     pub fn with_privacy(mut self, privacy: Privacy) -> Result<Self, CoreError> {
+        if let AggregationRule::Robust(rule) = self.aggregation {
+            return Err(privacy_and_robust(rule));
+        }
         if self.aggregation != AggregationRule::WeightedMean(Weighting::Examples) {
             return Err(CoreError::Privacy(format!(
                 "{} cannot run with differential privacy: its updates carry more than a \
@@ -261,6 +315,13 @@ impl Strategy {
         self.privacy = Some(privacy);
         Ok(self)
     }
+}
+
+fn privacy_and_robust(rule: RobustRule) -> CoreError {
+    CoreError::Robust(format!(
+        "--aggregator {rule} needs each update, but differential privacy releases only their \
+         noisy sum; use one or the other"
+    ))
 }
 
 impl fmt::Debug for Strategy {

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use ferry_core::{Model, strategy::Strategy, task::LocalTraining};
+use ferry_core::{Model, Update, strategy::Strategy, task::LocalTraining};
 
 use crate::{
     EngineError, dispatch,
-    node::{Evaluator, NodeHandle},
+    node::{Adversary, Evaluator, NodeError, NodeHandle, NodeId},
     record::RoundRecord,
     round::{self, CohortRule, OpenRound},
 };
@@ -65,6 +65,13 @@ pub struct RunOutcome {
     pub stop: StopReason,
 }
 
+impl RunOutcome {
+    /// The highest test accuracy any round reached.
+    pub fn best_accuracy(&self) -> f64 {
+        self.rounds.iter().map(|r| r.accuracy).fold(0.0, f64::max)
+    }
+}
+
 /// A federated run: a strategy, a fleet of nodes, an evaluator and the global model.
 pub struct Federation {
     settings: RunSettings,
@@ -72,6 +79,7 @@ pub struct Federation {
     nodes: Vec<Arc<dyn NodeHandle>>,
     evaluator: Box<dyn Evaluator>,
     global: Model,
+    adversary: Option<Box<dyn Adversary>>,
 }
 
 impl Federation {
@@ -120,7 +128,15 @@ impl Federation {
             nodes,
             evaluator,
             global: initial,
+            adversary: None,
         })
+    }
+
+    /// Lets `adversary` rewrite its nodes' updates each round (attack simulation). The round
+    /// then holds every update until the adversary has seen them all.
+    pub fn with_adversary(mut self, adversary: Box<dyn Adversary>) -> Self {
+        self.adversary = Some(adversary);
+        self
     }
 
     /// Runs rounds until the round limit or the target accuracy.
@@ -167,23 +183,60 @@ impl Federation {
         let plan = round::plan(round, &rule, &self.strategy, &self.global, self.nodes.len())?;
         observer.round_started(round, plan.selected.len());
         let mut open = OpenRound::new(&plan, &self.strategy);
-        dispatch::run_ordered(
-            plan.selected.len(),
-            self.settings.parallelism,
-            |i| self.nodes[plan.selected[i]].train(&plan.task),
-            |_| observer.node_returned(round),
-            |_, result| match result {
-                // A refused update is counted in the round's failures; the round goes on.
-                Ok(update) => open.accept(&update).unwrap_or(()),
-                Err(e) => open.fail(e.to_string()),
-            },
-        );
+        let node_id = |i: usize| self.nodes[plan.selected[i]].id();
+        let train = |i: usize| self.nodes[plan.selected[i]].train(&plan.task);
+        match &self.adversary {
+            None => dispatch::run_ordered(
+                plan.selected.len(),
+                self.settings.parallelism,
+                train,
+                |_| observer.node_returned(round),
+                |i, result| fold(&mut open, node_id(i), result),
+            ),
+            Some(adversary) => {
+                let mut results = Vec::with_capacity(plan.selected.len());
+                dispatch::run_ordered(
+                    plan.selected.len(),
+                    self.settings.parallelism,
+                    train,
+                    |_| observer.node_returned(round),
+                    |i, result| results.push((node_id(i), result)),
+                );
+                let (mut trained, failed): (Vec<_>, Vec<_>) =
+                    results.into_iter().partition(|(_, r)| r.is_ok());
+                let mut updates: Vec<(NodeId, Update)> = trained
+                    .drain(..)
+                    .filter_map(|(id, r)| r.ok().map(|u| (id, u)))
+                    .collect();
+                adversary.tamper(round, &mut updates);
+                for (id, update) in updates {
+                    fold(&mut open, id, Ok(update));
+                }
+                for (id, result) in failed {
+                    fold(&mut open, id, result);
+                }
+            }
+        }
         let applied = open.apply(&mut self.strategy, &mut self.global)?;
         observer.evaluating(round);
         let evaluation = self
             .evaluator
             .evaluate(&self.global)
             .map_err(EngineError::Evaluation)?;
-        Ok(applied.record(evaluation))
+        let mut record = applied.record(evaluation);
+        record.attack_success_rate = self
+            .evaluator
+            .attack_success_rate(&self.global)
+            .map_err(EngineError::Evaluation)?;
+        Ok(record)
+    }
+}
+
+/// Folds one node's result into the round: a refused update or a failure is counted in the
+/// round's failures, and the round goes on.
+fn fold(open: &mut OpenRound, node: NodeId, result: Result<Update, NodeError>) {
+    match result {
+        Ok(update) => open.accept(&node.to_string(), &update).unwrap_or(()),
+        Err(e) => open.fail(e.to_string()),
     }
 }

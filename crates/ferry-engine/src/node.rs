@@ -52,4 +52,18 @@ pub trait NodeHandle: Send + Sync {
 pub trait Evaluator: Send + Sync {
     /// Returns `(loss, accuracy)` with accuracy in `[0, 1]`.
     fn evaluate(&self, model: &Model) -> Result<(f64, f64), String>;
+
+    /// Under a simulated backdoor attack: the share of triggered test images the model sends
+    /// to the attacker's target label; `None` when no backdoor is being measured.
+    fn attack_success_rate(&self, _model: &Model) -> Result<Option<f64>, String> {
+        Ok(None)
+    }
+}
+
+/// A simulated adversary that rewrites the updates of the nodes it controls after they have
+/// trained (model poisoning); it sees the whole round's updates, as the strongest published
+/// attacks assume.
+pub trait Adversary: Send + Sync {
+    /// Rewrites, in place, the updates of the attacking nodes among `updates`.
+    fn tamper(&self, round: u32, updates: &mut [(NodeId, Update)]);
 }

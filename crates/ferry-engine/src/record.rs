@@ -22,6 +22,9 @@ pub struct RoundRecord {
     pub bytes_down: u64,
     /// Wall-clock seconds for the whole round, evaluation included.
     pub wall_s: f64,
+    /// Seconds spent in the aggregation rule (folding updates in and finishing).
+    #[serde(default)]
+    pub aggregation_s: f64,
     /// Mean local training loss reported by the participants.
     pub train_loss: f64,
     /// Bytes of state the server strategy keeps between rounds.
@@ -32,4 +35,10 @@ pub struct RoundRecord {
     /// Differential privacy: the round's clip norm, noise and accounting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<DpRoundRecord>,
+    /// Backdoor simulation: share of triggered test images classified as the target label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack_success_rate: Option<f64>,
+    /// Robust aggregation: the nodes whose updates the rule left out (Krum, Bulyan).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
 }

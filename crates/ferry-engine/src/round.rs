@@ -6,7 +6,10 @@
 //! applied ([`OpenRound::apply`]: the server optimizer moves the global model), after which the
 //! caller evaluates the model and [`AppliedRound::record`] writes the round down.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ferry_core::{
     CoreError, Model, Update,
@@ -88,6 +91,8 @@ pub struct OpenRound {
     selected: usize,
     downloaded_values: usize,
     aggregator: Box<dyn Aggregator>,
+    accepted_nodes: Vec<String>,
+    aggregating: Duration,
     privacy: Option<RoundPrivacy>,
     bytes_up: u64,
     train_loss_sum: f64,
@@ -101,7 +106,7 @@ impl OpenRound {
         let dim = plan.task.model.num_params();
         let aggregator: Box<dyn Aggregator> = match &plan.privacy {
             Some(privacy) => Box::new(privacy.aggregator(plan.task.model.layout())),
-            None => strategy.aggregation.start(dim),
+            None => strategy.start_aggregator(dim),
         };
         Self {
             round: plan.task.round,
@@ -110,6 +115,8 @@ impl OpenRound {
             // Every selected node receives the model and whatever the strategy broadcasts.
             downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
             aggregator,
+            accepted_nodes: Vec::new(),
+            aggregating: Duration::ZERO,
             privacy: plan.privacy.clone(),
             bytes_up: 0,
             train_loss_sum: 0.0,
@@ -117,12 +124,16 @@ impl OpenRound {
         }
     }
 
-    /// Folds one node's update into the round, or counts it as refused and says why.
-    pub fn accept(&mut self, update: &Update) -> Result<(), ferry_core::CoreError> {
+    /// Folds `node`'s update into the round, or counts it as refused and says why.
+    pub fn accept(&mut self, node: &str, update: &Update) -> Result<(), ferry_core::CoreError> {
         self.bytes_up += update.payload_bytes();
-        match self.aggregator.accept(update) {
+        let started = Instant::now();
+        let accepted = self.aggregator.accept(update);
+        self.aggregating += started.elapsed();
+        match accepted {
             Ok(()) => {
                 self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+                self.accepted_nodes.push(node.to_string());
                 Ok(())
             }
             Err(e) => {
@@ -150,7 +161,10 @@ impl OpenRound {
         global: &mut Model,
     ) -> Result<AppliedRound, EngineError> {
         let participants = self.aggregator.accepted();
-        let aggregate = match self.aggregator.finish() {
+        let finishing = Instant::now();
+        let finished = self.aggregator.finish();
+        let aggregation_s = (self.aggregating + finishing.elapsed()).as_secs_f64();
+        let aggregate = match finished {
             Ok(aggregate) => aggregate,
             Err(CoreError::NoUpdates) => {
                 return Err(EngineError::EmptyRound {
@@ -168,6 +182,11 @@ impl OpenRound {
             Err(e) => return Err(e.into()),
         };
         strategy.optimizer.apply(global.values_mut(), &aggregate)?;
+        let excluded = aggregate
+            .excluded
+            .iter()
+            .filter_map(|&i| self.accepted_nodes.get(i).cloned())
+            .collect();
         let dp = match (&self.privacy, strategy.privacy.as_mut()) {
             (Some(round), Some(privacy)) => {
                 Some(privacy.finish_round(round, participants, aggregate.unclipped_fraction))
@@ -185,6 +204,8 @@ impl OpenRound {
             train_loss: self.train_loss_sum / participants.max(1) as f64,
             strategy_state_bytes: strategy.optimizer.state_bytes(),
             dp,
+            excluded,
+            aggregation_s,
         })
     }
 }
@@ -201,6 +222,8 @@ pub struct AppliedRound {
     train_loss: f64,
     strategy_state_bytes: usize,
     dp: Option<DpRoundRecord>,
+    excluded: Vec<String>,
+    aggregation_s: f64,
 }
 
 impl AppliedRound {
@@ -219,6 +242,9 @@ impl AppliedRound {
             strategy_state_bytes: self.strategy_state_bytes,
             epsilon: self.dp.map(|dp| dp.epsilon),
             dp: self.dp,
+            excluded: self.excluded,
+            attack_success_rate: None,
+            aggregation_s: self.aggregation_s,
         }
     }
 }

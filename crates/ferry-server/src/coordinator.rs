@@ -391,7 +391,7 @@ impl Coordinator {
         let mut training = self.open_training(&state, plan, cohort.into_iter().collect());
         for (node, sha) in self.store.accepted(state.round).await? {
             let update = wire::decode_update(&self.blobs.get(&sha).await?, &self.layout)?;
-            training.open.accept(&update)?;
+            training.open.accept(&node, &update)?;
             training.answered.insert(node);
         }
         self.emit(Event::Notice(format!(
@@ -576,7 +576,7 @@ impl Coordinator {
             return Err(Refusal::NotOpen("round closed".into()));
         };
         training.answered.insert(node.to_string());
-        if let Err(e) = training.open.accept(&update) {
+        if let Err(e) = training.open.accept(node, &update) {
             // Refused by the strategy (for example a missing SCAFFOLD extra): not counted.
             let _ = self.store.unaccept(round, node).await;
             let refusal = Refusal::Invalid(e.to_string());

@@ -3,8 +3,10 @@
 use std::path::PathBuf;
 
 use ferry_core::{
-    privacy::DpSettings,
-    strategy::{StrategyName, StrategyParams},
+    CoreError,
+    privacy::{DpSettings, mechanism::Privacy, noise::NoiseSeed},
+    robust::RobustRule,
+    strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
 use ferry_ml::{
@@ -12,6 +14,8 @@ use ferry_ml::{
     models::ModelKind,
 };
 use serde::{Serialize, Serializer};
+
+use crate::attack::AttackSettings;
 
 /// Everything that determines a simulated run (recorded in `history.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -49,6 +53,12 @@ pub struct SimConfig {
     pub threads: usize,
     /// Differential privacy, when the run is private.
     pub dp: Option<DpSettings>,
+    /// A robust rule in place of the weighted mean.
+    pub aggregator: Option<RobustRule>,
+    /// Clip each update to this L2 norm before aggregating.
+    pub norm_bound: Option<f64>,
+    /// A simulated attack by some of the nodes.
+    pub attack: Option<AttackSettings>,
 }
 
 fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
@@ -56,6 +66,23 @@ fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl SimConfig {
+    /// The run's strategy for `fleet_size` nodes, with its privacy, robust rule and norm bound;
+    /// `noise` says where DP noise comes from (the run seed in simulation, the OS in
+    /// deployment).
+    pub fn strategy(&self, fleet_size: usize, noise: NoiseSeed) -> Result<Strategy, CoreError> {
+        let mut strategy = Strategy::new(self.strategy, &self.strategy_params, fleet_size);
+        if let Some(dp) = self.dp {
+            strategy = strategy.with_privacy(Privacy::new(dp, noise)?)?;
+        }
+        if let Some(rule) = self.aggregator {
+            strategy = strategy.with_robust_rule(rule)?;
+        }
+        if let Some(bound) = self.norm_bound {
+            strategy = strategy.with_norm_bound(bound)?;
+        }
+        Ok(strategy)
+    }
+
     /// Local epochs a node trains over the whole run on average: what the central and
     /// local-only baselines get, for a like-for-like comparison.
     pub fn epochs_per_node(&self, rounds_run: u32) -> u32 {

@@ -9,6 +9,9 @@ pub enum SimError {
     /// The round engine refused the settings or a round failed.
     #[error(transparent)]
     Engine(#[from] ferry_engine::EngineError),
+    /// An attack that cannot be staged as configured.
+    #[error("{0}")]
+    Attack(String),
     /// Model or aggregation error.
     #[error(transparent)]
     Core(#[from] ferry_core::CoreError),

@@ -13,6 +13,7 @@ pub struct TestSetEvaluator {
     test: Arc<Dataset>,
     noise_copies: Vec<f32>,
     seed: u64,
+    backdoor: Option<Dataset>,
 }
 
 impl TestSetEvaluator {
@@ -29,7 +30,15 @@ impl TestSetEvaluator {
                 Vec::new()
             },
             seed,
+            backdoor: None,
         }
+    }
+
+    /// Also measures a backdoor's success on `triggered` (test images stamped with the
+    /// trigger, labelled with the target).
+    pub fn with_backdoor(mut self, triggered: Dataset) -> Self {
+        self.backdoor = Some(triggered);
+        self
     }
 
     /// Full evaluation result.
@@ -43,5 +52,16 @@ impl Evaluator for TestSetEvaluator {
         self.evaluation(model)
             .map(|e| (e.loss, e.accuracy))
             .map_err(|e| e.to_string())
+    }
+
+    fn attack_success_rate(&self, model: &Model) -> Result<Option<f64>, String> {
+        self.backdoor
+            .as_ref()
+            .map(|triggered| {
+                train::evaluate(self.model, model, triggered, &[], self.seed)
+                    .map(|e| e.accuracy)
+                    .map_err(|e| e.to_string())
+            })
+            .transpose()
     }
 }

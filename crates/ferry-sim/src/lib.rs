@@ -4,10 +4,12 @@
 //! partitioner and builds the initial model; [`Simulation::run`] drives the same
 //! [`ferry_engine::federation::Federation`] that deployment uses, with in-process nodes
 //! training in parallel, one thread each. [`baselines`] answers "is federated learning worth it
-//! here?" by training centrally and on each node alone.
+//! here?" by training centrally and on each node alone. [`attack`] stages poisoning attacks by a
+//! share of the nodes, to measure robust aggregation.
 
 #![warn(missing_docs)]
 
+pub mod attack;
 pub mod baselines;
 pub mod config;
 pub mod error;

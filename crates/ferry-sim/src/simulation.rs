@@ -2,11 +2,7 @@
 
 use std::sync::Arc;
 
-use ferry_core::{
-    Model,
-    privacy::{mechanism::Privacy, noise::NoiseSeed},
-    strategy::Strategy,
-};
+use ferry_core::{Model, privacy::noise::NoiseSeed};
 use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome, RunSettings},
     node::NodeHandle,
@@ -16,7 +12,12 @@ use ferry_ml::{
     params,
 };
 
-use crate::{SimConfig, SimError, evaluator::TestSetEvaluator, node::VirtualNode};
+use crate::{
+    SimConfig, SimError,
+    attack::{self, ModelPoisoner},
+    evaluator::TestSetEvaluator,
+    node::VirtualNode,
+};
 
 /// A prepared simulation: data split across virtual nodes and the initial model.
 pub struct Simulation {
@@ -26,6 +27,7 @@ pub struct Simulation {
     initial: Model,
     partition: Partition,
     train_labels: Vec<u8>,
+    attackers: Vec<u32>,
 }
 
 impl Simulation {
@@ -43,6 +45,14 @@ impl Simulation {
             .partition
             .split(&data.train.labels, config.clients, config.seed)?;
         let train_labels = data.train.labels.clone();
+        let attackers = match &config.attack {
+            Some(a) => attack::pick_attackers(
+                config.clients,
+                a.attackers.count(config.clients)?,
+                config.seed,
+            ),
+            None => Vec::new(),
+        };
         let train = Arc::new(data.train);
         let nodes = partition
             .parts
@@ -50,21 +60,37 @@ impl Simulation {
             .zip(&partition.noise_std)
             .enumerate()
             .map(|(i, (indices, &noise))| {
-                Arc::new(VirtualNode::new(
-                    i as u32,
-                    config.model,
-                    train.clone(),
-                    indices.clone(),
-                    noise,
-                ))
+                let id = i as u32;
+                let poison = config
+                    .attack
+                    .filter(|a| a.kind.poisons_data() && attackers.contains(&id));
+                Arc::new(match poison {
+                    // A data-poisoning attacker trains on its own corrupted copy.
+                    Some(a) => {
+                        let seed = ferry_core::seed::mix_seed(config.seed, u64::from(id));
+                        let own = attack::poison_data(&train, indices, &a, seed);
+                        let all = (0..own.len()).collect();
+                        VirtualNode::new(id, config.model, Arc::new(own), all, noise)
+                    }
+                    None => {
+                        VirtualNode::new(id, config.model, train.clone(), indices.clone(), noise)
+                    }
+                })
             })
             .collect();
-        let evaluator = Arc::new(TestSetEvaluator::new(
+        let mut evaluator = TestSetEvaluator::new(
             config.model,
-            Arc::new(data.test),
+            Arc::new(data.test.clone()),
             &partition.noise_std,
             config.seed,
-        ));
+        );
+        if let Some(a) = config
+            .attack
+            .filter(|a| a.kind == attack::AttackKind::Backdoor)
+        {
+            evaluator = evaluator.with_backdoor(attack::triggered_test_set(&data.test, a.target));
+        }
+        let evaluator = Arc::new(evaluator);
         let initial = params::init_model(config.model, config.seed)?;
         Ok(Self {
             config,
@@ -73,7 +99,13 @@ impl Simulation {
             initial,
             partition,
             train_labels,
+            attackers,
         })
+    }
+
+    /// The attacking nodes, drawn from the seed (empty without an attack).
+    pub fn attackers(&self) -> &[u32] {
+        &self.attackers
     }
 
     /// The configuration.
@@ -129,13 +161,14 @@ impl Simulation {
             .map(|n| n.clone() as Arc<dyn NodeHandle>)
             .collect();
         let evaluator = Box::new(SharedEvaluator(self.evaluator.clone()));
-        let mut strategy = Strategy::new(c.strategy, &c.strategy_params, self.nodes.len());
-        if let Some(dp) = c.dp {
-            // Simulated noise comes from the run seed, so a private run repeats exactly.
-            strategy = strategy.with_privacy(Privacy::new(dp, NoiseSeed::Run(c.seed))?)?;
-        }
-        let federation =
+        // Simulated DP noise comes from the run seed, so a private run repeats exactly.
+        let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
+        let mut federation =
             Federation::new(settings, strategy, nodes, evaluator, self.initial.clone())?;
+        if let Some(a) = c.attack.filter(|a| !a.kind.poisons_data()) {
+            federation =
+                federation.with_adversary(Box::new(ModelPoisoner::new(a, &self.attackers, c.seed)));
+        }
         Ok(federation.run(observer)?)
     }
 }
@@ -146,5 +179,9 @@ struct SharedEvaluator(Arc<TestSetEvaluator>);
 impl ferry_engine::node::Evaluator for SharedEvaluator {
     fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
         self.0.evaluate(model)
+    }
+
+    fn attack_success_rate(&self, model: &Model) -> Result<Option<f64>, String> {
+        self.0.attack_success_rate(model)
     }
 }

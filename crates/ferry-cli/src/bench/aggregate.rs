@@ -1,12 +1,14 @@
-//! `ferry bench aggregate`: streaming FedAvg over N synthetic updates.
+//! `ferry bench aggregate`: one round's aggregation of N synthetic updates, by streaming FedAvg
+//! or by a robust rule.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
 use ferry_core::{
     Update,
-    aggregate::{Aggregator, WeightedMean, Weighting},
+    aggregate::{Aggregator, MemoryUse, WeightedMean, Weighting},
+    robust::{AggregatorName, RobustAggregator},
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,6 +25,18 @@ pub struct AggregateArgs {
     /// Parameters per update.
     #[arg(long, default_value_t = 1_000_000)]
     params: usize,
+    /// Rule: mean, median, trimmed-mean, krum, multi-krum or bulyan.
+    #[arg(long, default_value = "mean")]
+    aggregator: String,
+    /// Trimmed mean's beta.
+    #[arg(long, default_value_t = 0.2)]
+    trim_beta: f64,
+    /// Krum, Multi-Krum, Bulyan: Byzantine updates tolerated (f).
+    #[arg(long, default_value_t = 1)]
+    byzantine: usize,
+    /// Multi-Krum: updates averaged [default: n - f].
+    #[arg(long)]
+    krum_keep: Option<usize>,
 }
 
 /// Bytes the aggregation streams per parameter per update: the f32 update read, the f64
@@ -59,29 +73,40 @@ pub fn run(args: AggregateArgs) -> Result<()> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(args.params >= 1, "--params must be at least 1");
     let model_bytes = args.params as f64 * 4.0;
-    // Two distinct updates stand in for the N arriving ones: a server holds one at a time.
-    let mut pool = [
-        synthetic_update(args.params, 1),
-        synthetic_update(args.params, 2),
-    ];
-    let began = Instant::now();
-    let mut aggregator = Box::new(WeightedMean::new(args.params, Weighting::Examples));
+    let name: AggregatorName = args.aggregator.parse()?;
+    let rule = name.with(args.trim_beta, args.byzantine, args.krum_keep);
+    let mut aggregator: Box<dyn Aggregator> = match rule {
+        Some(rule) => {
+            rule.check(args.clients)?;
+            Box::new(RobustAggregator::new(rule, args.params))
+        }
+        None => Box::new(WeightedMean::new(args.params, Weighting::Examples)),
+    };
+    let label = match rule {
+        Some(rule) => format!("{rule} (buffers every update)"),
+        None => "FedAvg (streaming, f64 accumulator)".to_string(),
+    };
+    // Updates arrive one at a time, as on a server; making each one is not timed.
+    let mut busy = Duration::ZERO;
     for i in 0..args.clients {
-        let update = &mut pool[i % 2];
+        let mut update = synthetic_update(args.params, i as u64);
         update.num_examples = 100 + i as u64;
-        aggregator.accept(update)?;
+        let began = Instant::now();
+        aggregator.accept(&update)?;
+        busy += began.elapsed();
     }
+    let streaming = aggregator.memory() == MemoryUse::Streaming;
+    let began = Instant::now();
     let aggregate = aggregator.finish()?;
-    let secs = began.elapsed().as_secs_f64();
+    let secs = (busy + began.elapsed()).as_secs_f64();
     std::hint::black_box(&aggregate);
     let peak = peak_rss_bytes();
-    drop(pool);
     drop(aggregate);
     let bandwidth = read_bandwidth_gbs();
     let update_gbs = args.clients as f64 * model_bytes / secs / 1e9;
     let traffic_gbs = args.clients as f64 * args.params as f64 * TRAFFIC_PER_PARAM / secs / 1e9;
     println!(
-        "FedAvg (streaming, f64 accumulator), {} updates x {} parameters ({:.1} MB each)",
+        "{label}, {} updates x {} parameters ({:.1} MB each)",
         args.clients,
         args.params,
         model_bytes / 1e6
@@ -89,10 +114,12 @@ pub fn run(args: AggregateArgs) -> Result<()> {
     println!("time               {secs:.3} s");
     println!("updates/s          {:.1}", args.clients as f64 / secs);
     println!("update data        {update_gbs:.2} GB/s");
-    println!(
-        "memory traffic     {traffic_gbs:.2} GB/s ({TRAFFIC_PER_PARAM} bytes per parameter per update) = {:.0}% of this machine's read bandwidth {bandwidth:.1} GB/s",
-        100.0 * traffic_gbs / bandwidth
-    );
+    if streaming {
+        println!(
+            "memory traffic     {traffic_gbs:.2} GB/s ({TRAFFIC_PER_PARAM} bytes per parameter per update) = {:.0}% of this machine's read bandwidth {bandwidth:.1} GB/s",
+            100.0 * traffic_gbs / bandwidth
+        );
+    }
     match peak {
         Some(p) => println!(
             "peak RSS           {:.1} MB = {:.1} model sizes (all {} updates would be {:.1} MB)",

@@ -2,17 +2,12 @@
 //! without privacy and once per noise multiplier, and writes final accuracy against epsilon as
 //! a CSV file and a chart.
 
-use std::{fmt::Write as _, path::PathBuf, time::Instant};
+use std::{fmt::Write as _, path::PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use ferry_sim::Simulation;
 
-use crate::{
-    options::SimulateArgs,
-    progress::{Both, ConsoleProgress},
-    report::{self, HistoryFiles},
-};
+use crate::{options::SimulateArgs, report};
 
 /// Options of `ferry bench dp`: the simulation (every `ferry simulate` flag) and the noise
 /// multipliers to compare.
@@ -68,7 +63,6 @@ pub fn run(args: DpArgs) -> Result<()> {
         }
         let config = run.resolve()?;
         let run_dir = out.join(format!("z{z}"));
-        report::prepare_dir(&run_dir)?;
         println!(
             "noise multiplier {z}: {} clients, sampling rate {}, {} rounds{}",
             config.clients,
@@ -76,25 +70,15 @@ pub fn run(args: DpArgs) -> Result<()> {
             config.rounds,
             if z == 0.0 { " (no privacy)" } else { "" }
         );
-        let started = Instant::now();
-        let sim = Simulation::prepare(config.clone())?;
-        let mut observer = Both(
-            ConsoleProgress::new(config.rounds),
-            HistoryFiles::new(&run_dir, &config),
-        );
-        let outcome = sim.run(&mut observer)?;
+        let (outcome, wall_s) = super::simulate_in(&config, &run_dir, false)?;
         let last = outcome.rounds.last().context("the run finished no round")?;
         points.push(Point {
             noise_multiplier: z,
             epsilon: last.epsilon,
             final_accuracy: last.accuracy,
-            best_accuracy: outcome
-                .rounds
-                .iter()
-                .map(|r| r.accuracy)
-                .fold(0.0, f64::max),
+            best_accuracy: outcome.best_accuracy(),
             rounds: last.round,
-            wall_s: started.elapsed().as_secs_f64(),
+            wall_s,
         });
     }
     let mut csv =

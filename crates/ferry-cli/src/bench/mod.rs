@@ -3,11 +3,21 @@
 mod aggregate;
 mod dp;
 mod niid;
+mod robust;
 mod round;
 mod train;
 
+use std::{path::Path, time::Instant};
+
 use anyhow::Result;
 use clap::Subcommand;
+use ferry_engine::federation::RunOutcome;
+use ferry_sim::{SimConfig, Simulation};
+
+use crate::{
+    progress::{Both, ConsoleProgress},
+    report::{self, HistoryFiles},
+};
 
 /// The benchmarks.
 #[derive(Subcommand)]
@@ -21,6 +31,8 @@ pub enum BenchCommand {
     Dp(Box<dp::DpArgs>),
     /// The NIID-Bench Fashion-MNIST protocol for one strategy and partition.
     Niid(niid::NiidArgs),
+    /// Robust aggregation under attack: one simulation per rule and attack, as a table.
+    Robust(Box<robust::RobustArgs>),
     /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
     /// memory.
     Round(round::RoundArgs),
@@ -40,9 +52,28 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Aggregate(args) => aggregate::run(args),
         BenchCommand::Dp(args) => dp::run(*args),
         BenchCommand::Niid(args) => niid::run(args),
+        BenchCommand::Robust(args) => robust::run(*args),
         BenchCommand::Round(args) => round::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
     }
+}
+
+/// Runs one simulation of `config` with round lines on screen and its history files in `dir`
+/// (printing the nodes' classes first when `show_split`); returns the outcome and the wall
+/// seconds.
+fn simulate_in(config: &SimConfig, dir: &Path, show_split: bool) -> Result<(RunOutcome, f64)> {
+    report::prepare_dir(dir)?;
+    let started = Instant::now();
+    let sim = Simulation::prepare(config.clone())?;
+    if show_split {
+        crate::progress::print_split(&sim.node_classes());
+    }
+    let mut observer = Both(
+        ConsoleProgress::new(config.rounds),
+        HistoryFiles::new(dir, config, sim.attackers()),
+    );
+    let outcome = sim.run(&mut observer)?;
+    Ok((outcome, started.elapsed().as_secs_f64()))
 }
 
 /// CPU model and core count, for the record.

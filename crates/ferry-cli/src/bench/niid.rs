@@ -4,7 +4,7 @@
 //! Protocol: 10 parties, all sampled every round, 50 rounds, 10 local epochs, batch 64, SGD
 //! lr 0.01, momentum 0.9, weight decay 1e-5, the `lenet` model, one initial model for all.
 
-use std::{io::Write, path::PathBuf, time::Instant};
+use std::{io::Write, path::PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -13,12 +13,7 @@ use ferry_core::{
     task::LocalTraining,
 };
 use ferry_ml::{data::DatasetKind, models::ModelKind};
-use ferry_sim::{SimConfig, Simulation};
-
-use crate::{
-    progress::{Both, ConsoleProgress},
-    report::{self, HistoryFiles},
-};
+use ferry_sim::SimConfig;
 
 /// Options of `ferry bench niid`.
 #[derive(Args)]
@@ -99,36 +94,26 @@ pub fn run(args: NiidArgs) -> Result<()> {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
                 .max(1),
             dp: None,
+            aggregator: None,
+            norm_bound: None,
+            attack: None,
         };
         println!(
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",
             args.rounds, args.local_epochs
         );
-        let started = Instant::now();
         let run_dir = args.out.join(format!(
             "{strategy}-{}-s{seed}",
             partition.to_string().replace(':', "")
         ));
-        report::prepare_dir(&run_dir)?;
-        let sim = Simulation::prepare(config.clone())?;
-        crate::progress::print_split(&sim.node_classes());
-        let mut observer = Both(
-            ConsoleProgress::new(args.rounds),
-            HistoryFiles::new(&run_dir, &config),
-        );
-        let outcome = sim.run(&mut observer)?;
-        let wall_s = started.elapsed().as_secs_f64();
+        let (outcome, wall_s) = super::simulate_in(&config, &run_dir, true)?;
         let accuracies: Vec<String> = outcome
             .rounds
             .iter()
             .map(|r| format!("{:.4}", r.accuracy))
             .collect();
         let last = outcome.rounds.last().map_or(0.0, |r| r.accuracy);
-        let best = outcome
-            .rounds
-            .iter()
-            .map(|r| r.accuracy)
-            .fold(0.0, f64::max);
+        let best = outcome.best_accuracy();
         let row = format!(
             "{},\"{}\",{strategy},{partition},{seed},{},{},{},{wall_s:.1},{last:.4},{best:.4},{}\n",
             chrono::Local::now().format("%Y-%m-%d"),

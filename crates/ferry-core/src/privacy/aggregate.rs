@@ -98,6 +98,7 @@ impl Aggregator for DpSum {
             num_examples: self.examples,
             control_delta_sum: None,
             unclipped_fraction: adaptive.then(|| self.unclipped / self.round.expected_count),
+            excluded: Vec::new(),
         })
     }
 }
