@@ -2,10 +2,11 @@
 //! (rule, attack) pair; writes `results.csv` and `table.md` (rows: rules; columns: no attack and
 //! each attack; cells: final accuracy, and the backdoor's success rate).
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ferry_engine::record::RoundRecord;
 
 use crate::{options::SimulateArgs, report};
 
@@ -38,6 +39,8 @@ struct Cell {
     attack_success_rate: Option<f64>,
     aggregation_s: f64,
     wall_s: f64,
+    /// Why the run stopped early (a model driven to NaN leaves no usable update).
+    stopped: Option<String>,
 }
 
 /// Runs the grid and writes the results.
@@ -62,29 +65,46 @@ pub fn run(args: RobustArgs) -> Result<()> {
                 config.clients, config.rounds
             );
             let dir = out.join(format!("{rule}-{attack}"));
-            let (outcome, wall_s) = super::simulate_in(&config, &dir, false)?;
-            let last = outcome.rounds.last().context("the run finished no round")?;
-            let rounds = outcome.rounds.len() as f64;
-            cells.insert(
-                (r, a),
-                Cell {
-                    final_accuracy: last.accuracy,
-                    best_accuracy: outcome.best_accuracy(),
-                    attack_success_rate: last.attack_success_rate,
-                    aggregation_s: outcome.rounds.iter().map(|r| r.aggregation_s).sum::<f64>()
-                        / rounds,
-                    wall_s,
-                },
-            );
+            let cell = match super::simulate_in(&config, &dir, false) {
+                Ok((outcome, wall_s)) => {
+                    let last = outcome.rounds.last().context("the run finished no round")?;
+                    Cell {
+                        final_accuracy: last.accuracy,
+                        best_accuracy: outcome.best_accuracy(),
+                        attack_success_rate: last.attack_success_rate,
+                        aggregation_s: mean_aggregation_s(&outcome.rounds),
+                        wall_s,
+                        stopped: None,
+                    }
+                }
+                // An attack that drives the model to NaN ends the run: the cell keeps the
+                // rounds that finished (their history is on disk) and says why it stopped.
+                Err(e) => {
+                    let rounds = read_rounds(&dir)?;
+                    let last = rounds.last().with_context(|| {
+                        format!("{rule} under {attack} failed before any round: {e:#}")
+                    })?;
+                    println!("{rule} under {attack} stopped: {e:#}");
+                    Cell {
+                        final_accuracy: last.accuracy,
+                        best_accuracy: rounds.iter().map(|r| r.accuracy).fold(0.0, f64::max),
+                        attack_success_rate: last.attack_success_rate,
+                        aggregation_s: mean_aggregation_s(&rounds),
+                        wall_s: rounds.iter().map(|r| r.wall_s).sum(),
+                        stopped: Some(format!("{e:#}")),
+                    }
+                }
+            };
+            cells.insert((r, a), cell);
         }
     }
     let mut csv = String::from(
-        "rule,attack,final_accuracy,best_accuracy,attack_success_rate,aggregation_s_per_round,wall_s\n",
+        "rule,attack,final_accuracy,best_accuracy,attack_success_rate,aggregation_s_per_round,wall_s,stopped\n",
     );
     for ((r, a), c) in &cells {
         let _ = writeln!(
             csv,
-            "{},{},{:.4},{:.4},{},{:.4},{:.1}",
+            "{},{},{:.4},{:.4},{},{:.4},{:.1},\"{}\"",
             args.rules[*r],
             args.attacks[*a],
             c.final_accuracy,
@@ -92,7 +112,8 @@ pub fn run(args: RobustArgs) -> Result<()> {
             c.attack_success_rate
                 .map_or(String::new(), |v| format!("{v:.4}")),
             c.aggregation_s,
-            c.wall_s
+            c.wall_s,
+            c.stopped.as_deref().unwrap_or("").replace('"', "'")
         );
     }
     std::fs::write(out.join("results.csv"), &csv)
@@ -130,6 +151,9 @@ fn markdown(
             if let Some(asr) = c.attack_success_rate {
                 let _ = write!(row, " (backdoor {:.1}%)", 100.0 * asr);
             }
+            if c.stopped.is_some() {
+                row.push_str(" (diverged)");
+            }
             row.push_str(" |");
         }
         let mean_time = times.iter().sum::<f64>() / times.len().max(1) as f64;
@@ -137,4 +161,20 @@ fn markdown(
         table.push_str(&row);
     }
     table
+}
+
+/// Mean seconds per round spent in the aggregation rule.
+fn mean_aggregation_s(rounds: &[RoundRecord]) -> f64 {
+    rounds.iter().map(|r| r.aggregation_s).sum::<f64>() / rounds.len().max(1) as f64
+}
+
+/// The round records a run left in `dir/history.json`.
+fn read_rounds(dir: &Path) -> Result<Vec<RoundRecord>> {
+    let path = dir.join("history.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let history: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    Ok(serde_json::from_value(history["rounds"].clone())
+        .with_context(|| format!("{} holds no round records", path.display()))?)
 }
