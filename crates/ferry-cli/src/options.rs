@@ -413,6 +413,16 @@ impl SimulateArgs {
         check((0.0..=1.0).contains(&poison_fraction), || {
             format!("--poison-fraction must be in [0, 1], got {poison_fraction}")
         })?;
+        let (scale, std) = (
+            self.attack_scale.unwrap_or(10.0),
+            self.attack_std.unwrap_or(1.0),
+        );
+        check(scale.is_finite() && scale > 0.0, || {
+            format!("--attack-scale must be a positive number, got {scale}")
+        })?;
+        check(std.is_finite() && std > 0.0, || {
+            format!("--attack-std must be a positive number, got {std}")
+        })?;
         let target = self.backdoor_target.unwrap_or(0);
         check(usize::from(target) < ferry_ml::data::NUM_CLASSES, || {
             format!("--backdoor-target must be a class label 0-9, got {target}")
@@ -420,8 +430,8 @@ impl SimulateArgs {
         Ok(Some(AttackSettings {
             kind: kind.parse()?,
             attackers,
-            scale: self.attack_scale.unwrap_or(10.0),
-            std: self.attack_std.unwrap_or(1.0),
+            scale,
+            std,
             z: self.attack_z,
             target,
             poison_fraction,

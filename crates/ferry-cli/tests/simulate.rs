@@ -848,6 +848,20 @@ fn robust_rule_preconditions_and_attack_flags_get_clear_errors() {
             "simulate",
             "--out",
             out,
+            "--attackers",
+            "0.2",
+            "--attack",
+            "gaussian",
+            "--attack-std",
+            "0",
+        ],
+        "--attack-std",
+    );
+    assert_clean_failure(
+        &[
+            "simulate",
+            "--out",
+            out,
             "--strategy",
             "scaffold",
             "--aggregator",

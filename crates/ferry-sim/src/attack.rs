@@ -269,12 +269,13 @@ impl Adversary for ModelPoisoner {
                 }
             }
             AttackKind::Gaussian => {
+                // The options refuse a negative or non-finite deviation before a run starts.
+                let Ok(normal) = Normal::new(0.0f32, s.std as f32) else {
+                    return;
+                };
                 for (id, u) in updates.iter_mut().filter(|(id, _)| is_attacker(id)) {
                     let stream = mix_seed(u64::from(round), u64::from(*id));
                     let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.seed, stream));
-                    let normal = Normal::new(0.0f32, s.std as f32).unwrap_or_else(|_| {
-                        Normal::new(0.0, 1.0).unwrap_or_else(|_| unreachable!("N(0,1) is valid"))
-                    });
                     for v in &mut u.delta {
                         *v = normal.sample(&mut rng);
                     }
