@@ -659,3 +659,39 @@ fn distributed_dp_deployment_reports_epsilon_and_stops_at_its_budget() {
         });
     }
 }
+
+#[test]
+fn a_robust_rule_aggregates_a_deployed_round() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::new(
+        tmp.path(),
+        &[],
+        false,
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 4\nmin_clients = 4\n\
+         rounds = 2\nround_timeout = 60\naggregator = \"multi-krum\"\nbyzantine = 0\n\
+         krum-keep = 2\n",
+    );
+    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(180),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let h = history(&server.out).expect("history.json");
+    assert_eq!(h["config"]["run"]["aggregator"]["rule"], "multi-krum");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2);
+    for r in rounds {
+        assert_eq!(r["participants"], 4, "{r}");
+        // Multi-Krum keeps 2 of the 4 updates and names the two nodes it left out.
+        assert_eq!(r["excluded"].as_array().map(Vec::len), Some(2), "{r}");
+    }
+    let accuracy = h["final"]["accuracy"].as_f64().expect("accuracy");
+    assert!(
+        accuracy > 0.6,
+        "logreg with multi-krum over 2 rounds: {accuracy}"
+    );
+    let server_log = fs::read_to_string(&logs[0]).expect("server log");
+    assert!(server_log.contains("left out 2:"), "{server_log}");
+}
