@@ -612,6 +612,29 @@ fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec
     (processes, logs)
 }
 
+/// Runs a `CLIENTS`-node logistic-regression deployment on the MNIST subset, with `run` added
+/// to its `[run]` section, until the server exits; returns the server, the processes (the
+/// clients may still be stopping) and their logs.
+fn run_logreg_fleet(dir: &Path, run: &str) -> (TestServer, Killer, Vec<PathBuf>) {
+    let server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {CLIENTS}\n\
+             min_clients = {CLIENTS}\nround_timeout = 60\n{run}"
+        ),
+    );
+    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(240),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    (server, processes, logs)
+}
+
 #[test]
 fn distributed_dp_deployment_reports_epsilon_and_stops_at_its_budget() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -619,21 +642,10 @@ fn distributed_dp_deployment_reports_epsilon_and_stops_at_its_budget() {
     // 10.60 after 3 (`ferry privacy epsilon`), so a budget of 9 stops the run after round 2.
     // Nodes clip and noise their own updates (distributed placement) with an adaptive clip,
     // whose noised indicator the server cannot aggregate unless every node sent one.
-    let server = TestServer::new(
+    let (server, mut processes, logs) = run_logreg_fleet(
         tmp.path(),
-        &[],
-        false,
-        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 4\nmin_clients = 4\n\
-         fraction = 0.75\nrounds = 5\nround_timeout = 60\ndp-noise-multiplier = 0.8\n\
-         dp-adaptive-clip = true\ndp-count-stddev = 2.0\ndp-placement = \"distributed\"\n\
-         dp-epsilon-budget = 9.0\n",
-    );
-    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
-    wait_for(
-        "the server to stop at its budget",
-        Duration::from_secs(240),
-        &logs,
-        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+        "fraction = 0.75\nrounds = 5\ndp-noise-multiplier = 0.8\ndp-adaptive-clip = true\n\
+         dp-count-stddev = 2.0\ndp-placement = \"distributed\"\ndp-epsilon-budget = 9.0\n",
     );
     let server_log = fs::read_to_string(&logs[0]).expect("server log");
     assert!(server_log.contains("budget_exhausted"), "{server_log}");
@@ -663,20 +675,9 @@ fn distributed_dp_deployment_reports_epsilon_and_stops_at_its_budget() {
 #[test]
 fn a_robust_rule_aggregates_a_deployed_round() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::new(
+    let (server, _processes, logs) = run_logreg_fleet(
         tmp.path(),
-        &[],
-        false,
-        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 4\nmin_clients = 4\n\
-         rounds = 2\nround_timeout = 60\naggregator = \"multi-krum\"\nbyzantine = 0\n\
-         krum-keep = 2\n",
-    );
-    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
-    wait_for(
-        "the server to finish",
-        Duration::from_secs(180),
-        &logs,
-        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+        "rounds = 2\naggregator = \"multi-krum\"\nbyzantine = 0\nkrum-keep = 2\n",
     );
     let h = history(&server.out).expect("history.json");
     assert_eq!(h["config"]["run"]["aggregator"]["rule"], "multi-krum");
