@@ -111,16 +111,7 @@ impl Federation {
             // Settings that only fail once a round is planned (adaptive clipping's count noise)
             // are refused now.
             privacy.plan_round(1, nodes.len())?;
-        }
-        if let Some(epsilon) = strategy
-            .privacy
-            .as_ref()
-            .and_then(|p| p.next_round_exceeds_budget())
-        {
-            return Err(EngineError::Settings(format!(
-                "the first round alone would spend epsilon {epsilon:.3}, over the budget; raise \
-                 the noise multiplier or the budget, or lower the sampling rate"
-            )));
+            privacy.check_first_round_fits_budget()?;
         }
         Ok(Self {
             settings,
@@ -202,12 +193,14 @@ impl Federation {
                     |_| observer.node_returned(round),
                     |i, result| results.push((node_id(i), result)),
                 );
-                let (mut trained, failed): (Vec<_>, Vec<_>) =
-                    results.into_iter().partition(|(_, r)| r.is_ok());
-                let mut updates: Vec<(NodeId, Update)> = trained
-                    .drain(..)
-                    .filter_map(|(id, r)| r.ok().map(|u| (id, u)))
-                    .collect();
+                let mut updates: Vec<(NodeId, Update)> = Vec::new();
+                let mut failed = Vec::new();
+                for (id, result) in results {
+                    match result {
+                        Ok(update) => updates.push((id, update)),
+                        Err(e) => failed.push((id, Err(e))),
+                    }
+                }
                 adversary.tamper(round, &mut updates);
                 for (id, update) in updates {
                     fold(&mut open, id, Ok(update));

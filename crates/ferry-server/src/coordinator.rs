@@ -245,14 +245,7 @@ impl Coordinator {
             if let Some(epsilon) = privacy.spent().map(|s| s.epsilon) {
                 metrics::gauge!("ferry_dp_epsilon").set(epsilon);
             }
-            if history.is_empty()
-                && let Some(epsilon) = privacy.next_round_exceeds_budget()
-            {
-                return Err(ServerError::Settings(format!(
-                    "the first round alone would spend epsilon {epsilon:.3}, over the budget; \
-                     raise dp-noise-multiplier or dp-epsilon-budget, or lower fraction"
-                )));
-            }
+            privacy.check_first_round_fits_budget()?;
         }
         let model_blob = BlobRef {
             size: blobs.size(&run.model_sha).await?,

@@ -113,6 +113,18 @@ impl Privacy {
         (next > budget).then_some(next)
     }
 
+    /// Refuses a run that has spent nothing yet and whose first round alone would exceed its
+    /// budget; the error names the settings to change.
+    pub fn check_first_round_fits_budget(&self) -> Result<(), CoreError> {
+        match self.next_round_exceeds_budget() {
+            Some(epsilon) if self.spent.is_none() => Err(CoreError::Privacy(format!(
+                "the first round alone would spend epsilon {epsilon:.3}, over the budget; raise \
+                 the noise multiplier or the epsilon budget, or lower the sampling rate (fraction)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Fixes round `round`'s parameters for a population of `population` nodes.
     pub fn plan_round(&self, round: u32, population: usize) -> Result<RoundPrivacy, CoreError> {
         let expected_count = self.settings.sampling_rate * population as f64;
