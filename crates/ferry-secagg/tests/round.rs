@@ -1,0 +1,308 @@
+//! Whole secure rounds between one server and many clients, with nodes dropping at every
+//! stage.
+
+use ferry_secagg::{
+    ParticipantId, SecAggClient, SecAggError, SecAggParams, SecAggServer, SecureSum, UnmaskRequest,
+    max_sum_error,
+};
+use proptest::prelude::*;
+
+/// The last stage a node completes before it drops out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Drop {
+    BeforeAdvertising,
+    BeforeSharing,
+    BeforeMasking,
+    BeforeUnmasking,
+    Never,
+}
+
+struct Outcome {
+    result: Result<SecureSum, SecAggError>,
+    /// The plain weighted sum and weight of the nodes whose masked input arrived.
+    expected: (Vec<f64>, f64),
+    /// Ids of the nodes whose masked input arrived.
+    sent_masked: Vec<ParticipantId>,
+}
+
+fn seed(i: usize, salt: u8) -> [u8; 32] {
+    let mut s = [salt; 32];
+    s[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    s
+}
+
+/// Runs one round; node `i` holds `updates[i]` with weight factor `weights[i]`.
+fn run_round(
+    params: SecAggParams,
+    updates: &[Vec<f32>],
+    weights: &[f64],
+    drops: &[Drop],
+) -> Outcome {
+    let dim = updates[0].len();
+    let mut server = SecAggServer::new(params, b"round 1".to_vec(), [42; 32], dim);
+    let mut clients: Vec<SecAggClient> = (0..updates.len())
+        .map(|i| SecAggClient::new(params, seed(i, 1)))
+        .collect();
+    // Stage 1: node i gets participant id ids[i].
+    let mut ids = vec![None; clients.len()];
+    for (i, client) in clients.iter().enumerate() {
+        if drops[i] > Drop::BeforeAdvertising {
+            ids[i] = Some(server.receive_keys(client.public_keys()).unwrap());
+        }
+    }
+    let mut expected = (vec![0.0; dim], 0.0);
+    let mut sent_masked = Vec::new();
+    let result = (|| {
+        let roster = server.close_advertising()?;
+        for (i, client) in clients.iter_mut().enumerate() {
+            if let (Some(id), true) = (ids[i], drops[i] > Drop::BeforeSharing) {
+                let sealed = client.share_keys(&roster)?;
+                server.receive_shares(id, sealed)?;
+            }
+        }
+        server.close_sharing()?;
+        for (i, client) in clients.iter_mut().enumerate() {
+            let Some(id) = ids[i] else { continue };
+            if drops[i] <= Drop::BeforeMasking {
+                continue;
+            }
+            let Ok(inbox) = server.inbox(id) else {
+                continue;
+            };
+            let inbox = inbox.to_vec();
+            let masked = client.mask(&inbox, &updates[i], weights[i])?;
+            server.receive_masked(id, &masked)?;
+            sent_masked.push(id);
+            for (e, &v) in expected.0.iter_mut().zip(&updates[i]) {
+                *e += weights[i] * f64::from(v.clamp(-params.clip, params.clip));
+            }
+            expected.1 += weights[i];
+        }
+        let request = server.close_masking()?;
+        for (i, client) in clients.iter_mut().enumerate() {
+            if let (Some(id), Drop::Never) = (ids[i], drops[i])
+                && request.survivors.contains(&id)
+            {
+                let shares = client.unmask(&request)?;
+                server.receive_unmask(id, &shares)?;
+            }
+        }
+        server.finish()
+    })();
+    Outcome {
+        result,
+        expected,
+        sent_masked,
+    }
+}
+
+fn assert_sum_matches(outcome: &Outcome, params: &SecAggParams) {
+    let sum = outcome.result.as_ref().expect("the round finishes");
+    let n = sum.contributors.len();
+    assert_eq!(sum.contributors, outcome.sent_masked);
+    let tolerance = max_sum_error(n, params) + 1e-5 * n as f64;
+    for (got, want) in sum.weighted_sum.iter().zip(&outcome.expected.0) {
+        assert!(
+            (f64::from(*got) - want).abs() <= tolerance,
+            "got {got}, want {want}, tolerance {tolerance}"
+        );
+    }
+    assert!((sum.weight - outcome.expected.1).abs() <= n as f64 / params.max_level_f64());
+}
+
+trait Levels {
+    fn max_level_f64(&self) -> f64;
+}
+
+impl Levels for SecAggParams {
+    fn max_level_f64(&self) -> f64 {
+        ((1u64 << self.quantization_bits) - 1) as f64
+    }
+}
+
+fn updates(n: usize, dim: usize) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|i| {
+            (0..dim)
+                .map(|j| ((i * 31 + j * 7) % 17) as f32 / 4.0 - 2.0)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn without_dropouts_the_unmasked_sum_is_the_plain_sum() {
+    let params = SecAggParams::with_neighbours(4);
+    let n = 10;
+    let weights: Vec<f64> = (0..n).map(|i| (i + 1) as f64 / n as f64).collect();
+    let outcome = run_round(params, &updates(n, 100), &weights, &vec![Drop::Never; n]);
+    assert_sum_matches(&outcome, &params);
+    assert_eq!(outcome.sent_masked.len(), n);
+}
+
+#[test]
+fn a_node_that_drops_after_masking_is_counted_and_one_that_drops_before_is_not() {
+    let params = SecAggParams::with_neighbours(6);
+    let n = 12;
+    let mut drops = vec![Drop::Never; n];
+    drops[3] = Drop::BeforeUnmasking;
+    drops[7] = Drop::BeforeMasking;
+    let outcome = run_round(params, &updates(n, 50), &vec![1.0; n], &drops);
+    assert_sum_matches(&outcome, &params);
+    let sum = outcome.result.as_ref().unwrap();
+    assert_eq!(sum.contributors.len(), n - 1);
+    assert!(
+        sum.contributors.contains(&3),
+        "dropped after masking: counted"
+    );
+    assert!(
+        !sum.contributors.contains(&7),
+        "dropped before masking: left out"
+    );
+    assert!((sum.weight - (n - 1) as f64).abs() < 1e-4);
+}
+
+#[test]
+fn too_many_dropouts_abort_the_round_cleanly() {
+    let params = SecAggParams::with_neighbours(4);
+    let n = 8;
+    let mut drops = vec![Drop::Never; n];
+    for d in drops.iter_mut().take(5) {
+        *d = Drop::BeforeUnmasking;
+    }
+    let outcome = run_round(params, &updates(n, 10), &vec![1.0; n], &drops);
+    assert!(matches!(outcome.result, Err(SecAggError::Aborted(_))));
+}
+
+#[test]
+fn the_server_holds_only_a_masked_sum() {
+    let params = SecAggParams::with_neighbours(4);
+    let n = 6;
+    let dim = 200;
+    let data = updates(n, dim);
+    let mut server = SecAggServer::new(params, b"audit".to_vec(), [5; 32], dim);
+    let mut clients: Vec<SecAggClient> = (0..n)
+        .map(|i| SecAggClient::new(params, seed(i, 2)))
+        .collect();
+    assert!(server.held_vectors().is_empty());
+    for client in &clients {
+        server.receive_keys(client.public_keys()).unwrap();
+    }
+    let roster = server.close_advertising().unwrap();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let sealed = client.share_keys(&roster).unwrap();
+        server.receive_shares(i as ParticipantId, sealed).unwrap();
+    }
+    server.close_sharing().unwrap();
+    let inbox = server.inbox(0).unwrap().to_vec();
+    let masked = clients[0].mask(&inbox, &data[0], 1.0).unwrap();
+    server.receive_masked(0, &masked).unwrap();
+    // One vector, and read as if it were unmasked it is nowhere near node 0's update.
+    let held = server.held_vectors();
+    assert_eq!(held.len(), 1);
+    let step = 2.0 * f64::from(params.clip) / ((1u64 << params.quantization_bits) - 1) as f64;
+    let far = held[0][..dim]
+        .iter()
+        .zip(&data[0])
+        .filter(|&(&h, &x)| {
+            let decoded = h as f64 * step - f64::from(params.clip);
+            (decoded - f64::from(x)).abs() > 0.1
+        })
+        .count();
+    assert!(
+        far > dim * 9 / 10,
+        "only {far} of {dim} coordinates are masked"
+    );
+}
+
+#[test]
+fn an_honest_node_refuses_to_reveal_both_shares_of_a_peer() {
+    let params = SecAggParams::with_neighbours(4);
+    let n = 6;
+    let mut server = SecAggServer::new(params, b"refuse".to_vec(), [6; 32], 4);
+    let mut clients: Vec<SecAggClient> = (0..n)
+        .map(|i| SecAggClient::new(params, seed(i, 3)))
+        .collect();
+    for client in &clients {
+        server.receive_keys(client.public_keys()).unwrap();
+    }
+    let roster = server.close_advertising().unwrap();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let sealed = client.share_keys(&roster).unwrap();
+        server.receive_shares(i as ParticipantId, sealed).unwrap();
+    }
+    server.close_sharing().unwrap();
+    let inbox = server.inbox(0).unwrap().to_vec();
+    clients[0].mask(&inbox, &[0.5; 4], 1.0).unwrap();
+    let greedy = UnmaskRequest {
+        survivors: vec![0, 1, 2],
+        dropped: vec![2],
+    };
+    assert!(matches!(
+        clients[0].unmask(&greedy),
+        Err(SecAggError::Refused(_))
+    ));
+}
+
+#[test]
+fn a_share_sealed_for_one_node_cannot_be_opened_by_another() {
+    let params = SecAggParams::with_neighbours(4);
+    // Five nodes with four neighbours each: everyone neighbours everyone.
+    let mut server = SecAggServer::new(params, b"misroute".to_vec(), [7; 32], 4);
+    let mut clients: Vec<SecAggClient> = (0..5)
+        .map(|i| SecAggClient::new(params, seed(i, 4)))
+        .collect();
+    for client in &clients {
+        server.receive_keys(client.public_keys()).unwrap();
+    }
+    let roster = server.close_advertising().unwrap();
+    let sealed = clients[0].share_keys(&roster).unwrap();
+    clients[1].share_keys(&roster).unwrap();
+    assert_eq!((sealed[0].to, sealed[1].to), (1, 2));
+    let honest = sealed[0].clone();
+    let mut forged = sealed[1].clone();
+    forged.to = 1;
+    assert!(matches!(
+        clients[1].mask(&[forged], &[0.0; 4], 1.0),
+        Err(SecAggError::Malformed(_))
+    ));
+    // The refusal left node 1 able to go on with what was really sealed for it.
+    assert!(matches!(
+        clients[1].mask(&[honest], &[0.0; 4], 1.0),
+        Err(SecAggError::Aborted(_))
+    ));
+}
+
+fn drop_strategy() -> impl Strategy<Value = Drop> {
+    prop_oneof![
+        6 => Just(Drop::Never),
+        1 => Just(Drop::BeforeAdvertising),
+        1 => Just(Drop::BeforeSharing),
+        1 => Just(Drop::BeforeMasking),
+        1 => Just(Drop::BeforeUnmasking),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn the_unmasked_sum_equals_the_plain_sum_under_any_dropouts(
+        n in 5usize..16,
+        dim in 1usize..64,
+        extra_neighbours in 0usize..6,
+        drops in proptest::collection::vec(drop_strategy(), 16),
+        weights in proptest::collection::vec(0.0f64..=1.0, 16),
+        values in proptest::collection::vec(-10.0f32..10.0, 16 * 64),
+    ) {
+        let params = SecAggParams::with_neighbours((4 + extra_neighbours).min(n - 1));
+        let updates: Vec<Vec<f32>> = (0..n).map(|i| values[i * dim..(i + 1) * dim].to_vec()).collect();
+        let outcome = run_round(params, &updates, &weights[..n], &drops[..n]);
+        match &outcome.result {
+            Ok(_) => assert_sum_matches(&outcome, &params),
+            // A round may abort only when dropouts starved some neighbourhood below the threshold.
+            Err(SecAggError::Aborted(_)) => prop_assert!(drops[..n].iter().any(|d| *d != Drop::Never)),
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
+    }
+}
