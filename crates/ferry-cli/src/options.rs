@@ -7,10 +7,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_core::robust::{AggregatorName, RobustRule};
 use ferry_core::{
-    privacy::{AdaptiveClip, ClipRule, DpSettings},
+    privacy::{AdaptiveClip, ClipRule, DpSettings, noise::NoiseSeed},
     strategy::StrategyParams,
     task::LocalTraining,
 };
+use ferry_engine::secure::SecAggSettings;
 use ferry_sim::{SimConfig, attack::AttackSettings};
 use serde::Deserialize;
 
@@ -174,6 +175,36 @@ pub struct SimulateArgs {
     #[arg(long, help_heading = "Robust aggregation")]
     #[serde(alias = "norm_bound")]
     pub norm_bound: Option<f64>,
+    /// Secure aggregation (SecAgg+): the server learns only the sum of each round's updates.
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(default)]
+    pub secagg: bool,
+    /// Neighbours of each node in the masking graph; at least the cohort gives classic SecAgg
+    /// [default: 16].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_neighbours")]
+    pub secagg_neighbours: Option<usize>,
+    /// Shares needed to rebuild a node's secrets [default: a majority of its neighbours].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_threshold")]
+    pub secagg_threshold: Option<usize>,
+    /// Each update coordinate is clipped to [-c, c] before quantisation [default: 8].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_clip")]
+    pub secagg_clip: Option<f32>,
+    /// Quantisation levels are 2^bits [default: 22].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_quantization_bits")]
+    pub secagg_quantization_bits: Option<u32>,
+    /// Sums are taken modulo 2^bits [default: 32].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_modulus_bits")]
+    pub secagg_modulus_bits: Option<u32>,
+    /// FedAvg weights: the most examples a node's weight may reflect [default: the largest
+    /// node's count].
+    #[arg(long, help_heading = "Secure aggregation")]
+    #[serde(alias = "secagg_weight_cap")]
+    pub secagg_weight_cap: Option<u64>,
     /// Simulated attackers: a fraction of the nodes (0.2) or a count (4), drawn from the seed.
     #[arg(long, help_heading = "Attack simulation")]
     pub attackers: Option<String>,
@@ -262,9 +293,16 @@ impl SimulateArgs {
                 attack_std,
                 attack_z,
                 backdoor_target,
-                poison_fraction
+                poison_fraction,
+                secagg_neighbours,
+                secagg_threshold,
+                secagg_clip,
+                secagg_quantization_bits,
+                secagg_modulus_bits,
+                secagg_weight_cap
             ]
         );
+        self.secagg |= file.secagg;
         self.baselines |= file.baselines;
         self.dp_adaptive_clip |= file.dp_adaptive_clip;
         self.dp_per_layer |= file.dp_per_layer;
@@ -354,7 +392,7 @@ impl SimulateArgs {
         check(server.tau > 0.0 && server.tau.is_finite(), || {
             format!("--tau must be a positive number, got {}", server.tau)
         })?;
-        Ok(SimConfig {
+        let config = SimConfig {
             dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
             data_dir: self.data_dir.clone(),
             model: self.model.as_deref().unwrap_or("lenet").parse()?,
@@ -373,7 +411,44 @@ impl SimulateArgs {
             aggregator: self.resolve_aggregator(clients, fraction, min_clients)?,
             norm_bound: self.norm_bound,
             attack: self.resolve_attack()?,
-        })
+            secagg: self.resolve_secagg()?,
+        };
+        // Refuse combinations secure aggregation cannot serve before any data is loaded.
+        let strategy = config.strategy(clients, NoiseSeed::Os)?;
+        config.secure(&strategy, 1)?;
+        Ok(config)
+    }
+
+    /// Secure-aggregation settings, when `--secagg` asks for it.
+    fn resolve_secagg(&self) -> Result<Option<SecAggSettings>> {
+        let stray = [
+            ("--secagg-neighbours", self.secagg_neighbours.is_some()),
+            ("--secagg-threshold", self.secagg_threshold.is_some()),
+            ("--secagg-clip", self.secagg_clip.is_some()),
+            (
+                "--secagg-quantization-bits",
+                self.secagg_quantization_bits.is_some(),
+            ),
+            ("--secagg-modulus-bits", self.secagg_modulus_bits.is_some()),
+            ("--secagg-weight-cap", self.secagg_weight_cap.is_some()),
+        ];
+        if !self.secagg {
+            if let Some((flag, _)) = stray.iter().find(|(_, set)| *set) {
+                bail!("{flag} needs --secagg, which turns secure aggregation on");
+            }
+            return Ok(None);
+        }
+        let defaults = SecAggSettings::default();
+        Ok(Some(SecAggSettings {
+            neighbours: self.secagg_neighbours.unwrap_or(defaults.neighbours),
+            threshold: self.secagg_threshold,
+            clip: self.secagg_clip.unwrap_or(defaults.clip),
+            quantization_bits: self
+                .secagg_quantization_bits
+                .unwrap_or(defaults.quantization_bits),
+            modulus_bits: self.secagg_modulus_bits.unwrap_or(defaults.modulus_bits),
+            weight_cap: self.secagg_weight_cap,
+        }))
     }
 
     /// The robust rule, checked against the cohort it will see each round.

@@ -109,8 +109,11 @@ impl RoundObserver for ConsoleProgress {
         } else {
             format!("  left out {}: {}", r.excluded.len(), r.excluded.join(","))
         };
+        let aborted = r.aborted.as_ref().map_or(String::new(), |why| {
+            format!("  aborted, model unchanged: {why}")
+        });
         println!(
-            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}{}{}",
+            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}",
             r.round,
             self.rounds,
             r.accuracy,
@@ -122,7 +125,8 @@ impl RoundObserver for ConsoleProgress {
             human_bytes(r.bytes_down),
             privacy,
             backdoor,
-            left_out
+            left_out,
+            aborted
         );
     }
 }

@@ -198,6 +198,7 @@ mod tests {
             aggregator: None,
             norm_bound: None,
             attack: None,
+            secagg: None,
         }
     }
 
@@ -218,6 +219,7 @@ mod tests {
             excluded: Vec::new(),
             attack_success_rate: None,
             aggregation_s: 0.0,
+            aborted: None,
         }
     }
 

@@ -870,3 +870,69 @@ fn robust_rule_preconditions_and_attack_flags_get_clear_errors() {
         "scaffold cannot use --aggregator median",
     );
 }
+
+#[test]
+fn secure_aggregation_learns_what_plain_fedavg_learns_and_counts_its_traffic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = mnist_logreg(&["--clients", "20", "--rounds", "3"]);
+    let plain = simulate(&tmp.path().join("plain"), &base);
+    let mut args = base.clone();
+    args.extend([
+        "--secagg",
+        "--secagg-neighbours",
+        "6",
+        "--strategy",
+        "fedadam",
+    ]);
+    let fedadam_secure = simulate(&tmp.path().join("adam"), &args);
+    args.truncate(base.len() + 3);
+    let secure = simulate(&tmp.path().join("secure"), &args);
+    // The unmasked sum differs from the plain one only by quantisation (2^22 levels).
+    let (a, b) = (final_accuracy(&plain), final_accuracy(&secure));
+    assert!((a - b).abs() < 0.005, "plain {a}, secure {b}");
+    assert!(final_accuracy(&fedadam_secure) > 0.3);
+    let round = &secure["rounds"][0];
+    assert_eq!(round["participants"], 20);
+    // Keys, sealed shares and revealed shares ride on top of the masked vectors.
+    let up = |h: &Value| h["rounds"][0]["bytes_up"].as_u64().expect("bytes_up");
+    assert!(
+        up(&secure) > up(&plain),
+        "{} vs {}",
+        up(&secure),
+        up(&plain)
+    );
+    assert_eq!(secure["config"]["secagg"]["neighbours"], 6);
+}
+
+#[test]
+fn secure_aggregation_refuses_what_needs_each_update() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().to_str().expect("utf-8");
+    for (extra, needle) in [
+        (vec!["--strategy", "scaffold"], "SCAFFOLD"),
+        (vec!["--strategy", "fednova"], "FedNova"),
+        (vec!["--aggregator", "median"], "robust rules"),
+        (vec!["--norm-bound", "1"], "--norm-bound"),
+        (
+            vec!["--dp-noise-multiplier", "1", "--dp-clip", "1"],
+            "distributed DP",
+        ),
+        (
+            vec!["--attackers", "0.2", "--attack", "sign-flip"],
+            "model-poisoning",
+        ),
+        (
+            vec!["--secagg-threshold", "1"],
+            "threshold must be at least 2",
+        ),
+    ] {
+        let mut args = vec!["simulate", "--out", out, "--secagg"];
+        args.extend(mnist_logreg(&["--clients", "10", "--rounds", "1"]));
+        args.extend(extra);
+        assert_clean_failure(&args, needle);
+    }
+    assert_clean_failure(
+        &["simulate", "--out", out, "--secagg-neighbours", "4"],
+        "--secagg",
+    );
+}

@@ -34,10 +34,30 @@ pub enum MemoryUse {
     BuffersUpdates,
 }
 
+/// The sum of several nodes' updates, formed without the server seeing any one of them
+/// (secure aggregation): each node's delta was multiplied by its weight factor before summing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateSum {
+    /// `sum_i w_i * delta_i`.
+    pub weighted_delta: Vec<f32>,
+    /// `sum_i w_i`.
+    pub weight: f64,
+    /// Updates in the sum.
+    pub participants: usize,
+    /// Examples behind them, as far as the weights tell.
+    pub num_examples: u64,
+}
+
 /// A rule that folds node updates, one at a time, into an aggregate.
 pub trait Aggregator: Send {
     /// Validates `update` and folds it in. A refused update leaves the state unchanged.
     fn accept(&mut self, update: &Update) -> Result<(), CoreError>;
+
+    /// Folds in a sum of updates whose weights were applied by the nodes. Only linear rules
+    /// can; the rest refuse, since they need each update on its own.
+    fn accept_sum(&mut self, _sum: &UpdateSum) -> Result<(), CoreError> {
+        Err(CoreError::NeedsIndividualUpdates)
+    }
 
     /// Number of updates accepted so far.
     fn accepted(&self) -> usize;
@@ -61,6 +81,24 @@ pub fn validate_update(update: &Update, dim: usize) -> Result<(), CoreError> {
         return Err(CoreError::ZeroExamples);
     }
     if let Some(index) = algebra::first_non_finite(&update.delta) {
+        return Err(CoreError::NonFinite { index });
+    }
+    Ok(())
+}
+
+/// Checks that a sum of updates fits a model of `dim` parameters, holds finite values and
+/// has positive weight.
+pub fn validate_sum(sum: &UpdateSum, dim: usize) -> Result<(), CoreError> {
+    if sum.weighted_delta.len() != dim {
+        return Err(CoreError::LengthMismatch {
+            expected: dim,
+            got: sum.weighted_delta.len(),
+        });
+    }
+    if !(sum.weight.is_finite() && sum.weight > 0.0) || sum.participants == 0 {
+        return Err(CoreError::ZeroExamples);
+    }
+    if let Some(index) = algebra::first_non_finite(&sum.weighted_delta) {
         return Err(CoreError::NonFinite { index });
     }
     Ok(())
@@ -142,6 +180,19 @@ impl Aggregator for WeightedMean {
         self.examples += update.num_examples;
         self.normalizer_sum += update.num_examples as f64 * update.normalizer.unwrap_or(1.0);
         self.accepted += 1;
+        Ok(())
+    }
+
+    fn accept_sum(&mut self, sum: &UpdateSum) -> Result<(), CoreError> {
+        if self.weighting == Weighting::Normalized {
+            return Err(CoreError::NeedsIndividualUpdates);
+        }
+        validate_sum(sum, self.sum.len())?;
+        algebra::weighted_accumulate(&mut self.sum, &sum.weighted_delta, 1.0);
+        self.weight_sum += sum.weight;
+        self.examples += sum.num_examples;
+        self.normalizer_sum += sum.num_examples as f64;
+        self.accepted += sum.participants;
         Ok(())
     }
 
@@ -267,7 +318,56 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn fednova_and_robust_rules_refuse_a_sum() {
+        let sum = UpdateSum {
+            weighted_delta: vec![1.0],
+            weight: 1.0,
+            participants: 1,
+            num_examples: 1,
+        };
+        let mut nova = Box::new(WeightedMean::new(1, Weighting::Normalized));
+        assert!(matches!(
+            nova.accept_sum(&sum),
+            Err(CoreError::NeedsIndividualUpdates)
+        ));
+        let mut mean = Box::new(WeightedMean::new(1, Weighting::Examples));
+        let empty = UpdateSum { weight: 0.0, ..sum };
+        assert!(mean.accept_sum(&empty).is_err());
+        assert_eq!(mean.accepted(), 0);
+    }
+
     proptest! {
+        #[test]
+        fn a_sum_weighted_by_scaled_counts_gives_the_fedavg_mean(
+            rows in prop::collection::vec((prop::collection::vec(-5f32..5.0, 3), 1u64..500), 1..8),
+            cap in 500u64..5000,
+        ) {
+            let mut each = Box::new(WeightedMean::new(3, Weighting::Examples));
+            let mut weighted = vec![0.0f32; 3];
+            let mut weight = 0.0;
+            for (d, n) in &rows {
+                each.accept(&update(d.clone(), *n)).expect("valid");
+                let w = *n as f64 / cap as f64;
+                for (s, x) in weighted.iter_mut().zip(d) {
+                    *s += (w * f64::from(*x)) as f32;
+                }
+                weight += w;
+            }
+            let mut summed = Box::new(WeightedMean::new(3, Weighting::Examples));
+            summed.accept_sum(&UpdateSum {
+                weighted_delta: weighted,
+                weight,
+                participants: rows.len(),
+                num_examples: rows.iter().map(|r| r.1).sum(),
+            }).expect("valid");
+            let (a, b) = (each.finish().expect("a"), summed.finish().expect("b"));
+            prop_assert_eq!(a.participants, b.participants);
+            for (x, y) in a.delta.iter().zip(&b.delta) {
+                prop_assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0));
+            }
+        }
+
         #[test]
         fn fednova_with_equal_steps_equals_fedavg(
             rows in prop::collection::vec((prop::collection::vec(-5f32..5.0, 3), 1u64..500), 1..8),

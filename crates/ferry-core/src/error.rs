@@ -48,6 +48,13 @@ pub enum CoreError {
     /// A robust aggregation rule that cannot work with its parameters or its updates.
     #[error("{0}")]
     Robust(String),
+    /// A rule that needs each update on its own was given only their sum.
+    #[error(
+        "this aggregation needs each update on its own, which secure aggregation hides; with \
+         secure aggregation use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad with the \
+         mean, and distributed differential privacy with a fixed clip"
+    )]
+    NeedsIndividualUpdates,
     /// A differential-privacy setting or step that cannot be carried out.
     #[error("{0}")]
     Privacy(String),

@@ -9,6 +9,7 @@ use crate::{
     node::{Adversary, Evaluator, NodeError, NodeHandle, NodeId},
     record::RoundRecord,
     round::{self, CohortRule, OpenRound},
+    secure::{self, SecureAggregation},
 };
 
 /// How a run proceeds.
@@ -28,6 +29,8 @@ pub struct RunSettings {
     pub seed: u64,
     /// Nodes trained at the same time (in-process nodes: threads).
     pub parallelism: usize,
+    /// Secure aggregation: the server sees only the sum of the round's updates.
+    pub secure: Option<SecureAggregation>,
 }
 
 /// Hooks for showing progress; every method is called on the engine's thread.
@@ -132,6 +135,13 @@ impl Federation {
 
     /// Runs rounds until the round limit or the target accuracy.
     pub fn run(mut self, observer: &mut dyn RoundObserver) -> Result<RunOutcome, EngineError> {
+        if self.settings.secure.is_some() && self.adversary.is_some() {
+            return Err(EngineError::Settings(
+                "model-poisoning attacks rewrite updates that secure aggregation hides from the \
+                 server; simulate them without --secagg (label-flip and backdoor attacks work)"
+                    .into(),
+            ));
+        }
         let mut rounds = Vec::new();
         let mut stop = StopReason::RoundsCompleted;
         for round in 1..=self.settings.rounds {
@@ -176,15 +186,23 @@ impl Federation {
         let mut open = OpenRound::new(&plan, &self.strategy);
         let node_id = |i: usize| self.nodes[plan.selected[i]].id();
         let train = |i: usize| self.nodes[plan.selected[i]].train(&plan.task);
-        match &self.adversary {
-            None => dispatch::run_ordered(
+        match (&self.settings.secure, &self.adversary) {
+            (Some(secure), _) => secure::run_round(
+                secure,
+                &plan,
+                &self.nodes,
+                self.settings.parallelism,
+                &mut open,
+                || observer.node_returned(round),
+            ),
+            (None, None) => dispatch::run_ordered(
                 plan.selected.len(),
                 self.settings.parallelism,
                 train,
                 |_| observer.node_returned(round),
                 |i, result| fold(&mut open, node_id(i), result),
             ),
-            Some(adversary) => {
+            (None, Some(adversary)) => {
                 let mut results = Vec::with_capacity(plan.selected.len());
                 dispatch::run_ordered(
                     plan.selected.len(),

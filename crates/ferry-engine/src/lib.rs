@@ -14,6 +14,7 @@ pub mod federation;
 pub mod node;
 pub mod record;
 pub mod round;
+pub mod secure;
 pub mod selection;
 
 pub use error::EngineError;

@@ -41,4 +41,8 @@ pub struct RoundRecord {
     /// Robust aggregation: the nodes whose updates the rule left out (Krum, Bulyan).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<String>,
+    /// Secure aggregation: why the round ended without a new model (too many nodes dropped
+    /// for the masks to be removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
 }

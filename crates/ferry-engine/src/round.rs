@@ -13,7 +13,7 @@ use std::{
 
 use ferry_core::{
     CoreError, Model, Update,
-    aggregate::Aggregator,
+    aggregate::{Aggregator, UpdateSum},
     privacy::{DpRoundRecord, mechanism::RoundPrivacy},
     strategy::Strategy,
     task::LocalTraining,
@@ -97,6 +97,8 @@ pub struct OpenRound {
     bytes_up: u64,
     train_loss_sum: f64,
     failures: Vec<String>,
+    protocol_bytes_down: u64,
+    aborted: Option<String>,
 }
 
 impl OpenRound {
@@ -121,6 +123,8 @@ impl OpenRound {
             bytes_up: 0,
             train_loss_sum: 0.0,
             failures: Vec::new(),
+            protocol_bytes_down: 0,
+            aborted: None,
         }
     }
 
@@ -143,6 +147,36 @@ impl OpenRound {
         }
     }
 
+    /// Secure aggregation: notes that `node`'s masked input is in the round (its training
+    /// metrics count; its delta reaches the aggregator only inside the unmasked sum).
+    pub fn note_secure_update(&mut self, node: &str, update: &Update) {
+        self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+        self.accepted_nodes.push(node.to_string());
+    }
+
+    /// Secure aggregation: folds the round's unmasked sum into the aggregator.
+    pub fn accept_sum(&mut self, sum: &UpdateSum) -> Result<(), CoreError> {
+        let started = Instant::now();
+        let accepted = self.aggregator.accept_sum(sum);
+        self.aggregating += started.elapsed();
+        accepted
+    }
+
+    /// Secure aggregation: counts the protocol's messages (keys, shares, masked inputs) in the
+    /// round's traffic.
+    pub fn add_protocol_bytes(&mut self, up: u64, down: u64) {
+        self.bytes_up += up;
+        self.protocol_bytes_down += down;
+    }
+
+    /// Secure aggregation: the protocol could not finish (too many nodes dropped), so the
+    /// round ends without moving the global model and the run goes on.
+    pub fn abort(&mut self, reason: String) {
+        self.accepted_nodes.clear();
+        self.train_loss_sum = 0.0;
+        self.aborted = Some(reason);
+    }
+
     /// Counts a selected node that returned no update.
     pub fn fail(&mut self, reason: String) {
         self.failures.push(reason);
@@ -160,6 +194,25 @@ impl OpenRound {
         strategy: &mut Strategy,
         global: &mut Model,
     ) -> Result<AppliedRound, EngineError> {
+        let bytes_down = (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
+            as u64
+            + self.protocol_bytes_down;
+        if let Some(reason) = self.aborted {
+            return Ok(AppliedRound {
+                round: self.round,
+                started: self.started,
+                participants: 0,
+                failures: self.failures.len(),
+                bytes_up: self.bytes_up,
+                bytes_down,
+                train_loss: 0.0,
+                strategy_state_bytes: strategy.optimizer.state_bytes(),
+                dp: None,
+                excluded: Vec::new(),
+                aggregation_s: self.aggregating.as_secs_f64(),
+                aborted: Some(reason),
+            });
+        }
         let participants = self.aggregator.accepted();
         let finishing = Instant::now();
         let finished = self.aggregator.finish();
@@ -199,13 +252,13 @@ impl OpenRound {
             participants,
             failures: self.failures.len(),
             bytes_up: self.bytes_up,
-            bytes_down: (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
-                as u64,
+            bytes_down,
             train_loss: self.train_loss_sum / participants.max(1) as f64,
             strategy_state_bytes: strategy.optimizer.state_bytes(),
             dp,
             excluded,
             aggregation_s,
+            aborted: None,
         })
     }
 }
@@ -224,6 +277,7 @@ pub struct AppliedRound {
     dp: Option<DpRoundRecord>,
     excluded: Vec<String>,
     aggregation_s: f64,
+    aborted: Option<String>,
 }
 
 impl AppliedRound {
@@ -245,6 +299,7 @@ impl AppliedRound {
             excluded: self.excluded,
             attack_success_rate: None,
             aggregation_s: self.aggregation_s,
+            aborted: self.aborted,
         }
     }
 }

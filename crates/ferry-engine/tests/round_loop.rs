@@ -12,6 +12,7 @@ use ferry_engine::{
     federation::{Federation, RoundObserver, RunSettings, StopReason},
     node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask},
     record::RoundRecord,
+    secure::SecAggSettings,
 };
 
 /// A node that moves the model halfway towards its own target, or fails.
@@ -83,6 +84,7 @@ fn settings(rounds: u32, parallelism: usize) -> RunSettings {
         },
         seed: 3,
         parallelism,
+        secure: None,
     }
 }
 
@@ -216,4 +218,76 @@ fn impossible_settings_are_refused() {
         .expect_err("bad fraction")
         .to_string();
     assert!(err.contains("1.5"), "{err}");
+}
+
+/// Settings with secure aggregation over neighbourhoods of 4 (threshold 3).
+fn secure_settings(rounds: u32, nodes: usize) -> RunSettings {
+    let strategy = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), nodes);
+    let secagg = SecAggSettings {
+        neighbours: 4,
+        ..SecAggSettings::default()
+    };
+    RunSettings {
+        secure: Some(secagg.resolve(&strategy, nodes, 10).expect("valid")),
+        ..settings(rounds, 2)
+    }
+}
+
+#[test]
+fn a_secure_run_reaches_the_plain_fedavg_model_within_the_quantisation_error() {
+    let plain = run(settings(3, 2), nodes(8, &[])).0.expect("runs");
+    let (secure, rec) = run(secure_settings(3, 8), nodes(8, &[]));
+    let secure = secure.expect("runs");
+    for (a, b) in plain.model.values().iter().zip(secure.model.values()) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    let first = &secure.rounds[0];
+    assert_eq!(first.participants, 8);
+    assert_eq!(first.aborted, None);
+    // Keys, sealed shares, masked inputs (model + weight slot) and revealed shares go up.
+    assert!(first.bytes_up > 8 * 4 * 4, "{}", first.bytes_up);
+    assert_eq!(rec.returned, 24);
+}
+
+#[test]
+fn a_secure_round_leaves_out_nodes_that_failed_before_masking() {
+    // Each node keeps at least 3 of its 4 neighbours: the threshold holds.
+    let (out, _) = run(secure_settings(2, 8), nodes(8, &[5]));
+    let out = out.expect("runs");
+    assert_eq!(out.rounds[0].participants, 7, "{:?}", out.rounds[0].aborted);
+    assert_eq!(out.rounds[0].failures, 1);
+    assert!(out.rounds[1].accuracy > out.rounds[0].accuracy);
+}
+
+#[test]
+fn a_secure_round_that_loses_too_many_nodes_aborts_and_the_run_goes_on() {
+    // Five of eight fail: the survivors' neighbourhoods fall below the threshold of 3.
+    let (out, _) = run(secure_settings(2, 8), nodes(8, &[0, 1, 2, 3, 4]));
+    let out = out.expect("the run survives an aborted round");
+    assert_eq!(out.rounds.len(), 2);
+    let first = &out.rounds[0];
+    assert_eq!(first.participants, 0);
+    assert!(
+        first
+            .aborted
+            .as_deref()
+            .is_some_and(|r| r.contains("threshold")),
+        "{first:?}"
+    );
+    assert_eq!(
+        out.model.values(),
+        model().values(),
+        "no round moved the model"
+    );
+}
+
+#[test]
+fn secure_aggregation_refuses_strategies_that_need_each_update() {
+    for name in [StrategyName::Scaffold, StrategyName::FedNova] {
+        let strategy = Strategy::new(name, &StrategyParams::default(), 8);
+        let err = SecAggSettings::default()
+            .resolve(&strategy, 8, 10)
+            .expect_err("refused");
+        assert!(err.to_string().contains("secure aggregation"), "{err}");
+    }
 }

@@ -105,7 +105,7 @@ pub enum Event {
         round: u32,
     },
     /// A round was committed.
-    RoundFinished(RoundRecord),
+    RoundFinished(Box<RoundRecord>),
     /// Something the operator should know (a refusal, an extended deadline).
     Notice(String),
     /// The run ended.
@@ -793,7 +793,7 @@ impl Coordinator {
         state.round = round + 1;
         metrics::counter!("ferry_rounds_total").increment(1);
         metrics::histogram!("ferry_round_duration_seconds").record(record.wall_s);
-        self.emit(Event::RoundFinished(record));
+        self.emit(Event::RoundFinished(Box::new(record)));
         if let Some(reason) = &finished {
             state.finished = Some(reason.clone());
             self.emit(Event::Finished(reason.clone()));

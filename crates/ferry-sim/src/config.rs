@@ -15,6 +15,11 @@ use ferry_ml::{
 };
 use serde::{Serialize, Serializer};
 
+use ferry_engine::{
+    EngineError,
+    secure::{SecAggSettings, SecureAggregation},
+};
+
 use crate::attack::AttackSettings;
 
 /// Everything that determines a simulated run (recorded in `history.json`).
@@ -59,6 +64,8 @@ pub struct SimConfig {
     pub norm_bound: Option<f64>,
     /// A simulated attack by some of the nodes.
     pub attack: Option<AttackSettings>,
+    /// Secure aggregation: the server learns only each round's sum.
+    pub secagg: Option<SecAggSettings>,
 }
 
 fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
@@ -81,6 +88,25 @@ impl SimConfig {
             strategy = strategy.with_norm_bound(bound)?;
         }
         Ok(strategy)
+    }
+
+    /// The run's secure aggregation for `strategy`, or `None` without it; `largest_node` is
+    /// the default weight cap. Refuses strategies and settings it cannot serve.
+    pub fn secure(
+        &self,
+        strategy: &Strategy,
+        largest_node: u64,
+    ) -> Result<Option<SecureAggregation>, EngineError> {
+        let cohort = match &self.dp {
+            // Poisson sampling: rounds hold q * N nodes on average.
+            Some(_) => ((self.fraction * self.clients as f64).round() as usize).max(1),
+            None => {
+                ferry_engine::selection::cohort_size(self.clients, self.fraction, self.min_clients)
+            }
+        };
+        self.secagg
+            .map(|s| s.resolve(strategy, cohort, largest_node))
+            .transpose()
     }
 
     /// Local epochs a node trains over the whole run on average: what the central and

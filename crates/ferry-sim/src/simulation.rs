@@ -146,6 +146,10 @@ impl Simulation {
     /// Runs the federation, reporting progress to `observer`.
     pub fn run(&self, observer: &mut dyn RoundObserver) -> Result<RunOutcome, SimError> {
         let c = &self.config;
+        // Simulated DP noise comes from the run seed, so a private run repeats exactly.
+        let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
+        let largest_node = self.partition.parts.iter().map(Vec::len).max().unwrap_or(1);
+        let secure = c.secure(&strategy, largest_node as u64)?;
         let settings = RunSettings {
             rounds: c.rounds,
             fraction: c.fraction,
@@ -154,6 +158,7 @@ impl Simulation {
             training: c.training.clone(),
             seed: c.seed,
             parallelism: c.threads,
+            secure,
         };
         let nodes = self
             .nodes
@@ -161,8 +166,6 @@ impl Simulation {
             .map(|n| n.clone() as Arc<dyn NodeHandle>)
             .collect();
         let evaluator = Box::new(SharedEvaluator(self.evaluator.clone()));
-        // Simulated DP noise comes from the run seed, so a private run repeats exactly.
-        let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
         let mut federation =
             Federation::new(settings, strategy, nodes, evaluator, self.initial.clone())?;
         if let Some(a) = c.attack.filter(|a| !a.kind.poisons_data()) {

@@ -97,6 +97,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             aggregator: None,
             norm_bound: None,
             attack: None,
+            secagg: None,
         };
         println!(
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",

@@ -5,7 +5,7 @@
 
 use crate::{
     CoreError, Update,
-    aggregate::{Aggregate, Aggregator, MemoryUse, validate_update},
+    aggregate::{Aggregate, Aggregator, MemoryUse, UpdateSum, validate_sum, validate_update},
     algebra,
     privacy::{Placement, clip::ClipScope, mechanism::RoundPrivacy, noise::NoiseSource},
 };
@@ -68,6 +68,19 @@ impl Aggregator for DpSum {
         self.unclipped += unclipped;
         self.accepted += 1;
         self.examples += update.num_examples;
+        Ok(())
+    }
+
+    fn accept_sum(&mut self, sum: &UpdateSum) -> Result<(), CoreError> {
+        // Central noise needs each update clipped by the server, and adaptive clipping needs
+        // each node's clip indicator: neither is in a sum.
+        if self.round.placement == Placement::Central || self.round.count_stddev > 0.0 {
+            return Err(CoreError::NeedsIndividualUpdates);
+        }
+        validate_sum(sum, self.sum.len())?;
+        algebra::weighted_accumulate(&mut self.sum, &sum.weighted_delta, 1.0);
+        self.accepted += sum.participants;
+        self.examples += sum.num_examples;
         Ok(())
     }
 
@@ -181,5 +194,34 @@ mod tests {
         agg.accept(&plain).expect("valid");
         // No clipping and no server noise: 8 / 4.
         assert_eq!(agg.finish().expect("finish").delta, [2.0]);
+    }
+
+    #[test]
+    fn only_a_fixed_clip_distributed_sum_takes_a_secure_sum() {
+        let sum = UpdateSum {
+            weighted_delta: vec![6.0],
+            weight: 3.0,
+            participants: 3,
+            num_examples: 30,
+        };
+        let mut distributed = Box::new(DpSum::new(
+            round(Placement::Distributed, 1.0, 0.0),
+            ClipScope::whole(1),
+        ));
+        distributed.accept_sum(&sum).expect("valid");
+        let out = distributed.finish().expect("finish");
+        // The fixed denominator: 6 / 4 expected nodes.
+        assert_eq!(out.delta, [1.5]);
+        assert_eq!(out.participants, 3);
+        for refusing in [
+            round(Placement::Central, 1.0, 0.0),
+            round(Placement::Distributed, 1.0, 0.5),
+        ] {
+            let mut agg = Box::new(DpSum::new(refusing, ClipScope::whole(1)));
+            assert!(matches!(
+                agg.accept_sum(&sum),
+                Err(CoreError::NeedsIndividualUpdates)
+            ));
+        }
     }
 }
