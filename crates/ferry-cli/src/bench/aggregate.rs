@@ -43,7 +43,8 @@ pub struct AggregateArgs {
 /// accumulator read and written.
 const TRAFFIC_PER_PARAM: f64 = 4.0 + 8.0 + 8.0;
 
-fn synthetic_update(params: usize, seed: u64) -> Update {
+/// An update of `params` small random values drawn from `seed`.
+pub(super) fn synthetic_update(params: usize, seed: u64) -> Update {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let delta = (0..params)
         .map(|_| rng.random_range(-0.01f32..0.01))

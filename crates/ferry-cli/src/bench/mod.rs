@@ -5,6 +5,7 @@ mod dp;
 mod niid;
 mod robust;
 mod round;
+mod secagg;
 mod train;
 
 use std::{path::Path, time::Instant};
@@ -36,6 +37,9 @@ pub enum BenchCommand {
     /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
     /// memory.
     Round(round::RoundArgs),
+    /// One SecAgg+ round: node and server time per stage, bytes per node against a plain
+    /// upload.
+    Secagg(secagg::SecAggArgs),
     /// The server half of `bench round` (started by it).
     #[command(hide = true)]
     RoundServer(round::RoundServerArgs),
@@ -54,6 +58,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Niid(args) => niid::run(args),
         BenchCommand::Robust(args) => robust::run(*args),
         BenchCommand::Round(args) => round::run(args),
+        BenchCommand::Secagg(args) => secagg::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
     }
 }
