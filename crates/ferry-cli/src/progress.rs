@@ -19,7 +19,8 @@ impl ConsoleProgress {
     /// Prints a line about the run (a refusal, a resumed round) without breaking the bar.
     pub fn notice(&self, message: &str) {
         match &self.bar {
-            Some(bar) if !bar.is_finished() => bar.println(message),
+            // A hidden bar (stderr not a terminal) would swallow the line.
+            Some(bar) if !bar.is_finished() && !bar.is_hidden() => bar.println(message),
             _ => println!("{message}"),
         }
     }

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed};
+use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed, strategy::Strategy};
 use ferry_engine::{
     federation::{RoundObserver, StopReason},
     round::CohortRule,
@@ -133,6 +133,9 @@ pub struct Deployment {
     /// Largest transfer chunk.
     #[serde(alias = "max_chunk_bytes")]
     pub max_chunk_bytes: usize,
+    /// Secure aggregation: seconds each key stage waits for the cohort.
+    #[serde(alias = "secagg_stage_timeout")]
+    pub secagg_stage_timeout: f64,
 }
 
 impl Default for Deployment {
@@ -143,11 +146,12 @@ impl Default for Deployment {
             heartbeat: 5.0,
             offline_after: 30.0,
             max_chunk_bytes: 1 << 20,
+            secagg_stage_timeout: 60.0,
         }
     }
 }
 
-const DEPLOYMENT_KEYS: [&str; 9] = [
+const DEPLOYMENT_KEYS: [&str; 11] = [
     "round-timeout",
     "round_timeout",
     "min-results",
@@ -157,6 +161,8 @@ const DEPLOYMENT_KEYS: [&str; 9] = [
     "offline_after",
     "max-chunk-bytes",
     "max_chunk_bytes",
+    "secagg-stage-timeout",
+    "secagg_stage_timeout",
 ];
 
 /// The configuration recorded in the server's `history.json`.
@@ -241,8 +247,11 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
         path.display()
     );
     anyhow::ensure!(
-        deployment.min_results >= 1 && deployment.max_chunk_bytes >= 1024,
-        "config file {}: min-results must be at least 1 and max-chunk-bytes at least 1024",
+        deployment.min_results >= 1
+            && deployment.max_chunk_bytes >= 1024
+            && deployment.secagg_stage_timeout > 0.0,
+        "config file {}: min-results must be at least 1, max-chunk-bytes at least 1024 and \
+         secagg-stage-timeout positive",
         path.display()
     );
     let addr: SocketAddr = file.listen.parse().with_context(|| {
@@ -284,7 +293,11 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
     })
 }
 
-fn spec(config: &DeployedConfig) -> Result<RunSpec> {
+/// Examples a node's FedAvg weight reflects at most under secure aggregation, unless the run
+/// sets `secagg-weight-cap` (a server does not know its nodes' sizes in advance).
+const DEPLOYED_WEIGHT_CAP: u64 = 10_000;
+
+fn spec(config: &DeployedConfig, strategy: &Strategy) -> Result<RunSpec> {
     let (run, d) = (&config.run, &config.deployment);
     let hashed = serde_json::to_vec(config)?;
     Ok(RunSpec {
@@ -302,6 +315,8 @@ fn spec(config: &DeployedConfig) -> Result<RunSpec> {
         heartbeat_interval: Duration::from_secs_f64(d.heartbeat),
         offline_after: Duration::from_secs_f64(d.offline_after),
         max_chunk_bytes: d.max_chunk_bytes,
+        secure: run.secure(strategy, DEPLOYED_WEIGHT_CAP)?,
+        secagg_stage_timeout: Duration::from_secs_f64(d.secagg_stage_timeout),
     })
 }
 
@@ -390,7 +405,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let store = Store::open(&setup.file.store).await?;
     let blobs = Blobs::local(&setup.file.blobs)?;
     let (coordinator, mut events) = Coordinator::start(
-        spec(&setup.config)?,
+        spec(&setup.config, &strategy)?,
         strategy,
         initial,
         evaluator,

@@ -574,9 +574,21 @@ fn demo_runs_a_whole_deployment_and_stops_everything() {
 /// Starts `server` and `CLIENTS` built-in-trainer clients on IID shares of the MNIST subset,
 /// each with its own token; returns the processes (server first) and their logs.
 fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec<PathBuf>) {
-    let dir = &server.dir;
-    let mut logs = vec![dir.join("server-1.log")];
+    let mut logs = vec![server.dir.join("server-1.log")];
     let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    spawn_clients(server, model, give_up_s, &mut processes, &mut logs);
+    (processes, logs)
+}
+
+/// Starts `CLIENTS` built-in clients, each with its share of the MNIST subset.
+fn spawn_clients(
+    server: &TestServer,
+    model: &str,
+    give_up_s: u32,
+    processes: &mut Killer,
+    logs: &mut Vec<PathBuf>,
+) {
+    let dir = &server.dir;
     for i in 0..CLIENTS {
         let token = server.token(&format!("site-{i}"));
         assert!(token.starts_with("ferry-"), "{token}");
@@ -609,7 +621,6 @@ fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }
-    (processes, logs)
 }
 
 /// Runs a `CLIENTS`-node logistic-regression deployment on the MNIST subset, with `run` added
@@ -695,4 +706,138 @@ fn a_robust_rule_aggregates_a_deployed_round() {
     );
     let server_log = fs::read_to_string(&logs[0]).expect("server log");
     assert!(server_log.contains("left out 2:"), "{server_log}");
+}
+
+#[test]
+fn a_secure_deployment_survives_a_client_killed_between_stages() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let rounds = 3;
+    let server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {CLIENTS}\n\
+             min_clients = {CLIENTS}\nrounds = {rounds}\nround_timeout = 10\nheartbeat = 1\n\
+             offline_after = 4\nsecagg = true\nsecagg-neighbours = 4\nsecagg-threshold = 2\n\
+             secagg-stage-timeout = 10\n"
+        ),
+    );
+    // Rounds need four nodes, so the victim's round has at least three survivors, each with
+    // at least two live neighbours: the threshold holds when it drops.
+    let mut logs = vec![dir.join("server-1.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    // A node whose trainer never finishes joins first, so that round 1 includes it: it
+    // advertises and shares its keys, then is killed while "training", between the key
+    // stages and its masked input.
+    let victim_log = dir.join("client-victim.log");
+    let token = server.token("victim");
+    let hang = dir.join("hang.sh");
+    fs::write(&hang, "#!/bin/sh\nsleep 120\n").expect("trainer script");
+    let mut permissions = fs::metadata(&hang).expect("script").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    fs::set_permissions(&hang, permissions).expect("executable");
+    let victim: Vec<String> = [
+        "client",
+        "--server",
+        &server.url(),
+        "--ca",
+        &server.ca(),
+        "--token",
+        &token,
+        "--state-dir",
+        dir.join("node-victim").to_str().expect("utf-8"),
+        "--trainer-cmd",
+        hang.to_str().expect("utf-8"),
+    ]
+    .map(String::from)
+    .to_vec();
+    processes.0.push(spawn_logged(&victim, &victim_log));
+    logs.push(victim_log.clone());
+    wait_for(
+        "the victim to enrol",
+        Duration::from_secs(60),
+        &logs,
+        || fs::read_to_string(&victim_log).is_ok_and(|log| log.contains("enrolled")),
+    );
+    spawn_clients(&server, "logreg", 60, &mut processes, &mut logs);
+    let mut victim_round = 0;
+    wait_for(
+        "the victim to train",
+        Duration::from_secs(120),
+        &logs,
+        || {
+            let log = fs::read_to_string(&victim_log).unwrap_or_default();
+            victim_round = log
+                .lines()
+                .find_map(|l| {
+                    l.strip_suffix(": training")?
+                        .strip_prefix("round ")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0);
+            victim_round > 0
+        },
+    );
+    processes.0[1].kill().expect("kill the victim");
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(240),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let server_log = fs::read_to_string(&logs[0]).expect("server log");
+    assert!(
+        server_log.contains("1 nodes dropped after sharing keys"),
+        "{server_log}"
+    );
+    let h = history(&server.out).expect("history.json");
+    let records = h["rounds"].as_array().expect("rounds");
+    assert_eq!(records.len(), rounds, "{records:?}");
+    for r in records {
+        assert!(r["aborted"].is_null(), "{r}");
+    }
+    // The victim's round summed the live nodes' inputs; its masks were removed, its update
+    // was never in.
+    for r in records {
+        let participants = r["participants"].as_u64().expect("participants");
+        assert!((3..=CLIENTS as u64).contains(&participants), "{r}");
+    }
+    assert_eq!(victim_round, 1, "the victim was in round 1");
+    assert!(
+        records[0]["wall_s"].as_f64().expect("wall") >= 10.0,
+        "waited for the victim"
+    );
+    // The server kept no update: its blob store holds the models alone.
+    let blobs = fs::read_dir(dir.join("blobs"))
+        .expect("blob store")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+        .count();
+    assert!(blobs <= rounds + 1, "{blobs} blobs for {rounds} rounds");
+
+    // The same run in simulation, without secure aggregation and without the victim.
+    let sim_dir = dir.join("sim");
+    run_ok(&[
+        "simulate",
+        "--dataset",
+        "mnist-subset",
+        "--model",
+        "logreg",
+        "--clients",
+        &CLIENTS.to_string(),
+        "--rounds",
+        &rounds.to_string(),
+        "--out",
+        sim_dir.to_str().expect("utf-8"),
+    ]);
+    let simulated = history(&sim_dir).expect("simulated history")["final"]["accuracy"]
+        .as_f64()
+        .expect("accuracy");
+    let deployed = h["final"]["accuracy"].as_f64().expect("accuracy");
+    assert!(
+        (deployed - simulated).abs() < 0.03,
+        "secure deployment {deployed} vs plain simulation {simulated}"
+    );
 }

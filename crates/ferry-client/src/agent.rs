@@ -24,6 +24,7 @@ use crate::{
     ClientError,
     backoff::Backoff,
     connection::{self, ServerAddress, StoredCredential},
+    secure::{Link, SecureSession},
     transfer,
 };
 
@@ -172,7 +173,7 @@ async fn credential(
 }
 
 /// Waits before the next attempt, or fails for errors that retrying cannot fix.
-async fn retry(
+pub(crate) async fn retry(
     status: &Status,
     settings: &AgentSettings,
     backoff: &mut Backoff,
@@ -199,7 +200,7 @@ async fn retry(
 }
 
 /// Whether a failed call means the round is gone for this node (rather than a network blip).
-fn round_gone(status: &Status) -> bool {
+pub(crate) fn round_gone(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument | Code::ResourceExhausted
@@ -308,6 +309,27 @@ async fn work(
         server_control,
         seed: ferry_core::seed::mix_seed(task.seed, settings.seed_stream),
     };
+    // Secure aggregation: keys are advertised and shared before training, so a node that
+    // dies while training can still be unmasked around.
+    let mut secure = match &task.secagg {
+        Some(secagg) => {
+            let mut link = Link {
+                settings,
+                client: &mut *client,
+                credential,
+                backoff: &mut *backoff,
+                on_event,
+            };
+            match SecureSession::join(&mut link, round, secagg).await? {
+                Ok(session) => Some(session),
+                Err(reason) => {
+                    on_event(abandon(format!("secure aggregation: {reason}")));
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
     on_event(AgentEvent::Training(round));
     let layout = train_task.model.layout().clone();
     let job = tokio::task::spawn_blocking(move || trainer.train(&train_task));
@@ -340,11 +362,15 @@ async fn work(
             &mut NoiseSource::new(NoiseSeed::Os, 0),
         );
     }
-    let bytes = match wire::encode_update(&update, &layout) {
+    let encoded = match secure.as_mut() {
+        Some(session) => session.mask(&update, layout.num_params()),
+        None => wire::encode_update(&update, &layout).map_err(|e| e.to_string()),
+    };
+    let bytes = match encoded {
         Ok(bytes) => bytes::Bytes::from(bytes),
-        Err(e) => {
-            report_failure(client, credential, round, &e.to_string()).await;
-            on_event(abandon(e.to_string()));
+        Err(reason) => {
+            report_failure(client, credential, round, &reason).await;
+            on_event(abandon(reason));
             return Ok(());
         }
     };
@@ -357,6 +383,18 @@ async fn work(
                     round,
                     duplicate: receipt.duplicate,
                 });
+                if let Some(session) = secure {
+                    let mut link = Link {
+                        settings,
+                        client,
+                        credential,
+                        backoff,
+                        on_event,
+                    };
+                    if let Err(reason) = session.unmask(&mut link).await? {
+                        on_event(abandon(format!("secure aggregation, unmasking: {reason}")));
+                    }
+                }
                 return Ok(());
             }
             Err(status) if round_gone(&status) => {

@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod connection;
 pub mod error;
 pub mod exec;
+mod secure;
 pub mod transfer;
 
 pub use error::ClientError;

@@ -96,6 +96,7 @@ pub struct OpenRound {
     privacy: Option<RoundPrivacy>,
     bytes_up: u64,
     train_loss_sum: f64,
+    train_losses: usize,
     failures: Vec<String>,
     protocol_bytes_down: u64,
     aborted: Option<String>,
@@ -122,6 +123,7 @@ impl OpenRound {
             privacy: plan.privacy.clone(),
             bytes_up: 0,
             train_loss_sum: 0.0,
+            train_losses: 0,
             failures: Vec::new(),
             protocol_bytes_down: 0,
             aborted: None,
@@ -137,6 +139,7 @@ impl OpenRound {
         match accepted {
             Ok(()) => {
                 self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+                self.train_losses += 1;
                 self.accepted_nodes.push(node.to_string());
                 Ok(())
             }
@@ -147,10 +150,14 @@ impl OpenRound {
         }
     }
 
-    /// Secure aggregation: notes that `node`'s masked input is in the round (its training
-    /// metrics count; its delta reaches the aggregator only inside the unmasked sum).
-    pub fn note_secure_update(&mut self, node: &str, update: &Update) {
-        self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+    /// Secure aggregation: notes that `node`'s masked input is in the round, with its
+    /// training loss where the node shares it (its delta reaches the aggregator only inside
+    /// the unmasked sum).
+    pub fn note_secure_update(&mut self, node: &str, train_loss: Option<f64>) {
+        if let Some(loss) = train_loss {
+            self.train_loss_sum += loss;
+            self.train_losses += 1;
+        }
         self.accepted_nodes.push(node.to_string());
     }
 
@@ -174,6 +181,7 @@ impl OpenRound {
     pub fn abort(&mut self, reason: String) {
         self.accepted_nodes.clear();
         self.train_loss_sum = 0.0;
+        self.train_losses = 0;
         self.aborted = Some(reason);
     }
 
@@ -253,7 +261,7 @@ impl OpenRound {
             failures: self.failures.len(),
             bytes_up: self.bytes_up,
             bytes_down,
-            train_loss: self.train_loss_sum / participants.max(1) as f64,
+            train_loss: self.train_loss_sum / self.train_losses.max(1) as f64,
             strategy_state_bytes: strategy.optimizer.state_bytes(),
             dp,
             excluded,

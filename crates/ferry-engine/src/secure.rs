@@ -163,7 +163,7 @@ impl SecureAggregation {
 
     /// The factor in `[0, 1]` a node with `num_examples` examples folds into its input.
     pub fn weight_factor(&self, num_examples: u64) -> f64 {
-        weight_factor(self.weight_cap, num_examples)
+        ferry_secagg::weight_factor(num_examples, self.weight_cap)
     }
 
     /// The aggregator's view of an unmasked sum.
@@ -177,14 +177,6 @@ impl SecureAggregation {
                 None => sum.contributors.len() as u64,
             },
         }
-    }
-}
-
-/// The weight factor for `num_examples` under `cap` (see [`SecureAggregation::weight_cap`]).
-pub fn weight_factor(cap: Option<u64>, num_examples: u64) -> f64 {
-    match cap {
-        Some(cap) => num_examples.min(cap) as f64 / cap as f64,
-        None => 1.0,
     }
 }
 
@@ -309,7 +301,10 @@ pub(crate) fn run_round(
                         traffic.up += wire_bytes::masked(&masked, &secure.params);
                         match server.receive_masked(id, &masked) {
                             Ok(()) => {
-                                open.note_secure_update(&selected[i].id().to_string(), &update);
+                                open.note_secure_update(
+                                    &selected[i].id().to_string(),
+                                    update.metrics.get("train_loss").copied(),
+                                );
                                 updates_ok[i] = true;
                             }
                             Err(e) => failure = Some(e),

@@ -7,5 +7,7 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
+pub mod secagg;
+
 /// The metadata key that carries a node's credential on every call after enrolment.
 pub const AUTHORIZATION: &str = "authorization";

@@ -67,6 +67,15 @@ impl SecAggClient {
         }
     }
 
+    /// A node's fresh secrets for one round, drawn from the operating system's entropy (what
+    /// a deployed node uses, so the server cannot predict them).
+    pub fn from_os_entropy(params: SecAggParams) -> Result<Self, SecAggError> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed)
+            .map_err(|e| SecAggError::Params(format!("no operating-system entropy: {e}")))?;
+        Ok(Self::new(params, seed))
+    }
+
     /// Stage 1: the public keys to advertise.
     pub fn public_keys(&self) -> PublicKeys {
         PublicKeys {

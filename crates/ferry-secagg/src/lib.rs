@@ -25,7 +25,7 @@ pub use messages::{
     MaskedInput, PublicKeys, RevealedShare, Roster, SealedShare, ShareKind, UnmaskRequest,
 };
 pub use params::SecAggParams;
-pub use quantize::max_sum_error;
+pub use quantize::{max_sum_error, weight_factor};
 pub use server::{SecAggServer, SecureSum};
 
 /// Why a secure-aggregation step failed.

@@ -56,6 +56,15 @@ pub(crate) fn decode(sum: &[u64], contributors: usize, params: &SecAggParams) ->
     (decoded, weight)
 }
 
+/// The weight factor in `[0, 1]` a node with `num_examples` examples folds into its input:
+/// `min(n, cap) / cap` for FedAvg weighting, 1 when `cap` is `None` (every node counts once).
+pub fn weight_factor(num_examples: u64, cap: Option<u64>) -> f64 {
+    match cap {
+        Some(cap) if cap > 0 => num_examples.min(cap) as f64 / cap as f64,
+        _ => 1.0,
+    }
+}
+
 /// The largest error of one decoded coordinate of a sum over `contributors` nodes: each
 /// node's rounding moves its value by less than one level.
 pub fn max_sum_error(contributors: usize, params: &SecAggParams) -> f64 {

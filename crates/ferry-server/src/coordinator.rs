@@ -21,12 +21,16 @@ use ferry_engine::{
     node::{Evaluator, RoundTask},
     record::RoundRecord,
     round::{self, CohortRule, OpenRound, RoundPlan},
+    secure::{SecureAggregation, round_context},
 };
+use ferry_secagg::SecAggParams;
+use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::{
     ServerError,
     blobs::Blobs,
+    secure::{Progress, SecAggReply, SecAggStep, SecureStages},
     store::{RoundCommit, RunRow, Store},
 };
 
@@ -51,6 +55,11 @@ pub struct RunSpec {
     pub offline_after: Duration,
     /// Largest chunk accepted in an upload, and sent in a download.
     pub max_chunk_bytes: usize,
+    /// Secure aggregation: rounds run SecAgg+ and the server sees only their sums.
+    pub secure: Option<SecureAggregation>,
+    /// Secure aggregation: how long each key stage (advertise, share, unmask) waits for the
+    /// cohort before closing with whoever acted.
+    pub secagg_stage_timeout: Duration,
 }
 
 /// A reference to a stored blob.
@@ -136,6 +145,8 @@ pub struct NodeTask {
     pub server_control: Option<BlobRef>,
     /// When the round may close without this node.
     pub deadline_unix_ms: u64,
+    /// Secure aggregation: the protocol's parameters and the FedAvg weight cap.
+    pub secagg: Option<(SecAggParams, Option<u64>)>,
 }
 
 /// The outcome of a completed upload.
@@ -163,6 +174,7 @@ struct Training {
     open: OpenRound,
     deadline: Instant,
     deadline_unix_ms: u64,
+    secure: Option<SecureStages>,
 }
 
 struct State {
@@ -369,6 +381,15 @@ impl Coordinator {
         if cohort.is_empty() {
             return Ok(());
         }
+        if self.spec.secure.is_some() {
+            // A secure round's keys lived in the old process; nothing of it was folded, so
+            // the round starts again with whoever is online.
+            self.emit(Event::Notice(format!(
+                "round {} starts again: a secure round cannot outlive its coordinator",
+                state.round
+            )));
+            return Ok(());
+        }
         let population = self
             .store
             .population(state.round)
@@ -399,7 +420,20 @@ impl Coordinator {
 
     fn open_training(&self, state: &State, plan: RoundPlan, cohort: BTreeSet<String>) -> Training {
         let deadline = Instant::now() + self.spec.round_timeout;
+        let secure = self.spec.secure.as_ref().map(|secure| {
+            // The graph seed only needs to be unpredictable to nodes before the roster.
+            let graph_seed: [u8; 32] = Sha256::digest(crate::auth::new_secret()).into();
+            SecureStages::new(
+                plan.task.round,
+                secure.params,
+                round_context(&self.run_id, plan.task.round),
+                graph_seed,
+                self.layout.num_params(),
+                self.spec.secagg_stage_timeout,
+            )
+        });
         Training {
+            secure,
             open: OpenRound::new(&plan, &state.strategy),
             plan_task: plan.task,
             cohort,
@@ -436,6 +470,7 @@ impl Coordinator {
                     model: state.model_blob.clone(),
                     server_control: state.control_blob.clone(),
                     deadline_unix_ms: t.deadline_unix_ms,
+                    secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
                 }))
             }
             Some(t) => Work::Idle(format!(
@@ -535,6 +570,9 @@ impl Coordinator {
         sha256: &str,
         bytes: Vec<u8>,
     ) -> Result<Submission, Refusal> {
+        if self.spec.secure.is_some() {
+            return self.submit_masked(node, round, &bytes).await;
+        }
         let update = wire::decode_update(&bytes, &self.layout)
             .and_then(|u| validate_update(&u, self.layout.num_params()).map(|()| u))
             .map_err(|e| Refusal::Invalid(e.to_string()));
@@ -583,6 +621,65 @@ impl Coordinator {
         self.emit(Event::UpdateAccepted { round });
         self.notify();
         Ok(Submission::Accepted)
+    }
+
+    /// A secure round's upload: a masked input, folded into the masked sum and not stored
+    /// (alone it reveals nothing, and the round cannot outlive this process anyway).
+    async fn submit_masked(
+        &self,
+        node: &str,
+        round: u32,
+        bytes: &[u8],
+    ) -> Result<Submission, Refusal> {
+        let mut state = self.state.lock().await;
+        let Some(training) = state.training.as_mut().filter(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        }) else {
+            drop(state);
+            return self.may_upload(node, round).await.and_then(|dup| {
+                dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
+            });
+        };
+        let Some(secure) = training.secure.as_mut() else {
+            return Err(Refusal::NotOpen("the open round is not secure".into()));
+        };
+        secure.take_masked(node, bytes)?;
+        training.answered.insert(node.to_string());
+        training.open.note_secure_update(node, None);
+        training.open.add_protocol_bytes(bytes.len() as u64, 0);
+        drop(state);
+        metrics::counter!("ferry_updates_accepted_total").increment(1);
+        self.emit(Event::UpdateAccepted { round });
+        self.notify();
+        Ok(Submission::Accepted)
+    }
+
+    /// One step of `node` in the open secure round `round`.
+    pub async fn secagg(
+        &self,
+        node: &str,
+        round: u32,
+        step: SecAggStep,
+    ) -> Result<SecAggReply, Refusal> {
+        let mut state = self.state.lock().await;
+        let current = state.round;
+        let Some(secure) = state
+            .training
+            .as_mut()
+            .filter(|t| t.plan_task.round == round && t.cohort.contains(node))
+            .and_then(|t| t.secure.as_mut())
+        else {
+            return Err(Refusal::NotOpen(format!(
+                "no secure round {round} is open for this node (the server is at round \
+                 {current}); pull a new task"
+            )));
+        };
+        let reply = secure.handle(node, step)?;
+        drop(state);
+        if matches!(reply, SecAggReply::Ack) {
+            self.notify();
+        }
+        Ok(reply)
     }
 
     fn refuse(&self, state: &mut State, node: &str, refusal: &Refusal) {
@@ -682,6 +779,46 @@ impl Coordinator {
                 drop(guard);
                 self.notify();
                 Ok(None)
+            }
+            Some(t) if t.secure.is_some() => {
+                let progress = match t.secure.as_mut() {
+                    Some(secure) => secure.advance(&t.cohort, &t.answered, t.deadline, now),
+                    None => Progress::Waiting,
+                };
+                match progress {
+                    Progress::Waiting => return Ok(None),
+                    Progress::Advanced { notice, training } => {
+                        if training {
+                            t.deadline = now + self.spec.round_timeout;
+                            t.deadline_unix_ms = unix_ms(t.deadline);
+                        }
+                        drop(guard);
+                        self.emit(Event::Notice(notice));
+                        self.notify();
+                        return Ok(None);
+                    }
+                    Progress::Finished(sum) => {
+                        let accepted = match &self.spec.secure {
+                            Some(secure) => t.open.accept_sum(&secure.update_sum(&sum)),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = accepted {
+                            t.open.abort(e.to_string());
+                        }
+                    }
+                    Progress::Aborted(reason) => {
+                        self.emit(Event::Notice(format!(
+                            "secure round {} aborted: {reason}",
+                            t.plan_task.round
+                        )));
+                        t.open.abort(reason);
+                    }
+                }
+                self.close_round(state).await?;
+                let finished = state.finished.clone();
+                drop(guard);
+                self.notify();
+                Ok(finished)
             }
             Some(t) => {
                 let all_answered = t.answered.len() >= t.cohort.len();

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod blobs;
 pub mod coordinator;
 pub mod error;
+pub mod secure;
 pub mod service;
 pub mod store;
 

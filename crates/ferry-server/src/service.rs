@@ -7,8 +7,9 @@ use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 use ferry_core::{model::sha256_hex, strategy::ClientProcedure};
 use ferry_proto::v1::{
     self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, FailureAck, FailureReport,
-    HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse, UploadChunk,
-    UploadReceipt, UploadStatusRequest, fleet_server::Fleet, pull_task_response::Outcome,
+    HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse, SecAggRequest,
+    SecAggResponse, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_server::Fleet,
+    pull_task_response::Outcome, sec_agg_request, sec_agg_response,
 };
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     auth::{self, Credential},
     coordinator::{Coordinator, NodeTask, Refusal, Submission, Work},
+    secure::{SecAggReply, SecAggStep},
     store::Store,
 };
 
@@ -122,6 +124,45 @@ fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1:
             count_noise_std: p.count_noise_std,
             per_layer: p.per_layer,
         }),
+        secagg: node_task
+            .secagg
+            .as_ref()
+            .map(|(params, cap)| ferry_proto::secagg::task_to_wire(params, *cap)),
+    }
+}
+
+/// A SecAgg step from the wire, or INVALID_ARGUMENT.
+fn secagg_step(step: Option<sec_agg_request::Step>) -> Result<SecAggStep, Status> {
+    use ferry_proto::secagg as convert;
+    use sec_agg_request::Step;
+    let malformed = |e: ferry_secagg::SecAggError| Status::invalid_argument(e.to_string());
+    Ok(match step {
+        Some(Step::Advertise(keys)) => {
+            SecAggStep::Advertise(convert::keys_from_wire(&keys).map_err(malformed)?)
+        }
+        Some(Step::GetRoster(_)) => SecAggStep::GetRoster,
+        Some(Step::Share(shares)) => SecAggStep::Share(convert::shares_from_wire(&shares)),
+        Some(Step::GetInbox(_)) => SecAggStep::GetInbox,
+        Some(Step::GetUnmaskRequest(_)) => SecAggStep::GetUnmaskRequest,
+        Some(Step::Reveal(shares)) => {
+            SecAggStep::Reveal(convert::revealed_from_wire(&shares).map_err(malformed)?)
+        }
+        None => return Err(Status::invalid_argument("a SecAgg request needs a step")),
+    })
+}
+
+/// A SecAgg reply on the wire.
+fn secagg_outcome(reply: SecAggReply) -> sec_agg_response::Outcome {
+    use ferry_proto::secagg as convert;
+    use sec_agg_response::Outcome;
+    match reply {
+        SecAggReply::Ack => Outcome::Ack(v1::SecAggEmpty {}),
+        SecAggReply::Wait => Outcome::Wait(v1::SecAggEmpty {}),
+        SecAggReply::Roster(roster) => Outcome::Roster(convert::roster_to_wire(&roster)),
+        SecAggReply::Inbox(inbox) => Outcome::Inbox(convert::shares_to_wire(&inbox)),
+        SecAggReply::UnmaskRequest(request) => {
+            Outcome::UnmaskRequest(convert::request_to_wire(&request))
+        }
     }
 }
 
@@ -141,6 +182,19 @@ fn refused(node: &str, refusal: Refusal) -> Status {
         Refusal::NotOpen(m) => rejected(node, "round_not_open", Status::failed_precondition(m)),
         Refusal::Invalid(m) => rejected(node, "invalid_update", Status::invalid_argument(m)),
     }
+}
+
+/// Logs a refused secure-aggregation step and returns its status.
+fn secagg_refused(node: &str, refusal: Refusal) -> Status {
+    let status = match refusal {
+        Refusal::NotOpen(m) => Status::failed_precondition(m),
+        Refusal::Invalid(m) => Status::invalid_argument(m),
+    };
+    tracing::warn!(
+        "node {node}: secure-aggregation step refused: {}",
+        status.message()
+    );
+    status
 }
 
 fn receipt(received_bytes: u64, submission: Option<Submission>) -> UploadReceipt {
@@ -443,5 +497,38 @@ impl Fleet for FleetService {
         let FailureReport { round, reason } = request.into_inner();
         self.coordinator.report_failure(&node, round, &reason).await;
         Ok(Response::new(FailureAck {}))
+    }
+
+    async fn sec_agg(
+        &self,
+        request: Request<SecAggRequest>,
+    ) -> Result<Response<SecAggResponse>, Status> {
+        let node = self.authenticate(&request).await?;
+        let SecAggRequest {
+            round,
+            wait_ms,
+            step,
+        } = request.into_inner();
+        let step = secagg_step(step)?;
+        let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_WAIT);
+        let mut changed = self.coordinator.subscribe();
+        let give_up = tokio::time::Instant::now() + wait;
+        let reply = loop {
+            let reply = self
+                .coordinator
+                .secagg(&node, round, step.clone())
+                .await
+                .map_err(|r| secagg_refused(&node, r))?;
+            if !matches!(reply, SecAggReply::Wait) {
+                break reply;
+            }
+            let woke = tokio::time::timeout_at(give_up, changed.changed()).await;
+            if !matches!(woke, Ok(Ok(()))) {
+                break reply;
+            }
+        };
+        Ok(Response::new(SecAggResponse {
+            outcome: Some(secagg_outcome(reply)),
+        }))
     }
 }

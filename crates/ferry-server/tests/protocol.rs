@@ -85,6 +85,8 @@ fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         heartbeat_interval: Duration::from_secs(1),
         offline_after: Duration::from_secs(30),
         max_chunk_bytes: 1024,
+        secure: None,
+        secagg_stage_timeout: Duration::from_secs(60),
     }
 }
 

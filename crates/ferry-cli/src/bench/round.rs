@@ -151,6 +151,8 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
             heartbeat_interval: Duration::from_secs(5),
             offline_after: Duration::from_secs(60),
             max_chunk_bytes: args.chunk_bytes,
+            secure: None,
+            secagg_stage_timeout: Duration::from_secs(60),
         };
         let strategy = Strategy::new(
             StrategyName::FedAvg,
