@@ -580,6 +580,30 @@ fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec
     (processes, logs)
 }
 
+/// `ferry client` arguments that enrol with a fresh token as `name` and keep the credential
+/// in `node-<name>`.
+fn client_args(server: &TestServer, name: &str) -> Vec<String> {
+    let token = server.token(name);
+    assert!(token.starts_with("ferry-"), "{token}");
+    [
+        "client",
+        "--server",
+        &server.url(),
+        "--ca",
+        &server.ca(),
+        "--token",
+        &token,
+        "--state-dir",
+        server
+            .dir
+            .join(format!("node-{name}"))
+            .to_str()
+            .expect("utf-8"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Starts `CLIENTS` built-in clients, each with its share of the MNIST subset.
 fn spawn_clients(
     server: &TestServer,
@@ -590,34 +614,25 @@ fn spawn_clients(
 ) {
     let dir = &server.dir;
     for i in 0..CLIENTS {
-        let token = server.token(&format!("site-{i}"));
-        assert!(token.starts_with("ferry-"), "{token}");
         let log = dir.join(format!("client-{i}.log"));
-        let args: Vec<String> = [
-            "client",
-            "--server",
-            &server.url(),
-            "--ca",
-            &server.ca(),
-            "--token",
-            &token,
-            "--state-dir",
-            dir.join(format!("node-{i}")).to_str().expect("utf-8"),
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            model,
-            "--partition",
-            "iid",
-            "--num-partitions",
-            &CLIENTS.to_string(),
-            "--partition-index",
-            &i.to_string(),
-            "--give-up-after",
-            &give_up_s.to_string(),
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut args = client_args(server, &format!("site-{i}"));
+        args.extend(
+            [
+                "--dataset",
+                "mnist-subset",
+                "--model",
+                model,
+                "--partition",
+                "iid",
+                "--num-partitions",
+                &CLIENTS.to_string(),
+                "--partition-index",
+                &i.to_string(),
+                "--give-up-after",
+                &give_up_s.to_string(),
+            ]
+            .map(String::from),
+        );
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }
@@ -732,27 +747,13 @@ fn a_secure_deployment_survives_a_client_killed_between_stages() {
     // advertises and shares its keys, then is killed while "training", between the key
     // stages and its masked input.
     let victim_log = dir.join("client-victim.log");
-    let token = server.token("victim");
     let hang = dir.join("hang.sh");
     fs::write(&hang, "#!/bin/sh\nsleep 120\n").expect("trainer script");
     let mut permissions = fs::metadata(&hang).expect("script").permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
     fs::set_permissions(&hang, permissions).expect("executable");
-    let victim: Vec<String> = [
-        "client",
-        "--server",
-        &server.url(),
-        "--ca",
-        &server.ca(),
-        "--token",
-        &token,
-        "--state-dir",
-        dir.join("node-victim").to_str().expect("utf-8"),
-        "--trainer-cmd",
-        hang.to_str().expect("utf-8"),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut victim = client_args(&server, "victim");
+    victim.extend(["--trainer-cmd".to_string(), hang.display().to_string()]);
     processes.0.push(spawn_logged(&victim, &victim_log));
     logs.push(victim_log.clone());
     wait_for(

@@ -174,15 +174,12 @@ fn too_many_dropouts_abort_the_round_cleanly() {
     assert!(matches!(outcome.result, Err(SecAggError::Aborted(_))));
 }
 
-#[test]
-fn the_server_holds_only_a_masked_sum() {
+/// A round of `n` nodes over `dim` values through stage 2: every node advertised and shared.
+fn keys_shared(n: usize, dim: usize, salt: u8) -> (SecAggServer, Vec<SecAggClient>) {
     let params = SecAggParams::with_neighbours(4);
-    let n = 6;
-    let dim = 200;
-    let data = updates(n, dim);
-    let mut server = SecAggServer::new(params, b"audit".to_vec(), [5; 32], dim);
+    let mut server = SecAggServer::new(params, vec![salt], [salt; 32], dim);
     let mut clients: Vec<SecAggClient> = (0..n)
-        .map(|i| SecAggClient::new(params, seed(i, 2)))
+        .map(|i| SecAggClient::new(params, seed(i, salt)))
         .collect();
     assert!(server.held_vectors().is_empty());
     for client in &clients {
@@ -194,6 +191,16 @@ fn the_server_holds_only_a_masked_sum() {
         server.receive_shares(i as ParticipantId, sealed).unwrap();
     }
     server.close_sharing().unwrap();
+    (server, clients)
+}
+
+#[test]
+fn the_server_holds_only_a_masked_sum() {
+    let params = SecAggParams::with_neighbours(4);
+    let n = 6;
+    let dim = 200;
+    let data = updates(n, dim);
+    let (mut server, mut clients) = keys_shared(n, dim, 2);
     let inbox = server.inbox(0).unwrap().to_vec();
     let masked = clients[0].mask(&inbox, &data[0], 1.0).unwrap();
     server.receive_masked(0, &masked).unwrap();
@@ -217,21 +224,7 @@ fn the_server_holds_only_a_masked_sum() {
 
 #[test]
 fn an_honest_node_refuses_to_reveal_both_shares_of_a_peer() {
-    let params = SecAggParams::with_neighbours(4);
-    let n = 6;
-    let mut server = SecAggServer::new(params, b"refuse".to_vec(), [6; 32], 4);
-    let mut clients: Vec<SecAggClient> = (0..n)
-        .map(|i| SecAggClient::new(params, seed(i, 3)))
-        .collect();
-    for client in &clients {
-        server.receive_keys(client.public_keys()).unwrap();
-    }
-    let roster = server.close_advertising().unwrap();
-    for (i, client) in clients.iter_mut().enumerate() {
-        let sealed = client.share_keys(&roster).unwrap();
-        server.receive_shares(i as ParticipantId, sealed).unwrap();
-    }
-    server.close_sharing().unwrap();
+    let (server, mut clients) = keys_shared(6, 4, 3);
     let inbox = server.inbox(0).unwrap().to_vec();
     clients[0].mask(&inbox, &[0.5; 4], 1.0).unwrap();
     let greedy = UnmaskRequest {
