@@ -811,12 +811,12 @@ fn a_secure_deployment_survives_a_client_killed_between_stages() {
         records[0]["wall_s"].as_f64().expect("wall") >= 10.0,
         "waited for the victim"
     );
-    // The server kept no update: its blob store holds the models alone.
-    let blobs = fs::read_dir(dir.join("blobs"))
+    // The server kept no update: its blob store holds the initial and each round's model.
+    let blobs = fs::read_dir(dir.join("blobs/sha256"))
         .expect("blob store")
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
         .count();
-    assert!(blobs <= rounds + 1, "{blobs} blobs for {rounds} rounds");
+    assert_eq!(blobs, rounds + 1, "blobs for {rounds} rounds");
 
     // The same run in simulation, without secure aggregation and without the victim.
     let sim_dir = dir.join("sim");

@@ -9,6 +9,8 @@
 //! stage; the round survives while every node whose secret must be rebuilt keeps at least
 //! `threshold` responsive neighbours, and aborts with [`SecAggError::Aborted`] otherwise.
 
+#![warn(missing_docs)]
+
 mod client;
 mod crypto;
 pub mod graph;

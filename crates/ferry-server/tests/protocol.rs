@@ -20,11 +20,13 @@ use ferry_core::{
     task::LocalTraining,
     wire,
 };
-use ferry_engine::{node::Evaluator, round::CohortRule};
+use ferry_engine::{node::Evaluator, round::CohortRule, secure::SecureAggregation};
 use ferry_proto::v1::{
-    DownloadRequest, EnrolRequest, PullTaskRequest, Task, UploadChunk, UploadStatusRequest,
-    fleet_client::FleetClient, pull_task_response::Outcome,
+    DownloadRequest, EnrolRequest, PullTaskRequest, SecAggEmpty, SecAggRequest, Task, UploadChunk,
+    UploadStatusRequest, fleet_client::FleetClient, pull_task_response::Outcome, sec_agg_request,
+    sec_agg_response,
 };
+use ferry_secagg::{SecAggClient, SecAggParams};
 use ferry_server::{
     Listener,
     blobs::Blobs,
@@ -99,7 +101,7 @@ struct Running {
 }
 
 async fn start(dir: &std::path::Path, rounds: u32, min_clients: usize) -> Running {
-    start_private(dir, rounds, min_clients, None).await
+    start_with(dir, spec(rounds, min_clients), None).await
 }
 
 async fn start_private(
@@ -108,6 +110,11 @@ async fn start_private(
     min_clients: usize,
     dp: Option<DpSettings>,
 ) -> Running {
+    start_with(dir, spec(rounds, min_clients), dp).await
+}
+
+async fn start_with(dir: &std::path::Path, spec: RunSpec, dp: Option<DpSettings>) -> Running {
+    let min_clients = spec.cohort.min_clients;
     let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
         .await
         .expect("store");
@@ -123,7 +130,7 @@ async fn start_private(
             .expect("fedavg takes DP");
     }
     let (coordinator, _events) = Coordinator::start(
-        spec(rounds, min_clients),
+        spec,
         strategy,
         initial(),
         Arc::new(DistanceToOnes),
@@ -544,4 +551,159 @@ async fn central_dp_rounds_are_accounted_reported_and_replayed_after_a_restart()
     assert_eq!(status.epsilon, Some(record.epsilon));
     assert_eq!(status.delta, Some(1e-5));
     restarted.stop().await;
+}
+
+/// A secure round's step for `round`, retried while the server answers "wait".
+async fn secagg_step(
+    client: &mut FleetClient<Channel>,
+    credential: &str,
+    round: u32,
+    step: sec_agg_request::Step,
+) -> Result<sec_agg_response::Outcome, tonic::Status> {
+    loop {
+        let request = SecAggRequest {
+            round,
+            wait_ms: 2000,
+            step: Some(step.clone()),
+        };
+        let outcome = client
+            .sec_agg(authed(credential, request))
+            .await?
+            .into_inner()
+            .outcome
+            .expect("an outcome");
+        if !matches!(outcome, sec_agg_response::Outcome::Wait(_)) {
+            return Ok(outcome);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_round_runs_over_the_protocol_and_starts_again_after_a_restart() {
+    use ferry_proto::secagg as convert;
+    use sec_agg_request::Step;
+    use sec_agg_response::Outcome as Reply;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let params = SecAggParams::with_neighbours(2);
+    let secure_spec = || RunSpec {
+        secure: Some(SecureAggregation {
+            params,
+            weight_cap: Some(10),
+        }),
+        ..spec(1, 3)
+    };
+    let running = start_with(dir.path(), secure_spec(), None).await;
+    let mut fleet = client(&running.url).await;
+    let mut credentials = Vec::new();
+    for i in 0..3 {
+        let token = add_token(dir.path(), &format!("site-{i}")).await;
+        credentials.push(enrol(&mut fleet, &token).await);
+    }
+    for credential in &credentials {
+        let task = pull(&mut fleet, credential).await;
+        let wire = task.secagg.expect("the task asks for secure aggregation");
+        assert_eq!(convert::task_from_wire(&wire), (params, Some(10)));
+    }
+    // Malformed keys are refused; good ones are taken; then the coordinator dies.
+    let short = Step::Advertise(ferry_proto::v1::SecAggKeys {
+        cipher: vec![1; 31],
+        mask: vec![2; 32],
+    });
+    let refused = secagg_step(&mut fleet, &credentials[0], 1, short).await;
+    assert_eq!(
+        refused.expect_err("31-byte key").code(),
+        Code::InvalidArgument
+    );
+    let early = SecAggClient::new(params, [9; 32]);
+    let advertise = Step::Advertise(convert::keys_to_wire(&early.public_keys()));
+    let ack = secagg_step(&mut fleet, &credentials[0], 1, advertise).await;
+    assert!(matches!(ack, Ok(Reply::Ack(_))));
+    running.stop().await;
+
+    // The restarted coordinator cannot use keys that lived in the old process: round 1 starts
+    // again, and the nodes walk all four stages anew.
+    let running = start_with(dir.path(), secure_spec(), None).await;
+    let mut fleet = client(&running.url).await;
+    let mut nodes: Vec<SecAggClient> = (0..3u8)
+        .map(|i| SecAggClient::new(params, [i; 32]))
+        .collect();
+    for credential in &credentials {
+        // Any authenticated call puts the node back online.
+        let beat = ferry_proto::v1::HeartbeatRequest { round: 1 };
+        fleet
+            .heartbeat(authed(credential, beat))
+            .await
+            .expect("heartbeat");
+    }
+    for (credential, node) in credentials.iter().zip(&nodes) {
+        assert_eq!(pull(&mut fleet, credential).await.round, 1);
+        let step = Step::Advertise(convert::keys_to_wire(&node.public_keys()));
+        let ack = secagg_step(&mut fleet, credential, 1, step).await;
+        assert!(matches!(ack, Ok(Reply::Ack(_))), "{ack:?}");
+    }
+    for (credential, node) in credentials.iter().zip(nodes.iter_mut()) {
+        let roster =
+            match secagg_step(&mut fleet, credential, 1, Step::GetRoster(SecAggEmpty {})).await {
+                Ok(Reply::Roster(roster)) => convert::roster_from_wire(&roster).expect("roster"),
+                other => panic!("roster expected: {other:?}"),
+            };
+        assert_eq!(roster.members.len(), 3);
+        let sealed = node.share_keys(&roster).expect("share");
+        let step = Step::Share(convert::shares_to_wire(&sealed));
+        assert!(matches!(
+            secagg_step(&mut fleet, credential, 1, step).await,
+            Ok(Reply::Ack(_))
+        ));
+    }
+    // Each node masks the same update, weighted by 5 of at most 10 examples.
+    let delta = [0.5f32, -0.25, 0.0, 1.0, 0.0, 0.0];
+    for (credential, node) in credentials.iter().zip(nodes.iter_mut()) {
+        let inbox =
+            match secagg_step(&mut fleet, credential, 1, Step::GetInbox(SecAggEmpty {})).await {
+                Ok(Reply::Inbox(inbox)) => convert::shares_from_wire(&inbox),
+                other => panic!("inbox expected: {other:?}"),
+            };
+        let masked = node.mask(&inbox, &delta, 0.5).expect("mask");
+        let bytes = convert::masked_to_bytes(&masked, &params);
+        let receipt = upload(&mut fleet, credential, chunks(1, &bytes, 0, 1024))
+            .await
+            .expect("masked input accepted");
+        assert!(receipt.accepted);
+    }
+    for (credential, node) in credentials.iter().zip(nodes.iter_mut()) {
+        let request = match secagg_step(
+            &mut fleet,
+            credential,
+            1,
+            Step::GetUnmaskRequest(SecAggEmpty {}),
+        )
+        .await
+        {
+            Ok(Reply::UnmaskRequest(request)) => convert::request_from_wire(&request),
+            other => panic!("unmask request expected: {other:?}"),
+        };
+        assert_eq!(request.survivors.len(), 3);
+        let shares = node.unmask(&request).expect("reveal");
+        let step = Step::Reveal(convert::revealed_to_wire(&shares));
+        assert!(matches!(
+            secagg_step(&mut fleet, credential, 1, step).await,
+            Ok(Reply::Ack(_))
+        ));
+    }
+    let records = wait_rounds(&running.coordinator, 1).await;
+    assert_eq!(records[0].participants, 3);
+    assert_eq!(records[0].aborted, None);
+    // FedAvg of three equal updates is that update, within the quantisation error.
+    let model = running.coordinator.global().await;
+    for (got, want) in model.values().iter().zip(delta) {
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+    // The server stored no update: its blobs are the two models.
+    let blobs = std::fs::read_dir(dir.path().join("blobs/sha256"))
+        .expect("blobs")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
+        .count();
+    assert_eq!(blobs, 2);
+    running.stop().await;
 }
