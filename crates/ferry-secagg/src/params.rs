@@ -45,6 +45,12 @@ impl SecAggParams {
     /// Checks the parameters for a round of `participants` nodes.
     pub fn validate(&self, participants: usize) -> Result<(), SecAggError> {
         let bad = |reason: String| Err(SecAggError::Params(reason));
+        if participants < 3 {
+            return bad(format!(
+                "secure aggregation needs at least 3 nodes in a round, got {participants}: with \
+                 2, each could subtract its own update from the sum and read the other's"
+            ));
+        }
         if self.threshold < 2 {
             return bad(format!(
                 "threshold must be at least 2, got {}",
@@ -73,7 +79,7 @@ impl SecAggParams {
             ));
         }
         let neighbourhood = self.neighbourhood(participants);
-        if participants > 1 && neighbourhood < self.threshold {
+        if neighbourhood < self.threshold {
             return bad(format!(
                 "{participants} participants give each node {neighbourhood} neighbours, fewer \
                  than the threshold {}; lower the threshold",
@@ -141,6 +147,12 @@ mod tests {
         };
         assert!(params.validate(10).is_err());
         assert!(SecAggParams::with_neighbours(4).validate(10).is_ok());
+    }
+
+    #[test]
+    fn two_nodes_are_too_few() {
+        let err = SecAggParams::with_neighbours(2).validate(2).unwrap_err();
+        assert!(err.to_string().contains("at least 3 nodes"), "{err}");
     }
 
     #[test]
