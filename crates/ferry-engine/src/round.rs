@@ -205,22 +205,42 @@ impl OpenRound {
         let bytes_down = (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
             as u64
             + self.protocol_bytes_down;
-        if let Some(reason) = self.aborted {
-            return Ok(AppliedRound {
-                round: self.round,
-                started: self.started,
+        let train_loss = self.train_loss_sum / self.train_losses.max(1) as f64;
+        let (round, started, failures, bytes_up) =
+            (self.round, self.started, self.failures.len(), self.bytes_up);
+        let aborted = self.aborted.clone();
+        let stepped = match aborted {
+            // An aborted secure round has nothing to aggregate: the model stays.
+            Some(_) => Stepped {
                 participants: 0,
-                failures: self.failures.len(),
-                bytes_up: self.bytes_up,
-                bytes_down,
-                train_loss: 0.0,
-                strategy_state_bytes: strategy.optimizer.state_bytes(),
                 dp: None,
                 excluded: Vec::new(),
                 aggregation_s: self.aggregating.as_secs_f64(),
-                aborted: Some(reason),
-            });
-        }
+            },
+            None => self.step_model(strategy, global)?,
+        };
+        Ok(AppliedRound {
+            round,
+            started,
+            participants: stepped.participants,
+            failures,
+            bytes_up,
+            bytes_down,
+            train_loss,
+            strategy_state_bytes: strategy.optimizer.state_bytes(),
+            dp: stepped.dp,
+            excluded: stepped.excluded,
+            aggregation_s: stepped.aggregation_s,
+            aborted,
+        })
+    }
+
+    /// Finishes the aggregator and applies the server step; a private round is charged.
+    fn step_model(
+        self,
+        strategy: &mut Strategy,
+        global: &mut Model,
+    ) -> Result<Stepped, EngineError> {
         let participants = self.aggregator.accepted();
         let finishing = Instant::now();
         let finished = self.aggregator.finish();
@@ -254,21 +274,21 @@ impl OpenRound {
             }
             _ => None,
         };
-        Ok(AppliedRound {
-            round: self.round,
-            started: self.started,
+        Ok(Stepped {
             participants,
-            failures: self.failures.len(),
-            bytes_up: self.bytes_up,
-            bytes_down,
-            train_loss: self.train_loss_sum / self.train_losses.max(1) as f64,
-            strategy_state_bytes: strategy.optimizer.state_bytes(),
             dp,
             excluded,
             aggregation_s,
-            aborted: None,
         })
     }
+}
+
+/// What aggregating and stepping the model produced.
+struct Stepped {
+    participants: usize,
+    dp: Option<DpRoundRecord>,
+    excluded: Vec<String>,
+    aggregation_s: f64,
 }
 
 /// A round whose aggregate has moved the global model, waiting for its evaluation.

@@ -69,7 +69,7 @@ impl SecAggSettings {
         };
         let threshold = self
             .threshold
-            .unwrap_or_else(|| (probe.neighbourhood(cohort) / 2 + 1).max(2));
+            .unwrap_or_else(|| probe.majority_threshold(cohort));
         let params = SecAggParams {
             neighbours: self.neighbours,
             threshold,

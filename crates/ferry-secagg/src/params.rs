@@ -107,6 +107,12 @@ impl SecAggParams {
         if even >= others { others } else { even }
     }
 
+    /// The default threshold for a round of `participants` nodes: a majority of each node's
+    /// neighbourhood, at least 2.
+    pub fn majority_threshold(&self, participants: usize) -> usize {
+        (self.neighbourhood(participants) / 2 + 1).max(2)
+    }
+
     /// The largest quantised value of one coordinate, `2^quantization_bits - 1`.
     pub(crate) fn max_level(&self) -> u64 {
         (1u64 << self.quantization_bits) - 1

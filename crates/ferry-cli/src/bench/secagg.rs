@@ -94,7 +94,7 @@ pub fn run(args: SecAggArgs) -> Result<()> {
         neighbours: args.neighbours,
         threshold: args
             .threshold
-            .unwrap_or(probe.neighbourhood(args.clients) / 2 + 1),
+            .unwrap_or(probe.majority_threshold(args.clients)),
         quantization_bits: args.quantization_bits,
         modulus_bits: args.modulus_bits,
         ..SecAggParams::default()
