@@ -204,7 +204,7 @@ pub mod wire_bytes {
     }
     /// Stage 3 upload.
     pub fn masked(input: &MaskedInput, params: &SecAggParams) -> u64 {
-        (input.values.len() * params.element_bytes()) as u64
+        params.packed_bytes(input.values.len()) as u64
     }
     /// Stage 4 download.
     pub fn request(request: &UnmaskRequest) -> u64 {

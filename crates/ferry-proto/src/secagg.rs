@@ -165,15 +165,19 @@ pub fn task_from_wire(task: &v1::SecAggTask) -> (SecAggParams, Option<u64>) {
     )
 }
 
-/// A masked input as uploaded: its values packed little-endian.
+/// A masked input as uploaded: its values bit-packed at the modulus width.
 pub fn masked_to_bytes(input: &MaskedInput, params: &SecAggParams) -> Vec<u8> {
     ferry_secagg::pack(&input.values, params)
 }
 
-/// A masked input from uploaded bytes.
-pub fn masked_from_bytes(bytes: &[u8], params: &SecAggParams) -> Result<MaskedInput, SecAggError> {
+/// A masked input of `values` coordinates from uploaded bytes.
+pub fn masked_from_bytes(
+    bytes: &[u8],
+    values: usize,
+    params: &SecAggParams,
+) -> Result<MaskedInput, SecAggError> {
     Ok(MaskedInput {
-        values: ferry_secagg::unpack(bytes, params)?,
+        values: ferry_secagg::unpack(bytes, values, params)?,
     })
 }
 

@@ -17,7 +17,7 @@ const BLOCK: usize = 4096;
 
 /// Adds (or subtracts) the mask expanded from `seed` to `vector`, modulo the params' modulus.
 pub(crate) fn apply_mask(vector: &mut [u64], seed: &[u8; 32], sign: Sign, params: &SecAggParams) {
-    let width = params.element_bytes();
+    let width = params.keystream_bytes();
     let mask = params.modulus_mask();
     let mut rng = ChaCha20Rng::from_seed(*seed);
     let mut bytes = vec![0u8; BLOCK * width];
@@ -48,39 +48,62 @@ fn element_from_le(raw: &[u8]) -> u64 {
     u64::from_le_bytes(word)
 }
 
-/// Packs a vector modulo the params' modulus into little-endian bytes.
+/// Packs a vector modulo the params' modulus into a little-endian bit stream of
+/// `modulus_bits` bits per value (the last byte padded with zero bits), so that a sum modulus
+/// of 26 bits costs 26 bits on the wire, not a 32-bit word.
 pub fn pack(vector: &[u64], params: &SecAggParams) -> Vec<u8> {
-    let width = params.element_bytes();
-    let mut bytes = Vec::with_capacity(vector.len() * width);
+    let bits = params.modulus_bits;
+    let mask = params.modulus_mask();
+    let mut bytes = Vec::with_capacity(params.packed_bytes(vector.len()));
+    let mut pending: u128 = 0;
+    let mut pending_bits = 0u32;
     for value in vector {
-        bytes.extend_from_slice(&value.to_le_bytes()[..width]);
+        pending |= u128::from(value & mask) << pending_bits;
+        pending_bits += bits;
+        if pending_bits >= 64 {
+            bytes.extend_from_slice(&(pending as u64).to_le_bytes());
+            pending >>= 64;
+            pending_bits -= 64;
+        }
     }
+    let tail = pending_bits.div_ceil(8) as usize;
+    bytes.extend_from_slice(&(pending as u64).to_le_bytes()[..tail]);
     bytes
 }
 
-/// Reads a vector written by [`pack`], refusing values outside the modulus.
-pub fn unpack(bytes: &[u8], params: &SecAggParams) -> Result<Vec<u64>, SecAggError> {
-    let width = params.element_bytes();
-    if !bytes.len().is_multiple_of(width) {
+/// Reads `values` coordinates written by [`pack`], refusing a stream of the wrong length or
+/// with bits set in its padding.
+pub fn unpack(bytes: &[u8], values: usize, params: &SecAggParams) -> Result<Vec<u64>, SecAggError> {
+    let expected = params.packed_bytes(values);
+    if bytes.len() != expected {
         return Err(SecAggError::Malformed(format!(
-            "a masked vector of {} bytes is not a whole number of {width}-byte elements",
+            "a masked vector of {values} values at {} bits each takes {expected} bytes, not {}",
+            params.modulus_bits,
             bytes.len()
         )));
     }
+    let bits = params.modulus_bits;
     let mask = params.modulus_mask();
-    bytes
-        .chunks_exact(width)
-        .map(|raw| {
-            let value = element_from_le(raw);
-            if value & !mask == 0 {
-                Ok(value)
-            } else {
-                Err(SecAggError::Malformed(
-                    "a masked value lies outside the modulus".into(),
-                ))
-            }
-        })
-        .collect()
+    let mut vector = Vec::with_capacity(values);
+    let mut pending: u128 = 0;
+    let mut pending_bits = 0u32;
+    let mut input = bytes.iter();
+    for _ in 0..values {
+        while pending_bits < bits {
+            let byte = input.next().copied().unwrap_or(0);
+            pending |= u128::from(byte) << pending_bits;
+            pending_bits += 8;
+        }
+        vector.push(pending as u64 & mask);
+        pending >>= bits;
+        pending_bits -= bits;
+    }
+    if pending != 0 {
+        return Err(SecAggError::Malformed(
+            "a masked vector has bits set in its padding".into(),
+        ));
+    }
+    Ok(vector)
 }
 
 #[cfg(test)]
@@ -102,27 +125,43 @@ mod tests {
         assert_eq!(vector, original);
     }
 
-    #[test]
-    fn packing_round_trips_at_both_widths() {
-        for bits in [32, 64] {
-            let params = SecAggParams {
-                modulus_bits: bits,
-                ..SecAggParams::default()
-            };
-            let vector = vec![0, 1, params.modulus_mask(), 12345];
+    proptest::proptest! {
+        #[test]
+        fn packing_round_trips_at_every_width(
+            bits in 1u32..=64,
+            raw in proptest::collection::vec(proptest::num::u64::ANY, 0..200),
+        ) {
+            let params = SecAggParams { modulus_bits: bits, ..SecAggParams::default() };
+            let vector: Vec<u64> = raw.iter().map(|v| v & params.modulus_mask()).collect();
             let bytes = pack(&vector, &params);
-            assert_eq!(bytes.len(), 4 * params.element_bytes());
-            assert_eq!(unpack(&bytes, &params).unwrap(), vector);
+            proptest::prop_assert_eq!(bytes.len(), (vector.len() * bits as usize).div_ceil(8));
+            proptest::prop_assert_eq!(unpack(&bytes, vector.len(), &params).unwrap(), vector);
         }
     }
 
     #[test]
-    fn a_value_outside_the_modulus_is_refused() {
+    fn a_26_bit_modulus_costs_26_bits_per_value() {
         let params = SecAggParams {
-            modulus_bits: 8,
+            modulus_bits: 26,
             ..SecAggParams::default()
         };
-        assert!(unpack(&300u32.to_le_bytes(), &params).is_err());
-        assert!(unpack(&[1, 2, 3], &params).is_err());
+        let vector = vec![params.modulus_mask(); 1000];
+        assert_eq!(pack(&vector, &params).len(), 3250);
+    }
+
+    #[test]
+    fn a_stream_of_the_wrong_length_or_with_padding_bits_is_refused() {
+        let params = SecAggParams {
+            modulus_bits: 12,
+            ..SecAggParams::default()
+        };
+        let bytes = pack(&[1, 2, 3], &params);
+        assert_eq!(bytes.len(), 5);
+        assert!(unpack(&bytes, 2, &params).is_err());
+        assert!(unpack(&bytes[..4], 3, &params).is_err());
+        let mut padded = bytes.clone();
+        padded[4] |= 0x80;
+        assert!(unpack(&padded, 3, &params).is_err());
+        assert_eq!(unpack(&bytes, 3, &params).unwrap(), vec![1, 2, 3]);
     }
 }

@@ -127,9 +127,14 @@ impl SecAggParams {
         }
     }
 
-    /// Bytes per coordinate of a masked vector on the wire.
-    pub fn element_bytes(&self) -> usize {
+    /// Keystream bytes drawn per coordinate of a mask.
+    pub(crate) fn keystream_bytes(&self) -> usize {
         if self.modulus_bits <= 32 { 4 } else { 8 }
+    }
+
+    /// Bytes of `values` masked coordinates on the wire: `modulus_bits` bits each, packed.
+    pub fn packed_bytes(&self, values: usize) -> usize {
+        (values * self.modulus_bits as usize).div_ceil(8)
     }
 }
 

@@ -77,6 +77,11 @@ impl SecAggServer {
         }
     }
 
+    /// Values in one node's masked input: the update's coordinates and its weight slot.
+    pub fn input_len(&self) -> usize {
+        self.dim + 1
+    }
+
     /// Stage 1: records a node's public keys; returns its participant id.
     pub fn receive_keys(&mut self, keys: PublicKeys) -> Result<ParticipantId, SecAggError> {
         let Stage::Advertising(members) = &mut self.stage else {

@@ -213,7 +213,8 @@ impl SecureStages {
             return Err(self.gone("masked input is not open for this node"));
         }
         let input =
-            ferry_proto::secagg::masked_from_bytes(bytes, &self.params).map_err(Self::invalid)?;
+            ferry_proto::secagg::masked_from_bytes(bytes, self.server.input_len(), &self.params)
+                .map_err(Self::invalid)?;
         self.server
             .receive_masked(id, &input)
             .map_err(Self::invalid)?;
