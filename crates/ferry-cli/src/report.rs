@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use anyhow::{Context, Result};
 use ferry_core::{Model, model::sha256_hex};
 use ferry_engine::{
-    federation::{RoundObserver, StopReason},
+    federation::{RoundObserver, RunOutcome, StopReason},
     record::RoundRecord,
 };
 use ferry_sim::{SimConfig, baselines::Baselines};
@@ -84,6 +84,45 @@ pub fn write_history<C: Serialize>(dir: &Path, history: &History<'_, C>) -> Resu
         serde_json::to_string_pretty(history)?.as_bytes(),
     )?;
     put(dir, "history.csv", csv(history.rounds).as_bytes())
+}
+
+/// Writes a finished simulated run's outputs into `dir`: the final model, the history with its
+/// final record (and `baselines`, when they were trained) and the chart; returns the final
+/// record.
+pub fn write_simulation(
+    dir: &Path,
+    config: &SimConfig,
+    outcome: &RunOutcome,
+    wall_s: f64,
+    baselines: Option<&Baselines>,
+    attackers: &[u32],
+) -> Result<FinalRecord> {
+    let last = outcome.rounds.last().context("the run finished no round")?;
+    let (model_safetensors, sha) = model_bytes(&outcome.model)?;
+    let history = History {
+        config,
+        rounds: &outcome.rounds,
+        final_record: Some(FinalRecord {
+            accuracy: last.accuracy,
+            loss: last.loss,
+            model_sha256: sha,
+            rounds_run: last.round,
+            stop: outcome.stop,
+            wall_s,
+            bytes_up: outcome.rounds.iter().map(|r| r.bytes_up).sum(),
+            bytes_down: outcome.rounds.iter().map(|r| r.bytes_down).sum(),
+        }),
+        baselines,
+        attackers,
+    };
+    let title = format!(
+        "{} on {} ({}, {} clients, {})",
+        config.strategy, config.dataset, config.model, config.clients, config.partition
+    );
+    write(dir, &history, &model_safetensors, &title)?;
+    history
+        .final_record
+        .context("the final record was just written")
 }
 
 /// Writes every output file into `dir`, with `title` over the chart.

@@ -8,7 +8,7 @@ use ferry_sim::{Simulation, baselines};
 use crate::{
     options::SimulateArgs,
     progress::{self, Both, ConsoleProgress, human_bytes, progress_bar},
-    report::{self, FinalRecord, History, HistoryFiles},
+    report::{self, HistoryFiles},
 };
 
 /// Runs `ferry simulate` with the given options.
@@ -46,17 +46,6 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let outcome = sim.run(&mut observer)?;
     let wall_s = started.elapsed().as_secs_f64();
     let last = outcome.rounds.last().context("the run finished no round")?;
-    let (model_bytes, sha) = report::model_bytes(&outcome.model)?;
-    let final_record = FinalRecord {
-        accuracy: last.accuracy,
-        loss: last.loss,
-        model_sha256: sha,
-        rounds_run: last.round,
-        stop: outcome.stop,
-        wall_s,
-        bytes_up: outcome.rounds.iter().map(|r| r.bytes_up).sum(),
-        bytes_down: outcome.rounds.iter().map(|r| r.bytes_down).sum(),
-    };
     let baselines = if args.baselines {
         let epochs = config.epochs_per_node(last.round);
         println!(
@@ -72,22 +61,14 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     } else {
         None
     };
-    let history = History {
-        config: &config,
-        rounds: &outcome.rounds,
-        final_record: Some(final_record),
-        baselines: baselines.as_ref(),
-        attackers: sim.attackers(),
-    };
-    let title = format!(
-        "{} on {} ({}, {} clients, {})",
-        config.strategy, config.dataset, config.model, config.clients, config.partition
-    );
-    report::write(&out, &history, &model_bytes, &title)?;
-    let f = history
-        .final_record
-        .as_ref()
-        .context("the final record was just written")?;
+    let f = report::write_simulation(
+        &out,
+        &config,
+        &outcome,
+        wall_s,
+        baselines.as_ref(),
+        sim.attackers(),
+    )?;
     let best = outcome.best_accuracy();
     println!(
         "done: {} rounds in {:.1} s ({:?}); final accuracy {:.4}, loss {:.4}, best accuracy {:.4}; moved up {} down {}",

@@ -413,9 +413,10 @@ fn every_strategy_improves_on_label_skew_and_reports_its_state() {
 }
 
 #[test]
-fn bench_niid_appends_one_row_per_seed() {
+fn bench_niid_appends_one_row_per_seed_and_keeps_each_run() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let results = tmp.path().join("niid.csv");
+    let runs = tmp.path().join("runs");
     let args = [
         "bench",
         "niid",
@@ -430,8 +431,27 @@ fn bench_niid_appends_one_row_per_seed() {
         "--local-epochs",
         "1",
     ];
-    let out = ferry(&[&args[..], &["--results", results.to_str().expect("utf-8")]].concat());
+    let paths = [
+        "--results",
+        results.to_str().expect("utf-8"),
+        "--out",
+        runs.to_str().expect("utf-8"),
+    ];
+    let out = ferry(&[&args[..], &paths[..]].concat());
     assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    for seed in ["0", "1"] {
+        let dir = runs.join(format!("fednova-labels3-s{seed}"));
+        let model = std::fs::read(dir.join("model.safetensors")).expect("final model");
+        let h = history(&dir);
+        let sha = ferry_core::model::sha256_hex(&model);
+        assert_eq!(h["final"]["model_sha256"], sha.as_str());
+        assert!(
+            printed.contains(&format!("model_sha256 {sha}")),
+            "{printed}"
+        );
+        assert!(dir.join("accuracy.svg").exists());
+    }
     let text = std::fs::read_to_string(&results).expect("results file");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");

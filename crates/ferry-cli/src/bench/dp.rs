@@ -70,7 +70,7 @@ pub fn run(args: DpArgs) -> Result<()> {
             config.rounds,
             if z == 0.0 { " (no privacy)" } else { "" }
         );
-        let (outcome, wall_s) = super::simulate_in(&config, &run_dir, false)?;
+        let (outcome, final_record) = super::simulate_in(&config, &run_dir, false)?;
         let last = outcome.rounds.last().context("the run finished no round")?;
         points.push(Point {
             noise_multiplier: z,
@@ -78,7 +78,7 @@ pub fn run(args: DpArgs) -> Result<()> {
             final_accuracy: last.accuracy,
             best_accuracy: outcome.best_accuracy(),
             rounds: last.round,
-            wall_s,
+            wall_s: final_record.wall_s,
         });
     }
     let mut csv =

@@ -17,7 +17,7 @@ use ferry_sim::{SimConfig, Simulation};
 
 use crate::{
     progress::{Both, ConsoleProgress},
-    report::{self, HistoryFiles},
+    report::{self, FinalRecord, HistoryFiles},
 };
 
 /// The benchmarks.
@@ -66,7 +66,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 /// Runs one simulation of `config` with round lines on screen and its history files in `dir`
 /// (printing the nodes' classes first when `show_split`); returns the outcome and the wall
 /// seconds.
-fn simulate_in(config: &SimConfig, dir: &Path, show_split: bool) -> Result<(RunOutcome, f64)> {
+/// Runs one simulation for a benchmark and writes its outputs (history, chart, final model)
+/// into `dir`.
+fn simulate_in(
+    config: &SimConfig,
+    dir: &Path,
+    show_split: bool,
+) -> Result<(RunOutcome, FinalRecord)> {
     report::prepare_dir(dir)?;
     let started = Instant::now();
     let sim = Simulation::prepare(config.clone())?;
@@ -78,7 +84,10 @@ fn simulate_in(config: &SimConfig, dir: &Path, show_split: bool) -> Result<(RunO
         HistoryFiles::new(dir, config, sim.attackers()),
     );
     let outcome = sim.run(&mut observer)?;
-    Ok((outcome, started.elapsed().as_secs_f64()))
+    let wall_s = started.elapsed().as_secs_f64();
+    let final_record =
+        report::write_simulation(dir, config, &outcome, wall_s, None, sim.attackers())?;
+    Ok((outcome, final_record))
 }
 
 /// CPU model and core count, for the record.

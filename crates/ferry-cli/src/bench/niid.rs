@@ -107,7 +107,8 @@ pub fn run(args: NiidArgs) -> Result<()> {
             "{strategy}-{}-s{seed}",
             partition.to_string().replace(':', "")
         ));
-        let (outcome, wall_s) = super::simulate_in(&config, &run_dir, true)?;
+        let (outcome, final_record) = super::simulate_in(&config, &run_dir, true)?;
+        let wall_s = final_record.wall_s;
         let accuracies: Vec<String> = outcome
             .rounds
             .iter()
@@ -126,7 +127,8 @@ pub fn run(args: NiidArgs) -> Result<()> {
         );
         append(&args.results, &row)?;
         println!(
-            "seed {seed}: final accuracy {last:.4} (best {best:.4}) in {wall_s:.0} s; appended to {}",
+            "seed {seed}: final accuracy {last:.4} (best {best:.4}) in {wall_s:.0} s, model_sha256 {}; appended to {}",
+            final_record.model_sha256,
             args.results.display()
         );
     }

@@ -66,14 +66,14 @@ pub fn run(args: RobustArgs) -> Result<()> {
             );
             let dir = out.join(format!("{rule}-{attack}"));
             let cell = match super::simulate_in(&config, &dir, false) {
-                Ok((outcome, wall_s)) => {
+                Ok((outcome, final_record)) => {
                     let last = outcome.rounds.last().context("the run finished no round")?;
                     Cell {
                         final_accuracy: last.accuracy,
                         best_accuracy: outcome.best_accuracy(),
                         attack_success_rate: last.attack_success_rate,
                         aggregation_s: mean_aggregation_s(&outcome.rounds),
-                        wall_s,
+                        wall_s: final_record.wall_s,
                         stopped: None,
                     }
                 }
