@@ -63,11 +63,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// Runs one simulation of `config` with round lines on screen and its history files in `dir`
-/// (printing the nodes' classes first when `show_split`); returns the outcome and the wall
-/// seconds.
-/// Runs one simulation for a benchmark and writes its outputs (history, chart, final model)
-/// into `dir`.
+/// Runs one simulation of `config` with round lines on screen (printing the nodes' classes
+/// first when `show_split`) and writes its outputs into `dir`: history after every round, then
+/// chart and final model; returns the outcome and the final record.
 fn simulate_in(
     config: &SimConfig,
     dir: &Path,
