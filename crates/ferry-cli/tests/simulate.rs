@@ -25,6 +25,17 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `ferry args`, requires success, and returns what it printed.
+fn ferry_stdout(args: &[&str]) -> String {
+    let out = ferry(args);
+    assert!(
+        out.status.success(),
+        "ferry {args:?} failed: {}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
 fn history(dir: &Path) -> Value {
     let text = std::fs::read_to_string(dir.join("history.json")).expect("history.json written");
     serde_json::from_str(&text).expect("history.json is JSON")
@@ -194,18 +205,14 @@ fn target_accuracy_stops_early() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let h = simulate(
         tmp.path(),
-        &[
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            "logreg",
+        &mnist_logreg(&[
             "--clients",
             "4",
             "--rounds",
             "20",
             "--target-accuracy",
             "0.5",
-        ],
+        ]),
     );
     let n = h["rounds"].as_array().map_or(0, Vec::len);
     assert!(n < 20, "should stop before 20 rounds, ran {n}");
@@ -217,11 +224,7 @@ fn baselines_report_central_and_local_accuracy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let h = simulate(
         tmp.path(),
-        &[
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            "logreg",
+        &mnist_logreg(&[
             "--clients",
             "10",
             "--rounds",
@@ -229,7 +232,7 @@ fn baselines_report_central_and_local_accuracy() {
             "--partition",
             "labels:2",
             "--baselines",
-        ],
+        ]),
     );
     let b = &h["baselines"];
     assert_eq!(b["epochs"], 2);
@@ -302,7 +305,7 @@ fn bad_input_gets_one_line_errors() {
 
 #[test]
 fn bench_aggregate_holds_a_few_models_not_one_per_client() {
-    let out = ferry(&[
+    let text = ferry_stdout(&[
         "bench",
         "aggregate",
         "--clients",
@@ -310,8 +313,6 @@ fn bench_aggregate_holds_a_few_models_not_one_per_client() {
         "--params",
         "2000000",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     let line = text
         .lines()
         .find(|l| l.starts_with("peak RSS"))
@@ -329,7 +330,7 @@ fn bench_aggregate_holds_a_few_models_not_one_per_client() {
 
 #[test]
 fn bench_train_reports_throughput() {
-    let out = ferry(&[
+    let text = ferry_stdout(&[
         "bench",
         "train",
         "--model",
@@ -339,8 +340,6 @@ fn bench_train_reports_throughput() {
         "--threads",
         "1",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     let row = text
         .lines()
         .find(|l| l.starts_with("logreg"))
@@ -437,9 +436,7 @@ fn bench_niid_appends_one_row_per_seed_and_keeps_each_run() {
         "--out",
         runs.to_str().expect("utf-8"),
     ];
-    let out = ferry(&[&args[..], &paths[..]].concat());
-    assert!(out.status.success(), "{}", stderr(&out));
-    let printed = String::from_utf8_lossy(&out.stdout);
+    let printed = ferry_stdout(&[&args[..], &paths[..]].concat());
     for seed in ["0", "1"] {
         let dir = runs.join(format!("fednova-labels3-s{seed}"));
         let model = std::fs::read(dir.join("model.safetensors")).expect("final model");
@@ -476,7 +473,7 @@ fn mnist_logreg<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 /// `ferry privacy epsilon` for `steps` rounds at rate q and multiplier z, as printed.
 fn cli_epsilon(q: &str, z: &str, steps: usize) -> f64 {
-    let out = ferry(&[
+    let text = ferry_stdout(&[
         "privacy",
         "epsilon",
         "--sampling-rate",
@@ -488,8 +485,6 @@ fn cli_epsilon(q: &str, z: &str, steps: usize) -> f64 {
         "--delta",
         "1e-5",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     let value = text
         .trim()
         .strip_prefix("epsilon=")
@@ -606,7 +601,7 @@ fn privacy_commands_agree_with_each_other_and_the_public_vector() {
     // 1.1..10.9 and 12..63; the CLI searches those and more, so it may only be lower.
     let eps = cli_epsilon("0.04", "1.5", 2250);
     assert!(eps <= 7.32911117143 + 1e-9 && eps > 7.2, "{eps}");
-    let out = ferry(&[
+    let text = ferry_stdout(&[
         "privacy",
         "noise",
         "--sampling-rate",
@@ -618,8 +613,6 @@ fn privacy_commands_agree_with_each_other_and_the_public_vector() {
         "--epsilon",
         "5",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
     let z = text
         .trim()
         .strip_prefix("noise_multiplier=")
