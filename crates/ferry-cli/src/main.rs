@@ -5,6 +5,7 @@ mod certs;
 mod chart;
 mod client;
 mod demo;
+mod evaluate;
 mod options;
 mod privacy;
 mod progress;
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Simulate a federation of virtual nodes on this machine.
     Simulate(Box<options::SimulateArgs>),
+    /// Score a saved model on a dataset's test set, overall and class by class.
+    Evaluate(evaluate::EvaluateArgs),
     /// Run a whole deployment on this machine: TLS server, client processes, fresh credentials.
     Demo(demo::DemoArgs),
     /// Coordinate a deployed federation: nodes on other machines dial in over gRPC + TLS.
@@ -59,6 +62,7 @@ fn main() {
         .init();
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(*args),
+        Command::Evaluate(args) => evaluate::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
         Command::Client(args) => client::run(*args),

@@ -67,7 +67,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     #[serde(alias = "weight_decay")]
     pub weight_decay: Option<f64>,
-    /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S [default: iid].
+    /// Partition: iid, dirichlet:B, labels:C, classes:A+B/C+D/..., quantity:B or noise:S [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
     /// Strategy: fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi

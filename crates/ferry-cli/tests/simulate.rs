@@ -148,7 +148,11 @@ fn same_seed_same_model_on_any_thread_count() {
 
 #[test]
 fn non_iid_partitions_run_with_fewer_participants() {
-    for partition in ["dirichlet:0.5", "labels:2"] {
+    for partition in [
+        "dirichlet:0.5",
+        "labels:2",
+        "classes:0+1/2+3/4+5/6+7/8+9/0+9/1+8/2+7/3+6/4+5",
+    ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let h = simulate(
             tmp.path(),
@@ -266,6 +270,70 @@ fn assert_clean_failure(args: &[&str], needle: &str) {
         "{args:?} should mention {needle}: {err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn evaluate_scores_a_saved_model_class_by_class() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let h = simulate(
+        tmp.path(),
+        &mnist_logreg(&["--clients", "4", "--rounds", "2", "--partition", "labels:2"]),
+    );
+    let model = tmp.path().join("model.safetensors");
+    let model_arg = model.to_str().expect("utf-8");
+    let report: Value = serde_json::from_str(&ferry_stdout(&[
+        "evaluate",
+        model_arg,
+        "--dataset",
+        "mnist-subset",
+        "--json",
+    ]))
+    .expect("one JSON object");
+    assert_eq!(report["model"], "logreg", "recognised from its tensors");
+    assert_eq!(report["model_sha256"], h["final"]["model_sha256"]);
+    assert_eq!(report["accuracy"], h["final"]["accuracy"]);
+    assert_eq!(report["loss"], h["final"]["loss"]);
+    let classes = report["classes"].as_array().expect("classes");
+    assert_eq!(classes.len(), 10);
+    let (mut examples, mut correct) = (0, 0);
+    for (c, class) in classes.iter().enumerate() {
+        let row: Vec<u64> = class["predicted"]
+            .as_array()
+            .expect("confusion row")
+            .iter()
+            .map(|v| v.as_u64().expect("count"))
+            .collect();
+        assert_eq!(class["examples"], row.iter().sum::<u64>());
+        let accuracy = class["accuracy"].as_f64().expect("accuracy");
+        assert!((accuracy - row[c] as f64 / row.iter().sum::<u64>() as f64).abs() < 1e-12);
+        examples += row.iter().sum::<u64>();
+        correct += row[c];
+    }
+    assert_eq!(report["examples"], examples);
+    let overall = report["accuracy"].as_f64().expect("accuracy");
+    assert!((overall - correct as f64 / examples as f64).abs() < 1e-12);
+
+    let table = ferry_stdout(&["evaluate", model_arg, "--dataset", "mnist-subset"]);
+    assert!(table.contains("most often taken for"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("9 9 ")),
+        "one row per digit: {table}"
+    );
+    assert_clean_failure(
+        &[
+            "evaluate",
+            tmp.path()
+                .join("absent.safetensors")
+                .to_str()
+                .expect("utf-8"),
+        ],
+        "cannot read the model file",
+    );
+    let csv = tmp.path().join("history.csv");
+    assert_clean_failure(
+        &["evaluate", csv.to_str().expect("utf-8")],
+        "is not a model Ferry can read",
+    );
 }
 
 #[test]

@@ -4,12 +4,14 @@
 //!   and from ferry-core [`ferry_core::Model`]s.
 //! - [`data`]: datasets (Fashion-MNIST, the MNIST subset), and the NIID-Bench partitioners.
 //! - [`train`]: local training (SGD with momentum and weight decay) and evaluation.
+//! - [`confusion`]: per-class scores of an evaluation.
 //! - [`client`]: the client half of a strategy around the trainer, shared by simulated and
 //!   deployed nodes.
 
 #![warn(missing_docs)]
 
 pub mod client;
+pub mod confusion;
 pub mod data;
 pub mod error;
 pub mod models;

@@ -216,6 +216,26 @@ pub fn layout(kind: ModelKind) -> Result<Arc<ModelLayout>, CoreError> {
     Ok(to_model(&Net::new(kind, &Device::flex()))?.layout().clone())
 }
 
+/// The built-in network whose layout (tensor names and shapes) `model` has, so that a saved
+/// model can be loaded without being told which network it came from.
+pub fn kind_of(model: &Model) -> Result<ModelKind, MlError> {
+    for kind in ModelKind::ALL {
+        if model.check_same_layout(layout(kind)?.as_ref()).is_ok() {
+            return Ok(kind);
+        }
+    }
+    let tensors: Vec<String> = model
+        .layout()
+        .specs()
+        .iter()
+        .map(|s| format!("{} {:?}", s.name, s.shape))
+        .collect();
+    Err(MlError::BadSpec(format!(
+        "the model's tensors ({}) match none of the built-in networks (lenet, cnn, mlp, logreg)",
+        tensors.join(", ")
+    )))
+}
+
 /// A freshly initialised model, the same for the same seed on every machine.
 ///
 /// Every weight and bias is drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default
@@ -248,6 +268,24 @@ pub fn init_model(kind: ModelKind, seed: u64) -> Result<Model, CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_model_names_its_network() {
+        for kind in ModelKind::ALL {
+            let model = init_model(kind, 3).expect("init");
+            assert_eq!(kind_of(&model).expect("known layout"), kind);
+        }
+        let lenet = init_model(ModelKind::Lenet, 0).expect("init");
+        let specs = lenet.layout().specs()[1..].to_vec();
+        let values = lenet.values()[lenet.layout().specs()[0].shape.iter().product()..].to_vec();
+        let partial =
+            Model::new(Arc::new(ModelLayout::new(specs).expect("layout")), values).expect("model");
+        let err = kind_of(&partial)
+            .expect_err("a layer is missing")
+            .to_string();
+        assert!(err.contains("match none of the built-in networks"), "{err}");
+        assert!(err.contains("conv1.weight [6, 1, 5, 5]"), "{err}");
+    }
 
     #[test]
     fn lenet_has_the_niid_bench_parameter_count_and_names() {

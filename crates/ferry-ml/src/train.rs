@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::{
     MlError,
+    confusion::ConfusionMatrix,
     data::{Dataset, PIXELS},
     models::ModelKind,
     params,
@@ -76,6 +77,8 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// Examples evaluated.
     pub examples: usize,
+    /// Which class each example was taken for, by true class.
+    pub confusion: ConfusionMatrix,
 }
 
 fn optimizer(cfg: &LocalTraining) -> SgdConfig {
@@ -200,11 +203,11 @@ pub fn train_local(
     })
 }
 
-/// Sum of cross-entropy and count of correct predictions for a batch of logits.
-fn score(logits: &[f32], labels: &[u8]) -> (f64, usize) {
+/// Sum of cross-entropy and the predictions by true class for a batch of logits.
+fn score(logits: &[f32], labels: &[u8]) -> (f64, ConfusionMatrix) {
     let classes = logits.len() / labels.len().max(1);
     let mut loss = 0.0;
-    let mut correct = 0;
+    let mut confusion = ConfusionMatrix::default();
     for (row, &label) in logits.chunks_exact(classes).zip(labels) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let log_sum: f64 = row
@@ -220,9 +223,9 @@ fn score(logits: &[f32], labels: &[u8]) -> (f64, usize) {
                 if v > best.1 { (i, v) } else { best }
             })
             .0;
-        correct += usize::from(predicted == usize::from(label));
+        confusion.record(usize::from(label), predicted);
     }
-    (loss, correct)
+    (loss, confusion)
 }
 
 /// Evaluates `model` on `test`, once per entry of `noise_copies` (each copy of the test set
@@ -268,14 +271,18 @@ pub fn evaluate(
             Ok(score(&logits, &labels))
         })
         .collect::<Result<Vec<_>, MlError>>()?;
-    let (loss, correct) = partials
-        .iter()
-        .fold((0.0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
+    let mut loss = 0.0;
+    let mut confusion = ConfusionMatrix::default();
+    for (batch_loss, batch_confusion) in &partials {
+        loss += batch_loss;
+        confusion.merge(batch_confusion);
+    }
     let examples = test.len() * copies.len();
     Ok(Evaluation {
         loss: loss / examples.max(1) as f64,
-        accuracy: correct as f64 / examples.max(1) as f64,
+        accuracy: confusion.correct() as f64 / examples.max(1) as f64,
         examples,
+        confusion,
     })
 }
 
@@ -321,8 +328,13 @@ mod tests {
 
     #[test]
     fn score_counts_correct_argmax_and_cross_entropy() {
-        let (loss, correct) = score(&[2.0, 0.0, 0.0, 5.0], &[0, 0]);
-        assert_eq!(correct, 1);
+        let (loss, confusion) = score(&[2.0, 0.0, 0.0, 5.0], &[0, 0]);
+        assert_eq!(confusion.correct(), 1);
+        assert_eq!(
+            confusion.count(0, 1),
+            1,
+            "the second example was taken for class 1"
+        );
         let expected = (1.0 + (-2.0f64).exp()).ln() + (1.0 + 5.0f64.exp()).ln();
         assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
     }

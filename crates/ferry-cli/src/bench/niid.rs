@@ -12,7 +12,10 @@ use ferry_core::{
     strategy::{StrategyName, StrategyParams},
     task::LocalTraining,
 };
-use ferry_ml::{data::DatasetKind, models::ModelKind};
+use ferry_ml::{
+    data::{DatasetKind, partition::Partitioner},
+    models::ModelKind,
+};
 use ferry_sim::SimConfig;
 
 /// Options of `ferry bench niid`.
@@ -21,7 +24,7 @@ pub struct NiidArgs {
     /// Strategy to run.
     #[arg(long, default_value = "fedavg")]
     strategy: String,
-    /// Partition: iid, dirichlet:B, labels:C, quantity:B or noise:S.
+    /// Partition: iid, dirichlet:B, labels:C, classes:A+B/C+D/..., quantity:B or noise:S.
     #[arg(long, default_value = "iid")]
     partition: String,
     /// Comma-separated seeds; one run each.
@@ -58,7 +61,7 @@ const HEADER: &str = "date,command,strategy,partition,seed,rounds,local_epochs,m
 /// Runs the protocol once per seed, appending a row after each run.
 pub fn run(args: NiidArgs) -> Result<()> {
     let strategy: StrategyName = args.strategy.parse()?;
-    let partition = args.partition.parse()?;
+    let partition: Partitioner = args.partition.parse()?;
     anyhow::ensure!(
         args.rounds >= 1 && args.local_epochs >= 1,
         "--rounds and --local-epochs must be at least 1"
@@ -80,7 +83,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
                 momentum: 0.9,
                 weight_decay: 1e-5,
             },
-            partition,
+            partition: partition.clone(),
             strategy,
             strategy_params: StrategyParams {
                 mu: args.mu,
@@ -103,10 +106,9 @@ pub fn run(args: NiidArgs) -> Result<()> {
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",
             args.rounds, args.local_epochs
         );
-        let run_dir = args.out.join(format!(
-            "{strategy}-{}-s{seed}",
-            partition.to_string().replace(':', "")
-        ));
+        let run_dir = args
+            .out
+            .join(format!("{strategy}-{}-s{seed}", folder_tag(&partition)));
         let (outcome, final_record) = super::simulate_in(&config, &run_dir, true)?;
         let wall_s = final_record.wall_s;
         let accuracies: Vec<String> = outcome
@@ -133,6 +135,15 @@ pub fn run(args: NiidArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The partition as part of a folder name: `labels:3` -> `labels3`,
+/// `classes:0+6/1+7` -> `classes06-17`.
+fn folder_tag(partition: &Partitioner) -> String {
+    partition
+        .to_string()
+        .replace([':', '+'], "")
+        .replace('/', "-")
 }
 
 fn append(path: &PathBuf, row: &str) -> Result<()> {

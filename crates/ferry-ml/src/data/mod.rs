@@ -102,6 +102,25 @@ impl fmt::Display for DatasetKind {
 }
 
 impl DatasetKind {
+    /// What each class label stands for, for per-class reports.
+    pub fn class_names(self) -> [&'static str; NUM_CLASSES] {
+        match self {
+            Self::FashionMnist => [
+                "T-shirt/top",
+                "Trouser",
+                "Pullover",
+                "Dress",
+                "Coat",
+                "Sandal",
+                "Shirt",
+                "Sneaker",
+                "Bag",
+                "Ankle boot",
+            ],
+            Self::MnistSubset | Self::Csv => ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+        }
+    }
+
     /// Finds and reads the dataset: `data_dir` first, then `$FERRY_DATA`, then
     /// `/usr/share/datasets/<name>`.
     pub fn load(self, data_dir: Option<&Path>) -> Result<TrainTest, MlError> {

@@ -17,7 +17,7 @@ pub const MIN_PARTY_SIZE: usize = 10;
 const MAX_DRAWS: usize = 10_000;
 
 /// How the training set is split across nodes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Partitioner {
     /// A random permutation cut into equal parts.
     Iid,
@@ -25,6 +25,10 @@ pub enum Partitioner {
     Dirichlet(f64),
     /// Each node holds `C` classes: `i mod 10` plus `C - 1` random others.
     Labels(usize),
+    /// Each node holds the classes listed for it, one list per node (`classes:0+6+4/1+8+7/...`),
+    /// each class split equally among the nodes that list it: the `labels:C` rule with the
+    /// draw given, to rerun a published split or to mirror which sites hold which classes.
+    Classes(Vec<Vec<usize>>),
     /// Quantity skew: node shares ~ Dir(beta).
     Quantity(f64),
     /// Feature skew: IID split, node `i` adds Gaussian noise of std `s * i / (N - 1)`.
@@ -37,7 +41,7 @@ impl FromStr for Partitioner {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let unknown = || {
             MlError::BadSpec(format!(
-                "unknown partition '{s}': expected iid, dirichlet:B, labels:C, quantity:B or noise:S"
+                "unknown partition '{s}': expected iid, dirichlet:B, labels:C, classes:A+B/C+D/..., quantity:B or noise:S"
             ))
         };
         let (kind, arg) = match s.split_once(':') {
@@ -87,9 +91,46 @@ impl FromStr for Partitioner {
                     ))),
                 }
             }
+            "classes" => parse_class_lists(s, arg.unwrap_or_default()).map(Self::Classes),
             _ => Err(unknown()),
         }
     }
+}
+
+/// Parses `0+6+4/1+8+7/...`: one `+`-separated list of distinct class labels per node.
+fn parse_class_lists(spec: &str, lists: &str) -> Result<Vec<Vec<usize>>, MlError> {
+    let bad = |why: String| {
+        MlError::BadSpec(format!(
+            "partition '{spec}': {why}; write one list of classes per node, e.g. classes:0+6+4/1+8+7"
+        ))
+    };
+    if lists.is_empty() {
+        return Err(bad("no class lists given".into()));
+    }
+    lists
+        .split('/')
+        .enumerate()
+        .map(|(node, list)| {
+            let mut classes: Vec<usize> = Vec::new();
+            for raw in list.split('+') {
+                let class = raw
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&c| c < NUM_CLASSES)
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "node {node}: '{raw}' is not a class from 0 to {}",
+                            NUM_CLASSES - 1
+                        ))
+                    })?;
+                if classes.contains(&class) {
+                    return Err(bad(format!("node {node} lists class {class} twice")));
+                }
+                classes.push(class);
+            }
+            Ok(classes)
+        })
+        .collect()
 }
 
 impl fmt::Display for Partitioner {
@@ -98,6 +139,13 @@ impl fmt::Display for Partitioner {
             Self::Iid => write!(f, "iid"),
             Self::Dirichlet(b) => write!(f, "dirichlet:{b}"),
             Self::Labels(c) => write!(f, "labels:{c}"),
+            Self::Classes(lists) => {
+                let lists: Vec<String> = lists
+                    .iter()
+                    .map(|l| l.iter().map(usize::to_string).collect::<Vec<_>>().join("+"))
+                    .collect();
+                write!(f, "classes:{}", lists.join("/"))
+            }
             Self::Quantity(b) => write!(f, "quantity:{b}"),
             Self::Noise(s) => write!(f, "noise:{s}"),
         }
@@ -135,12 +183,24 @@ impl Partitioner {
                 "{self} needs at least {MIN_PARTY_SIZE} examples per client, but {n} examples cannot give that to {nodes} clients"
             )));
         }
+        if let Self::Classes(lists) = self
+            && lists.len() != nodes
+        {
+            return Err(MlError::Partition(format!(
+                "{self} lists classes for {} nodes, but the run has {nodes} clients; give one list per client",
+                lists.len()
+            )));
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let parts = match *self {
+        let parts = match self {
             Self::Iid | Self::Noise(_) => iid(n, nodes, &mut rng),
-            Self::Dirichlet(beta) => dirichlet(labels, nodes, beta, &mut rng)?,
-            Self::Labels(c) => label_classes(labels, nodes, c, &mut rng),
-            Self::Quantity(beta) => quantity(n, nodes, beta, &mut rng)?,
+            Self::Dirichlet(beta) => dirichlet(labels, nodes, *beta, &mut rng)?,
+            Self::Labels(c) => {
+                let lists = draw_class_lists(nodes, *c, &mut rng);
+                split_among_owners(labels, &lists, &mut rng)
+            }
+            Self::Classes(lists) => split_among_owners(labels, lists, &mut rng),
+            Self::Quantity(beta) => quantity(n, nodes, *beta, &mut rng)?,
         };
         let noise_std = (0..nodes)
             .map(|i| match *self {
@@ -254,26 +314,37 @@ fn dirichlet(
     )))
 }
 
-fn label_classes(
+/// NIID-Bench's `#C=k` draw: node `i` holds class `i mod 10` plus `per_node - 1` other random
+/// classes.
+fn draw_class_lists(nodes: usize, per_node: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+    (0..nodes)
+        .map(|node| {
+            let mut held = vec![node % NUM_CLASSES];
+            while held.len() < per_node {
+                let c = rng.random_range(0..NUM_CLASSES);
+                if !held.contains(&c) {
+                    held.push(c);
+                }
+            }
+            held
+        })
+        .collect()
+}
+
+/// Gives each node the classes in its list, each class shuffled and split equally among the
+/// nodes that list it; a class nobody lists is left out.
+fn split_among_owners(
     labels: &[u8],
-    nodes: usize,
-    per_node: usize,
+    lists: &[Vec<usize>],
     rng: &mut ChaCha8Rng,
 ) -> Vec<Vec<usize>> {
     let mut owners: Vec<Vec<usize>> = vec![Vec::new(); NUM_CLASSES];
-    for node in 0..nodes {
-        let mut held = vec![node % NUM_CLASSES];
-        while held.len() < per_node {
-            let c = rng.random_range(0..NUM_CLASSES);
-            if !held.contains(&c) {
-                held.push(c);
-            }
-        }
-        for c in held {
+    for (node, held) in lists.iter().enumerate() {
+        for &c in held {
             owners[c].push(node);
         }
     }
-    let mut parts = vec![Vec::new(); nodes];
+    let mut parts = vec![Vec::new(); lists.len()];
     for (class, mut idx) in by_class(labels).into_iter().enumerate() {
         idx.shuffle(rng);
         if owners[class].is_empty() {
@@ -372,11 +443,51 @@ mod tests {
             "labels:2.5",
             "noise:-0.1",
             "iid:3",
+            "classes",
+            "classes:0+0/1",
+            "classes:0+10",
+            "classes:0/x",
+            "classes:0//1",
         ] {
             let err = bad.parse::<Partitioner>().expect_err(bad);
             assert!(err.to_string().contains(bad), "{bad}: {err}");
         }
         assert_eq!(Partitioner::Dirichlet(0.5).to_string(), "dirichlet:0.5");
+        let spec = "classes:0+6+4/1/9+2";
+        let parsed: Partitioner = spec.parse().expect("classes");
+        assert_eq!(
+            parsed,
+            Partitioner::Classes(vec![vec![0, 6, 4], vec![1], vec![9, 2]])
+        );
+        assert_eq!(parsed.to_string(), spec);
+    }
+
+    #[test]
+    fn classes_gives_each_node_exactly_its_listed_classes_in_equal_shares() {
+        let labels = labels();
+        let lists = vec![vec![0, 6, 4], vec![1, 6], vec![2, 4], vec![3, 4, 5]];
+        let p = Partitioner::Classes(lists.clone())
+            .split(&labels, 4, 9)
+            .expect("split");
+        for (part, list) in p.parts.iter().zip(&lists) {
+            let held: BTreeSet<u8> = list.iter().map(|&c| c as u8).collect();
+            assert_eq!(classes_of(part, &labels), held);
+        }
+        let count = |node: usize, class: u8| {
+            p.parts[node]
+                .iter()
+                .filter(|&&i| labels[i] == class)
+                .count()
+        };
+        // Class 4 has three owners, class 6 two, class 0 one; classes 7-9 nobody.
+        assert_eq!([count(0, 4), count(2, 4), count(3, 4)], [200, 200, 200]);
+        assert_eq!([count(0, 6), count(1, 6)], [300, 300]);
+        assert_eq!(count(0, 0), 600);
+        assert_eq!(p.parts.iter().map(Vec::len).sum::<usize>(), 4200);
+        let err = Partitioner::Classes(lists)
+            .split(&labels, 5, 0)
+            .expect_err("four lists for five clients");
+        assert!(err.to_string().contains("one list per client"), "{err}");
     }
 
     #[test]
