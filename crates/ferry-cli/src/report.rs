@@ -246,6 +246,7 @@ mod tests {
             round,
             accuracy: 0.5,
             loss: 1.0,
+            class_accuracy: Vec::new(),
             participants: 2,
             failures: 0,
             bytes_up: 8,

@@ -295,6 +295,18 @@ fn evaluate_scores_a_saved_model_class_by_class() {
     assert_eq!(report["loss"], h["final"]["loss"]);
     let classes = report["classes"].as_array().expect("classes");
     assert_eq!(classes.len(), 10);
+    let last_round = h["rounds"]
+        .as_array()
+        .and_then(|r| r.last())
+        .expect("rounds");
+    let recorded: Vec<&Value> = classes.iter().map(|c| &c["accuracy"]).collect();
+    assert_eq!(
+        last_round["class_accuracy"]
+            .as_array()
+            .map(|a| a.iter().collect::<Vec<_>>()),
+        Some(recorded),
+        "history.json records the final model's per-class accuracy"
+    );
     let (mut examples, mut correct) = (0, 0);
     for (c, class) in classes.iter().enumerate() {
         let row: Vec<u64> = class["predicted"]

@@ -48,10 +48,23 @@ pub trait NodeHandle: Send + Sync {
     fn train(&self, task: &RoundTask) -> Result<Update, NodeError>;
 }
 
+/// How a global model scored on held-out data.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Score {
+    /// Mean loss over the held-out examples.
+    pub loss: f64,
+    /// Share of held-out examples classified correctly, in `[0, 1]`.
+    pub accuracy: f64,
+    /// Accuracy on each class's examples, indexed by label (`None` for a class with no
+    /// examples), so that a non-IID run shows which classes the federation fails to learn;
+    /// empty when the evaluator does not score by class.
+    pub class_accuracy: Vec<Option<f64>>,
+}
+
 /// Scores a global model on held-out data (the central test set in simulation).
 pub trait Evaluator: Send + Sync {
-    /// Returns `(loss, accuracy)` with accuracy in `[0, 1]`.
-    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String>;
+    /// Scores `model`.
+    fn evaluate(&self, model: &Model) -> Result<Score, String>;
 
     /// Under a simulated backdoor attack: the share of triggered test images the model sends
     /// to the attacker's target label; `None` when no backdoor is being measured.

@@ -12,6 +12,11 @@ pub struct RoundRecord {
     pub accuracy: f64,
     /// Mean test loss of the new global model.
     pub loss: f64,
+    /// Accuracy of the new global model on each class's test examples, indexed by label
+    /// (`null` for a class with no test examples); empty when the evaluator does not score
+    /// by class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_accuracy: Vec<Option<f64>>,
     /// Nodes whose updates were aggregated.
     pub participants: usize,
     /// Selected nodes that failed or whose update was refused.

@@ -19,7 +19,12 @@ use ferry_core::{
     task::LocalTraining,
 };
 
-use crate::{EngineError, node::RoundTask, record::RoundRecord, selection};
+use crate::{
+    EngineError,
+    node::{RoundTask, Score},
+    record::RoundRecord,
+    selection,
+};
 
 /// How rounds choose their cohort and what they ask nodes to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,12 +314,13 @@ pub struct AppliedRound {
 }
 
 impl AppliedRound {
-    /// The round's record, given the new global model's `(loss, accuracy)`.
-    pub fn record(self, (loss, accuracy): (f64, f64)) -> RoundRecord {
+    /// The round's record, given how the new global model scored.
+    pub fn record(self, score: Score) -> RoundRecord {
         RoundRecord {
             round: self.round,
-            accuracy,
-            loss,
+            accuracy: score.accuracy,
+            loss: score.loss,
+            class_accuracy: score.class_accuracy,
             participants: self.participants,
             failures: self.failures,
             bytes_up: self.bytes_up,

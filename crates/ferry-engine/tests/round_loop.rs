@@ -10,7 +10,7 @@ use ferry_core::{
 use ferry_engine::{
     EngineError,
     federation::{Federation, RoundObserver, RunSettings, StopReason},
-    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask},
+    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
     record::RoundRecord,
     secure::SecAggSettings,
 };
@@ -54,9 +54,13 @@ impl NodeHandle for ScriptedNode {
 struct DistanceEvaluator;
 
 impl Evaluator for DistanceEvaluator {
-    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+    fn evaluate(&self, model: &Model) -> Result<Score, String> {
         let d = f64::from((model.values()[0] - 1.0).abs());
-        Ok((d, (1.0 - d).clamp(0.0, 1.0)))
+        Ok(Score {
+            loss: d,
+            accuracy: (1.0 - d).clamp(0.0, 1.0),
+            ..Score::default()
+        })
     }
 }
 

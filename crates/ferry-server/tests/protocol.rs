@@ -20,7 +20,11 @@ use ferry_core::{
     task::LocalTraining,
     wire,
 };
-use ferry_engine::{node::Evaluator, round::CohortRule, secure::SecureAggregation};
+use ferry_engine::{
+    node::{Evaluator, Score},
+    round::CohortRule,
+    secure::SecureAggregation,
+};
 use ferry_proto::v1::{
     DownloadRequest, EnrolRequest, PullTaskRequest, SecAggEmpty, SecAggRequest, Task, UploadChunk,
     UploadStatusRequest, fleet_client::FleetClient, pull_task_response::Outcome, sec_agg_request,
@@ -40,13 +44,17 @@ use tonic::{Code, Request, metadata::MetadataValue, transport::Channel};
 struct DistanceToOnes;
 
 impl Evaluator for DistanceToOnes {
-    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+    fn evaluate(&self, model: &Model) -> Result<Score, String> {
         let d: f64 = model
             .values()
             .iter()
             .map(|v| f64::from(v - 1.0).powi(2))
             .sum();
-        Ok((d, 1.0 / (1.0 + d)))
+        Ok(Score {
+            loss: d,
+            accuracy: 1.0 / (1.0 + d),
+            ..Score::default()
+        })
     }
 }
 

@@ -3,8 +3,12 @@
 use std::sync::Arc;
 
 use ferry_core::Model;
-use ferry_engine::node::Evaluator;
-use ferry_ml::{data::Dataset, models::ModelKind, train};
+use ferry_engine::node::{Evaluator, Score};
+use ferry_ml::{
+    data::{Dataset, NUM_CLASSES},
+    models::ModelKind,
+    train,
+};
 
 /// Scores models on the test set; under feature-skew partitions, on one noised copy of it per
 /// node (NIID-Bench's protocol).
@@ -48,9 +52,15 @@ impl TestSetEvaluator {
 }
 
 impl Evaluator for TestSetEvaluator {
-    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+    fn evaluate(&self, model: &Model) -> Result<Score, String> {
         self.evaluation(model)
-            .map(|e| (e.loss, e.accuracy))
+            .map(|e| Score {
+                loss: e.loss,
+                accuracy: e.accuracy,
+                class_accuracy: (0..NUM_CLASSES)
+                    .map(|class| e.confusion.class_accuracy(class))
+                    .collect(),
+            })
             .map_err(|e| e.to_string())
     }
 

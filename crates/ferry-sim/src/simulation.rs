@@ -180,7 +180,7 @@ impl Simulation {
 struct SharedEvaluator(Arc<TestSetEvaluator>);
 
 impl ferry_engine::node::Evaluator for SharedEvaluator {
-    fn evaluate(&self, model: &Model) -> Result<(f64, f64), String> {
+    fn evaluate(&self, model: &Model) -> Result<ferry_engine::node::Score, String> {
         self.0.evaluate(model)
     }
 

@@ -21,7 +21,10 @@ use ferry_core::{
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
-use ferry_engine::{node::Evaluator, round::CohortRule};
+use ferry_engine::{
+    node::{Evaluator, Score},
+    round::CohortRule,
+};
 use ferry_server::{
     Listener, TlsPem,
     blobs::Blobs,
@@ -81,8 +84,8 @@ struct ServerReport {
 struct NotEvaluated;
 
 impl Evaluator for NotEvaluated {
-    fn evaluate(&self, _model: &Model) -> Result<(f64, f64), String> {
-        Ok((0.0, 0.0))
+    fn evaluate(&self, _model: &Model) -> Result<Score, String> {
+        Ok(Score::default())
     }
 }
 
