@@ -138,13 +138,24 @@ pub fn write<C: Serialize>(
     crate::chart::draw(&dir.join("accuracy.svg"), history.rounds, title)
 }
 
+/// The rounds as a table, with one `class_K` column per label after the fixed columns (empty
+/// where a class has no test examples), so a spreadsheet shows which classes a run fails on.
 fn csv(rounds: &[RoundRecord]) -> String {
+    let classes = rounds
+        .iter()
+        .map(|r| r.class_accuracy.len())
+        .max()
+        .unwrap_or(0);
     let mut out = String::from(
-        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm\n",
+        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm",
     );
+    for class in 0..classes {
+        let _ = write!(out, ",class_{class}");
+    }
+    out.push('\n');
     let optional = |value: Option<f64>| value.map_or(String::new(), |v| v.to_string());
     for r in rounds {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{},{},{},{},{},{},{},{:.3},{},{},{},{}",
             r.round,
@@ -160,6 +171,11 @@ fn csv(rounds: &[RoundRecord]) -> String {
             optional(r.epsilon),
             optional(r.dp.map(|dp| dp.clip_norm))
         );
+        for class in 0..classes {
+            let accuracy = r.class_accuracy.get(class).copied().flatten();
+            let _ = write!(out, ",{}", optional(accuracy));
+        }
+        out.push('\n');
     }
     out
 }
@@ -277,5 +293,19 @@ mod tests {
         let csv = std::fs::read_to_string(dir.path().join("history.csv")).expect("csv");
         assert_eq!(csv.lines().count(), 3);
         assert!(!dir.path().join(".history.json.partial").exists());
+    }
+
+    #[test]
+    fn csv_has_a_column_per_class_left_empty_where_a_class_has_no_examples() {
+        let mut first = record(1);
+        first.class_accuracy = vec![Some(0.5), None, Some(1.0)];
+        let csv = csv(&[first, record(2)]);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert!(lines[0].ends_with(",clip_norm,class_0,class_1,class_2"));
+        assert!(lines[1].ends_with(",0.5,,1"), "{}", lines[1]);
+        // A round with no per-class figures keeps the table rectangular.
+        assert!(lines[2].ends_with(",,,"), "{}", lines[2]);
+        let width = |line: &str| line.split(',').count();
+        assert!(lines.iter().all(|line| width(line) == width(lines[0])));
     }
 }

@@ -86,6 +86,24 @@ fn fashion_mnist_fedavg_learns_and_writes_every_output() {
     let csv = std::fs::read_to_string(tmp.path().join("history.csv")).expect("csv");
     assert_eq!(csv.lines().count(), 4);
     assert!(csv.starts_with("round,accuracy,loss,participants"));
+    // The last ten columns are history.json's accuracy per class, round by round.
+    let header: Vec<&str> = csv.lines().next().expect("header").split(',').collect();
+    assert_eq!(header[header.len() - 10..].first(), Some(&"class_0"));
+    assert_eq!(header.last(), Some(&"class_9"));
+    for (line, r) in csv.lines().skip(1).zip(rounds) {
+        let cells: Vec<&str> = line.split(',').collect();
+        let from_csv: Vec<f64> = cells[cells.len() - 10..]
+            .iter()
+            .map(|c| c.parse().expect("a class accuracy"))
+            .collect();
+        let from_json: Vec<f64> = r["class_accuracy"]
+            .as_array()
+            .expect("class_accuracy")
+            .iter()
+            .map(|a| a.as_f64().expect("every class is in the test set"))
+            .collect();
+        assert_eq!(from_csv, from_json);
+    }
     let svg = std::fs::read_to_string(tmp.path().join("accuracy.svg")).expect("svg");
     assert!(svg.contains("<svg") && svg.contains("test accuracy") && svg.contains("polyline"));
 
@@ -617,7 +635,7 @@ fn private_simulation_reports_epsilon_each_round_and_stops_at_its_budget() {
     assert!(
         csv.lines()
             .next()
-            .is_some_and(|h| h.ends_with("epsilon,clip_norm"))
+            .is_some_and(|h| h.contains(",epsilon,clip_norm,class_0,"))
     );
 
     // A budget the first round would already exceed is refused before any training.
