@@ -9,6 +9,7 @@ use ferry_engine::{
     federation::{RoundObserver, RunOutcome, StopReason},
     record::RoundRecord,
 };
+use ferry_server::coordinator::FailedRound;
 use ferry_sim::{SimConfig, baselines::Baselines};
 use serde::Serialize;
 
@@ -48,6 +49,9 @@ pub struct History<'a, C: Serialize = SimConfig> {
     /// The nodes that attacked, in an attack simulation.
     #[serde(skip_serializing_if = "<[u32]>::is_empty")]
     pub attackers: &'a [u32],
+    /// A deployment's round attempts that failed and were retried (or stopped the run).
+    #[serde(skip_serializing_if = "<[FailedRound]>::is_empty")]
+    pub failed_rounds: &'a [FailedRound],
 }
 
 /// Serialises `model` and returns its bytes with their sha256.
@@ -114,6 +118,7 @@ pub fn write_simulation(
         }),
         baselines,
         attackers,
+        failed_rounds: &[],
     };
     let title = format!(
         "{} on {} ({}, {} clients, {})",
@@ -212,6 +217,7 @@ impl RoundObserver for HistoryFiles<'_> {
             final_record: None,
             baselines: None,
             attackers: self.attackers,
+            failed_rounds: &[],
         };
         if let Err(e) = write_history(self.dir, &history)
             && !self.warned

@@ -17,13 +17,14 @@ use clap::Args;
 use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed, strategy::Strategy};
 use ferry_engine::{
     federation::{RoundObserver, StopReason},
+    floor::RoundFloor,
     round::CohortRule,
 };
 use ferry_ml::params;
 use ferry_server::{
     Listener, TlsPem,
     blobs::Blobs,
-    coordinator::{Coordinator, Event, RunSpec},
+    coordinator::{Coordinator, Event, FailedRound, RunSpec, is_failure},
     store::Store,
 };
 use ferry_sim::{SimConfig, evaluator::TestSetEvaluator};
@@ -136,6 +137,13 @@ pub struct Deployment {
     /// Secure aggregation: seconds each key stage waits for the cohort.
     #[serde(alias = "secagg_stage_timeout")]
     pub secagg_stage_timeout: f64,
+    /// Seconds before a failed round is tried again (doubled per further failure, up to a
+    /// minute).
+    #[serde(alias = "retry_backoff")]
+    pub retry_backoff: f64,
+    /// Consecutive failed attempts at a round after which the run stops as failed.
+    #[serde(alias = "max_round_failures")]
+    pub max_round_failures: u32,
 }
 
 impl Default for Deployment {
@@ -147,11 +155,13 @@ impl Default for Deployment {
             offline_after: 30.0,
             max_chunk_bytes: 1 << 20,
             secagg_stage_timeout: 60.0,
+            retry_backoff: 5.0,
+            max_round_failures: 5,
         }
     }
 }
 
-const DEPLOYMENT_KEYS: [&str; 11] = [
+const DEPLOYMENT_KEYS: [&str; 15] = [
     "round-timeout",
     "round_timeout",
     "min-results",
@@ -163,6 +173,10 @@ const DEPLOYMENT_KEYS: [&str; 11] = [
     "max_chunk_bytes",
     "secagg-stage-timeout",
     "secagg_stage_timeout",
+    "retry-backoff",
+    "retry_backoff",
+    "max-round-failures",
+    "max_round_failures",
 ];
 
 /// The configuration recorded in the server's `history.json`.
@@ -254,6 +268,11 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
          secagg-stage-timeout positive",
         path.display()
     );
+    anyhow::ensure!(
+        deployment.retry_backoff > 0.0 && deployment.max_round_failures >= 1,
+        "config file {}: retry-backoff must be positive and max-round-failures at least 1",
+        path.display()
+    );
     let addr: SocketAddr = file.listen.parse().with_context(|| {
         format!(
             "config file {}: listen = '{}' is not HOST:PORT (for example 0.0.0.0:7443)",
@@ -300,6 +319,8 @@ const DEPLOYED_WEIGHT_CAP: u64 = 10_000;
 fn spec(config: &DeployedConfig, strategy: &Strategy) -> Result<RunSpec> {
     let (run, d) = (&config.run, &config.deployment);
     let hashed = serde_json::to_vec(config)?;
+    let secure = run.secure(strategy, DEPLOYED_WEIGHT_CAP)?;
+    check_fleet_meets_floor(run, &RoundFloor::of(strategy, secure.as_ref()))?;
     Ok(RunSpec {
         config_hash: sha256_hex(&hashed),
         rounds: run.rounds,
@@ -315,9 +336,28 @@ fn spec(config: &DeployedConfig, strategy: &Strategy) -> Result<RunSpec> {
         heartbeat_interval: Duration::from_secs_f64(d.heartbeat),
         offline_after: Duration::from_secs_f64(d.offline_after),
         max_chunk_bytes: d.max_chunk_bytes,
-        secure: run.secure(strategy, DEPLOYED_WEIGHT_CAP)?,
+        secure,
         secagg_stage_timeout: Duration::from_secs_f64(d.secagg_stage_timeout),
+        retry_backoff: Duration::from_secs_f64(d.retry_backoff),
+        max_round_failures: d.max_round_failures,
     })
+}
+
+/// Refuses a run whose declared fleet (`clients`) could never fill the smallest round its
+/// rule needs: it would wait for nodes that do not exist.
+fn check_fleet_meets_floor(run: &SimConfig, floor: &RoundFloor) -> Result<()> {
+    if let Some(reason) = &floor.reason
+        && floor.updates > run.clients
+    {
+        bail!(
+            "{reason}, but [run] declares clients = {} nodes; set clients to the number of \
+             nodes that will take part (at least {}), or lower what the rule needs (byzantine, \
+             trim-beta, secagg-threshold)",
+            run.clients,
+            floor.updates
+        );
+    }
+    Ok(())
 }
 
 /// The admin token in `path`, created (readable by its owner only) when missing.
@@ -404,7 +444,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
     let store = Store::open(&setup.file.store).await?;
     let blobs = Blobs::local(&setup.file.blobs)?;
-    let (coordinator, mut events) = Coordinator::start(
+    let (coordinator, events) = Coordinator::start(
         spec(&setup.config, &strategy)?,
         strategy,
         initial,
@@ -420,7 +460,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         run.model,
         run.dataset,
         run.rounds,
-        run.min_clients,
+        coordinator.spec().cohort.min_clients,
         setup.listener.addr,
         match &setup.listener.tls {
             Some(t) if t.client_ca.is_some() => "TLS, client certificates required",
@@ -430,39 +470,12 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     );
     report::prepare_dir(&setup.file.out)?;
     let started = Instant::now();
-    let printer = {
-        let (config, out, coordinator) = (
-            setup.config.clone(),
-            setup.file.out.clone(),
-            coordinator.clone(),
-        );
-        tokio::spawn(async move {
-            let mut console = ConsoleProgress::new(config.run.rounds);
-            while let Some(event) = events.recv().await {
-                match event {
-                    Event::RoundStarted { round, cohort } => console.round_started(round, cohort),
-                    Event::UpdateAccepted { round } => console.node_returned(round),
-                    Event::RoundFinished(record) => {
-                        console.round_finished(&record);
-                        if let Ok(rounds) = coordinator.history().await {
-                            let history = History {
-                                config: &config,
-                                rounds: &rounds,
-                                final_record: None,
-                                baselines: None,
-                                attackers: &[],
-                            };
-                            if let Err(e) = report::write_history(&out, &history) {
-                                eprintln!("warning: {e:#}");
-                            }
-                        }
-                    }
-                    Event::Notice(message) => console.notice(&message),
-                    Event::Finished(reason) => console.notice(&format!("run finished: {reason}")),
-                }
-            }
-        })
-    };
+    let printer = tokio::spawn(print_events(
+        events,
+        setup.config.clone(),
+        setup.file.out.clone(),
+        coordinator.clone(),
+    ));
     let driver = tokio::spawn(coordinator.clone().drive());
     if let Some(api) = &setup.file.api {
         start_api(api, coordinator.clone(), store.clone())?;
@@ -489,9 +502,14 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         );
         return Ok(());
     };
-    driver.await.context("the round driver stopped")??;
+    let driven = driver.await.context("the round driver stopped")?;
     printer.abort();
     let rounds = coordinator.history().await?;
+    let failed = coordinator.failed_rounds().await?;
+    if is_failure(&reason) {
+        return stopped_as_failed(&setup, &coordinator, &rounds, &failed, driven).await;
+    }
+    driven?;
     let last = rounds.last().context("the run finished no round")?;
     let model = coordinator.global().await;
     let (model_bytes, sha) = report::model_bytes(&model)?;
@@ -512,6 +530,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         }),
         baselines: None,
         attackers: &[],
+        failed_rounds: &failed,
     };
     let title = format!(
         "{} on {} ({}, deployed)",
@@ -526,4 +545,93 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         setup.file.out.display()
     );
     Ok(())
+}
+
+/// Prints the coordinator's events as they come and rewrites `history.json` after every
+/// round, committed or failed.
+async fn print_events(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    config: DeployedConfig,
+    out: PathBuf,
+    coordinator: Arc<Coordinator>,
+) {
+    let mut console = ConsoleProgress::new(config.run.rounds);
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::RoundStarted { round, cohort } => console.round_started(round, cohort),
+            Event::UpdateAccepted { round } => console.node_returned(round),
+            Event::RoundFinished(record) => {
+                console.round_finished(&record);
+                write_progress(&config, &out, &coordinator).await;
+            }
+            Event::RoundFailed { failure, retry_in } => {
+                let next = match retry_in {
+                    Some(wait) => format!("trying again in {:.0} s", wait.as_secs_f64()),
+                    None => "not tried again".to_string(),
+                };
+                console.notice(&format!(
+                    "round {} failed (attempt {}, {} of {} nodes delivered): {}; {next}",
+                    failure.round, failure.attempt, failure.updates, failure.cohort, failure.reason
+                ));
+                write_progress(&config, &out, &coordinator).await;
+            }
+            Event::Notice(message) => console.notice(&message),
+            Event::Finished(reason) => console.notice(&format!("run finished: {reason}")),
+        }
+    }
+}
+
+/// Rewrites `history.json` with the rounds committed and failed so far.
+async fn write_progress(config: &DeployedConfig, out: &Path, coordinator: &Coordinator) {
+    let (Ok(rounds), Ok(failed)) = (
+        coordinator.history().await,
+        coordinator.failed_rounds().await,
+    ) else {
+        return;
+    };
+    let history = History {
+        config,
+        rounds: &rounds,
+        final_record: None,
+        baselines: None,
+        attackers: &[],
+        failed_rounds: &failed,
+    };
+    if let Err(e) = report::write_history(out, &history) {
+        eprintln!("warning: {e:#}");
+    }
+}
+
+/// A run that stopped without finishing its rounds: its history is kept (with `final` null and
+/// the failed attempts), and the command fails with what happened and what to do.
+async fn stopped_as_failed(
+    setup: &ServerSetup,
+    coordinator: &Coordinator,
+    rounds: &[ferry_engine::record::RoundRecord],
+    failed: &[FailedRound],
+    driven: Result<String, ferry_server::ServerError>,
+) -> Result<()> {
+    let history = History {
+        config: &setup.config,
+        rounds,
+        final_record: None,
+        baselines: None,
+        attackers: &[],
+        failed_rounds: failed,
+    };
+    if let Err(e) = report::write_history(&setup.file.out, &history) {
+        eprintln!("warning: {e:#}");
+    }
+    driven.context("the coordinator stopped on an error; start `ferry server` with the same configuration to resume the run")?;
+    let status = coordinator.status().await;
+    bail!(
+        "the run stopped at round {} of {} after {} failed attempt(s) in a row ({} rounds \
+         applied); last failure: {}. Bring more nodes online or relax what the round needs, then \
+         start `ferry server` with the same configuration to resume",
+        status.round,
+        status.rounds,
+        status.failed_attempts,
+        rounds.len(),
+        status.last_failure.as_deref().unwrap_or("unknown")
+    )
 }

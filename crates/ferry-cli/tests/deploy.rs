@@ -5,217 +5,22 @@
 //!
 //! Needs the MNIST subset that `scripts/install-deps.sh` installs.
 
+mod support;
+
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use serde_json::Value;
+use support::{
+    Killer, TestServer, client_args, ferry, history, http_get, rounds_done, run_ok,
+    share_client_args, spawn_logged, wait_for,
+};
 
 const ROUNDS: usize = 6;
 const CLIENTS: usize = 4;
-
-fn ferry() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command.env_remove("FERRY_DATA").env_remove("FERRY_TOKEN");
-    command
-}
-
-fn run_ok(args: &[&str]) -> Output {
-    let out = ferry().args(args).output().expect("ferry starts");
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
-fn spawn_logged(args: &[String], log: &Path) -> Child {
-    let file = fs::File::create(log).expect("log file");
-    ferry()
-        .args(args)
-        .stdout(Stdio::from(file.try_clone().expect("clone")))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("ferry starts")
-}
-
-fn history(dir: &Path) -> Option<Value> {
-    let text = fs::read_to_string(dir.join("history.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn rounds_done(dir: &Path) -> usize {
-    history(dir).map_or(0, |h| h["rounds"].as_array().map_or(0, Vec::len))
-}
-
-/// Waits for `done`, failing with the logs after `limit`.
-fn wait_for(what: &str, limit: Duration, logs: &[PathBuf], mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        if start.elapsed() > limit {
-            let text: Vec<String> = logs
-                .iter()
-                .map(|p| {
-                    format!(
-                        "--- {}\n{}",
-                        p.display(),
-                        fs::read_to_string(p).unwrap_or_default()
-                    )
-                })
-                .collect();
-            panic!("timed out waiting for {what}\n{}", text.join("\n"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A plain HTTP/1.1 GET on loopback: `(status code, body)`.
-fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (code, body)
-}
-
-struct Killer(Vec<Child>);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A server set up for a test in its own folder: certificates from `ferry certs`, free ports,
-/// a SQLite store, and `server.toml` with TLS, the operator API and the given `[run]` section.
-struct TestServer {
-    dir: PathBuf,
-    certs: PathBuf,
-    port: u16,
-    api_port: u16,
-    store: String,
-    out: PathBuf,
-    config: PathBuf,
-}
-
-impl TestServer {
-    /// Writes everything; `cert_args` go to `ferry certs`, `client_ca` requires client
-    /// certificates.
-    fn new(dir: &Path, cert_args: &[&str], client_ca: bool, run: &str) -> Self {
-        let certs = dir.join("certs");
-        let mut args = vec!["certs", "--out", certs.to_str().expect("utf-8")];
-        args.extend_from_slice(cert_args);
-        run_ok(&args);
-        let server = Self {
-            dir: dir.to_path_buf(),
-            port: free_port(),
-            api_port: free_port(),
-            store: format!("sqlite:{}", dir.join("ferry.db").display()),
-            out: dir.join("run"),
-            config: dir.join("server.toml"),
-            certs,
-        };
-        let client_ca = if client_ca {
-            format!(
-                "client_ca = \"{}\"\n",
-                server.certs.join("ca.pem").display()
-            )
-        } else {
-            String::new()
-        };
-        fs::write(
-            &server.config,
-            format!(
-                "listen = \"127.0.0.1:{}\"\nstore = \"{}\"\nblobs = \"{}\"\nout = \"{}\"\n\
-                 [api]\nlisten = \"127.0.0.1:{}\"\nadmin_token_file = \"{}\"\n\
-                 [tls]\ncert = \"{}\"\nkey = \"{}\"\n{client_ca}[run]\n{run}",
-                server.port,
-                server.store,
-                dir.join("blobs").display(),
-                server.out.display(),
-                server.api_port,
-                server.admin_token_file().display(),
-                server.certs.join("server.pem").display(),
-                server.certs.join("server.key").display(),
-            ),
-        )
-        .expect("config");
-        server
-    }
-
-    fn admin_token_file(&self) -> PathBuf {
-        self.dir.join("admin-token")
-    }
-
-    fn admin_token(&self) -> String {
-        fs::read_to_string(self.admin_token_file())
-            .expect("admin token written")
-            .trim()
-            .to_string()
-    }
-
-    /// `ferry server --config server.toml`, logging to `log`.
-    fn spawn(&self, log: &Path) -> Child {
-        spawn_logged(&self.args(), log)
-    }
-
-    fn args(&self) -> Vec<String> {
-        ["server", "--config", self.config.to_str().expect("utf-8")]
-            .map(String::from)
-            .to_vec()
-    }
-
-    /// A fresh enrolment token for `name`.
-    fn token(&self, name: &str) -> String {
-        let out = run_ok(&["token", "create", "--name", name, "--store", &self.store]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn url(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-
-    fn ca(&self) -> String {
-        self.certs
-            .join("ca.pem")
-            .to_str()
-            .expect("utf-8")
-            .to_string()
-    }
-}
 
 #[test]
 fn deployed_run_survives_a_lost_client_and_a_killed_server() {
@@ -580,30 +385,6 @@ fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec
     (processes, logs)
 }
 
-/// `ferry client` arguments that enrol with a fresh token as `name` and keep the credential
-/// in `node-<name>`.
-fn client_args(server: &TestServer, name: &str) -> Vec<String> {
-    let token = server.token(name);
-    assert!(token.starts_with("ferry-"), "{token}");
-    [
-        "client",
-        "--server",
-        &server.url(),
-        "--ca",
-        &server.ca(),
-        "--token",
-        &token,
-        "--state-dir",
-        server
-            .dir
-            .join(format!("node-{name}"))
-            .to_str()
-            .expect("utf-8"),
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
 /// Starts `CLIENTS` built-in clients, each with its share of the MNIST subset.
 fn spawn_clients(
     server: &TestServer,
@@ -615,24 +396,7 @@ fn spawn_clients(
     let dir = &server.dir;
     for i in 0..CLIENTS {
         let log = dir.join(format!("client-{i}.log"));
-        let mut args = client_args(server, &format!("site-{i}"));
-        args.extend(
-            [
-                "--dataset",
-                "mnist-subset",
-                "--model",
-                model,
-                "--partition",
-                "iid",
-                "--num-partitions",
-                &CLIENTS.to_string(),
-                "--partition-index",
-                &i.to_string(),
-                "--give-up-after",
-                &give_up_s.to_string(),
-            ]
-            .map(String::from),
-        );
+        let args = share_client_args(server, model, CLIENTS, i, give_up_s);
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }

@@ -11,6 +11,7 @@
 pub mod dispatch;
 pub mod error;
 pub mod federation;
+pub mod floor;
 pub mod node;
 pub mod record;
 pub mod round;

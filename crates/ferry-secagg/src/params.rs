@@ -107,6 +107,13 @@ impl SecAggParams {
         if even >= others { others } else { even }
     }
 
+    /// The fewest nodes a round can finish with: the roster and the survivors must exceed the
+    /// threshold (each survivor's secrets are rebuilt from `threshold` other nodes' shares),
+    /// and never fewer than 3. A round that starts with exactly this many survives no dropout.
+    pub fn min_participants(&self) -> usize {
+        (self.threshold + 1).max(3)
+    }
+
     /// The default threshold for a round of `participants` nodes: a majority of each node's
     /// neighbourhood, at least 2.
     pub fn majority_threshold(&self, participants: usize) -> usize {
@@ -158,6 +165,22 @@ mod tests {
         };
         assert!(params.validate(10).is_err());
         assert!(SecAggParams::with_neighbours(4).validate(10).is_ok());
+    }
+
+    #[test]
+    fn min_participants_is_the_smallest_valid_round() {
+        for neighbours in [2, 4, 5, 16] {
+            for threshold in 2..=neighbours {
+                let params = SecAggParams {
+                    neighbours,
+                    threshold,
+                    ..SecAggParams::default()
+                };
+                let n = params.min_participants();
+                assert!(params.validate(n).is_ok(), "{params:?} with {n}");
+                assert!(params.validate(n - 1).is_err(), "{params:?} with {}", n - 1);
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS accepted (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
      sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
     "CREATE TABLE IF NOT EXISTS population (round BIGINT PRIMARY KEY, nodes BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS failed_rounds (round BIGINT NOT NULL, attempt BIGINT NOT NULL, \
+     record TEXT NOT NULL, PRIMARY KEY (round, attempt))",
 ];
 
 /// The stored state of the run.
@@ -249,6 +251,19 @@ impl Store {
         rows.iter().map(node_row).collect()
     }
 
+    /// How many nodes the fleet can have: nodes enrolled and not revoked, and enrolment tokens
+    /// neither used nor revoked.
+    pub async fn fleet_capacity(&self) -> Result<(usize, usize), ServerError> {
+        let count = |sql: &'static str| async move {
+            let n: i64 = sqlx::query(sql).fetch_one(&self.pool).await?.try_get(0)?;
+            Ok::<usize, ServerError>(usize::try_from(n).unwrap_or(0))
+        };
+        Ok((
+            count("SELECT COUNT(*) FROM nodes WHERE revoked = 0").await?,
+            count("SELECT COUNT(*) FROM tokens WHERE used = 0 AND revoked = 0").await?,
+        ))
+    }
+
     /// The stored run, if one was started.
     pub async fn run(&self) -> Result<Option<RunRow>, ServerError> {
         let row = sqlx::query(
@@ -416,6 +431,51 @@ impl Store {
         Ok(())
     }
 
+    /// Failed attempts recorded for `round` so far.
+    pub async fn failed_attempts(&self, round: u32) -> Result<u32, ServerError> {
+        let count: i64 = sqlx::query("SELECT COUNT(*) FROM failed_rounds WHERE round = $1")
+            .bind(i64::from(round))
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    /// Records failed attempt `attempt` at `round` and forgets the attempt's cohort,
+    /// population and accepted updates, in one transaction: the retry starts clean, and a
+    /// restart does not resume the failed attempt.
+    pub async fn fail_round(
+        &self,
+        round: u32,
+        attempt: u32,
+        record_json: &str,
+    ) -> Result<(), ServerError> {
+        let round = i64::from(round);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO failed_rounds (round, attempt, record) VALUES ($1, $2, $3)")
+            .bind(round)
+            .bind(i64::from(attempt))
+            .bind(record_json)
+            .execute(&mut *tx)
+            .await?;
+        for table in ["cohort", "accepted", "population"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE round = $1"))
+                .bind(round)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The records of all failed round attempts, as JSON, in order.
+    pub async fn failed_round_records(&self) -> Result<Vec<String>, ServerError> {
+        let rows = sqlx::query("SELECT record FROM failed_rounds ORDER BY round, attempt")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
     /// The records of all finished rounds, as JSON, in round order.
     pub async fn round_records(&self) -> Result<Vec<String>, ServerError> {
         let rows = sqlx::query("SELECT record FROM rounds ORDER BY round")
@@ -444,6 +504,7 @@ mod tests {
             "cohort",
             "accepted",
             "population",
+            "failed_rounds",
         ] {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&store.pool)
@@ -483,6 +544,7 @@ mod tests {
 
     async fn tokens_enrol_once_and_revocation_reaches_the_node(store: &Store) {
         store.add_token("site-1", "h1").await.expect("add");
+        assert_eq!(store.fleet_capacity().await.expect("capacity"), (0, 1));
         assert!(store.add_token("site-1", "h2").await.is_err(), "name taken");
         assert_eq!(
             store.enrol("h1", "n1", "s1").await.expect("enrol"),
@@ -494,6 +556,7 @@ mod tests {
             "one-time"
         );
         assert_eq!(store.enrol("nope", "n3", "s3").await.expect("enrol"), None);
+        assert_eq!(store.fleet_capacity().await.expect("capacity"), (1, 0));
         assert!(
             !store
                 .node("n1")
@@ -544,7 +607,7 @@ mod tests {
             store.set_population(1, 9).await.expect("idempotent");
         }
         let store = Store::open(url).await.expect("reopen");
-        assert_eq!(store.run().await.expect("run"), Some(run));
+        assert_eq!(store.run().await.expect("run"), Some(run.clone()));
         assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
         assert_eq!(store.population(1).await.expect("population"), Some(9));
         assert_eq!(store.population(2).await.expect("population"), None);
@@ -565,6 +628,29 @@ mod tests {
         let run = store.run().await.expect("run").expect("exists");
         assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
         assert_eq!(store.round_records().await.expect("records"), ["{}"]);
+        // A failed attempt at round 2 is recorded and leaves nothing of itself behind.
+        store.set_cohort(2, &["a".into()]).await.expect("cohort");
+        store.set_population(2, 3).await.expect("population");
+        assert!(store.accept(2, "a", "y").await.expect("accept"));
+        assert_eq!(store.failed_attempts(2).await.expect("count"), 0);
+        store.fail_round(2, 1, "{\"a\":1}").await.expect("fail");
+        store.fail_round(2, 2, "{\"a\":2}").await.expect("fail");
+        assert_eq!(store.failed_attempts(2).await.expect("count"), 2);
+        assert!(store.cohort(2).await.expect("cohort").is_empty());
+        assert!(store.accepted(2).await.expect("accepted").is_empty());
+        assert_eq!(store.population(2).await.expect("population"), None);
+        assert_eq!(
+            store.failed_round_records().await.expect("failed"),
+            ["{\"a\":1}", "{\"a\":2}"]
+        );
+        let unmoved = store.run().await.expect("run").expect("exists");
+        assert_eq!((unmoved.round, unmoved.model_sha.as_str()), (2, "m1"));
+        assert!(
+            store
+                .accept(2, "a", "y")
+                .await
+                .expect("the retry accepts again")
+        );
         store.finish_run("budget_exhausted").await.expect("finish");
         let run = store.run().await.expect("run").expect("exists");
         assert_eq!((run.round, run.finished.as_str()), (2, "budget_exhausted"));

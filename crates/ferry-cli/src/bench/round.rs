@@ -156,6 +156,8 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
             max_chunk_bytes: args.chunk_bytes,
             secure: None,
             secagg_stage_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(1),
+            max_round_failures: 3,
         };
         let strategy = Strategy::new(
             StrategyName::FedAvg,

@@ -103,6 +103,60 @@ impl RobustRule {
     }
 }
 
+impl RobustRule {
+    /// The fewest updates a round must deliver for the rule to do its job: what [`Self::check`]
+    /// demands, and for the trimmed mean enough to trim at least one value from each end (with
+    /// fewer it is a plain mean). Coordinators wait for this many nodes before a round starts.
+    pub fn min_updates(&self) -> usize {
+        match *self {
+            Self::Median => 1,
+            Self::TrimmedMean { beta } if beta > 0.0 && beta < 0.5 => {
+                let mut n = (1.0 / beta).ceil().max(1.0) as usize;
+                while (beta * n as f64).floor() < 1.0 || self.check(n).is_err() {
+                    n += 1;
+                }
+                n
+            }
+            Self::TrimmedMean { .. } => 1,
+            Self::Krum { byzantine: f } => 2 * f + 3,
+            Self::MultiKrum { byzantine: f, keep } => (2 * f + 3).max(keep.unwrap_or(0)),
+            Self::Bulyan { byzantine: f } => 4 * f + 3,
+        }
+    }
+
+    /// Why the rule needs [`Self::min_updates`] updates, in an operator's words.
+    pub fn min_updates_reason(&self) -> String {
+        match *self {
+            Self::Median => "the median needs at least 1 update".into(),
+            Self::TrimmedMean { beta } => format!(
+                "trimmed-mean with trim-beta {beta} needs {} updates to trim one from each end",
+                self.min_updates()
+            ),
+            Self::Krum { byzantine: f }
+            | Self::MultiKrum {
+                byzantine: f,
+                keep: None,
+            } => format!(
+                "{} with byzantine {f} needs more than {} updates",
+                self.name(),
+                2 * f + 2
+            ),
+            Self::MultiKrum {
+                byzantine: f,
+                keep: Some(m),
+            } => format!(
+                "multi-krum with byzantine {f} and krum-keep {m} needs more than {} updates and \
+                 at least {m}",
+                2 * f + 2
+            ),
+            Self::Bulyan { byzantine: f } => format!(
+                "bulyan with byzantine {f} needs at least {} updates",
+                4 * f + 3
+            ),
+        }
+    }
+}
+
 impl fmt::Display for RobustRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -317,6 +371,48 @@ mod tests {
             .collect();
         rows.extend([vec![-50.0, -50.0], vec![-50.0, -50.0]]);
         rows
+    }
+
+    #[test]
+    fn min_updates_is_the_smallest_round_each_rule_accepts() {
+        for f in 0..4 {
+            for rule in [
+                RobustRule::Krum { byzantine: f },
+                RobustRule::MultiKrum {
+                    byzantine: f,
+                    keep: None,
+                },
+                RobustRule::Bulyan { byzantine: f },
+            ] {
+                let n = rule.min_updates();
+                assert!(rule.check(n).is_ok(), "{rule} with {n}");
+                assert!(rule.check(n - 1).is_err(), "{rule} with {}", n - 1);
+            }
+        }
+        assert_eq!(RobustRule::Krum { byzantine: 1 }.min_updates(), 5);
+        assert_eq!(RobustRule::Bulyan { byzantine: 1 }.min_updates(), 7);
+        assert_eq!(RobustRule::Median.min_updates(), 1);
+        let keep = RobustRule::MultiKrum {
+            byzantine: 1,
+            keep: Some(8),
+        };
+        assert_eq!(keep.min_updates(), 8);
+        assert!(
+            RobustRule::Krum { byzantine: 1 }
+                .min_updates_reason()
+                .contains("more than 4 updates")
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn trimmed_mean_floor_trims_one_from_each_end(beta in 0.01f64..0.49) {
+            let rule = RobustRule::TrimmedMean { beta };
+            let n = rule.min_updates();
+            proptest::prop_assert!(rule.check(n).is_ok());
+            proptest::prop_assert!((beta * n as f64).floor() >= 1.0);
+            proptest::prop_assert!((beta * (n - 1) as f64).floor() < 1.0 || rule.check(n - 1).is_err());
+        }
     }
 
     #[test]

@@ -1,0 +1,156 @@
+//! Deployed runs under churn: a robust (Krum) run and a SecAgg+ run, each at its default
+//! settings, with the server killed with SIGKILL twice mid-run and restarted, and one node
+//! killed while it trains and started again. Every round must still be applied and recorded
+//! exactly once, with the participants it folded.
+//!
+//! Needs the MNIST subset that `scripts/install-deps.sh` installs.
+
+mod support;
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use ferry_server::store::Store;
+use support::{
+    Killer, TestServer, history, rounds_done, share_client_args, spawn_logged, wait_for,
+};
+
+const NODES: usize = 6;
+const ROUNDS: usize = 6;
+
+/// Runs a churned deployment with `run` added to `[run]`; returns the server and the final
+/// `history.json` rounds.
+fn churned_run(dir: &std::path::Path, run: &str) -> (TestServer, Vec<serde_json::Value>) {
+    let server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {NODES}\nmin_clients = 3\n\
+             min_results = 2\nrounds = {ROUNDS}\nlocal-epochs = 40\nround_timeout = 8\n\
+             heartbeat = 1\noffline_after = 4\nretry-backoff = 1\nsecagg-stage-timeout = 8\n{run}"
+        ),
+    );
+    let mut logs = vec![dir.join("server-1.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    let mut node_args = Vec::new();
+    for i in 0..NODES {
+        let args = share_client_args(&server, "logreg", NODES, i, 120);
+        let log = dir.join(format!("client-{i}.log"));
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+        node_args.push(args);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = server.out.clone();
+    let restart_server = |processes: &mut Killer, logs: &mut Vec<PathBuf>, n: usize| {
+        assert!(
+            rounds_done(&out) < ROUNDS,
+            "the run finished before kill {}; slow its rounds down",
+            n - 1
+        );
+        processes.0[0].kill().expect("kill -9 the server");
+        let _ = processes.0[0].wait();
+        let log = dir.join(format!("server-{n}.log"));
+        processes.0[0] = server.spawn(&log);
+        logs.push(log);
+    };
+
+    // First SIGKILL once a round is in.
+    wait_for("round 1", Duration::from_secs(120), &logs, || {
+        rounds_done(&out) >= 1
+    });
+    restart_server(&mut processes, &mut logs, 2);
+
+    // A node dies while it trains, and comes back with its stored credential.
+    let victim_log = logs[1].clone();
+    let trained_before = fs::read_to_string(&victim_log)
+        .unwrap_or_default()
+        .matches(": training")
+        .count();
+    wait_for(
+        "node 0 to train again",
+        Duration::from_secs(120),
+        &logs,
+        || {
+            fs::read_to_string(&victim_log)
+                .unwrap_or_default()
+                .matches(": training")
+                .count()
+                > trained_before
+        },
+    );
+    processes.0[1].kill().expect("kill a node");
+    let _ = processes.0[1].wait();
+    let victim_log = dir.join("client-0-restarted.log");
+    processes.0[1] = spawn_logged(&node_args[0], &victim_log);
+    logs.push(victim_log);
+
+    // Second SIGKILL a few rounds later.
+    wait_for("round 3", Duration::from_secs(180), &logs, || {
+        rounds_done(&out) >= 3
+    });
+    restart_server(&mut processes, &mut logs, 3);
+
+    wait_for(
+        "the server to finish",
+        Duration::from_secs(300),
+        &logs,
+        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
+    );
+    let exit = processes.0[0].wait().expect("server status");
+    let last_log = fs::read_to_string(&logs[logs.len() - 1]).unwrap_or_default();
+    assert!(exit.success(), "server exit {exit}\n{last_log}");
+    assert!(
+        last_log.contains(&format!("round   {ROUNDS}/{ROUNDS}")),
+        "the last server, started after the second kill, ran the last round:\n{last_log}"
+    );
+    let h = history(&out).expect("history.json");
+    assert_eq!(h["final"]["stop"], "rounds_completed", "{h}");
+    let rounds = h["rounds"].as_array().expect("rounds").clone();
+    assert_eq!(
+        rounds.len(),
+        ROUNDS,
+        "every round recorded once: {rounds:?}"
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i + 1, "{rounds:?}");
+        assert!(r["aborted"].is_null(), "{r}");
+    }
+    (server, rounds)
+}
+
+#[test]
+fn a_krum_deployment_finishes_every_round_through_server_and_node_kills() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (server, rounds) = churned_run(tmp.path(), "aggregator = \"krum\"\n");
+    // Each round folded exactly the updates the store accepted for it: none lost, none twice.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let store = runtime
+        .block_on(Store::open(&server.store))
+        .expect("the run's store");
+    for r in &rounds {
+        let round = r["round"].as_u64().expect("round") as u32;
+        let accepted = runtime
+            .block_on(store.accepted(round))
+            .expect("accepted updates");
+        let participants = r["participants"].as_u64().expect("participants");
+        assert_eq!(participants, accepted.len() as u64, "round {round}: {r}");
+        // Krum with byzantine 1 needs more than 4 updates.
+        assert!(participants >= 5, "round {round}: {r}");
+    }
+}
+
+#[test]
+fn a_secagg_deployment_finishes_every_round_through_server_and_node_kills() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_server, rounds) = churned_run(tmp.path(), "secagg = true\n");
+    for r in &rounds {
+        // Six nodes: the default threshold is 3 of 5 neighbours; a sum needs 4 masked inputs.
+        let participants = r["participants"].as_u64().expect("participants");
+        assert!(
+            (4..=NODES as u64).contains(&participants),
+            "round {}: {r}",
+            r["round"]
+        );
+    }
+}

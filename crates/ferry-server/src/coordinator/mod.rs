@@ -1,0 +1,708 @@
+//! The deployed coordinator: the same round bookkeeping as `ferry simulate`
+//! ([`ferry_engine::round`]), driven by network events and made durable.
+//!
+//! Rounds start when at least `min_clients` nodes are online, and never with fewer than the
+//! run's [`RoundFloor`] (what its robust rule or SecAgg+ needs: `min_clients` and `min_results`
+//! below it are raised at start, with a notice). The cohort is drawn from the online nodes by
+//! the run seed. A round closes when every cohort node has answered with enough updates, or at
+//! its deadline once `min_results` updates are in; short of that the deadline is extended once
+//! and idle online nodes join the cohort. A round that still falls short, or whose secure
+//! protocol aborts, fails: it is recorded with its reason, the model stays, and the same round
+//! is tried again after a backoff, until `max_round_failures` consecutive failures stop the
+//! run. Every accepted update is stored (blob, then its row) before it is acknowledged and
+//! folded; a restart re-folds the open round's stored updates, so none is lost or counted
+//! twice.
+
+mod rounds;
+mod uploads;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
+use ferry_engine::{
+    floor::RoundFloor,
+    node::{Evaluator, RoundTask},
+    record::RoundRecord,
+    round::{self, CohortRule, OpenRound, RoundPlan},
+    secure::{SecureAggregation, round_context},
+};
+use ferry_secagg::SecAggParams;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, mpsc, watch};
+
+use crate::{
+    ServerError,
+    blobs::Blobs,
+    secure::SecureStages,
+    store::{RunRow, Store},
+};
+
+/// How the deployed run proceeds.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Hash of the run configuration; a stored run with another hash is not resumed.
+    pub config_hash: String,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Cohort selection and local training.
+    pub cohort: CohortRule,
+    /// Updates needed to close a round at its deadline.
+    pub min_results: usize,
+    /// Time a round waits for its cohort.
+    pub round_timeout: Duration,
+    /// Stop once the global model reaches this accuracy.
+    pub target_accuracy: Option<f64>,
+    /// How often nodes heartbeat while training.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node counts as offline.
+    pub offline_after: Duration,
+    /// Largest chunk accepted in an upload, and sent in a download.
+    pub max_chunk_bytes: usize,
+    /// Secure aggregation: rounds run SecAgg+ and the server sees only their sums.
+    pub secure: Option<SecureAggregation>,
+    /// Secure aggregation: how long each key stage (advertise, share, unmask) waits for the
+    /// cohort before closing with whoever acted.
+    pub secagg_stage_timeout: Duration,
+    /// Wait before a failed round is tried again; doubled after each further failure of the
+    /// same round, up to a minute.
+    pub retry_backoff: Duration,
+    /// Consecutive failed attempts at a round after which the run stops as failed.
+    pub max_round_failures: u32,
+}
+
+/// A reference to a stored blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    /// Content hash.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A snapshot of the run for the REST API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunStatus {
+    /// The run's identifier.
+    pub run_id: String,
+    /// The open (or next) round.
+    pub round: u32,
+    /// Rounds configured.
+    pub rounds: u32,
+    /// `waiting_for_nodes`, `training`, `retrying` (after a failed attempt), `finished` or
+    /// `failed`.
+    pub phase: String,
+    /// Online nodes a round needs before it starts.
+    pub nodes_needed: usize,
+    /// While the run waits: what for and why ("waiting for 5 online nodes: ...").
+    pub waiting: Option<String>,
+    /// Consecutive failed attempts at the current round.
+    pub failed_attempts: u32,
+    /// Why the latest attempt failed, while the round has not succeeded since.
+    pub last_failure: Option<String>,
+    /// Nodes heard from recently.
+    pub nodes_online: usize,
+    /// Nodes in the open round's cohort.
+    pub cohort: usize,
+    /// Updates accepted so far in the open round.
+    pub updates_in: usize,
+    /// Why the run ended, once it has.
+    pub finished: Option<String>,
+    /// Content hash of the current global model.
+    pub model_sha256: String,
+    /// Differential privacy: epsilon spent so far, at `delta`.
+    pub epsilon: Option<f64>,
+    /// Differential privacy: the delta of the guarantee.
+    pub delta: Option<f64>,
+}
+
+/// What the coordinator tells its operator.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A round started with this many nodes.
+    RoundStarted {
+        /// The round.
+        round: u32,
+        /// Cohort size.
+        cohort: usize,
+    },
+    /// A node's update was accepted into the open round.
+    UpdateAccepted {
+        /// The round.
+        round: u32,
+    },
+    /// A round was committed.
+    RoundFinished(Box<RoundRecord>),
+    /// A round attempt failed; the model stays.
+    RoundFailed {
+        /// The attempt.
+        failure: FailedRound,
+        /// When the round is tried again; `None` when the run stops instead.
+        retry_in: Option<Duration>,
+    },
+    /// Something the operator should know (a refusal, an extended deadline).
+    Notice(String),
+    /// The run ended.
+    Finished(String),
+}
+
+/// What a node gets when it asks for work.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// Train this.
+    Task(Box<NodeTask>),
+    /// Nothing now.
+    Idle(String),
+    /// The run is over.
+    Finished(String),
+}
+
+/// One node's task for a round.
+#[derive(Debug, Clone)]
+pub struct NodeTask {
+    /// The run.
+    pub run_id: String,
+    /// The round's task (model, training, procedure, seed, server control).
+    pub task: RoundTask,
+    /// The model blob.
+    pub model: BlobRef,
+    /// The server-control blob, when the strategy broadcasts state.
+    pub server_control: Option<BlobRef>,
+    /// When the round may close without this node.
+    pub deadline_unix_ms: u64,
+    /// Secure aggregation: the protocol's parameters and the FedAvg weight cap.
+    pub secagg: Option<(SecAggParams, Option<u64>)>,
+}
+
+/// The outcome of a completed upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submission {
+    /// Counted in its round.
+    Accepted,
+    /// Already counted earlier; not counted again.
+    Duplicate,
+}
+
+/// Why an upload or report was refused, for the gRPC status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The round is not open for this node (closed, not started, or not in its cohort).
+    NotOpen(String),
+    /// The update's content is invalid.
+    Invalid(String),
+}
+
+/// A round attempt that ended without moving the global model, as `history.json` and the
+/// store record it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FailedRound {
+    /// The round.
+    pub round: u32,
+    /// Which attempt at the round this was (1 for the first).
+    pub attempt: u32,
+    /// Why it failed.
+    pub reason: String,
+    /// Nodes the attempt asked.
+    pub cohort: usize,
+    /// Updates (or masked inputs) it had accepted.
+    pub updates: usize,
+    /// Seconds from its start to its failure.
+    pub wall_s: f64,
+}
+
+struct Training {
+    plan_task: RoundTask,
+    cohort: BTreeSet<String>,
+    answered: BTreeSet<String>,
+    delivered: BTreeSet<String>,
+    extended: bool,
+    started: Instant,
+    open: OpenRound,
+    deadline: Instant,
+    deadline_unix_ms: u64,
+    secure: Option<SecureStages>,
+}
+
+struct State {
+    strategy: Strategy,
+    global: Model,
+    model_blob: BlobRef,
+    control_blob: Option<BlobRef>,
+    round: u32,
+    training: Option<Training>,
+    finished: Option<String>,
+    online: HashMap<String, Instant>,
+    failures: u32,
+    last_failure: Option<String>,
+    retry_at: Option<Instant>,
+    waiting_noted: bool,
+    fleet_check: Option<FleetCheck>,
+}
+
+/// What the store said, while the run waits for nodes, about the fleet it could still have.
+struct FleetCheck {
+    /// Online nodes when the store was asked.
+    online: usize,
+    /// Why the fleet cannot reach the round's needs, if it cannot.
+    short: Option<String>,
+}
+
+/// The coordinator of one deployed run.
+pub struct Coordinator {
+    spec: RunSpec,
+    run_id: String,
+    layout: Arc<ModelLayout>,
+    store: Store,
+    blobs: Blobs,
+    evaluator: Arc<dyn Evaluator>,
+    floor: RoundFloor,
+    state: Mutex<State>,
+    changed: watch::Sender<u64>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+fn unix_ms(at: Instant) -> u64 {
+    let from_now = at.saturating_duration_since(Instant::now());
+    (SystemTime::now() + from_now)
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Coordinator {
+    /// Starts a new run from `initial`, or resumes the one in `store` (which must have been
+    /// started with the same configuration). Events go to the returned receiver.
+    pub async fn start(
+        mut spec: RunSpec,
+        mut strategy: Strategy,
+        initial: Model,
+        evaluator: Arc<dyn Evaluator>,
+        store: Store,
+        blobs: Blobs,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Event>), ServerError> {
+        let run = match store.run().await? {
+            Some(run) if run.config_hash != spec.config_hash => {
+                return Err(ServerError::Settings(format!(
+                    "the store holds run {} started with another configuration; restart with \
+                     that configuration, or point `store` at a new database to start a new run",
+                    run.run_id
+                )));
+            }
+            Some(run) => run,
+            None => {
+                let run = RunRow {
+                    run_id: crate::auth::new_secret()[..12].to_string(),
+                    config_hash: spec.config_hash.clone(),
+                    round: 1,
+                    model_sha: blobs.put(initial.to_safetensors()?).await?,
+                    state_sha: String::new(),
+                    finished: String::new(),
+                };
+                store.start_run(&run).await?;
+                run
+            }
+        };
+        let global = Model::from_safetensors(&blobs.get(&run.model_sha).await?)?;
+        initial.check_same_layout(global.layout())?;
+        if !run.state_sha.is_empty() {
+            strategy
+                .optimizer
+                .restore(wire::decode_vectors(&blobs.get(&run.state_sha).await?)?)?;
+        }
+        if let Some(privacy) = strategy.privacy.as_mut() {
+            // The privacy spent and the adaptive clip norm follow from the committed rounds.
+            let history: Vec<RoundRecord> = parse_records(&store.round_records().await?)?;
+            for dp in history.iter().filter_map(|r| r.dp) {
+                privacy.replay(&dp);
+            }
+            if let Some(epsilon) = privacy.spent().map(|s| s.epsilon) {
+                metrics::gauge!("ferry_dp_epsilon").set(epsilon);
+            }
+            privacy.check_first_round_fits_budget()?;
+        }
+        let model_blob = BlobRef {
+            size: blobs.size(&run.model_sha).await?,
+            sha256: run.model_sha.clone(),
+        };
+        let control_blob = put_control(&blobs, strategy.optimizer.broadcast()).await?;
+        let (events, receiver) = mpsc::unbounded_channel();
+        let floor = RoundFloor::of(&strategy, spec.secure.as_ref());
+        for notice in raise_to_floor(&mut spec, &floor) {
+            // The receiver is returned below; the notice waits in the channel until then.
+            let _ = events.send(Event::Notice(notice));
+        }
+        let coordinator = Arc::new(Self {
+            run_id: run.run_id.clone(),
+            layout: initial.layout().clone(),
+            spec,
+            store,
+            blobs,
+            evaluator,
+            floor,
+            state: Mutex::new(State {
+                strategy,
+                global,
+                model_blob,
+                control_blob,
+                round: run.round,
+                training: None,
+                finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
+                online: HashMap::new(),
+                failures: 0,
+                last_failure: None,
+                retry_at: None,
+                waiting_noted: false,
+                fleet_check: None,
+            }),
+            changed: watch::channel(0).0,
+            events,
+        });
+        coordinator.resume_open_round().await?;
+        Ok((coordinator, receiver))
+    }
+
+    /// The run's identifier.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    /// The records of the rounds finished so far.
+    pub async fn history(&self) -> Result<Vec<RoundRecord>, ServerError> {
+        parse_records(&self.store.round_records().await?)
+    }
+
+    /// The round attempts that failed so far (each retried, or the run stopped).
+    pub async fn failed_rounds(&self) -> Result<Vec<FailedRound>, ServerError> {
+        parse_records(&self.store.failed_round_records().await?)
+    }
+
+    /// The smallest round the run can finish, and why.
+    pub fn floor(&self) -> &RoundFloor {
+        &self.floor
+    }
+
+    /// The current global model.
+    pub async fn global(&self) -> Model {
+        self.state.lock().await.global.clone()
+    }
+
+    /// Why the run ended, once it has.
+    pub async fn finished(&self) -> Option<String> {
+        self.state.lock().await.finished.clone()
+    }
+
+    /// Where the run stands now, for operators.
+    pub async fn status(&self) -> RunStatus {
+        let state = self.state.lock().await;
+        let (phase, cohort, updates_in) = match (&state.finished, &state.training) {
+            (Some(reason), _) if is_failure(reason) => ("failed", 0, 0),
+            (Some(_), _) => ("finished", 0, 0),
+            (None, Some(t)) => ("training", t.cohort.len(), t.open.accepted()),
+            (None, None) if state.retry_at.is_some_and(|at| at > Instant::now()) => {
+                ("retrying", 0, 0)
+            }
+            (None, None) => ("waiting_for_nodes", 0, 0),
+        };
+        RunStatus {
+            run_id: self.run_id.clone(),
+            round: state.round,
+            rounds: self.spec.rounds,
+            phase: phase.to_string(),
+            nodes_needed: self.spec.cohort.min_clients,
+            waiting: self.waiting(&state),
+            failed_attempts: state.failures,
+            last_failure: state.last_failure.clone(),
+            nodes_online: state.online.len(),
+            cohort,
+            updates_in,
+            finished: state.finished.clone(),
+            model_sha256: state.model_blob.sha256.clone(),
+            epsilon: state
+                .strategy
+                .privacy
+                .as_ref()
+                .and_then(|p| p.spent())
+                .map(|s| s.epsilon),
+            delta: state.strategy.privacy.as_ref().map(|p| p.settings().delta),
+        }
+    }
+
+    /// Seconds since each online node was last heard from.
+    pub async fn online(&self) -> HashMap<String, f64> {
+        let state = self.state.lock().await;
+        state
+            .online
+            .iter()
+            .map(|(node, seen)| (node.clone(), seen.elapsed().as_secs_f64()))
+            .collect()
+    }
+
+    /// Returns once the run has ended (or the coordinator is gone).
+    pub async fn until_finished(&self) {
+        let mut changed = self.subscribe();
+        while self.finished().await.is_none() {
+            if changed.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// A receiver that changes whenever the run's state does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn emit(&self, event: Event) {
+        // The operator may have stopped listening; the run goes on.
+        let _ = self.events.send(event);
+    }
+
+    /// After a restart: reopens the stored cohort's round and re-folds its stored updates.
+    async fn resume_open_round(&self) -> Result<(), ServerError> {
+        let mut state = self.state.lock().await;
+        if state.finished.is_some() {
+            return Ok(());
+        }
+        let cohort = self.store.cohort(state.round).await?;
+        if cohort.is_empty() {
+            return Ok(());
+        }
+        if self.spec.secure.is_some() {
+            // A secure round's keys lived in the old process; nothing of it was folded, so
+            // the round starts again with whoever is online.
+            self.emit(Event::Notice(format!(
+                "round {} starts again: a secure round cannot outlive its coordinator",
+                state.round
+            )));
+            return Ok(());
+        }
+        let population = self
+            .store
+            .population(state.round)
+            .await?
+            .unwrap_or(cohort.len());
+        let plan = round::plan(
+            state.round,
+            &self.spec.cohort,
+            &state.strategy,
+            &state.global,
+            population,
+        )?;
+        let mut training = self.open_training(&state, plan, cohort.into_iter().collect());
+        for (node, sha) in self.store.accepted(state.round).await? {
+            let update = wire::decode_update(&self.blobs.get(&sha).await?, &self.layout)?;
+            training.open.accept(&node, &update)?;
+            training.answered.insert(node.clone());
+            training.delivered.insert(node);
+        }
+        self.emit(Event::Notice(format!(
+            "resumed round {} with {} of {} updates already in",
+            state.round,
+            training.answered.len(),
+            training.cohort.len()
+        )));
+        state.training = Some(training);
+        Ok(())
+    }
+
+    fn open_training(&self, state: &State, plan: RoundPlan, cohort: BTreeSet<String>) -> Training {
+        let started = Instant::now();
+        let deadline = started + self.spec.round_timeout;
+        let secure = self.spec.secure.as_ref().map(|secure| {
+            // The graph seed only needs to be unpredictable to nodes before the roster.
+            let graph_seed: [u8; 32] = Sha256::digest(crate::auth::new_secret()).into();
+            SecureStages::new(
+                plan.task.round,
+                secure.params,
+                round_context(&self.run_id, plan.task.round),
+                graph_seed,
+                self.layout.num_params(),
+                self.spec.secagg_stage_timeout,
+            )
+        });
+        Training {
+            secure,
+            open: OpenRound::new(&plan, &state.strategy),
+            plan_task: plan.task,
+            cohort,
+            answered: BTreeSet::new(),
+            delivered: BTreeSet::new(),
+            extended: false,
+            started,
+            deadline,
+            deadline_unix_ms: unix_ms(deadline),
+        }
+    }
+
+    /// Marks `node` as alive now.
+    pub async fn seen(&self, node: &str) {
+        let mut state = self.state.lock().await;
+        let newly = state
+            .online
+            .insert(node.to_string(), Instant::now())
+            .is_none();
+        drop(state);
+        if newly {
+            self.notify();
+        }
+    }
+
+    /// What `node` should do now.
+    pub async fn work_for(&self, node: &str) -> Work {
+        let state = self.state.lock().await;
+        match state.finished.as_deref() {
+            // The server is about to exit and be restarted: nodes wait for it, reconnecting.
+            Some(COORDINATOR_ERROR) => {
+                return Work::Idle("the coordinator stopped on an error; waiting for it".into());
+            }
+            Some(reason) => return Work::Finished(reason.to_string()),
+            None => {}
+        }
+        match &state.training {
+            Some(t) if t.cohort.contains(node) && !t.answered.contains(node) => {
+                Work::Task(Box::new(NodeTask {
+                    run_id: self.run_id.clone(),
+                    task: t.plan_task.clone(),
+                    model: state.model_blob.clone(),
+                    server_control: state.control_blob.clone(),
+                    deadline_unix_ms: t.deadline_unix_ms,
+                    secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
+                }))
+            }
+            Some(t) => Work::Idle(format!(
+                "round {} is running without this node; it can join the next one",
+                t.plan_task.round
+            )),
+            None => Work::Idle(self.waiting(&state).unwrap_or_default()),
+        }
+    }
+
+    /// What a run with no open round waits for, in an operator's words.
+    fn waiting(&self, state: &State) -> Option<String> {
+        if state.finished.is_some() || state.training.is_some() {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some(at) = state.retry_at.filter(|at| *at > now) {
+            return Some(format!(
+                "round {} failed ({}); trying again in {:.0} s",
+                state.round,
+                state.last_failure.as_deref().unwrap_or("unknown reason"),
+                at.duration_since(now).as_secs_f64().ceil()
+            ));
+        }
+        let needed = self.spec.cohort.min_clients;
+        let why = match &self.floor.reason {
+            Some(reason) if self.floor.updates >= needed => reason.clone(),
+            _ => format!("min_clients is {needed}"),
+        };
+        let short = state
+            .fleet_check
+            .as_ref()
+            .and_then(|check| check.short.as_deref())
+            .map_or(String::new(), |short| format!("; {short}"));
+        Some(format!(
+            "waiting for {needed} online nodes: {why}; {} online{short}",
+            state.online.len()
+        ))
+    }
+
+    /// Whether `node` is still expected to deliver `round`, and the current round.
+    pub async fn keep_working(&self, node: &str, round: u32) -> (bool, u32) {
+        let state = self.state.lock().await;
+        let keep = state.training.as_ref().is_some_and(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        });
+        (keep, state.round)
+    }
+
+    /// The blob `sha256` if a node may download it now (the current model or server control).
+    pub async fn downloadable(&self, sha256: &str) -> Option<BlobRef> {
+        let state = self.state.lock().await;
+        std::iter::once(&state.model_blob)
+            .chain(state.control_blob.as_ref())
+            .find(|b| b.sha256 == sha256)
+            .cloned()
+    }
+
+    /// The blob store, for streaming downloads.
+    pub fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
+    /// The run's spec.
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
+    /// The largest upload a node may send: an update with every extra, plus header room.
+    pub fn max_update_bytes(&self) -> u64 {
+        let tensors = self.layout.specs().len() as u64;
+        2 * 4 * self.layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
+    }
+}
+
+/// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
+async fn put_control(
+    blobs: &Blobs,
+    control: Option<Arc<Vec<f32>>>,
+) -> Result<Option<BlobRef>, ServerError> {
+    let Some(control) = control else {
+        return Ok(None);
+    };
+    let bytes = wire::encode_vectors(&[("control", &control)])?;
+    let size = bytes.len() as u64;
+    Ok(Some(BlobRef {
+        sha256: blobs.put(bytes).await?,
+        size,
+    }))
+}
+
+/// Round records as the store holds them (JSON).
+fn parse_records<T: serde::de::DeserializeOwned>(jsons: &[String]) -> Result<Vec<T>, ServerError> {
+    jsons
+        .iter()
+        .map(|json| {
+            serde_json::from_str(json)
+                .map_err(|e| ServerError::Settings(format!("stored round record: {e}")))
+        })
+        .collect()
+}
+
+/// Raises `spec`'s `min_clients` and `min_results` to `floor`, returning a notice for each
+/// setting raised: a round started or closed with fewer could never be aggregated.
+fn raise_to_floor(spec: &mut RunSpec, floor: &RoundFloor) -> Vec<String> {
+    let Some(reason) = &floor.reason else {
+        return Vec::new();
+    };
+    let mut notices = Vec::new();
+    let mut raise = |setting: &mut usize, name: &str| {
+        if *setting < floor.updates {
+            notices.push(format!(
+                "{name} raised from {setting} to {}: {reason}",
+                floor.updates
+            ));
+            *setting = floor.updates;
+        }
+    };
+    raise(&mut spec.cohort.min_clients, "min_clients");
+    raise(&mut spec.min_results, "min_results");
+    notices
+}
+
+/// Reasons a run ends without finishing its rounds.
+pub const FAILED_ROUNDS: &str = "rounds_failed";
+/// The run stopped on an error of the coordinator itself (its store, its blob store, the
+/// evaluator); restarting with the same configuration resumes it.
+pub const COORDINATOR_ERROR: &str = "coordinator_error";
+
+/// Whether a run that ended for `reason` failed.
+pub fn is_failure(reason: &str) -> bool {
+    reason == FAILED_ROUNDS || reason == COORDINATOR_ERROR
+}

@@ -1,0 +1,465 @@
+//! The round driver: starts a round once enough nodes are online, closes it when its cohort
+//! has answered or its deadline has passed, commits it, and fails and retries a round that
+//! cannot close.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ferry_core::wire;
+use ferry_engine::round;
+
+use crate::{
+    ServerError,
+    coordinator::{
+        BlobRef, COORDINATOR_ERROR, Coordinator, Event, FAILED_ROUNDS, FailedRound, FleetCheck,
+        State, Training, put_control, unix_ms,
+    },
+    secure::Progress,
+    store::RoundCommit,
+};
+
+/// The longest wait between attempts at a failing round (unless the configured backoff is
+/// longer).
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Coordinator {
+    /// Drives the run: starts rounds, closes them, commits them; returns when the run ends.
+    /// An error of the coordinator's own (its store, blob store or evaluator) stops the run:
+    /// it is logged, counted in `/metrics` (`ferry_coordinator_errors_total`) and shown by the
+    /// status API, and since the store still holds the open round, a restart resumes it.
+    pub async fn drive(self: Arc<Self>) -> Result<String, ServerError> {
+        let mut changed = self.subscribe();
+        loop {
+            match self.step().await {
+                Ok(Some(reason)) => return Ok(reason),
+                Ok(None) => {}
+                Err(error) => {
+                    self.stop_on_error(&error).await;
+                    return Err(error);
+                }
+            }
+            // Wake on any change, or soon anyway to check deadlines and liveness.
+            let _ = tokio::time::timeout(Duration::from_millis(250), changed.changed()).await;
+        }
+    }
+
+    async fn stop_on_error(&self, error: &ServerError) {
+        metrics::counter!("ferry_coordinator_errors_total").increment(1);
+        let mut state = self.state.lock().await;
+        let message = format!(
+            "the coordinator stopped on an error in round {}: {error}; the store keeps the \
+             round's accepted updates, so `ferry server` with the same configuration resumes it",
+            state.round
+        );
+        state.last_failure = Some(message.clone());
+        state.finished = Some(COORDINATOR_ERROR.to_string());
+        drop(state);
+        self.emit(Event::Notice(message));
+        self.emit(Event::Finished(COORDINATOR_ERROR.to_string()));
+        self.notify();
+    }
+
+    /// One look at the run; returns why it ended once it has.
+    async fn step(&self) -> Result<Option<String>, ServerError> {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        if let Some(reason) = &state.finished {
+            return Ok(Some(reason.clone()));
+        }
+        let now = Instant::now();
+        let offline_after = self.spec.offline_after;
+        state
+            .online
+            .retain(|_, seen| now.duration_since(*seen) < offline_after);
+        let (open, secure) = state
+            .training
+            .as_ref()
+            .map_or((false, false), |t| (true, t.secure.is_some()));
+        let changed = match (open, secure) {
+            (false, _) => self.start_round(state, now).await?,
+            (true, true) => self.step_secure(state, now).await?,
+            (true, false) => self.step_plain(state, now).await?,
+        };
+        let finished = state.finished.clone();
+        drop(guard);
+        if changed {
+            self.notify();
+        }
+        Ok(finished)
+    }
+
+    /// Starts the next round if its backoff is over and enough nodes are online; says once
+    /// what it waits for otherwise.
+    async fn start_round(&self, state: &mut State, now: Instant) -> Result<bool, ServerError> {
+        if state.retry_at.is_some_and(|at| now < at) {
+            return Ok(false);
+        }
+        let mut online: Vec<String> = state.online.keys().cloned().collect();
+        online.sort();
+        if online.len() < self.spec.cohort.min_clients {
+            let changed = self.check_fleet(state).await?;
+            if !state.waiting_noted || changed {
+                state.waiting_noted = true;
+                if let Some(waiting) = self.waiting(state) {
+                    self.emit(Event::Notice(waiting));
+                }
+            }
+            return Ok(false);
+        }
+        state.fleet_check = None;
+        if let Some(epsilon) = state
+            .strategy
+            .privacy
+            .as_ref()
+            .and_then(|p| p.next_round_exceeds_budget())
+        {
+            let reason = "budget_exhausted".to_string();
+            self.store.finish_run(&reason).await?;
+            state.finished = Some(reason.clone());
+            self.emit(Event::Notice(format!(
+                "stopping before the next round: it would take epsilon to {epsilon:.3}, over \
+                 the budget"
+            )));
+            self.emit(Event::Finished(reason));
+            return Ok(true);
+        }
+        let plan = round::plan(
+            state.round,
+            &self.spec.cohort,
+            &state.strategy,
+            &state.global,
+            online.len(),
+        )?;
+        let cohort: Vec<String> = plan.selected.iter().map(|&i| online[i].clone()).collect();
+        self.store.set_population(state.round, online.len()).await?;
+        self.store.set_cohort(state.round, &cohort).await?;
+        let training = self.open_training(state, plan, cohort.into_iter().collect());
+        self.emit(Event::RoundStarted {
+            round: state.round,
+            cohort: training.cohort.len(),
+        });
+        state.training = Some(training);
+        state.retry_at = None;
+        state.waiting_noted = false;
+        Ok(true)
+    }
+
+    /// While the run waits for nodes: asks the store (whenever the online count changes)
+    /// whether enrolled nodes and unused tokens could still fill a round. Returns whether that
+    /// answer changed.
+    async fn check_fleet(&self, state: &mut State) -> Result<bool, ServerError> {
+        let online = state.online.len();
+        if state
+            .fleet_check
+            .as_ref()
+            .is_some_and(|c| c.online == online)
+        {
+            return Ok(false);
+        }
+        let needed = self.spec.cohort.min_clients;
+        let (enrolled, unused) = self.store.fleet_capacity().await?;
+        let short = (enrolled + unused < needed).then(|| {
+            format!(
+                "only {enrolled} node(s) are enrolled and {unused} enrolment token(s) unused: \
+                 create tokens for more nodes (`ferry token create`), or lower what the rule \
+                 needs"
+            )
+        });
+        let changed = state.fleet_check.as_ref().is_some_and(|c| c.short != short)
+            || state.fleet_check.is_none() && short.is_some();
+        state.fleet_check = Some(FleetCheck { online, short });
+        Ok(changed)
+    }
+
+    /// A secure round: advances its stages; closes it once its sum is unmasked, fails it if
+    /// the protocol aborts.
+    async fn step_secure(&self, state: &mut State, now: Instant) -> Result<bool, ServerError> {
+        let Some(t) = state.training.as_mut() else {
+            return Ok(false);
+        };
+        let Some(secure) = t.secure.as_mut() else {
+            return Ok(false);
+        };
+        match secure.advance(&t.cohort, &t.answered, t.deadline, now) {
+            Progress::Waiting => Ok(false),
+            Progress::Advanced { notice, training } => {
+                if training {
+                    t.deadline = now + self.spec.round_timeout;
+                    t.deadline_unix_ms = unix_ms(t.deadline);
+                }
+                self.emit(Event::Notice(notice));
+                Ok(true)
+            }
+            Progress::Finished(sum) => {
+                let accepted = match &self.spec.secure {
+                    Some(secure) => t.open.accept_sum(&secure.update_sum(&sum)),
+                    None => Ok(()),
+                };
+                match accepted {
+                    Ok(()) => self.close_round(state).await?,
+                    Err(e) => self.fail_round(state, e.to_string()).await?,
+                }
+                Ok(true)
+            }
+            Progress::Aborted(reason) => {
+                self.fail_round(state, format!("secure aggregation aborted: {reason}"))
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// A round of plain updates: closes it when it can be aggregated, extends its deadline
+    /// once when it falls short, and fails it when the extension falls short too.
+    async fn step_plain(&self, state: &mut State, now: Instant) -> Result<bool, ServerError> {
+        let private = state.strategy.privacy.is_some();
+        let Some(t) = state.training.as_mut() else {
+            return Ok(false);
+        };
+        let accepted = t.open.accepted();
+        let all_answered = t.answered.len() >= t.cohort.len();
+        let past_deadline = now >= t.deadline;
+        // A private round closes with whoever answered by the deadline: widening its
+        // Poisson-sampled cohort would break the accountant's assumption, and its noise makes
+        // an empty round a valid (data-free) release.
+        let ready = if private {
+            all_answered || past_deadline
+        } else {
+            all_answered && accepted >= self.floor.updates
+                || past_deadline && accepted >= self.spec.min_results
+        };
+        if ready {
+            self.close_round(state).await?;
+            return Ok(true);
+        }
+        if !all_answered && !past_deadline && !t.extended {
+            return Ok(false);
+        }
+        if t.extended && past_deadline {
+            let reason = format!(
+                "{accepted} update(s) arrived by the extended deadline; {}",
+                self.needs(all_answered)
+            );
+            self.fail_round(state, reason).await?;
+            return Ok(true);
+        }
+        // Short of updates: idle online nodes join the cohort (during the extension, as soon
+        // as they come online).
+        let added = self.widen_cohort(state).await?;
+        let Some(t) = state.training.as_mut() else {
+            return Ok(false);
+        };
+        if t.extended {
+            return Ok(added > 0);
+        }
+        t.extended = true;
+        // Nodes that answered without an update are asked again.
+        let delivered = &t.delivered;
+        t.answered.retain(|node| delivered.contains(node));
+        t.deadline = now + self.spec.round_timeout;
+        t.deadline_unix_ms = unix_ms(t.deadline);
+        self.emit(Event::Notice(format!(
+            "round {}: {accepted} update(s) in; {}; deadline extended once by {:.0} s, {added} \
+             node(s) added",
+            t.plan_task.round,
+            self.needs(all_answered),
+            self.spec.round_timeout.as_secs_f64()
+        )));
+        Ok(true)
+    }
+
+    /// What a round that fell short needed: the rule's floor once everyone answered,
+    /// `min_results` at the deadline (named by the rule when the rule set it).
+    fn needs(&self, all_answered: bool) -> String {
+        let rule_sets_it = all_answered || self.floor.updates >= self.spec.min_results;
+        match &self.floor.reason {
+            Some(reason) if rule_sets_it => reason.clone(),
+            None if all_answered => "at least 1 update is needed".to_string(),
+            _ => format!("min_results is {}", self.spec.min_results),
+        }
+    }
+
+    /// Adds the online nodes outside the open round's cohort to it; returns how many.
+    async fn widen_cohort(&self, state: &mut State) -> Result<usize, ServerError> {
+        let Some(t) = state.training.as_mut() else {
+            return Ok(0);
+        };
+        let idle: Vec<String> = state
+            .online
+            .keys()
+            .filter(|n| !t.cohort.contains(*n))
+            .cloned()
+            .collect();
+        if idle.is_empty() {
+            return Ok(0);
+        }
+        self.store.set_cohort(t.plan_task.round, &idle).await?;
+        t.cohort.extend(idle.iter().cloned());
+        Ok(idle.len())
+    }
+
+    /// Ends the open round's attempt without touching the model: records it, forgets its
+    /// updates, and schedules the retry, or stops the run after too many failures in a row.
+    async fn fail_round(&self, state: &mut State, reason: String) -> Result<(), ServerError> {
+        let Some(training) = state.training.take() else {
+            return Ok(());
+        };
+        let failure = self.failure_of(training, reason).await?;
+        self.record_failure(state, failure).await
+    }
+
+    /// The record of `training`'s attempt, failed for `reason`.
+    async fn failure_of(
+        &self,
+        training: Training,
+        reason: String,
+    ) -> Result<FailedRound, ServerError> {
+        let round = training.plan_task.round;
+        let (cohort, updates) = (training.cohort.len(), training.delivered.len());
+        let wall_s = training.started.elapsed().as_secs_f64();
+        drop(training);
+        Ok(FailedRound {
+            round,
+            attempt: self.store.failed_attempts(round).await? + 1,
+            reason,
+            cohort,
+            updates,
+            wall_s,
+        })
+    }
+
+    async fn record_failure(
+        &self,
+        state: &mut State,
+        failure: FailedRound,
+    ) -> Result<(), ServerError> {
+        let json = serde_json::to_string(&failure)
+            .map_err(|e| ServerError::Settings(format!("failed round record: {e}")))?;
+        self.store
+            .fail_round(failure.round, failure.attempt, &json)
+            .await?;
+        metrics::counter!("ferry_rounds_failed_total").increment(1);
+        state.failures += 1;
+        state.last_failure = Some(failure.reason.clone());
+        state.waiting_noted = false;
+        let max = self.spec.max_round_failures;
+        if state.failures >= max {
+            let round = failure.round;
+            let message = format!(
+                "stopping: round {round} failed {} time(s) in a row (max-round-failures = \
+                 {max}); last: {}. Bring more nodes online, or relax what the rule needs, and \
+                 start `ferry server` again with the same configuration to resume from round \
+                 {round}",
+                state.failures, failure.reason
+            );
+            state.finished = Some(FAILED_ROUNDS.to_string());
+            self.emit(Event::RoundFailed {
+                failure,
+                retry_in: None,
+            });
+            self.emit(Event::Notice(message));
+            self.emit(Event::Finished(FAILED_ROUNDS.to_string()));
+            return Ok(());
+        }
+        let doublings = (state.failures - 1).min(16);
+        let backoff = (self.spec.retry_backoff * 2u32.pow(doublings))
+            .min(MAX_RETRY_BACKOFF.max(self.spec.retry_backoff));
+        state.retry_at = Some(Instant::now() + backoff);
+        self.emit(Event::RoundFailed {
+            failure,
+            retry_in: Some(backoff),
+        });
+        Ok(())
+    }
+
+    /// Aggregates the open round, evaluates and commits it. A round whose aggregate cannot be
+    /// formed fails (the model has not moved); an error after the model moved is the
+    /// coordinator's own and stops the run, which a restart resumes from the store.
+    async fn close_round(&self, state: &mut State) -> Result<(), ServerError> {
+        let Some(training) = state.training.take() else {
+            return Ok(());
+        };
+        let round = training.plan_task.round;
+        let (cohort, updates) = (training.cohort.len(), training.delivered.len());
+        let started = training.started;
+        let State {
+            strategy, global, ..
+        } = state;
+        let applied = match training.open.apply(strategy, global) {
+            Ok(applied) => applied,
+            Err(e) => {
+                let failure = FailedRound {
+                    round,
+                    attempt: self.store.failed_attempts(round).await? + 1,
+                    reason: format!("the round could not be aggregated: {e}"),
+                    cohort,
+                    updates,
+                    wall_s: started.elapsed().as_secs_f64(),
+                };
+                return self.record_failure(state, failure).await;
+            }
+        };
+        let evaluator = self.evaluator.clone();
+        let model = global.clone();
+        let evaluation = tokio::task::spawn_blocking(move || evaluator.evaluate(&model))
+            .await
+            .map_err(|e| ServerError::Settings(format!("evaluation task failed: {e}")))?
+            .map_err(|e| ServerError::Engine(ferry_engine::EngineError::Evaluation(e)))?;
+        let record = applied.record(evaluation);
+        let model_bytes = state.global.to_safetensors()?;
+        let model_size = model_bytes.len() as u64;
+        let model_sha = self.blobs.put(model_bytes).await?;
+        let saved = state.strategy.optimizer.save();
+        let state_sha = if saved.is_empty() {
+            String::new()
+        } else {
+            let named: Vec<(&str, &[f32])> = saved
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            self.blobs.put(wire::encode_vectors(&named)?).await?
+        };
+        let finished = if self
+            .spec
+            .target_accuracy
+            .is_some_and(|t| record.accuracy >= t)
+        {
+            Some("target_reached".to_string())
+        } else if round >= self.spec.rounds {
+            Some("rounds_completed".to_string())
+        } else {
+            None
+        };
+        self.store
+            .commit_round(&RoundCommit {
+                round,
+                record_json: serde_json::to_string(&record)
+                    .map_err(|e| ServerError::Settings(e.to_string()))?,
+                model_sha: model_sha.clone(),
+                state_sha,
+                finished: finished.clone(),
+            })
+            .await?;
+        state.model_blob = BlobRef {
+            sha256: model_sha,
+            size: model_size,
+        };
+        state.control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
+        if let Some(epsilon) = record.epsilon {
+            metrics::gauge!("ferry_dp_epsilon").set(epsilon);
+        }
+        state.round = round + 1;
+        state.failures = 0;
+        state.last_failure = None;
+        metrics::counter!("ferry_rounds_total").increment(1);
+        metrics::histogram!("ferry_round_duration_seconds").record(record.wall_s);
+        self.emit(Event::RoundFinished(Box::new(record)));
+        if let Some(reason) = &finished {
+            state.finished = Some(reason.clone());
+            self.emit(Event::Finished(reason.clone()));
+        }
+        Ok(())
+    }
+}

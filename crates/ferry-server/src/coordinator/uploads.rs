@@ -1,0 +1,216 @@
+//! Uploads and reports from nodes: whether a node may upload, taking a complete update (or a
+//! secure round's masked input) into the open round, the secure round's steps, and failures.
+
+use ferry_core::{Update, aggregate::validate_update, wire};
+
+use crate::{
+    coordinator::{Coordinator, Event, Refusal, State, Submission},
+    secure::{SecAggReply, SecAggStep},
+};
+
+impl Coordinator {
+    /// Checks that `node` may upload for `round`; `Ok(Some(Duplicate))` if that update was
+    /// already counted.
+    pub async fn may_upload(&self, node: &str, round: u32) -> Result<Option<Submission>, Refusal> {
+        let (open_for_node, answered, current) = {
+            let state = self.state.lock().await;
+            let t = state
+                .training
+                .as_ref()
+                .filter(|t| t.plan_task.round == round && t.cohort.contains(node));
+            (
+                t.is_some(),
+                t.is_some_and(|t| t.answered.contains(node)),
+                state.round,
+            )
+        };
+        if open_for_node && !answered {
+            return Ok(None);
+        }
+        match self.replayed(node, round).await {
+            Ok(Some(dup)) => Ok(Some(dup)),
+            Err(refusal) if open_for_node => Err(refusal),
+            _ => Err(Refusal::NotOpen(format!(
+                "round {round} is not open for this node (the server is at round {current}); \
+                 pull a new task"
+            ))),
+        }
+    }
+
+    async fn replayed(&self, node: &str, round: u32) -> Result<Option<Submission>, Refusal> {
+        let accepted = self
+            .store
+            .accepted(round)
+            .await
+            .map_err(|e| Refusal::NotOpen(format!("store unavailable: {e}")))?;
+        if accepted.iter().any(|(n, _)| n == node) {
+            Ok(Some(Submission::Duplicate))
+        } else {
+            Err(Refusal::NotOpen(format!(
+                "this node already answered round {round} without an update"
+            )))
+        }
+    }
+
+    /// Takes a complete upload whose content hash `sha256` the caller has verified: decodes and
+    /// validates it, stores it, and folds it into the open round.
+    pub async fn submit(
+        &self,
+        node: &str,
+        round: u32,
+        sha256: &str,
+        bytes: Vec<u8>,
+    ) -> Result<Submission, Refusal> {
+        if self.spec.secure.is_some() {
+            return self.submit_masked(node, round, &bytes).await;
+        }
+        let update = wire::decode_update(&bytes, &self.layout)
+            .and_then(|u| validate_update(&u, self.layout.num_params()).map(|()| u))
+            .map_err(|e| Refusal::Invalid(e.to_string()));
+        let mut state = self.state.lock().await;
+        let still_open = state.training.as_ref().is_some_and(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        });
+        if !still_open {
+            drop(state);
+            return self.may_upload(node, round).await.and_then(|dup| {
+                dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
+            });
+        }
+        let update: Update = match update {
+            Ok(update) => update,
+            Err(refusal) => {
+                self.refuse(&mut state, node, &refusal);
+                return Err(refusal);
+            }
+        };
+        let stored = async {
+            self.blobs.put_hashed(sha256, bytes).await?;
+            self.store.accept(round, node, sha256).await
+        }
+        .await;
+        match stored {
+            Ok(true) => {}
+            Ok(false) => return Ok(Submission::Duplicate),
+            Err(e) => return Err(Refusal::NotOpen(format!("could not store the update: {e}"))),
+        }
+        let Some(training) = state.training.as_mut() else {
+            return Err(Refusal::NotOpen("round closed".into()));
+        };
+        training.answered.insert(node.to_string());
+        if let Err(e) = training.open.accept(node, &update) {
+            // Refused by the strategy (for example a missing SCAFFOLD extra): not counted.
+            let _ = self.store.unaccept(round, node).await;
+            let refusal = Refusal::Invalid(e.to_string());
+            self.emit(Event::Notice(format!(
+                "refused node {node}'s update for round {round}: {e}"
+            )));
+            return Err(refusal);
+        }
+        training.delivered.insert(node.to_string());
+        drop(state);
+        metrics::counter!("ferry_updates_accepted_total").increment(1);
+        self.emit(Event::UpdateAccepted { round });
+        self.notify();
+        Ok(Submission::Accepted)
+    }
+
+    /// A secure round's upload: a masked input, folded into the masked sum and not stored
+    /// (alone it reveals nothing, and the round cannot outlive this process anyway).
+    async fn submit_masked(
+        &self,
+        node: &str,
+        round: u32,
+        bytes: &[u8],
+    ) -> Result<Submission, Refusal> {
+        let mut state = self.state.lock().await;
+        let Some(training) = state.training.as_mut().filter(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        }) else {
+            drop(state);
+            return self.may_upload(node, round).await.and_then(|dup| {
+                dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
+            });
+        };
+        let Some(secure) = training.secure.as_mut() else {
+            return Err(Refusal::NotOpen("the open round is not secure".into()));
+        };
+        secure.take_masked(node, bytes)?;
+        training.answered.insert(node.to_string());
+        training.delivered.insert(node.to_string());
+        training.open.note_secure_update(node, None);
+        training.open.add_protocol_bytes(bytes.len() as u64, 0);
+        drop(state);
+        metrics::counter!("ferry_updates_accepted_total").increment(1);
+        self.emit(Event::UpdateAccepted { round });
+        self.notify();
+        Ok(Submission::Accepted)
+    }
+
+    /// One step of `node` in the open secure round `round`.
+    pub async fn secagg(
+        &self,
+        node: &str,
+        round: u32,
+        step: SecAggStep,
+    ) -> Result<SecAggReply, Refusal> {
+        let mut state = self.state.lock().await;
+        let current = state.round;
+        let Some(training) = state
+            .training
+            .as_mut()
+            .filter(|t| t.plan_task.round == round && t.cohort.contains(node))
+        else {
+            return Err(Refusal::NotOpen(format!(
+                "no secure round {round} is open for this node (the server is at round \
+                 {current}); pull a new task"
+            )));
+        };
+        let Some(secure) = training.secure.as_mut() else {
+            return Err(Refusal::NotOpen("the open round is not secure".into()));
+        };
+        let reply = match secure.handle(node, step) {
+            Ok(reply) => reply,
+            Err(refusal @ Refusal::NotOpen(_)) => {
+                // The round went on without this node (it missed a stage): it is done with
+                // the round, so it is not handed the task again and does not spin.
+                training.answered.insert(node.to_string());
+                return Err(refusal);
+            }
+            Err(refusal) => return Err(refusal),
+        };
+        drop(state);
+        if matches!(reply, SecAggReply::Ack) {
+            self.notify();
+        }
+        Ok(reply)
+    }
+
+    fn refuse(&self, state: &mut State, node: &str, refusal: &Refusal) {
+        if let (Some(t), Refusal::Invalid(reason)) = (state.training.as_mut(), refusal) {
+            t.answered.insert(node.to_string());
+            t.open.fail(format!("node {node}: {reason}"));
+            self.emit(Event::Notice(format!(
+                "refused node {node}'s update for round {}: {reason}",
+                t.plan_task.round
+            )));
+            self.notify();
+        }
+    }
+
+    /// Records that `node` cannot deliver `round`.
+    pub async fn report_failure(&self, node: &str, round: u32, reason: &str) {
+        let mut state = self.state.lock().await;
+        if let Some(t) = state.training.as_mut().filter(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        }) {
+            t.answered.insert(node.to_string());
+            t.open.fail(format!("node {node}: {reason}"));
+            self.emit(Event::Notice(format!(
+                "node {node} gave up round {round}: {reason}"
+            )));
+            drop(state);
+            self.notify();
+        }
+    }
+}
