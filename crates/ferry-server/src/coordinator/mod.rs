@@ -14,12 +14,18 @@
 //! twice.
 
 mod rounds;
+mod types;
 mod uploads;
+
+pub use types::{
+    BlobRef, COORDINATOR_ERROR, Event, FAILED_ROUNDS, FailedRound, NodeTask, Refusal, RunSpec,
+    RunStatus, Submission, Work, is_failure,
+};
 
 use std::{
     collections::{BTreeSet, HashMap},
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
@@ -27,10 +33,9 @@ use ferry_engine::{
     floor::RoundFloor,
     node::{Evaluator, RoundTask},
     record::RoundRecord,
-    round::{self, CohortRule, OpenRound, RoundPlan},
-    secure::{SecureAggregation, round_context},
+    round::{self, OpenRound, RoundPlan},
+    secure::round_context,
 };
-use ferry_secagg::SecAggParams;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, mpsc, watch};
 
@@ -40,178 +45,6 @@ use crate::{
     secure::SecureStages,
     store::{RunRow, Store},
 };
-
-/// How the deployed run proceeds.
-#[derive(Debug, Clone)]
-pub struct RunSpec {
-    /// Hash of the run configuration; a stored run with another hash is not resumed.
-    pub config_hash: String,
-    /// Rounds to run.
-    pub rounds: u32,
-    /// Cohort selection and local training.
-    pub cohort: CohortRule,
-    /// Updates needed to close a round at its deadline.
-    pub min_results: usize,
-    /// Time a round waits for its cohort.
-    pub round_timeout: Duration,
-    /// Stop once the global model reaches this accuracy.
-    pub target_accuracy: Option<f64>,
-    /// How often nodes heartbeat while training.
-    pub heartbeat_interval: Duration,
-    /// Silence after which a node counts as offline.
-    pub offline_after: Duration,
-    /// Largest chunk accepted in an upload, and sent in a download.
-    pub max_chunk_bytes: usize,
-    /// Secure aggregation: rounds run SecAgg+ and the server sees only their sums.
-    pub secure: Option<SecureAggregation>,
-    /// Secure aggregation: how long each key stage (advertise, share, unmask) waits for the
-    /// cohort before closing with whoever acted.
-    pub secagg_stage_timeout: Duration,
-    /// Wait before a failed round is tried again; doubled after each further failure of the
-    /// same round, up to a minute.
-    pub retry_backoff: Duration,
-    /// Consecutive failed attempts at a round after which the run stops as failed.
-    pub max_round_failures: u32,
-}
-
-/// A reference to a stored blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlobRef {
-    /// Content hash.
-    pub sha256: String,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-/// A snapshot of the run for the REST API.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunStatus {
-    /// The run's identifier.
-    pub run_id: String,
-    /// The open (or next) round.
-    pub round: u32,
-    /// Rounds configured.
-    pub rounds: u32,
-    /// `waiting_for_nodes`, `training`, `retrying` (after a failed attempt), `finished` or
-    /// `failed`.
-    pub phase: String,
-    /// Online nodes a round needs before it starts.
-    pub nodes_needed: usize,
-    /// While the run waits: what for and why ("waiting for 5 online nodes: ...").
-    pub waiting: Option<String>,
-    /// Consecutive failed attempts at the current round.
-    pub failed_attempts: u32,
-    /// Why the latest attempt failed, while the round has not succeeded since.
-    pub last_failure: Option<String>,
-    /// Nodes heard from recently.
-    pub nodes_online: usize,
-    /// Nodes in the open round's cohort.
-    pub cohort: usize,
-    /// Updates accepted so far in the open round.
-    pub updates_in: usize,
-    /// Why the run ended, once it has.
-    pub finished: Option<String>,
-    /// Content hash of the current global model.
-    pub model_sha256: String,
-    /// Differential privacy: epsilon spent so far, at `delta`.
-    pub epsilon: Option<f64>,
-    /// Differential privacy: the delta of the guarantee.
-    pub delta: Option<f64>,
-}
-
-/// What the coordinator tells its operator.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// A round started with this many nodes.
-    RoundStarted {
-        /// The round.
-        round: u32,
-        /// Cohort size.
-        cohort: usize,
-    },
-    /// A node's update was accepted into the open round.
-    UpdateAccepted {
-        /// The round.
-        round: u32,
-    },
-    /// A round was committed.
-    RoundFinished(Box<RoundRecord>),
-    /// A round attempt failed; the model stays.
-    RoundFailed {
-        /// The attempt.
-        failure: FailedRound,
-        /// When the round is tried again; `None` when the run stops instead.
-        retry_in: Option<Duration>,
-    },
-    /// Something the operator should know (a refusal, an extended deadline).
-    Notice(String),
-    /// The run ended.
-    Finished(String),
-}
-
-/// What a node gets when it asks for work.
-#[derive(Debug, Clone)]
-pub enum Work {
-    /// Train this.
-    Task(Box<NodeTask>),
-    /// Nothing now.
-    Idle(String),
-    /// The run is over.
-    Finished(String),
-}
-
-/// One node's task for a round.
-#[derive(Debug, Clone)]
-pub struct NodeTask {
-    /// The run.
-    pub run_id: String,
-    /// The round's task (model, training, procedure, seed, server control).
-    pub task: RoundTask,
-    /// The model blob.
-    pub model: BlobRef,
-    /// The server-control blob, when the strategy broadcasts state.
-    pub server_control: Option<BlobRef>,
-    /// When the round may close without this node.
-    pub deadline_unix_ms: u64,
-    /// Secure aggregation: the protocol's parameters and the FedAvg weight cap.
-    pub secagg: Option<(SecAggParams, Option<u64>)>,
-}
-
-/// The outcome of a completed upload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Submission {
-    /// Counted in its round.
-    Accepted,
-    /// Already counted earlier; not counted again.
-    Duplicate,
-}
-
-/// Why an upload or report was refused, for the gRPC status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The round is not open for this node (closed, not started, or not in its cohort).
-    NotOpen(String),
-    /// The update's content is invalid.
-    Invalid(String),
-}
-
-/// A round attempt that ended without moving the global model, as `history.json` and the
-/// store record it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FailedRound {
-    /// The round.
-    pub round: u32,
-    /// Which attempt at the round this was (1 for the first).
-    pub attempt: u32,
-    /// Why it failed.
-    pub reason: String,
-    /// Nodes the attempt asked.
-    pub cohort: usize,
-    /// Updates (or masked inputs) it had accepted.
-    pub updates: usize,
-    /// Seconds from its start to its failure.
-    pub wall_s: f64,
-}
 
 struct Training {
     plan_task: RoundTask,
@@ -694,15 +527,4 @@ fn raise_to_floor(spec: &mut RunSpec, floor: &RoundFloor) -> Vec<String> {
     raise(&mut spec.cohort.min_clients, "min_clients");
     raise(&mut spec.min_results, "min_results");
     notices
-}
-
-/// Reasons a run ends without finishing its rounds.
-pub const FAILED_ROUNDS: &str = "rounds_failed";
-/// The run stopped on an error of the coordinator itself (its store, its blob store, the
-/// evaluator); restarting with the same configuration resumes it.
-pub const COORDINATOR_ERROR: &str = "coordinator_error";
-
-/// Whether a run that ended for `reason` failed.
-pub fn is_failure(reason: &str) -> bool {
-    reason == FAILED_ROUNDS || reason == COORDINATOR_ERROR
 }

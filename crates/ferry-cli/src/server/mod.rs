@@ -1,0 +1,310 @@
+//! `ferry server --config server.toml`: the coordinator of a deployed federation.
+//!
+//! The file's top level says where to listen and keep state; its `[run]` section uses the same
+//! keys as `ferry simulate` (model, dataset for server-side evaluation, strategy and its
+//! parameters, rounds, local training, seed) plus the deployment's own: `round-timeout`
+//! (seconds), `min-results`, `heartbeat` and `offline-after` (seconds), `max-chunk-bytes`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed};
+use ferry_engine::federation::{RoundObserver, StopReason};
+use ferry_ml::params;
+use ferry_server::{
+    blobs::Blobs,
+    coordinator::{Coordinator, Event, FailedRound, is_failure},
+    store::Store,
+};
+use ferry_sim::evaluator::TestSetEvaluator;
+
+use crate::{
+    progress::ConsoleProgress,
+    report::{self, FinalRecord, History},
+};
+
+mod config;
+
+use config::{ApiFile, DeployedConfig, ServerSetup, load, spec};
+pub use config::{DEFAULT_STORE, ServerArgs, store_url};
+
+/// The admin token in `path`, created (readable by its owner only) when missing.
+fn admin_token(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let token = format!("ferry-admin-{}", ferry_server::auth::new_secret());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write as _;
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    Ok(token)
+}
+
+fn start_api(api: &ApiFile, coordinator: Arc<Coordinator>, store: Store) -> Result<()> {
+    let addr: SocketAddr = api
+        .listen
+        .parse()
+        .with_context(|| format!("[api] listen = '{}' is not HOST:PORT", api.listen))?;
+    let token = admin_token(&api.admin_token_file)?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot start the metrics recorder")?;
+    let handler = ferry_server::api::Api::new(
+        coordinator.clone(),
+        store,
+        sha256_hex(token.as_bytes()),
+        metrics,
+    );
+    println!(
+        "REST API on http://{addr}/api/v1/status (admin token in {}), metrics on http://{addr}/metrics",
+        api.admin_token_file.display()
+    );
+    tokio::spawn(async move {
+        let shutdown = async move { coordinator.until_finished().await };
+        if let Err(e) = ferry_server::api::serve(addr, handler, shutdown).await {
+            eprintln!("warning: the REST API stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+/// Runs `ferry server`.
+pub fn run(args: ServerArgs) -> Result<()> {
+    let setup = load(&args.config, args.insecure)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(setup))
+}
+
+async fn serve(setup: ServerSetup) -> Result<()> {
+    let run = &setup.config.run;
+    let data = run.dataset.load(run.data_dir.as_deref())?;
+    if data.test.is_empty() {
+        bail!(
+            "the server evaluates every round, but {} has no test set (add test.csv to its folder)",
+            run.dataset
+        );
+    }
+    let evaluator = Arc::new(TestSetEvaluator::new(
+        run.model,
+        Arc::new(data.test),
+        &[],
+        run.seed,
+    ));
+    let initial = params::init_model(run.model, run.seed)?;
+    // A deployment draws its DP noise from the operating system, never from the run seed.
+    let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
+    let store = Store::open(&setup.file.store).await?;
+    let blobs = Blobs::local(&setup.file.blobs)?;
+    let (coordinator, events) = Coordinator::start(
+        spec(&setup.config, &strategy)?,
+        strategy,
+        initial,
+        evaluator,
+        store.clone(),
+        blobs,
+    )
+    .await?;
+    println!(
+        "ferry server: run {} — {} with {} on {}, {} rounds, at least {} nodes per round; listening on {} ({})",
+        coordinator.run_id(),
+        run.strategy,
+        run.model,
+        run.dataset,
+        run.rounds,
+        coordinator.spec().cohort.min_clients,
+        setup.listener.addr,
+        match &setup.listener.tls {
+            Some(t) if t.client_ca.is_some() => "TLS, client certificates required",
+            Some(_) => "TLS",
+            None => "insecure, loopback only",
+        }
+    );
+    report::prepare_dir(&setup.file.out)?;
+    let started = Instant::now();
+    let printer = tokio::spawn(print_events(
+        events,
+        setup.config.clone(),
+        setup.file.out.clone(),
+        coordinator.clone(),
+    ));
+    let driver = tokio::spawn(coordinator.clone().drive());
+    if let Some(api) = &setup.file.api {
+        start_api(api, coordinator.clone(), store.clone())?;
+    }
+    let linger = Duration::from_secs_f64((2.0 * setup.config.deployment.heartbeat).max(3.0));
+    let finished = {
+        let coordinator = coordinator.clone();
+        async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async {
+                    coordinator.until_finished().await;
+                    // Give polling nodes time to hear that the run is over.
+                    tokio::time::sleep(linger).await;
+                } => {}
+            }
+        }
+    };
+    ferry_server::serve(setup.listener.clone(), coordinator.clone(), store, finished).await?;
+    let Some(reason) = coordinator.finished().await else {
+        driver.abort();
+        println!(
+            "stopped; the run's state is saved, and `ferry server` with the same config resumes it"
+        );
+        return Ok(());
+    };
+    let driven = driver.await.context("the round driver stopped")?;
+    printer.abort();
+    let rounds = coordinator.history().await?;
+    let failed = coordinator.failed_rounds().await?;
+    if is_failure(&reason) {
+        return stopped_as_failed(&setup, &coordinator, &rounds, &failed, driven).await;
+    }
+    driven?;
+    let last = rounds.last().context("the run finished no round")?;
+    let model = coordinator.global().await;
+    let (model_bytes, sha) = report::model_bytes(&model)?;
+    let history = History {
+        config: &setup.config,
+        rounds: &rounds,
+        final_record: Some(FinalRecord {
+            accuracy: last.accuracy,
+            loss: last.loss,
+            model_sha256: sha.clone(),
+            rounds_run: last.round,
+            // The coordinator ends runs with the stop reasons' names.
+            stop: serde_json::from_value(serde_json::Value::String(reason.clone()))
+                .unwrap_or(StopReason::RoundsCompleted),
+            wall_s: started.elapsed().as_secs_f64(),
+            bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
+            bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
+        }),
+        baselines: None,
+        attackers: &[],
+        failed_rounds: &failed,
+    };
+    let title = format!(
+        "{} on {} ({}, deployed)",
+        run.strategy, run.dataset, run.model
+    );
+    report::write(&setup.file.out, &history, &model_bytes, &title)?;
+    println!(
+        "done: {} rounds ({reason}); final accuracy {:.4}, loss {:.4}; model_sha256 {sha}; outputs in {}",
+        last.round,
+        last.accuracy,
+        last.loss,
+        setup.file.out.display()
+    );
+    Ok(())
+}
+
+/// Prints the coordinator's events as they come and rewrites `history.json` after every
+/// round, committed or failed.
+async fn print_events(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    config: DeployedConfig,
+    out: PathBuf,
+    coordinator: Arc<Coordinator>,
+) {
+    let mut console = ConsoleProgress::new(config.run.rounds);
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::RoundStarted { round, cohort } => console.round_started(round, cohort),
+            Event::UpdateAccepted { round } => console.node_returned(round),
+            Event::RoundFinished(record) => {
+                console.round_finished(&record);
+                write_progress(&config, &out, &coordinator).await;
+            }
+            Event::RoundFailed { failure, retry_in } => {
+                let next = match retry_in {
+                    Some(wait) => format!("trying again in {:.0} s", wait.as_secs_f64()),
+                    None => "not tried again".to_string(),
+                };
+                console.notice(&format!(
+                    "round {} failed (attempt {}, {} of {} nodes delivered): {}; {next}",
+                    failure.round, failure.attempt, failure.updates, failure.cohort, failure.reason
+                ));
+                write_progress(&config, &out, &coordinator).await;
+            }
+            Event::Notice(message) => console.notice(&message),
+            Event::Finished(reason) => console.notice(&format!("run finished: {reason}")),
+        }
+    }
+}
+
+/// Rewrites `history.json` with the rounds committed and failed so far.
+async fn write_progress(config: &DeployedConfig, out: &Path, coordinator: &Coordinator) {
+    let (Ok(rounds), Ok(failed)) = (
+        coordinator.history().await,
+        coordinator.failed_rounds().await,
+    ) else {
+        return;
+    };
+    let history = History {
+        config,
+        rounds: &rounds,
+        final_record: None,
+        baselines: None,
+        attackers: &[],
+        failed_rounds: &failed,
+    };
+    if let Err(e) = report::write_history(out, &history) {
+        eprintln!("warning: {e:#}");
+    }
+}
+
+/// A run that stopped without finishing its rounds: its history is kept (with `final` null and
+/// the failed attempts), and the command fails with what happened and what to do.
+async fn stopped_as_failed(
+    setup: &ServerSetup,
+    coordinator: &Coordinator,
+    rounds: &[ferry_engine::record::RoundRecord],
+    failed: &[FailedRound],
+    driven: Result<String, ferry_server::ServerError>,
+) -> Result<()> {
+    let history = History {
+        config: &setup.config,
+        rounds,
+        final_record: None,
+        baselines: None,
+        attackers: &[],
+        failed_rounds: failed,
+    };
+    if let Err(e) = report::write_history(&setup.file.out, &history) {
+        eprintln!("warning: {e:#}");
+    }
+    driven.context("the coordinator stopped on an error; start `ferry server` with the same configuration to resume the run")?;
+    let status = coordinator.status().await;
+    bail!(
+        "the run stopped at round {} of {} after {} failed attempt(s) in a row ({} rounds \
+         applied); last failure: {}. Bring more nodes online or relax what the round needs, then \
+         start `ferry server` with the same configuration to resume",
+        status.round,
+        status.rounds,
+        status.failed_attempts,
+        rounds.len(),
+        status.last_failure.as_deref().unwrap_or("unknown")
+    )
+}
