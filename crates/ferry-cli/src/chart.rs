@@ -18,11 +18,20 @@ pub fn draw(path: &Path, rounds: &[RoundRecord], title: &str) -> Result<()> {
         .titled(title, ("sans-serif", 20))
         .map_err(|e| fail(&e))?;
     let (top, bottom) = root.split_vertically(310);
-    let lowest_accuracy = rounds.iter().map(|r| r.accuracy).fold(0.9, f64::min);
+    // Rounds not evaluated centrally (NaN) have no point.
+    let accuracy: Vec<(u32, f64)> = rounds
+        .iter()
+        .map(|r| (r.round, r.accuracy))
+        .filter(|p| !p.1.is_nan())
+        .collect();
+    let loss: Vec<(u32, f64)> = rounds
+        .iter()
+        .map(|r| (r.round, r.loss))
+        .filter(|p| !p.1.is_nan())
+        .collect();
+    let lowest_accuracy = accuracy.iter().map(|p| p.1).fold(0.9, f64::min);
     let accuracy_floor = (lowest_accuracy - 0.02).clamp(0.0, 0.9);
-    let max_loss = rounds.iter().map(|r| r.loss).fold(1e-3, f64::max) * 1.1;
-    let accuracy: Vec<(u32, f64)> = rounds.iter().map(|r| (r.round, r.accuracy)).collect();
-    let loss: Vec<(u32, f64)> = rounds.iter().map(|r| (r.round, r.loss)).collect();
+    let max_loss = loss.iter().map(|p| p.1).fold(1e-3, f64::max) * 1.1;
     panel(&top, "test accuracy", accuracy_floor..1.0, &accuracy, BLUE).map_err(|e| fail(&e))?;
     panel(&bottom, "test loss", 0.0..max_loss, &loss, RED).map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;

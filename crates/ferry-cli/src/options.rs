@@ -36,6 +36,11 @@ pub struct SimulateArgs {
     /// Model: lenet, cnn, mlp or logreg [default: lenet].
     #[arg(long)]
     pub model: Option<String>,
+    /// Start from this safetensors model file instead of a freshly initialised network (in
+    /// `ferry simulate`, a file of the --model network; in a server's [run], any model).
+    #[arg(long, value_name = "FILE.safetensors")]
+    #[serde(alias = "initial_model")]
+    pub initial_model: Option<PathBuf>,
     /// Number of virtual nodes [default: 10].
     #[arg(long)]
     pub clients: Option<usize>,
@@ -253,6 +258,7 @@ impl SimulateArgs {
                 dataset,
                 data_dir,
                 model,
+                initial_model,
                 clients,
                 fraction,
                 min_clients,
@@ -396,6 +402,7 @@ impl SimulateArgs {
             dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
             data_dir: self.data_dir.clone(),
             model: self.model.as_deref().unwrap_or("lenet").parse()?,
+            initial_model: self.initial_model.clone(),
             clients,
             fraction,
             min_clients,

@@ -114,11 +114,11 @@ impl RoundObserver for ConsoleProgress {
             format!("  aborted, model unchanged: {why}")
         });
         println!(
-            "round {:>3}/{}  accuracy {:.4}  loss {:.4}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}",
+            "round {:>3}/{}  accuracy {}  loss {}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}",
             r.round,
             self.rounds,
-            r.accuracy,
-            r.loss,
+            figure(r.accuracy),
+            figure(r.loss),
             r.participants,
             failed,
             r.wall_s,
@@ -129,6 +129,15 @@ impl RoundObserver for ConsoleProgress {
             left_out,
             aborted
         );
+    }
+}
+
+/// A figure to four decimals, or `-` when it was not measured (NaN).
+pub fn figure(value: f64) -> String {
+    if value.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{value:.4}")
     }
 }
 

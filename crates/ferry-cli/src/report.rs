@@ -16,9 +16,11 @@ use serde::Serialize;
 /// The final state of a run.
 #[derive(Debug, Serialize)]
 pub struct FinalRecord {
-    /// Test accuracy of the final model, in `[0, 1]`.
+    /// Test accuracy of the final model, in `[0, 1]` (`null` without a central test set).
+    #[serde(with = "ferry_engine::record::nan_as_null")]
     pub accuracy: f64,
-    /// Test loss of the final model.
+    /// Test loss of the final model (`null` without a central test set).
+    #[serde(with = "ferry_engine::record::nan_as_null")]
     pub loss: f64,
     /// sha256 of `model.safetensors`.
     pub model_sha256: String,
@@ -159,13 +161,14 @@ fn csv(rounds: &[RoundRecord]) -> String {
     }
     out.push('\n');
     let optional = |value: Option<f64>| value.map_or(String::new(), |v| v.to_string());
+    let measured = |value: f64| optional((!value.is_nan()).then_some(value));
     for r in rounds {
         let _ = write!(
             out,
             "{},{},{},{},{},{},{},{:.3},{},{},{},{}",
             r.round,
-            r.accuracy,
-            r.loss,
+            measured(r.accuracy),
+            measured(r.loss),
             r.participants,
             r.failures,
             r.bytes_up,
@@ -238,6 +241,7 @@ mod tests {
             dataset: "fashion-mnist".parse().expect("dataset"),
             data_dir: None,
             model: "logreg".parse().expect("model"),
+            initial_model: None,
             clients: 2,
             fraction: 1.0,
             min_clients: 1,

@@ -193,12 +193,7 @@ fn a_fleet_too_small_for_the_rule_is_refused_at_start_with_what_to_change() {
         "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 6\nmin_clients = 3\n\
          aggregator = \"trimmed-mean\"\ntrim-beta = 0.1\n",
     );
-    let out = support::ferry()
-        .args(server.args())
-        .output()
-        .expect("server runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = support::refused_at_start(&server);
     assert!(
         stderr.contains("trimmed-mean with trim-beta 0.1 needs 10 updates")
             && stderr.contains("clients = 6")

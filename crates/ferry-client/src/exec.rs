@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use ferry_core::{
@@ -119,6 +119,19 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     })
 }
 
+/// The last lines a failed trainer wrote to stderr (at most 10 lines and 1,500 characters),
+/// as `; stderr: ...`, so the node's failure report says why.
+fn stderr_tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let tail = lines[lines.len().saturating_sub(10)..].join("\n");
+    if tail.is_empty() {
+        return String::new();
+    }
+    let start = tail.char_indices().rev().nth(1499).map_or(0, |(i, _)| i);
+    format!("; stderr: {}", &tail[start..])
+}
+
 impl Trainer for ExecTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
         let (procedure, mu) = procedure_name(task.procedure)?;
@@ -144,14 +157,23 @@ impl Trainer for ExecTrainer {
         std::fs::write(&exec_task.model_in, global)
             .and_then(|()| std::fs::write(&task_path, task_json))
             .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
-        let status = Command::new(&self.program)
+        let run = Command::new(&self.program)
             .args(&self.args)
             .arg(&task_path)
             .env("FERRY_TASK", &task_path)
-            .status()
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|child| child.wait_with_output())
             .map_err(|e| format!("cannot run the trainer command '{}': {e}", self.program))?;
-        if !status.success() {
-            return Err(format!("the trainer command exited with {status}"));
+        // The node's log keeps all the trainer said; the server hears the end of it.
+        eprint!("{}", String::from_utf8_lossy(&run.stderr));
+        if !run.status.success() {
+            return Err(format!(
+                "the trainer command exited with {}{}",
+                run.status,
+                stderr_tail(&run.stderr)
+            ));
         }
         let trained = Model::from_safetensors(&read(&exec_task.model_out, "trained model")?)
             .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
@@ -187,6 +209,7 @@ mod tests {
         let layout = ModelLayout::new(vec![TensorSpec {
             name: "w".into(),
             shape: vec![3],
+            dtype: ferry_core::TensorDtype::F32,
         }])
         .expect("layout");
         TrainTask {
@@ -245,6 +268,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cases = [
             ("exit 3", "exited"),
+            (
+                "echo 'Traceback: KeyError: fc.weight' >&2; exit 1",
+                "stderr: Traceback: KeyError: fc.weight",
+            ),
             ("true", "no trained model"),
             (
                 "d=$(dirname \"$1\"); printf junk > \"$d/trained.safetensors\"",

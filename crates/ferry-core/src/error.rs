@@ -6,8 +6,14 @@ pub enum CoreError {
     /// The bytes are not a valid safetensors file.
     #[error("invalid safetensors data: {0}")]
     Safetensors(String),
-    /// A tensor has a dtype Ferry does not train with.
-    #[error("tensor '{name}' has dtype {dtype}; Ferry models hold f32 tensors only")]
+    /// A model file has no floating-point tensor, so there is nothing to train.
+    #[error(
+        "the model file holds no floating-point tensor (f32, f16, bf16 or f64) to train; it \
+         holds: {0}"
+    )]
+    NoParameters(String),
+    /// A tensor has a dtype Ferry cannot use where it was found.
+    #[error("tensor '{name}' has dtype {dtype}; updates carry f32 deltas only")]
     UnsupportedDtype {
         /// Tensor name.
         name: String,

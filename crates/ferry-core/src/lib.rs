@@ -19,6 +19,7 @@
 
 pub mod aggregate;
 pub mod algebra;
+pub mod dtype;
 pub mod error;
 pub mod model;
 pub mod privacy;
@@ -30,6 +31,7 @@ pub mod task;
 pub mod update;
 pub mod wire;
 
+pub use dtype::TensorDtype;
 pub use error::CoreError;
 pub use model::{Model, ModelLayout, TensorSpec};
 pub use update::Update;

@@ -1,27 +1,45 @@
-//! A model as named, shaped `f32` tensors stored in one flat vector.
+//! A model as named, shaped parameter tensors stored in one flat `f32` vector, plus the
+//! non-parameter tensors it carries.
 //!
 //! Keeping every parameter in one contiguous vector lets the update algebra and the
-//! aggregators work on a single flat slice, while the [`ModelLayout`] keeps the names and
-//! shapes that ML engines and the safetensors file need. Tensors are ordered by name, so two
-//! models with the same tensors always have the same flat order.
+//! aggregators work on a single flat slice, while the [`ModelLayout`] keeps the names, shapes
+//! and file dtypes that ML engines and the safetensors file need. Tensors are ordered by name,
+//! so two models with the same tensors always have the same flat order. Any set of named
+//! tensors of any shapes (0-d included) is a model, as long as one is floating point; see
+//! [`crate::dtype`] for what each dtype becomes.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
-use crate::CoreError;
+use crate::{
+    CoreError,
+    dtype::{CarriedTensor, TensorDtype},
+};
 
-/// The name and shape of one tensor of a model.
+/// The name, shape and file dtype of one parameter tensor of a model.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TensorSpec {
     /// Name as the model uses it, for example `conv1.weight`.
     pub name: String,
     /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// How the model file stores it (values are f32 in memory whatever it is).
+    #[serde(default)]
+    pub dtype: TensorDtype,
 }
 
 impl TensorSpec {
+    /// An f32 tensor.
+    pub fn f32(name: impl Into<String>, shape: Vec<usize>) -> Self {
+        Self {
+            name: name.into(),
+            shape,
+            dtype: TensorDtype::F32,
+        }
+    }
+
     /// Number of values the tensor holds.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
@@ -97,11 +115,15 @@ impl ModelLayout {
     }
 }
 
-/// A model: a layout plus one flat vector of parameter values.
+/// One tensor as a model file holds it: name, shape, dtype and bytes.
+type FileTensor<'a> = (&'a str, &'a [usize], safetensors::Dtype, Cow<'a, [u8]>);
+
+/// A model: a layout plus one flat vector of parameter values, and the tensors it carries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
     layout: Arc<ModelLayout>,
     values: Vec<f32>,
+    carried: Arc<[CarriedTensor]>,
 }
 
 impl Model {
@@ -113,7 +135,32 @@ impl Model {
                 got: values.len(),
             });
         }
-        Ok(Self { layout, values })
+        Ok(Self {
+            layout,
+            values,
+            carried: Arc::from(Vec::new()),
+        })
+    }
+
+    /// The model with `carried` as its non-parameter tensors (whose names must not clash with
+    /// a parameter's).
+    pub fn with_carried(mut self, carried: Vec<CarriedTensor>) -> Result<Self, CoreError> {
+        if let Some(clash) = carried
+            .iter()
+            .find(|t| self.layout.range(&t.name).is_some())
+        {
+            return Err(CoreError::LayoutMismatch(format!(
+                "tensor name '{}' appears twice",
+                clash.name
+            )));
+        }
+        self.carried = Arc::from(carried);
+        Ok(self)
+    }
+
+    /// The tensors that travel with the model but are never averaged (integers, booleans).
+    pub fn carried(&self) -> &[CarriedTensor] {
+        &self.carried
     }
 
     /// The model's layout (shared between all models of a run).
@@ -141,52 +188,84 @@ impl Model {
         self.values.len()
     }
 
-    /// Serialises the model as a safetensors file (f32, little endian).
+    /// Serialises the model as a safetensors file: each parameter tensor in its own dtype,
+    /// each carried tensor as it came.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, CoreError> {
-        let views = self
+        let bytes: Vec<FileTensor<'_>> = self
             .layout
             .entries()
             .map(|(spec, range)| {
-                let bytes: &[u8] = bytemuck::cast_slice(&self.values[range]);
-                TensorView::new(Dtype::F32, spec.shape.clone(), bytes)
-                    .map(|view| (spec.name.clone(), view))
-                    .map_err(|e| CoreError::Safetensors(e.to_string()))
+                let values = &self.values[range];
+                let data = match spec.dtype {
+                    TensorDtype::F32 => Cow::Borrowed(bytemuck::cast_slice(values)),
+                    other => Cow::Owned(other.encode(values)),
+                };
+                (
+                    spec.name.as_str(),
+                    spec.shape.as_slice(),
+                    spec.dtype.safetensors(),
+                    data,
+                )
+            })
+            .chain(self.carried.iter().map(|t| {
+                (
+                    t.name.as_str(),
+                    t.shape.as_slice(),
+                    t.dtype,
+                    Cow::Borrowed(t.data.as_slice()),
+                )
+            }))
+            .collect();
+        let views = bytes
+            .iter()
+            .map(|(name, shape, dtype, data)| {
+                TensorView::new(*dtype, shape.to_vec(), data)
+                    .map(|view| (name.to_string(), view))
+                    .map_err(|e| CoreError::Safetensors(format!("tensor '{name}': {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         safetensors::serialize(views, None).map_err(|e| CoreError::Safetensors(e.to_string()))
     }
 
-    /// Reads a safetensors file whose tensors are all f32.
+    /// Reads a safetensors model file: its floating-point tensors (f32, f16, bf16, f64) are
+    /// the parameters, every other tensor is carried. A file without a floating-point tensor
+    /// is refused.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, CoreError> {
-        let file =
-            SafeTensors::deserialize(bytes).map_err(|e| CoreError::Safetensors(e.to_string()))?;
+        let file = SafeTensors::deserialize(bytes)
+            .map_err(|e| CoreError::Safetensors(format!("not a safetensors model file ({e})")))?;
         let mut tensors = file.tensors();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        let specs = tensors
-            .iter()
-            .map(|(name, view)| {
-                if view.dtype() != Dtype::F32 {
-                    return Err(CoreError::UnsupportedDtype {
-                        name: name.clone(),
-                        dtype: format!("{:?}", view.dtype()),
+        let mut specs = Vec::new();
+        let mut values = Vec::new();
+        let mut carried = Vec::new();
+        for (name, view) in tensors {
+            match TensorDtype::of(view.dtype()) {
+                Some(dtype) => {
+                    dtype.decode_into(&name, view.data(), &mut values)?;
+                    specs.push(TensorSpec {
+                        name,
+                        shape: view.shape().to_vec(),
+                        dtype,
                     });
                 }
-                Ok(TensorSpec {
-                    name: name.clone(),
+                None => carried.push(CarriedTensor {
+                    name,
+                    dtype: view.dtype(),
                     shape: view.shape().to_vec(),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let layout = Arc::new(ModelLayout::new(specs)?);
-        let mut values = Vec::with_capacity(layout.num_params());
-        for (_, view) in &tensors {
-            values.extend(
-                view.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+                    data: view.data().to_vec(),
+                }),
+            }
         }
-        Self::new(layout, values)
+        if specs.is_empty() {
+            return Err(CoreError::NoParameters(
+                carried
+                    .iter()
+                    .map(|t| format!("{} ({:?})", t.name, t.dtype))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
+        }
+        Self::new(Arc::new(ModelLayout::new(specs)?), values)?.with_carried(carried)
     }
 
     /// Hex sha256 of the model's safetensors bytes: equal models have equal hashes, and the
@@ -208,8 +287,8 @@ impl Model {
             .find(|(a, b)| a != b)
             .map(|(a, b)| {
                 format!(
-                    "expected tensor '{}' {:?}, got '{}' {:?}",
-                    a.name, a.shape, b.name, b.shape
+                    "expected tensor '{}' {:?} {}, got '{}' {:?} {}",
+                    a.name, a.shape, a.dtype, b.name, b.shape, b.dtype
                 )
             })
             .unwrap_or_else(|| format!("expected {} tensors, got {}", ours.len(), theirs.len()));
@@ -227,6 +306,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use safetensors::tensor::Dtype;
+
     use super::*;
 
     fn small_model() -> Model {
@@ -234,10 +315,12 @@ mod tests {
             TensorSpec {
                 name: "fc.weight".into(),
                 shape: vec![2, 3],
+                dtype: crate::TensorDtype::F32,
             },
             TensorSpec {
                 name: "fc.bias".into(),
                 shape: vec![3],
+                dtype: crate::TensorDtype::F32,
             },
         ])
         .expect("valid layout");
@@ -260,6 +343,7 @@ mod tests {
         let spec = TensorSpec {
             name: "a".into(),
             shape: vec![1],
+            dtype: crate::TensorDtype::F32,
         };
         assert!(ModelLayout::new(vec![spec.clone(), spec]).is_err());
     }
@@ -301,15 +385,88 @@ mod tests {
         ));
     }
 
+    /// A file as a PyTorch user's model might be: bf16 and f64 weights, a 0-d f16 scalar, and
+    /// BatchNorm's integer step counter.
+    fn mixed_file() -> Vec<u8> {
+        let bf16: Vec<u8> = [0.5f32, -1.25, 3.0]
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let f64s: Vec<u8> = [0.1f64, 0.2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let scalar = half::f16::from_f32(2.0).to_le_bytes();
+        let steps = 7i64.to_le_bytes();
+        let views = vec![
+            ("fc.weight", Dtype::BF16, vec![3], &bf16[..]),
+            ("fc.bias", Dtype::F64, vec![2], &f64s[..]),
+            ("temperature", Dtype::F16, vec![], &scalar[..]),
+            ("bn.num_batches_tracked", Dtype::I64, vec![], &steps[..]),
+        ]
+        .into_iter()
+        .map(|(name, dtype, shape, data)| {
+            (
+                name.to_string(),
+                TensorView::new(dtype, shape, data).expect("view"),
+            )
+        })
+        .collect::<Vec<_>>();
+        safetensors::serialize(views, None).expect("bytes")
+    }
+
     #[test]
-    fn non_f32_tensors_are_refused() {
+    fn float_tensors_of_every_width_are_parameters_and_integers_are_carried() {
+        let bytes = mixed_file();
+        let model = Model::from_safetensors(&bytes).expect("a model");
+        let specs: Vec<_> = model
+            .layout()
+            .specs()
+            .iter()
+            .map(|s| (s.name.as_str(), s.shape.clone(), s.dtype))
+            .collect();
+        assert_eq!(
+            specs,
+            [
+                ("fc.bias", vec![2], TensorDtype::F64),
+                ("fc.weight", vec![3], TensorDtype::Bf16),
+                ("temperature", vec![], TensorDtype::F16),
+            ]
+        );
+        assert_eq!(model.num_params(), 6, "a 0-d tensor holds one value");
+        assert_eq!(model.tensor("temperature"), Some(&[2.0f32][..]));
+        assert_eq!(model.carried().len(), 1);
+        assert_eq!(model.carried()[0].name, "bn.num_batches_tracked");
+        // Written back in each tensor's own dtype: bf16, f16 and integers byte for byte, f64
+        // at f32 precision.
+        let again = model.to_safetensors().expect("bytes");
+        let reread = SafeTensors::deserialize(&again).expect("safetensors");
+        let original = SafeTensors::deserialize(&bytes).expect("safetensors");
+        for (name, view) in original.tensors() {
+            let other = reread.tensor(&name).expect("every tensor written back");
+            assert_eq!(
+                (view.dtype(), view.shape()),
+                (other.dtype(), other.shape()),
+                "{name}"
+            );
+            if view.dtype() != Dtype::F64 {
+                assert_eq!(view.data(), other.data(), "{name}");
+            }
+        }
+        let bias = reread.tensor("fc.bias").expect("bias");
+        let written: Vec<f64> = bias
+            .data()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(written, [f64::from(0.1f32), f64::from(0.2f32)]);
+    }
+
+    #[test]
+    fn a_file_without_a_float_tensor_is_refused_naming_what_it_holds() {
         let data = [0u8; 4];
         let view = TensorView::new(Dtype::I32, vec![1], &data).expect("view");
-        let bytes = safetensors::serialize(vec![("x".to_string(), view)], None).expect("bytes");
-        assert!(matches!(
-            Model::from_safetensors(&bytes),
-            Err(CoreError::UnsupportedDtype { .. })
-        ));
+        let bytes = safetensors::serialize(vec![("steps".to_string(), view)], None).expect("bytes");
+        let err = Model::from_safetensors(&bytes).unwrap_err();
+        assert!(matches!(err, CoreError::NoParameters(_)), "{err}");
+        assert!(err.to_string().contains("steps (I32)"), "{err}");
     }
 
     #[test]
@@ -318,6 +475,7 @@ mod tests {
         let other = ModelLayout::new(vec![TensorSpec {
             name: "fc.bias".into(),
             shape: vec![4],
+            dtype: crate::TensorDtype::F32,
         }])
         .expect("layout");
         let err = model.check_same_layout(&other).expect_err("differs");

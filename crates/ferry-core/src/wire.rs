@@ -205,10 +205,12 @@ mod tests {
             TensorSpec {
                 name: "w".into(),
                 shape: vec![2, 2],
+                dtype: crate::TensorDtype::F32,
             },
             TensorSpec {
                 name: "b".into(),
                 shape: vec![2],
+                dtype: crate::TensorDtype::F32,
             },
         ])
         .expect("layout")
@@ -239,10 +241,12 @@ mod tests {
             TensorSpec {
                 name: "w".into(),
                 shape: vec![4],
+                dtype: crate::TensorDtype::F32,
             },
             TensorSpec {
                 name: "b".into(),
                 shape: vec![2],
+                dtype: crate::TensorDtype::F32,
             },
         ])
         .expect("layout");

@@ -61,6 +61,18 @@ pub struct Score {
     pub class_accuracy: Vec<Option<f64>>,
 }
 
+impl Score {
+    /// The score of a round nobody evaluated centrally (a run without a central test set):
+    /// NaN figures, written as `null`.
+    pub fn unevaluated() -> Self {
+        Self {
+            loss: f64::NAN,
+            accuracy: f64::NAN,
+            class_accuracy: Vec::new(),
+        }
+    }
+}
+
 /// Scores a global model on held-out data (the central test set in simulation).
 pub trait Evaluator: Send + Sync {
     /// Scores `model`.

@@ -8,9 +8,12 @@ use serde::{Deserialize, Serialize};
 pub struct RoundRecord {
     /// The round, from 1.
     pub round: u32,
-    /// Accuracy of the new global model on the test set, in `[0, 1]`.
+    /// Accuracy of the new global model on the test set, in `[0, 1]`; NaN (`null` in JSON)
+    /// when the run has no central test set.
+    #[serde(with = "nan_as_null")]
     pub accuracy: f64,
-    /// Mean test loss of the new global model.
+    /// Mean test loss of the new global model; NaN (`null`) when not evaluated centrally.
+    #[serde(with = "nan_as_null")]
     pub loss: f64,
     /// Accuracy of the new global model on each class's test examples, indexed by label
     /// (`null` for a class with no test examples); empty when the evaluator does not score
@@ -50,4 +53,24 @@ pub struct RoundRecord {
     /// for the masks to be removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted: Option<String>,
+}
+
+/// A figure that may be missing, kept as NaN in memory (comparisons with it are false, so
+/// a missing accuracy never reaches a target) and written as `null`.
+pub mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes NaN as `null`.
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        if value.is_nan() {
+            serializer.serialize_none()
+        } else {
+            serializer.serialize_f64(*value)
+        }
+    }
+
+    /// Reads `null` as NaN.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
+    }
 }

@@ -68,6 +68,7 @@ fn model() -> Model {
     let layout = ModelLayout::new(vec![TensorSpec {
         name: "w".into(),
         shape: vec![3],
+        dtype: ferry_core::TensorDtype::F32,
     }])
     .expect("layout");
     Model::new(Arc::new(layout), vec![0.0; 3]).expect("model")

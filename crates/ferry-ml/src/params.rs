@@ -69,13 +69,8 @@ impl ModuleVisitor for Collector {
             .into_data()
             .try_into_vec::<f32>()
             .expect("burn float parameters of the flex backend are f32");
-        self.tensors.push((
-            TensorSpec {
-                name: self.path.name(),
-                shape,
-            },
-            values,
-        ));
+        self.tensors
+            .push((TensorSpec::f32(self.path.name(), shape), values));
     }
 }
 
@@ -234,6 +229,22 @@ pub fn kind_of(model: &Model) -> Result<ModelKind, MlError> {
         "the model's tensors ({}) match none of the built-in networks (lenet, cnn, mlp, logreg)",
         tensors.join(", ")
     )))
+}
+
+/// Reads the model file at `path` that a user hands over (any named tensors; see
+/// `ferry_core::dtype`), naming the file in every error.
+pub fn load_model_file(path: &std::path::Path) -> Result<Model, MlError> {
+    let bad = |reason: String| MlError::BadDataFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| {
+        bad(format!(
+            "{e}; give the path of a safetensors model file (PyTorch: \
+             safetensors.torch.save_file(model.state_dict(), PATH))"
+        ))
+    })?;
+    Model::from_safetensors(&bytes).map_err(|e| bad(e.to_string()))
 }
 
 /// A freshly initialised model, the same for the same seed on every machine.

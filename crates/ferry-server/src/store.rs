@@ -36,6 +36,11 @@ const SCHEMA: &[&str] = &[
      record TEXT NOT NULL, PRIMARY KEY (round, attempt))",
 ];
 
+/// Whether `error` is SQLite's "database is locked" (another process holds the file).
+fn is_locked(error: &sqlx::Error) -> bool {
+    error.to_string().contains("database is locked")
+}
+
 /// The stored state of the run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunRow {
@@ -131,18 +136,36 @@ impl Store {
             .max_connections(if url.starts_with("sqlite:") { 1 } else { 8 })
             .connect(&connect_url(url))
             .await?;
-        if url.starts_with("sqlite:") {
-            sqlx::query("PRAGMA journal_mode=WAL")
-                .execute(&pool)
-                .await?;
+        // Two processes opening a new SQLite file at once (a server starting while `ferry token
+        // create` runs) can find it locked while the other switches it to WAL or creates the
+        // tables, before any busy timeout applies: try again for a few seconds.
+        let mut attempts = 0;
+        loop {
+            match Self::prepare(&pool, url.starts_with("sqlite:")).await {
+                Err(e) if attempts < 50 && is_locked(&e) => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                prepared => {
+                    prepared?;
+                    return Ok(Self { pool });
+                }
+            }
+        }
+    }
+
+    /// Sets SQLite's journal mode and busy timeout, and creates the tables.
+    async fn prepare(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> {
+        if sqlite {
             sqlx::query("PRAGMA busy_timeout=5000")
-                .execute(&pool)
+                .execute(pool)
                 .await?;
+            sqlx::query("PRAGMA journal_mode=WAL").execute(pool).await?;
         }
         for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await?;
+            sqlx::query(statement).execute(pool).await?;
         }
-        Ok(Self { pool })
+        Ok(())
     }
 
     /// Creates a one-time enrolment token for the node `name` and returns it; only its hash is

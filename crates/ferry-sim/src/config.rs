@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ferry_core::{
-    CoreError,
+    CoreError, Model,
     privacy::{DpSettings, mechanism::Privacy, noise::NoiseSeed},
     robust::RobustRule,
     strategy::{Strategy, StrategyName, StrategyParams},
@@ -12,6 +12,7 @@ use ferry_core::{
 use ferry_ml::{
     data::{DatasetKind, partition::Partitioner},
     models::ModelKind,
+    params,
 };
 use serde::{Serialize, Serializer};
 
@@ -20,7 +21,7 @@ use ferry_engine::{
     secure::{SecAggSettings, SecureAggregation},
 };
 
-use crate::attack::AttackSettings;
+use crate::{SimError, attack::AttackSettings};
 
 /// Everything that determines a simulated run (recorded in `history.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -31,6 +32,8 @@ pub struct SimConfig {
     pub data_dir: Option<PathBuf>,
     /// The network to train.
     pub model: ModelKind,
+    /// A model file to start from instead of the network initialised from the seed.
+    pub initial_model: Option<PathBuf>,
     /// Number of virtual nodes.
     pub clients: usize,
     /// Fraction of nodes selected per round.
@@ -73,6 +76,27 @@ fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl SimConfig {
+    /// The model the run starts from: the `initial_model` file when set (for virtual nodes,
+    /// which train built-in networks, it must be a `model` network, for example a finished
+    /// run's `model.safetensors`), else the network initialised from the seed.
+    pub fn initial(&self) -> Result<Model, SimError> {
+        let fresh = params::init_model(self.model, self.seed)?;
+        let Some(path) = &self.initial_model else {
+            return Ok(fresh);
+        };
+        let loaded = params::load_model_file(path)?;
+        fresh.check_same_layout(loaded.layout()).map_err(|e| {
+            SimError::InitialModel(format!(
+                "{} is not a {} network ({e}); virtual nodes train built-in networks, so start \
+                 from a {} model file or drop initial-model",
+                path.display(),
+                self.model,
+                self.model
+            ))
+        })?;
+        Ok(loaded)
+    }
+
     /// The run's strategy for `fleet_size` nodes, with its privacy, robust rule and norm bound;
     /// `noise` says where DP noise comes from (the run seed in simulation, the OS in
     /// deployment).

@@ -9,6 +9,9 @@ pub enum SimError {
     /// The round engine refused the settings or a round failed.
     #[error(transparent)]
     Engine(#[from] ferry_engine::EngineError),
+    /// The initial model file does not fit the run.
+    #[error("{0}")]
+    InitialModel(String),
     /// An attack that cannot be staged as configured.
     #[error("{0}")]
     Attack(String),

@@ -7,10 +7,7 @@ use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome, RunSettings},
     node::NodeHandle,
 };
-use ferry_ml::{
-    data::{NUM_CLASSES, partition::Partition},
-    params,
-};
+use ferry_ml::data::{NUM_CLASSES, partition::Partition};
 
 use crate::{
     SimConfig, SimError,
@@ -91,7 +88,7 @@ impl Simulation {
             evaluator = evaluator.with_backdoor(attack::triggered_test_set(&data.test, a.target));
         }
         let evaluator = Arc::new(evaluator);
-        let initial = params::init_model(config.model, config.seed)?;
+        let initial = config.initial()?;
         Ok(Self {
             config,
             nodes,

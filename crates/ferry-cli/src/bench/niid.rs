@@ -72,6 +72,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             dataset: DatasetKind::FashionMnist,
             data_dir: args.data_dir.clone(),
             model: ModelKind::Lenet,
+            initial_model: None,
             clients: 10,
             fraction: 1.0,
             min_clients: 10,

@@ -21,10 +21,7 @@ use ferry_core::{
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
-use ferry_engine::{
-    node::{Evaluator, Score},
-    round::CohortRule,
-};
+use ferry_engine::round::CohortRule;
 use ferry_server::{
     Listener, TlsPem,
     blobs::Blobs,
@@ -80,15 +77,6 @@ struct ServerReport {
     peak_rss_bytes: Option<u64>,
 }
 
-/// The round's figures are the transport's; nothing is evaluated.
-struct NotEvaluated;
-
-impl Evaluator for NotEvaluated {
-    fn evaluate(&self, _model: &Model) -> Result<Score, String> {
-        Ok(Score::default())
-    }
-}
-
 /// Returns a copy of one random update of the model's size instead of training, so that the
 /// clients spend their time on the protocol.
 struct SyntheticTrainer(Arc<Vec<f32>>);
@@ -117,6 +105,7 @@ fn synthetic_model(params: usize) -> Result<Model> {
     let layout = ModelLayout::new(vec![TensorSpec {
         name: "weights".into(),
         shape: vec![params],
+        dtype: ferry_core::TensorDtype::F32,
     }])?;
     Ok(Model::new(Arc::new(layout), vec![0.0; params])?)
 }
@@ -168,7 +157,8 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
             spec,
             strategy,
             synthetic_model(args.params)?,
-            Arc::new(NotEvaluated),
+            // The round's figures are the transport's; nothing is evaluated.
+            None,
             store.clone(),
             blobs,
         )

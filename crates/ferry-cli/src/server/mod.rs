@@ -15,13 +15,11 @@ use std::{
 use anyhow::{Context, Result, bail};
 use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed};
 use ferry_engine::federation::{RoundObserver, StopReason};
-use ferry_ml::params;
 use ferry_server::{
     blobs::Blobs,
     coordinator::{Coordinator, Event, FailedRound, is_failure},
     store::Store,
 };
-use ferry_sim::evaluator::TestSetEvaluator;
 
 use crate::{
     progress::ConsoleProgress,
@@ -29,9 +27,11 @@ use crate::{
 };
 
 mod config;
+mod starting_point;
 
 use config::{ApiFile, DeployedConfig, ServerSetup, load, spec};
 pub use config::{DEFAULT_STORE, ServerArgs, store_url};
+use starting_point::StartingPoint;
 
 /// The admin token in `path`, created (readable by its owner only) when missing.
 fn admin_token(path: &Path) -> Result<String> {
@@ -99,20 +99,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
 
 async fn serve(setup: ServerSetup) -> Result<()> {
     let run = &setup.config.run;
-    let data = run.dataset.load(run.data_dir.as_deref())?;
-    if data.test.is_empty() {
-        bail!(
-            "the server evaluates every round, but {} has no test set (add test.csv to its folder)",
-            run.dataset
-        );
-    }
-    let evaluator = Arc::new(TestSetEvaluator::new(
-        run.model,
-        Arc::new(data.test),
-        &[],
-        run.seed,
-    ));
-    let initial = params::init_model(run.model, run.seed)?;
+    let start = StartingPoint::of(run)?;
+    let initial = start.model;
     // A deployment draws its DP noise from the operating system, never from the run seed.
     let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
     let store = Store::open(&setup.file.store).await?;
@@ -121,17 +109,16 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         spec(&setup.config, &strategy)?,
         strategy,
         initial,
-        evaluator,
+        start.evaluator,
         store.clone(),
         blobs,
     )
     .await?;
     println!(
-        "ferry server: run {} — {} with {} on {}, {} rounds, at least {} nodes per round; listening on {} ({})",
+        "ferry server: run {} — {} with {}, {} rounds, at least {} nodes per round; listening on {} ({})",
         coordinator.run_id(),
         run.strategy,
-        run.model,
-        run.dataset,
+        start.description,
         run.rounds,
         coordinator.spec().cohort.min_clients,
         setup.listener.addr,

@@ -266,3 +266,11 @@ pub fn share_client_args(
     );
     args
 }
+
+/// Runs `server` expecting it to refuse its configuration at start; returns what it said.
+pub fn refused_at_start(server: &TestServer) -> String {
+    let out = ferry().args(server.args()).output().expect("server runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "the server started:\n{stderr}");
+    stderr
+}

@@ -102,10 +102,12 @@ mod tests {
             TensorSpec {
                 name: "a".into(),
                 shape: vec![2],
+                dtype: crate::TensorDtype::F32,
             },
             TensorSpec {
                 name: "b".into(),
                 shape: vec![2],
+                dtype: crate::TensorDtype::F32,
             },
         ])
         .expect("layout")

@@ -46,6 +46,7 @@ mod tests {
         let layout = ModelLayout::new(vec![TensorSpec {
             name: "w".into(),
             shape: vec![3],
+            dtype: crate::TensorDtype::F32,
         }])
         .expect("layout");
         let mut noise = NoiseSource::new(NoiseSeed::Run(1), 0);

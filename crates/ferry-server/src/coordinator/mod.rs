@@ -90,7 +90,7 @@ pub struct Coordinator {
     layout: Arc<ModelLayout>,
     store: Store,
     blobs: Blobs,
-    evaluator: Arc<dyn Evaluator>,
+    evaluator: Option<Arc<dyn Evaluator>>,
     floor: RoundFloor,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
@@ -106,12 +106,13 @@ fn unix_ms(at: Instant) -> u64 {
 
 impl Coordinator {
     /// Starts a new run from `initial`, or resumes the one in `store` (which must have been
-    /// started with the same configuration). Events go to the returned receiver.
+    /// started with the same configuration). Rounds are scored by `evaluator`, or not at all
+    /// centrally when there is none. Events go to the returned receiver.
     pub async fn start(
         mut spec: RunSpec,
         mut strategy: Strategy,
         initial: Model,
-        evaluator: Arc<dyn Evaluator>,
+        evaluator: Option<Arc<dyn Evaluator>>,
         store: Store,
         blobs: Blobs,
     ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Event>), ServerError> {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use ferry_core::wire;
-use ferry_engine::round;
+use ferry_engine::{node::Score, round};
 
 use crate::{
     ServerError,
@@ -401,12 +401,16 @@ impl Coordinator {
                 return self.record_failure(state, failure).await;
             }
         };
-        let evaluator = self.evaluator.clone();
-        let model = global.clone();
-        let evaluation = tokio::task::spawn_blocking(move || evaluator.evaluate(&model))
-            .await
-            .map_err(|e| ServerError::Settings(format!("evaluation task failed: {e}")))?
-            .map_err(|e| ServerError::Engine(ferry_engine::EngineError::Evaluation(e)))?;
+        let evaluation = match self.evaluator.clone() {
+            Some(evaluator) => {
+                let model = global.clone();
+                tokio::task::spawn_blocking(move || evaluator.evaluate(&model))
+                    .await
+                    .map_err(|e| ServerError::Settings(format!("evaluation task failed: {e}")))?
+                    .map_err(|e| ServerError::Engine(ferry_engine::EngineError::Evaluation(e)))?
+            }
+            None => Score::unevaluated(),
+        };
         let record = applied.record(evaluation);
         let model_bytes = state.global.to_safetensors()?;
         let model_size = model_bytes.len() as u64;

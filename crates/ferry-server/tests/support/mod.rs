@@ -52,10 +52,12 @@ pub fn initial() -> Model {
         TensorSpec {
             name: "w".into(),
             shape: vec![2, 2],
+            dtype: ferry_core::TensorDtype::F32,
         },
         TensorSpec {
             name: "b".into(),
             shape: vec![2],
+            dtype: ferry_core::TensorDtype::F32,
         },
     ])
     .expect("layout");
@@ -140,7 +142,7 @@ pub async fn start_with_strategy(
         spec,
         strategy,
         initial(),
-        Arc::new(DistanceToOnes),
+        Some(Arc::new(DistanceToOnes)),
         store.clone(),
         blobs,
     )
