@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Logistic regression on a CSV file, as a Ferry external-command trainer.
 
-Ferry runs `python3 train.py TASK_JSON` once per round (see docs/exec-trainer.md). This script
-reads the global model (one weight matrix [features, classes] and one bias [classes]), trains it
+Ferry runs `python3 train.py TASK_JSON` once per round, or, with `--trainer-mode long-lived`,
+starts it once and writes each round's task as a JSON line to its stdin (see
+docs/exec-trainer.md); this script serves both. For each task it reads the global model (one weight matrix [features, classes] and one bias [classes]), trains it
 with mini-batch SGD on DATA_DIR/train.csv (one row per example: the class label, then the
 features; features above 1 are read as 0-255 pixel values and scaled to [0, 1]), and writes the
 trained model and the result where the task says.
@@ -24,9 +25,17 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def main():
-    with open(sys.argv[-1]) as f:
-        task = json.load(f)
+_DATA = {}
+
+
+def load_data(data_dir):
+    """The node's examples; a long-lived process reads them once for the whole run."""
+    if data_dir not in _DATA:
+        _DATA[data_dir] = np.loadtxt(os.path.join(data_dir, "train.csv"), delimiter=",", ndmin=2)
+    return _DATA[data_dir]
+
+
+def train(task):
     tensors = load_file(task["model_in"])
     weight_name = next(name for name, t in tensors.items() if t.ndim == 2)
     bias_name = next(name for name, t in tensors.items() if t.ndim == 1)
@@ -34,7 +43,7 @@ def main():
     b = tensors[bias_name].astype(np.float64)
     w_global, b_global = w.copy(), b.copy()
 
-    data = np.loadtxt(os.path.join(task["data_dir"], "train.csv"), delimiter=",", ndmin=2)
+    data = load_data(task["data_dir"])
     labels = data[:, 0].astype(np.int64)
     features = data[:, 1:]
     if features.max() > 1.0:
@@ -68,5 +77,21 @@ def main():
                    "metrics": {"train_loss": loss_sum / max(steps, 1), "steps": steps}}, f)
 
 
+def serve():
+    """Long-lived mode: one task per stdin line, one protocol line per answer on stdout."""
+    for line in sys.stdin:
+        task = json.loads(line)
+        try:
+            train(task)
+            answer = {"ferry": "done"}
+        except Exception as error:  # the node reports it as this round's failure
+            answer = {"ferry": "error", "message": f"{type(error).__name__}: {error}"}
+        print(json.dumps(answer), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("FERRY_TRAINER") == "long-lived":
+        serve()
+    else:
+        with open(sys.argv[-1]) as f:
+            train(json.load(f))

@@ -12,7 +12,7 @@ use clap::Args;
 use ferry_client::{
     agent::{self, AgentEvent, AgentSettings, TrainTask, Trainer},
     connection::ServerAddress,
-    exec::ExecTrainer,
+    exec::{ExecTrainer, long_lived::LongLivedTrainer},
 };
 use ferry_core::{Update, wire};
 use ferry_ml::{
@@ -70,9 +70,22 @@ pub struct ClientArgs {
     /// (see docs/exec-trainer.md); it gets the round's task.json path as its last argument.
     #[arg(long, value_name = "COMMAND")]
     pub trainer_cmd: Option<String>,
+    /// How --trainer-cmd runs: once per round, or started once and handed every round's task
+    /// as a JSON line on its stdin (no start-up cost per round).
+    #[arg(long, value_enum, default_value_t = TrainerMode::PerRound)]
+    pub trainer_mode: TrainerMode,
     /// Seconds to keep retrying while the server is unreachable.
     #[arg(long, default_value_t = 300.0)]
     pub give_up_after: f64,
+}
+
+/// How the external-command trainer's program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainerMode {
+    /// A new process each round, with the task file's path as its last argument.
+    PerRound,
+    /// One process for the whole run, taking tasks as JSON lines.
+    LongLived,
 }
 
 /// Local training with the built-in burn models on the node's own examples.
@@ -195,10 +208,16 @@ pub fn run(args: ClientArgs) -> Result<()> {
                 args.server
             );
             let work_dir = args.state_dir.join("exec");
-            Arc::new(
-                ExecTrainer::new(command, args.data_dir.clone(), work_dir)
-                    .map_err(anyhow::Error::msg)?,
-            )
+            let data_dir = args.data_dir.clone();
+            match args.trainer_mode {
+                TrainerMode::PerRound => Arc::new(
+                    ExecTrainer::new(command, data_dir, work_dir).map_err(anyhow::Error::msg)?,
+                ),
+                TrainerMode::LongLived => Arc::new(
+                    LongLivedTrainer::new(command, data_dir, work_dir)
+                        .map_err(anyhow::Error::msg)?,
+                ),
+            }
         }
         None => {
             let trainer = builtin_trainer(&args)?;

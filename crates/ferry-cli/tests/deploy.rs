@@ -239,7 +239,7 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         dir,
         &["--clients", "node"],
         true,
-        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 2\nmin_clients = 2\n\
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 3\nmin_clients = 3\n\
          rounds = 3\nround_timeout = 60\n",
     );
     let (certs, out) = (server.certs.clone(), server.out.clone());
@@ -273,7 +273,7 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         "a node without a certificate got in"
     );
 
-    for i in 0..2 {
+    for i in 0..3 {
         let token = server.token(&format!("py-{i}"));
         let data = dir.join(format!("site-{i}"));
         write_csv(&data, i, 4);
@@ -297,17 +297,19 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         ]
         .map(String::from)
         .to_vec();
-        // Node 0 trains with the Python script, node 1 with the built-in trainer on the same
-        // kind of CSV files.
-        let trainer = if i == 0 {
-            vec![
-                "--trainer-cmd".to_string(),
-                format!("python3 {}", script.display()),
-            ]
-        } else {
-            ["--dataset", "csv", "--model", "logreg"]
+        // Nodes 0 and 2 train with the Python script (node 0 runs it once per round, node 2
+        // starts it once for the whole run), node 1 with the built-in trainer on the same kind
+        // of CSV files.
+        let python = [
+            "--trainer-cmd".to_string(),
+            format!("python3 {}", script.display()),
+        ];
+        let trainer = match i {
+            0 => python.to_vec(),
+            2 => [&python[..], &["--trainer-mode".into(), "long-lived".into()]].concat(),
+            _ => ["--dataset", "csv", "--model", "logreg"]
                 .map(String::from)
-                .to_vec()
+                .to_vec(),
         };
         let args = [args, trainer].concat();
         processes.0.push(spawn_logged(&args, &log));
@@ -322,7 +324,13 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
     let h = history(&out).expect("history.json");
     let rounds = h["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), 3);
-    assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
+    assert!(rounds.iter().all(|r| r["participants"] == 3), "{rounds:?}");
+    // The long-lived trainer served every round from one process.
+    let long_lived = fs::read_to_string(&logs[3]).expect("long-lived node log");
+    assert!(
+        !long_lived.contains("starting it again") && long_lived.contains("run finished"),
+        "{long_lived}"
+    );
     let accuracy = h["final"]["accuracy"].as_f64().expect("accuracy");
     eprintln!(
         "Python and built-in trainers, logistic regression on MNIST-subset CSVs: {accuracy:.4}"

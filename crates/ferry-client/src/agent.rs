@@ -43,6 +43,8 @@ pub struct TrainTask {
     pub server_control: Option<Vec<f32>>,
     /// The round's seed, already mixed with this node's own stream.
     pub seed: u64,
+    /// When the round may close without this node; a trainer may stop work past it.
+    pub deadline: Option<std::time::SystemTime>,
 }
 
 /// Local training on the node's own data: the built-in burn trainer, or an external command.
@@ -308,6 +310,8 @@ async fn work(
         procedure,
         server_control,
         seed: ferry_core::seed::mix_seed(task.seed, settings.seed_stream),
+        deadline: (task.deadline_unix_ms > 0)
+            .then(|| std::time::UNIX_EPOCH + Duration::from_millis(task.deadline_unix_ms)),
     };
     // Secure aggregation: keys are advertised and shared before training, so a node that
     // dies while training can still be unmasked around.

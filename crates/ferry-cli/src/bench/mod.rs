@@ -7,6 +7,7 @@ mod robust;
 mod round;
 mod secagg;
 mod train;
+mod trainer;
 
 use std::{path::Path, time::Instant};
 
@@ -40,6 +41,9 @@ pub enum BenchCommand {
     /// One SecAgg+ round: node and server time per stage, bytes per node against a plain
     /// upload.
     Secagg(secagg::SecAggArgs),
+    /// The external-command trainer's cost per round: a process per round against one
+    /// long-lived process.
+    Trainer(trainer::TrainerArgs),
     /// The server half of `bench round` (started by it).
     #[command(hide = true)]
     RoundServer(round::RoundServerArgs),
@@ -58,6 +62,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Niid(args) => niid::run(args),
         BenchCommand::Robust(args) => robust::run(*args),
         BenchCommand::Round(args) => round::run(args),
+        BenchCommand::Trainer(args) => trainer::run(args),
         BenchCommand::Secagg(args) => secagg::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
     }

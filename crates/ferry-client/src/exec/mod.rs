@@ -1,7 +1,11 @@
 //! The external-command trainer: local training in any language. For each round Ferry writes
-//! the global model (safetensors) and the task (JSON) to a fresh folder, runs the command with
-//! their paths, and reads back the trained model (safetensors) and a result (JSON). The
-//! contract is documented in `docs/exec-trainer.md`.
+//! the global model (safetensors) and the task (JSON) to a fresh folder, hands the task to the
+//! user's program, and reads back the trained model (safetensors) and a result (JSON). The
+//! program runs once per round ([`ExecTrainer`]) or once for the whole run, taking tasks as
+//! JSON lines ([`long_lived::LongLivedTrainer`]). The contract is documented in
+//! `docs/exec-trainer.md`.
+
+pub mod long_lived;
 
 use std::{
     collections::BTreeMap,
@@ -17,13 +21,122 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{TrainTask, Trainer};
 
-/// A trainer that runs a command, for example `python3 train.py`.
+/// The user's command, split into the program and its arguments.
 #[derive(Debug, Clone)]
-pub struct ExecTrainer {
+pub struct TrainerCommand {
     program: String,
     args: Vec<String>,
+}
+
+impl TrainerCommand {
+    /// Splits `command` on whitespace; the first word is the program.
+    pub fn parse(command: &str) -> Result<Self, String> {
+        let mut words = command.split_whitespace().map(String::from);
+        let program = words.next().ok_or(
+            "--trainer-cmd is empty; give the command to run, for example \"python3 train.py\"",
+        )?;
+        Ok(Self {
+            program,
+            args: words.collect(),
+        })
+    }
+
+    /// A process of the command, with the given extra arguments, stdout inherited and stderr
+    /// piped (so a failure can be reported with its last lines).
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    fn cannot_run(&self, e: &std::io::Error) -> String {
+        format!("cannot run the trainer command '{}': {e}", self.program)
+    }
+}
+
+/// Where a node's trainer exchanges files with Ferry: one fresh folder per round under
+/// `work_dir`, and the node's data folder.
+#[derive(Debug, Clone)]
+pub struct RoundFiles {
     data_dir: Option<PathBuf>,
     work_dir: PathBuf,
+}
+
+impl RoundFiles {
+    /// Round folders under `work_dir`; `data_dir` is passed on to the trainer.
+    pub fn new(data_dir: Option<PathBuf>, work_dir: PathBuf) -> Self {
+        Self { data_dir, work_dir }
+    }
+
+    /// Writes the round's global model and `task.json` to a fresh folder; returns the task
+    /// and the path of `task.json`.
+    fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
+        let (procedure, mu) = procedure_name(task.procedure)?;
+        let dir = self.work_dir.join(format!("round-{}", task.round));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let exec_task = ExecTask {
+            round: task.round,
+            epochs: task.training.epochs,
+            batch_size: task.training.batch_size,
+            lr: task.training.lr,
+            momentum: task.training.momentum,
+            weight_decay: task.training.weight_decay,
+            seed: task.seed,
+            procedure: procedure.into(),
+            mu,
+            model_in: dir.join("global.safetensors"),
+            model_out: dir.join("trained.safetensors"),
+            result_out: dir.join("result.json"),
+            data_dir: self.data_dir.clone(),
+        };
+        let task_path = dir.join("task.json");
+        let global = task.model.to_safetensors().map_err(|e| e.to_string())?;
+        let task_json = serde_json::to_vec_pretty(&exec_task).map_err(|e| e.to_string())?;
+        std::fs::write(&exec_task.model_in, global)
+            .and_then(|()| std::fs::write(&task_path, task_json))
+            .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
+        Ok((exec_task, task_path))
+    }
+
+    /// Reads what the trainer wrote for `exec_task` and turns it into the round's update.
+    fn collect(task: &TrainTask, exec_task: &ExecTask) -> Result<Update, String> {
+        let trained = Model::from_safetensors(&read(&exec_task.model_out, "trained model")?)
+            .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
+        task.model
+            .check_same_layout(trained.layout())
+            .map_err(|e| format!("the trained model does not match the global model: {e}"))?;
+        let result: ExecResult = serde_json::from_slice(&read(&exec_task.result_out, "result")?)
+            .map_err(|e| {
+                format!("result.json must be {{\"num_examples\": N, \"metrics\": {{...}}}}: {e}")
+            })?;
+        let mut delta = vec![0.0; task.model.num_params()];
+        algebra::delta_into(&mut delta, trained.values(), task.model.values());
+        let mut update = Update::new(delta, result.num_examples);
+        if task.procedure == ClientProcedure::Normalized {
+            let steps = result
+                .metrics
+                .get("steps")
+                .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
+            update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
+        }
+        update.metrics = result.metrics;
+        Ok(update)
+    }
+}
+
+/// A trainer that runs a command once per round, for example `python3 train.py TASK_JSON`.
+#[derive(Debug, Clone)]
+pub struct ExecTrainer {
+    command: TrainerCommand,
+    files: RoundFiles,
 }
 
 /// What the command reads from `task.json`.
@@ -75,27 +188,10 @@ impl ExecTrainer {
         data_dir: Option<PathBuf>,
         work_dir: PathBuf,
     ) -> Result<Self, String> {
-        let mut words = command.split_whitespace().map(String::from);
-        let program = words.next().ok_or(
-            "--trainer-cmd is empty; give the command to run, for example \"python3 train.py\"",
-        )?;
         Ok(Self {
-            program,
-            args: words.collect(),
-            data_dir,
-            work_dir,
+            command: TrainerCommand::parse(command)?,
+            files: RoundFiles::new(data_dir, work_dir),
         })
-    }
-
-    fn round_dir(&self, round: u32) -> Result<PathBuf, String> {
-        let dir = self.work_dir.join(format!("round-{round}"));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
-        }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        Ok(dir)
     }
 }
 
@@ -121,8 +217,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
 
 /// The last lines a failed trainer wrote to stderr (at most 10 lines and 1,500 characters),
 /// as `; stderr: ...`, so the node's failure report says why.
-fn stderr_tail(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
+fn stderr_tail(text: &str) -> String {
     let lines: Vec<&str> = text.trim_end().lines().collect();
     let tail = lines[lines.len().saturating_sub(10)..].join("\n");
     if tail.is_empty() {
@@ -134,87 +229,46 @@ fn stderr_tail(stderr: &[u8]) -> String {
 
 impl Trainer for ExecTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        let (procedure, mu) = procedure_name(task.procedure)?;
-        let dir = self.round_dir(task.round)?;
-        let exec_task = ExecTask {
-            round: task.round,
-            epochs: task.training.epochs,
-            batch_size: task.training.batch_size,
-            lr: task.training.lr,
-            momentum: task.training.momentum,
-            weight_decay: task.training.weight_decay,
-            seed: task.seed,
-            procedure: procedure.into(),
-            mu,
-            model_in: dir.join("global.safetensors"),
-            model_out: dir.join("trained.safetensors"),
-            result_out: dir.join("result.json"),
-            data_dir: self.data_dir.clone(),
-        };
-        let task_path = dir.join("task.json");
-        let global = task.model.to_safetensors().map_err(|e| e.to_string())?;
-        let task_json = serde_json::to_vec_pretty(&exec_task).map_err(|e| e.to_string())?;
-        std::fs::write(&exec_task.model_in, global)
-            .and_then(|()| std::fs::write(&task_path, task_json))
-            .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
-        let run = Command::new(&self.program)
-            .args(&self.args)
+        let (exec_task, task_path) = self.files.prepare(task)?;
+        let run = self
+            .command
+            .command()
             .arg(&task_path)
             .env("FERRY_TASK", &task_path)
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::piped())
             .spawn()
             .and_then(|child| child.wait_with_output())
-            .map_err(|e| format!("cannot run the trainer command '{}': {e}", self.program))?;
+            .map_err(|e| self.command.cannot_run(&e))?;
         // The node's log keeps all the trainer said; the server hears the end of it.
         eprint!("{}", String::from_utf8_lossy(&run.stderr));
         if !run.status.success() {
             return Err(format!(
                 "the trainer command exited with {}{}",
                 run.status,
-                stderr_tail(&run.stderr)
+                stderr_tail(&String::from_utf8_lossy(&run.stderr))
             ));
         }
-        let trained = Model::from_safetensors(&read(&exec_task.model_out, "trained model")?)
-            .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
-        task.model
-            .check_same_layout(trained.layout())
-            .map_err(|e| format!("the trained model does not match the global model: {e}"))?;
-        let result: ExecResult = serde_json::from_slice(&read(&exec_task.result_out, "result")?)
-            .map_err(|e| {
-                format!("result.json must be {{\"num_examples\": N, \"metrics\": {{...}}}}: {e}")
-            })?;
-        let mut delta = vec![0.0; task.model.num_params()];
-        algebra::delta_into(&mut delta, trained.values(), task.model.values());
-        let mut update = Update::new(delta, result.num_examples);
-        if task.procedure == ClientProcedure::Normalized {
-            let steps = result
-                .metrics
-                .get("steps")
-                .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
-            update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
-        }
-        update.metrics = result.metrics;
-        Ok(update)
+        RoundFiles::collect(task, &exec_task)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ferry_core::{ModelLayout, TensorSpec, task::LocalTraining};
     use std::sync::Arc;
 
-    fn task(procedure: ClientProcedure) -> TrainTask {
-        let layout = ModelLayout::new(vec![TensorSpec {
-            name: "w".into(),
-            shape: vec![3],
-            dtype: ferry_core::TensorDtype::F32,
-        }])
-        .expect("layout");
+    /// Round `round` of `procedure` over a one-tensor model holding `values`.
+    pub(super) fn sample_task(
+        round: u32,
+        procedure: ClientProcedure,
+        values: Vec<f32>,
+        deadline: Option<std::time::SystemTime>,
+    ) -> TrainTask {
+        let layout =
+            ModelLayout::new(vec![TensorSpec::f32("w", vec![values.len()])]).expect("layout");
         TrainTask {
-            round: 2,
-            model: Model::new(Arc::new(layout), vec![1.0, 2.0, 3.0]).expect("model"),
+            round,
+            model: Model::new(Arc::new(layout), values).expect("model"),
             training: LocalTraining {
                 epochs: 1,
                 batch_size: 4,
@@ -225,7 +279,12 @@ mod tests {
             procedure,
             server_control: None,
             seed: 5,
+            deadline,
         }
+    }
+
+    fn task(procedure: ClientProcedure) -> TrainTask {
+        sample_task(2, procedure, vec![1.0, 2.0, 3.0], None)
     }
 
     /// A shell "trainer" that copies the model and reports 7 examples: the delta is zero and

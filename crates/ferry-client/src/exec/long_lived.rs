@@ -1,0 +1,337 @@
+//! The long-lived trainer: the user's program starts once and takes every round's task as one
+//! JSON line on its stdin, so a framework's start-up (seconds of `import torch`) is paid once
+//! per run, not once per round.
+//!
+//! Each task line is `task.json`'s object plus `"kind": "train"`; the files are the per-round
+//! mode's. The program answers on stdout with one line `{"ferry": "done"}` once it has written
+//! `model_out` and `result_out`, or `{"ferry": "error", "message": "..."}`; every other stdout
+//! line is its own output and is passed through. The program is started again if it dies, is
+//! killed when a task passes the round's deadline, and its exit status and the end of its
+//! stderr become the node's failure report.
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdin, Stdio},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    time::{Duration, SystemTime},
+};
+
+use ferry_core::Update;
+use serde::{Deserialize, Serialize};
+
+use super::{ExecTask, RoundFiles, TrainerCommand, stderr_tail};
+use crate::agent::{TrainTask, Trainer};
+
+/// Lines of the program's stderr kept for a failure report.
+const STDERR_LINES: usize = 10;
+
+/// A trainer whose program serves every round's task from one process.
+pub struct LongLivedTrainer {
+    command: TrainerCommand,
+    files: RoundFiles,
+    process: Mutex<Option<Process>>,
+}
+
+/// The running program and the threads reading its output.
+struct Process {
+    child: Child,
+    stdin: ChildStdin,
+    replies: Receiver<Reply>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// What the program answered a task with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Done,
+    Failed(String),
+}
+
+/// A protocol line on the program's stdout.
+#[derive(Deserialize)]
+struct ReplyLine {
+    ferry: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// A task line on the program's stdin.
+#[derive(Serialize)]
+struct TaskLine<'a> {
+    kind: &'static str,
+    #[serde(flatten)]
+    task: &'a ExecTask,
+}
+
+impl LongLivedTrainer {
+    /// A trainer that starts `command` (split on whitespace) when the first task comes, with
+    /// round folders under `work_dir`.
+    pub fn new(
+        command: &str,
+        data_dir: Option<std::path::PathBuf>,
+        work_dir: std::path::PathBuf,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            command: TrainerCommand::parse(command)?,
+            files: RoundFiles::new(data_dir, work_dir),
+            process: Mutex::new(None),
+        })
+    }
+
+    fn start(&self) -> Result<Process, String> {
+        let mut child = self
+            .command
+            .command()
+            .env("FERRY_TRAINER", "long-lived")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.command.cannot_run(&e))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err("the trainer's pipes could not be opened".into());
+        };
+        let (send, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                match serde_json::from_str::<ReplyLine>(&line) {
+                    Ok(reply) => {
+                        let reply = match reply.ferry.as_str() {
+                            "done" => Reply::Done,
+                            other => Reply::Failed(reply.message.unwrap_or_else(|| {
+                                format!("the trainer answered '{other}' without a message")
+                            })),
+                        };
+                        if send.send(reply).is_err() {
+                            break;
+                        }
+                    }
+                    // The program's own output.
+                    Err(_) => println!("{line}"),
+                }
+            }
+        });
+        let kept = Arc::new(Mutex::new(VecDeque::new()));
+        let tail = kept.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                if let Ok(mut tail) = tail.lock() {
+                    if tail.len() == STDERR_LINES {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
+                }
+            }
+        });
+        Ok(Process {
+            child,
+            stdin,
+            replies,
+            stderr: kept,
+        })
+    }
+}
+
+impl Process {
+    /// Whether the program is still running.
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the program and says how it ended, with the end of its stderr.
+    fn end(mut self, kill: bool) -> String {
+        if kill {
+            let _ = self.child.kill();
+        }
+        let status = self
+            .child
+            .wait()
+            .map_or_else(|e| format!("an unknown status ({e})"), |s| s.to_string());
+        // Let the stderr thread drain what the program wrote last.
+        std::thread::sleep(Duration::from_millis(50));
+        let tail = self
+            .stderr
+            .lock()
+            .map(|lines| lines.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default();
+        format!("{status}{}", stderr_tail(&tail))
+    }
+
+    /// Hands the program `task` and waits for its answer until `deadline`.
+    fn serve(&mut self, task: &ExecTask, deadline: Option<SystemTime>) -> Result<Reply, Waited> {
+        let line = serde_json::to_string(&TaskLine {
+            kind: "train",
+            task,
+        })
+        .map_err(|e| Waited::Refused(e.to_string()))?;
+        if writeln!(self.stdin, "{line}")
+            .and_then(|()| self.stdin.flush())
+            .is_err()
+        {
+            return Err(Waited::Died);
+        }
+        let reply = match deadline {
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                self.replies.recv_timeout(left)
+            }
+            None => self
+                .replies
+                .recv()
+                .map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match reply {
+            Ok(reply) => Ok(reply),
+            Err(RecvTimeoutError::Timeout) => Err(Waited::Late),
+            Err(RecvTimeoutError::Disconnected) => Err(Waited::Died),
+        }
+    }
+}
+
+/// Why no answer came.
+enum Waited {
+    Late,
+    Died,
+    Refused(String),
+}
+
+impl Trainer for LongLivedTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        let (exec_task, _) = self.files.prepare(task)?;
+        let mut slot = self
+            .process
+            .lock()
+            .map_err(|_| "the trainer's previous task panicked".to_string())?;
+        if let Some(mut process) = slot.take() {
+            if process.alive() {
+                *slot = Some(process);
+            } else {
+                eprintln!(
+                    "the trainer process had exited ({}); starting it again",
+                    process.end(false)
+                );
+            }
+        }
+        let mut process = match slot.take() {
+            Some(process) => process,
+            None => self.start()?,
+        };
+        let round = task.round;
+        match process.serve(&exec_task, task.deadline) {
+            Ok(Reply::Done) => {
+                *slot = Some(process);
+                RoundFiles::collect(task, &exec_task)
+            }
+            Ok(Reply::Failed(message)) => {
+                *slot = Some(process);
+                Err(format!("the trainer reported for round {round}: {message}"))
+            }
+            Err(Waited::Refused(reason)) => {
+                *slot = Some(process);
+                Err(reason)
+            }
+            Err(Waited::Late) => Err(format!(
+                "the trainer did not finish round {round} by the round's deadline; it was \
+                 stopped ({}) and starts again for the next task",
+                process.end(true)
+            )),
+            Err(Waited::Died) => Err(format!(
+                "the trainer process exited with {} during round {round}; it starts again \
+                 for the next task",
+                process.end(false)
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use ferry_core::strategy::ClientProcedure;
+
+    use super::*;
+    use crate::exec::tests::sample_task;
+
+    fn task(round: u32, deadline: Option<SystemTime>) -> TrainTask {
+        sample_task(round, ClientProcedure::LocalSgd, vec![1.0, 2.0], deadline)
+    }
+
+    /// A Python program serving tasks: it adds 1 to every weight and reports its process id
+    /// as a metric; round 3 crashes it, round 4 hangs it, round 5 is refused.
+    const SERVER: &str = r#"import json, os, sys, time
+from safetensors.numpy import load_file, save_file
+assert os.environ["FERRY_TRAINER"] == "long-lived"
+for line in sys.stdin:
+    task = json.loads(line)
+    assert task["kind"] == "train"
+    print("training round", task["round"])
+    sys.stdout.flush()
+    if task["round"] == 3:
+        print("CUDA out of memory", file=sys.stderr)
+        sys.exit(7)
+    if task["round"] == 4:
+        time.sleep(60)
+    if task["round"] == 5:
+        print(json.dumps({"ferry": "error", "message": "no data for this round"}), flush=True)
+        continue
+    m = load_file(task["model_in"])
+    save_file({k: v + 1 for k, v in m.items()}, task["model_out"])
+    json.dump({"num_examples": 3, "metrics": {"pid": os.getpid()}}, open(task["result_out"], "w"))
+    print(json.dumps({"ferry": "done"}), flush=True)
+"#;
+
+    fn trainer(dir: &Path) -> LongLivedTrainer {
+        let script: PathBuf = dir.join("serve.py");
+        std::fs::write(&script, SERVER).expect("script");
+        LongLivedTrainer::new(
+            &format!("python3 {}", script.display()),
+            None,
+            dir.join("work"),
+        )
+        .expect("trainer")
+    }
+
+    #[test]
+    fn one_process_serves_rounds_and_is_restarted_after_a_crash_or_a_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trainer = trainer(dir.path());
+        let first = trainer.train(&task(1, None)).expect("round 1");
+        assert_eq!(first.delta, [1.0, 1.0]);
+        assert_eq!(first.num_examples, 3);
+        let second = trainer.train(&task(2, None)).expect("round 2");
+        assert_eq!(
+            first.metrics["pid"], second.metrics["pid"],
+            "the same process served both rounds"
+        );
+
+        let crash = trainer.train(&task(3, None)).expect_err("round 3 crashes");
+        assert!(
+            crash.contains("exit status: 7") && crash.contains("CUDA out of memory"),
+            "{crash}"
+        );
+        let after_crash = trainer.train(&task(2, None)).expect("restarted");
+        assert_ne!(after_crash.metrics["pid"], first.metrics["pid"]);
+
+        let soon = SystemTime::now() + Duration::from_secs(2);
+        let late = trainer
+            .train(&task(4, Some(soon)))
+            .expect_err("round 4 hangs");
+        assert!(
+            late.contains("did not finish round 4 by the round's deadline"),
+            "{late}"
+        );
+        let refused = trainer
+            .train(&task(5, None))
+            .expect_err("round 5 is refused");
+        assert!(refused.contains("no data for this round"), "{refused}");
+        let after_kill = trainer.train(&task(6, None)).expect("served again");
+        assert_eq!(after_kill.delta, [1.0, 1.0]);
+    }
+}
