@@ -7,6 +7,7 @@ mod client;
 mod demo;
 mod evaluate;
 mod options;
+mod own_code;
 mod privacy;
 mod progress;
 mod report;
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Simulate a federation of virtual nodes on this machine.
-    Simulate(Box<options::SimulateArgs>),
+    Simulate(Box<simulate::SimulateCommand>),
     /// Score a saved model on a dataset's test set, overall and class by class.
     Evaluate(evaluate::EvaluateArgs),
     /// Run a whole deployment on this machine: TLS server, client processes, fresh credentials.

@@ -6,14 +6,31 @@ use anyhow::{Context, Result};
 use ferry_sim::{Simulation, baselines};
 
 use crate::{
+    client::TrainerMode,
     options::SimulateArgs,
+    own_code::{self, OwnCodeArgs},
     progress::{self, Both, ConsoleProgress, human_bytes, progress_bar},
     report::{self, HistoryFiles},
 };
 
+/// Options of `ferry simulate`: the run, and optionally the user's own training program.
+#[derive(clap::Args, Debug)]
+pub struct SimulateCommand {
+    /// The run.
+    #[command(flatten)]
+    pub run: SimulateArgs,
+    /// The user's own code as every node's trainer.
+    #[command(flatten)]
+    pub own: OwnCodeArgs,
+}
+
 /// Runs `ferry simulate` with the given options.
-pub fn run(args: SimulateArgs) -> Result<()> {
-    let args = args.merge_config_file()?;
+pub fn run(command: SimulateCommand) -> Result<()> {
+    let args = command.run.merge_config_file()?;
+    if let Some((trainer, folders)) = command.own.wanted()? {
+        let mode = command.own.trainer_mode.unwrap_or(TrainerMode::PerRound);
+        return run_own_code(&args, trainer, mode, &folders);
+    }
     let config = args.resolve()?;
     let out = args.out_dir();
     println!(
@@ -93,5 +110,50 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         println!("  local only, worst node  {:.4}", b.local_worst_accuracy);
     }
     println!("outputs in {}", out.display());
+    Ok(())
+}
+
+/// `ferry simulate --trainer-cmd`: the user's program trains every virtual node.
+fn run_own_code(
+    args: &SimulateArgs,
+    trainer: &str,
+    mode: TrainerMode,
+    folders: &[std::path::PathBuf],
+) -> Result<()> {
+    if args.baselines {
+        anyhow::bail!(
+            "--baselines trains the built-in networks centrally; it does not apply with --trainer-cmd"
+        );
+    }
+    let mut config = args.resolve()?;
+    config.clients = folders.len();
+    let out = args.out_dir();
+    report::prepare_dir(&out)?;
+    println!(
+        "ferry simulate: your trainer, {} rounds, strategy {}, seed {}",
+        config.rounds, config.strategy, config.seed
+    );
+    let started = Instant::now();
+    let mut observer = Both(
+        ConsoleProgress::new(config.rounds),
+        HistoryFiles::new(&out, &config, &[]),
+    );
+    let outcome = own_code::run(trainer, mode, folders, &config, &out, &mut observer)?;
+    let f = report::write_simulation(
+        &out,
+        &config,
+        &outcome,
+        started.elapsed().as_secs_f64(),
+        None,
+        &[],
+    )?;
+    println!(
+        "done: {} rounds in {:.1} s ({:?}); final accuracy {}; outputs in {}",
+        f.rounds_run,
+        f.wall_s,
+        f.stop,
+        progress::figure(f.accuracy),
+        out.display()
+    );
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::{
 use serde_json::Value;
 use support::{
     Killer, TestServer, client_args, ferry, history, http_get, rounds_done, run_ok,
-    share_client_args, spawn_logged, wait_for,
+    share_client_args, spawn_logged, wait_for, write_csv,
 };
 
 const ROUNDS: usize = 6;
@@ -209,26 +209,6 @@ fn unknown_tokens_and_plain_http_are_refused_with_a_clear_message() {
     assert!(!out.status.success() && stderr.contains("--ca"), "{stderr}");
     let server_log = fs::read_to_string(&log).unwrap_or_default();
     assert!(!server_log.contains("panicked"), "{server_log}");
-}
-
-/// Writes every `stride`-th example of the MNIST subset's training split (which is sorted by
-/// digit), from `first`, as `label,pixel0,...,pixel783` rows with 0-255 pixel values.
-fn write_csv(dir: &Path, first: usize, stride: usize) {
-    let data = ferry_ml::data::DatasetKind::MnistSubset
-        .load(None)
-        .expect("the MNIST subset is installed")
-        .train;
-    let mut text = String::new();
-    for i in (first..data.len()).step_by(stride) {
-        text.push_str(&data.labels[i].to_string());
-        for p in data.image(i) {
-            text.push(',');
-            text.push_str(&((p * 255.0).round() as u32).to_string());
-        }
-        text.push('\n');
-    }
-    fs::create_dir_all(dir).expect("data dir");
-    fs::write(dir.join("train.csv"), text).expect("csv");
 }
 
 #[test]

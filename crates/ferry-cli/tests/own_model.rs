@@ -10,7 +10,7 @@ mod support;
 
 use std::{fs, path::Path, process::Command, time::Duration};
 
-use support::{Killer, TestServer, client_args, history, spawn_logged, wait_for};
+use support::{Killer, TestServer, client_args, history, spawn_logged, wait_for, write_csv};
 
 const ROUNDS: u32 = 3;
 
@@ -212,4 +212,62 @@ fn simulate_continues_from_a_model_file_and_refuses_one_of_another_network() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("is not a mlp network"), "{stderr}");
+}
+
+#[test]
+fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for i in 0..3 {
+        write_csv(&tmp.path().join(format!("data/site-{i}")), i, 6);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
+    let out = tmp.path().join("run");
+    let pattern = tmp.path().join("data/site-*");
+    let run = support::run_ok(&[
+        "simulate",
+        "--dataset",
+        "mnist-subset",
+        "--model",
+        "logreg",
+        "--rounds",
+        "3",
+        "--trainer-cmd",
+        &format!("python3 {}", script.display()),
+        "--trainer-mode",
+        "long-lived",
+        "--node-data",
+        pattern.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("3 nodes, each training with"), "{stdout}");
+    let h = history(&out).expect("history.json");
+    assert_eq!(h["config"]["clients"], 3, "one node per folder");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3);
+    assert!(rounds.iter().all(|r| r["participants"] == 3), "{rounds:?}");
+    let first = rounds[0]["accuracy"]
+        .as_f64()
+        .expect("scored on the test set");
+    let last = rounds[2]["accuracy"]
+        .as_f64()
+        .expect("scored on the test set");
+    assert!(last > first && last > 0.7, "{first} -> {last}");
+
+    let missing = support::ferry()
+        .args([
+            "simulate",
+            "--trainer-cmd",
+            "python3 train.py",
+            "--node-data",
+        ])
+        .arg(tmp.path().join("nowhere/*"))
+        .output()
+        .expect("simulate runs");
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("cannot list"),
+        "{stderr}"
+    );
 }

@@ -1,0 +1,222 @@
+//! `ferry simulate --trainer-cmd CMD --node-data 'DIR/*'`: the user's own training program as
+//! every virtual node's trainer, each node holding one data folder, run by the same round
+//! engine as every simulation (and through the same node-side code as `ferry client`), so a
+//! team can try its code on one machine before deploying it.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ferry_client::{
+    agent::{TrainTask, Trainer},
+    exec::{ExecTrainer, long_lived::LongLivedTrainer},
+};
+use ferry_core::{
+    Model, Update,
+    privacy::{
+        node::privatize,
+        noise::{NoiseSeed, NoiseSource},
+    },
+};
+use ferry_engine::{
+    federation::{Federation, RoundObserver, RunOutcome, RunSettings},
+    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
+};
+use ferry_ml::params;
+use ferry_sim::{SimConfig, evaluator::TestSetEvaluator};
+
+use crate::client::TrainerMode;
+
+/// Examples a node's FedAvg weight reflects at most under secure aggregation: Ferry does not
+/// know the sizes of the user's data folders, as a server does not know its nodes'.
+const WEIGHT_CAP: u64 = 10_000;
+
+/// The options that make `ferry simulate` run the user's own code.
+#[derive(Args, Debug, Default)]
+pub struct OwnCodeArgs {
+    /// Train every virtual node with this command (see docs/exec-trainer.md) instead of the
+    /// built-in networks; needs --node-data.
+    #[arg(long, value_name = "COMMAND", help_heading = "Your own code")]
+    pub trainer_cmd: Option<String>,
+    /// One virtual node per folder matching this pattern (`DIR/*`, or `DIR/site-*`); each
+    /// folder is that node's `data_dir`.
+    #[arg(long, value_name = "PATTERN", help_heading = "Your own code")]
+    pub node_data: Option<String>,
+    /// How --trainer-cmd runs: once per round and node, or one process per node for the run.
+    #[arg(long, value_enum, help_heading = "Your own code")]
+    pub trainer_mode: Option<TrainerMode>,
+}
+
+impl OwnCodeArgs {
+    /// The command and the node folders when the run uses the user's code, `None` when it
+    /// does not; refuses half a configuration.
+    pub fn wanted(&self) -> Result<Option<(&str, Vec<PathBuf>)>> {
+        match (&self.trainer_cmd, &self.node_data) {
+            (Some(command), Some(pattern)) => Ok(Some((command, node_folders(pattern)?))),
+            (None, None) if self.trainer_mode.is_none() => Ok(None),
+            (Some(_), None) => bail!(
+                "--trainer-cmd needs --node-data 'DIR/*': one folder of data per virtual node"
+            ),
+            _ => bail!("--node-data and --trainer-mode need --trainer-cmd, the program to run"),
+        }
+    }
+}
+
+/// The folders matching `pattern`: `*` in its last component matches any run of characters;
+/// only folders count, in name order.
+pub fn node_folders(pattern: &str) -> Result<Vec<PathBuf>> {
+    let pattern = Path::new(pattern);
+    let parent = pattern
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let last = pattern
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("--node-data needs a folder pattern such as 'data/*'")?;
+    let (prefix, suffix) = last.split_once('*').unwrap_or((last, ""));
+    let exact = !last.contains('*');
+    let mut folders: Vec<PathBuf> = std::fs::read_dir(parent)
+        .with_context(|| format!("--node-data: cannot list {}", parent.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_dir())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|name| {
+                    if exact {
+                        name == last
+                    } else {
+                        name.len() >= prefix.len() + suffix.len()
+                            && name.starts_with(prefix)
+                            && name.ends_with(suffix)
+                    }
+                })
+        })
+        .collect();
+    folders.sort();
+    if folders.is_empty() {
+        bail!(
+            "--node-data '{}' matches no folder; give one folder per node, for example \
+             'data/*' with data/site-0, data/site-1, ...",
+            pattern.display()
+        );
+    }
+    Ok(folders)
+}
+
+/// A virtual node whose training is the user's program on its own data folder.
+struct ProgramNode {
+    id: NodeId,
+    trainer: Box<dyn Trainer>,
+}
+
+impl NodeHandle for ProgramNode {
+    fn id(&self) -> NodeId {
+        self.id
+    }
+
+    fn train(&self, task: &RoundTask) -> Result<Update, NodeError> {
+        let fail = |reason: String| NodeError {
+            node: self.id,
+            reason,
+        };
+        let train_task = TrainTask {
+            round: task.round,
+            model: (*task.model).clone(),
+            training: task.training.clone(),
+            procedure: task.procedure,
+            server_control: task.server_control.as_deref().cloned(),
+            seed: ferry_core::seed::mix_seed(task.seed, u64::from(self.id)),
+            deadline: None,
+        };
+        let mut update = self.trainer.train(&train_task).map_err(fail)?;
+        if let Some(instructions) = &task.privacy {
+            // As a deployed node does after any trainer, with noise from the run seed so the
+            // simulation repeats.
+            let mut noise = NoiseSource::new(NoiseSeed::Run(task.seed), u64::from(self.id));
+            privatize(&mut update, instructions, task.model.layout(), &mut noise);
+        }
+        Ok(update)
+    }
+}
+
+/// Scores nothing: a model of the user's own has no central test set.
+struct Unevaluated;
+
+impl Evaluator for Unevaluated {
+    fn evaluate(&self, _model: &Model) -> Result<Score, String> {
+        Ok(Score::unevaluated())
+    }
+}
+
+/// Runs `config`'s federation with `command` as the trainer of one node per data folder in
+/// `folders`, in `mode`; round folders go under `out/nodes/`.
+pub fn run(
+    command: &str,
+    mode: TrainerMode,
+    folders: &[PathBuf],
+    config: &SimConfig,
+    out: &Path,
+    observer: &mut dyn RoundObserver,
+) -> Result<RunOutcome> {
+    let builtin = params::init_model(config.model, config.seed)?;
+    let initial = match &config.initial_model {
+        Some(path) => params::load_model_file(path)?,
+        None => builtin.clone(),
+    };
+    let evaluator: Box<dyn Evaluator> = if builtin.check_same_layout(initial.layout()).is_ok() {
+        let data = config.dataset.load(config.data_dir.as_deref())?;
+        Box::new(TestSetEvaluator::new(
+            config.model,
+            Arc::new(data.test),
+            &[],
+            config.seed,
+        ))
+    } else {
+        Box::new(Unevaluated)
+    };
+    let nodes = folders
+        .iter()
+        .enumerate()
+        .map(|(i, folder)| {
+            let work = out.join("nodes").join(format!("node-{i}"));
+            let data = Some(folder.clone());
+            let trainer: Box<dyn Trainer> = match mode {
+                TrainerMode::PerRound => Box::new(ExecTrainer::new(command, data, work)?),
+                TrainerMode::LongLived => Box::new(LongLivedTrainer::new(command, data, work)?),
+            };
+            Ok(Arc::new(ProgramNode {
+                id: i as NodeId,
+                trainer,
+            }) as Arc<dyn NodeHandle>)
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "{} nodes, each training with `{command}` ({mode:?}) on its folder: {}",
+        nodes.len(),
+        folders
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
+    let secure = config.secure(&strategy, WEIGHT_CAP)?;
+    let settings = RunSettings {
+        rounds: config.rounds,
+        fraction: config.fraction,
+        min_clients: config.min_clients,
+        target_accuracy: config.target_accuracy,
+        training: config.training.clone(),
+        seed: config.seed,
+        parallelism: config.threads,
+        secure,
+    };
+    let federation = Federation::new(settings, strategy, nodes, evaluator, initial)?;
+    Ok(federation.run(observer)?)
+}
