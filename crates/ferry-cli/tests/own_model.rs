@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::{fs, path::Path, process::Command, time::Duration};
+use std::{fs, path::Path, time::Duration};
 
 use support::{Killer, TestServer, client_args, history, spawn_logged, wait_for, write_csv};
 
@@ -29,15 +29,7 @@ fn write_initial_model(path: &Path) {
 
 /// Runs a Python snippet, failing the test with its stderr if it fails.
 fn python(script: &str) {
-    let out = Command::new("python3")
-        .args(["-c", script])
-        .output()
-        .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::run_python("python3", script, &[]);
 }
 
 /// A trainer that moves every float tensor half way to 1 (in its own dtype) and bumps the

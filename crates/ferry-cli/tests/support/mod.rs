@@ -294,3 +294,17 @@ pub fn write_csv(dir: &Path, first: usize, stride: usize) {
     fs::create_dir_all(dir).expect("data dir");
     fs::write(dir.join("train.csv"), text).expect("csv");
 }
+
+/// Runs `interpreter -c script` with `env` set, failing the test with its stderr if it fails.
+pub fn run_python(interpreter: &str, script: &str, env: &[(&str, &Path)]) {
+    let out = Command::new(interpreter)
+        .args(["-c", script])
+        .envs(env.iter().copied())
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

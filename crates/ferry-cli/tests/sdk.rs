@@ -1,0 +1,173 @@
+//! The Python SDK (`sdk/python`) driving real runs of `ferry simulate --trainer-cmd`: a numpy
+//! trainer on a model of f16, f64 and integer tensors, a trainer whose mistake the SDK refuses
+//! before anything is uploaded, and a PyTorch module with BatchNorm whose final model loads
+//! back with `strict=True`.
+//!
+//! Needs numpy and safetensors for `python3`, and Debian's python3-torch with safetensors for
+//! `/usr/bin/python3` (`scripts/install-deps.sh`).
+
+mod support;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Output,
+};
+
+use support::history;
+
+fn sdk_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
+}
+
+/// `python -c script` with the SDK importable; fails the test with its stderr.
+fn python(python: &str, script: &str) {
+    support::run_python(python, script, &[("PYTHONPATH", &sdk_path())]);
+}
+
+/// `ferry simulate` over two empty node folders with the trainer `python trainer.py` in
+/// long-lived mode, starting from `initial`.
+fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path) -> Output {
+    fs::create_dir_all(dir).expect("run folder");
+    let script = dir.join("trainer.py");
+    fs::write(&script, trainer).expect("trainer");
+    for i in 0..2 {
+        fs::create_dir_all(dir.join(format!("nodes/site-{i}"))).expect("node folder");
+    }
+    support::ferry()
+        .env("PYTHONPATH", sdk_path())
+        .args(["simulate", "--rounds", "2", "--trainer-mode", "long-lived"])
+        .arg("--trainer-cmd")
+        .arg(format!("{python} {}", script.display()))
+        .arg("--node-data")
+        .arg(dir.join("nodes/*"))
+        .arg("--initial-model")
+        .arg(initial)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .expect("simulate runs")
+}
+
+const NUMPY_TRAINER: &str = r#"import numpy as np
+import ferry_sdk
+
+def train(model, task):
+    out = {}
+    for name, array in model.items():
+        if np.issubdtype(array.dtype, np.floating):
+            out[name] = (array + 0.5 * (1 - array.astype(np.float64))).astype(array.dtype)
+    return ferry_sdk.TrainResult(out, num_examples=5, metrics={"train_loss": 0.1})
+
+ferry_sdk.run(train)
+"#;
+
+#[test]
+fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let initial = tmp.path().join("init.safetensors");
+    python(
+        "python3",
+        &format!(
+            "import numpy as np, ferry_sdk\nferry_sdk.save_model({{'enc.weight': \
+             np.zeros((4, 3), np.float16), 'head.bias': np.full(3, -1.0), \
+             'steps': np.array(5, np.int64)}}, '{}')\n",
+            initial.display()
+        ),
+    );
+    let good = tmp.path().join("good");
+    let out = simulate(&good, "python3", NUMPY_TRAINER, &initial);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = history(&good.join("run")).expect("history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
+    python(
+        "python3",
+        &format!(
+            "import numpy as np, ferry_sdk\nm = ferry_sdk.load_model('{}')\n\
+             assert m['enc.weight'].dtype == np.float16 and int(m['steps']) == 5, m\n\
+             assert np.allclose(m['enc.weight'].astype(float), 0.75, atol=1e-3), m\n\
+             assert np.allclose(m['head.bias'], 0.5), m\n",
+            good.join("run/model.safetensors").display()
+        ),
+    );
+
+    // A trainer that returns a tensor of the wrong shape is stopped in Python, naming it.
+    let bad = tmp.path().join("bad");
+    let wrong = NUMPY_TRAINER.replace(
+        "    return ferry_sdk.TrainResult(",
+        "    out['enc.weight'] = np.zeros((2, 3), np.float16)\n    return ferry_sdk.TrainResult(",
+    );
+    let out = simulate(&bad, "python3", &wrong, &initial);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("tensor 'enc.weight' has shape [2, 3], the model's is [4, 3]"),
+        "{stderr}"
+    );
+}
+
+const TORCH_MODEL: &str = r#"import torch
+def make():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+"#;
+
+#[test]
+fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::write(tmp.path().join("net.py"), TORCH_MODEL).expect("model");
+    let initial = tmp.path().join("init.safetensors");
+    let with_net = |body: &str| {
+        format!(
+            "import sys; sys.path.insert(0, '{}')\nimport torch, net\nfrom ferry_sdk import pytorch\n{body}",
+            tmp.path().display()
+        )
+    };
+    python(
+        "/usr/bin/python3",
+        &with_net(&format!(
+            "pytorch.save_initial_model(net.make(), '{}')",
+            initial.display()
+        )),
+    );
+    let trainer = with_net(
+        "import ferry_sdk\n\
+         module = net.make()\n\
+         def train(module, task):\n\
+         \x20   torch.manual_seed(task.seed)\n\
+         \x20   x = torch.randn(64, 4); y = x[:, :3] * 2\n\
+         \x20   opt = torch.optim.SGD(module.parameters(), lr=0.1)\n\
+         \x20   for _ in range(20):\n\
+         \x20       opt.zero_grad(); loss = ((module(x) - y) ** 2).mean(); loss.backward(); opt.step()\n\
+         \x20   return (None, 64, {'train_loss': float(loss)})\n\
+         pytorch.run(module, train)\n",
+    );
+    let out = simulate(tmp.path(), "/usr/bin/python3", &trainer, &initial);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = history(&tmp.path().join("run")).expect("history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
+    assert!(
+        rounds.iter().all(|r| r["accuracy"].is_null()),
+        "no central test set"
+    );
+    python(
+        "/usr/bin/python3",
+        &with_net(&format!(
+            "m = pytorch.load_into(net.make(), '{}', strict=True)\n\
+             start = net.make()\n\
+             assert not torch.equal(m[0].weight, start[0].weight), 'trained'\n\
+             assert int(m[1].num_batches_tracked) == 0, 'integer tensors are not averaged'\n",
+            tmp.path().join("run/model.safetensors").display()
+        )),
+    );
+}

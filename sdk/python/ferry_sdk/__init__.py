@@ -1,0 +1,24 @@
+"""Ferry's Python SDK: write a node's trainer as one function.
+
+A Ferry node hands each round's training to your program (``ferry client --trainer-cmd``, or
+``ferry simulate --trainer-cmd``). With this SDK the program is::
+
+    import ferry_sdk
+
+    def train(model, task):
+        # model: {tensor name: numpy array}, the round's global model
+        # task: ferry_sdk.Task (round, epochs, lr, batch_size, data_dir, ...)
+        ...
+        return ferry_sdk.TrainResult(model=new_model, num_examples=n, metrics={"train_loss": l})
+
+    ferry_sdk.run(train)
+
+``run`` serves both of Ferry's modes (a process per round, or ``--trainer-mode long-lived``)
+and checks what ``train`` returns before anything is uploaded. PyTorch users can work on an
+``nn.Module`` directly with :func:`ferry_sdk.pytorch.run`.
+"""
+
+from .protocol import Task, TrainResult, run
+from .tensors import FerryError, load_model, save_model
+
+__all__ = ["FerryError", "Task", "TrainResult", "run", "load_model", "save_model"]

@@ -1,0 +1,71 @@
+"""PyTorch: train an ``nn.Module`` directly, and move state dicts in and out of Ferry's model
+files. Needs ``torch`` and ``safetensors``; bf16 tensors work here (numpy has no bf16)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .protocol import Task, TrainResult, _result, run as run_protocol, write_result
+from .tensors import FerryError
+
+TorchTrainFn = Callable[[torch.nn.Module, Task], Union[TrainResult, tuple]]
+
+
+def save_initial_model(model: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: str) -> None:
+    """Writes a module's ``state_dict`` (or a state dict) as the run's initial model file."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    save_file({name: t.detach().cpu().contiguous() for name, t in state.items()}, path)
+
+
+def load_into(module: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
+    """Loads a Ferry model file (a run's ``model.safetensors``) into ``module``; with
+    ``strict=True`` every key must match."""
+    module.load_state_dict(load_file(path), strict=strict)
+    return module
+
+
+def check_state(global_state: Dict[str, torch.Tensor], trained: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The trained state to write: every floating-point tensor of the global model with the
+    same shape and dtype, finite; integer tensors are the global model's. Raises
+    :class:`FerryError` naming the tensor at fault."""
+    out = {}
+    for name, reference in global_state.items():
+        if not reference.is_floating_point():
+            out[name] = reference
+            continue
+        if name not in trained:
+            raise FerryError(f"the trained model lacks tensor '{name}' {list(reference.shape)}")
+        tensor = trained[name].detach().cpu()
+        if tensor.shape != reference.shape:
+            raise FerryError(
+                f"tensor '{name}' has shape {list(tensor.shape)}, the model's is {list(reference.shape)}"
+            )
+        if tensor.dtype != reference.dtype:
+            raise FerryError(f"tensor '{name}' has dtype {tensor.dtype}, the model's is {reference.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise FerryError(f"tensor '{name}' holds NaN or infinity")
+        out[name] = tensor.contiguous()
+    unknown = sorted(set(trained) - set(global_state))
+    if unknown:
+        raise FerryError(f"the trained model has tensors the global model lacks: {unknown}")
+    return out
+
+
+def run(module: torch.nn.Module, train: TorchTrainFn) -> None:
+    """Serves Ferry's trainer protocol: each round, the global model is loaded into ``module``
+    (``strict=True``), ``train(module, task)`` trains it in place and returns
+    ``TrainResult(model=None, num_examples, metrics)`` (or ``(None, n, metrics)``), and the
+    module's checked ``state_dict`` is written back."""
+
+    def serve(train_fn: TorchTrainFn, task_json: dict) -> None:
+        global_state = load_file(task_json["model_in"])
+        module.load_state_dict(global_state, strict=True)
+        result = _result(train_fn(module, Task.from_json(task_json)))
+        trained = check_state(global_state, module.state_dict())
+        write_result(task_json, result)
+        save_file(trained, task_json["model_out"])
+
+    run_protocol(train, serve)
