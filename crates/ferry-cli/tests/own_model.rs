@@ -10,7 +10,7 @@ mod support;
 
 use std::{fs, path::Path, time::Duration};
 
-use support::{Killer, TestServer, client_args, history, spawn_logged, wait_for, write_csv};
+use support::{Killer, TestServer, client_args, history, server_succeeds, spawn_logged, write_csv};
 
 const ROUNDS: u32 = 3;
 
@@ -79,17 +79,7 @@ fn a_users_own_model_is_federated_with_its_dtypes_and_carried_tensors_intact() {
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }
-    wait_for(
-        "the server to finish",
-        Duration::from_secs(120),
-        &logs,
-        || matches!(processes.0[0].try_wait(), Ok(Some(_))),
-    );
-    let server_log = fs::read_to_string(&logs[0]).expect("server log");
-    assert!(
-        processes.0[0].wait().expect("status").success(),
-        "{server_log}"
-    );
+    let server_log = server_succeeds(&mut processes, &logs, Duration::from_secs(120));
     assert!(
         server_log.contains("(3 tensors, 16 parameters, 1 carried; no central test set)"),
         "{server_log}"

@@ -37,13 +37,33 @@ pub fn free_port() -> u16 {
 }
 
 pub fn spawn_logged(args: &[String], log: &Path) -> Child {
+    spawn_logged_with_env(args, log, &[])
+}
+
+/// `ferry ARGS` with `env` set, its stdout and stderr going to `log`.
+pub fn spawn_logged_with_env(args: &[String], log: &Path, env: &[(&str, &Path)]) -> Child {
     let file = fs::File::create(log).expect("log file");
     ferry()
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::from(file.try_clone().expect("clone")))
         .stderr(Stdio::from(file))
         .spawn()
         .expect("ferry starts")
+}
+
+/// Waits (up to `limit`) for the server, the first of `processes`, to exit; asserts it
+/// succeeded and returns its log, the first of `logs`.
+pub fn server_succeeds(processes: &mut Killer, logs: &[PathBuf], limit: Duration) -> String {
+    wait_for("the server to finish", limit, logs, || {
+        matches!(processes.0[0].try_wait(), Ok(Some(_)))
+    });
+    let server_log = fs::read_to_string(&logs[0]).expect("server log");
+    assert!(
+        processes.0[0].wait().expect("status").success(),
+        "{server_log}"
+    );
+    server_log
 }
 
 pub fn history(dir: &Path) -> Option<Value> {

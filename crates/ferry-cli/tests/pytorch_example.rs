@@ -1,0 +1,113 @@
+//! `examples/pytorch` as its README runs it: Fashion-MNIST shares in one folder per site, the
+//! initial model of a PyTorch network with BatchNorm that Ferry has never seen, a TLS server
+//! with no central test set, three nodes training through the Python SDK in long-lived mode;
+//! the final model loads back into the network with `strict=True` and classifies the held-out
+//! test set far better than the initial one.
+//!
+//! Needs Debian's python3-torch with safetensors for `/usr/bin/python3` and Fashion-MNIST
+//! (`scripts/install-deps.sh`).
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use support::{Killer, TestServer, client_args, history, server_succeeds, spawn_logged_with_env};
+
+const PYTHON: &str = "/usr/bin/python3";
+
+fn example(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/pytorch")
+        .join(file)
+}
+
+fn sdk() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
+}
+
+/// Runs one of the example's scripts; returns its stdout.
+fn script(file: &str, args: &[&str]) -> String {
+    let out = Command::new(PYTHON)
+        .arg(example(file))
+        .args(args)
+        .env("PYTHONPATH", sdk())
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn test_accuracy(model: &Path) -> f64 {
+    let printed = script("evaluate.py", &[&model.display().to_string()]);
+    printed
+        .trim()
+        .strip_prefix("test accuracy ")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("evaluate.py printed {printed}"))
+}
+
+#[test]
+fn the_pytorch_example_deploys_over_tls_and_its_model_loads_back_strictly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let data = dir.join("data");
+    let data_arg = data.display().to_string();
+    script(
+        "make_shares.py",
+        &["--nodes", "3", "--per-node", "1500", "--out", &data_arg],
+    );
+    let initial = dir.join("init.safetensors");
+    script("init_model.py", &[&initial.display().to_string()]);
+    let before = test_accuracy(&initial);
+
+    let server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "initial_model = \"{}\"\nclients = 3\nmin_clients = 3\nrounds = 3\nlr = 0.05\n\
+             round_timeout = 120\n",
+            initial.display()
+        ),
+    );
+    let mut logs = vec![dir.join("server.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..3 {
+        let log = dir.join(format!("client-{i}.log"));
+        let mut args = client_args(&server, &format!("site-{i}"));
+        args.extend([
+            "--trainer-cmd".into(),
+            format!("{PYTHON} {}", example("train.py").display()),
+            "--trainer-mode".into(),
+            "long-lived".into(),
+            "--data-dir".into(),
+            data.join(format!("site-{i}")).display().to_string(),
+        ]);
+        let sdk = sdk();
+        processes
+            .0
+            .push(spawn_logged_with_env(&args, &log, &[("PYTHONPATH", &sdk)]));
+        logs.push(log);
+    }
+    server_succeeds(&mut processes, &logs, Duration::from_secs(240));
+    let h = history(&server.out).expect("history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 3, "{rounds:?}");
+    for r in rounds {
+        assert_eq!(r["participants"], 3, "{r}");
+        assert!(r["accuracy"].is_null(), "no central test set: {r}");
+        assert!(r["train_loss"].as_f64().is_some_and(|l| l > 0.0), "{r}");
+    }
+    // The final model loads with strict=True (evaluate.py) and has learned.
+    let after = test_accuracy(&server.out.join("model.safetensors"));
+    eprintln!("FashionNet test accuracy: initial {before:.4}, after 3 deployed rounds {after:.4}");
+    assert!(after > 0.6 && after > before + 0.3, "{before} -> {after}");
+}
