@@ -22,7 +22,7 @@ use ferry_core::{
     },
 };
 use ferry_engine::{
-    federation::{Federation, RoundObserver, RunOutcome, RunSettings},
+    federation::{Federation, RoundObserver, RunOutcome},
     node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
 };
 use ferry_ml::params;
@@ -207,16 +207,7 @@ pub fn run(
     );
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
-    let settings = RunSettings {
-        rounds: config.rounds,
-        fraction: config.fraction,
-        min_clients: config.min_clients,
-        target_accuracy: config.target_accuracy,
-        training: config.training.clone(),
-        seed: config.seed,
-        parallelism: config.threads,
-        secure,
-    };
+    let settings = config.run_settings(secure);
     let federation = Federation::new(settings, strategy, nodes, evaluator, initial)?;
     Ok(federation.run(observer)?)
 }

@@ -18,6 +18,7 @@ use serde::{Serialize, Serializer};
 
 use ferry_engine::{
     EngineError,
+    federation::RunSettings,
     secure::{SecAggSettings, SecureAggregation},
 };
 
@@ -131,6 +132,20 @@ impl SimConfig {
         self.secagg
             .map(|s| s.resolve(strategy, cohort, largest_node))
             .transpose()
+    }
+
+    /// The round engine's settings for this run, with `secure` aggregation when it has it.
+    pub fn run_settings(&self, secure: Option<SecureAggregation>) -> RunSettings {
+        RunSettings {
+            rounds: self.rounds,
+            fraction: self.fraction,
+            min_clients: self.min_clients,
+            target_accuracy: self.target_accuracy,
+            training: self.training.clone(),
+            seed: self.seed,
+            parallelism: self.threads,
+            secure,
+        }
     }
 
     /// Local epochs a node trains over the whole run on average: what the central and

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use ferry_core::{Model, privacy::noise::NoiseSeed};
 use ferry_engine::{
-    federation::{Federation, RoundObserver, RunOutcome, RunSettings},
+    federation::{Federation, RoundObserver, RunOutcome},
     node::NodeHandle,
 };
 use ferry_ml::data::{NUM_CLASSES, partition::Partition};
@@ -147,16 +147,7 @@ impl Simulation {
         let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
         let largest_node = self.partition.parts.iter().map(Vec::len).max().unwrap_or(1);
         let secure = c.secure(&strategy, largest_node as u64)?;
-        let settings = RunSettings {
-            rounds: c.rounds,
-            fraction: c.fraction,
-            min_clients: c.min_clients,
-            target_accuracy: c.target_accuracy,
-            training: c.training.clone(),
-            seed: c.seed,
-            parallelism: c.threads,
-            secure,
-        };
+        let settings = c.run_settings(secure);
         let nodes = self
             .nodes
             .iter()
