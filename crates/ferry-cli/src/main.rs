@@ -13,6 +13,7 @@ mod progress;
 mod report;
 mod server;
 mod simulate;
+mod starting_point;
 mod token;
 
 use clap::{Parser, Subcommand};

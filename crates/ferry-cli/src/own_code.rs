@@ -25,10 +25,9 @@ use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome},
     node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
 };
-use ferry_ml::params;
-use ferry_sim::{SimConfig, evaluator::TestSetEvaluator};
+use ferry_sim::SimConfig;
 
-use crate::client::TrainerMode;
+use crate::{client::TrainerMode, starting_point::StartingPoint};
 
 /// Examples a node's FedAvg weight reflects at most under secure aggregation: Ferry does not
 /// know the sizes of the user's data folders, as a server does not know its nodes'.
@@ -163,22 +162,8 @@ pub fn run(
     out: &Path,
     observer: &mut dyn RoundObserver,
 ) -> Result<RunOutcome> {
-    let builtin = params::init_model(config.model, config.seed)?;
-    let initial = match &config.initial_model {
-        Some(path) => params::load_model_file(path)?,
-        None => builtin.clone(),
-    };
-    let evaluator: Box<dyn Evaluator> = if builtin.check_same_layout(initial.layout()).is_ok() {
-        let data = config.dataset.load(config.data_dir.as_deref())?;
-        Box::new(TestSetEvaluator::new(
-            config.model,
-            Arc::new(data.test),
-            &[],
-            config.seed,
-        ))
-    } else {
-        Box::new(Unevaluated)
-    };
+    let start = StartingPoint::of(config)?;
+    let evaluator = start.evaluator.unwrap_or_else(|| Box::new(Unevaluated));
     let nodes = folders
         .iter()
         .enumerate()
@@ -208,6 +193,6 @@ pub fn run(
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
     let settings = config.run_settings(secure);
-    let federation = Federation::new(settings, strategy, nodes, evaluator, initial)?;
+    let federation = Federation::new(settings, strategy, nodes, evaluator, start.model)?;
     Ok(federation.run(observer)?)
 }

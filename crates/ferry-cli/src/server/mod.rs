@@ -27,11 +27,10 @@ use crate::{
 };
 
 mod config;
-mod starting_point;
 
+use crate::starting_point::StartingPoint;
 use config::{ApiFile, DeployedConfig, ServerSetup, load, spec};
 pub use config::{DEFAULT_STORE, ServerArgs, store_url};
-use starting_point::StartingPoint;
 
 /// The admin token in `path`, created (readable by its owner only) when missing.
 fn admin_token(path: &Path) -> Result<String> {
@@ -109,7 +108,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         spec(&setup.config, &strategy)?,
         strategy,
         initial,
-        start.evaluator,
+        start.evaluator.map(Arc::from),
         store.clone(),
         blobs,
     )

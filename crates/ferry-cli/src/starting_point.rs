@@ -1,6 +1,7 @@
-//! What a deployed run starts from: a built-in network initialised from the seed and scored on
-//! its dataset's test set, or a model file of the user's own (`initial_model`), scored
-//! centrally only when it is a built-in network and the dataset has a test set.
+//! What a run whose nodes train outside Ferry's built-in trainer starts from (a deployed
+//! server, or `ferry simulate --trainer-cmd`): a built-in network initialised from the seed
+//! and scored on its dataset's test set, or a model file of the user's own (`initial_model`),
+//! scored centrally only when it is a built-in network and the dataset has a test set.
 
 use std::sync::Arc;
 
@@ -11,11 +12,11 @@ use ferry_ml::params;
 use ferry_sim::{SimConfig, evaluator::TestSetEvaluator};
 
 /// The initial model, how rounds are scored centrally (if at all), and how to describe it.
-pub(super) struct StartingPoint {
+pub struct StartingPoint {
     /// The initial global model.
     pub model: Model,
     /// The central evaluator; `None` when the run has no central test set.
-    pub evaluator: Option<Arc<dyn Evaluator>>,
+    pub evaluator: Option<Box<dyn Evaluator>>,
     /// For the server's first line.
     pub description: String,
 }
@@ -55,7 +56,7 @@ impl StartingPoint {
 }
 
 /// Scores each round's model on `run`'s dataset's test set.
-fn central_evaluator(run: &SimConfig) -> Result<Arc<dyn Evaluator>> {
+fn central_evaluator(run: &SimConfig) -> Result<Box<dyn Evaluator>> {
     let data = run.dataset.load(run.data_dir.as_deref())?;
     if data.test.is_empty() {
         bail!(
@@ -63,7 +64,7 @@ fn central_evaluator(run: &SimConfig) -> Result<Arc<dyn Evaluator>> {
             run.dataset
         );
     }
-    Ok(Arc::new(TestSetEvaluator::new(
+    Ok(Box::new(TestSetEvaluator::new(
         run.model,
         Arc::new(data.test),
         &[],
