@@ -17,7 +17,7 @@ use ferry_core::{model::sha256_hex, privacy::noise::NoiseSeed};
 use ferry_engine::federation::{RoundObserver, StopReason};
 use ferry_server::{
     blobs::Blobs,
-    coordinator::{Coordinator, Event, FailedRound, is_failure},
+    coordinator::{Coordinator, Event, is_failure},
     store::Store,
 };
 
@@ -163,12 +163,12 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     };
     let driven = driver.await.context("the round driver stopped")?;
     printer.abort();
-    let rounds = coordinator.history().await?;
-    let failed = coordinator.failed_rounds().await?;
     if is_failure(&reason) {
-        return stopped_as_failed(&setup, &coordinator, &rounds, &failed, driven).await;
+        return stopped_as_failed(&setup, &coordinator, driven).await;
     }
     driven?;
+    let rounds = coordinator.history().await?;
+    let failed = coordinator.failed_rounds().await?;
     let last = rounds.last().context("the run finished no round")?;
     let model = coordinator.global().await;
     let (model_bytes, sha) = report::model_bytes(&model)?;
@@ -266,21 +266,9 @@ async fn write_progress(config: &DeployedConfig, out: &Path, coordinator: &Coord
 async fn stopped_as_failed(
     setup: &ServerSetup,
     coordinator: &Coordinator,
-    rounds: &[ferry_engine::record::RoundRecord],
-    failed: &[FailedRound],
     driven: Result<String, ferry_server::ServerError>,
 ) -> Result<()> {
-    let history = History {
-        config: &setup.config,
-        rounds,
-        final_record: None,
-        baselines: None,
-        attackers: &[],
-        failed_rounds: failed,
-    };
-    if let Err(e) = report::write_history(&setup.file.out, &history) {
-        eprintln!("warning: {e:#}");
-    }
+    write_progress(&setup.config, &setup.file.out, coordinator).await;
     driven.context("the coordinator stopped on an error; start `ferry server` with the same configuration to resume the run")?;
     let status = coordinator.status().await;
     bail!(
@@ -290,7 +278,7 @@ async fn stopped_as_failed(
         status.round,
         status.rounds,
         status.failed_attempts,
-        rounds.len(),
+        status.round - 1,
         status.last_failure.as_deref().unwrap_or("unknown")
     )
 }

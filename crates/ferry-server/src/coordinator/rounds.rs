@@ -306,35 +306,27 @@ impl Coordinator {
         let Some(training) = state.training.take() else {
             return Ok(());
         };
-        let failure = self.failure_of(training, reason).await?;
-        self.record_failure(state, failure).await
-    }
-
-    /// The record of `training`'s attempt, failed for `reason`.
-    async fn failure_of(
-        &self,
-        training: Training,
-        reason: String,
-    ) -> Result<FailedRound, ServerError> {
-        let round = training.plan_task.round;
-        let (cohort, updates) = (training.cohort.len(), training.delivered.len());
-        let wall_s = training.started.elapsed().as_secs_f64();
+        let attempt = Attempt::of(&training);
         drop(training);
-        Ok(FailedRound {
-            round,
-            attempt: self.store.failed_attempts(round).await? + 1,
-            reason,
-            cohort,
-            updates,
-            wall_s,
-        })
+        self.record_failure(state, attempt, reason).await
     }
 
+    /// Records `attempt` as failed for `reason` (the store numbers it) and schedules the retry,
+    /// or stops the run after too many failures in a row.
     async fn record_failure(
         &self,
         state: &mut State,
-        failure: FailedRound,
+        attempt: Attempt,
+        reason: String,
     ) -> Result<(), ServerError> {
+        let failure = FailedRound {
+            round: attempt.round,
+            attempt: self.store.failed_attempts(attempt.round).await? + 1,
+            reason,
+            cohort: attempt.cohort,
+            updates: attempt.updates,
+            wall_s: attempt.started.elapsed().as_secs_f64(),
+        };
         let json = serde_json::to_string(&failure)
             .map_err(|e| ServerError::Settings(format!("failed round record: {e}")))?;
         self.store
@@ -381,24 +373,16 @@ impl Coordinator {
         let Some(training) = state.training.take() else {
             return Ok(());
         };
-        let round = training.plan_task.round;
-        let (cohort, updates) = (training.cohort.len(), training.delivered.len());
-        let started = training.started;
+        let attempt = Attempt::of(&training);
+        let round = attempt.round;
         let State {
             strategy, global, ..
         } = state;
         let applied = match training.open.apply(strategy, global) {
             Ok(applied) => applied,
             Err(e) => {
-                let failure = FailedRound {
-                    round,
-                    attempt: self.store.failed_attempts(round).await? + 1,
-                    reason: format!("the round could not be aggregated: {e}"),
-                    cohort,
-                    updates,
-                    wall_s: started.elapsed().as_secs_f64(),
-                };
-                return self.record_failure(state, failure).await;
+                let reason = format!("the round could not be aggregated: {e}");
+                return self.record_failure(state, attempt, reason).await;
             }
         };
         let evaluation = match self.evaluator.clone() {
@@ -465,5 +449,24 @@ impl Coordinator {
             self.emit(Event::Finished(reason.clone()));
         }
         Ok(())
+    }
+}
+
+/// What a failed attempt's record says of its round, taken before the round is consumed.
+struct Attempt {
+    round: u32,
+    cohort: usize,
+    updates: usize,
+    started: Instant,
+}
+
+impl Attempt {
+    fn of(training: &Training) -> Self {
+        Self {
+            round: training.plan_task.round,
+            cohort: training.cohort.len(),
+            updates: training.delivered.len(),
+            started: training.started,
+        }
     }
 }
