@@ -212,11 +212,6 @@ impl Coordinator {
         parse_records(&self.store.failed_round_records().await?)
     }
 
-    /// The smallest round the run can finish, and why.
-    pub fn floor(&self) -> &RoundFloor {
-        &self.floor
-    }
-
     /// The current global model.
     pub async fn global(&self) -> Model {
         self.state.lock().await.global.clone()
