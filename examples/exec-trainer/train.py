@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Logistic regression on a CSV file, as a Ferry external-command trainer.
+"""Logistic regression on CSV files, as a Ferry external-command trainer in plain NumPy (no
+SDK, no framework): the raw protocol of docs/exec-trainer.md.
 
-Ferry runs `python3 train.py TASK_JSON` once per round, or, with `--trainer-mode long-lived`,
-starts it once and writes each round's task as a JSON line to its stdin (see
-docs/exec-trainer.md); this script serves both. For each task it reads the global model (one weight matrix [features, classes] and one bias [classes]), trains it
-with mini-batch SGD on DATA_DIR/train.csv (one row per example: the class label, then the
-features; features above 1 are read as 0-255 pixel values and scaled to [0, 1]), and writes the
-trained model and the result where the task says.
+Ferry runs `python3 train.py TASK_JSON` once per task, or, with `--trainer-mode long-lived`,
+starts it once and writes each task as a JSON line to its stdin; this script serves both. A
+training task (`"kind": "train"`) reads the global model (one weight matrix [features, classes]
+and one bias [classes]), trains it with mini-batch SGD on DATA_DIR/train.csv (one row per
+example: the class label, then the features; features above 1 are read as 0-255 pixel values
+and scaled to [0, 1]), and writes the trained model and the result where the task says. An
+evaluation task (`"kind": "evaluate"`) scores the global model on DATA_DIR/test.csv, the site's
+held-out examples, and writes the figures.
 
 Needs numpy and the safetensors package.
 """
@@ -28,26 +31,44 @@ def softmax(logits):
 _DATA = {}
 
 
-def load_data(data_dir):
-    """The node's examples; a long-lived process reads them once for the whole run."""
-    if data_dir not in _DATA:
-        _DATA[data_dir] = np.loadtxt(os.path.join(data_dir, "train.csv"), delimiter=",", ndmin=2)
-    return _DATA[data_dir]
+def load_data(data_dir, file):
+    """(labels, features) of one of the node's CSV files; a long-lived process reads each once
+    for the whole run."""
+    path = os.path.join(data_dir, file)
+    if path not in _DATA:
+        data = np.loadtxt(path, delimiter=",", ndmin=2)
+        features = data[:, 1:]
+        if features.max() > 1.0:
+            features = features / 255.0
+        _DATA[path] = (data[:, 0].astype(np.int64), features)
+    return _DATA[path]
+
+
+def load_model(path):
+    """(weight name, weight, bias name, bias) of the global model, in float64."""
+    tensors = load_file(path)
+    weight_name = next(name for name, t in tensors.items() if t.ndim == 2)
+    bias_name = next(name for name, t in tensors.items() if t.ndim == 1)
+    return (weight_name, tensors[weight_name].astype(np.float64),
+            bias_name, tensors[bias_name].astype(np.float64))
+
+
+def evaluate(task):
+    _, w, _, b = load_model(task["model_in"])
+    labels, features = load_data(task["data_dir"], "test.csv")
+    p = softmax(features @ w + b)
+    loss = -np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean()
+    accuracy = (p.argmax(axis=1) == labels).mean()
+    with open(task["result_out"], "w") as f:
+        json.dump({"num_examples": int(len(labels)), "loss": float(loss),
+                   "accuracy": float(accuracy)}, f)
 
 
 def train(task):
-    tensors = load_file(task["model_in"])
-    weight_name = next(name for name, t in tensors.items() if t.ndim == 2)
-    bias_name = next(name for name, t in tensors.items() if t.ndim == 1)
-    w = tensors[weight_name].astype(np.float64)
-    b = tensors[bias_name].astype(np.float64)
+    weight_name, w, bias_name, b = load_model(task["model_in"])
     w_global, b_global = w.copy(), b.copy()
 
-    data = load_data(task["data_dir"])
-    labels = data[:, 0].astype(np.int64)
-    features = data[:, 1:]
-    if features.max() > 1.0:
-        features = features / 255.0
+    labels, features = load_data(task["data_dir"], "train.csv")
     classes = w.shape[1]
     onehot = np.eye(classes)[labels]
 
@@ -77,12 +98,20 @@ def train(task):
                    "metrics": {"train_loss": loss_sum / max(steps, 1), "steps": steps}}, f)
 
 
+def handle(task):
+    """Trains or evaluates, as the task's kind says."""
+    if task.get("kind") == "evaluate":
+        evaluate(task)
+    else:
+        train(task)
+
+
 def serve():
     """Long-lived mode: one task per stdin line, one protocol line per answer on stdout."""
     for line in sys.stdin:
         task = json.loads(line)
         try:
-            train(task)
+            handle(task)
             answer = {"ferry": "done"}
         except Exception as error:  # the node reports it as this round's failure
             answer = {"ferry": "error", "message": f"{type(error).__name__}: {error}"}
@@ -94,4 +123,4 @@ if __name__ == "__main__":
         serve()
     else:
         with open(sys.argv[-1]) as f:
-            train(json.load(f))
+            handle(json.load(f))

@@ -1,31 +1,34 @@
 """A Ferry node's trainer for FashionNet, written with the Python SDK: each round, local SGD
 on the node's own share (`DATA_DIR/train.pt`) from the global model Ferry loaded into the
-module. Run by `ferry client --trainer-cmd "/usr/bin/python3 train.py"` (add
+module; for a federated evaluation, the global model scored on the node's held-out examples
+(`DATA_DIR/test.pt`). Run by `ferry client --trainer-cmd "/usr/bin/python3 train.py"` (add
 `--trainer-mode long-lived` to start it once for the whole run)."""
 
 import os
 import sys
 
 import torch
+import ferry_sdk
 from ferry_sdk import pytorch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from net import FashionNet  # noqa: E402
 
 torch.set_num_threads(1)
-_shares = {}
+_files = {}
 
 
-def share(data_dir):
-    """The node's examples, read once per process."""
-    if data_dir not in _shares:
-        _shares[data_dir] = torch.load(os.path.join(data_dir, "train.pt"))
-    return _shares[data_dir]
+def examples(data_dir, name):
+    """The node's `train.pt` or `test.pt`, read once per process."""
+    path = os.path.join(data_dir, name)
+    if path not in _files:
+        _files[path] = torch.load(path)
+    return _files[path]
 
 
 def train(module, task):
-    examples = share(task.data_dir)
-    images, labels = examples["images"], examples["labels"]
+    share = examples(task.data_dir, "train.pt")
+    images, labels = share["images"], share["labels"]
     optimizer = torch.optim.SGD(
         module.parameters(), lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay
     )
@@ -42,4 +45,14 @@ def train(module, task):
     return (None, len(labels), {"train_loss": total / max(batches, 1)})
 
 
-pytorch.run(FashionNet(), train)
+def evaluate(module, task):
+    held_out = examples(task.data_dir, "test.pt")
+    images, labels = held_out["images"], held_out["labels"]
+    module.eval()
+    logits = module(images)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    correct = (logits.argmax(1) == labels).float().mean().item()
+    return ferry_sdk.EvaluateResult(num_examples=len(labels), loss=loss, accuracy=correct)
+
+
+pytorch.run(FashionNet(), train, evaluate)

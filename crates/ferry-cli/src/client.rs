@@ -10,17 +10,17 @@ use std::{
 use anyhow::{Context, Result};
 use clap::Args;
 use ferry_client::{
-    agent::{self, AgentEvent, AgentSettings, TrainTask, Trainer},
+    agent::{self, AgentEvent, AgentSettings, EvalTask, TrainTask, Trainer},
     connection::ServerAddress,
     exec::{ExecTrainer, long_lived::LongLivedTrainer},
 };
-use ferry_core::{Update, wire};
+use ferry_core::{Update, evaluation::NodeEvaluation, wire};
 use ferry_ml::{
     client::{ClientTask, train_update},
     data::{Dataset, DatasetKind, partition::Partitioner},
     models::ModelKind,
     params,
-    train::LocalData,
+    train::{self, LocalData},
 };
 
 /// Options of `ferry client`.
@@ -88,32 +88,40 @@ pub enum TrainerMode {
     LongLived,
 }
 
-/// Local training with the built-in burn models on the node's own examples.
+/// Local training with the built-in burn models on the node's own examples, and federated
+/// evaluation on its share of the dataset's test split.
 struct BuiltinTrainer {
     model: ModelKind,
     data: Dataset,
     indices: Vec<usize>,
     noise_std: f32,
+    /// The node's held-out examples: its share of the test split, split like the training
+    /// data (empty when the dataset has no test split).
+    held_out: Dataset,
+    held_out_indices: Vec<usize>,
     /// SCAFFOLD's `c_i`, kept across rounds and saved in the state folder.
     control: Mutex<Vec<f32>>,
     control_file: PathBuf,
 }
 
-impl Trainer for BuiltinTrainer {
-    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+impl BuiltinTrainer {
+    /// Refuses a server model that is not this node's `--model` network.
+    fn check_fits(&self, model: &ferry_core::Model) -> Result<(), String> {
         params::layout(self.model)
             .map_err(|e| e.to_string())
-            .and_then(|layout| {
-                task.model
-                    .check_same_layout(&layout)
-                    .map_err(|e| e.to_string())
-            })
+            .and_then(|layout| model.check_same_layout(&layout).map_err(|e| e.to_string()))
             .map_err(|e| {
                 format!(
                     "the server's model does not fit --model {}: {e}",
                     self.model
                 )
-            })?;
+            })
+    }
+}
+
+impl Trainer for BuiltinTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        self.check_fits(&task.model)?;
         let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let data = LocalData {
             dataset: &self.data,
@@ -133,6 +141,27 @@ impl Trainer for BuiltinTrainer {
             save_control(&self.control_file, &control)?;
         }
         Ok(update)
+    }
+
+    fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String> {
+        self.check_fits(&task.model)?;
+        if self.held_out_indices.is_empty() {
+            return Err(
+                "this node has no held-out examples: its dataset has no test split (for csv, \
+                 add test.csv to --data-dir)"
+                    .into(),
+            );
+        }
+        train::evaluate_examples(
+            self.model,
+            &task.model,
+            &self.held_out,
+            &self.held_out_indices,
+            &[self.noise_std],
+            task.seed,
+        )
+        .map(|e| e.to_node_evaluation())
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -168,19 +197,28 @@ fn load_control(path: &Path) -> Result<Vec<f32>> {
 fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
     let kind: DatasetKind = args.dataset.parse()?;
     let model: ModelKind = args.model.parse()?;
-    let data = kind.load(args.data_dir.as_deref())?.train;
-    let (indices, noise_std) = match args.partition_index {
-        Some(index) => {
-            anyhow::ensure!(
-                index < args.num_partitions,
-                "--partition-index {index} must be below --num-partitions {}",
-                args.num_partitions
-            );
-            let partitioner: Partitioner = args.partition.parse()?;
-            let mut split = partitioner.split(&data.labels, args.num_partitions, args.seed)?;
-            (split.parts.swap_remove(index), split.noise_std[index])
-        }
-        None => ((0..data.len()).collect(), 0.0),
+    let splits = kind.load(args.data_dir.as_deref())?;
+    let (data, held_out) = (splits.train, splits.test);
+    let share = |labels: &[u8]| -> Result<(Vec<usize>, f32)> {
+        Ok(match args.partition_index {
+            Some(index) => {
+                anyhow::ensure!(
+                    index < args.num_partitions,
+                    "--partition-index {index} must be below --num-partitions {}",
+                    args.num_partitions
+                );
+                let partitioner: Partitioner = args.partition.parse()?;
+                let mut split = partitioner.split(labels, args.num_partitions, args.seed)?;
+                (split.parts.swap_remove(index), split.noise_std[index])
+            }
+            None => ((0..labels.len()).collect(), 0.0),
+        })
+    };
+    let (indices, noise_std) = share(&data.labels)?;
+    let held_out_indices = if held_out.is_empty() {
+        Vec::new()
+    } else {
+        share(&held_out.labels)?.0
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
@@ -190,6 +228,8 @@ fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
         data,
         indices,
         noise_std,
+        held_out,
+        held_out_indices,
         control: Mutex::new(load_control(&control_file)?),
         control_file,
     })
@@ -262,6 +302,10 @@ pub fn run(args: ClientArgs) -> Result<()> {
             println!("enrolled as node {node_id} ('{name}')")
         }
         AgentEvent::Training(round) => println!("round {round}: training"),
+        AgentEvent::Evaluating(round) => println!("round {round}: evaluating the new model"),
+        AgentEvent::Evaluated { round, accuracy } => {
+            println!("round {round}: evaluated, accuracy {accuracy:.4} on held-out data")
+        }
         AgentEvent::Delivered { round, duplicate } => println!(
             "round {round}: update delivered{}",
             if duplicate { " (already counted)" } else { "" }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_core::robust::{AggregatorName, RobustRule};
 use ferry_core::{
+    evaluation::EvaluationSchedule,
     privacy::{AdaptiveClip, ClipRule, DpSettings, noise::NoiseSeed},
     strategy::StrategyParams,
     task::LocalTraining,
@@ -102,10 +103,31 @@ pub struct SimulateArgs {
     /// Seed for everything random [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop once test accuracy reaches this fraction, in (0, 1].
+    /// Stop once test accuracy reaches this fraction, in (0, 1] (federated evaluation's
+    /// accuracy when the run has no central test set).
     #[arg(long)]
     #[serde(alias = "target_accuracy")]
     pub target_accuracy: Option<f64>,
+    /// Personalisation: tensors of your own model (--initial-model, --trainer-cmd) that stay
+    /// on each node and are never averaged or uploaded, by name patterns where `*` matches
+    /// anything (FedBN: the BatchNorm tensors, for example 'bn*,features.1.*').
+    #[arg(long, value_name = "PATTERNS", value_delimiter = ',')]
+    pub personal: Option<Vec<String>>,
+    /// Federated evaluation: nodes score the global model on their own held-out data after
+    /// every N rounds and after the last; 0 turns it off [default: 1 for a run without a
+    /// central test set, 0 otherwise].
+    #[arg(long, value_name = "N", help_heading = "Federated evaluation")]
+    #[serde(alias = "evaluate_every")]
+    pub evaluate_every: Option<u32>,
+    /// Federated evaluation: share of the nodes asked each time, in (0, 1] [default: 1].
+    #[arg(long, help_heading = "Federated evaluation")]
+    #[serde(alias = "evaluate_fraction")]
+    pub evaluate_fraction: Option<f64>,
+    /// Federated evaluation with built-in virtual nodes: share of each node's examples held
+    /// out of training to evaluate on, in (0, 1) [default: 0.1].
+    #[arg(long, help_heading = "Federated evaluation")]
+    #[serde(alias = "evaluate_holdout")]
+    pub evaluate_holdout: Option<f64>,
     /// Output folder [default: runs/<timestamp>].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -278,6 +300,10 @@ impl SimulateArgs {
                 tau,
                 seed,
                 target_accuracy,
+                personal,
+                evaluate_every,
+                evaluate_fraction,
+                evaluate_holdout,
                 out,
                 threads,
                 dp_noise_multiplier,
@@ -369,6 +395,12 @@ impl SimulateArgs {
             })?;
         }
         check(threads >= 1, || "--threads must be at least 1".to_string())?;
+        let evaluate_fraction = self.evaluate_fraction.unwrap_or(1.0);
+        EvaluationSchedule::checked(0, evaluate_fraction).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        let evaluate_holdout = self.evaluate_holdout.unwrap_or(0.1);
+        check(evaluate_holdout > 0.0 && evaluate_holdout < 1.0, || {
+            format!("--evaluate-holdout must be in (0, 1), got {evaluate_holdout}")
+        })?;
         let defaults = StrategyParams::default();
         let server = StrategyParams {
             mu: self.mu.unwrap_or(defaults.mu),
@@ -403,6 +435,7 @@ impl SimulateArgs {
             data_dir: self.data_dir.clone(),
             model: self.model.as_deref().unwrap_or("lenet").parse()?,
             initial_model: self.initial_model.clone(),
+            personal: self.personal.clone().unwrap_or_default(),
             clients,
             fraction,
             min_clients,
@@ -413,6 +446,9 @@ impl SimulateArgs {
             strategy_params: server,
             seed: self.seed.unwrap_or(0),
             target_accuracy: self.target_accuracy,
+            evaluate_every: self.evaluate_every,
+            evaluate_fraction,
+            evaluate_holdout,
             threads,
             dp: self.resolve_dp(fraction)?,
             aggregator: self.resolve_aggregator(clients, fraction, min_clients)?,

@@ -11,11 +11,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_client::{
-    agent::{TrainTask, Trainer},
+    agent::{EvalTask, TrainTask, Trainer},
     exec::{ExecTrainer, long_lived::LongLivedTrainer},
 };
 use ferry_core::{
     Model, Update,
+    evaluation::NodeEvaluation,
+    personal::PersonalTensors,
     privacy::{
         node::privatize,
         noise::{NoiseSeed, NoiseSource},
@@ -23,7 +25,7 @@ use ferry_core::{
 };
 use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome},
-    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
+    node::{EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
 };
 use ferry_sim::SimConfig;
 
@@ -111,6 +113,8 @@ pub fn node_folders(pattern: &str) -> Result<Vec<PathBuf>> {
 struct ProgramNode {
     id: NodeId,
     trainer: Box<dyn Trainer>,
+    /// The run's personal tensors, which the node keeps as its own.
+    personal: PersonalTensors,
 }
 
 impl NodeHandle for ProgramNode {
@@ -131,6 +135,7 @@ impl NodeHandle for ProgramNode {
             server_control: task.server_control.as_deref().cloned(),
             seed: ferry_core::seed::mix_seed(task.seed, u64::from(self.id)),
             deadline: None,
+            personal: self.personal.clone(),
         };
         let mut update = self.trainer.train(&train_task).map_err(fail)?;
         if let Some(instructions) = &task.privacy {
@@ -140,6 +145,22 @@ impl NodeHandle for ProgramNode {
             privatize(&mut update, instructions, task.model.layout(), &mut noise);
         }
         Ok(update)
+    }
+
+    fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError> {
+        let eval_task = EvalTask {
+            round: task.round,
+            model: (*task.model).clone(),
+            seed: ferry_core::seed::mix_seed(task.seed, u64::from(self.id)),
+            deadline: None,
+            personal: self.personal.clone(),
+        };
+        self.trainer
+            .evaluate(&eval_task)
+            .map_err(|reason| NodeError {
+                node: self.id,
+                reason,
+            })
     }
 }
 
@@ -163,6 +184,8 @@ pub fn run(
     observer: &mut dyn RoundObserver,
 ) -> Result<RunOutcome> {
     let start = StartingPoint::of(config)?;
+    let evaluation = config.evaluation(start.evaluator.is_some());
+    let personal = config.personal_tensors()?;
     let evaluator = start.evaluator.unwrap_or_else(|| Box::new(Unevaluated));
     let nodes = folders
         .iter()
@@ -177,6 +200,7 @@ pub fn run(
             Ok(Arc::new(ProgramNode {
                 id: i as NodeId,
                 trainer,
+                personal: personal.clone(),
             }) as Arc<dyn NodeHandle>)
         })
         .collect::<Result<Vec<_>, String>>()
@@ -192,7 +216,7 @@ pub fn run(
     );
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
-    let settings = config.run_settings(secure);
+    let settings = config.run_settings(secure, evaluation);
     let federation = Federation::new(settings, strategy, nodes, evaluator, start.model)?;
     Ok(federation.run(observer)?)
 }

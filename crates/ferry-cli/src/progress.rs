@@ -1,5 +1,6 @@
 //! Console progress for a run: a bar while a round trains, one line per finished round.
 
+use ferry_core::evaluation::FederatedEvaluation;
 use ferry_engine::{federation::RoundObserver, record::RoundRecord};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -14,6 +15,24 @@ impl ConsoleProgress {
     /// Progress for a run of at most `rounds` rounds.
     pub fn new(rounds: u32) -> Self {
         Self { rounds, bar: None }
+    }
+
+    /// Prints a committed round's federated evaluation, which in a deployment closes after
+    /// the round's own line.
+    pub fn round_evaluated(&self, record: &RoundRecord) {
+        let line = match &record.federated {
+            Some(_) => format!(
+                "round {:>3}/{} evaluated{}",
+                record.round,
+                self.rounds,
+                federated_summary(record.federated.as_ref())
+            ),
+            None => format!(
+                "round {:>3}/{} evaluated: no node's evaluation arrived",
+                record.round, self.rounds
+            ),
+        };
+        self.notice(&line);
     }
 
     /// Prints a line about the run (a refusal, a resumed round) without breaking the bar.
@@ -87,6 +106,14 @@ impl RoundObserver for ConsoleProgress {
         }
     }
 
+    fn evaluation_failed(&mut self, round: u32, reasons: &[String]) {
+        let first = reasons.first().map_or("", String::as_str);
+        self.notice(&format!(
+            "round {round}: {} node(s) could not evaluate the model; first: {first}",
+            reasons.len()
+        ));
+    }
+
     fn round_finished(&mut self, r: &RoundRecord) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
@@ -114,7 +141,7 @@ impl RoundObserver for ConsoleProgress {
             format!("  aborted, model unchanged: {why}")
         });
         println!(
-            "round {:>3}/{}  accuracy {}  loss {}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}",
+            "round {:>3}/{}  accuracy {}  loss {}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}{}",
             r.round,
             self.rounds,
             figure(r.accuracy),
@@ -127,9 +154,26 @@ impl RoundObserver for ConsoleProgress {
             privacy,
             backdoor,
             left_out,
-            aborted
+            aborted,
+            federated_summary(r.federated.as_ref())
         );
     }
+}
+
+/// A federated evaluation in a round line: `  federated accuracy 0.8123 (min 0.7010, median
+/// 0.8150, max 0.8901 over 3 nodes) loss 0.5120`; empty without one.
+pub fn federated_summary(federated: Option<&FederatedEvaluation>) -> String {
+    federated.map_or(String::new(), |f| {
+        let failed = if f.failures > 0 {
+            format!(", {} failed", f.failures)
+        } else {
+            String::new()
+        };
+        format!(
+            "  federated accuracy {:.4} (min {:.4}, median {:.4}, max {:.4} over {} nodes{failed}) loss {:.4}",
+            f.accuracy, f.accuracy_min, f.accuracy_median, f.accuracy_max, f.nodes, f.loss
+        )
+    })
 }
 
 /// A figure to four decimals, or `-` when it was not measured (NaN).
@@ -158,6 +202,11 @@ impl<A: RoundObserver, B: RoundObserver> RoundObserver for Both<A, B> {
     fn evaluating(&mut self, round: u32) {
         self.0.evaluating(round);
         self.1.evaluating(round);
+    }
+
+    fn evaluation_failed(&mut self, round: u32, reasons: &[String]) {
+        self.0.evaluation_failed(round, reasons);
+        self.1.evaluation_failed(round, reasons);
     }
 
     fn round_finished(&mut self, record: &RoundRecord) {

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use ferry_core::{Model, model::sha256_hex};
+use ferry_core::{Model, evaluation::FederatedEvaluation, model::sha256_hex};
 use ferry_engine::{
     federation::{RoundObserver, RunOutcome, StopReason},
     record::RoundRecord,
@@ -34,6 +34,10 @@ pub struct FinalRecord {
     pub bytes_up: u64,
     /// Model bytes sent over the run.
     pub bytes_down: u64,
+    /// Federated evaluation of the final model on the nodes' held-out data, when the run
+    /// evaluated it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedEvaluation>,
 }
 
 /// Everything `history.json` holds, for a run configured by `C` (a simulation or a deployment).
@@ -117,6 +121,7 @@ pub fn write_simulation(
             wall_s,
             bytes_up: outcome.rounds.iter().map(|r| r.bytes_up).sum(),
             bytes_down: outcome.rounds.iter().map(|r| r.bytes_down).sum(),
+            federated: last.federated.clone(),
         }),
         baselines,
         attackers,
@@ -154,7 +159,7 @@ fn csv(rounds: &[RoundRecord]) -> String {
         .max()
         .unwrap_or(0);
     let mut out = String::from(
-        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm",
+        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm,federated_accuracy,federated_loss,federated_accuracy_min,federated_accuracy_median,federated_accuracy_max",
     );
     for class in 0..classes {
         let _ = write!(out, ",class_{class}");
@@ -163,9 +168,10 @@ fn csv(rounds: &[RoundRecord]) -> String {
     let optional = |value: Option<f64>| value.map_or(String::new(), |v| v.to_string());
     let measured = |value: f64| optional((!value.is_nan()).then_some(value));
     for r in rounds {
+        let federated = r.federated.as_ref();
         let _ = write!(
             out,
-            "{},{},{},{},{},{},{},{:.3},{},{},{},{}",
+            "{},{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{}",
             r.round,
             measured(r.accuracy),
             measured(r.loss),
@@ -177,7 +183,12 @@ fn csv(rounds: &[RoundRecord]) -> String {
             r.train_loss,
             r.strategy_state_bytes,
             optional(r.epsilon),
-            optional(r.dp.map(|dp| dp.clip_norm))
+            optional(r.dp.map(|dp| dp.clip_norm)),
+            optional(federated.map(|f| f.accuracy)),
+            optional(federated.map(|f| f.loss)),
+            optional(federated.map(|f| f.accuracy_min)),
+            optional(federated.map(|f| f.accuracy_median)),
+            optional(federated.map(|f| f.accuracy_max))
         );
         for class in 0..classes {
             let accuracy = r.class_accuracy.get(class).copied().flatten();
@@ -242,6 +253,7 @@ mod tests {
             data_dir: None,
             model: "logreg".parse().expect("model"),
             initial_model: None,
+            personal: Vec::new(),
             clients: 2,
             fraction: 1.0,
             min_clients: 1,
@@ -258,6 +270,9 @@ mod tests {
             strategy_params: StrategyParams::default(),
             seed: 0,
             target_accuracy: None,
+            evaluate_every: None,
+            evaluate_fraction: 1.0,
+            evaluate_holdout: 0.1,
             threads: 1,
             dp: None,
             aggregator: None,
@@ -286,6 +301,7 @@ mod tests {
             attack_success_rate: None,
             aggregation_s: 0.0,
             aborted: None,
+            federated: None,
         }
     }
 
@@ -311,7 +327,7 @@ mod tests {
         first.class_accuracy = vec![Some(0.5), None, Some(1.0)];
         let csv = csv(&[first, record(2)]);
         let lines: Vec<&str> = csv.lines().collect();
-        assert!(lines[0].ends_with(",clip_norm,class_0,class_1,class_2"));
+        assert!(lines[0].ends_with(",federated_accuracy_max,class_0,class_1,class_2"));
         assert!(lines[1].ends_with(",0.5,,1"), "{}", lines[1]);
         // A round with no per-class figures keeps the table rectangular.
         assert!(lines[2].ends_with(",,,"), "{}", lines[2]);

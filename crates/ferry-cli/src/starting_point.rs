@@ -24,24 +24,43 @@ pub struct StartingPoint {
 impl StartingPoint {
     /// The starting point `run` configures.
     pub fn of(run: &SimConfig) -> Result<Self> {
+        let personal = run.personal_tensors()?;
         let Some(path) = &run.initial_model else {
+            if !personal.is_empty() {
+                bail!(
+                    "personal tensors are for a model of your own: set initial_model (the \
+                     built-in {} trains every tensor)",
+                    run.model
+                );
+            }
             return Ok(Self {
                 model: params::init_model(run.model, run.seed)?,
                 evaluator: Some(central_evaluator(run)?),
                 description: format!("{} on {}", run.model, run.dataset),
             });
         };
-        let model = params::load_model_file(path)?;
+        let model = params::load_model_file_with(path, &personal)?;
         let builtin = params::init_model(run.model, run.seed)?;
-        if builtin.check_same_layout(model.layout()).is_ok() {
+        if personal.is_empty() && builtin.check_same_layout(model.layout()).is_ok() {
             return Ok(Self {
                 model,
                 evaluator: Some(central_evaluator(run)?),
                 description: format!("{} from {} on {}", run.model, path.display(), run.dataset),
             });
         }
+        let kept = if personal.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<&str> = model
+                .carried()
+                .iter()
+                .map(|t| t.name.as_str())
+                .filter(|name| personal.matches(name))
+                .collect();
+            format!("; kept on each node: {}", names.join(", "))
+        };
         let description = format!(
-            "the model in {} ({} tensors, {} parameters, {} carried; no central test set)",
+            "the model in {} ({} tensors, {} parameters, {} carried{kept}; no central test set)",
             path.display(),
             model.layout().specs().len(),
             model.num_params(),

@@ -220,7 +220,7 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         &["--clients", "node"],
         true,
         "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = 3\nmin_clients = 3\n\
-         rounds = 3\nround_timeout = 60\n",
+         rounds = 3\nround_timeout = 60\nevaluate_every = 1\n",
     );
     let (certs, out) = (server.certs.clone(), server.out.clone());
     let server_log = dir.join("server.log");
@@ -323,6 +323,21 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         rounds[0]["train_loss"].as_f64().expect("train_loss") > 0.0,
         "metrics reach the server"
     );
+    // Every node, whichever trainer it runs, scored every round's model on its own test.csv;
+    // the sites' held-out rows come from the same test split the server scores on.
+    for r in rounds {
+        assert_eq!(r["federated"]["nodes"], 3, "{r}");
+    }
+    let federated = h["final"]["federated"]["accuracy"]
+        .as_f64()
+        .expect("federated accuracy");
+    eprintln!("federated accuracy of the final model: {federated:.4}");
+    assert!(
+        (federated - accuracy).abs() < 0.1,
+        "{federated} vs {accuracy}"
+    );
+    let server_says = fs::read_to_string(&logs[0]).expect("server log");
+    assert!(server_says.contains("federated accuracy"), "{server_says}");
 }
 
 #[test]

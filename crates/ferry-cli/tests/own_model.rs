@@ -219,6 +219,8 @@ fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
         "long-lived",
         "--node-data",
         pattern.to_str().expect("utf-8"),
+        "--evaluate-every",
+        "1",
         "--out",
         out.to_str().expect("utf-8"),
     ]);
@@ -236,6 +238,17 @@ fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
         .as_f64()
         .expect("scored on the test set");
     assert!(last > first && last > 0.7, "{first} -> {last}");
+    // Each node's program also scored every round's model on its own test.csv.
+    let federated: Vec<f64> = rounds
+        .iter()
+        .map(|r| r["federated"]["accuracy"].as_f64().expect("federated"))
+        .collect();
+    assert!(
+        rounds.iter().all(|r| r["federated"]["nodes"] == 3),
+        "{rounds:?}"
+    );
+    assert!(federated[2] > federated[0], "{federated:?}");
+    assert!(stdout.contains("federated accuracy"), "{stdout}");
 
     let missing = support::ferry()
         .args([

@@ -26,8 +26,8 @@ fn python(python: &str, script: &str) {
 }
 
 /// `ferry simulate` over two empty node folders with the trainer `python trainer.py` in
-/// long-lived mode, starting from `initial`.
-fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path) -> Output {
+/// long-lived mode, starting from `initial`, with `extra` options.
+fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path, extra: &[&str]) -> Output {
     fs::create_dir_all(dir).expect("run folder");
     let script = dir.join("trainer.py");
     fs::write(&script, trainer).expect("trainer");
@@ -45,6 +45,7 @@ fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path) -> Output {
         .arg(initial)
         .arg("--out")
         .arg(dir.join("run"))
+        .args(extra)
         .output()
         .expect("simulate runs")
 }
@@ -59,7 +60,12 @@ def train(model, task):
             out[name] = (array + 0.5 * (1 - array.astype(np.float64))).astype(array.dtype)
     return ferry_sdk.TrainResult(out, num_examples=5, metrics={"train_loss": 0.1})
 
-ferry_sdk.run(train)
+def evaluate(model, task):
+    # Scores by how far head.bias has come from -1 to 1; site-1 holds three times the data.
+    examples = 30 if task.data_dir.endswith("1") else 10
+    return ferry_sdk.EvaluateResult(examples, loss=0.2, accuracy=(float(model["head.bias"].mean()) + 1) / 2)
+
+ferry_sdk.run(train, evaluate)
 "#;
 
 #[test]
@@ -76,7 +82,7 @@ fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_n
         ),
     );
     let good = tmp.path().join("good");
-    let out = simulate(&good, "python3", NUMPY_TRAINER, &initial);
+    let out = simulate(&good, "python3", NUMPY_TRAINER, &initial, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -85,6 +91,20 @@ fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_n
     let h = history(&good.join("run")).expect("history.json");
     let rounds = h["rounds"].as_array().expect("rounds");
     assert!(rounds.iter().all(|r| r["participants"] == 2), "{rounds:?}");
+    // Without a central test set every round is evaluated by the nodes: head.bias goes
+    // -1 -> 0 -> 0.5, so the nodes score 0.5 then 0.75, over 10 + 30 examples.
+    let federated: Vec<(f64, u64)> = rounds
+        .iter()
+        .map(|r| {
+            let f = &r["federated"];
+            (
+                f["accuracy"].as_f64().expect("accuracy"),
+                f["num_examples"].as_u64().expect("examples"),
+            )
+        })
+        .collect();
+    assert_eq!(federated, [(0.5, 40), (0.75, 40)], "{rounds:?}");
+    assert_eq!(h["final"]["federated"]["accuracy_max"], 0.75);
     python(
         "python3",
         &format!(
@@ -102,7 +122,7 @@ fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_n
         "    return ferry_sdk.TrainResult(",
         "    out['enc.weight'] = np.zeros((2, 3), np.float16)\n    return ferry_sdk.TrainResult(",
     );
-    let out = simulate(&bad, "python3", &wrong, &initial);
+    let out = simulate(&bad, "python3", &wrong, &initial, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -117,6 +137,7 @@ def make():
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
 "#;
 
+/// FedBN's pattern: the BatchNorm layer (`1.*`) is personal, so it stays on each node.
 #[test]
 fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictly() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -147,7 +168,13 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
          \x20   return (None, 64, {'train_loss': float(loss)})\n\
          pytorch.run(module, train)\n",
     );
-    let out = simulate(tmp.path(), "/usr/bin/python3", &trainer, &initial);
+    let out = simulate(
+        tmp.path(),
+        "/usr/bin/python3",
+        &trainer,
+        &initial,
+        &["--personal", "1.*"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -160,14 +187,98 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
         rounds.iter().all(|r| r["accuracy"].is_null()),
         "no central test set"
     );
+    // The trainer has no evaluate function: the nodes say so and the run goes on.
+    assert!(
+        rounds.iter().all(|r| r["federated"].is_null()),
+        "{rounds:?}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("2 node(s) could not evaluate") && stdout.contains("no evaluate function"),
+        "{stdout}"
+    );
     python(
         "/usr/bin/python3",
         &with_net(&format!(
             "m = pytorch.load_into(net.make(), '{}', strict=True)\n\
              start = net.make()\n\
              assert not torch.equal(m[0].weight, start[0].weight), 'trained'\n\
-             assert int(m[1].num_batches_tracked) == 0, 'integer tensors are not averaged'\n",
-            tmp.path().join("run/model.safetensors").display()
+             assert int(m[1].num_batches_tracked) == 0, 'integer tensors are not averaged'\n\
+             assert torch.equal(m[1].weight, start[1].weight), 'personal: never averaged'\n\
+             from safetensors.torch import load_file\n\
+             own = [load_file('{}/run/nodes/node-%d/personal.safetensors' % i) for i in (0, 1)]\n\
+             assert set(own[0]) == {{'1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked'}}, own[0]\n\
+             assert not torch.equal(own[0]['1.running_mean'], own[1]['1.running_mean']), 'each node its own'\n\
+             assert not torch.equal(own[0]['1.running_mean'], start[1].running_mean), 'trained on the node'\n",
+            tmp.path().join("run/model.safetensors").display(),
+            tmp.path().display()
         )),
+    );
+}
+
+/// `examples/numpy` as its README runs it: CSV sites made from Fashion-MNIST, a zero softmax
+/// regression, and the SDK trainer simulated as every site, whose federated accuracy rises.
+#[test]
+fn the_numpy_example_learns_and_its_sites_evaluate_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy");
+    let script = |file: &str, args: &[&str]| {
+        let out = std::process::Command::new("python3")
+            .arg(example.join(file))
+            .args(args)
+            .current_dir(tmp.path())
+            .env("PYTHONPATH", sdk_path())
+            .output()
+            .expect("python runs");
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    script(
+        "make_sites.py",
+        &["--nodes", "3", "--per-node", "600", "--test-per-node", "200"],
+    );
+    script("init_model.py", &["init.safetensors"]);
+    let out = support::ferry()
+        .current_dir(tmp.path())
+        .env("PYTHONPATH", sdk_path())
+        .args(["simulate", "--trainer-cmd"])
+        .arg(format!("python3 {}", example.join("train.py").display()))
+        .args([
+            "--trainer-mode",
+            "long-lived",
+            "--node-data",
+            "data/*",
+            "--initial-model",
+            "init.safetensors",
+            "--rounds",
+            "3",
+            "--lr",
+            "0.02",
+            "--out",
+            "run",
+        ])
+        .output()
+        .expect("simulate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = history(&tmp.path().join("run")).expect("history.json");
+    let federated: Vec<f64> = h["rounds"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["federated"]["num_examples"], 600, "{r}");
+            r["federated"]["accuracy"].as_f64().expect("accuracy")
+        })
+        .collect();
+    assert!(
+        federated[2] > federated[0] && federated[2] > 0.6,
+        "{federated:?}"
     );
 }

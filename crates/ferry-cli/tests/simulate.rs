@@ -242,6 +242,62 @@ fn target_accuracy_stops_early() {
 }
 
 #[test]
+fn virtual_nodes_evaluate_on_their_held_out_share_when_asked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().to_str().expect("utf-8");
+    let args = mnist_logreg(&[
+        "--clients",
+        "4",
+        "--rounds",
+        "3",
+        "--evaluate-every",
+        "2",
+        "--evaluate-fraction",
+        "0.5",
+        "--partition",
+        "dirichlet:0.5",
+    ]);
+    let printed = ferry_stdout(&[&["simulate", "--out", out_dir][..], &args].concat());
+    let h = history(tmp.path());
+    let rounds = h["rounds"].as_array().expect("rounds");
+    let evaluated: Vec<u64> = rounds
+        .iter()
+        .filter(|r| r["federated"].is_object())
+        .map(|r| r["round"].as_u64().expect("round"))
+        .collect();
+    assert_eq!(evaluated, [2, 3], "every 2 rounds and the last");
+    let last = &rounds[2]["federated"];
+    assert_eq!(last["nodes"], 2, "half of 4 nodes: {last}");
+    let (min, median, max, accuracy) = (
+        last["accuracy_min"].as_f64().expect("min"),
+        last["accuracy_median"].as_f64().expect("median"),
+        last["accuracy_max"].as_f64().expect("max"),
+        last["accuracy"].as_f64().expect("accuracy"),
+    );
+    assert!(
+        min <= median && median <= max && min <= accuracy && accuracy <= max,
+        "{last}"
+    );
+    assert!(last["metrics"]["class_0_accuracy"].is_number(), "{last}");
+    assert!(printed.contains("federated accuracy"), "{printed}");
+    assert_eq!(h["final"]["federated"], rounds[2]["federated"]);
+    // The nodes held 10% of their examples out of training; at 20% they score twice as many.
+    let examples = last["num_examples"].as_f64().expect("examples");
+    let twice = tempfile::tempdir().expect("tempdir");
+    let more = simulate(
+        twice.path(),
+        &[&args[..], &["--evaluate-holdout", "0.2"]].concat(),
+    );
+    let more = more["rounds"][2]["federated"]["num_examples"]
+        .as_f64()
+        .expect("examples");
+    assert!(
+        (1.8..2.2).contains(&(more / examples)),
+        "{examples} then {more}"
+    );
+}
+
+#[test]
 fn baselines_report_central_and_local_accuracy() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let h = simulate(
@@ -374,10 +430,13 @@ fn bad_input_gets_one_line_errors() {
         &["simulate", "--out", out, "--partition", "zipf:2"],
         "zipf:2",
     );
-    assert_clean_failure(
-        &["simulate", "--out", out, "--fraction", "1.5"],
-        "--fraction",
-    );
+    for (flag, value) in [
+        ("--fraction", "1.5"),
+        ("--evaluate-holdout", "1.5"),
+        ("--evaluate-fraction", "0"),
+    ] {
+        assert_clean_failure(&["simulate", "--out", out, flag, value], flag);
+    }
     assert_clean_failure(
         &["simulate", "--out", out, "--dataset", "cifar10"],
         "cifar10",
@@ -635,7 +694,7 @@ fn private_simulation_reports_epsilon_each_round_and_stops_at_its_budget() {
     assert!(
         csv.lines()
             .next()
-            .is_some_and(|h| h.contains(",epsilon,clip_norm,class_0,"))
+            .is_some_and(|h| h.contains(",epsilon,clip_norm,federated_accuracy,"))
     );
 
     // A budget the first round would already exceed is refused before any training.

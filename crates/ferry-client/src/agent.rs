@@ -6,6 +6,8 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use ferry_core::{
     Model, Update,
+    evaluation::NodeEvaluation,
+    personal::PersonalTensors,
     privacy::{
         node::{NodePrivacy, privatize},
         noise::{NoiseSeed, NoiseSource},
@@ -15,8 +17,8 @@ use ferry_core::{
     wire,
 };
 use ferry_proto::v1::{
-    FailureReport, HeartbeatRequest, PullTaskRequest, Task, fleet_client::FleetClient,
-    pull_task_response::Outcome,
+    EvaluationReport, FailureReport, HeartbeatRequest, PullTaskRequest, Task, TaskKind,
+    fleet_client::FleetClient, pull_task_response::Outcome,
 };
 use tonic::{Code, Status, transport::Channel};
 
@@ -45,12 +47,32 @@ pub struct TrainTask {
     pub seed: u64,
     /// When the round may close without this node; a trainer may stop work past it.
     pub deadline: Option<std::time::SystemTime>,
+    /// The run's personal tensors (carried in `model`): the node keeps its own values.
+    pub personal: PersonalTensors,
+}
+
+/// What a trainer receives to score a round's global model (federated evaluation).
+#[derive(Debug, Clone)]
+pub struct EvalTask {
+    /// The round whose model is scored.
+    pub round: u32,
+    /// The global model after that round.
+    pub model: Model,
+    /// The evaluation's seed, mixed with this node's own stream.
+    pub seed: u64,
+    /// When the server stops waiting for this node's score.
+    pub deadline: Option<std::time::SystemTime>,
+    /// The run's personal tensors (carried in `model`): the node scores with its own values.
+    pub personal: PersonalTensors,
 }
 
 /// Local training on the node's own data: the built-in burn trainer, or an external command.
 pub trait Trainer: Send + Sync {
     /// Trains from `task.model` and returns the update. Runs on a blocking thread.
     fn train(&self, task: &TrainTask) -> Result<Update, String>;
+
+    /// Scores `task.model` on the node's own held-out data. Runs on a blocking thread.
+    fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String>;
 }
 
 /// How the agent behaves.
@@ -82,6 +104,15 @@ pub enum AgentEvent {
     },
     /// Training for a round.
     Training(u32),
+    /// Scoring a round's global model on the node's held-out data.
+    Evaluating(u32),
+    /// The node's score of a round's global model was sent.
+    Evaluated {
+        /// The round.
+        round: u32,
+        /// The node's accuracy on its held-out data.
+        accuracy: f64,
+    },
     /// The round's update was accepted (or was already counted).
     Delivered {
         /// The round.
@@ -128,6 +159,18 @@ pub async fn run(
             }
         };
         match outcome {
+            Some(Outcome::Task(task)) if task.kind == TaskKind::Evaluate as i32 => {
+                evaluate(
+                    &settings,
+                    &mut client,
+                    &credential,
+                    task,
+                    trainer.clone(),
+                    &mut backoff,
+                    &on_event,
+                )
+                .await?;
+            }
             Some(Outcome::Task(task)) => {
                 work(
                     &settings,
@@ -250,6 +293,42 @@ async fn fetch(
     }
 }
 
+/// Downloads and reads the task's global model, with the run's personal tensors carried;
+/// `None` when the task is gone or unusable (said through `on_event`, and reported to the
+/// server when the node cannot read what it got).
+async fn global_model(
+    settings: &AgentSettings,
+    client: &mut FleetClient<Channel>,
+    credential: &StoredCredential,
+    task: &Task,
+    backoff: &mut Backoff,
+    on_event: &(impl Fn(AgentEvent) + Send + Sync),
+) -> Result<Option<(Model, PersonalTensors)>, ClientError> {
+    let round = task.round;
+    let abandon = |reason: String| AgentEvent::Abandoned { round, reason };
+    let Some(model_ref) = &task.model else {
+        on_event(abandon("task lacks a model".into()));
+        return Ok(None);
+    };
+    let bytes = match fetch(settings, client, credential, model_ref, backoff, on_event).await? {
+        Ok(bytes) => bytes,
+        Err(status) => {
+            on_event(abandon(status.message().to_string()));
+            return Ok(None);
+        }
+    };
+    let read = PersonalTensors::new(task.personal.clone())
+        .and_then(|personal| Ok((Model::from_safetensors_with(&bytes, &personal)?, personal)));
+    match read {
+        Ok(read) => Ok(Some(read)),
+        Err(e) => {
+            report_failure(client, credential, round, &e.to_string()).await;
+            on_event(abandon(e.to_string()));
+            Ok(None)
+        }
+    }
+}
+
 /// Does one task: download, train with heartbeats, upload.
 async fn work(
     settings: &AgentSettings,
@@ -262,18 +341,15 @@ async fn work(
 ) -> Result<(), ClientError> {
     let round = task.round;
     let abandon = |reason: String| AgentEvent::Abandoned { round, reason };
-    let (Some(model_ref), Some(training)) = (task.model.clone(), task.training) else {
-        on_event(abandon("task lacks a model or training settings".into()));
+    let Some(training) = task.training else {
+        on_event(abandon("task lacks training settings".into()));
         return Ok(());
     };
-    let model_bytes =
-        match fetch(settings, client, credential, &model_ref, backoff, on_event).await? {
-            Ok(bytes) => bytes,
-            Err(status) => {
-                on_event(abandon(status.message().to_string()));
-                return Ok(());
-            }
-        };
+    let Some((model, personal)) =
+        global_model(settings, client, credential, &task, backoff, on_event).await?
+    else {
+        return Ok(());
+    };
     let server_control = match &task.server_control {
         Some(blob) => match fetch(settings, client, credential, blob, backoff, on_event).await? {
             Ok(bytes) => wire::decode_vectors(&bytes)
@@ -286,11 +362,8 @@ async fn work(
         },
         None => None,
     };
-    let prepared = Model::from_safetensors(&model_bytes)
-        .map_err(|e| e.to_string())
-        .and_then(|model| Ok((model, procedure(&task)?)));
-    let (model, procedure) = match prepared {
-        Ok(prepared) => prepared,
+    let procedure = match procedure(&task) {
+        Ok(procedure) => procedure,
         Err(reason) => {
             report_failure(client, credential, round, &reason).await;
             on_event(abandon(reason));
@@ -310,8 +383,8 @@ async fn work(
         procedure,
         server_control,
         seed: ferry_core::seed::mix_seed(task.seed, settings.seed_stream),
-        deadline: (task.deadline_unix_ms > 0)
-            .then(|| std::time::UNIX_EPOCH + Duration::from_millis(task.deadline_unix_ms)),
+        deadline: deadline(&task),
+        personal,
     };
     // Secure aggregation: keys are advertised and shared before training, so a node that
     // dies while training can still be unmasked around.
@@ -410,15 +483,91 @@ async fn work(
     }
 }
 
-/// Waits for training to finish while heartbeating; `None` if the server says the round no
+/// Scores a round's global model on the node's held-out data and reports the figures (or
+/// why it could not).
+async fn evaluate(
+    settings: &AgentSettings,
+    client: &mut FleetClient<Channel>,
+    credential: &StoredCredential,
+    task: Task,
+    trainer: Arc<dyn Trainer>,
+    backoff: &mut Backoff,
+    on_event: &(impl Fn(AgentEvent) + Send + Sync),
+) -> Result<(), ClientError> {
+    let round = task.round;
+    let abandon = |reason: String| AgentEvent::Abandoned { round, reason };
+    let Some((model, personal)) =
+        global_model(settings, client, credential, &task, backoff, on_event).await?
+    else {
+        return Ok(());
+    };
+    let eval_task = EvalTask {
+        round,
+        model,
+        seed: ferry_core::seed::mix_seed(task.seed, settings.seed_stream),
+        deadline: deadline(&task),
+        personal,
+    };
+    on_event(AgentEvent::Evaluating(round));
+    let job = tokio::task::spawn_blocking(move || trainer.evaluate(&eval_task));
+    let interval = Duration::from_millis(u64::from(task.heartbeat_interval_ms.max(200)));
+    let scored = match with_heartbeats(client, credential, round, interval, job).await {
+        Some(scored) => scored.and_then(|e| e.validate().map(|()| e)),
+        None => {
+            on_event(abandon("the evaluation closed while scoring".into()));
+            return Ok(());
+        }
+    };
+    let evaluation = match scored {
+        Ok(evaluation) => evaluation,
+        Err(reason) => {
+            let reason = format!("evaluation: {reason}");
+            report_failure(client, credential, round, &reason).await;
+            on_event(abandon(reason));
+            return Ok(());
+        }
+    };
+    let report = EvaluationReport {
+        round,
+        num_examples: evaluation.num_examples,
+        loss: evaluation.loss,
+        accuracy: evaluation.accuracy,
+        metrics: evaluation.metrics.into_iter().collect(),
+    };
+    loop {
+        let request = credential.authorize(tonic::Request::new(report.clone()));
+        match client.report_evaluation(request).await {
+            Ok(_) => {
+                on_event(AgentEvent::Evaluated {
+                    round,
+                    accuracy: evaluation.accuracy,
+                });
+                return Ok(());
+            }
+            Err(status) if round_gone(&status) => {
+                on_event(abandon(status.message().to_string()));
+                return Ok(());
+            }
+            Err(status) => retry(&status, settings, backoff, on_event).await?,
+        }
+    }
+}
+
+/// When the server stops waiting for this node's answer to `task`.
+fn deadline(task: &Task) -> Option<std::time::SystemTime> {
+    (task.deadline_unix_ms > 0)
+        .then(|| std::time::UNIX_EPOCH + Duration::from_millis(task.deadline_unix_ms))
+}
+
+/// Waits for the trainer to finish while heartbeating; `None` if the server says the round no
 /// longer wants this node.
-async fn with_heartbeats(
+async fn with_heartbeats<T>(
     client: &mut FleetClient<Channel>,
     credential: &StoredCredential,
     round: u32,
     interval: Duration,
-    mut job: tokio::task::JoinHandle<Result<Update, String>>,
-) -> Option<Result<Update, String>> {
+    mut job: tokio::task::JoinHandle<Result<T, String>>,
+) -> Option<Result<T, String>> {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {

@@ -5,6 +5,8 @@
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`update`]: what a node sends back after local training.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
+//! - [`evaluation`]: federated evaluation (nodes' scores on their held-out data, combined).
+//! - [`personal`]: personalisation by name (tensors that stay on each node, as in FedBN).
 //! - [`privacy`]: client-level differential privacy (clipping, noise, RDP accountant).
 //! - [`robust`]: robust aggregation (median, trimmed mean, Krum, Multi-Krum, Bulyan, norm
 //!   bounding).
@@ -21,7 +23,9 @@ pub mod aggregate;
 pub mod algebra;
 pub mod dtype;
 pub mod error;
+pub mod evaluation;
 pub mod model;
+pub mod personal;
 pub mod privacy;
 pub mod robust;
 pub mod seed;

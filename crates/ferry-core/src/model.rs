@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     CoreError,
     dtype::{CarriedTensor, TensorDtype},
+    personal::PersonalTensors,
 };
 
 /// The name, shape and file dtype of one parameter tensor of a model.
@@ -158,9 +159,32 @@ impl Model {
         Ok(self)
     }
 
-    /// The tensors that travel with the model but are never averaged (integers, booleans).
+    /// The tensors that travel with the model but are never averaged (integers, booleans,
+    /// and a run's personal tensors).
     pub fn carried(&self) -> &[CarriedTensor] {
         &self.carried
+    }
+
+    /// The model with each carried tensor named in `own` (a node's personal tensors) taking
+    /// `own`'s value; a saved tensor whose dtype or shape no longer fits is refused.
+    pub fn with_own(&self, own: &[CarriedTensor]) -> Result<Self, CoreError> {
+        let mut carried = self.carried.to_vec();
+        for tensor in &mut carried {
+            let Some(mine) = own.iter().find(|o| o.name == tensor.name) else {
+                continue;
+            };
+            if (mine.dtype, &mine.shape) != (tensor.dtype, &tensor.shape) {
+                return Err(CoreError::LayoutMismatch(format!(
+                    "the node's own tensor '{}' is {:?} {:?}, the model's is {:?} {:?}",
+                    mine.name, mine.dtype, mine.shape, tensor.dtype, tensor.shape
+                )));
+            }
+            tensor.data.clone_from(&mine.data);
+        }
+        Ok(Self {
+            carried: Arc::from(carried),
+            ..self.clone()
+        })
     }
 
     /// The model's layout (shared between all models of a run).
@@ -231,6 +255,15 @@ impl Model {
     /// the parameters, every other tensor is carried. A file without a floating-point tensor
     /// is refused.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, CoreError> {
+        Self::from_safetensors_with(bytes, &PersonalTensors::default())
+    }
+
+    /// [`Model::from_safetensors`] for a run with `personal` tensors: those are carried too,
+    /// whatever their dtype, so they are never averaged or uploaded.
+    pub fn from_safetensors_with(
+        bytes: &[u8],
+        personal: &PersonalTensors,
+    ) -> Result<Self, CoreError> {
         let file = SafeTensors::deserialize(bytes)
             .map_err(|e| CoreError::Safetensors(format!("not a safetensors model file ({e})")))?;
         let mut tensors = file.tensors();
@@ -239,7 +272,8 @@ impl Model {
         let mut values = Vec::new();
         let mut carried = Vec::new();
         for (name, view) in tensors {
-            match TensorDtype::of(view.dtype()) {
+            let parameter = TensorDtype::of(view.dtype()).filter(|_| !personal.matches(&name));
+            match parameter {
                 Some(dtype) => {
                     dtype.decode_into(&name, view.data(), &mut values)?;
                     specs.push(TensorSpec {
@@ -457,6 +491,35 @@ mod tests {
             .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
             .collect();
         assert_eq!(written, [f64::from(0.1f32), f64::from(0.2f32)]);
+    }
+
+    #[test]
+    fn personal_tensors_are_carried_and_a_node_can_put_its_own_in() {
+        let personal = PersonalTensors::new(vec!["fc.b*".into()]).expect("valid");
+        let model = Model::from_safetensors_with(&mixed_file(), &personal).expect("a model");
+        let names: Vec<&str> = model.layout().names().collect();
+        assert_eq!(
+            names,
+            ["fc.weight", "temperature"],
+            "fc.bias is not a parameter"
+        );
+        let carried: Vec<&str> = model.carried().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(carried, ["bn.num_batches_tracked", "fc.bias"]);
+        let mut own = model.carried()[1].clone();
+        own.data = bytemuck::cast_slice(&[7.0f64, 8.0]).to_vec();
+        let mine = model.with_own(std::slice::from_ref(&own)).expect("fits");
+        assert_eq!(mine.carried()[1].data, own.data);
+        assert_eq!(mine.values(), model.values(), "shared tensors untouched");
+        own.shape = vec![3];
+        assert!(
+            model.with_own(&[own]).is_err(),
+            "a saved tensor of another shape"
+        );
+        let everything = PersonalTensors::new(vec!["*".into()]).expect("valid");
+        assert!(matches!(
+            Model::from_safetensors_with(&mixed_file(), &everything),
+            Err(CoreError::NoParameters(_))
+        ));
     }
 
     #[test]

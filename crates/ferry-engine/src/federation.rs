@@ -2,14 +2,20 @@
 
 use std::sync::Arc;
 
-use ferry_core::{Model, Update, strategy::Strategy, task::LocalTraining};
+use ferry_core::{
+    Model, Update,
+    evaluation::{EvaluationSchedule, FederatedEvaluation},
+    strategy::Strategy,
+    task::LocalTraining,
+};
 
 use crate::{
     EngineError, dispatch,
-    node::{Adversary, Evaluator, NodeError, NodeHandle, NodeId},
+    node::{Adversary, EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId},
     record::RoundRecord,
     round::{self, CohortRule, OpenRound},
     secure::{self, SecureAggregation},
+    selection,
 };
 
 /// How a run proceeds.
@@ -31,6 +37,8 @@ pub struct RunSettings {
     pub parallelism: usize,
     /// Secure aggregation: the server sees only the sum of the round's updates.
     pub secure: Option<SecureAggregation>,
+    /// Federated evaluation: after which rounds, and on what share of the nodes.
+    pub evaluation: EvaluationSchedule,
 }
 
 /// Hooks for showing progress; every method is called on the engine's thread.
@@ -41,6 +49,8 @@ pub trait RoundObserver {
     fn node_returned(&mut self, _round: u32) {}
     /// Aggregation is done; the new model is being evaluated.
     fn evaluating(&mut self, _round: u32) {}
+    /// Nodes asked to evaluate the round's model could not; `reasons` holds each one's.
+    fn evaluation_failed(&mut self, _round: u32, _reasons: &[String]) {}
     /// A round is complete.
     fn round_finished(&mut self, _record: &RoundRecord) {}
 }
@@ -69,9 +79,12 @@ pub struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// The highest test accuracy any round reached.
+    /// The highest accuracy any round reached (central, or federated without a test set).
     pub fn best_accuracy(&self) -> f64 {
-        self.rounds.iter().map(|r| r.accuracy).fold(0.0, f64::max)
+        self.rounds
+            .iter()
+            .map(RoundRecord::headline_accuracy)
+            .fold(0.0, f64::max)
     }
 }
 
@@ -156,7 +169,7 @@ impl Federation {
             let reached = self
                 .settings
                 .target_accuracy
-                .is_some_and(|target| record.accuracy >= target);
+                .is_some_and(|target| record.reached(target));
             rounds.push(record);
             if reached {
                 stop = StopReason::TargetReached;
@@ -239,7 +252,55 @@ impl Federation {
             .evaluator
             .attack_success_rate(&self.global)
             .map_err(EngineError::Evaluation)?;
+        if self.settings.evaluation.due(round, self.settings.rounds) {
+            let (federated, failures) = self.evaluate_federated(round);
+            if !failures.is_empty() {
+                observer.evaluation_failed(round, &failures);
+            }
+            record.federated = federated;
+        }
         Ok(record)
+    }
+
+    /// Asks a seeded share of the nodes to score the global model on their held-out data;
+    /// a node that fails counts in the result's failures, and its reason is returned.
+    fn evaluate_federated(&self, round: u32) -> (Option<FederatedEvaluation>, Vec<String>) {
+        let (chosen, seed) = selection::evaluators(
+            self.nodes.len(),
+            &self.settings.evaluation,
+            self.settings.seed,
+            round,
+        );
+        let task = EvaluateTask {
+            round,
+            model: Arc::new(self.global.clone()),
+            seed,
+        };
+        let nodes = &self.nodes;
+        let mut results = Vec::with_capacity(chosen.len());
+        let mut failures = Vec::new();
+        dispatch::run_ordered(
+            chosen.len(),
+            self.settings.parallelism,
+            |i| {
+                let node = &nodes[chosen[i]];
+                node.evaluate(&task).and_then(|e| {
+                    e.validate().map(|()| e).map_err(|reason| NodeError {
+                        node: node.id(),
+                        reason,
+                    })
+                })
+            },
+            |_| {},
+            |_, result| match result {
+                Ok(evaluation) => results.push(evaluation),
+                Err(e) => failures.push(e.to_string()),
+            },
+        );
+        (
+            FederatedEvaluation::combine(&results, failures.len()),
+            failures,
+        )
     }
 }
 

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use ferry_core::{
-    Model, Update, privacy::node::NodePrivacy, strategy::ClientProcedure, task::LocalTraining,
+    Model, Update, evaluation::NodeEvaluation, privacy::node::NodePrivacy,
+    strategy::ClientProcedure, task::LocalTraining,
 };
 
 /// A node's identifier within a run.
@@ -29,6 +30,17 @@ pub struct RoundTask {
     pub privacy: Option<NodePrivacy>,
 }
 
+/// A federated evaluation's work for one node: score the global model on held-out data.
+#[derive(Debug, Clone)]
+pub struct EvaluateTask {
+    /// The round whose model is scored.
+    pub round: u32,
+    /// The global model after that round.
+    pub model: Arc<Model>,
+    /// The evaluation's seed; a node mixes in its id for its own randomness.
+    pub seed: u64,
+}
+
 /// Why a node returned no update.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("node {node}: {reason}")]
@@ -46,6 +58,9 @@ pub trait NodeHandle: Send + Sync {
 
     /// Trains on the node's data starting from `task.model` and returns the update.
     fn train(&self, task: &RoundTask) -> Result<Update, NodeError>;
+
+    /// Scores `task.model` on the node's own held-out data (federated evaluation).
+    fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError>;
 }
 
 /// How a global model scored on held-out data.

@@ -1,6 +1,6 @@
 //! What a run records about each round.
 
-use ferry_core::privacy::DpRoundRecord;
+use ferry_core::{evaluation::FederatedEvaluation, privacy::DpRoundRecord};
 use serde::{Deserialize, Serialize};
 
 /// One round, as shown on screen and written to `history.json`.
@@ -53,6 +53,33 @@ pub struct RoundRecord {
     /// for the masks to be removed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted: Option<String>,
+    /// Federated evaluation of the new global model on the nodes' own held-out data, when the
+    /// run evaluated after this round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedEvaluation>,
+}
+
+impl RoundRecord {
+    /// Whether the round's model reached `target`: by the central test set when the run has
+    /// one, otherwise by federated evaluation.
+    pub fn reached(&self, target: f64) -> bool {
+        if self.accuracy.is_nan() {
+            self.federated
+                .as_ref()
+                .is_some_and(|f| f.accuracy >= target)
+        } else {
+            self.accuracy >= target
+        }
+    }
+
+    /// The accuracy the run reports for the round: central when evaluated, else federated
+    /// (NaN when neither).
+    pub fn headline_accuracy(&self) -> f64 {
+        match &self.federated {
+            Some(f) if self.accuracy.is_nan() => f.accuracy,
+            _ => self.accuracy,
+        }
+    }
 }
 
 /// A figure that may be missing, kept as NaN in memory (comparisons with it are false, so

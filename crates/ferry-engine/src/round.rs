@@ -334,6 +334,7 @@ impl AppliedRound {
             attack_success_rate: None,
             aggregation_s: self.aggregation_s,
             aborted: self.aborted,
+            federated: None,
         }
     }
 }

@@ -1,7 +1,25 @@
 //! Choosing which nodes take part in a round.
 
+use ferry_core::{evaluation::EvaluationSchedule, seed::mix_seed};
 use rand::{Rng, SeedableRng, seq::index};
 use rand_chacha::ChaCha8Rng;
+
+/// Mixed into the run seed for each federated evaluation's draw, so it never repeats the
+/// round's training cohort draw.
+const EVALUATION_STREAM: u64 = 0x4576_616c;
+
+/// The nodes (positions out of `available`) that score the model after `round`, and the
+/// evaluation's seed: `schedule`'s share of them, drawn from `run_seed`, the same rule in
+/// simulation and deployment.
+pub fn evaluators(
+    available: usize,
+    schedule: &EvaluationSchedule,
+    run_seed: u64,
+    round: u32,
+) -> (Vec<usize>, u64) {
+    let seed = mix_seed(run_seed, EVALUATION_STREAM ^ u64::from(round));
+    (sample(available, schedule.nodes(available), seed), seed)
+}
 
 /// How many of `available` nodes a round uses: `fraction` of them, at least `min_clients`,
 /// never more than are available.

@@ -4,13 +4,14 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
+    evaluation::{EvaluationSchedule, NodeEvaluation},
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
 use ferry_engine::{
     EngineError,
     federation::{Federation, RoundObserver, RunSettings, StopReason},
-    node::{Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
+    node::{EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
     record::RoundRecord,
     secure::SecAggSettings,
 };
@@ -47,6 +48,24 @@ impl NodeHandle for ScriptedNode {
         let mut update = Update::new(delta, self.examples);
         update.metrics = BTreeMap::from([("train_loss".into(), 1.0)]);
         Ok(update)
+    }
+
+    /// Scores the model by its distance from the target, each node a little worse than the
+    /// one before, on `10 × examples` held-out examples.
+    fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError> {
+        if self.fail {
+            return Err(NodeError {
+                node: self.id,
+                reason: "no held-out data".into(),
+            });
+        }
+        let d = f64::from((task.model.values()[0] - self.target[0]).abs());
+        Ok(NodeEvaluation {
+            num_examples: self.examples * 10,
+            loss: d,
+            accuracy: (1.0 - d - 0.05 * f64::from(self.id)).clamp(0.0, 1.0),
+            metrics: BTreeMap::new(),
+        })
     }
 }
 
@@ -90,6 +109,7 @@ fn settings(rounds: u32, parallelism: usize) -> RunSettings {
         seed: 3,
         parallelism,
         secure: None,
+        evaluation: EvaluationSchedule::OFF,
     }
 }
 
@@ -125,9 +145,29 @@ impl RoundObserver for Recorder {
     }
 }
 
+/// Scores nothing, like a run of a user's model without a central test set.
+struct NoTestSet;
+
+impl Evaluator for NoTestSet {
+    fn evaluate(&self, _model: &Model) -> Result<Score, String> {
+        Ok(Score::unevaluated())
+    }
+}
+
 fn run(
     settings: RunSettings,
     nodes: Vec<Arc<dyn NodeHandle>>,
+) -> (
+    Result<ferry_engine::federation::RunOutcome, EngineError>,
+    Recorder,
+) {
+    run_with(settings, nodes, Box::new(DistanceEvaluator))
+}
+
+fn run_with(
+    settings: RunSettings,
+    nodes: Vec<Arc<dyn NodeHandle>>,
+    evaluator: Box<dyn Evaluator>,
 ) -> (
     Result<ferry_engine::federation::RunOutcome, EngineError>,
     Recorder,
@@ -137,7 +177,7 @@ fn run(
         settings,
         Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), 3),
         nodes,
-        Box::new(DistanceEvaluator),
+        evaluator,
         model(),
     );
     let out = fed.and_then(|f| f.run(&mut recorder));
@@ -197,6 +237,48 @@ fn stops_at_target_accuracy() {
     assert_eq!(out.stop, StopReason::TargetReached);
     assert!(out.rounds.len() < 50);
     assert!(out.rounds.last().is_some_and(|r| r.accuracy >= 0.9));
+}
+
+#[test]
+fn federated_evaluation_runs_on_schedule_and_records_the_spread() {
+    let mut s = settings(5, 2);
+    s.evaluation = EvaluationSchedule::checked(2, 0.5).expect("valid");
+    let out = run(s, nodes(6, &[4])).0.expect("runs");
+    let evaluated: Vec<u32> = out
+        .rounds
+        .iter()
+        .filter(|r| r.federated.is_some())
+        .map(|r| r.round)
+        .collect();
+    assert_eq!(evaluated, [2, 4, 5], "every 2 rounds and the last");
+    let (early, late) = (
+        out.rounds[1].federated.clone().expect("round 2"),
+        out.rounds[4].federated.clone().expect("round 5"),
+    );
+    assert!(late.accuracy > early.accuracy, "{early:?} -> {late:?}");
+    // Half of six nodes asked each time; node 4 has no held-out data whenever it is drawn.
+    assert_eq!(late.nodes + late.failures, 3);
+    assert!(
+        late.accuracy_min < late.accuracy_max,
+        "nodes differ: {late:?}"
+    );
+    assert!(late.accuracy_min <= late.accuracy_median && late.accuracy_median <= late.accuracy_max);
+    assert!(out.rounds[0].federated.is_none());
+}
+
+#[test]
+fn without_a_test_set_the_target_is_reached_by_federated_evaluation() {
+    let mut s = settings(50, 2);
+    s.target_accuracy = Some(0.9);
+    s.evaluation = EvaluationSchedule::checked(1, 1.0).expect("valid");
+    let out = run_with(s, nodes(1, &[]), Box::new(NoTestSet))
+        .0
+        .expect("runs");
+    assert_eq!(out.stop, StopReason::TargetReached);
+    let last = out.rounds.last().expect("rounds");
+    assert!(last.accuracy.is_nan(), "no central score");
+    assert!(last.federated.as_ref().is_some_and(|f| f.accuracy >= 0.9));
+    assert!(out.best_accuracy() >= 0.9);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use burn::{
     module::{ModuleMapper, ModuleVisitor, Param},
     prelude::*,
 };
-use ferry_core::{CoreError, Model, ModelLayout, TensorSpec};
+use ferry_core::{CoreError, Model, ModelLayout, TensorSpec, personal::PersonalTensors};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -234,6 +234,15 @@ pub fn kind_of(model: &Model) -> Result<ModelKind, MlError> {
 /// Reads the model file at `path` that a user hands over (any named tensors; see
 /// `ferry_core::dtype`), naming the file in every error.
 pub fn load_model_file(path: &std::path::Path) -> Result<Model, MlError> {
+    load_model_file_with(path, &PersonalTensors::default())
+}
+
+/// [`load_model_file`] for a run with `personal` tensors (carried, never averaged); refuses
+/// patterns that name none of the file's tensors.
+pub fn load_model_file_with(
+    path: &std::path::Path,
+    personal: &PersonalTensors,
+) -> Result<Model, MlError> {
     let bad = |reason: String| MlError::BadDataFile {
         path: path.to_path_buf(),
         reason,
@@ -244,7 +253,16 @@ pub fn load_model_file(path: &std::path::Path) -> Result<Model, MlError> {
              safetensors.torch.save_file(model.state_dict(), PATH))"
         ))
     })?;
-    Model::from_safetensors(&bytes).map_err(|e| bad(e.to_string()))
+    let model = Model::from_safetensors_with(&bytes, personal).map_err(|e| bad(e.to_string()))?;
+    let names: Vec<&str> = model
+        .layout()
+        .names()
+        .chain(model.carried().iter().map(|t| t.name.as_str()))
+        .collect();
+    personal
+        .check_against(&names)
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(model)
 }
 
 /// A freshly initialised model, the same for the same seed on every machine.

@@ -81,6 +81,24 @@ pub struct Evaluation {
     pub confusion: ConfusionMatrix,
 }
 
+impl Evaluation {
+    /// The figures a node reports for federated evaluation, with per-class accuracy as
+    /// `class_N_accuracy` metrics for the classes it holds.
+    pub fn to_node_evaluation(&self) -> ferry_core::evaluation::NodeEvaluation {
+        ferry_core::evaluation::NodeEvaluation {
+            num_examples: self.examples as u64,
+            loss: self.loss,
+            accuracy: self.accuracy,
+            metrics: (0..crate::data::NUM_CLASSES)
+                .filter_map(|c| {
+                    let accuracy = self.confusion.class_accuracy(c)?;
+                    Some((format!("class_{c}_accuracy"), accuracy))
+                })
+                .collect(),
+        }
+    }
+}
+
 fn optimizer(cfg: &LocalTraining) -> SgdConfig {
     let momentum = (cfg.momentum != 0.0).then(|| {
         MomentumConfig::new()
@@ -238,12 +256,24 @@ pub fn evaluate(
     noise_copies: &[f32],
     seed: u64,
 ) -> Result<Evaluation, MlError> {
+    let indices: Vec<usize> = (0..test.len()).collect();
+    evaluate_examples(kind, model, test, &indices, noise_copies, seed)
+}
+
+/// [`evaluate`] on the examples `indices` of `test` only: a node's held-out share.
+pub fn evaluate_examples(
+    kind: ModelKind,
+    model: &Model,
+    test: &Dataset,
+    indices: &[usize],
+    noise_copies: &[f32],
+    seed: u64,
+) -> Result<Evaluation, MlError> {
     let copies: Vec<f32> = if noise_copies.is_empty() {
         vec![0.0]
     } else {
         noise_copies.to_vec()
     };
-    let indices: Vec<usize> = (0..test.len()).collect();
     let jobs: Vec<(usize, f32, &[usize])> = copies
         .iter()
         .enumerate()
@@ -277,7 +307,7 @@ pub fn evaluate(
         loss += batch_loss;
         confusion.merge(batch_confusion);
     }
-    let examples = test.len() * copies.len();
+    let examples = indices.len() * copies.len();
     Ok(Evaluation {
         loss: loss / examples.max(1) as f64,
         accuracy: confusion.correct() as f64 / examples.max(1) as f64,

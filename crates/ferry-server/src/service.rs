@@ -4,12 +4,12 @@
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_core::{model::sha256_hex, strategy::ClientProcedure};
+use ferry_core::{evaluation::NodeEvaluation, model::sha256_hex, strategy::ClientProcedure};
 use ferry_proto::v1::{
-    self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, FailureAck, FailureReport,
-    HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse, SecAggRequest,
-    SecAggResponse, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_server::Fleet,
-    pull_task_response::Outcome, sec_agg_request, sec_agg_response,
+    self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
+    FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
+    SecAggRequest, SecAggResponse, UploadChunk, UploadReceipt, UploadStatusRequest,
+    fleet_server::Fleet, pull_task_response::Outcome, sec_agg_request, sec_agg_response,
 };
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::{self, Credential},
-    coordinator::{Coordinator, NodeTask, Refusal, Submission, Work},
+    coordinator::{BlobRef, Coordinator, EvaluationTask, NodeTask, Refusal, Submission, Work},
     secure::{SecAggReply, SecAggStep},
     store::Store,
 };
@@ -93,11 +93,29 @@ fn procedure(p: ClientProcedure) -> (v1::Procedure, f64) {
     }
 }
 
-fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
-    let blob = |b: &crate::coordinator::BlobRef| v1::BlobRef {
+fn blob(b: &BlobRef) -> v1::BlobRef {
+    v1::BlobRef {
         sha256: b.sha256.clone(),
         size_bytes: b.size,
-    };
+    }
+}
+
+/// An evaluation task on the wire: the model, seed and deadline; no training settings.
+fn evaluation_message(task: &EvaluationTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
+    v1::Task {
+        run_id: task.run_id.clone(),
+        round: task.round,
+        model: Some(blob(&task.model)),
+        seed: task.seed,
+        deadline_unix_ms: task.deadline_unix_ms,
+        heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
+        kind: v1::TaskKind::Evaluate.into(),
+        personal: spec.personal.patterns().to_vec(),
+        ..v1::Task::default()
+    }
+}
+
+fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
     let task = &node_task.task;
     let (procedure, mu) = procedure(task.procedure);
     v1::Task {
@@ -128,6 +146,8 @@ fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1:
             .secagg
             .as_ref()
             .map(|(params, cap)| ferry_proto::secagg::task_to_wire(params, *cap)),
+        kind: v1::TaskKind::Train.into(),
+        personal: spec.personal.patterns().to_vec(),
     }
 }
 
@@ -184,16 +204,14 @@ fn refused(node: &str, refusal: Refusal) -> Status {
     }
 }
 
-/// Logs a refused secure-aggregation step and returns its status.
-fn secagg_refused(node: &str, refusal: Refusal) -> Status {
+/// Logs a refused request that is not an upload (a secure-aggregation step, an evaluation)
+/// and returns its status; `what` names it in the log.
+fn refused_request(node: &str, what: &str, refusal: Refusal) -> Status {
     let status = match refusal {
         Refusal::NotOpen(m) => Status::failed_precondition(m),
         Refusal::Invalid(m) => Status::invalid_argument(m),
     };
-    tracing::warn!(
-        "node {node}: secure-aggregation step refused: {}",
-        status.message()
-    );
+    tracing::warn!("node {node}: {what} refused: {}", status.message());
     status
 }
 
@@ -267,6 +285,9 @@ impl Fleet for FleetService {
             match self.coordinator.work_for(&node).await {
                 Work::Task(task) => {
                     break Outcome::Task(task_message(&task, self.coordinator.spec()));
+                }
+                Work::Evaluate(task) => {
+                    break Outcome::Task(evaluation_message(&task, self.coordinator.spec()));
                 }
                 Work::Finished(reason) => break Outcome::Finished(v1::Finished { reason }),
                 Work::Idle(reason) => {
@@ -499,6 +520,31 @@ impl Fleet for FleetService {
         Ok(Response::new(FailureAck {}))
     }
 
+    async fn report_evaluation(
+        &self,
+        request: Request<EvaluationReport>,
+    ) -> Result<Response<FailureAck>, Status> {
+        let node = self.authenticate(&request).await?;
+        let EvaluationReport {
+            round,
+            num_examples,
+            loss,
+            accuracy,
+            metrics,
+        } = request.into_inner();
+        let evaluation = NodeEvaluation {
+            num_examples,
+            loss,
+            accuracy,
+            metrics: metrics.into_iter().collect(),
+        };
+        self.coordinator
+            .report_evaluation(&node, round, evaluation)
+            .await
+            .map_err(|r| refused_request(&node, "evaluation", r))?;
+        Ok(Response::new(FailureAck {}))
+    }
+
     async fn sec_agg(
         &self,
         request: Request<SecAggRequest>,
@@ -518,7 +564,7 @@ impl Fleet for FleetService {
                 .coordinator
                 .secagg(&node, round, step.clone())
                 .await
-                .map_err(|r| secagg_refused(&node, r))?;
+                .map_err(|r| refused_request(&node, "secure-aggregation step", r))?;
             if !matches!(reply, SecAggReply::Wait) {
                 break reply;
             }

@@ -454,6 +454,30 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites committed `round`'s record (with its federated evaluation), and marks the run
+    /// finished for `finished` if given, in one transaction.
+    pub async fn amend_round(
+        &self,
+        round: u32,
+        record_json: &str,
+        finished: Option<&str>,
+    ) -> Result<(), ServerError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE rounds SET record = $1 WHERE round = $2")
+            .bind(record_json)
+            .bind(i64::from(round))
+            .execute(&mut *tx)
+            .await?;
+        if let Some(reason) = finished {
+            sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Failed attempts recorded for `round` so far.
     pub async fn failed_attempts(&self, round: u32) -> Result<u32, ServerError> {
         let count: i64 = sqlx::query("SELECT COUNT(*) FROM failed_rounds WHERE round = $1")

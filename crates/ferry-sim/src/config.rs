@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use ferry_core::{
     CoreError, Model,
+    evaluation::EvaluationSchedule,
+    personal::PersonalTensors,
     privacy::{DpSettings, mechanism::Privacy, noise::NoiseSeed},
     robust::RobustRule,
     strategy::{Strategy, StrategyName, StrategyParams},
@@ -35,6 +37,10 @@ pub struct SimConfig {
     pub model: ModelKind,
     /// A model file to start from instead of the network initialised from the seed.
     pub initial_model: Option<PathBuf>,
+    /// Patterns naming the model's tensors that stay on each node (personalisation, as
+    /// FedBN keeps BatchNorm local); only for a model of the user's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub personal: Vec<String>,
     /// Number of virtual nodes.
     pub clients: usize,
     /// Fraction of nodes selected per round.
@@ -58,6 +64,14 @@ pub struct SimConfig {
     pub seed: u64,
     /// Stop when the global model reaches this accuracy.
     pub target_accuracy: Option<f64>,
+    /// Federated evaluation after every this many rounds (0 never); unset: every round for a
+    /// run without a central test set, never otherwise.
+    pub evaluate_every: Option<u32>,
+    /// Federated evaluation: share of the nodes asked each time.
+    pub evaluate_fraction: f64,
+    /// Built-in virtual nodes under federated evaluation: share of each node's examples held
+    /// out of training to evaluate on.
+    pub evaluate_holdout: f64,
     /// Nodes trained at once (does not change results).
     pub threads: usize,
     /// Differential privacy, when the run is private.
@@ -81,6 +95,13 @@ impl SimConfig {
     /// which train built-in networks, it must be a `model` network, for example a finished
     /// run's `model.safetensors`), else the network initialised from the seed.
     pub fn initial(&self) -> Result<Model, SimError> {
+        if !self.personal.is_empty() {
+            return Err(SimError::InitialModel(
+                "personal tensors stay on nodes that train a model of your own; built-in \
+                 virtual nodes train every tensor, so use --personal with --trainer-cmd"
+                    .into(),
+            ));
+        }
         let fresh = params::init_model(self.model, self.seed)?;
         let Some(path) = &self.initial_model else {
             return Ok(fresh);
@@ -134,8 +155,28 @@ impl SimConfig {
             .transpose()
     }
 
-    /// The round engine's settings for this run, with `secure` aggregation when it has it.
-    pub fn run_settings(&self, secure: Option<SecureAggregation>) -> RunSettings {
+    /// The run's personal tensors.
+    pub fn personal_tensors(&self) -> Result<PersonalTensors, CoreError> {
+        PersonalTensors::new(self.personal.clone())
+    }
+
+    /// When the run evaluates federatedly; `central` says whether it also has a central test
+    /// set (without one, federated evaluation runs every round unless configured otherwise).
+    pub fn evaluation(&self, central: bool) -> EvaluationSchedule {
+        let every = self.evaluate_every.unwrap_or(if central { 0 } else { 1 });
+        EvaluationSchedule {
+            every,
+            fraction: self.evaluate_fraction,
+        }
+    }
+
+    /// The round engine's settings for this run, with `secure` aggregation when it has it and
+    /// federated evaluation as `evaluation` says.
+    pub fn run_settings(
+        &self,
+        secure: Option<SecureAggregation>,
+        evaluation: EvaluationSchedule,
+    ) -> RunSettings {
         RunSettings {
             rounds: self.rounds,
             fraction: self.fraction,
@@ -145,6 +186,7 @@ impl SimConfig {
             seed: self.seed,
             parallelism: self.threads,
             secure,
+            evaluation,
         }
     }
 

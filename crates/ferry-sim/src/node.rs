@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use ferry_core::evaluation::NodeEvaluation;
 use ferry_core::{
     Update,
     privacy::{
@@ -11,13 +12,15 @@ use ferry_core::{
     },
     seed::mix_seed,
 };
-use ferry_engine::node::{NodeError, NodeHandle, NodeId, RoundTask};
+use ferry_engine::node::{EvaluateTask, NodeError, NodeHandle, NodeId, RoundTask};
 use ferry_ml::{
     client::{ClientTask, train_update},
     data::Dataset,
     models::ModelKind,
-    train::LocalData,
+    train::{self, LocalData},
 };
+use rand::{SeedableRng, seq::SliceRandom};
+use rand_chacha::ChaCha8Rng;
 
 /// A simulated node holding the indices of its examples in the shared training set.
 pub struct VirtualNode {
@@ -25,6 +28,8 @@ pub struct VirtualNode {
     model: ModelKind,
     dataset: Arc<Dataset>,
     indices: Vec<usize>,
+    /// Examples held out of training for federated evaluation (empty without it).
+    held_out: Vec<usize>,
     noise_std: f32,
     /// SCAFFOLD's `c_i`, kept across rounds (empty until the node first runs SCAFFOLD).
     control: Mutex<Vec<f32>>,
@@ -44,9 +49,23 @@ impl VirtualNode {
             model,
             dataset,
             indices,
+            held_out: Vec::new(),
             noise_std,
             control: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Holds a random `share` of the node's examples (at least one, never all), drawn from
+    /// `seed`, out of training, to score global models on in federated evaluation.
+    pub fn holding_out(mut self, share: f64, seed: u64) -> Self {
+        let n = self.indices.len();
+        let held = ((share * n as f64).ceil() as usize).clamp(n.min(1), n.saturating_sub(1));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(seed, u64::from(self.id)));
+        self.indices.shuffle(&mut rng);
+        self.held_out = self.indices.split_off(n - held);
+        self.indices.sort_unstable();
+        self.held_out.sort_unstable();
+        self
     }
 
     /// The node's data, for baselines.
@@ -86,5 +105,26 @@ impl NodeHandle for VirtualNode {
             privatize(&mut update, instructions, task.model.layout(), &mut noise);
         }
         Ok(update)
+    }
+
+    fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError> {
+        let fail = |reason: String| NodeError {
+            node: self.id,
+            reason,
+        };
+        if self.held_out.is_empty() {
+            return Err(fail("the node holds no examples out of training".into()));
+        }
+        let seed = mix_seed(task.seed, u64::from(self.id));
+        train::evaluate_examples(
+            self.model,
+            &task.model,
+            &self.dataset,
+            &self.held_out,
+            &[self.noise_std],
+            seed,
+        )
+        .map(|e| e.to_node_evaluation())
+        .map_err(|e| fail(e.to_string()))
     }
 }

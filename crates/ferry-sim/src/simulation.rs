@@ -51,6 +51,7 @@ impl Simulation {
             None => Vec::new(),
         };
         let train = Arc::new(data.train);
+        let holdout = (config.evaluation(true).every > 0).then_some(config.evaluate_holdout);
         let nodes = partition
             .parts
             .iter()
@@ -61,7 +62,7 @@ impl Simulation {
                 let poison = config
                     .attack
                     .filter(|a| a.kind.poisons_data() && attackers.contains(&id));
-                Arc::new(match poison {
+                let node = match poison {
                     // A data-poisoning attacker trains on its own corrupted copy.
                     Some(a) => {
                         let seed = ferry_core::seed::mix_seed(config.seed, u64::from(id));
@@ -72,6 +73,10 @@ impl Simulation {
                     None => {
                         VirtualNode::new(id, config.model, train.clone(), indices.clone(), noise)
                     }
+                };
+                Arc::new(match holdout {
+                    Some(share) => node.holding_out(share, config.seed),
+                    None => node,
                 })
             })
             .collect();
@@ -147,7 +152,7 @@ impl Simulation {
         let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
         let largest_node = self.partition.parts.iter().map(Vec::len).max().unwrap_or(1);
         let secure = c.secure(&strategy, largest_node as u64)?;
-        let settings = c.run_settings(secure);
+        let settings = c.run_settings(secure, c.evaluation(true));
         let nodes = self
             .nodes
             .iter()

@@ -11,14 +11,27 @@ A Ferry node hands each round's training to your program (``ferry client --train
         ...
         return ferry_sdk.TrainResult(model=new_model, num_examples=n, metrics={"train_loss": l})
 
-    ferry_sdk.run(train)
+    def evaluate(model, task):
+        # score the round's global model on the node's held-out data
+        return ferry_sdk.EvaluateResult(num_examples=n, loss=l, accuracy=a)
+
+    ferry_sdk.run(train, evaluate)
 
 ``run`` serves both of Ferry's modes (a process per round, or ``--trainer-mode long-lived``)
 and checks what ``train`` returns before anything is uploaded. PyTorch users can work on an
 ``nn.Module`` directly with :func:`ferry_sdk.pytorch.run`.
 """
 
-from .protocol import Task, TrainResult, run
+from .protocol import EvaluateResult, EvaluateTask, Task, TrainResult, run
 from .tensors import FerryError, load_model, save_model
 
-__all__ = ["FerryError", "Task", "TrainResult", "run", "load_model", "save_model"]
+__all__ = [
+    "EvaluateResult",
+    "EvaluateTask",
+    "FerryError",
+    "Task",
+    "TrainResult",
+    "run",
+    "load_model",
+    "save_model",
+]

@@ -5,6 +5,7 @@ answer line per task on stdout."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -35,6 +36,32 @@ class Task:
         return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class EvaluateTask:
+    """A federated evaluation: score the round's global model on the node's held-out data."""
+
+    round: int
+    seed: int
+    data_dir: Optional[str]
+
+    @classmethod
+    def from_json(cls, task: dict) -> "EvaluateTask":
+        """The task of an evaluation ``task.json`` object."""
+        return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class EvaluateResult:
+    """What ``evaluate`` returns: the held-out examples scored (the node's weight in the
+    federated result), their mean loss, the share predicted correctly, and any further named
+    figures."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class TrainResult:
     """What ``train`` returns: the trained model, the examples behind it (its FedAvg weight),
@@ -46,6 +73,7 @@ class TrainResult:
 
 
 TrainFn = Callable[[Model, "Task"], Union["TrainResult", tuple]]
+EvaluateFn = Callable[[Model, "EvaluateTask"], Union["EvaluateResult", tuple]]
 
 
 def _result(returned: Union[TrainResult, tuple]) -> TrainResult:
@@ -56,13 +84,45 @@ def _result(returned: Union[TrainResult, tuple]) -> TrainResult:
     raise FerryError("train must return TrainResult(model, num_examples, metrics)")
 
 
+def _evaluation(returned: Union[EvaluateResult, tuple]) -> EvaluateResult:
+    if isinstance(returned, EvaluateResult):
+        return returned
+    if isinstance(returned, tuple) and len(returned) in (3, 4):
+        return EvaluateResult(*returned)
+    raise FerryError("evaluate must return EvaluateResult(num_examples, loss, accuracy, metrics)")
+
+
+def _check_metrics(metrics: Dict[str, float]) -> None:
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FerryError(f"metric '{key}' must be a finite number, got {value!r}")
+
+
+def write_evaluation(task_json: dict, result: EvaluateResult) -> None:
+    """Checks an evaluation's figures and writes them where the task says."""
+    if not (isinstance(result.num_examples, int) and result.num_examples >= 1):
+        raise FerryError(f"num_examples must be an integer >= 1, got {result.num_examples!r}")
+    loss, accuracy = float(result.loss), float(result.accuracy)
+    if not math.isfinite(loss):
+        raise FerryError(f"loss must be a finite number, got {result.loss!r}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise FerryError(f"accuracy must be a share in [0, 1], got {result.accuracy!r}")
+    _check_metrics(result.metrics)
+    figures = {
+        "num_examples": result.num_examples,
+        "loss": loss,
+        "accuracy": accuracy,
+        "metrics": {key: float(value) for key, value in result.metrics.items()},
+    }
+    with open(task_json["result_out"], "w") as out:
+        json.dump(figures, out)
+
+
 def write_result(task_json: dict, result: TrainResult) -> None:
     """Checks ``result``'s count and metrics and writes ``result.json`` where the task says."""
     if not (isinstance(result.num_examples, int) and result.num_examples >= 1):
         raise FerryError(f"num_examples must be an integer >= 1, got {result.num_examples!r}")
-    for key, value in result.metrics.items():
-        if not isinstance(value, (int, float)):
-            raise FerryError(f"metric '{key}' must be a number, got {type(value).__name__}")
+    _check_metrics(result.metrics)
     with open(task_json["result_out"], "w") as out:
         json.dump({"num_examples": result.num_examples, "metrics": dict(result.metrics)}, out)
 
@@ -78,16 +138,42 @@ def serve_task(train: TrainFn, task_json: dict) -> None:
     save_model(trained, task_json["model_out"])
 
 
-def run(train: TrainFn, serve: Callable[[TrainFn, dict], None] = serve_task) -> None:
-    """Serves Ferry's trainer protocol with ``train`` until Ferry stops the program; ``serve``
-    handles one task (the numpy one by default)."""
+def serve_evaluation_task(evaluate: EvaluateFn, task_json: dict) -> None:
+    """Runs ``evaluate`` on the global model as numpy arrays and writes its checked figures."""
+    model = load_model(task_json["model_in"])
+    write_evaluation(task_json, _evaluation(evaluate(model, EvaluateTask.from_json(task_json))))
+
+
+def run(
+    train: TrainFn,
+    evaluate: Optional[EvaluateFn] = None,
+    *,
+    serve: Callable[[TrainFn, dict], None] = serve_task,
+    serve_evaluation: Callable[[EvaluateFn, dict], None] = serve_evaluation_task,
+) -> None:
+    """Serves Ferry's trainer protocol until Ferry stops the program: training tasks go to
+    ``train``, federated-evaluation tasks to ``evaluate`` (a node without it reports that it
+    cannot evaluate). ``serve`` and ``serve_evaluation`` handle one task each (the numpy ones
+    by default)."""
+
+    def handle(task_json: dict) -> None:
+        if task_json.get("kind", "train") != "evaluate":
+            serve(train, task_json)
+        elif evaluate is None:
+            raise FerryError(
+                "Ferry asked this node to evaluate the global model, but the trainer has no "
+                "evaluate function; pass one: run(train, evaluate)"
+            )
+        else:
+            serve_evaluation(evaluate, task_json)
+
     if os.environ.get("FERRY_TRAINER") != "long-lived":
         with open(sys.argv[-1]) as f:
-            serve(train, json.load(f))
+            handle(json.load(f))
         return
     for line in sys.stdin:
         try:
-            serve(train, json.loads(line))
+            handle(json.loads(line))
             answer = {"ferry": "done"}
         except Exception as error:  # reported as this node's failure for the round
             traceback.print_exc()

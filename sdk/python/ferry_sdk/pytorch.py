@@ -3,15 +3,26 @@ files. Needs ``torch`` and ``safetensors``; bf16 tensors work here (numpy has no
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Union
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .protocol import Task, TrainResult, _result, run as run_protocol, write_result
+from .protocol import (
+    EvaluateResult,
+    EvaluateTask,
+    Task,
+    TrainResult,
+    _evaluation,
+    _result,
+    run as run_protocol,
+    write_evaluation,
+    write_result,
+)
 from .tensors import FerryError
 
 TorchTrainFn = Callable[[torch.nn.Module, Task], Union[TrainResult, tuple]]
+TorchEvaluateFn = Callable[[torch.nn.Module, EvaluateTask], Union[EvaluateResult, tuple]]
 
 
 def save_initial_model(model: Union[torch.nn.Module, Mapping[str, torch.Tensor]], path: str) -> None:
@@ -54,11 +65,15 @@ def check_state(global_state: Dict[str, torch.Tensor], trained: Dict[str, torch.
     return out
 
 
-def run(module: torch.nn.Module, train: TorchTrainFn) -> None:
+def run(
+    module: torch.nn.Module, train: TorchTrainFn, evaluate: Optional[TorchEvaluateFn] = None
+) -> None:
     """Serves Ferry's trainer protocol: each round, the global model is loaded into ``module``
     (``strict=True``), ``train(module, task)`` trains it in place and returns
     ``TrainResult(model=None, num_examples, metrics)`` (or ``(None, n, metrics)``), and the
-    module's checked ``state_dict`` is written back."""
+    module's checked ``state_dict`` is written back. For a federated evaluation the global
+    model is loaded the same way and ``evaluate(module, task)`` scores it (under
+    ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``."""
 
     def serve(train_fn: TorchTrainFn, task_json: dict) -> None:
         global_state = load_file(task_json["model_in"])
@@ -68,4 +83,10 @@ def run(module: torch.nn.Module, train: TorchTrainFn) -> None:
         write_result(task_json, result)
         save_file(trained, task_json["model_out"])
 
-    run_protocol(train, serve)
+    def score(evaluate_fn: TorchEvaluateFn, task_json: dict) -> None:
+        module.load_state_dict(load_file(task_json["model_in"]), strict=True)
+        with torch.no_grad():
+            result = _evaluation(evaluate_fn(module, EvaluateTask.from_json(task_json)))
+        write_evaluation(task_json, result)
+
+    run_protocol(train, evaluate, serve=serve, serve_evaluation=score)

@@ -73,6 +73,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             data_dir: args.data_dir.clone(),
             model: ModelKind::Lenet,
             initial_model: None,
+            personal: Vec::new(),
             clients: 10,
             fraction: 1.0,
             min_clients: 10,
@@ -93,6 +94,9 @@ pub fn run(args: NiidArgs) -> Result<()> {
             },
             seed,
             target_accuracy: None,
+            evaluate_every: None,
+            evaluate_fraction: 1.0,
+            evaluate_holdout: 0.1,
             threads: args
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))

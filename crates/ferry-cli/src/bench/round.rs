@@ -13,11 +13,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_client::{
-    agent::{self, AgentSettings, TrainTask, Trainer},
+    agent::{self, AgentSettings, EvalTask, TrainTask, Trainer},
     connection::ServerAddress,
 };
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
+    evaluation::{EvaluationSchedule, NodeEvaluation},
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
 };
@@ -99,6 +100,10 @@ impl Trainer for SyntheticTrainer {
         }
         Ok(Update::new(self.0.to_vec(), 1))
     }
+
+    fn evaluate(&self, _task: &EvalTask) -> Result<NodeEvaluation, String> {
+        Err("the round benchmark measures transport; its runs do not evaluate".into())
+    }
 }
 
 fn synthetic_model(params: usize) -> Result<Model> {
@@ -147,6 +152,8 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
             secagg_stage_timeout: Duration::from_secs(60),
             retry_backoff: Duration::from_secs(1),
             max_round_failures: 3,
+            evaluation: EvaluationSchedule::OFF,
+            personal: Default::default(),
         };
         let strategy = Strategy::new(
             StrategyName::FedAvg,

@@ -92,6 +92,7 @@ fn time_rounds(mode: &str, trainer: &dyn Trainer, model: &Model, rounds: u32) ->
             server_control: None,
             seed: u64::from(round),
             deadline: None,
+            personal: Default::default(),
         };
         let start = Instant::now();
         trainer

@@ -298,7 +298,9 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
 /// sets `secagg-weight-cap` (a server does not know its nodes' sizes in advance).
 const DEPLOYED_WEIGHT_CAP: u64 = 10_000;
 
-pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy) -> Result<RunSpec> {
+/// The coordinator's settings for `config`; `central` says whether the run scores its models
+/// on a central test set (without one, nodes evaluate every round unless configured).
+pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy, central: bool) -> Result<RunSpec> {
     let (run, d) = (&config.run, &config.deployment);
     let hashed = serde_json::to_vec(config)?;
     let secure = run.secure(strategy, DEPLOYED_WEIGHT_CAP)?;
@@ -322,6 +324,8 @@ pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy) -> Result<RunSp
         secagg_stage_timeout: Duration::from_secs_f64(d.secagg_stage_timeout),
         retry_backoff: Duration::from_secs_f64(d.retry_backoff),
         max_round_failures: d.max_round_failures,
+        evaluation: run.evaluation(central),
+        personal: run.personal_tensors()?,
     })
 }
 

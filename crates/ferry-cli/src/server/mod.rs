@@ -22,7 +22,7 @@ use ferry_server::{
 };
 
 use crate::{
-    progress::ConsoleProgress,
+    progress::{ConsoleProgress, federated_summary, figure},
     report::{self, FinalRecord, History},
 };
 
@@ -105,7 +105,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let store = Store::open(&setup.file.store).await?;
     let blobs = Blobs::local(&setup.file.blobs)?;
     let (coordinator, events) = Coordinator::start(
-        spec(&setup.config, &strategy)?,
+        spec(&setup.config, &strategy, start.evaluator.is_some())?,
         strategy,
         initial,
         start.evaluator.map(Arc::from),
@@ -186,6 +186,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
             wall_s: started.elapsed().as_secs_f64(),
             bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
             bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
+            federated: last.federated.clone(),
         }),
         baselines: None,
         attackers: &[],
@@ -197,10 +198,11 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     );
     report::write(&setup.file.out, &history, &model_bytes, &title)?;
     println!(
-        "done: {} rounds ({reason}); final accuracy {:.4}, loss {:.4}; model_sha256 {sha}; outputs in {}",
+        "done: {} rounds ({reason}); final accuracy {}, loss {}{}; model_sha256 {sha}; outputs in {}",
         last.round,
-        last.accuracy,
-        last.loss,
+        figure(last.accuracy),
+        figure(last.loss),
+        federated_summary(last.federated.as_ref()),
         setup.file.out.display()
     );
     Ok(())
@@ -221,6 +223,10 @@ async fn print_events(
             Event::UpdateAccepted { round } => console.node_returned(round),
             Event::RoundFinished(record) => {
                 console.round_finished(&record);
+                write_progress(&config, &out, &coordinator).await;
+            }
+            Event::RoundEvaluated(record) => {
+                console.round_evaluated(&record);
                 write_progress(&config, &out, &coordinator).await;
             }
             Event::RoundFailed { failure, retry_in } => {

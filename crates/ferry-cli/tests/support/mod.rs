@@ -298,21 +298,22 @@ pub fn refused_at_start(server: &TestServer) -> String {
 /// Writes every `stride`-th example of the MNIST subset's training split (which is sorted by
 /// digit), from `first`, as `label,pixel0,...,pixel783` rows with 0-255 pixel values.
 pub fn write_csv(dir: &Path, first: usize, stride: usize) {
-    let data = ferry_ml::data::DatasetKind::MnistSubset
+    let splits = ferry_ml::data::DatasetKind::MnistSubset
         .load(None)
-        .expect("the MNIST subset is installed")
-        .train;
-    let mut text = String::new();
-    for i in (first..data.len()).step_by(stride) {
-        text.push_str(&data.labels[i].to_string());
-        for p in data.image(i) {
-            text.push(',');
-            text.push_str(&((p * 255.0).round() as u32).to_string());
-        }
-        text.push('\n');
-    }
+        .expect("the MNIST subset is installed");
     fs::create_dir_all(dir).expect("data dir");
-    fs::write(dir.join("train.csv"), text).expect("csv");
+    for (data, file) in [(&splits.train, "train.csv"), (&splits.test, "test.csv")] {
+        let mut text = String::new();
+        for i in (first..data.len()).step_by(stride) {
+            text.push_str(&data.labels[i].to_string());
+            for p in data.image(i) {
+                text.push(',');
+                text.push_str(&((p * 255.0).round() as u32).to_string());
+            }
+            text.push('\n');
+        }
+        fs::write(dir.join(file), text).expect("csv");
+    }
 }
 
 /// Runs `interpreter -c script` with `env` set, failing the test with its stderr if it fails.

@@ -2,8 +2,8 @@
 //! JSON line on its stdin, so a framework's start-up (seconds of `import torch`) is paid once
 //! per run, not once per round.
 //!
-//! Each task line is `task.json`'s object plus `"kind": "train"`; the files are the per-round
-//! mode's. The program answers on stdout with one line `{"ferry": "done"}` once it has written
+//! Each task line is `task.json`'s object (`"kind": "train"` or `"evaluate"`); the files are
+//! the per-round mode's. The program answers on stdout with one line `{"ferry": "done"}` once it has written
 //! `model_out` and `result_out`, or `{"ferry": "error", "message": "..."}`; every other stdout
 //! line is its own output and is passed through. The program is started again if it dies, is
 //! killed when a task passes the round's deadline, and its exit status and the end of its
@@ -20,11 +20,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ferry_core::Update;
+use ferry_core::{Update, evaluation::NodeEvaluation};
 use serde::{Deserialize, Serialize};
 
-use super::{ExecTask, RoundFiles, TrainerCommand, stderr_tail};
-use crate::agent::{TrainTask, Trainer};
+use super::{RoundFiles, TrainerCommand, stderr_tail};
+use crate::agent::{EvalTask, TrainTask, Trainer};
 
 /// Lines of the program's stderr kept for a failure report.
 const STDERR_LINES: usize = 10;
@@ -57,14 +57,6 @@ struct ReplyLine {
     ferry: String,
     #[serde(default)]
     message: Option<String>,
-}
-
-/// A task line on the program's stdin.
-#[derive(Serialize)]
-struct TaskLine<'a> {
-    kind: &'static str,
-    #[serde(flatten)]
-    task: &'a ExecTask,
 }
 
 impl LongLivedTrainer {
@@ -164,12 +156,12 @@ impl Process {
     }
 
     /// Hands the program `task` and waits for its answer until `deadline`.
-    fn serve(&mut self, task: &ExecTask, deadline: Option<SystemTime>) -> Result<Reply, Waited> {
-        let line = serde_json::to_string(&TaskLine {
-            kind: "train",
-            task,
-        })
-        .map_err(|e| Waited::Refused(e.to_string()))?;
+    fn serve(
+        &mut self,
+        task: &impl Serialize,
+        deadline: Option<SystemTime>,
+    ) -> Result<Reply, Waited> {
+        let line = serde_json::to_string(task).map_err(|e| Waited::Refused(e.to_string()))?;
         if writeln!(self.stdin, "{line}")
             .and_then(|()| self.stdin.flush())
             .is_err()
@@ -201,9 +193,16 @@ enum Waited {
     Refused(String),
 }
 
-impl Trainer for LongLivedTrainer {
-    fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        let (exec_task, _) = self.files.prepare(task)?;
+impl LongLivedTrainer {
+    /// Hands the running program (started again if it died) `task` for `round`, and waits
+    /// for its answer until `deadline`; `what` names the work in failure reports.
+    fn exchange(
+        &self,
+        task: &impl Serialize,
+        round: u32,
+        deadline: Option<SystemTime>,
+        what: &str,
+    ) -> Result<(), String> {
         let mut slot = self
             .process
             .lock()
@@ -222,31 +221,51 @@ impl Trainer for LongLivedTrainer {
             Some(process) => process,
             None => self.start()?,
         };
-        let round = task.round;
-        match process.serve(&exec_task, task.deadline) {
+        match process.serve(task, deadline) {
             Ok(Reply::Done) => {
                 *slot = Some(process);
-                RoundFiles::collect(task, &exec_task)
+                Ok(())
             }
             Ok(Reply::Failed(message)) => {
                 *slot = Some(process);
-                Err(format!("the trainer reported for round {round}: {message}"))
+                Err(format!(
+                    "the trainer reported for {what} {round}: {message}"
+                ))
             }
             Err(Waited::Refused(reason)) => {
                 *slot = Some(process);
                 Err(reason)
             }
             Err(Waited::Late) => Err(format!(
-                "the trainer did not finish round {round} by the round's deadline; it was \
+                "the trainer did not finish {what} {round} by the round's deadline; it was \
                  stopped ({}) and starts again for the next task",
                 process.end(true)
             )),
             Err(Waited::Died) => Err(format!(
-                "the trainer process exited with {} during round {round}; it starts again \
+                "the trainer process exited with {} during {what} {round}; it starts again \
                  for the next task",
                 process.end(false)
             )),
         }
+    }
+}
+
+impl Trainer for LongLivedTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        let (exec_task, _) = self.files.prepare(task)?;
+        self.exchange(&exec_task, task.round, task.deadline, "round")?;
+        self.files.collect(task, &exec_task)
+    }
+
+    fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String> {
+        let (exec_task, _) = self.files.prepare_evaluation(task)?;
+        self.exchange(
+            &exec_task,
+            task.round,
+            task.deadline,
+            "the evaluation of round",
+        )?;
+        RoundFiles::collect_evaluation(&exec_task)
     }
 }
 
@@ -270,6 +289,12 @@ from safetensors.numpy import load_file, save_file
 assert os.environ["FERRY_TRAINER"] == "long-lived"
 for line in sys.stdin:
     task = json.loads(line)
+    if task["kind"] == "evaluate":
+        m = load_file(task["model_in"])
+        json.dump({"num_examples": 4, "loss": 0.5, "accuracy": float(m["w"][0]) / 10,
+                   "metrics": {"pid": os.getpid()}}, open(task["result_out"], "w"))
+        print(json.dumps({"ferry": "done"}), flush=True)
+        continue
     assert task["kind"] == "train"
     print("training round", task["round"])
     sys.stdout.flush()
@@ -333,5 +358,19 @@ for line in sys.stdin:
         assert!(refused.contains("no data for this round"), "{refused}");
         let after_kill = trainer.train(&task(6, None)).expect("served again");
         assert_eq!(after_kill.delta, [1.0, 1.0]);
+        let scored = trainer
+            .evaluate(&EvalTask {
+                round: 6,
+                model: task(6, None).model,
+                seed: 1,
+                deadline: None,
+                personal: Default::default(),
+            })
+            .expect("evaluates");
+        assert_eq!((scored.num_examples, scored.accuracy), (4, 0.1));
+        assert_eq!(
+            scored.metrics["pid"], after_kill.metrics["pid"],
+            "the process that trains also evaluates"
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! The external-command trainer: local training in any language. For each round Ferry writes
 //! the global model (safetensors) and the task (JSON) to a fresh folder, hands the task to the
-//! user's program, and reads back the trained model (safetensors) and a result (JSON). The
-//! program runs once per round ([`ExecTrainer`]) or once for the whole run, taking tasks as
-//! JSON lines ([`long_lived::LongLivedTrainer`]). The contract is documented in
-//! `docs/exec-trainer.md`.
+//! user's program, and reads back the trained model (safetensors) and a result (JSON). An
+//! evaluation task (`"kind": "evaluate"`) asks the program to score the global model on the
+//! node's held-out data instead and write only its figures. The program runs once per task
+//! ([`ExecTrainer`]) or once for the whole run, taking tasks as JSON lines
+//! ([`long_lived::LongLivedTrainer`]). The contract is documented in `docs/exec-trainer.md`.
 
 pub mod long_lived;
 
@@ -15,11 +16,13 @@ use std::{
 
 use ferry_core::{
     Model, Update, algebra,
+    evaluation::NodeEvaluation,
+    personal::{self, PersonalTensors},
     strategy::{ClientProcedure, fednova_normalizer},
 };
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{TrainTask, Trainer};
+use crate::agent::{EvalTask, TrainTask, Trainer};
 
 /// The user's command, split into the program and its arguments.
 #[derive(Debug, Clone)]
@@ -71,18 +74,85 @@ impl RoundFiles {
         Self { data_dir, work_dir }
     }
 
-    /// Writes the round's global model and `task.json` to a fresh folder; returns the task
-    /// and the path of `task.json`.
-    fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
-        let (procedure, mu) = procedure_name(task.procedure)?;
-        let dir = self.work_dir.join(format!("round-{}", task.round));
+    /// A fresh, empty folder `name` under the work folder.
+    fn fresh_dir(&self, name: &str) -> Result<PathBuf, String> {
+        let dir = self.work_dir.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
                 .map_err(|e| format!("cannot clear {}: {e}", dir.display()))?;
         }
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Where the node keeps its personal tensors between rounds.
+    fn own_tensors_file(&self) -> PathBuf {
+        self.work_dir.join("personal.safetensors")
+    }
+
+    /// `model` with the node's own personal tensors in place of the server's, once the node
+    /// has trained them.
+    fn with_own_tensors(&self, model: &Model, personal: &PersonalTensors) -> Result<Model, String> {
+        let file = self.own_tensors_file();
+        if personal.is_empty() || !file.exists() {
+            return Ok(model.clone());
+        }
+        let own = personal::load(&read(&file, "personal tensors")?).map_err(|e| e.to_string())?;
+        model.with_own(&own).map_err(|e| {
+            format!(
+                "{e}; delete {} to start from the server's values",
+                file.display()
+            )
+        })
+    }
+
+    /// Keeps the personal tensors of `trained` for the node's next rounds.
+    fn keep_own_tensors(&self, trained: &Model, personal: &PersonalTensors) -> Result<(), String> {
+        if personal.is_empty() {
+            return Ok(());
+        }
+        let own: Vec<_> = trained
+            .carried()
+            .iter()
+            .filter(|t| personal.matches(&t.name))
+            .collect();
+        let bytes = personal::save(&own).map_err(|e| e.to_string())?;
+        let file = self.own_tensors_file();
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, &file))
+            .map_err(|e| {
+                format!(
+                    "cannot keep the node's personal tensors in {}: {e}",
+                    file.display()
+                )
+            })
+    }
+
+    /// Writes `model` and the task to `dir`; returns the path of `task.json`.
+    fn write_task(
+        dir: &Path,
+        model: &Model,
+        model_in: &Path,
+        task: &impl Serialize,
+    ) -> Result<PathBuf, String> {
+        let task_path = dir.join("task.json");
+        let global = model.to_safetensors().map_err(|e| e.to_string())?;
+        let task_json = serde_json::to_vec_pretty(task).map_err(|e| e.to_string())?;
+        std::fs::write(model_in, global)
+            .and_then(|()| std::fs::write(&task_path, task_json))
+            .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
+        Ok(task_path)
+    }
+
+    /// Writes the round's global model and `task.json` to a fresh folder; returns the task
+    /// and the path of `task.json`.
+    fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
+        let (procedure, mu) = procedure_name(task.procedure)?;
+        let dir = self.fresh_dir(&format!("round-{}", task.round))?;
         let exec_task = ExecTask {
+            kind: "train".into(),
             round: task.round,
             epochs: task.training.epochs,
             batch_size: task.training.batch_size,
@@ -97,22 +167,55 @@ impl RoundFiles {
             result_out: dir.join("result.json"),
             data_dir: self.data_dir.clone(),
         };
-        let task_path = dir.join("task.json");
-        let global = task.model.to_safetensors().map_err(|e| e.to_string())?;
-        let task_json = serde_json::to_vec_pretty(&exec_task).map_err(|e| e.to_string())?;
-        std::fs::write(&exec_task.model_in, global)
-            .and_then(|()| std::fs::write(&task_path, task_json))
-            .map_err(|e| format!("cannot write the task for the trainer command: {e}"))?;
+        let model = self.with_own_tensors(&task.model, &task.personal)?;
+        let task_path = Self::write_task(&dir, &model, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
     }
 
-    /// Reads what the trainer wrote for `exec_task` and turns it into the round's update.
-    fn collect(task: &TrainTask, exec_task: &ExecTask) -> Result<Update, String> {
-        let trained = Model::from_safetensors(&read(&exec_task.model_out, "trained model")?)
-            .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
+    /// Writes the global model to score and an evaluation `task.json` to a fresh folder;
+    /// returns the task and the path of `task.json`.
+    fn prepare_evaluation(&self, task: &EvalTask) -> Result<(ExecEvaluation, PathBuf), String> {
+        let dir = self.fresh_dir(&format!("evaluate-{}", task.round))?;
+        let exec_task = ExecEvaluation {
+            kind: "evaluate".into(),
+            round: task.round,
+            seed: task.seed,
+            model_in: dir.join("global.safetensors"),
+            result_out: dir.join("result.json"),
+            data_dir: self.data_dir.clone(),
+        };
+        let model = self.with_own_tensors(&task.model, &task.personal)?;
+        let task_path = Self::write_task(&dir, &model, &exec_task.model_in, &exec_task)?;
+        Ok((exec_task, task_path))
+    }
+
+    /// Reads the figures the trainer wrote for an evaluation.
+    fn collect_evaluation(exec_task: &ExecEvaluation) -> Result<NodeEvaluation, String> {
+        let evaluation: NodeEvaluation =
+            serde_json::from_slice(&read(&exec_task.result_out, "evaluation result")?).map_err(
+                |e| {
+                    format!(
+                        "an evaluation's result.json must be {{\"num_examples\": N, \"loss\": L, \
+                         \"accuracy\": A, \"metrics\": {{...}}}}: {e}"
+                    )
+                },
+            )?;
+        evaluation.validate()?;
+        Ok(evaluation)
+    }
+
+    /// Reads what the trainer wrote for `exec_task` and turns it into the round's update; the
+    /// trained personal tensors stay on the node.
+    fn collect(&self, task: &TrainTask, exec_task: &ExecTask) -> Result<Update, String> {
+        let trained = Model::from_safetensors_with(
+            &read(&exec_task.model_out, "trained model")?,
+            &task.personal,
+        )
+        .map_err(|e| format!("the trained model is not valid safetensors: {e}"))?;
         task.model
             .check_same_layout(trained.layout())
             .map_err(|e| format!("the trained model does not match the global model: {e}"))?;
+        self.keep_own_tensors(&trained, &task.personal)?;
         let result: ExecResult = serde_json::from_slice(&read(&exec_task.result_out, "result")?)
             .map_err(|e| {
                 format!("result.json must be {{\"num_examples\": N, \"metrics\": {{...}}}}: {e}")
@@ -139,9 +242,11 @@ pub struct ExecTrainer {
     files: RoundFiles,
 }
 
-/// What the command reads from `task.json`.
+/// What the command reads from `task.json` for a training task.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ExecTask {
+    /// `train`.
+    pub kind: String,
     /// The round.
     pub round: u32,
     /// Local epochs.
@@ -165,6 +270,25 @@ pub struct ExecTask {
     /// Where to write the trained model.
     pub model_out: PathBuf,
     /// Where to write the result.
+    pub result_out: PathBuf,
+    /// The node's data folder (`--data-dir`), if given.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// What the command reads from `task.json` for an evaluation task: score `model_in` on the
+/// node's held-out data and write `{"num_examples", "loss", "accuracy", "metrics"}` to
+/// `result_out`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecEvaluation {
+    /// `evaluate`.
+    pub kind: String,
+    /// The round whose global model is scored.
+    pub round: u32,
+    /// Seed for any randomness in scoring.
+    pub seed: u64,
+    /// The global model to score.
+    pub model_in: PathBuf,
+    /// Where to write the figures.
     pub result_out: PathBuf,
     /// The node's data folder (`--data-dir`), if given.
     pub data_dir: Option<PathBuf>,
@@ -227,14 +351,14 @@ fn stderr_tail(text: &str) -> String {
     format!("; stderr: {}", &tail[start..])
 }
 
-impl Trainer for ExecTrainer {
-    fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        let (exec_task, task_path) = self.files.prepare(task)?;
+impl ExecTrainer {
+    /// Runs the command once on the task at `task_path`; a failure says how it ended.
+    fn run_once(&self, task_path: &Path) -> Result<(), String> {
         let run = self
             .command
             .command()
-            .arg(&task_path)
-            .env("FERRY_TASK", &task_path)
+            .arg(task_path)
+            .env("FERRY_TASK", task_path)
             .spawn()
             .and_then(|child| child.wait_with_output())
             .map_err(|e| self.command.cannot_run(&e))?;
@@ -247,13 +371,28 @@ impl Trainer for ExecTrainer {
                 stderr_tail(&String::from_utf8_lossy(&run.stderr))
             ));
         }
-        RoundFiles::collect(task, &exec_task)
+        Ok(())
+    }
+}
+
+impl Trainer for ExecTrainer {
+    fn train(&self, task: &TrainTask) -> Result<Update, String> {
+        let (exec_task, task_path) = self.files.prepare(task)?;
+        self.run_once(&task_path)?;
+        self.files.collect(task, &exec_task)
+    }
+
+    fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String> {
+        let (exec_task, task_path) = self.files.prepare_evaluation(task)?;
+        self.run_once(&task_path)?;
+        RoundFiles::collect_evaluation(&exec_task)
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::agent::EvalTask;
     use ferry_core::{ModelLayout, TensorSpec, task::LocalTraining};
     use std::sync::Arc;
 
@@ -280,6 +419,7 @@ pub(crate) mod tests {
             server_control: None,
             seed: 5,
             deadline,
+            personal: PersonalTensors::default(),
         }
     }
 
@@ -319,6 +459,127 @@ pub(crate) mod tests {
         assert_eq!(
             (written.round, written.seed, written.procedure.as_str()),
             (2, 5, "normalized")
+        );
+    }
+
+    #[test]
+    fn an_evaluation_task_asks_for_figures_and_refuses_incomplete_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("evaluate.sh");
+        let trainer = ExecTrainer::new(
+            &format!("sh {}", script.display()),
+            None,
+            dir.path().join("work"),
+        )
+        .expect("trainer");
+        let eval_task = EvalTask {
+            round: 3,
+            model: task(ClientProcedure::LocalSgd).model,
+            seed: 1,
+            deadline: None,
+            personal: PersonalTensors::default(),
+        };
+        let cases = [
+            (
+                r#"{"num_examples": 9, "loss": 0.3, "accuracy": 0.75, "metrics": {"f1": 0.7}}"#,
+                None,
+            ),
+            (r#"{"num_examples": 9, "loss": 0.3}"#, Some("accuracy")),
+            (
+                r#"{"num_examples": 9, "loss": 0.3, "accuracy": 75}"#,
+                Some("[0, 1]"),
+            ),
+        ];
+        for (figures, refused) in cases {
+            std::fs::write(
+                &script,
+                format!(
+                    "d=$(dirname \"$1\"); grep -q '\"kind\": \"evaluate\"' \"$1\" || exit 9; \
+                     test -f \"$d/global.safetensors\" || exit 8; \
+                     echo '{figures}' > \"$d/result.json\""
+                ),
+            )
+            .expect("script");
+            match (trainer.evaluate(&eval_task), refused) {
+                (Ok(scored), None) => {
+                    assert_eq!((scored.num_examples, scored.accuracy), (9, 0.75));
+                    assert_eq!(scored.metrics["f1"], 0.7);
+                }
+                (Err(e), Some(needle)) => assert!(e.contains(needle), "{figures}: {e}"),
+                (other, _) => panic!("{figures}: {other:?}"),
+            }
+        }
+    }
+
+    /// A personal tensor (`bn`) is trained on the node, kept there between rounds and tasks,
+    /// and never part of the update.
+    #[test]
+    fn personal_tensors_stay_on_the_node_from_round_to_round() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("add_one.py");
+        std::fs::write(
+            &script,
+            "import json, sys\nfrom safetensors.numpy import load_file, save_file\n\
+             t = json.load(open(sys.argv[-1]))\nm = load_file(t['model_in'])\n\
+             if t['kind'] == 'evaluate':\n\
+             \x20   json.dump({'num_examples': 1, 'loss': 0.0, 'accuracy': float(m['bn'][0]) / 100}, open(t['result_out'], 'w'))\n\
+             else:\n\
+             \x20   save_file({k: v + 1 for k, v in m.items()}, t['model_out'])\n\
+             \x20   json.dump({'num_examples': 2}, open(t['result_out'], 'w'))\n",
+        )
+        .expect("script");
+        let work = dir.path().join("work");
+        let trainer =
+            ExecTrainer::new(&format!("python3 {}", script.display()), None, work.clone())
+                .expect("trainer");
+        let personal = PersonalTensors::new(vec!["bn".into()]).expect("valid");
+        let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
+        task.model = task
+            .model
+            .with_carried(vec![ferry_core::dtype::CarriedTensor {
+                name: "bn".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: bytemuck::cast_slice(&[10.0f32]).to_vec(),
+            }])
+            .expect("model");
+        task.personal = personal.clone();
+        let bn_given = |round: u32| {
+            let bytes = std::fs::read(work.join(format!("round-{round}/global.safetensors")))
+                .expect("global");
+            let model = Model::from_safetensors_with(&bytes, &personal).expect("model");
+            model.carried()[0].data.clone()
+        };
+        let first = trainer.train(&task).expect("round 1");
+        assert_eq!(
+            first.delta,
+            [1.0, 1.0],
+            "the update holds only the shared tensor"
+        );
+        assert_eq!(
+            bn_given(1),
+            bytemuck::cast_slice::<f32, u8>(&[10.0]),
+            "the server's value"
+        );
+        task.round = 2;
+        trainer.train(&task).expect("round 2");
+        assert_eq!(
+            bn_given(2),
+            bytemuck::cast_slice::<f32, u8>(&[11.0]),
+            "the node's own value"
+        );
+        let scored = trainer
+            .evaluate(&EvalTask {
+                round: 2,
+                model: task.model.clone(),
+                seed: 1,
+                deadline: None,
+                personal,
+            })
+            .expect("evaluates");
+        assert_eq!(
+            scored.accuracy, 0.12,
+            "scored with the node's own bn after round 2"
         );
     }
 

@@ -13,14 +13,17 @@
 //! folded; a restart re-folds the open round's stored updates, so none is lost or counted
 //! twice.
 
+mod evaluation;
 mod rounds;
 mod types;
 mod uploads;
 
 pub use types::{
-    BlobRef, COORDINATOR_ERROR, Event, FAILED_ROUNDS, FailedRound, NodeTask, Refusal, RunSpec,
-    RunStatus, Submission, Work, is_failure,
+    BlobRef, COORDINATOR_ERROR, EvaluationTask, Event, FAILED_ROUNDS, FailedRound, NodeTask,
+    Refusal, RunSpec, RunStatus, Submission, Work, is_failure,
 };
+
+use evaluation::Evaluating;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -66,6 +69,8 @@ struct State {
     control_blob: Option<BlobRef>,
     round: u32,
     training: Option<Training>,
+    /// The latest committed round's federated evaluation, while nodes score its model.
+    evaluating: Option<Evaluating>,
     finished: Option<String>,
     online: HashMap<String, Instant>,
     failures: u32,
@@ -138,7 +143,8 @@ impl Coordinator {
                 run
             }
         };
-        let global = Model::from_safetensors(&blobs.get(&run.model_sha).await?)?;
+        let global =
+            Model::from_safetensors_with(&blobs.get(&run.model_sha).await?, &spec.personal)?;
         initial.check_same_layout(global.layout())?;
         if !run.state_sha.is_empty() {
             strategy
@@ -182,6 +188,7 @@ impl Coordinator {
                 control_blob,
                 round: run.round,
                 training: None,
+                evaluating: None,
                 finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
                 online: HashMap::new(),
                 failures: 0,
@@ -194,6 +201,7 @@ impl Coordinator {
             events,
         });
         coordinator.resume_open_round().await?;
+        coordinator.resume_evaluation().await?;
         Ok((coordinator, receiver))
     }
 
@@ -229,6 +237,10 @@ impl Coordinator {
             (Some(reason), _) if is_failure(reason) => ("failed", 0, 0),
             (Some(_), _) => ("finished", 0, 0),
             (None, Some(t)) => ("training", t.cohort.len(), t.open.accepted()),
+            (None, None) if state.evaluating.is_some() => {
+                let (asked, done) = state.evaluating.as_ref().map_or((0, 0), |e| e.progress());
+                ("evaluating", asked, done)
+            }
             (None, None) if state.retry_at.is_some_and(|at| at > Instant::now()) => {
                 ("retrying", 0, 0)
             }
@@ -290,6 +302,31 @@ impl Coordinator {
     fn emit(&self, event: Event) {
         // The operator may have stopped listening; the run goes on.
         let _ = self.events.send(event);
+    }
+
+    /// After a restart: if the latest committed round's model was due a federated evaluation
+    /// that had not closed, it is evaluated again before the next round; a run whose last
+    /// round is committed and evaluated is marked finished.
+    async fn resume_evaluation(&self) -> Result<(), ServerError> {
+        let mut state = self.state.lock().await;
+        if state.finished.is_some() || state.training.is_some() {
+            return Ok(());
+        }
+        let Some(last) = self.history().await?.pop() else {
+            return Ok(());
+        };
+        let finish = self.finish_reason(&last);
+        if self.evaluation_due(&last) {
+            self.emit(Event::Notice(format!(
+                "round {} is committed; its federated evaluation starts again",
+                last.round
+            )));
+            self.open_evaluation(&mut state, last, finish);
+        } else if let Some(reason) = finish {
+            self.store.finish_run(&reason).await?;
+            state.finished = Some(reason);
+        }
+        Ok(())
     }
 
     /// After a restart: reopens the stored cohort's round and re-folds its stored updates.
@@ -393,6 +430,9 @@ impl Coordinator {
             Some(reason) => return Work::Finished(reason.to_string()),
             None => {}
         }
+        if let Some(task) = self.evaluation_for(&state, node) {
+            return Work::Evaluate(task);
+        }
         match &state.training {
             Some(t) if t.cohort.contains(node) && !t.answered.contains(node) => {
                 Work::Task(Box::new(NodeTask {
@@ -408,13 +448,17 @@ impl Coordinator {
                 "round {} is running without this node; it can join the next one",
                 t.plan_task.round
             )),
+            None if state.evaluating.is_some() => Work::Idle(format!(
+                "round {}'s model is being evaluated without this node",
+                state.round - 1
+            )),
             None => Work::Idle(self.waiting(&state).unwrap_or_default()),
         }
     }
 
     /// What a run with no open round waits for, in an operator's words.
     fn waiting(&self, state: &State) -> Option<String> {
-        if state.finished.is_some() || state.training.is_some() {
+        if state.finished.is_some() || state.training.is_some() || state.evaluating.is_some() {
             return None;
         }
         let now = Instant::now();
@@ -447,7 +491,7 @@ impl Coordinator {
         let state = self.state.lock().await;
         let keep = state.training.as_ref().is_some_and(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
-        });
+        }) || Self::evaluation_expects(&state, node, round);
         (keep, state.round)
     }
 

@@ -78,6 +78,7 @@ impl Coordinator {
             .as_ref()
             .map_or((false, false), |t| (true, t.secure.is_some()));
         let changed = match (open, secure) {
+            (false, _) if state.evaluating.is_some() => self.step_evaluation(state, now).await?,
             (false, _) => self.start_round(state, now).await?,
             (true, true) => self.step_secure(state, now).await?,
             (true, false) => self.step_plain(state, now).await?,
@@ -409,17 +410,10 @@ impl Coordinator {
                 .collect();
             self.blobs.put(wire::encode_vectors(&named)?).await?
         };
-        let finished = if self
-            .spec
-            .target_accuracy
-            .is_some_and(|t| record.accuracy >= t)
-        {
-            Some("target_reached".to_string())
-        } else if round >= self.spec.rounds {
-            Some("rounds_completed".to_string())
-        } else {
-            None
-        };
+        let mut finished = self.finish_reason(&record);
+        // A model due a federated evaluation is scored before the run may end.
+        let evaluate = self.evaluation_due(&record);
+        let ends_after_evaluation = if evaluate { finished.take() } else { None };
         self.store
             .commit_round(&RoundCommit {
                 round,
@@ -443,7 +437,10 @@ impl Coordinator {
         state.last_failure = None;
         metrics::counter!("ferry_rounds_total").increment(1);
         metrics::histogram!("ferry_round_duration_seconds").record(record.wall_s);
-        self.emit(Event::RoundFinished(Box::new(record)));
+        self.emit(Event::RoundFinished(Box::new(record.clone())));
+        if evaluate {
+            self.open_evaluation(state, record, ends_after_evaluation);
+        }
         if let Some(reason) = &finished {
             state.finished = Some(reason.clone());
             self.emit(Event::Finished(reason.clone()));

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use ferry_core::{evaluation::EvaluationSchedule, personal::PersonalTensors};
 use ferry_engine::{
     node::RoundTask, record::RoundRecord, round::CohortRule, secure::SecureAggregation,
 };
@@ -39,6 +40,13 @@ pub struct RunSpec {
     pub retry_backoff: Duration,
     /// Consecutive failed attempts at a round after which the run stops as failed.
     pub max_round_failures: u32,
+    /// Personalisation: the model's tensors that stay on each node (nodes are told, and
+    /// replace them with their own).
+    pub personal: PersonalTensors,
+    /// Federated evaluation: after which rounds nodes score the new model on their own
+    /// held-out data, and what share of the online nodes is asked (each evaluation waits at
+    /// most `round_timeout`).
+    pub evaluation: EvaluationSchedule,
 }
 
 /// A reference to a stored blob.
@@ -59,8 +67,8 @@ pub struct RunStatus {
     pub round: u32,
     /// Rounds configured.
     pub rounds: u32,
-    /// `waiting_for_nodes`, `training`, `retrying` (after a failed attempt), `finished` or
-    /// `failed`.
+    /// `waiting_for_nodes`, `training`, `evaluating` (nodes score the round's model),
+    /// `retrying` (after a failed attempt), `finished` or `failed`.
     pub phase: String,
     /// Online nodes a round needs before it starts.
     pub nodes_needed: usize,
@@ -72,9 +80,9 @@ pub struct RunStatus {
     pub last_failure: Option<String>,
     /// Nodes heard from recently.
     pub nodes_online: usize,
-    /// Nodes in the open round's cohort.
+    /// Nodes in the open round's cohort (while evaluating: nodes asked to evaluate).
     pub cohort: usize,
-    /// Updates accepted so far in the open round.
+    /// Updates accepted so far in the open round (while evaluating: evaluations in).
     pub updates_in: usize,
     /// Why the run ended, once it has.
     pub finished: Option<String>,
@@ -103,6 +111,9 @@ pub enum Event {
     },
     /// A round was committed.
     RoundFinished(Box<RoundRecord>),
+    /// A committed round's federated evaluation closed; the record now carries it (its
+    /// `federated` is `None` when no node's evaluation arrived).
+    RoundEvaluated(Box<RoundRecord>),
     /// A round attempt failed; the model stays.
     RoundFailed {
         /// The attempt.
@@ -121,6 +132,8 @@ pub enum Event {
 pub enum Work {
     /// Train this.
     Task(Box<NodeTask>),
+    /// Score this round's model on the node's held-out data.
+    Evaluate(EvaluationTask),
     /// Nothing now.
     Idle(String),
     /// The run is over.
@@ -142,6 +155,21 @@ pub struct NodeTask {
     pub deadline_unix_ms: u64,
     /// Secure aggregation: the protocol's parameters and the FedAvg weight cap.
     pub secagg: Option<(SecAggParams, Option<u64>)>,
+}
+
+/// One node's federated-evaluation task.
+#[derive(Debug, Clone)]
+pub struct EvaluationTask {
+    /// The run.
+    pub run_id: String,
+    /// The round whose model is scored.
+    pub round: u32,
+    /// The model blob.
+    pub model: BlobRef,
+    /// The evaluation's seed.
+    pub seed: u64,
+    /// When the evaluation may close without this node.
+    pub deadline_unix_ms: u64,
 }
 
 /// The outcome of a completed upload.

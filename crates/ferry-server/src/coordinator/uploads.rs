@@ -201,6 +201,11 @@ impl Coordinator {
     /// Records that `node` cannot deliver `round`.
     pub async fn report_failure(&self, node: &str, round: u32, reason: &str) {
         let mut state = self.state.lock().await;
+        if self.evaluation_failed(&mut state, node, round, reason) {
+            drop(state);
+            self.notify();
+            return;
+        }
         if let Some(t) = state.training.as_mut().filter(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
         }) {

@@ -90,6 +90,8 @@ pub fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         secagg_stage_timeout: Duration::from_secs(60),
         retry_backoff: Duration::from_millis(200),
         max_round_failures: 3,
+        evaluation: ferry_core::evaluation::EvaluationSchedule::OFF,
+        personal: Default::default(),
     }
 }
 
@@ -134,20 +136,36 @@ pub async fn start_with_strategy(
     spec: RunSpec,
     strategy: Strategy,
 ) -> Running {
+    start_with_evaluator(dir, spec, strategy, Some(Arc::new(DistanceToOnes))).await
+}
+
+/// [`start_with_strategy`] with `evaluator` scoring rounds centrally (none: no central test
+/// set).
+pub async fn start_with_evaluator(
+    dir: &std::path::Path,
+    spec: RunSpec,
+    strategy: Strategy,
+    evaluator: Option<Arc<dyn Evaluator>>,
+) -> Running {
+    start_from(dir, spec, strategy, evaluator, initial()).await
+}
+
+/// [`start_with_evaluator`] from the model `initial`.
+pub async fn start_from(
+    dir: &std::path::Path,
+    spec: RunSpec,
+    strategy: Strategy,
+    evaluator: Option<Arc<dyn Evaluator>>,
+    initial: Model,
+) -> Running {
     let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
         .await
         .expect("store");
     let blobs = Blobs::local(&dir.join("blobs")).expect("blobs");
-    let (coordinator, _events) = Coordinator::start(
-        spec,
-        strategy,
-        initial(),
-        Some(Arc::new(DistanceToOnes)),
-        store.clone(),
-        blobs,
-    )
-    .await
-    .expect("coordinator");
+    let (coordinator, _events) =
+        Coordinator::start(spec, strategy, initial, evaluator, store.clone(), blobs)
+            .await
+            .expect("coordinator");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("free port")
         .local_addr()
