@@ -6,6 +6,7 @@ mod chart;
 mod client;
 mod demo;
 mod evaluate;
+mod folder_split;
 mod options;
 mod own_code;
 mod privacy;

@@ -7,6 +7,7 @@ use ferry_sim::{Simulation, baselines};
 
 use crate::{
     client::TrainerMode,
+    folder_split,
     options::SimulateArgs,
     own_code::{self, OwnCodeArgs},
     progress::{self, Both, ConsoleProgress, human_bytes, progress_bar},
@@ -126,9 +127,28 @@ fn run_own_code(
         );
     }
     let mut config = args.resolve()?;
-    config.clients = folders.len();
     let out = args.out_dir();
     report::prepare_dir(&out)?;
+    let folders = match (folders, args.clients) {
+        ([one], Some(n)) if n > 1 => {
+            let split =
+                folder_split::split(one, n, &config.partition, config.seed, &out.join("data"))?;
+            println!(
+                "split {} into {n} nodes ({}) under {}",
+                one.display(),
+                config.partition,
+                out.join("data").display()
+            );
+            split
+        }
+        (_, Some(n)) if n != folders.len() => anyhow::bail!(
+            "--clients {n}, but --node-data matched {} folders: give one folder per node, or one \
+             folder with a train.csv to split into --clients nodes",
+            folders.len()
+        ),
+        _ => folders.to_vec(),
+    };
+    config.clients = folders.len();
     println!(
         "ferry simulate: your trainer, {} rounds, strategy {}, seed {}",
         config.rounds, config.strategy, config.seed
@@ -138,7 +158,7 @@ fn run_own_code(
         ConsoleProgress::new(config.rounds),
         HistoryFiles::new(&out, &config, &[]),
     );
-    let outcome = own_code::run(trainer, mode, folders, &config, &out, &mut observer)?;
+    let outcome = own_code::run(trainer, mode, &folders, &config, &out, &mut observer)?;
     let f = report::write_simulation(
         &out,
         &config,

@@ -33,7 +33,7 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
         &format!(
             "dataset = \"mnist-subset\"\nmodel = \"lenet\"\nclients = {CLIENTS}\n\
              min_clients = 3\nrounds = {ROUNDS}\nseed = 0\nround_timeout = 10\nmin_results = 3\n\
-             heartbeat = 1\noffline_after = 4\n"
+             heartbeat = 1\noffline_after = 4\nevaluate_every = 1\n"
         ),
     );
     let out = server.out.clone();
@@ -63,12 +63,16 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
     assert_eq!(code, 200);
     let nodes: Value = serde_json::from_str(&body).expect("nodes JSON");
     assert_eq!(nodes.as_array().map(Vec::len), Some(CLIENTS), "{nodes}");
+    // Round 1's model was scored by the nodes (federated evaluation) before round 2.
     let (code, body) = http_get(api_port, "/api/v1/rounds", Some(admin.trim()));
     assert!(code == 200 && body.contains("\"participants\""), "{body}");
+    assert!(body.contains("\"accuracy_median\""), "{body}");
     let (code, body) = http_get(api_port, "/metrics", None);
     assert_eq!(code, 200);
     assert!(
-        body.contains("ferry_updates_accepted_total") && body.contains("ferry_rounds_total"),
+        body.contains("ferry_updates_accepted_total")
+            && body.contains("ferry_rounds_total")
+            && body.contains("ferry_federated_accuracy"),
         "{body}"
     );
     // The server dies with SIGKILL mid-run and comes back with the same configuration.
@@ -111,6 +115,12 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
             i + 1
         );
     }
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r["federated"]["nodes"].as_u64().is_some_and(|n| n >= 3)),
+        "every round's model was scored by the live nodes, across the server's restart too"
+    );
     let last = rounds.last().expect("a round");
     assert!(
         rounds.iter().skip(1).any(|r| r["participants"] == 3),

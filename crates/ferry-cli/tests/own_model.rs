@@ -196,34 +196,42 @@ fn simulate_continues_from_a_model_file_and_refuses_one_of_another_network() {
     assert!(stderr.contains("is not a mlp network"), "{stderr}");
 }
 
+/// `ferry simulate` of logistic regression on MNIST-subset CSVs with
+/// `examples/exec-trainer/train.py` as every node's long-lived trainer, nodes from
+/// `node_data`, evaluating every round, with `extra` options.
+fn simulate_exec_example(node_data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
+    let command = format!("python3 {}", script.display());
+    let mut args = vec![
+        "simulate",
+        "--dataset",
+        "mnist-subset",
+        "--model",
+        "logreg",
+        "--trainer-cmd",
+        &command,
+        "--trainer-mode",
+        "long-lived",
+        "--node-data",
+        node_data.to_str().expect("utf-8"),
+        "--evaluate-every",
+        "1",
+        "--out",
+        out.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    support::run_ok(&args)
+}
+
 #[test]
 fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for i in 0..3 {
         write_csv(&tmp.path().join(format!("data/site-{i}")), i, 6);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
     let out = tmp.path().join("run");
     let pattern = tmp.path().join("data/site-*");
-    let run = support::run_ok(&[
-        "simulate",
-        "--dataset",
-        "mnist-subset",
-        "--model",
-        "logreg",
-        "--rounds",
-        "3",
-        "--trainer-cmd",
-        &format!("python3 {}", script.display()),
-        "--trainer-mode",
-        "long-lived",
-        "--node-data",
-        pattern.to_str().expect("utf-8"),
-        "--evaluate-every",
-        "1",
-        "--out",
-        out.to_str().expect("utf-8"),
-    ]);
+    let run = simulate_exec_example(&pattern, &out, &["--rounds", "3"]);
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("3 nodes, each training with"), "{stdout}");
     let h = history(&out).expect("history.json");
@@ -249,6 +257,38 @@ fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
     );
     assert!(federated[2] > federated[0], "{federated:?}");
     assert!(stdout.contains("federated accuracy"), "{stdout}");
+
+    // One folder split into three nodes by a label-skew partition, as a built-in dataset is.
+    write_csv(&tmp.path().join("pooled"), 0, 2);
+    let split_out = tmp.path().join("split-run");
+    let pooled = tmp.path().join("pooled");
+    let run = simulate_exec_example(
+        &pooled,
+        &split_out,
+        &["--rounds", "2", "--clients", "3", "--partition", "labels:4"],
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("into 3 nodes (labels:4)"), "{stdout}");
+    let h = history(&split_out).expect("history.json");
+    assert!(
+        h["rounds"]
+            .as_array()
+            .expect("rounds")
+            .iter()
+            .all(|r| r["participants"] == 3 && r["federated"]["nodes"] == 3),
+        "{h}"
+    );
+    for i in 0..3 {
+        let share = std::fs::read_to_string(split_out.join(format!("data/node-{i}/train.csv")))
+            .expect("the node's share");
+        let classes: std::collections::BTreeSet<&str> =
+            share.lines().filter_map(|l| l.split(',').next()).collect();
+        assert_eq!(
+            classes.len(),
+            4,
+            "labels:4 gives node {i} four classes: {classes:?}"
+        );
+    }
 
     let missing = support::ferry()
         .args([

@@ -238,7 +238,14 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
     };
     script(
         "make_sites.py",
-        &["--nodes", "3", "--per-node", "600", "--test-per-node", "200"],
+        &[
+            "--nodes",
+            "3",
+            "--per-node",
+            "600",
+            "--test-per-node",
+            "200",
+        ],
     );
     script("init_model.py", &["init.safetensors"]);
     let out = support::ferry()
