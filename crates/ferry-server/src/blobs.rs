@@ -19,6 +19,8 @@ use crate::ServerError;
 pub struct Blobs {
     store: Arc<dyn ObjectStore>,
     staging: PathBuf,
+    /// The store's folder when it is local, where a verified upload is moved in by rename.
+    local: Option<PathBuf>,
 }
 
 fn key(sha256: &str) -> ObjectPath {
@@ -37,6 +39,7 @@ impl Blobs {
         Ok(Self {
             store: Arc::new(store),
             staging,
+            local: Some(dir.to_path_buf()),
         })
     }
 
@@ -56,6 +59,31 @@ impl Blobs {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Stores the verified upload `staged` (whose content is `bytes`, hashing to `sha256`):
+    /// a local store takes the file by rename, without writing it again; otherwise, or across
+    /// filesystems, the bytes are put.
+    pub async fn adopt(
+        &self,
+        sha256: &str,
+        staged: &Path,
+        bytes: &[u8],
+    ) -> Result<(), ServerError> {
+        if self.size(sha256).await.is_ok() {
+            return Ok(());
+        }
+        if let Some(dir) = &self.local {
+            let target = dir.join(key(sha256).as_ref());
+            let moved = match target.parent() {
+                Some(parent) => tokio::fs::create_dir_all(parent).await.is_ok(),
+                None => true,
+            } && tokio::fs::rename(staged, &target).await.is_ok();
+            if moved {
+                return Ok(());
+            }
+        }
+        self.put_hashed(sha256, bytes.to_vec()).await
     }
 
     /// The whole blob `sha256`, checked against its hash.

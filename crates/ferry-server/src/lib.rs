@@ -20,6 +20,7 @@ pub mod coordinator;
 pub mod error;
 pub mod secure;
 pub mod service;
+pub mod staged;
 pub mod store;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};

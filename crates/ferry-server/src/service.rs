@@ -4,7 +4,7 @@
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_core::{evaluation::NodeEvaluation, model::sha256_hex, strategy::ClientProcedure};
+use ferry_core::{evaluation::NodeEvaluation, strategy::ClientProcedure};
 use ferry_proto::v1::{
     self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
@@ -12,13 +12,13 @@ use ferry_proto::v1::{
     fleet_server::Fleet, pull_task_response::Outcome, sec_agg_request, sec_agg_response,
 };
 use futures::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     auth::{self, Credential},
     coordinator::{BlobRef, Coordinator, EvaluationTask, NodeTask, Refusal, Submission, Work},
     secure::{SecAggReply, SecAggStep},
+    staged::{StageError, StagedUpload},
     store::Store,
 };
 
@@ -204,6 +204,19 @@ fn refused(node: &str, refusal: Refusal) -> Status {
     }
 }
 
+/// [`rejected`] for a staged upload's refusals.
+fn stage_refused(node: &str, error: StageError) -> Status {
+    let message = error.to_string();
+    match error {
+        StageError::WrongOffset { .. } => {
+            rejected(node, "wrong_offset", Status::failed_precondition(message))
+        }
+        StageError::PastTotal => rejected(node, "malformed", Status::invalid_argument(message)),
+        StageError::HashMismatch => rejected(node, "hash_mismatch", Status::data_loss(message)),
+        StageError::Io(_) => Status::internal(message),
+    }
+}
+
 /// Logs a refused request that is not an upload (a secure-aggregation step, an evaluation)
 /// and returns its status; `what` names it in the log.
 fn refused_request(node: &str, what: &str, refusal: Refusal) -> Status {
@@ -225,10 +238,6 @@ fn receipt(received_bytes: u64, submission: Option<Submission>) -> UploadReceipt
 
 async fn staged_len(path: &Path) -> u64 {
     tokio::fs::metadata(path).await.map_or(0, |m| m.len())
-}
-
-fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
-    move |e| Status::internal(format!("{context}: {e}"))
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
@@ -366,7 +375,7 @@ impl Fleet for FleetService {
         let mut chunks = request.into_inner();
         let max_chunk = self.coordinator.spec().max_chunk_bytes;
         let max_total = self.coordinator.max_update_bytes();
-        let mut file: Option<(tokio::fs::File, std::path::PathBuf, u64)> = None;
+        let mut staged: Option<StagedUpload> = None;
         let mut header: Option<(u32, u64, String)> = None;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
@@ -409,18 +418,16 @@ impl Fleet for FleetService {
                     {
                         return Ok(Response::new(receipt(chunk.total_bytes, Some(dup))));
                     }
-                    let path =
-                        self.coordinator
-                            .blobs()
-                            .staging_file(chunk.round, &node, &chunk.sha256);
-                    let have = staged_len(&path).await;
-                    let handle = tokio::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&path)
-                        .await
-                        .map_err(io_status("opening the staged upload"))?;
-                    file = Some((handle, path, have));
+                    let upload = StagedUpload::open(
+                        self.coordinator.blobs(),
+                        chunk.round,
+                        &node,
+                        &chunk.sha256,
+                        chunk.total_bytes,
+                    )
+                    .await
+                    .map_err(|e| stage_refused(&node, e))?;
+                    staged = Some(upload);
                     header = Some(this.clone());
                 }
                 Some(h) if *h != this => {
@@ -431,62 +438,32 @@ impl Fleet for FleetService {
                 }
                 Some(_) => {}
             }
-            let Some((handle, _, have)) = file.as_mut() else {
+            let Some(upload) = staged.as_mut() else {
                 continue;
             };
-            if chunk.offset != *have {
-                let message = format!(
-                    "upload continues at byte {have}, not {}; ask UploadStatus and resume there",
-                    chunk.offset
-                );
-                return Err(rejected(
-                    &node,
-                    "wrong_offset",
-                    Status::failed_precondition(message),
-                ));
-            }
-            if *have + chunk.data.len() as u64 > chunk.total_bytes {
-                let status = Status::invalid_argument("chunk runs past total_bytes");
-                return Err(rejected(&node, "malformed", status));
-            }
+            upload
+                .append(chunk.offset, &chunk.data)
+                .await
+                .map_err(|e| stage_refused(&node, e))?;
             metrics::counter!("ferry_bytes_in_total").increment(chunk.data.len() as u64);
-            handle
-                .write_all(&chunk.data)
-                .await
-                .map_err(io_status("writing the staged upload"))?;
-            handle
-                .flush()
-                .await
-                .map_err(io_status("writing the staged upload"))?;
-            *have += chunk.data.len() as u64;
         }
-        let (Some((_, path, have)), Some((round, total, sha))) = (file, header) else {
+        let (Some(upload), Some((round, total, _))) = (staged, header) else {
             return Err(rejected(
                 &node,
                 "malformed",
                 Status::invalid_argument("empty upload"),
             ));
         };
-        if have < total {
-            return Ok(Response::new(receipt(have, None)));
+        if !upload.is_complete() {
+            return Ok(Response::new(receipt(upload.have(), None)));
         }
         let _permit = self
             .decoding
             .acquire()
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let bytes = tokio::fs::read(&path)
-            .await
-            .map_err(io_status("reading the staged upload"))?;
-        // The staged bytes are consumed either way: a corrupt upload must start again.
-        let _ = tokio::fs::remove_file(&path).await;
-        if sha256_hex(&bytes) != sha {
-            let status = Status::data_loss(
-                "the uploaded bytes do not match the announced sha256; upload again from byte 0",
-            );
-            return Err(rejected(&node, "hash_mismatch", status));
-        }
-        match self.coordinator.submit(&node, round, &sha, bytes).await {
+        let verified = upload.finish().await.map_err(|e| stage_refused(&node, e))?;
+        match self.coordinator.submit(&node, round, verified).await {
             Ok(submission) => Ok(Response::new(receipt(total, Some(submission)))),
             Err(refusal) => Err(refused(&node, refusal)),
         }

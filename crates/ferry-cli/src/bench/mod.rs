@@ -6,6 +6,7 @@ mod niid;
 mod robust;
 mod round;
 mod secagg;
+mod tls;
 mod train;
 mod trainer;
 
@@ -41,6 +42,9 @@ pub enum BenchCommand {
     /// One SecAgg+ round: node and server time per stage, bytes per node against a plain
     /// upload.
     Secagg(secagg::SecAggArgs),
+    /// What loopback TLS can move with Ferry's TLS stack and no Ferry logic, over one stream
+    /// and N in parallel: the ceiling a deployed round's throughput is measured against.
+    Tls(tls::TlsArgs),
     /// The external-command trainer's cost per round: a process per round against one
     /// long-lived process.
     Trainer(trainer::TrainerArgs),
@@ -64,6 +68,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Round(args) => round::run(args),
         BenchCommand::Trainer(args) => trainer::run(args),
         BenchCommand::Secagg(args) => secagg::run(args),
+        BenchCommand::Tls(args) => tls::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
     }
 }

@@ -318,5 +318,18 @@ pub fn run(args: RoundArgs) -> Result<()> {
         ),
         None => println!("server peak RSS     unknown (no /proc/self/status)"),
     }
+    // The ceiling: the same bytes per stream through bare loopback TLS, one stream per client.
+    let ceiling = runtime.block_on(super::tls::Loopback::new(dir)?.throughput(
+        args.clients,
+        (args.params * 4).min(400_000_000),
+        args.chunk_bytes,
+    ))?;
+    let round_gbps = moved as f64 / report.round_wall_s / 1e9;
+    println!(
+        "loopback TLS limit  {ceiling:.2} GB/s over {} streams (`ferry bench tls`); the round \
+         moved {:.0}% of it",
+        args.clients,
+        100.0 * round_gbps / ceiling
+    );
     Ok(())
 }

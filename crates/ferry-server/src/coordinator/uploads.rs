@@ -6,6 +6,7 @@ use ferry_core::{Update, aggregate::validate_update, wire};
 use crate::{
     coordinator::{Coordinator, Event, Refusal, State, Submission},
     secure::{SecAggReply, SecAggStep},
+    staged::Verified,
 };
 
 impl Coordinator {
@@ -52,19 +53,18 @@ impl Coordinator {
         }
     }
 
-    /// Takes a complete upload whose content hash `sha256` the caller has verified: decodes and
-    /// validates it, stores it, and folds it into the open round.
+    /// Takes a complete, hash-checked upload: decodes and validates it, stores it (moving the
+    /// staged file into the blob store), and folds it into the open round.
     pub async fn submit(
         &self,
         node: &str,
         round: u32,
-        sha256: &str,
-        bytes: Vec<u8>,
+        upload: Verified,
     ) -> Result<Submission, Refusal> {
         if self.spec.secure.is_some() {
-            return self.submit_masked(node, round, &bytes).await;
+            return self.submit_masked(node, round, &upload.bytes).await;
         }
-        let update = wire::decode_update(&bytes, &self.layout)
+        let update = wire::decode_update(&upload.bytes, &self.layout)
             .and_then(|u| validate_update(&u, self.layout.num_params()).map(|()| u))
             .map_err(|e| Refusal::Invalid(e.to_string()));
         let mut state = self.state.lock().await;
@@ -85,10 +85,11 @@ impl Coordinator {
             }
         };
         let stored = async {
-            self.blobs.put_hashed(sha256, bytes).await?;
-            self.store.accept(round, node, sha256).await
+            upload.keep(&self.blobs).await?;
+            self.store.accept(round, node, upload.sha256()).await
         }
         .await;
+        drop(upload);
         match stored {
             Ok(true) => {}
             Ok(false) => return Ok(Submission::Duplicate),
