@@ -47,6 +47,9 @@ pub struct RoundArgs {
     /// Transfer chunk size in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub chunk_bytes: usize,
+    /// Also print the figures as one JSON line, for scripts (benchmarks/peers/flower).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The server half, run by `ferry bench round` in a child process.
@@ -331,5 +334,19 @@ pub fn run(args: RoundArgs) -> Result<()> {
         args.clients,
         100.0 * round_gbps / ceiling
     );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": "ferry",
+                "nodes": args.clients,
+                "params": args.params,
+                "round_s": report.round_wall_s,
+                "throughput_gbps": round_gbps,
+                "tls_ceiling_gbps": ceiling,
+                "peak_rss_coordinator_mb": report.peak_rss_bytes.map(|b| b as f64 / 1e6),
+            })
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,1 @@
+"""A no-op Flower App for side-by-side round benchmarks."""
