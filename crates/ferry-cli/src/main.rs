@@ -19,6 +19,12 @@ mod token;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed memory for reuse: model-sized buffers (the downloaded model, the
+/// decoded update, the encoded upload) are allocated every round, and with the system
+/// allocator each one is a fresh mapping whose every page faults in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Federated learning: train models where the data lives, move only model updates.
 #[derive(Parser)]
 #[command(name = "ferry", version, about, long_about = None)]
