@@ -7,8 +7,9 @@
 #   NODES=20 PARAMS=10000000 benchmarks/peers/flower/run.sh
 #
 # Workloads covered so far: the deployed round (N nodes x P parameters on loopback, no-op
-# training). Flower runs its default insecure HTTP transport; Ferry runs TLS. Results and the
-# machine go to docs/benchmarks/vs-flower.md by hand.
+# training), every node a process of its own on both sides. Flower runs its default insecure
+# HTTP transport; Ferry runs TLS. Results and the machine go to docs/benchmarks/vs-flower.md by
+# hand.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -34,13 +35,15 @@ flower, ferry = (json.loads(a) for a in sys.argv[1:])
 rows = [
     ("time per round (s)", flower["mean_round_s"], ferry["round_s"]),
     ("coordinator peak RSS (MB)", flower["peak_rss_superlink_tree_mb"], ferry["peak_rss_coordinator_mb"]),
+    ("one node's peak RSS (MB)", flower["peak_rss_supernode_tree_mb"], ferry["peak_rss_node_mb"]),
+    ("all processes (MB)", flower["peak_rss_all_mb"],
+     ferry["peak_rss_coordinator_mb"] + ferry["peak_rss_nodes_mb"]),
 ]
 print(f"{'':28}{'Flower 1.42':>14}{'Ferry':>12}{'Flower/Ferry':>14}")
 for name, f, r in rows:
     print(f"{name:28}{f:>14.2f}{r:>12.2f}{f / r:>13.1f}x")
-print(f"Flower: one SuperNode tree peaked at {flower['peak_rss_supernode_tree_mb']:.0f} MB, "
-      f"all processes at {flower['peak_rss_all_mb']:.0f} MB (Ferry's nodes run inside the "
-      f"benchmark process, not measured apart)")
+print("Flower's coordinator is its SuperLink with the ServerApp, a node a SuperNode with its "
+      "ClientApp (process trees); Ferry's all-processes figure sums each process's own peak")
 print(f"Ferry moved {ferry['throughput_gbps']:.2f} GB/s, "
       f"{100 * ferry['throughput_gbps'] / ferry['tls_ceiling_gbps']:.0f}% of the loopback TLS "
       f"ceiling ({ferry['tls_ceiling_gbps']:.2f} GB/s)")

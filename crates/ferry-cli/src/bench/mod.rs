@@ -51,13 +51,18 @@ pub enum BenchCommand {
     /// The server half of `bench round` (started by it).
     #[command(hide = true)]
     RoundServer(round::RoundServerArgs),
+    /// One node of `bench round` (started by it).
+    #[command(hide = true)]
+    RoundClient(round::RoundClientArgs),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    if let BenchCommand::RoundServer(args) = cmd {
-        return round::run_server(args);
-    }
+    let cmd = match cmd {
+        BenchCommand::RoundServer(args) => return round::run_server(args),
+        BenchCommand::RoundClient(args) => return round::run_client(args),
+        other => other,
+    };
     println!("machine: {}", machine());
     match cmd {
         BenchCommand::Train(args) => train::run(args),
@@ -70,6 +75,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Secagg(args) => secagg::run(args),
         BenchCommand::Tls(args) => tls::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
+        BenchCommand::RoundClient(args) => round::run_client(args),
     }
 }
 

@@ -72,6 +72,59 @@ pub struct RoundServerArgs {
     pub chunk_bytes: usize,
 }
 
+/// One node of `ferry bench round`, run by it in a process of its own so that a node's memory
+/// is measured apart.
+#[derive(Args, Debug)]
+pub struct RoundClientArgs {
+    /// Working folder prepared by the parent (certificates).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The server's loopback port.
+    #[arg(long)]
+    pub port: u16,
+    /// Enrolment token.
+    #[arg(long)]
+    pub token: String,
+    /// The node's position, for its state folder and seed stream.
+    #[arg(long)]
+    pub index: usize,
+    /// Model parameters.
+    #[arg(long)]
+    pub params: usize,
+}
+
+/// What a node process reports on its last stdout line.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClientReport {
+    peak_rss_bytes: Option<u64>,
+}
+
+/// Runs one node of the benchmark until the server ends the run; reports its peak memory.
+pub fn run_client(args: RoundClientArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let settings = AgentSettings {
+        server: ServerAddress {
+            url: format!("https://localhost:{}", args.port),
+            ca_pem: Some(std::fs::read(args.dir.join("certs/ca.pem"))?),
+            identity: None,
+        },
+        token: Some(args.token),
+        state_dir: args.dir.join(format!("node-{}", args.index)),
+        seed_stream: args.index as u64,
+        max_backoff: Duration::from_secs(1),
+        give_up_after: Duration::from_secs(60),
+    };
+    let trainer = Arc::new(SyntheticTrainer::new(args.params));
+    runtime.block_on(agent::run(settings, trainer, |_| {}))?;
+    let report = ClientReport {
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
 /// What the server process reports on its last stdout line.
 #[derive(Debug, Serialize, Deserialize)]
 struct ServerReport {
@@ -259,7 +312,6 @@ pub fn run(args: RoundArgs) -> Result<()> {
     if !first.contains("ready") {
         bail!("the server process did not start: {first}");
     }
-    let ca = std::fs::read(dir.join("certs/ca.pem"))?;
     let model_mb = args.params as f64 * 4.0 / 1e6;
     println!(
         "one FedAvg round, {} clients x {} parameters ({model_mb:.1} MB), gRPC + TLS on loopback, {} kB chunks",
@@ -267,30 +319,32 @@ pub fn run(args: RoundArgs) -> Result<()> {
         args.params,
         args.chunk_bytes / 1024
     );
-    let trainer = Arc::new(SyntheticTrainer::new(args.params));
     let began = Instant::now();
-    runtime.block_on(async {
-        let mut agents = Vec::new();
-        for (i, token) in tokens.into_iter().enumerate() {
-            let settings = AgentSettings {
-                server: ServerAddress {
-                    url: format!("https://localhost:{port}"),
-                    ca_pem: Some(ca.clone()),
-                    identity: None,
-                },
-                token: Some(token),
-                state_dir: dir.join(format!("node-{i}")),
-                seed_stream: i as u64,
-                max_backoff: Duration::from_secs(1),
-                give_up_after: Duration::from_secs(60),
-            };
-            agents.push(tokio::spawn(agent::run(settings, trainer.clone(), |_| {})));
-        }
-        for agent in agents {
-            agent.await??;
-        }
-        anyhow::Ok(())
-    })?;
+    // Each node is a process of its own, as deployed nodes are.
+    let nodes = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            Command::new(std::env::current_exe()?)
+                .args(["bench", "round-client", "--dir"])
+                .arg(dir)
+                .args(["--port", &port.to_string(), "--token", token])
+                .args(["--index", &i.to_string(), "--params", &args.params.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("cannot start a node process")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut node_peaks = Vec::new();
+    for node in nodes {
+        let out = node.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "a node process failed: {}", out.status);
+        let report: ClientReport = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| serde_json::from_str(line).ok())
+            .context("a node process reported nothing")?;
+        node_peaks.extend(report.peak_rss_bytes);
+    }
     let total_s = began.elapsed().as_secs_f64();
     let report: ServerReport = lines
         .map_while(Result::ok)
@@ -321,6 +375,17 @@ pub fn run(args: RoundArgs) -> Result<()> {
         ),
         None => println!("server peak RSS     unknown (no /proc/self/status)"),
     }
+    let node_peak = node_peaks.iter().copied().max();
+    if let Some(peak) = node_peak {
+        println!(
+            "node peak RSS       {:.1} MB = {:.1} model sizes (the largest of {} node processes; \
+             all nodes {:.1} MB)",
+            peak as f64 / 1e6,
+            peak as f64 / (model_mb * 1e6),
+            node_peaks.len(),
+            node_peaks.iter().sum::<u64>() as f64 / 1e6
+        );
+    }
     // The ceiling: the same bytes per stream through bare loopback TLS, one stream per client.
     let ceiling = runtime.block_on(super::tls::Loopback::new(dir)?.throughput(
         args.clients,
@@ -345,6 +410,8 @@ pub fn run(args: RoundArgs) -> Result<()> {
                 "throughput_gbps": round_gbps,
                 "tls_ceiling_gbps": ceiling,
                 "peak_rss_coordinator_mb": report.peak_rss_bytes.map(|b| b as f64 / 1e6),
+                "peak_rss_node_mb": node_peak.map(|b| b as f64 / 1e6),
+                "peak_rss_nodes_mb": node_peaks.iter().sum::<u64>() as f64 / 1e6,
             })
         );
     }
