@@ -485,6 +485,47 @@ fn bench_aggregate_holds_a_few_models_not_one_per_client() {
     assert!(sizes < 12.0, "peak RSS is {sizes} model sizes: {line}");
 }
 
+/// A short run of the Ferry half of benchmarks/peers/flower: one deployed round with node
+/// processes over TLS, measured against bare loopback TLS.
+#[test]
+fn bench_round_reports_the_round_its_processes_and_the_tls_ceiling() {
+    let printed = ferry_stdout(&[
+        "bench",
+        "round",
+        "--clients",
+        "2",
+        "--params",
+        "100000",
+        "--json",
+    ]);
+    let figures: Value = printed
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .expect("a JSON line");
+    assert_eq!(
+        (figures["nodes"].as_u64(), figures["params"].as_u64()),
+        (Some(2), Some(100_000))
+    );
+    for key in [
+        "round_s",
+        "throughput_gbps",
+        "tls_ceiling_gbps",
+        "peak_rss_coordinator_mb",
+        "peak_rss_node_mb",
+    ] {
+        assert!(
+            figures[key].as_f64().is_some_and(|v| v > 0.0),
+            "{key}: {figures}"
+        );
+    }
+    let tls = ferry_stdout(&["bench", "tls", "--streams", "2", "--megabytes", "2"]);
+    assert!(
+        tls.contains("1 stream(s)") && tls.contains("2 stream(s)"),
+        "{tls}"
+    );
+}
+
 #[test]
 fn bench_train_reports_throughput() {
     let text = ferry_stdout(&[

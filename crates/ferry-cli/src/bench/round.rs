@@ -329,7 +329,12 @@ pub fn run(args: RoundArgs) -> Result<()> {
                 .args(["bench", "round-client", "--dir"])
                 .arg(dir)
                 .args(["--port", &port.to_string(), "--token", token])
-                .args(["--index", &i.to_string(), "--params", &args.params.to_string()])
+                .args([
+                    "--index",
+                    &i.to_string(),
+                    "--params",
+                    &args.params.to_string(),
+                ])
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("cannot start a node process")
@@ -338,7 +343,11 @@ pub fn run(args: RoundArgs) -> Result<()> {
     let mut node_peaks = Vec::new();
     for node in nodes {
         let out = node.wait_with_output()?;
-        anyhow::ensure!(out.status.success(), "a node process failed: {}", out.status);
+        anyhow::ensure!(
+            out.status.success(),
+            "a node process failed: {}",
+            out.status
+        );
         let report: ClientReport = String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|line| serde_json::from_str(line).ok())
