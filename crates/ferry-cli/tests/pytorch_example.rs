@@ -12,11 +12,12 @@ mod support;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     time::Duration,
 };
 
-use support::{Killer, TestServer, client_args, history, server_succeeds, spawn_logged_with_env};
+use support::{
+    Killer, TestServer, client_args, history, sdk_path, server_succeeds, spawn_logged_with_env,
+};
 
 const PYTHON: &str = "/usr/bin/python3";
 
@@ -26,24 +27,9 @@ fn example(file: &str) -> PathBuf {
         .join(file)
 }
 
-fn sdk() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
-}
-
 /// Runs one of the example's scripts; returns its stdout.
 fn script(file: &str, args: &[&str]) -> String {
-    let out = Command::new(PYTHON)
-        .arg(example(file))
-        .args(args)
-        .env("PYTHONPATH", sdk())
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{file}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    support::run_sdk_script(PYTHON, &example(file), args, None)
 }
 
 /// The accuracy `evaluate.py` prints for `model` (with `extra` arguments) after `label`.
@@ -110,7 +96,7 @@ fn the_pytorch_example_deploys_over_tls_and_its_model_loads_back_strictly() {
             "--data-dir".into(),
             data.join(format!("site-{i}")).display().to_string(),
         ]);
-        let sdk = sdk();
+        let sdk = sdk_path();
         processes
             .0
             .push(spawn_logged_with_env(&args, &log, &[("PYTHONPATH", &sdk)]));

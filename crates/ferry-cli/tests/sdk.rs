@@ -8,17 +8,9 @@
 
 mod support;
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Output,
-};
+use std::{fs, path::Path, process::Output};
 
-use support::history;
-
-fn sdk_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
-}
+use support::{history, sdk_path};
 
 /// `python -c script` with the SDK importable; fails the test with its stderr.
 fn python(python: &str, script: &str) {
@@ -223,18 +215,7 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy");
     let script = |file: &str, args: &[&str]| {
-        let out = std::process::Command::new("python3")
-            .arg(example.join(file))
-            .args(args)
-            .current_dir(tmp.path())
-            .env("PYTHONPATH", sdk_path())
-            .output()
-            .expect("python runs");
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::run_sdk_script("python3", &example.join(file), args, Some(tmp.path()));
     };
     script(
         "make_sites.py",

@@ -410,7 +410,7 @@ async fn work(
     on_event(AgentEvent::Training(round));
     let layout = train_task.model.layout().clone();
     let job = tokio::task::spawn_blocking(move || trainer.train(&train_task));
-    let interval = Duration::from_millis(u64::from(task.heartbeat_interval_ms.max(200)));
+    let interval = heartbeat_interval(&task);
     let mut update = match with_heartbeats(client, credential, round, interval, job).await {
         Some(Ok(update)) => update,
         Some(Err(reason)) => {
@@ -510,7 +510,7 @@ async fn evaluate(
     };
     on_event(AgentEvent::Evaluating(round));
     let job = tokio::task::spawn_blocking(move || trainer.evaluate(&eval_task));
-    let interval = Duration::from_millis(u64::from(task.heartbeat_interval_ms.max(200)));
+    let interval = heartbeat_interval(&task);
     let scored = match with_heartbeats(client, credential, round, interval, job).await {
         Some(scored) => scored.and_then(|e| e.validate().map(|()| e)),
         None => {
@@ -551,6 +551,11 @@ async fn evaluate(
             Err(status) => retry(&status, settings, backoff, on_event).await?,
         }
     }
+}
+
+/// How often to heartbeat while working on `task` (at most five times a second).
+fn heartbeat_interval(task: &Task) -> Duration {
+    Duration::from_millis(u64::from(task.heartbeat_interval_ms.max(200)))
 }
 
 /// When the server stops waiting for this node's answer to `task`.

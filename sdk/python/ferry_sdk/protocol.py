@@ -15,8 +15,17 @@ from typing import Callable, Dict, Optional, Union
 from .tensors import FerryError, Model, check_trained, load_model, save_model
 
 
+class _FromTaskJson:
+    """Builds a task dataclass from the keys of a ``task.json`` object it declares."""
+
+    @classmethod
+    def from_json(cls, task: dict):
+        """The task of a ``task.json`` object (keys the class does not declare are ignored)."""
+        return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(_FromTaskJson):
     """One round's training task, as the server sets it."""
 
     round: int
@@ -30,24 +39,14 @@ class Task:
     mu: float
     data_dir: Optional[str]
 
-    @classmethod
-    def from_json(cls, task: dict) -> "Task":
-        """The task of a ``task.json`` object."""
-        return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
-
 
 @dataclass(frozen=True)
-class EvaluateTask:
+class EvaluateTask(_FromTaskJson):
     """A federated evaluation: score the round's global model on the node's held-out data."""
 
     round: int
     seed: int
     data_dir: Optional[str]
-
-    @classmethod
-    def from_json(cls, task: dict) -> "EvaluateTask":
-        """The task of an evaluation ``task.json`` object."""
-        return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -92,6 +91,11 @@ def _evaluation(returned: Union[EvaluateResult, tuple]) -> EvaluateResult:
     raise FerryError("evaluate must return EvaluateResult(num_examples, loss, accuracy, metrics)")
 
 
+def _check_examples(num_examples: int) -> None:
+    if not (isinstance(num_examples, int) and num_examples >= 1):
+        raise FerryError(f"num_examples must be an integer >= 1, got {num_examples!r}")
+
+
 def _check_metrics(metrics: Dict[str, float]) -> None:
     for key, value in metrics.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -100,8 +104,7 @@ def _check_metrics(metrics: Dict[str, float]) -> None:
 
 def write_evaluation(task_json: dict, result: EvaluateResult) -> None:
     """Checks an evaluation's figures and writes them where the task says."""
-    if not (isinstance(result.num_examples, int) and result.num_examples >= 1):
-        raise FerryError(f"num_examples must be an integer >= 1, got {result.num_examples!r}")
+    _check_examples(result.num_examples)
     loss, accuracy = float(result.loss), float(result.accuracy)
     if not math.isfinite(loss):
         raise FerryError(f"loss must be a finite number, got {result.loss!r}")
@@ -120,8 +123,7 @@ def write_evaluation(task_json: dict, result: EvaluateResult) -> None:
 
 def write_result(task_json: dict, result: TrainResult) -> None:
     """Checks ``result``'s count and metrics and writes ``result.json`` where the task says."""
-    if not (isinstance(result.num_examples, int) and result.num_examples >= 1):
-        raise FerryError(f"num_examples must be an integer >= 1, got {result.num_examples!r}")
+    _check_examples(result.num_examples)
     _check_metrics(result.metrics)
     with open(task_json["result_out"], "w") as out:
         json.dump({"num_examples": result.num_examples, "metrics": dict(result.metrics)}, out)

@@ -396,7 +396,7 @@ pub fn run(args: RoundArgs) -> Result<()> {
         );
     }
     // The ceiling: the same bytes per stream through bare loopback TLS, one stream per client.
-    let ceiling = runtime.block_on(super::tls::Loopback::new(dir)?.throughput(
+    let ceiling = runtime.block_on(super::tls::Loopback::new(&dir.join("certs"))?.throughput(
         args.clients,
         (args.params * 4).min(400_000_000),
         args.chunk_bytes,

@@ -40,10 +40,9 @@ pub struct Loopback {
 }
 
 impl Loopback {
-    /// Both ends from a throwaway CA and server certificate for `localhost` in `dir`.
-    pub fn new(dir: &Path) -> Result<Self> {
-        let certs = dir.join("tls-bench-certs");
-        crate::certs::generate(&certs, &["localhost".into()], &[])?;
+    /// Both ends from the certificates `ferry certs` wrote to `certs` for `localhost`
+    /// (`ca.pem`, `server.pem`, `server.key`).
+    pub fn new(certs: &Path) -> Result<Self> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = CertificateDer::pem_file_iter(certs.join("server.pem"))
             .context("server certificate")?
@@ -155,6 +154,7 @@ pub fn run(args: TlsArgs) -> Result<()> {
         "--streams, --megabytes and --chunk-bytes must be at least 1"
     );
     let tmp = tempfile::tempdir()?;
+    crate::certs::generate(tmp.path(), &["localhost".into()], &[])?;
     let loopback = Loopback::new(tmp.path())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -318,14 +318,46 @@ pub fn write_csv(dir: &Path, first: usize, stride: usize) {
 
 /// Runs `interpreter -c script` with `env` set, failing the test with its stderr if it fails.
 pub fn run_python(interpreter: &str, script: &str, env: &[(&str, &Path)]) {
-    let out = Command::new(interpreter)
-        .args(["-c", script])
-        .envs(env.iter().copied())
-        .output()
-        .expect("python runs");
+    python(interpreter, &["-c".as_ref(), script.as_ref()], None, env);
+}
+
+/// The Python SDK's folder (`sdk/python`), to put on `PYTHONPATH`.
+pub fn sdk_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
+}
+
+/// Runs the Python file `script` with `args` in `cwd` (or here), the SDK importable; fails the
+/// test with its stderr if it fails; returns its stdout.
+pub fn run_sdk_script(
+    interpreter: &str,
+    script: &Path,
+    args: &[&str],
+    cwd: Option<&Path>,
+) -> String {
+    let args: Vec<&std::ffi::OsStr> = std::iter::once(script.as_os_str())
+        .chain(args.iter().map(std::ffi::OsStr::new))
+        .collect();
+    python(interpreter, &args, cwd, &[("PYTHONPATH", &sdk_path())])
+}
+
+/// Runs `interpreter args` in `cwd` (or here) with `env` set; fails the test with its stderr
+/// if it fails; returns its stdout.
+pub fn python(
+    interpreter: &str,
+    args: &[&std::ffi::OsStr],
+    cwd: Option<&Path>,
+    env: &[(&str, &Path)],
+) -> String {
+    let mut command = Command::new(interpreter);
+    command.args(args).envs(env.iter().copied());
+    if let Some(dir) = cwd {
+        command.current_dir(dir);
+    }
+    let out = command.output().expect("python runs");
     assert!(
         out.status.success(),
-        "{}",
+        "{interpreter} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
