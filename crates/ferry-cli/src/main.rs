@@ -1,5 +1,6 @@
 //! `ferry`: the one command of the Ferry federated learning platform.
 
+mod allocator;
 mod bench;
 mod certs;
 mod chart;
@@ -18,12 +19,6 @@ mod starting_point;
 mod token;
 
 use clap::{Parser, Subcommand};
-
-/// mimalloc keeps freed memory for reuse: model-sized buffers (the downloaded model, the
-/// decoded update, the encoded upload) are allocated every round, and with the system
-/// allocator each one is a fresh mapping whose every page faults in again.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Federated learning: train models where the data lives, move only model updates.
 #[derive(Parser)]
@@ -59,6 +54,7 @@ enum Command {
 }
 
 fn main() {
+    allocator::release_freed_memory_at_once();
     let cli = Cli::parse();
     // Logs (refusals, enrolments) go to stderr; FERRY_LOG=debug|info|warn|off adjusts them.
     tracing_subscriber::fmt()

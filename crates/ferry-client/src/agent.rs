@@ -14,6 +14,7 @@ use ferry_core::{
     },
     strategy::ClientProcedure,
     task::LocalTraining,
+    update_file::EncodedUpdate,
     wire,
 };
 use ferry_proto::v1::{
@@ -27,7 +28,7 @@ use crate::{
     backoff::Backoff,
     connection::{self, ServerAddress, StoredCredential},
     secure::{Link, SecureSession},
-    transfer,
+    transfer::{self, UploadBody},
 };
 
 /// What a trainer receives for one round.
@@ -266,7 +267,8 @@ fn procedure(task: &Task) -> Result<ClientProcedure, String> {
     }
 }
 
-/// Fetches one blob, resuming across failures.
+/// Fetches one blob into a file under the state folder, resuming across failures (and across
+/// restarts of the agent); returns the verified file's path.
 async fn fetch(
     settings: &AgentSettings,
     client: &mut FleetClient<Channel>,
@@ -274,22 +276,38 @@ async fn fetch(
     blob: &ferry_proto::v1::BlobRef,
     backoff: &mut Backoff,
     on_event: &(impl Fn(AgentEvent) + Send + Sync),
-) -> Result<Result<Vec<u8>, Status>, ClientError> {
-    let mut buffer = Vec::with_capacity(blob.size_bytes as usize);
+) -> Result<Result<Downloaded, Status>, ClientError> {
+    let dir = settings.state_dir.join("downloads");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        ClientError::Settings(format!(
+            "cannot create {} for downloads: {e}; check the state folder's permissions",
+            dir.display()
+        ))
+    })?;
+    let path = transfer::download_path(&dir, &blob.sha256);
     loop {
-        match transfer::download(
-            client,
-            credential,
-            &blob.sha256,
-            blob.size_bytes,
-            &mut buffer,
-        )
-        .await
-        {
-            Ok(()) => return Ok(Ok(buffer)),
+        match transfer::download(client, credential, &blob.sha256, blob.size_bytes, &path).await {
+            Ok(()) => return Ok(Ok(Downloaded(path))),
             Err(status) if round_gone(&status) => return Ok(Err(status)),
             Err(status) => retry(&status, settings, backoff, on_event).await?,
         }
+    }
+}
+
+/// A verified download, removed once read.
+struct Downloaded(PathBuf);
+
+impl Downloaded {
+    fn open(&self) -> Result<std::io::BufReader<std::fs::File>, String> {
+        std::fs::File::open(&self.0)
+            .map(std::io::BufReader::new)
+            .map_err(|e| format!("reading the downloaded blob {}: {e}", self.0.display()))
+    }
+}
+
+impl Drop for Downloaded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -310,20 +328,23 @@ async fn global_model(
         on_event(abandon("task lacks a model".into()));
         return Ok(None);
     };
-    let bytes = match fetch(settings, client, credential, model_ref, backoff, on_event).await? {
-        Ok(bytes) => bytes,
+    let file = match fetch(settings, client, credential, model_ref, backoff, on_event).await? {
+        Ok(file) => file,
         Err(status) => {
             on_event(abandon(status.message().to_string()));
             return Ok(None);
         }
     };
-    let read = PersonalTensors::new(task.personal.clone())
-        .and_then(|personal| Ok((Model::from_safetensors_with(&bytes, &personal)?, personal)));
+    let read = file.open().and_then(|source| {
+        let personal = PersonalTensors::new(task.personal.clone()).map_err(|e| e.to_string())?;
+        let model = Model::read_safetensors(source, &personal).map_err(|e| e.to_string())?;
+        Ok((model, personal))
+    });
     match read {
         Ok(read) => Ok(Some(read)),
         Err(e) => {
-            report_failure(client, credential, round, &e.to_string()).await;
-            on_event(abandon(e.to_string()));
+            report_failure(client, credential, round, &e).await;
+            on_event(abandon(e));
             Ok(None)
         }
     }
@@ -352,8 +373,9 @@ async fn work(
     };
     let server_control = match &task.server_control {
         Some(blob) => match fetch(settings, client, credential, blob, backoff, on_event).await? {
-            Ok(bytes) => wire::decode_vectors(&bytes)
+            Ok(file) => std::fs::read(&file.0)
                 .ok()
+                .and_then(|bytes| wire::decode_vectors(&bytes).ok())
                 .and_then(|mut v| v.remove("control")),
             Err(status) => {
                 on_event(abandon(status.message().to_string()));
@@ -439,12 +461,17 @@ async fn work(
             &mut NoiseSource::new(NoiseSeed::Os, 0),
         );
     }
-    let encoded = match secure.as_mut() {
-        Some(session) => session.mask(&update, layout.num_params()),
-        None => wire::encode_update(&update, &layout).map_err(|e| e.to_string()),
+    // The update itself is the upload's source: its bytes are read from it chunk by chunk.
+    let encoded: Result<Arc<dyn UploadBody>, String> = match secure.as_mut() {
+        Some(session) => session
+            .mask(&update, layout.num_params())
+            .map(|masked| Arc::new(bytes::Bytes::from(masked)) as Arc<dyn UploadBody>),
+        None => EncodedUpdate::new(update, &layout)
+            .map(|encoded| Arc::new(encoded) as Arc<dyn UploadBody>)
+            .map_err(|e| e.to_string()),
     };
-    let bytes = match encoded {
-        Ok(bytes) => bytes::Bytes::from(bytes),
+    let body = match encoded {
+        Ok(body) => body,
         Err(reason) => {
             report_failure(client, credential, round, &reason).await;
             on_event(abandon(reason));
@@ -452,8 +479,9 @@ async fn work(
         }
     };
     let chunk = (task.max_chunk_bytes as usize).max(1024);
+    let sha256 = body.sha256();
     loop {
-        match transfer::upload(client, credential, round, &bytes, chunk).await {
+        match transfer::upload(client, credential, round, &body, &sha256, chunk).await {
             Ok(receipt) => {
                 backoff.reset();
                 on_event(AgentEvent::Delivered {

@@ -1,45 +1,86 @@
-//! Resumable transfers: downloads continue from the bytes already held, uploads from the bytes
-//! the server says it holds, and both are checked against their sha256.
+//! Resumable transfers: downloads continue from the bytes already in their file, uploads from
+//! the bytes the server says it holds, and both are checked against their sha256. Neither holds
+//! a whole copy of what it moves: a download goes to a file, an upload's chunks are produced
+//! from the update on demand.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use bytes::Bytes;
-use ferry_core::model::sha256_hex;
+use ferry_core::{model::hex, update_file::EncodedUpdate};
 use ferry_proto::v1::{
     DownloadRequest, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_client::FleetClient,
 };
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
 use tonic::{Status, transport::Channel};
 
 use crate::connection::StoredCredential;
 
-/// Continues downloading blob `sha256` into `buffer` from `buffer.len()`; returns once the blob
-/// is complete and verified. A broken stream returns the error with the bytes so far kept, so
-/// the next call resumes.
+/// The file a download of blob `sha256` grows in, under `dir`.
+pub fn download_path(dir: &Path, sha256: &str) -> PathBuf {
+    let safe: String = sha256.chars().filter(char::is_ascii_alphanumeric).collect();
+    dir.join(format!("{safe}.part"))
+}
+
+fn local(context: &str, e: std::io::Error) -> Status {
+    Status::internal(format!("{context}: {e}"))
+}
+
+/// Continues downloading blob `sha256` of `size` bytes into the file `path` from the bytes it
+/// already holds; returns once the blob is complete and verified. A broken stream returns the
+/// error with the bytes so far kept, so the next call resumes; a blob whose bytes do not match
+/// its hash is discarded.
 pub async fn download(
     client: &mut FleetClient<Channel>,
     credential: &StoredCredential,
     sha256: &str,
     size: u64,
-    buffer: &mut Vec<u8>,
+    path: &Path,
 ) -> Result<(), Status> {
-    if (buffer.len() as u64) < size {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| local("opening the download file", e))?;
+    let mut have = file
+        .metadata()
+        .map_err(|e| local("reading the download file", e))?
+        .len();
+    if have > size {
+        file.set_len(0)
+            .map_err(|e| local("truncating the download file", e))?;
+        have = 0;
+    }
+    if have < size {
         let request = credential.authorize(tonic::Request::new(DownloadRequest {
             sha256: sha256.to_string(),
-            offset: buffer.len() as u64,
+            offset: have,
         }));
         let mut stream = client.download(request).await?.into_inner();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            if chunk.offset != buffer.len() as u64 {
+            if chunk.offset != have {
                 return Err(Status::data_loss("download chunk out of order"));
             }
-            buffer.extend_from_slice(&chunk.data);
+            file.write_all(&chunk.data)
+                .map_err(|e| local("writing the download file", e))?;
+            have += chunk.data.len() as u64;
         }
     }
-    if (buffer.len() as u64) < size {
+    if have < size {
         return Err(Status::unavailable("download ended early"));
     }
-    if sha256_hex(buffer) != sha256 {
-        buffer.clear();
+    drop(file);
+    let mut hasher = Sha256::new();
+    let mut reader =
+        std::fs::File::open(path).map_err(|e| local("reading the download file", e))?;
+    std::io::copy(&mut reader, &mut hasher).map_err(|e| local("reading the download file", e))?;
+    if hex(&hasher.finalize()) != sha256 {
+        let _ = std::fs::remove_file(path);
         return Err(Status::data_loss(
             "downloaded bytes do not match their sha256; starting over",
         ));
@@ -47,21 +88,66 @@ pub async fn download(
     Ok(())
 }
 
-/// Uploads `bytes` as this node's update for `round`, continuing from what the server already
-/// holds. Returns the server's receipt once the update is accepted (or known as a duplicate).
+/// What an upload sends: bytes read at any offset, so a resumed upload starts mid-way and no
+/// chunk list is built up front.
+pub trait UploadBody: Send + Sync {
+    /// Total bytes.
+    fn total(&self) -> u64;
+
+    /// Hex sha256 of all the bytes.
+    fn sha256(&self) -> String;
+
+    /// Fills `out` from `offset`; returns how many bytes it filled.
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> usize;
+}
+
+impl UploadBody for Bytes {
+    fn total(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn sha256(&self) -> String {
+        ferry_core::model::sha256_hex(self)
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> usize {
+        let from = self.get(offset as usize..).unwrap_or_default();
+        let n = from.len().min(out.len());
+        out[..n].copy_from_slice(&from[..n]);
+        n
+    }
+}
+
+impl UploadBody for EncodedUpdate {
+    fn total(&self) -> u64 {
+        self.len()
+    }
+
+    fn sha256(&self) -> String {
+        EncodedUpdate::sha256(self)
+    }
+
+    fn read_at(&self, offset: u64, out: &mut [u8]) -> usize {
+        EncodedUpdate::read_at(self, offset, out)
+    }
+}
+
+/// Uploads `body` (whose hash is `sha256`) as this node's update for `round`, continuing from
+/// what the server already holds. Returns the server's receipt once the update is accepted (or
+/// known as a duplicate).
 pub async fn upload(
     client: &mut FleetClient<Channel>,
     credential: &StoredCredential,
     round: u32,
-    bytes: &Bytes,
+    body: &Arc<dyn UploadBody>,
+    sha256: &str,
     chunk_bytes: usize,
 ) -> Result<UploadReceipt, Status> {
-    let sha256 = sha256_hex(bytes);
     let status = client
         .upload_status(
             credential.authorize(tonic::Request::new(UploadStatusRequest {
                 round,
-                sha256: sha256.clone(),
+                sha256: sha256.to_string(),
             })),
         )
         .await?
@@ -69,30 +155,30 @@ pub async fn upload(
     if status.accepted {
         return Ok(status);
     }
-    let start = (status.received_bytes as usize).min(bytes.len());
-    let total = bytes.len() as u64;
-    let chunk_bytes = chunk_bytes.max(1);
-    let mut chunks: Vec<UploadChunk> = (start..bytes.len())
-        .step_by(chunk_bytes)
-        .map(|offset| UploadChunk {
-            round,
-            offset: offset as u64,
-            data: bytes.slice(offset..(offset + chunk_bytes).min(bytes.len())),
-            total_bytes: total,
-            sha256: sha256.clone(),
-        })
-        .collect();
-    if chunks.is_empty() {
-        // Everything is staged but was never finalised: send an empty closing chunk.
-        chunks.push(UploadChunk {
-            round,
-            offset: total,
-            data: Bytes::new(),
-            total_bytes: total,
-            sha256: sha256.clone(),
-        });
-    }
-    let request = credential.authorize(tonic::Request::new(futures::stream::iter(chunks)));
+    let total = body.total();
+    let start = status.received_bytes.min(total);
+    let chunk_bytes = chunk_bytes.max(1) as u64;
+    let (body, sha) = (body.clone(), sha256.to_string());
+    // At least one chunk: everything staged but never finalised needs an empty closing one.
+    let chunks = futures::stream::unfold(Some(start), move |next| {
+        let (body, sha) = (body.clone(), sha.clone());
+        async move {
+            let offset = next?;
+            let mut data = vec![0u8; chunk_bytes.min(total - offset) as usize];
+            let filled = body.read_at(offset, &mut data);
+            data.truncate(filled);
+            let end = offset + filled as u64;
+            let chunk = UploadChunk {
+                round,
+                offset,
+                data: Bytes::from(data),
+                total_bytes: total,
+                sha256: sha,
+            };
+            Some((chunk, (end < total && filled > 0).then_some(end)))
+        }
+    });
+    let request = credential.authorize(tonic::Request::new(chunks));
     let receipt = client.upload(request).await?.into_inner();
     if !receipt.accepted {
         return Err(Status::unavailable(format!(

@@ -6,7 +6,7 @@
 //! Rules that need every update at once (median, Krum) implement the same trait, buffering
 //! what they need, and say so through [`Aggregator::memory`].
 
-use crate::{CoreError, Update, algebra};
+use crate::{CoreError, Update, algebra, tensor_file::Visit, update::UpdateMeta};
 
 /// The result of one round's aggregation.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,10 +48,44 @@ pub struct UpdateSum {
     pub num_examples: u64,
 }
 
+/// Which of an update's vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The model delta.
+    Delta,
+    /// SCAFFOLD's control-variate change.
+    Control,
+}
+
+/// An update whose values are read a piece at a time (an upload in its file), so that a linear
+/// rule folds it without holding it whole.
+pub trait UpdateSource {
+    /// The update's scalars.
+    fn meta(&self) -> &UpdateMeta;
+
+    /// Checks that the update has examples and only finite values (once; later calls are
+    /// free).
+    fn check(&mut self) -> Result<(), CoreError>;
+
+    /// Calls `visit(first_index, values)` for each piece of `part`, in order (nothing for a
+    /// control part the update lacks).
+    fn visit(&mut self, part: Part, visit: &mut Visit<'_>) -> Result<(), CoreError>;
+
+    /// The whole update, for rules that need it at once.
+    fn read_whole(&mut self) -> Result<Update, CoreError>;
+}
+
 /// A rule that folds node updates, one at a time, into an aggregate.
 pub trait Aggregator: Send {
     /// Validates `update` and folds it in. A refused update leaves the state unchanged.
     fn accept(&mut self, update: &Update) -> Result<(), CoreError>;
+
+    /// [`Aggregator::accept`] for an update read from `source`; rules that fold each update
+    /// into one accumulator read it a piece at a time, the others read it whole.
+    fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
+        let update = source.read_whole()?;
+        self.accept(&update)
+    }
 
     /// Folds in a sum of updates whose weights were applied by the nodes. Only linear rules
     /// can; the rest refuse, since they need each update on its own.
@@ -116,13 +150,13 @@ pub enum Weighting {
     Normalized,
 }
 
-/// A weighted mean of the deltas, accumulated in `f64` one update at a time; also sums
-/// SCAFFOLD's control-variate changes when updates carry them.
+/// A weighted mean of the deltas, accumulated one update at a time in a vector the size of the
+/// model; also sums SCAFFOLD's control-variate changes when updates carry them.
 #[derive(Debug)]
 pub struct WeightedMean {
     weighting: Weighting,
-    sum: Vec<f64>,
-    control_sum: Option<Vec<f64>>,
+    sum: Vec<f32>,
+    control_sum: Option<Vec<f32>>,
     weight_sum: f64,
     examples: u64,
     normalizer_sum: f64,
@@ -143,12 +177,12 @@ impl WeightedMean {
         }
     }
 
-    fn weight_of(&self, update: &Update) -> Result<f64, CoreError> {
-        let n = update.num_examples as f64;
+    fn weight_of(&self, num_examples: u64, normalizer: Option<f64>) -> Result<f64, CoreError> {
+        let n = num_examples as f64;
         Ok(match self.weighting {
             Weighting::Examples => n,
             Weighting::Uniform => 1.0,
-            Weighting::Normalized => match update.normalizer {
+            Weighting::Normalized => match normalizer {
                 Some(a) if a > 0.0 && a.is_finite() => n / a,
                 _ => return Err(CoreError::MissingExtra("a positive FedNova normaliser a_i")),
             },
@@ -159,7 +193,7 @@ impl WeightedMean {
 impl Aggregator for WeightedMean {
     fn accept(&mut self, update: &Update) -> Result<(), CoreError> {
         validate_update(update, self.sum.len())?;
-        let weight = self.weight_of(update)?;
+        let weight = self.weight_of(update.num_examples, update.normalizer)?;
         if let Some(control) = &update.control_delta {
             if control.len() != self.sum.len() {
                 return Err(CoreError::LengthMismatch {
@@ -176,10 +210,21 @@ impl Aggregator for WeightedMean {
             algebra::weighted_accumulate(sum, control, 1.0);
         }
         algebra::weighted_accumulate(&mut self.sum, &update.delta, weight);
-        self.weight_sum += weight;
-        self.examples += update.num_examples;
-        self.normalizer_sum += update.num_examples as f64 * update.normalizer.unwrap_or(1.0);
-        self.accepted += 1;
+        self.count(update.num_examples, update.normalizer, weight);
+        Ok(())
+    }
+
+    fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
+        source.check()?;
+        let meta = source.meta().clone();
+        let weight = self.weight_of(meta.num_examples, meta.normalizer)?;
+        if meta.has_control {
+            let dim = self.sum.len();
+            let control = self.control_sum.get_or_insert_with(|| vec![0.0; dim]);
+            source.visit(Part::Control, &mut fold_into(control, 1.0))?;
+        }
+        source.visit(Part::Delta, &mut fold_into(&mut self.sum, weight))?;
+        self.count(meta.num_examples, meta.normalizer, weight);
         Ok(())
     }
 
@@ -215,21 +260,42 @@ impl Aggregator for WeightedMean {
                 self.examples as f64 * self.examples as f64 / self.normalizer_sum
             }
         };
-        let mut delta = vec![0.0f32; self.sum.len()];
-        algebra::mean_into(&mut delta, &self.sum, divisor);
-        let control_delta_sum = self.control_sum.map(|sum| {
-            let mut out = vec![0.0f32; sum.len()];
-            algebra::mean_into(&mut out, &sum, 1.0);
-            out
-        });
+        let mut delta = self.sum;
+        algebra::divide(&mut delta, divisor);
         Ok(Aggregate {
             delta,
             participants: self.accepted,
             num_examples: self.examples,
-            control_delta_sum,
+            control_delta_sum: self.control_sum,
             unclipped_fraction: None,
             excluded: Vec::new(),
         })
+    }
+}
+
+/// Adds each visited piece, times `weight`, to its place in `sum`.
+fn fold_into(
+    sum: &mut [f32],
+    weight: f64,
+) -> impl FnMut(usize, &[f32]) -> Result<(), CoreError> + '_ {
+    let dim = sum.len();
+    move |at, values| {
+        let end = at + values.len();
+        let target = sum.get_mut(at..end).ok_or(CoreError::LengthMismatch {
+            expected: dim,
+            got: end,
+        })?;
+        algebra::weighted_accumulate(target, values, weight);
+        Ok(())
+    }
+}
+
+impl WeightedMean {
+    fn count(&mut self, num_examples: u64, normalizer: Option<f64>, weight: f64) {
+        self.weight_sum += weight;
+        self.examples += num_examples;
+        self.normalizer_sum += num_examples as f64 * normalizer.unwrap_or(1.0);
+        self.accepted += 1;
     }
 }
 
@@ -274,6 +340,43 @@ mod tests {
         assert_eq!(agg.accepted(), 0);
         agg.accept(&update(vec![2.0, 2.0], 5)).expect("valid");
         assert_eq!(agg.finish().expect("one").delta, [2.0, 2.0]);
+    }
+
+    #[test]
+    fn an_update_folded_from_its_file_counts_as_the_update_itself() {
+        let layout = crate::ModelLayout::new(vec![
+            crate::TensorSpec::f32("a", vec![3]),
+            crate::TensorSpec::f32("b", vec![2]),
+        ])
+        .expect("layout");
+        let mut first = update(vec![1.0, -2.0, 3.0, 0.5, 4.0], 3);
+        first.control_delta = Some(vec![0.1, 0.2, 0.3, 0.4, 0.5]);
+        let mut second = update(vec![2.0, 2.0, -1.0, 1.5, 0.0], 5);
+        second.control_delta = Some(vec![1.0; 5]);
+        let mut whole = Box::new(WeightedMean::new(5, Weighting::Examples));
+        let mut streamed = Box::new(WeightedMean::new(5, Weighting::Examples));
+        for u in [&first, &second] {
+            whole.accept(u).expect("valid");
+            let bytes = crate::wire::encode_update(u, &layout).expect("encode");
+            let mut file =
+                crate::update_file::UpdateFile::open(std::io::Cursor::new(bytes), &layout)
+                    .expect("open");
+            streamed.accept_source(&mut file).expect("valid");
+        }
+        let mut bad = update(vec![1.0, f32::INFINITY, 0.0, 0.0, 0.0], 1);
+        bad.control_delta = Some(vec![0.0; 5]);
+        let bytes = crate::wire::encode_update(&bad, &layout).expect("encode");
+        let mut file = crate::update_file::UpdateFile::open(std::io::Cursor::new(bytes), &layout)
+            .expect("open");
+        assert!(matches!(
+            streamed.accept_source(&mut file),
+            Err(CoreError::NonFinite { index: 1 })
+        ));
+        assert_eq!(streamed.accepted(), 2, "a refused file changes nothing");
+        assert_eq!(
+            streamed.finish().expect("two"),
+            whole.finish().expect("two")
+        );
     }
 
     #[test]

@@ -26,17 +26,19 @@ pub fn delta_into(out: &mut [f32], local: &[f32], global: &[f32]) {
         });
 }
 
-/// Adds `weight * x` to the `f64` accumulator `acc`: one streaming step of a weighted mean.
+/// Adds `weight * x` to the accumulator `acc`: one streaming step of a weighted mean. Each
+/// product and sum is formed in `f64` and rounded once, so the accumulator needs no more memory
+/// than the model.
 ///
 /// # Panics
 /// When `acc` and `x` differ in length.
-pub fn weighted_accumulate(acc: &mut [f64], x: &[f32], weight: f64) {
+pub fn weighted_accumulate(acc: &mut [f32], x: &[f32], weight: f64) {
     assert_eq!(acc.len(), x.len(), "weighted_accumulate: length mismatch");
     acc.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(a, x)| {
             for (a, x) in a.iter_mut().zip(x) {
-                *a += weight * f64::from(*x);
+                *a = (f64::from(*a) + weight * f64::from(*x)) as f32;
             }
         });
 }
@@ -82,19 +84,13 @@ pub fn first_non_finite(x: &[f32]) -> Option<usize> {
         .min()
 }
 
-/// Converts an `f64` accumulator divided by `divisor` into `f32` values.
-///
-/// # Panics
-/// When `acc` and `out` differ in length.
-pub fn mean_into(out: &mut [f32], acc: &[f64], divisor: f64) {
-    assert_eq!(out.len(), acc.len(), "mean_into: length mismatch");
-    out.par_chunks_mut(CHUNK)
-        .zip(acc.par_chunks(CHUNK))
-        .for_each(|(o, a)| {
-            for (o, a) in o.iter_mut().zip(a) {
-                *o = (*a / divisor) as f32;
-            }
-        });
+/// Divides an accumulator by `divisor` in place (in `f64`, rounded once): the mean.
+pub fn divide(acc: &mut [f32], divisor: f64) {
+    acc.par_chunks_mut(CHUNK).for_each(|a| {
+        for a in a {
+            *a = (f64::from(*a) / divisor) as f32;
+        }
+    });
 }
 
 #[cfg(test)]
@@ -114,9 +110,8 @@ mod tests {
         let mut acc = vec![0.0; 2];
         weighted_accumulate(&mut acc, &[1.0, 2.0], 3.0);
         weighted_accumulate(&mut acc, &[5.0, -2.0], 1.0);
-        let mut out = [0.0; 2];
-        mean_into(&mut out, &acc, 4.0);
-        assert_eq!(out, [2.0, 1.0]);
+        divide(&mut acc, 4.0);
+        assert_eq!(acc, [2.0, 1.0]);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub enum CoreError {
          mean, and distributed differential privacy with a fixed clip"
     )]
     NeedsIndividualUpdates,
+    /// A file or stream could not be read or written.
+    #[error("reading or writing tensors: {0}")]
+    Io(String),
     /// A differential-privacy setting or step that cannot be carried out.
     #[error("{0}")]
     Privacy(String),

@@ -4,6 +4,7 @@
 //!   (de)serialisation and a sha256 content hash.
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`update`]: what a node sends back after local training.
+//! - [`update_file`]: an update as a safetensors file, read and written without a second copy.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
 //! - [`evaluation`]: federated evaluation (nodes' scores on their held-out data, combined).
 //! - [`personal`]: personalisation by name (tensors that stay on each node, as in FedBN).
@@ -15,6 +16,7 @@
 //! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
 //!   optimizer.
 //! - [`task`]: the local-training settings a node receives with the global model.
+//! - [`tensor_file`]: safetensors files read and written a piece at a time.
 //! - [`wire`]: updates and server state as safetensors files, for transport and persistence.
 
 #![warn(missing_docs)]
@@ -32,7 +34,9 @@ pub mod seed;
 pub mod server_opt;
 pub mod strategy;
 pub mod task;
+pub mod tensor_file;
 pub mod update;
+pub mod update_file;
 pub mod wire;
 
 pub use dtype::TensorDtype;

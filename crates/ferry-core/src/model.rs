@@ -8,15 +8,18 @@
 //! tensors of any shapes (0-d included) is a model, as long as one is floating point; see
 //! [`crate::dtype`] for what each dtype becomes.
 
-use std::{borrow::Cow, sync::Arc};
+use std::{
+    io::{Read, Seek, Write},
+    sync::Arc,
+};
 
-use safetensors::tensor::{SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
 use crate::{
     CoreError,
     dtype::{CarriedTensor, TensorDtype},
     personal::PersonalTensors,
+    tensor_file::{self, Planned, TensorReader},
 };
 
 /// The name, shape and file dtype of one parameter tensor of a model.
@@ -106,6 +109,27 @@ impl ModelLayout {
             .map(|(spec, &start)| (spec, start..start + spec.len()))
     }
 
+    /// Checks that `other` has exactly these tensors and shapes, naming the first difference.
+    pub fn check_same(&self, other: &ModelLayout) -> Result<(), CoreError> {
+        if self == other {
+            return Ok(());
+        }
+        let ours = self.specs();
+        let theirs = other.specs();
+        let detail = ours
+            .iter()
+            .zip(theirs)
+            .find(|(a, b)| a != b)
+            .map(|(a, b)| {
+                format!(
+                    "expected tensor '{}' {:?} {}, got '{}' {:?} {}",
+                    a.name, a.shape, a.dtype, b.name, b.shape, b.dtype
+                )
+            })
+            .unwrap_or_else(|| format!("expected {} tensors, got {}", ours.len(), theirs.len()));
+        Err(CoreError::LayoutMismatch(detail))
+    }
+
     /// Where the named tensor lives in the flat vector.
     pub fn range(&self, name: &str) -> Option<std::ops::Range<usize>> {
         let i = self
@@ -117,8 +141,6 @@ impl ModelLayout {
 }
 
 /// One tensor as a model file holds it: name, shape, dtype and bytes.
-type FileTensor<'a> = (&'a str, &'a [usize], safetensors::Dtype, Cow<'a, [u8]>);
-
 /// A model: a layout plus one flat vector of parameter values, and the tensors it carries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
@@ -212,43 +234,59 @@ impl Model {
         self.values.len()
     }
 
+    /// The tensors of the model's file: each parameter tensor in its own dtype, then each
+    /// carried tensor as it came.
+    fn planned(&self) -> Vec<Planned> {
+        self.layout
+            .specs()
+            .iter()
+            .map(|spec| Planned {
+                name: spec.name.clone(),
+                dtype: spec.dtype.safetensors(),
+                shape: spec.shape.clone(),
+            })
+            .chain(self.carried.iter().map(|t| Planned {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+            }))
+            .collect()
+    }
+
+    /// Writes the model as a safetensors file to `out` a tensor (or a piece of one) at a
+    /// time, so that no second copy of the model is made; returns the bytes written.
+    pub fn write_safetensors(&self, out: &mut dyn Write) -> Result<u64, CoreError> {
+        let io = |e: std::io::Error| CoreError::Io(e.to_string());
+        let (header, order) = tensor_file::header(&self.planned(), None)?;
+        out.write_all(&header).map_err(io)?;
+        let mut written = header.len() as u64;
+        let entries: Vec<_> = self.layout.entries().collect();
+        for i in order {
+            let Some((spec, range)) = entries.get(i).cloned() else {
+                let data = &self.carried[i - entries.len()].data;
+                out.write_all(data).map_err(io)?;
+                written += data.len() as u64;
+                continue;
+            };
+            let values = &self.values[range];
+            if spec.dtype == TensorDtype::F32 {
+                out.write_all(bytemuck::cast_slice(values)).map_err(io)?;
+            } else {
+                for piece in values.chunks(1 << 18) {
+                    out.write_all(&spec.dtype.encode(piece)).map_err(io)?;
+                }
+            }
+            written += (values.len() * spec.dtype.size()) as u64;
+        }
+        Ok(written)
+    }
+
     /// Serialises the model as a safetensors file: each parameter tensor in its own dtype,
     /// each carried tensor as it came.
     pub fn to_safetensors(&self) -> Result<Vec<u8>, CoreError> {
-        let bytes: Vec<FileTensor<'_>> = self
-            .layout
-            .entries()
-            .map(|(spec, range)| {
-                let values = &self.values[range];
-                let data = match spec.dtype {
-                    TensorDtype::F32 => Cow::Borrowed(bytemuck::cast_slice(values)),
-                    other => Cow::Owned(other.encode(values)),
-                };
-                (
-                    spec.name.as_str(),
-                    spec.shape.as_slice(),
-                    spec.dtype.safetensors(),
-                    data,
-                )
-            })
-            .chain(self.carried.iter().map(|t| {
-                (
-                    t.name.as_str(),
-                    t.shape.as_slice(),
-                    t.dtype,
-                    Cow::Borrowed(t.data.as_slice()),
-                )
-            }))
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(name, shape, dtype, data)| {
-                TensorView::new(*dtype, shape.to_vec(), data)
-                    .map(|view| (name.to_string(), view))
-                    .map_err(|e| CoreError::Safetensors(format!("tensor '{name}': {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        safetensors::serialize(views, None).map_err(|e| CoreError::Safetensors(e.to_string()))
+        let mut bytes = Vec::new();
+        self.write_safetensors(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// Reads a safetensors model file: its floating-point tensors (f32, f16, bf16, f64) are
@@ -264,29 +302,37 @@ impl Model {
         bytes: &[u8],
         personal: &PersonalTensors,
     ) -> Result<Self, CoreError> {
-        let file = SafeTensors::deserialize(bytes)
-            .map_err(|e| CoreError::Safetensors(format!("not a safetensors model file ({e})")))?;
-        let mut tensors = file.tensors();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        Self::read_safetensors(std::io::Cursor::new(bytes), personal)
+    }
+
+    /// [`Model::from_safetensors_with`] for a file or any seekable source, read a tensor at a
+    /// time: the values are the only copy of the parameters held.
+    pub fn read_safetensors(
+        source: impl Read + Seek,
+        personal: &PersonalTensors,
+    ) -> Result<Self, CoreError> {
+        let mut file = TensorReader::open(source).map_err(|e| match e {
+            CoreError::Safetensors(e) => {
+                CoreError::Safetensors(format!("not a safetensors model file ({e})"))
+            }
+            other => other,
+        })?;
+        let mut entries = file.entries().to_vec();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
         let mut specs = Vec::new();
-        let mut values = Vec::new();
         let mut carried = Vec::new();
-        for (name, view) in tensors {
-            let parameter = TensorDtype::of(view.dtype()).filter(|_| !personal.matches(&name));
-            match parameter {
-                Some(dtype) => {
-                    dtype.decode_into(&name, view.data(), &mut values)?;
-                    specs.push(TensorSpec {
-                        name,
-                        shape: view.shape().to_vec(),
-                        dtype,
-                    });
-                }
+        for entry in entries {
+            match TensorDtype::of(entry.dtype).filter(|_| !personal.matches(&entry.name)) {
+                Some(dtype) => specs.push(TensorSpec {
+                    name: entry.name,
+                    shape: entry.shape,
+                    dtype,
+                }),
                 None => carried.push(CarriedTensor {
-                    name,
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: view.data().to_vec(),
+                    data: file.read_bytes(&entry.name)?,
+                    name: entry.name,
+                    dtype: entry.dtype,
+                    shape: entry.shape,
                 }),
             }
         }
@@ -299,7 +345,12 @@ impl Model {
                     .join(", "),
             ));
         }
-        Self::new(Arc::new(ModelLayout::new(specs)?), values)?.with_carried(carried)
+        let layout = ModelLayout::new(specs)?;
+        let mut values = vec![0.0f32; layout.num_params()];
+        for (spec, range) in layout.entries() {
+            file.read_f32_into(&spec.name, &mut values[range])?;
+        }
+        Self::new(Arc::new(layout), values)?.with_carried(carried)
     }
 
     /// Hex sha256 of the model's safetensors bytes: equal models have equal hashes, and the
@@ -310,37 +361,23 @@ impl Model {
 
     /// Checks that `other` has exactly this model's tensors and shapes.
     pub fn check_same_layout(&self, other: &ModelLayout) -> Result<(), CoreError> {
-        if self.layout.as_ref() == other {
-            return Ok(());
-        }
-        let ours = self.layout.specs();
-        let theirs = other.specs();
-        let detail = ours
-            .iter()
-            .zip(theirs)
-            .find(|(a, b)| a != b)
-            .map(|(a, b)| {
-                format!(
-                    "expected tensor '{}' {:?} {}, got '{}' {:?} {}",
-                    a.name, a.shape, a.dtype, b.name, b.shape, b.dtype
-                )
-            })
-            .unwrap_or_else(|| format!("expected {} tensors, got {}", ours.len(), theirs.len()));
-        Err(CoreError::LayoutMismatch(detail))
+        self.layout.check_same(other)
     }
 }
 
 /// Hex-encoded sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(bytes))
+}
+
+/// `digest` as lowercase hex.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use safetensors::tensor::Dtype;
+    use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
     use super::*;
 

@@ -41,6 +41,29 @@ impl Update {
     }
 }
 
+/// An update's scalars, known before its values are read (an update read from a file).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateMeta {
+    /// Training examples behind the delta.
+    pub num_examples: u64,
+    /// Node-reported training metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// FedNova's normalising factor.
+    pub normalizer: Option<f64>,
+    /// Distributed DP's clip indicator.
+    pub unclipped: Option<f64>,
+    /// Whether the update carries SCAFFOLD's control-variate change.
+    pub has_control: bool,
+}
+
+impl UpdateMeta {
+    /// Bytes the update's values occupy on the wire, for a model of `dim` parameters.
+    pub fn payload_bytes(&self, dim: usize) -> u64 {
+        let parts = if self.has_control { 2 } else { 1 };
+        (parts * dim * std::mem::size_of::<f32>()) as u64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

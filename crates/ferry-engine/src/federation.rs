@@ -94,7 +94,7 @@ pub struct Federation {
     strategy: Strategy,
     nodes: Vec<Arc<dyn NodeHandle>>,
     evaluator: Box<dyn Evaluator>,
-    global: Model,
+    global: Arc<Model>,
     adversary: Option<Box<dyn Adversary>>,
 }
 
@@ -134,7 +134,7 @@ impl Federation {
             strategy,
             nodes,
             evaluator,
-            global: initial,
+            global: Arc::new(initial),
             adversary: None,
         })
     }
@@ -178,7 +178,7 @@ impl Federation {
         }
         Ok(RunOutcome {
             rounds,
-            model: self.global,
+            model: Arc::unwrap_or_clone(self.global),
             stop,
         })
     }
@@ -241,7 +241,10 @@ impl Federation {
                 }
             }
         }
-        let applied = open.apply(&mut self.strategy, &mut self.global)?;
+        // The plan shared the global model with the nodes; with it gone the model is stepped
+        // in place.
+        drop(plan);
+        let applied = open.apply(&mut self.strategy, Arc::make_mut(&mut self.global))?;
         observer.evaluating(round);
         let evaluation = self
             .evaluator
@@ -273,7 +276,7 @@ impl Federation {
         );
         let task = EvaluateTask {
             round,
-            model: Arc::new(self.global.clone()),
+            model: self.global.clone(),
             seed,
         };
         let nodes = &self.nodes;

@@ -13,7 +13,7 @@ use std::{
 
 use ferry_core::{
     CoreError, Model, Update,
-    aggregate::{Aggregator, UpdateSum},
+    aggregate::{Aggregator, UpdateSource, UpdateSum},
     privacy::{DpRoundRecord, mechanism::RoundPrivacy},
     strategy::Strategy,
     task::LocalTraining,
@@ -58,7 +58,7 @@ pub fn plan(
     round: u32,
     rule: &CohortRule,
     strategy: &Strategy,
-    global: &Model,
+    global: &Arc<Model>,
     available: usize,
 ) -> Result<RoundPlan, EngineError> {
     let seed = ferry_core::seed::mix_seed(rule.seed, u64::from(round));
@@ -78,7 +78,7 @@ pub fn plan(
         selected,
         task: RoundTask {
             round,
-            model: Arc::new(global.clone()),
+            model: global.clone(),
             training: rule.training.clone(),
             procedure: strategy.client,
             seed,
@@ -94,6 +94,7 @@ pub struct OpenRound {
     round: u32,
     started: Instant,
     selected: usize,
+    dim: usize,
     downloaded_values: usize,
     aggregator: Box<dyn Aggregator>,
     accepted_nodes: Vec<String>,
@@ -120,6 +121,7 @@ impl OpenRound {
             round: plan.task.round,
             started: Instant::now(),
             selected: plan.selected.len(),
+            dim,
             // Every selected node receives the model and whatever the strategy broadcasts.
             downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
             aggregator,
@@ -137,13 +139,45 @@ impl OpenRound {
 
     /// Folds `node`'s update into the round, or counts it as refused and says why.
     pub fn accept(&mut self, node: &str, update: &Update) -> Result<(), ferry_core::CoreError> {
-        self.bytes_up += update.payload_bytes();
         let started = Instant::now();
         let accepted = self.aggregator.accept(update);
+        self.count(
+            node,
+            accepted,
+            update.payload_bytes(),
+            &update.metrics,
+            started,
+        )
+    }
+
+    /// [`OpenRound::accept`] for an update read a piece at a time from `source` (an upload
+    /// in its file), so that a linear rule never holds it whole.
+    pub fn accept_source(
+        &mut self,
+        node: &str,
+        source: &mut dyn UpdateSource,
+    ) -> Result<(), ferry_core::CoreError> {
+        let started = Instant::now();
+        let accepted = self.aggregator.accept_source(source);
+        let meta = source.meta();
+        let bytes = meta.payload_bytes(self.dim);
+        let metrics = meta.metrics.clone();
+        self.count(node, accepted, bytes, &metrics, started)
+    }
+
+    fn count(
+        &mut self,
+        node: &str,
+        accepted: Result<(), ferry_core::CoreError>,
+        payload_bytes: u64,
+        metrics: &std::collections::BTreeMap<String, f64>,
+        started: Instant,
+    ) -> Result<(), ferry_core::CoreError> {
+        self.bytes_up += payload_bytes;
         self.aggregating += started.elapsed();
         match accepted {
             Ok(()) => {
-                self.train_loss_sum += update.metrics.get("train_loss").copied().unwrap_or(0.0);
+                self.train_loss_sum += metrics.get("train_loss").copied().unwrap_or(0.0);
                 self.train_losses += 1;
                 self.accepted_nodes.push(node.to_string());
                 Ok(())

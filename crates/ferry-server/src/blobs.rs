@@ -8,9 +8,12 @@ use std::{
     sync::Arc,
 };
 
+use std::io::{Seek, SeekFrom, Write};
+
 use bytes::Bytes;
-use ferry_core::model::sha256_hex;
+use ferry_core::model::{hex, sha256_hex};
 use object_store::{ObjectStore, PutPayload, local::LocalFileSystem, path::Path as ObjectPath};
+use sha2::{Digest, Sha256};
 
 use crate::ServerError;
 
@@ -61,15 +64,10 @@ impl Blobs {
         Ok(())
     }
 
-    /// Stores the verified upload `staged` (whose content is `bytes`, hashing to `sha256`):
-    /// a local store takes the file by rename, without writing it again; otherwise, or across
-    /// filesystems, the bytes are put.
-    pub async fn adopt(
-        &self,
-        sha256: &str,
-        staged: &Path,
-        bytes: &[u8],
-    ) -> Result<(), ServerError> {
+    /// Stores the verified file `staged` (hashing to `sha256`): a local store takes the file
+    /// by rename, without writing it again; otherwise, or across filesystems, its bytes are
+    /// put.
+    pub async fn adopt(&self, sha256: &str, staged: &Path) -> Result<(), ServerError> {
         if self.size(sha256).await.is_ok() {
             return Ok(());
         }
@@ -83,7 +81,70 @@ impl Blobs {
                 return Ok(());
             }
         }
-        self.put_hashed(sha256, bytes.to_vec()).await
+        let bytes = tokio::fs::read(staged)
+            .await
+            .map_err(ServerError::io(format!("reading {}", staged.display())))?;
+        self.put_hashed(sha256, bytes).await
+    }
+
+    /// Stores what `write` writes, a piece at a time through a staging file, and returns its
+    /// sha256 and size: a model is stored without a second copy of it in memory.
+    pub async fn put_written(
+        &self,
+        write: impl FnOnce(&mut dyn Write) -> Result<(), ServerError>,
+    ) -> Result<(String, u64), ServerError> {
+        static WRITTEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self
+            .staging
+            .join(format!("written-{}-{n}.part", std::process::id()));
+        let file = std::fs::File::create(&path)
+            .map_err(ServerError::io(format!("creating {}", path.display())))?;
+        let mut out = Hashing {
+            inner: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            written: 0,
+        };
+        write(&mut out)?;
+        out.inner
+            .flush()
+            .map_err(ServerError::io(format!("writing {}", path.display())))?;
+        let sha = hex(&out.hasher.finalize());
+        self.adopt(&sha, &path).await?;
+        let _ = std::fs::remove_file(&path);
+        Ok((sha, out.written))
+    }
+
+    /// Blob `sha256` as a file to read from, checked against its hash first (a corrupted blob
+    /// is refused, not served or folded).
+    pub async fn open(&self, sha256: &str) -> Result<std::fs::File, ServerError> {
+        let corrupt = || {
+            ServerError::Settings(format!(
+                "blob {sha256} is corrupt (its content has another hash)"
+            ))
+        };
+        let Some(dir) = &self.local else {
+            // A remote store: fetch it (checked) into a staging file.
+            let bytes = self.get(sha256).await?;
+            let path = self.staging.join(format!("fetched-{sha256}.part"));
+            std::fs::write(&path, &bytes)
+                .map_err(ServerError::io(format!("writing {}", path.display())))?;
+            let file = std::fs::File::open(&path)
+                .map_err(ServerError::io(format!("opening {}", path.display())))?;
+            let _ = std::fs::remove_file(&path);
+            return Ok(file);
+        };
+        let path = dir.join(key(sha256).as_ref());
+        let mut file = std::fs::File::open(&path)
+            .map_err(ServerError::io(format!("opening blob {}", path.display())))?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(|_| corrupt())?;
+        if hex(&hasher.finalize()) != sha256 {
+            return Err(corrupt());
+        }
+        file.seek(SeekFrom::Start(0))
+            .map_err(ServerError::io(format!("reading blob {}", path.display())))?;
+        Ok(file)
     }
 
     /// The whole blob `sha256`, checked against its hash.
@@ -102,9 +163,21 @@ impl Blobs {
         Ok(self.store.head(&key(sha256)).await?.size)
     }
 
-    /// Bytes `range` of the blob.
+    /// Bytes `range` of the blob. A local store reads them on the calling thread (a chunk
+    /// from the page cache takes well under a millisecond; a blocking-thread hop would copy it
+    /// once more).
     pub async fn range(&self, sha256: &str, range: Range<u64>) -> Result<Bytes, ServerError> {
-        Ok(self.store.get_range(&key(sha256), range).await?)
+        let Some(dir) = &self.local else {
+            return Ok(self.store.get_range(&key(sha256), range).await?);
+        };
+        let path = dir.join(key(sha256).as_ref());
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        std::fs::File::open(&path)
+            .and_then(|file| {
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, range.start)
+            })
+            .map_err(ServerError::io(format!("reading blob {}", path.display())))?;
+        Ok(Bytes::from(bytes))
     }
 
     /// The staging file of `node`'s upload for `round` with content hash `sha256`.
@@ -116,6 +189,26 @@ impl Blobs {
         };
         self.staging
             .join(format!("r{round}-{}-{}.part", safe(node), safe(sha256)))
+    }
+}
+
+/// A writer that hashes and counts what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 

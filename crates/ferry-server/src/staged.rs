@@ -1,12 +1,15 @@
 //! A node's upload while it grows: chunks are appended to a staging file only at the offset
 //! the server holds, hashed as they arrive (a resumed upload hashes what it already has once),
-//! and a complete upload whose hash matches is handed on as bytes and then moved into the blob
-//! store, never written twice.
+//! and a complete upload whose hash matches is read from that file a piece at a time and moved
+//! into the blob store, never written twice nor held whole in memory.
 
-use std::path::PathBuf;
+use std::{
+    io::{BufReader, Write},
+    path::PathBuf,
+};
 
+use ferry_core::{CoreError, ModelLayout, update_file::UpdateFile};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::blobs::Blobs;
 
@@ -47,7 +50,7 @@ impl std::fmt::Display for StageError {
 
 /// An upload being received: its staging file, how much it holds, and the running hash.
 pub struct StagedUpload {
-    file: tokio::fs::File,
+    file: std::fs::File,
     path: PathBuf,
     have: u64,
     total: u64,
@@ -70,27 +73,17 @@ impl StagedUpload {
     ) -> Result<Self, StageError> {
         let path = blobs.staging_file(round, node, sha256);
         let mut hasher = Sha256::new();
-        let mut have = 0;
-        if let Ok(mut held) = tokio::fs::File::open(&path).await {
-            let mut buffer = vec![0u8; 1 << 20];
-            loop {
-                let n = held
-                    .read(&mut buffer)
-                    .await
-                    .map_err(io("reading the staged upload"))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buffer[..n]);
-                have += n as u64;
-            }
-        }
-        let file = tokio::fs::OpenOptions::new()
+        // Plain file calls on the calling thread: a chunk goes to the page cache in well under a
+        // millisecond, and a hop to a blocking thread would copy it once more.
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&path)
-            .await
             .map_err(io("opening the staged upload"))?;
+        // A resumed upload: hash what is already held, once.
+        let have =
+            std::io::copy(&mut file, &mut hasher).map_err(io("reading the staged upload"))?;
         Ok(Self {
             file,
             path,
@@ -122,48 +115,32 @@ impl StagedUpload {
         if self.have + data.len() as u64 > self.total {
             return Err(StageError::PastTotal);
         }
+        // Written through before the next chunk: an UploadStatus after a cut sees every byte.
         self.file
             .write_all(data)
-            .await
-            .map_err(io("writing the staged upload"))?;
-        // On disk before the next chunk: an UploadStatus after a cut sees every byte taken.
-        self.file
-            .flush()
-            .await
             .map_err(io("writing the staged upload"))?;
         self.hasher.update(data);
         self.have += data.len() as u64;
         Ok(())
     }
 
-    /// The complete upload, checked against its hash: its bytes (to decode) and the verified
-    /// file, which [`Verified::keep`] moves into the blob store. A mismatch discards the file.
-    pub async fn finish(mut self) -> Result<Verified, StageError> {
-        self.file
-            .flush()
-            .await
-            .map_err(io("writing the staged upload"))?;
+    /// The complete upload, checked against its hash; a mismatch discards the file.
+    pub async fn finish(self) -> Result<Verified, StageError> {
         drop(self.file);
         let hash = hex(&self.hasher.finalize());
         if hash != self.sha256 {
             let _ = tokio::fs::remove_file(&self.path).await;
             return Err(StageError::HashMismatch);
         }
-        let bytes = tokio::fs::read(&self.path)
-            .await
-            .map_err(io("reading the staged upload"))?;
         Ok(Verified {
-            bytes,
             path: self.path,
             sha256: self.sha256,
         })
     }
 }
 
-/// A complete upload whose bytes hash to what the node announced.
+/// A complete upload whose bytes hash to what the node announced, in its staging file.
 pub struct Verified {
-    /// The upload's bytes.
-    pub bytes: Vec<u8>,
     path: PathBuf,
     sha256: String,
 }
@@ -174,10 +151,28 @@ impl Verified {
         &self.sha256
     }
 
+    /// The upload as an update of the model `layout`, read from its file on demand. The open
+    /// file stays readable after [`Verified::keep`] moves it.
+    pub fn open_update(
+        &self,
+        layout: &ModelLayout,
+    ) -> Result<UpdateFile<BufReader<std::fs::File>>, CoreError> {
+        let file = std::fs::File::open(&self.path)
+            .map_err(|e| CoreError::Io(format!("opening the staged upload: {e}")))?;
+        UpdateFile::open(BufReader::new(file), layout)
+    }
+
+    /// The upload's bytes, for inputs that are used whole (a secure round's masked input).
+    pub async fn read(&self) -> Result<Vec<u8>, StageError> {
+        tokio::fs::read(&self.path)
+            .await
+            .map_err(io("reading the staged upload"))
+    }
+
     /// Moves the staging file into the blob store under its hash (a rename where the store is
     /// a local folder).
     pub async fn keep(&self, blobs: &Blobs) -> Result<(), crate::ServerError> {
-        blobs.adopt(&self.sha256, &self.path, &self.bytes).await
+        blobs.adopt(&self.sha256, &self.path).await
     }
 }
 
@@ -225,7 +220,7 @@ mod tests {
         again.append(40, &bytes[40..]).await.expect("rest");
         assert!(again.is_complete());
         let verified = again.finish().await.expect("hash matches");
-        assert_eq!(verified.bytes, bytes);
+        assert_eq!(verified.read().await.expect("read"), bytes);
         verified.keep(&blobs).await.expect("kept");
         drop(verified);
         assert_eq!(&blobs.get(&sha).await.expect("stored")[..], &bytes[..]);

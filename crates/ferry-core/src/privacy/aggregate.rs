@@ -15,7 +15,7 @@ use crate::{
 pub struct DpSum {
     round: RoundPrivacy,
     scope: ClipScope,
-    sum: Vec<f64>,
+    sum: Vec<f32>,
     unclipped: f64,
     accepted: usize,
     examples: u64,
@@ -98,13 +98,13 @@ impl Aggregator for DpSum {
         if self.round.placement == Placement::Central {
             let mut noise = NoiseSource::new(self.round.noise, u64::from(self.round.round));
             let std = self.round.update_noise_multiplier * self.round.clip;
-            noise.add_to_f64(&mut self.sum, std);
+            noise.add_to_f32(&mut self.sum, std);
             if adaptive {
                 self.unclipped += noise.gaussian(self.round.count_stddev);
             }
         }
-        let mut delta = vec![0.0f32; self.sum.len()];
-        algebra::mean_into(&mut delta, &self.sum, self.round.expected_count);
+        let mut delta = self.sum;
+        algebra::divide(&mut delta, self.round.expected_count);
         Ok(Aggregate {
             delta,
             participants: self.accepted,

@@ -82,7 +82,7 @@ impl ClipScope {
 
     /// Adds the clipped `delta` to `acc` without copying it; returns whether it was already
     /// within the bound.
-    pub fn accumulate_clipped(&self, acc: &mut [f64], delta: &[f32], bound: f64) -> bool {
+    pub fn accumulate_clipped(&self, acc: &mut [f32], delta: &[f32], bound: f64) -> bool {
         let (factors, unclipped) = self.factors(delta, bound);
         for (range, factor) in self.parts.iter().zip(factors) {
             algebra::weighted_accumulate(&mut acc[range.clone()], &delta[range.clone()], factor);
@@ -145,10 +145,10 @@ mod tests {
             let mut clipped = delta.clone();
             scope.clip(&mut clipped, bound);
             prop_assert!(algebra::l2_norm(&clipped) <= bound * (1.0 + 1e-5));
-            let mut acc = vec![0.0f64; 4];
+            let mut acc = vec![0.0f32; 4];
             scope.accumulate_clipped(&mut acc, &delta, bound);
             for (a, c) in acc.iter().zip(&clipped) {
-                prop_assert!((a - f64::from(*c)).abs() <= 1e-5 * a.abs().max(1.0));
+                prop_assert!((a - c).abs() <= 1e-5 * a.abs().max(1.0));
             }
         }
     }

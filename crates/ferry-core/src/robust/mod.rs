@@ -284,11 +284,10 @@ impl Aggregator for RobustAggregator {
                 };
                 let d = krum::pairwise_sq_distances(&rows);
                 let picked = krum::krum_select(&d, n, byzantine, keep);
-                let mut sum = vec![0.0f64; self.dim];
                 for &i in &picked {
-                    algebra::weighted_accumulate(&mut sum, rows[i], 1.0);
+                    algebra::weighted_accumulate(&mut delta, rows[i], 1.0);
                 }
-                algebra::mean_into(&mut delta, &sum, picked.len() as f64);
+                algebra::divide(&mut delta, picked.len() as f64);
                 picked
             }
             RobustRule::Bulyan { byzantine } => {

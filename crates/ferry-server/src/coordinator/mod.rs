@@ -31,7 +31,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
+use ferry_core::{Model, ModelLayout, strategy::Strategy, update_file::UpdateFile, wire};
 use ferry_engine::{
     floor::RoundFloor,
     node::{Evaluator, RoundTask},
@@ -62,9 +62,18 @@ struct Training {
     secure: Option<SecureStages>,
 }
 
+impl Training {
+    /// The round's aggregation, with the rest (the task's share of the global model
+    /// included) let go.
+    fn into_open(self) -> OpenRound {
+        self.open
+    }
+}
+
 struct State {
     strategy: Strategy,
-    global: Model,
+    /// Shared with the open round's task; stepped in place once the round has closed.
+    global: Arc<Model>,
     model_blob: BlobRef,
     control_blob: Option<BlobRef>,
     round: u32,
@@ -135,7 +144,7 @@ impl Coordinator {
                     run_id: crate::auth::new_secret()[..12].to_string(),
                     config_hash: spec.config_hash.clone(),
                     round: 1,
-                    model_sha: blobs.put(initial.to_safetensors()?).await?,
+                    model_sha: put_model(&blobs, &initial).await?.sha256,
                     state_sha: String::new(),
                     finished: String::new(),
                 };
@@ -143,9 +152,13 @@ impl Coordinator {
                 run
             }
         };
-        let global =
-            Model::from_safetensors_with(&blobs.get(&run.model_sha).await?, &spec.personal)?;
-        initial.check_same_layout(global.layout())?;
+        let layout = initial.layout().clone();
+        drop(initial);
+        let global = Model::read_safetensors(
+            std::io::BufReader::new(blobs.open(&run.model_sha).await?),
+            &spec.personal,
+        )?;
+        layout.check_same(global.layout())?;
         if !run.state_sha.is_empty() {
             strategy
                 .optimizer
@@ -175,7 +188,7 @@ impl Coordinator {
         }
         let coordinator = Arc::new(Self {
             run_id: run.run_id.clone(),
-            layout: initial.layout().clone(),
+            layout,
             spec,
             store,
             blobs,
@@ -183,7 +196,7 @@ impl Coordinator {
             floor,
             state: Mutex::new(State {
                 strategy,
-                global,
+                global: Arc::new(global),
                 model_blob,
                 control_blob,
                 round: run.round,
@@ -222,7 +235,7 @@ impl Coordinator {
 
     /// The current global model.
     pub async fn global(&self) -> Model {
-        self.state.lock().await.global.clone()
+        self.state.lock().await.global.as_ref().clone()
     }
 
     /// Why the run ended, once it has.
@@ -362,8 +375,9 @@ impl Coordinator {
         )?;
         let mut training = self.open_training(&state, plan, cohort.into_iter().collect());
         for (node, sha) in self.store.accepted(state.round).await? {
-            let update = wire::decode_update(&self.blobs.get(&sha).await?, &self.layout)?;
-            training.open.accept(&node, &update)?;
+            let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
+            let mut update = UpdateFile::open(file, &self.layout)?;
+            training.open.accept_source(&node, &mut update)?;
             training.answered.insert(node.clone());
             training.delivered.insert(node);
         }
@@ -522,6 +536,17 @@ impl Coordinator {
 }
 
 /// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
+/// Stores `model` a tensor at a time (no second copy in memory) and refers to it.
+pub(crate) async fn put_model(blobs: &Blobs, model: &Model) -> Result<BlobRef, ServerError> {
+    let (sha256, size) = blobs
+        .put_written(|out| {
+            model.write_safetensors(out)?;
+            Ok(())
+        })
+        .await?;
+    Ok(BlobRef { sha256, size })
+}
+
 async fn put_control(
     blobs: &Blobs,
     control: Option<Arc<Vec<f32>>>,

@@ -13,8 +13,8 @@ use ferry_engine::{node::Score, round};
 use crate::{
     ServerError,
     coordinator::{
-        BlobRef, COORDINATOR_ERROR, Coordinator, Event, FAILED_ROUNDS, FailedRound, FleetCheck,
-        State, Training, put_control, unix_ms,
+        COORDINATOR_ERROR, Coordinator, Event, FAILED_ROUNDS, FailedRound, FleetCheck, State,
+        Training, put_control, put_model, unix_ms,
     },
     secure::Progress,
     store::RoundCommit,
@@ -376,10 +376,11 @@ impl Coordinator {
         };
         let attempt = Attempt::of(&training);
         let round = attempt.round;
+        let open = training.into_open();
         let State {
             strategy, global, ..
         } = state;
-        let applied = match training.open.apply(strategy, global) {
+        let applied = match open.apply(strategy, Arc::make_mut(global)) {
             Ok(applied) => applied,
             Err(e) => {
                 let reason = format!("the round could not be aggregated: {e}");
@@ -397,9 +398,7 @@ impl Coordinator {
             None => Score::unevaluated(),
         };
         let record = applied.record(evaluation);
-        let model_bytes = state.global.to_safetensors()?;
-        let model_size = model_bytes.len() as u64;
-        let model_sha = self.blobs.put(model_bytes).await?;
+        let model_blob = put_model(&self.blobs, &state.global).await?;
         let saved = state.strategy.optimizer.save();
         let state_sha = if saved.is_empty() {
             String::new()
@@ -419,15 +418,12 @@ impl Coordinator {
                 round,
                 record_json: serde_json::to_string(&record)
                     .map_err(|e| ServerError::Settings(e.to_string()))?,
-                model_sha: model_sha.clone(),
+                model_sha: model_blob.sha256.clone(),
                 state_sha,
                 finished: finished.clone(),
             })
             .await?;
-        state.model_blob = BlobRef {
-            sha256: model_sha,
-            size: model_size,
-        };
+        state.model_blob = model_blob;
         state.control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
         if let Some(epsilon) = record.epsilon {
             metrics::gauge!("ferry_dp_epsilon").set(epsilon);

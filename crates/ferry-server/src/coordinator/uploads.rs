@@ -1,7 +1,7 @@
 //! Uploads and reports from nodes: whether a node may upload, taking a complete update (or a
 //! secure round's masked input) into the open round, the secure round's steps, and failures.
 
-use ferry_core::{Update, aggregate::validate_update, wire};
+use ferry_core::aggregate::UpdateSource;
 
 use crate::{
     coordinator::{Coordinator, Event, Refusal, State, Submission},
@@ -53,8 +53,9 @@ impl Coordinator {
         }
     }
 
-    /// Takes a complete, hash-checked upload: decodes and validates it, stores it (moving the
-    /// staged file into the blob store), and folds it into the open round.
+    /// Takes a complete, hash-checked upload: checks it against the model, stores it (moving
+    /// the staged file into the blob store), and folds it into the open round a piece at a
+    /// time from that file.
     pub async fn submit(
         &self,
         node: &str,
@@ -62,11 +63,16 @@ impl Coordinator {
         upload: Verified,
     ) -> Result<Submission, Refusal> {
         if self.spec.secure.is_some() {
-            return self.submit_masked(node, round, &upload.bytes).await;
+            let bytes = upload
+                .read()
+                .await
+                .map_err(|e| Refusal::NotOpen(e.to_string()))?;
+            return self.submit_masked(node, round, &bytes).await;
         }
-        let update = wire::decode_update(&upload.bytes, &self.layout)
-            .and_then(|u| validate_update(&u, self.layout.num_params()).map(|()| u))
-            .map_err(|e| Refusal::Invalid(e.to_string()));
+        let checked = upload.open_update(&self.layout).and_then(|mut file| {
+            file.check()?;
+            Ok(file)
+        });
         let mut state = self.state.lock().await;
         let still_open = state.training.as_ref().is_some_and(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
@@ -77,9 +83,10 @@ impl Coordinator {
                 dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
             });
         }
-        let update: Update = match update {
-            Ok(update) => update,
-            Err(refusal) => {
+        let mut file = match checked {
+            Ok(file) => file,
+            Err(e) => {
+                let refusal = Refusal::Invalid(e.to_string());
                 self.refuse(&mut state, node, &refusal);
                 return Err(refusal);
             }
@@ -99,7 +106,7 @@ impl Coordinator {
             return Err(Refusal::NotOpen("round closed".into()));
         };
         training.answered.insert(node.to_string());
-        if let Err(e) = training.open.accept(node, &update) {
+        if let Err(e) = training.open.accept_source(node, &mut file) {
             // Refused by the strategy (for example a missing SCAFFOLD extra): not counted.
             let _ = self.store.unaccept(round, node).await;
             let refusal = Refusal::Invalid(e.to_string());

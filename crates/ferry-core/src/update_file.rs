@@ -1,0 +1,509 @@
+//! A node's update as a safetensors file, read and written without a second copy of it.
+//!
+//! The file holds the delta as `delta/<tensor>` with the model's shapes, SCAFFOLD's
+//! control-variate change as `control/<tensor>`, and the scalars (`num_examples`, FedNova's
+//! normaliser, the distributed-DP clip indicator `unclipped`, metrics as `metric.<name>`) in
+//! the metadata. Anything else is refused, so a node cannot slip in tensors of the wrong name,
+//! shape or dtype.
+//!
+//! [`UpdateFile`] reads such a file from disk a piece at a time (the server folds an upload
+//! from its staging file this way); [`EncodedUpdate`] is an update with its header, whose
+//! bytes are produced on demand at any offset (a node uploads and resumes from it).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{Read, Seek, Write},
+    ops::Range,
+};
+
+use safetensors::tensor::Dtype;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    CoreError, ModelLayout, Update,
+    aggregate::{Part, UpdateSource},
+    algebra,
+    tensor_file::{self, Planned, TensorReader, Visit},
+    update::UpdateMeta,
+};
+
+const DELTA: &str = "delta/";
+const CONTROL: &str = "control/";
+const METRIC: &str = "metric.";
+
+fn prefix(part: Part) -> &'static str {
+    match part {
+        Part::Delta => DELTA,
+        Part::Control => CONTROL,
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(key: &str, text: &str) -> Result<T, CoreError> {
+    text.parse()
+        .map_err(|_| CoreError::Safetensors(format!("metadata '{key}' is not a number: '{text}'")))
+}
+
+fn read_meta(
+    metadata: &HashMap<String, String>,
+    has_control: bool,
+) -> Result<UpdateMeta, CoreError> {
+    let num_examples = metadata
+        .get("num_examples")
+        .ok_or_else(|| CoreError::Safetensors("update metadata lacks 'num_examples'".into()))
+        .and_then(|text| parse_number("num_examples", text))?;
+    let optional = |key: &str| {
+        metadata
+            .get(key)
+            .map(|text| parse_number(key, text))
+            .transpose()
+    };
+    let metrics = metadata
+        .iter()
+        .filter_map(|(key, text)| key.strip_prefix(METRIC).map(|name| (key, name, text)))
+        .map(|(key, name, text)| Ok((name.to_string(), parse_number(key, text)?)))
+        .collect::<Result<BTreeMap<_, _>, CoreError>>()?;
+    Ok(UpdateMeta {
+        num_examples,
+        metrics,
+        normalizer: optional("normalizer")?,
+        unclipped: optional("unclipped")?,
+        has_control,
+    })
+}
+
+/// An update file opened for the model `layout`: its tensors checked against the layout and
+/// its scalars read; its values are read on demand.
+#[derive(Debug)]
+pub struct UpdateFile<R> {
+    file: TensorReader<R>,
+    tensors: Vec<(String, Range<usize>)>,
+    meta: UpdateMeta,
+    checked: bool,
+}
+
+impl<R: Read + Seek> UpdateFile<R> {
+    /// Opens the update in `source`, refusing unknown, missing, misshapen or non-f32 tensors.
+    pub fn open(source: R, layout: &ModelLayout) -> Result<Self, CoreError> {
+        let file = TensorReader::open(source)?;
+        let spec_of = |name: &str| {
+            let bare = name
+                .strip_prefix(DELTA)
+                .or_else(|| name.strip_prefix(CONTROL))?;
+            layout.specs().iter().find(|s| s.name == bare)
+        };
+        if let Some(foreign) = file.entries().iter().find(|e| spec_of(&e.name).is_none()) {
+            return Err(CoreError::LayoutMismatch(format!(
+                "update holds tensor '{}', which the model does not have",
+                foreign.name
+            )));
+        }
+        for entry in file.entries() {
+            if entry.dtype != Dtype::F32 {
+                return Err(CoreError::UnsupportedDtype {
+                    name: entry.name.clone(),
+                    dtype: format!("{:?}", entry.dtype),
+                });
+            }
+            if let Some(spec) = spec_of(&entry.name).filter(|s| s.shape != entry.shape) {
+                return Err(CoreError::LayoutMismatch(format!(
+                    "tensor '{}' has shape {:?}, the model's is {:?}",
+                    entry.name, entry.shape, spec.shape
+                )));
+            }
+        }
+        let holds = |part: Part| {
+            layout
+                .specs()
+                .iter()
+                .filter(|spec| {
+                    file.entry(&format!("{}{}", prefix(part), spec.name))
+                        .is_some()
+                })
+                .count()
+        };
+        let tensors = layout.specs().len();
+        if holds(Part::Delta) != tensors {
+            return Err(CoreError::LayoutMismatch(format!(
+                "update holds {} of the model's {tensors} delta tensors",
+                holds(Part::Delta)
+            )));
+        }
+        let has_control = match holds(Part::Control) {
+            0 => false,
+            n if n == tensors => true,
+            n => {
+                return Err(CoreError::LayoutMismatch(format!(
+                    "update holds {n} of the model's {tensors} control tensors"
+                )));
+            }
+        };
+        let meta = read_meta(file.metadata(), has_control)?;
+        Ok(Self {
+            tensors: layout
+                .entries()
+                .map(|(spec, range)| (spec.name.clone(), range))
+                .collect(),
+            file,
+            meta,
+            checked: false,
+        })
+    }
+}
+
+impl<R: Read + Seek> UpdateFile<R> {
+    fn read_part(&mut self, part: Part) -> Result<Vec<f32>, CoreError> {
+        let dim = self.tensors.last().map_or(0, |(_, r)| r.end);
+        let mut values = vec![0.0f32; dim];
+        self.visit(part, &mut |at, piece| {
+            values[at..at + piece.len()].copy_from_slice(piece);
+            Ok(())
+        })?;
+        Ok(values)
+    }
+}
+
+impl<R: Read + Seek> UpdateSource for UpdateFile<R> {
+    fn meta(&self) -> &UpdateMeta {
+        &self.meta
+    }
+
+    fn check(&mut self) -> Result<(), CoreError> {
+        if self.checked {
+            return Ok(());
+        }
+        if self.meta.num_examples == 0 {
+            return Err(CoreError::ZeroExamples);
+        }
+        let parts: &[Part] = if self.meta.has_control {
+            &[Part::Delta, Part::Control]
+        } else {
+            &[Part::Delta]
+        };
+        for &part in parts {
+            self.visit(
+                part,
+                &mut |at, values| match algebra::first_non_finite(values) {
+                    Some(i) => Err(CoreError::NonFinite { index: at + i }),
+                    None => Ok(()),
+                },
+            )?;
+        }
+        self.checked = true;
+        Ok(())
+    }
+
+    fn visit(&mut self, part: Part, visit: &mut Visit<'_>) -> Result<(), CoreError> {
+        if part == Part::Control && !self.meta.has_control {
+            return Ok(());
+        }
+        for (name, range) in &self.tensors {
+            let start = range.start;
+            self.file
+                .visit_f32(&format!("{}{name}", prefix(part)), &mut |at, values| {
+                    visit(start + at, values)
+                })?;
+        }
+        Ok(())
+    }
+
+    fn read_whole(&mut self) -> Result<Update, CoreError> {
+        let delta = self.read_part(Part::Delta)?;
+        let control_delta = if self.meta.has_control {
+            Some(self.read_part(Part::Control)?)
+        } else {
+            None
+        };
+        let meta = self.meta.clone();
+        Ok(Update {
+            delta,
+            num_examples: meta.num_examples,
+            metrics: meta.metrics,
+            control_delta,
+            normalizer: meta.normalizer,
+            unclipped: meta.unclipped,
+        })
+    }
+}
+
+/// An update file's tensors in file order: which vector, and which values of it.
+type Pieces = Vec<(Part, Range<usize>)>;
+
+/// The header of `update`'s file for `layout`, and its tensors in file order.
+fn update_header(update: &Update, layout: &ModelLayout) -> Result<(Vec<u8>, Pieces), CoreError> {
+    let check = |values: &[f32]| {
+        if values.len() == layout.num_params() {
+            Ok(())
+        } else {
+            Err(CoreError::LengthMismatch {
+                expected: layout.num_params(),
+                got: values.len(),
+            })
+        }
+    };
+    check(&update.delta)?;
+    let mut parts = vec![Part::Delta];
+    if let Some(control) = &update.control_delta {
+        check(control)?;
+        parts.push(Part::Control);
+    }
+    let mut planned = Vec::new();
+    let mut pieces = Vec::new();
+    for part in parts {
+        for (spec, range) in layout.entries() {
+            planned.push(Planned {
+                name: format!("{}{}", prefix(part), spec.name),
+                dtype: Dtype::F32,
+                shape: spec.shape.clone(),
+            });
+            pieces.push((part, range));
+        }
+    }
+    let mut metadata =
+        HashMap::from([("num_examples".to_string(), update.num_examples.to_string())]);
+    if let Some(normalizer) = update.normalizer {
+        metadata.insert("normalizer".into(), normalizer.to_string());
+    }
+    if let Some(unclipped) = update.unclipped {
+        metadata.insert("unclipped".into(), unclipped.to_string());
+    }
+    for (name, value) in &update.metrics {
+        metadata.insert(format!("{METRIC}{name}"), value.to_string());
+    }
+    let (header, order) = tensor_file::header(&planned, Some(metadata))?;
+    Ok((
+        header,
+        order.into_iter().map(|i| pieces[i].clone()).collect(),
+    ))
+}
+
+/// An update ready to send: its file's bytes are its header followed by its own values, so
+/// they are read at any offset without being assembled.
+#[derive(Debug, Clone)]
+pub struct EncodedUpdate {
+    header: Vec<u8>,
+    pieces: Pieces,
+    update: Update,
+}
+
+impl EncodedUpdate {
+    /// Encodes `update` for the model `layout`.
+    pub fn new(update: Update, layout: &ModelLayout) -> Result<Self, CoreError> {
+        let (header, pieces) = update_header(&update, layout)?;
+        Ok(Self {
+            header,
+            pieces,
+            update,
+        })
+    }
+
+    fn segments(&self) -> impl Iterator<Item = &[u8]> {
+        let values = |part: Part| match part {
+            Part::Delta => self.update.delta.as_slice(),
+            Part::Control => self.update.control_delta.as_deref().unwrap_or_default(),
+        };
+        std::iter::once(self.header.as_slice()).chain(
+            self.pieces
+                .iter()
+                .map(move |(part, range)| bytemuck::cast_slice(&values(*part)[range.clone()])),
+        )
+    }
+
+    /// The file's length in bytes.
+    pub fn len(&self) -> u64 {
+        self.segments().map(|s| s.len() as u64).sum()
+    }
+
+    /// Whether the file is empty (never: it has a header).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Hex sha256 of the file's bytes.
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        for segment in self.segments() {
+            hasher.update(segment);
+        }
+        crate::model::hex(&hasher.finalize())
+    }
+
+    /// Fills `out` with the file's bytes from `offset`; returns how many it filled (fewer at
+    /// the end of the file).
+    pub fn read_at(&self, offset: u64, out: &mut [u8]) -> usize {
+        let mut skip = offset;
+        let mut filled = 0;
+        for segment in self.segments() {
+            if filled == out.len() {
+                break;
+            }
+            if skip >= segment.len() as u64 {
+                skip -= segment.len() as u64;
+                continue;
+            }
+            let from = &segment[skip as usize..];
+            let n = from.len().min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&from[..n]);
+            filled += n;
+            skip = 0;
+        }
+        filled
+    }
+
+    /// Writes the whole file to `out`.
+    pub fn write_to(&self, out: &mut dyn Write) -> Result<(), CoreError> {
+        for segment in self.segments() {
+            out.write_all(segment)
+                .map_err(|e| CoreError::Io(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Serialises an update for the model `layout` as a safetensors file.
+pub fn encode_update(update: &Update, layout: &ModelLayout) -> Result<Vec<u8>, CoreError> {
+    let (header, pieces) = update_header(update, layout)?;
+    let mut bytes = header;
+    for (part, range) in pieces {
+        let values = match part {
+            Part::Delta => &update.delta,
+            Part::Control => update.control_delta.as_ref().unwrap_or(&update.delta),
+        };
+        bytes.extend_from_slice(bytemuck::cast_slice(&values[range]));
+    }
+    Ok(bytes)
+}
+
+/// Reads an update file written by [`encode_update`] (or any writer of the same tensors) for
+/// the model `layout`. Values are not checked for NaN here; the aggregator does that.
+pub fn decode_update(bytes: &[u8], layout: &ModelLayout) -> Result<Update, CoreError> {
+    UpdateFile::open(std::io::Cursor::new(bytes), layout)?.read_whole()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use safetensors::tensor::TensorView;
+
+    use super::*;
+    use crate::{TensorSpec, wire::encode_vectors};
+
+    fn layout() -> ModelLayout {
+        ModelLayout::new(vec![
+            TensorSpec::f32("w", vec![2, 2]),
+            TensorSpec::f32("b", vec![2]),
+        ])
+        .expect("layout")
+    }
+
+    fn full_update() -> Update {
+        let mut update = Update::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 42);
+        update.control_delta = Some(vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0]);
+        update.normalizer = Some(9.5);
+        update.unclipped = Some(0.75);
+        update.metrics.insert("train_loss".into(), 0.25);
+        update
+    }
+
+    #[test]
+    fn updates_round_trip_with_every_extra() {
+        let layout = layout();
+        for update in [full_update(), Update::new(vec![0.5; 6], 1)] {
+            let bytes = encode_update(&update, &layout).expect("encode");
+            assert_eq!(decode_update(&bytes, &layout).expect("decode"), update);
+        }
+    }
+
+    #[test]
+    fn an_encoded_update_reads_at_any_offset_the_bytes_of_the_whole_file() {
+        let layout = layout();
+        let encoded = EncodedUpdate::new(full_update(), &layout).expect("encode");
+        let mut whole = Vec::new();
+        encoded.write_to(&mut whole).expect("write");
+        assert_eq!(encoded.len(), whole.len() as u64);
+        assert_eq!(encoded.sha256(), crate::model::sha256_hex(&whole));
+        assert_eq!(
+            decode_update(&whole, &layout).expect("decode"),
+            full_update()
+        );
+        for chunk in [1, 7, 64, 1000] {
+            let mut joined = Vec::new();
+            let mut buffer = vec![0u8; chunk];
+            loop {
+                let n = encoded.read_at(joined.len() as u64, &mut buffer);
+                if n == 0 {
+                    break;
+                }
+                joined.extend_from_slice(&buffer[..n]);
+            }
+            assert_eq!(joined, whole, "chunks of {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_file_is_checked_and_visited_in_place() {
+        let layout = layout();
+        let mut update = full_update();
+        update.delta[5] = f32::NAN;
+        let bytes = encode_update(&update, &layout).expect("encode");
+        let mut file = UpdateFile::open(Cursor::new(bytes), &layout).expect("open");
+        assert_eq!(file.meta().num_examples, 42);
+        assert!(file.meta().has_control);
+        assert!(matches!(
+            file.check(),
+            Err(CoreError::NonFinite { index: 5 })
+        ));
+        let mut seen = Vec::new();
+        file.visit(Part::Control, &mut |at, values| {
+            seen.push((at, values.to_vec()));
+            Ok(())
+        })
+        .expect("visit");
+        // Layout order: b (2 values) then w (4).
+        assert_eq!(
+            seen,
+            [(0, vec![-1.0, -2.0]), (2, vec![-3.0, -4.0, -5.0, -6.0])]
+        );
+    }
+
+    #[test]
+    fn foreign_missing_and_misshapen_tensors_are_refused() {
+        let layout = layout();
+        let other = ModelLayout::new(vec![
+            TensorSpec::f32("w", vec![4]),
+            TensorSpec::f32("b", vec![2]),
+        ])
+        .expect("layout");
+        let bytes = encode_update(&Update::new(vec![0.0; 6], 1), &other).expect("encode");
+        let err = decode_update(&bytes, &layout).expect_err("shape differs");
+        assert!(err.to_string().contains("shape [4]"), "{err}");
+
+        let extra = encode_vectors(&[("delta/w", &[0.0; 4]), ("evil", &[1.0])]).expect("encode");
+        let err = decode_update(&extra, &layout).expect_err("unknown tensor");
+        assert!(err.to_string().contains("'evil'"), "{err}");
+
+        let missing = encode_vectors(&[("delta/w", &[0.0; 4])]).expect("encode");
+        let err = decode_update(&missing, &layout).expect_err("b missing");
+        assert!(matches!(err, CoreError::LayoutMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn an_update_without_example_count_is_refused() {
+        let layout = layout();
+        let zeros = [0u8; 16];
+        let tensors = vec![
+            (
+                "delta/b",
+                TensorView::new(Dtype::F32, vec![2], &zeros[..8]).expect("view"),
+            ),
+            (
+                "delta/w",
+                TensorView::new(Dtype::F32, vec![2, 2], &zeros).expect("view"),
+            ),
+        ];
+        let bytes = safetensors::serialize(tensors, None).expect("serialize");
+        let err = decode_update(&bytes, &layout).expect_err("no num_examples");
+        assert!(err.to_string().contains("num_examples"), "{err}");
+        assert!(decode_update(b"not safetensors", &layout).is_err());
+    }
+}
