@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from measure import tree_rss
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 
@@ -37,28 +39,6 @@ def wait_port(port, seconds=60):
                 return
         time.sleep(0.1)
     raise SystemExit(f"nothing listens on port {port} after {seconds} s")
-
-
-def tree_rss(root_pid):
-    """RSS in bytes of a process and all its descendants (from /proc)."""
-    children = {}
-    rss = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def main():

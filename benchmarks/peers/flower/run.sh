@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Ferry and Flower side by side on this machine, in one invocation: installs Flower (pinned,
 # flwr[simulation]==1.42.0) in a private virtual environment the first time, builds Ferry,
-# runs the same workload on both and prints one table with both figures and their ratio.
+# runs every workload on both and prints one table with both figures and their ratio.
 #
-#   benchmarks/peers/flower/run.sh            # 10 nodes x 10M parameters, 3 Flower rounds
-#   NODES=20 PARAMS=10000000 benchmarks/peers/flower/run.sh
+#   benchmarks/peers/flower/run.sh            # everything, about 10 minutes on 2 cores
+#   NODES=20 PARAMS=10000000 ONLY=deployed benchmarks/peers/flower/run.sh
 #
-# Workloads covered so far: the deployed round (N nodes x P parameters on loopback, no-op
-# training), every node a process of its own on both sides. Flower runs its default insecure
-# HTTP transport; Ferry runs TLS. Results and the machine go to docs/benchmarks/vs-flower.md by
-# hand.
+# Workloads (ONLY= one of them to run it alone):
+#   deployed    a deployed round, NODES x PARAMS on loopback, no-op training, every node a
+#               process of its own on both sides (Flower: insecure HTTP, its default; Ferry: TLS)
+#   simulated   simulated no-op rounds, 100 nodes x 1M and 10 x 10M (Flower: its Ray runtime)
+#   aggregate   FedAvg of 100 x 1M and 20 x 10M updates (Flower: its `aggregate` function)
+#   train       LeNet images/s at batch 64 (PyTorch from Debian's python3-torch)
+#   lenet       simulated LeNet rounds on Fashion-MNIST, 10 nodes, 1 epoch, central test
+#               (Flower: PyTorch on its Ray runtime; Ferry: `ferry simulate` with its defaults)
+# Results, command, machine and date go to docs/benchmarks/vs-flower.md by hand.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -17,6 +22,10 @@ venv=${FLOWER_VENV:-$root/target/flower-venv}
 nodes=${NODES:-10}
 params=${PARAMS:-10000000}
 rounds=${ROUNDS:-3}
+only=${ONLY:-}
+ferry=$root/target/release/ferry
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 
 if [ ! -x "$venv/bin/flwr" ]; then
   echo "installing Flower 1.42.0 into $venv"
@@ -24,27 +33,93 @@ if [ ! -x "$venv/bin/flwr" ]; then
   "$venv/bin/pip" install --quiet "flwr[simulation]==1.42.0" "numpy<2"
 fi
 (cd "$root" && cargo build --release --quiet -p ferry-cli)
+wants() { [ -z "$only" ] || [ "$only" = "$1" ]; }
+# One result line: workload label, then the Flower JSON and the Ferry JSON.
+record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"; }
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
-echo "deployed round, $nodes nodes x $params parameters, no-op training, loopback"
-flower=$("$venv/bin/python" "$here/deployed_round.py" --nodes "$nodes" --params "$params" --rounds "$rounds" | tail -1)
-ferry=$("$root/target/release/ferry" bench round --clients "$nodes" --params "$params" --json | tail -1)
-python3 - "$flower" "$ferry" <<'PY'
+if wants deployed; then
+  echo "deployed round, $nodes nodes x $params parameters ..."
+  record "deployed $nodes x $params" \
+    "$("$venv/bin/python" "$here/deployed_round.py" --nodes "$nodes" --params "$params" --rounds "$rounds" | tail -1)" \
+    "$("$ferry" bench round --clients "$nodes" --params "$params" --json | tail -1)"
+fi
+if wants simulated; then
+  for shape in "100 1000000" "10 10000000"; do
+    set -- $shape
+    echo "simulated no-op round, $1 nodes x $2 parameters ..."
+    record "simulated $1 x $2" \
+      "$("$venv/bin/python" "$here/simulated_round.py" --nodes "$1" --params "$2" --rounds "$rounds" 2>/dev/null | tail -1)" \
+      "$("$ferry" bench sim-round --nodes "$1" --params "$2" --rounds "$rounds" --json | tail -1)"
+  done
+fi
+if wants aggregate; then
+  for shape in "100 1000000" "20 10000000"; do
+    set -- $shape
+    echo "FedAvg aggregation, $1 updates x $2 parameters ..."
+    record "aggregate $1 x $2" \
+      "$("$venv/bin/python" "$here/aggregate.py" --updates "$1" --params "$2" | tail -1)" \
+      "$("$ferry" bench aggregate --clients "$1" --params "$2" --json | tail -1)"
+  done
+fi
+if wants train; then
+  echo "LeNet training speed ..."
+  lenet=$("$ferry" bench train --model lenet | tail -1)
+  record "train lenet" \
+    "$(/usr/bin/python3 "$here/train_speed.py" | tail -1)" \
+    "$(echo "$lenet" | awk '{printf "{\"one_thread_img_s\": %s, \"all_cores_img_s\": %s}", $3, $4}')"
+fi
+if wants lenet; then
+  echo "simulated LeNet rounds on Fashion-MNIST ..."
+  out=$(mktemp -d)
+  /usr/bin/time -f '%M' -o "$out/rss" "$ferry" simulate --clients 10 --rounds "$rounds" \
+    --out "$out/run" > /dev/null
+  record "lenet 10 nodes" \
+    "$("$venv/bin/python" "$here/lenet_round.py" --nodes 10 --rounds "$rounds" 2>/dev/null | tail -1)" \
+    "$(python3 -c 'import json, sys
+h = json.load(open(sys.argv[1] + "/run/history.json"))
+later = [r["wall_s"] for r in h["rounds"][1:]]
+print(json.dumps({"round_s": sum(later) / len(later), "accuracy": h["rounds"][-1]["accuracy"],
+                  "peak_rss_mb": int(open(sys.argv[1] + "/rss").read()) * 1024 / 1e6}))' "$out")"
+  rm -rf "$out"
+fi
+
+python3 - "$results" <<'PY'
 import json, sys
-flower, ferry = (json.loads(a) for a in sys.argv[1:])
-rows = [
-    ("time per round (s)", flower["mean_round_s"], ferry["round_s"]),
-    ("coordinator peak RSS (MB)", flower["peak_rss_superlink_tree_mb"], ferry["peak_rss_coordinator_mb"]),
-    ("one node's peak RSS (MB)", flower["peak_rss_supernode_tree_mb"], ferry["peak_rss_node_mb"]),
-    ("all processes (MB)", flower["peak_rss_all_mb"],
-     ferry["peak_rss_coordinator_mb"] + ferry["peak_rss_nodes_mb"]),
-]
-print(f"{'':28}{'Flower 1.42':>14}{'Ferry':>12}{'Flower/Ferry':>14}")
-for name, f, r in rows:
-    print(f"{name:28}{f:>14.2f}{r:>12.2f}{f / r:>13.1f}x")
-print("Flower's coordinator is its SuperLink with the ServerApp, a node a SuperNode with its "
-      "ClientApp (process trees); Ferry's all-processes figure sums each process's own peak")
-print(f"Ferry moved {ferry['throughput_gbps']:.2f} GB/s, "
-      f"{100 * ferry['throughput_gbps'] / ferry['tls_ceiling_gbps']:.0f}% of the loopback TLS "
-      f"ceiling ({ferry['tls_ceiling_gbps']:.2f} GB/s)")
+rows = []
+for line in open(sys.argv[1]):
+    label, flower, ferry = line.rstrip("\n").split("\t")
+    f, r = json.loads(flower), json.loads(ferry)
+    kind = label.split()[0]
+    if kind == "deployed":
+        rows += [
+            (f"{label}: s per round", f["mean_round_s"], r["round_s"], True),
+            (f"{label}: coordinator MB", f["peak_rss_superlink_tree_mb"], r["peak_rss_coordinator_mb"], True),
+            (f"{label}: one node MB", f["peak_rss_supernode_tree_mb"], r["peak_rss_node_mb"], True),
+            (f"{label}: all processes MB", f["peak_rss_all_mb"], r["peak_rss_coordinator_mb"] + r["peak_rss_nodes_mb"], True),
+        ]
+        ceiling = 100 * r["throughput_gbps"] / r["tls_ceiling_gbps"]
+        rows.append((f"{label}: Ferry GB/s, % of TLS ceiling {r['tls_ceiling_gbps']:.2f}",
+                     None, r["throughput_gbps"], ceiling))
+    elif kind == "simulated":
+        rows += [(f"{label}: s per round", f["mean_round_s"], r["round_s"], True),
+                 (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True)]
+    elif kind == "aggregate":
+        rows += [(f"{label}: seconds", f["seconds"], r["seconds"], True),
+                 (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True)]
+    elif kind == "lenet":
+        rows += [(f"{label}: s per round (Flower column: with PyTorch)", f["mean_round_s"], r["round_s"], True),
+                 (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True),
+                 (f"{label}: test accuracy after the last round", f["accuracy"], r["accuracy"], False)]
+    elif kind == "train":
+        rows += [(f"LeNet img/s, 1 thread (Flower column: PyTorch)", f["one_thread_img_s"], r["one_thread_img_s"], False),
+                 (f"LeNet img/s, all cores (Flower column: PyTorch)", f["all_cores_img_s"], r["all_cores_img_s"], False)]
+print(f"{'':58}{'Flower':>12}{'Ferry':>12}{'ratio':>10}")
+for name, f, r, lower_is_better in rows:
+    if f is None:
+        print(f"{name:58}{'':>12}{r:>12.2f}{lower_is_better:>9.0f}%")
+        continue
+    ratio = f / r if lower_is_better else r / f
+    print(f"{name:58}{f:>12.2f}{r:>12.2f}{ratio:>9.1f}x")
+print("ratio: how many times faster or smaller Ferry is (above 1: Ferry ahead)")
 PY

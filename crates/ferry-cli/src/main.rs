@@ -54,7 +54,7 @@ enum Command {
 }
 
 fn main() {
-    allocator::release_freed_memory_at_once();
+    allocator::commit_memory_as_used();
     let cli = Cli::parse();
     // Logs (refusals, enrolments) go to stderr; FERRY_LOG=debug|info|warn|off adjusts them.
     tracing_subscriber::fmt()

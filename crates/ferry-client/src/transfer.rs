@@ -44,16 +44,17 @@ pub async fn download(
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .read(true)
         .open(path)
         .map_err(|e| local("opening the download file", e))?;
-    let mut have = file
-        .metadata()
-        .map_err(|e| local("reading the download file", e))?
-        .len();
+    // Bytes already held (a resumed download) are hashed once; new ones as they arrive.
+    let mut hasher = Sha256::new();
+    let mut have =
+        std::io::copy(&mut file, &mut hasher).map_err(|e| local("reading the download file", e))?;
     if have > size {
         file.set_len(0)
             .map_err(|e| local("truncating the download file", e))?;
-        have = 0;
+        (hasher, have) = (Sha256::new(), 0);
     }
     if have < size {
         let request = credential.authorize(tonic::Request::new(DownloadRequest {
@@ -68,18 +69,15 @@ pub async fn download(
             }
             file.write_all(&chunk.data)
                 .map_err(|e| local("writing the download file", e))?;
+            hasher.update(&chunk.data);
             have += chunk.data.len() as u64;
         }
     }
     if have < size {
         return Err(Status::unavailable("download ended early"));
     }
-    drop(file);
-    let mut hasher = Sha256::new();
-    let mut reader =
-        std::fs::File::open(path).map_err(|e| local("reading the download file", e))?;
-    std::io::copy(&mut reader, &mut hasher).map_err(|e| local("reading the download file", e))?;
     if hex(&hasher.finalize()) != sha256 {
+        drop(file);
         let _ = std::fs::remove_file(path);
         return Err(Status::data_loss(
             "downloaded bytes do not match their sha256; starting over",

@@ -25,15 +25,23 @@ use crate::{
 /// Longest a PullTask call is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// Completed uploads decoded at once; each holds about two model sizes in memory, so this
-/// bounds the server's memory however many nodes finish together.
+/// Completed uploads checked at once: an update is read from its file a piece at a time, but a
+/// secure round's masked input and a rule that needs each update whole read it into memory,
+/// so this bounds the server's memory however many nodes finish together.
 const CONCURRENT_DECODES: usize = 2;
+
+/// Model downloads and update uploads streaming at once. Each holds its stream's buffers
+/// (about two chunks); the rest wait for a turn before their first chunk, so the server's
+/// memory stays flat however many nodes transfer together, while a few streams are enough to
+/// keep every core busy.
+const CONCURRENT_TRANSFERS: usize = 8;
 
 /// The fleet service over one coordinator and its store.
 pub struct FleetService {
     coordinator: Arc<Coordinator>,
     store: Store,
     decoding: tokio::sync::Semaphore,
+    transfers: Arc<tokio::sync::Semaphore>,
 }
 
 impl FleetService {
@@ -43,6 +51,7 @@ impl FleetService {
             coordinator,
             store,
             decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
+            transfers: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_TRANSFERS)),
         }
     }
 
@@ -342,8 +351,16 @@ impl Fleet for FleetService {
         let chunk = self.coordinator.spec().max_chunk_bytes as u64;
         let blobs = self.coordinator.blobs().clone();
         let total = blob.size;
+        let turn = self
+            .transfers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let stream = futures::stream::unfold(offset, move |at| {
             let (blobs, sha) = (blobs.clone(), sha256.clone());
+            // The turn is given back when the stream ends or the node goes away.
+            let _turn = &turn;
             async move {
                 if at >= total {
                     return None;
@@ -372,6 +389,11 @@ impl Fleet for FleetService {
         request: Request<Streaming<UploadChunk>>,
     ) -> Result<Response<UploadReceipt>, Status> {
         let node = self.authenticate(&request).await?;
+        let _turn = self
+            .transfers
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let mut chunks = request.into_inner();
         let max_chunk = self.coordinator.spec().max_chunk_bytes;
         let max_total = self.coordinator.max_update_bytes();

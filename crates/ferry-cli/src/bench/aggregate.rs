@@ -25,6 +25,9 @@ pub struct AggregateArgs {
     /// Parameters per update.
     #[arg(long, default_value_t = 1_000_000)]
     params: usize,
+    /// Also print the figures as one JSON line, for scripts (benchmarks/peers/flower).
+    #[arg(long)]
+    json: bool,
     /// Rule: mean, median, trimmed-mean, krum, multi-krum or bulyan.
     #[arg(long, default_value = "mean")]
     aggregator: String,
@@ -39,9 +42,9 @@ pub struct AggregateArgs {
     krum_keep: Option<usize>,
 }
 
-/// Bytes the aggregation streams per parameter per update: the f32 update read, the f64
+/// Bytes the aggregation streams per parameter per update: the f32 update read, the f32
 /// accumulator read and written.
-const TRAFFIC_PER_PARAM: f64 = 4.0 + 8.0 + 8.0;
+const TRAFFIC_PER_PARAM: f64 = 4.0 + 4.0 + 4.0;
 
 /// An update of `params` small random values drawn from `seed`.
 pub(super) fn synthetic_update(params: usize, seed: u64) -> Update {
@@ -85,7 +88,7 @@ pub fn run(args: AggregateArgs) -> Result<()> {
     };
     let label = match rule {
         Some(rule) => format!("{rule} (buffers every update)"),
-        None => "FedAvg (streaming, f64 accumulator)".to_string(),
+        None => "FedAvg (streaming, one model-sized accumulator)".to_string(),
     };
     // Updates arrive one at a time, as on a server; making each one is not timed.
     let mut busy = Duration::ZERO;
@@ -130,6 +133,18 @@ pub fn run(args: AggregateArgs) -> Result<()> {
             args.clients as f64 * model_bytes / 1e6
         ),
         None => println!("peak RSS           unknown (no /proc/self/status)"),
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "system": "ferry",
+                "updates": args.clients,
+                "params": args.params,
+                "seconds": secs,
+                "peak_rss_mb": peak.map(|b| b as f64 / 1e6),
+            })
+        );
     }
     Ok(())
 }

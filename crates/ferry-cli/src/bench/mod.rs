@@ -6,6 +6,7 @@ mod niid;
 mod robust;
 mod round;
 mod secagg;
+mod sim_round;
 mod tls;
 mod train;
 mod trainer;
@@ -39,6 +40,9 @@ pub enum BenchCommand {
     /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
     /// memory.
     Round(round::RoundArgs),
+    /// Simulated FedAvg rounds of N in-process nodes without training: the engine's own cost
+    /// per round and the whole simulation's memory.
+    SimRound(sim_round::SimRoundArgs),
     /// One SecAgg+ round: node and server time per stage, bytes per node against a plain
     /// upload.
     Secagg(secagg::SecAggArgs),
@@ -73,6 +77,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Round(args) => round::run(args),
         BenchCommand::Trainer(args) => trainer::run(args),
         BenchCommand::Secagg(args) => secagg::run(args),
+        BenchCommand::SimRound(args) => sim_round::run(args),
         BenchCommand::Tls(args) => tls::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
         BenchCommand::RoundClient(args) => round::run_client(args),
@@ -102,6 +107,17 @@ fn simulate_in(
     let final_record =
         report::write_simulation(dir, config, &outcome, wall_s, None, sim.attackers())?;
     Ok((outcome, final_record))
+}
+
+/// The local-training settings sent with a benchmark's no-op rounds (its nodes do not train).
+fn no_training() -> ferry_core::task::LocalTraining {
+    ferry_core::task::LocalTraining {
+        epochs: 1,
+        batch_size: 1,
+        lr: 0.01,
+        momentum: 0.0,
+        weight_decay: 0.0,
+    }
 }
 
 /// CPU model and core count, for the record.

@@ -20,7 +20,6 @@ use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
     evaluation::{EvaluationSchedule, NodeEvaluation},
     strategy::{Strategy, StrategyName, StrategyParams},
-    task::LocalTraining,
 };
 use ferry_engine::round::CohortRule;
 use ferry_server::{
@@ -189,13 +188,7 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
                 fraction: 1.0,
                 min_clients: args.clients,
                 seed: 0,
-                training: LocalTraining {
-                    epochs: 1,
-                    batch_size: 1,
-                    lr: 0.01,
-                    momentum: 0.0,
-                    weight_decay: 0.0,
-                },
+                training: super::no_training(),
             },
             min_results: args.clients,
             round_timeout: Duration::from_secs(600),
