@@ -34,32 +34,36 @@ if [ ! -x "$venv/bin/flwr" ]; then
 fi
 (cd "$root" && cargo build --release --quiet -p ferry-cli)
 wants() { [ -z "$only" ] || [ "$only" = "$1" ]; }
-# One result line: workload label, then the Flower JSON and the Ferry JSON.
+# One result line: workload label, then the Flower JSON and the Ferry JSON. Each workload runs
+# Ferry's half first: Ray's processes take seconds to go after a Flower simulation returns.
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$results"; }
 
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $(date -u +%F)"
 if wants deployed; then
   echo "deployed round, $nodes nodes x $params parameters ..."
+  ours=$("$ferry" bench round --clients "$nodes" --params "$params" --json | tail -1)
   record "deployed $nodes x $params" \
     "$("$venv/bin/python" "$here/deployed_round.py" --nodes "$nodes" --params "$params" --rounds "$rounds" | tail -1)" \
-    "$("$ferry" bench round --clients "$nodes" --params "$params" --json | tail -1)"
+    "$ours"
 fi
 if wants simulated; then
   for shape in "100 1000000" "10 10000000"; do
     set -- $shape
     echo "simulated no-op round, $1 nodes x $2 parameters ..."
+    ours=$("$ferry" bench sim-round --nodes "$1" --params "$2" --rounds "$rounds" --json | tail -1)
     record "simulated $1 x $2" \
       "$("$venv/bin/python" "$here/simulated_round.py" --nodes "$1" --params "$2" --rounds "$rounds" 2>/dev/null | tail -1)" \
-      "$("$ferry" bench sim-round --nodes "$1" --params "$2" --rounds "$rounds" --json | tail -1)"
+      "$ours"
   done
 fi
 if wants aggregate; then
   for shape in "100 1000000" "20 10000000"; do
     set -- $shape
     echo "FedAvg aggregation, $1 updates x $2 parameters ..."
+    ours=$("$ferry" bench aggregate --clients "$1" --params "$2" --json | tail -1)
     record "aggregate $1 x $2" \
       "$("$venv/bin/python" "$here/aggregate.py" --updates "$1" --params "$2" | tail -1)" \
-      "$("$ferry" bench aggregate --clients "$1" --params "$2" --json | tail -1)"
+      "$ours"
   done
 fi
 if wants train; then
@@ -74,13 +78,14 @@ if wants lenet; then
   out=$(mktemp -d)
   /usr/bin/time -f '%M' -o "$out/rss" "$ferry" simulate --clients 10 --rounds "$rounds" \
     --out "$out/run" > /dev/null
-  record "lenet 10 nodes" \
-    "$("$venv/bin/python" "$here/lenet_round.py" --nodes 10 --rounds "$rounds" 2>/dev/null | tail -1)" \
-    "$(python3 -c 'import json, sys
+  ours=$(python3 -c 'import json, sys
 h = json.load(open(sys.argv[1] + "/run/history.json"))
 later = [r["wall_s"] for r in h["rounds"][1:]]
 print(json.dumps({"round_s": sum(later) / len(later), "accuracy": h["rounds"][-1]["accuracy"],
-                  "peak_rss_mb": int(open(sys.argv[1] + "/rss").read()) * 1024 / 1e6}))' "$out")"
+                  "peak_rss_mb": int(open(sys.argv[1] + "/rss").read()) * 1024 / 1e6}))' "$out")
+  record "lenet 10 nodes" \
+    "$("$venv/bin/python" "$here/lenet_round.py" --nodes 10 --rounds "$rounds" 2>/dev/null | tail -1)" \
+    "$ours"
   rm -rf "$out"
 fi
 
