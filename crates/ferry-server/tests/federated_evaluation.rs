@@ -280,7 +280,7 @@ async fn personal_tensors_are_named_in_every_task_and_never_averaged() {
     }
     score_all(&mut fleet, |_| report(1, 10, 0.5)).await;
     ends(&coordinator, "rounds_completed").await;
-    let global = coordinator.global().await;
+    let global = coordinator.global().await.expect("global model");
     assert_eq!(global.values(), [0.5; 4], "w moved");
     assert_eq!(
         global.carried(),

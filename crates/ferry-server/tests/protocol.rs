@@ -208,7 +208,7 @@ async fn identity_uploads_refusals_and_restart() {
     assert_eq!(history[2].participants, 2);
     // Rounds 1 and 2 moved every value to 2; round 3 adds (30 * 1 + 10 * -1) / 40 = 0.5, which
     // holds only if b's update was counted exactly once across the crash.
-    let global = running.coordinator.global().await;
+    let global = running.coordinator.global().await.expect("global model");
     assert!(
         global.values().iter().all(|v| (v - 2.5).abs() < 1e-6),
         "{:?}",
@@ -288,7 +288,7 @@ async fn central_dp_rounds_are_accounted_reported_and_replayed_after_a_restart()
     assert_eq!(record.noise_multiplier, Some(1.0));
     // The update (norm 50) was clipped to norm 1 and noised with std 1 per value: the model
     // moved, but by nothing like the raw update.
-    let moved = running.coordinator.global().await;
+    let moved = running.coordinator.global().await.expect("global model");
     assert!(
         moved.values().iter().all(|v| v.abs() < 10.0),
         "{:?}",
@@ -451,7 +451,7 @@ async fn a_secure_round_runs_over_the_protocol_and_starts_again_after_a_restart(
     assert_eq!(records[0].participants, 3);
     assert_eq!(records[0].aborted, None);
     // FedAvg of three equal updates is that update, within the quantisation error.
-    let model = running.coordinator.global().await;
+    let model = running.coordinator.global().await.expect("global model");
     for (got, want) in model.values().iter().zip(delta) {
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     }

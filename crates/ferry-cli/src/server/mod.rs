@@ -170,7 +170,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let rounds = coordinator.history().await?;
     let failed = coordinator.failed_rounds().await?;
     let last = rounds.last().context("the run finished no round")?;
-    let model = coordinator.global().await;
+    let model = coordinator.global().await?;
     let (model_bytes, sha) = report::model_bytes(&model)?;
     let history = History {
         config: &setup.config,

@@ -34,7 +34,7 @@ use std::{
 use ferry_core::{Model, ModelLayout, strategy::Strategy, update_file::UpdateFile, wire};
 use ferry_engine::{
     floor::RoundFloor,
-    node::{Evaluator, RoundTask},
+    node::Evaluator,
     record::RoundRecord,
     round::{self, OpenRound, RoundPlan},
     secure::round_context,
@@ -45,12 +45,13 @@ use tokio::sync::{Mutex, mpsc, watch};
 use crate::{
     ServerError,
     blobs::Blobs,
+    coordinator::types::RoundOrders,
     secure::SecureStages,
     store::{RunRow, Store},
 };
 
 struct Training {
-    plan_task: RoundTask,
+    plan_task: RoundOrders,
     cohort: BTreeSet<String>,
     answered: BTreeSet<String>,
     delivered: BTreeSet<String>,
@@ -72,8 +73,9 @@ impl Training {
 
 struct State {
     strategy: Strategy,
-    /// Shared with the open round's task; stepped in place once the round has closed.
-    global: Arc<Model>,
+    /// The global model while no round runs; `None` while one does (nodes download it from
+    /// the blob store, and the coordinator reads it back to step it when the round closes).
+    global: Option<Arc<Model>>,
     model_blob: BlobRef,
     control_blob: Option<BlobRef>,
     round: u32,
@@ -196,7 +198,7 @@ impl Coordinator {
             floor,
             state: Mutex::new(State {
                 strategy,
-                global: Arc::new(global),
+                global: Some(Arc::new(global)),
                 model_blob,
                 control_blob,
                 round: run.round,
@@ -234,8 +236,20 @@ impl Coordinator {
     }
 
     /// The current global model.
-    pub async fn global(&self) -> Model {
-        self.state.lock().await.global.as_ref().clone()
+    pub async fn global(&self) -> Result<Model, ServerError> {
+        let mut state = self.state.lock().await;
+        Ok(self.resident_global(&mut state).await?.as_ref().clone())
+    }
+
+    /// The global model, read back from its blob if a round let it go.
+    async fn resident_global(&self, state: &mut State) -> Result<Arc<Model>, ServerError> {
+        if let Some(global) = &state.global {
+            return Ok(global.clone());
+        }
+        let file = std::io::BufReader::new(self.blobs.open(&state.model_blob.sha256).await?);
+        let global = Arc::new(Model::read_safetensors(file, &self.spec.personal)?);
+        state.global = Some(global.clone());
+        Ok(global)
     }
 
     /// Why the run ended, once it has.
@@ -366,14 +380,16 @@ impl Coordinator {
             .population(state.round)
             .await?
             .unwrap_or(cohort.len());
+        let global = self.resident_global(&mut state).await?;
         let plan = round::plan(
             state.round,
             &self.spec.cohort,
             &state.strategy,
-            &state.global,
+            &global,
             population,
         )?;
-        let mut training = self.open_training(&state, plan, cohort.into_iter().collect());
+        drop(global);
+        let mut training = self.open_training(&mut state, plan, cohort.into_iter().collect());
         for (node, sha) in self.store.accepted(state.round).await? {
             let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
             let mut update = UpdateFile::open(file, &self.layout)?;
@@ -391,7 +407,13 @@ impl Coordinator {
         Ok(())
     }
 
-    fn open_training(&self, state: &State, plan: RoundPlan, cohort: BTreeSet<String>) -> Training {
+    /// The open round of `plan`; the global model is let go until the round closes.
+    fn open_training(
+        &self,
+        state: &mut State,
+        plan: RoundPlan,
+        cohort: BTreeSet<String>,
+    ) -> Training {
         let started = Instant::now();
         let deadline = started + self.spec.round_timeout;
         let secure = self.spec.secure.as_ref().map(|secure| {
@@ -406,10 +428,11 @@ impl Coordinator {
                 self.spec.secagg_stage_timeout,
             )
         });
+        state.global = None;
         Training {
             secure,
             open: OpenRound::new(&plan, &state.strategy),
-            plan_task: plan.task,
+            plan_task: plan.task.into(),
             cohort,
             answered: BTreeSet::new(),
             delivered: BTreeSet::new(),

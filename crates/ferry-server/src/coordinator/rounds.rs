@@ -126,13 +126,15 @@ impl Coordinator {
             self.emit(Event::Finished(reason));
             return Ok(true);
         }
+        let global = self.resident_global(state).await?;
         let plan = round::plan(
             state.round,
             &self.spec.cohort,
             &state.strategy,
-            &state.global,
+            &global,
             online.len(),
         )?;
+        drop(global);
         let cohort: Vec<String> = plan.selected.iter().map(|&i| online[i].clone()).collect();
         self.store.set_population(state.round, online.len()).await?;
         self.store.set_cohort(state.round, &cohort).await?;
@@ -377,10 +379,12 @@ impl Coordinator {
         let attempt = Attempt::of(&training);
         let round = attempt.round;
         let open = training.into_open();
-        let State {
-            strategy, global, ..
-        } = state;
-        let applied = match open.apply(strategy, Arc::make_mut(global)) {
+        // Read back from its blob: the coordinator did not hold it while the round ran.
+        let mut global = self.resident_global(state).await?;
+        state.global = None;
+        let applied = open.apply(&mut state.strategy, Arc::make_mut(&mut global));
+        state.global = Some(global.clone());
+        let applied = match applied {
             Ok(applied) => applied,
             Err(e) => {
                 let reason = format!("the round could not be aggregated: {e}");
@@ -398,7 +402,7 @@ impl Coordinator {
             None => Score::unevaluated(),
         };
         let record = applied.record(evaluation);
-        let model_blob = put_model(&self.blobs, &state.global).await?;
+        let model_blob = put_model(&self.blobs, &global).await?;
         let saved = state.strategy.optimizer.save();
         let state_sha = if saved.is_empty() {
             String::new()

@@ -1,9 +1,12 @@
 //! What the coordinator's callers see: the run's settings, its status, the events it
 //! reports, the work it hands nodes, and how uploads and failed rounds are answered.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use ferry_core::{evaluation::EvaluationSchedule, personal::PersonalTensors};
+use ferry_core::{
+    evaluation::EvaluationSchedule, personal::PersonalTensors, privacy::node::NodePrivacy,
+    strategy::ClientProcedure, task::LocalTraining,
+};
 use ferry_engine::{
     node::RoundTask, record::RoundRecord, round::CohortRule, secure::SecureAggregation,
 };
@@ -145,8 +148,8 @@ pub enum Work {
 pub struct NodeTask {
     /// The run.
     pub run_id: String,
-    /// The round's task (model, training, procedure, seed, server control).
-    pub task: RoundTask,
+    /// What the round asks of its nodes (the model is `model`, a blob).
+    pub task: RoundOrders,
     /// The model blob.
     pub model: BlobRef,
     /// The server-control blob, when the strategy broadcasts state.
@@ -155,6 +158,38 @@ pub struct NodeTask {
     pub deadline_unix_ms: u64,
     /// Secure aggregation: the protocol's parameters and the FedAvg weight cap.
     pub secagg: Option<(SecAggParams, Option<u64>)>,
+}
+
+/// A round's task as the coordinator keeps it while the round runs: everything a node is told
+/// except the model itself, which nodes download from the blob store, so the coordinator
+/// need not hold the global model until the round closes.
+#[derive(Debug, Clone)]
+pub struct RoundOrders {
+    /// The round, from 1.
+    pub round: u32,
+    /// How to train locally.
+    pub training: LocalTraining,
+    /// The strategy's client procedure.
+    pub procedure: ClientProcedure,
+    /// The round's seed.
+    pub seed: u64,
+    /// Server state sent to every node (SCAFFOLD's `c`).
+    pub server_control: Option<Arc<Vec<f32>>>,
+    /// Distributed differential privacy: how the node clips and noises its update.
+    pub privacy: Option<NodePrivacy>,
+}
+
+impl From<RoundTask> for RoundOrders {
+    fn from(task: RoundTask) -> Self {
+        Self {
+            round: task.round,
+            training: task.training,
+            procedure: task.procedure,
+            seed: task.seed,
+            server_control: task.server_control,
+            privacy: task.privacy,
+        }
+    }
 }
 
 /// One node's federated-evaluation task.
