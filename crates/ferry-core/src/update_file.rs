@@ -276,6 +276,24 @@ fn update_header(update: &Update, layout: &ModelLayout) -> Result<(Vec<u8>, Piec
     ))
 }
 
+/// The bytes of `update`'s file, in order: its header, then each tensor's values as they lie
+/// in the update.
+fn segments<'a>(
+    header: &'a [u8],
+    pieces: &'a Pieces,
+    update: &'a Update,
+) -> impl Iterator<Item = &'a [u8]> {
+    let values = |part: Part| match part {
+        Part::Delta => update.delta.as_slice(),
+        Part::Control => update.control_delta.as_deref().unwrap_or_default(),
+    };
+    std::iter::once(header).chain(
+        pieces
+            .iter()
+            .map(move |(part, range)| bytemuck::cast_slice(&values(*part)[range.clone()])),
+    )
+}
+
 /// An update ready to send: its file's bytes are its header followed by its own values, so
 /// they are read at any offset without being assembled.
 #[derive(Debug, Clone)]
@@ -297,15 +315,7 @@ impl EncodedUpdate {
     }
 
     fn segments(&self) -> impl Iterator<Item = &[u8]> {
-        let values = |part: Part| match part {
-            Part::Delta => self.update.delta.as_slice(),
-            Part::Control => self.update.control_delta.as_deref().unwrap_or_default(),
-        };
-        std::iter::once(self.header.as_slice()).chain(
-            self.pieces
-                .iter()
-                .map(move |(part, range)| bytemuck::cast_slice(&values(*part)[range.clone()])),
-        )
+        segments(&self.header, &self.pieces, &self.update)
     }
 
     /// The file's length in bytes.
@@ -362,15 +372,9 @@ impl EncodedUpdate {
 /// Serialises an update for the model `layout` as a safetensors file.
 pub fn encode_update(update: &Update, layout: &ModelLayout) -> Result<Vec<u8>, CoreError> {
     let (header, pieces) = update_header(update, layout)?;
-    let mut bytes = header;
-    for (part, range) in pieces {
-        let values = match part {
-            Part::Delta => &update.delta,
-            Part::Control => update.control_delta.as_ref().unwrap_or(&update.delta),
-        };
-        bytes.extend_from_slice(bytemuck::cast_slice(&values[range]));
-    }
-    Ok(bytes)
+    Ok(segments(&header, &pieces, update)
+        .collect::<Vec<_>>()
+        .concat())
 }
 
 /// Reads an update file written by [`encode_update`] (or any writer of the same tensors) for

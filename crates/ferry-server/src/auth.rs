@@ -4,14 +4,14 @@
 //! call after enrolment. The server acts on the node the credential names, so a node can speak
 //! only for itself.
 
-use ferry_core::model::sha256_hex;
+use ferry_core::model::{hex, sha256_hex};
 use rand::RngCore;
 
 /// A fresh random secret: 32 bytes from the OS-seeded generator, hex-encoded.
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&bytes)
 }
 
 /// A fresh node identifier.

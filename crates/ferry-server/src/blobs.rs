@@ -3,12 +3,11 @@
 //! uploads grow chunk by chunk until they are complete and verified.
 
 use std::{
+    io::{Seek, SeekFrom, Write},
     ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
-
-use std::io::{Seek, SeekFrom, Write};
 
 use bytes::Bytes;
 use ferry_core::model::{hex, sha256_hex};
@@ -71,8 +70,7 @@ impl Blobs {
         if self.size(sha256).await.is_ok() {
             return Ok(());
         }
-        if let Some(dir) = &self.local {
-            let target = dir.join(key(sha256).as_ref());
+        if let Some(target) = self.local_path(sha256) {
             let moved = match target.parent() {
                 Some(parent) => tokio::fs::create_dir_all(parent).await.is_ok(),
                 None => true,
@@ -123,7 +121,7 @@ impl Blobs {
                 "blob {sha256} is corrupt (its content has another hash)"
             ))
         };
-        let Some(dir) = &self.local else {
+        let Some(path) = self.local_path(sha256) else {
             // A remote store: fetch it (checked) into a staging file.
             let bytes = self.get(sha256).await?;
             let path = self.staging.join(format!("fetched-{sha256}.part"));
@@ -134,7 +132,6 @@ impl Blobs {
             let _ = std::fs::remove_file(&path);
             return Ok(file);
         };
-        let path = dir.join(key(sha256).as_ref());
         let mut file = std::fs::File::open(&path)
             .map_err(ServerError::io(format!("opening blob {}", path.display())))?;
         let mut hasher = Sha256::new();
@@ -167,10 +164,9 @@ impl Blobs {
     /// from the page cache takes well under a millisecond; a blocking-thread hop would copy it
     /// once more).
     pub async fn range(&self, sha256: &str, range: Range<u64>) -> Result<Bytes, ServerError> {
-        let Some(dir) = &self.local else {
+        let Some(path) = self.local_path(sha256) else {
             return Ok(self.store.get_range(&key(sha256), range).await?);
         };
-        let path = dir.join(key(sha256).as_ref());
         let mut bytes = vec![0u8; (range.end - range.start) as usize];
         std::fs::File::open(&path)
             .and_then(|file| {
@@ -178,6 +174,13 @@ impl Blobs {
             })
             .map_err(ServerError::io(format!("reading blob {}", path.display())))?;
         Ok(Bytes::from(bytes))
+    }
+
+    /// Where blob `sha256` lies when the store is a local folder.
+    fn local_path(&self, sha256: &str) -> Option<PathBuf> {
+        self.local
+            .as_ref()
+            .map(|dir| dir.join(key(sha256).as_ref()))
     }
 
     /// The staging file of `node`'s upload for `round` with content hash `sha256`.

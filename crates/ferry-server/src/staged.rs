@@ -8,7 +8,7 @@ use std::{
     path::PathBuf,
 };
 
-use ferry_core::{CoreError, ModelLayout, update_file::UpdateFile};
+use ferry_core::{CoreError, ModelLayout, model::hex, update_file::UpdateFile};
 use sha2::{Digest, Sha256};
 
 use crate::blobs::Blobs;
@@ -181,10 +181,6 @@ impl Drop for Verified {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

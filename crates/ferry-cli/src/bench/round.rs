@@ -113,7 +113,7 @@ pub fn run_client(args: RoundClientArgs) -> Result<()> {
         max_backoff: Duration::from_secs(1),
         give_up_after: Duration::from_secs(60),
     };
-    let trainer = Arc::new(SyntheticTrainer::new(args.params));
+    let trainer = Arc::new(SyntheticTrainer(args.params));
     runtime.block_on(agent::run(settings, trainer, |_| {}))?;
     let report = ClientReport {
         peak_rss_bytes: peak_rss_bytes(),
@@ -134,12 +134,6 @@ struct ServerReport {
 /// Returns a synthetic update of the model's size instead of training, so that the clients
 /// spend their time on the protocol; like a no-op trainer, it holds nothing between rounds.
 struct SyntheticTrainer(usize);
-
-impl SyntheticTrainer {
-    fn new(params: usize) -> Self {
-        Self(params)
-    }
-}
 
 /// A small value that varies along the vector (an update of all zeros would compress).
 fn synthetic_value(i: usize) -> f32 {
