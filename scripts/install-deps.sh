@@ -5,6 +5,8 @@
 #   - Python's safetensors and numpy (the tests read Ferry's model files with them)
 #   - PyTorch (Debian's python3-torch, run by /usr/bin/python3) with safetensors, for the
 #     PyTorch path of the Python SDK
+#   - Chromium and its WebDriver (Debian's chromium, chromium-driver): the dashboard's
+#     browser tests drive them headless
 # Safe to run again: anything already present is left alone.
 set -euo pipefail
 
@@ -35,5 +37,10 @@ if ! /usr/bin/python3 -c "import torch, safetensors" 2>/dev/null; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-torch python3-pip >/dev/null
   as_root /usr/bin/python3 -m pip install --quiet --break-system-packages safetensors
+fi
+if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+  echo "installing Chromium and chromium-driver (the dashboard's browser tests)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 echo "dependencies ready"

@@ -70,16 +70,18 @@ fn log_file(path: &Path) -> Result<(Stdio, Stdio)> {
     Ok((file.try_clone()?.into(), file.into()))
 }
 
-fn server_config(args: &DemoArgs, dir: &Path, port: u16) -> String {
+fn server_config(args: &DemoArgs, dir: &Path, port: u16, api_port: u16) -> String {
     let path = |p: &str| dir.join(p).display().to_string();
     format!(
         "listen = \"127.0.0.1:{port}\"\nstore = \"sqlite:{}\"\nblobs = \"{}\"\nout = \"{}\"\n\n\
+         [api]\nlisten = \"127.0.0.1:{api_port}\"\nadmin-token-file = \"{}\"\n\n\
          [tls]\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [run]\ndataset = \"{}\"\nmodel = \"{}\"\nstrategy = \"{}\"\nclients = {}\nmin_clients = {}\n\
          rounds = {}\nseed = {}\nround_timeout = 300\nmin_results = 1\n",
         path("ferry.db"),
         path("blobs"),
         path("results"),
+        path("admin-token"),
         path("certs/server.pem"),
         path("certs/server.key"),
         args.dataset,
@@ -113,9 +115,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &["localhost".into(), "127.0.0.1".into()],
         &[],
     )?;
-    let port = free_port()?;
+    let (port, api_port) = (free_port()?, free_port()?);
     let config = dir.join("server.toml");
-    std::fs::write(&config, server_config(&args, &dir, port))?;
+    std::fs::write(&config, server_config(&args, &dir, port, api_port))?;
     let store_url = format!("sqlite:{}", dir.join("ferry.db").display());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -133,6 +135,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.clients,
         args.dataset,
         args.partition,
+        dir.display()
+    );
+    println!(
+        "dashboard: http://127.0.0.1:{api_port}/ while the demo runs (admin token in {}); \
+         afterwards `ferry dashboard {}`",
+        dir.join("admin-token").display(),
         dir.display()
     );
     let exe = std::env::current_exe().context("cannot find the ferry binary")?;

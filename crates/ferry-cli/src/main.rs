@@ -5,6 +5,7 @@ mod bench;
 mod certs;
 mod chart;
 mod client;
+mod dashboard;
 mod demo;
 mod evaluate;
 mod folder_split;
@@ -40,6 +41,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Run a node: train on local data for a server, send back only model updates.
     Client(Box<client::ClientArgs>),
+    /// Browse finished runs (their output folders) in the web dashboard.
+    Dashboard(dashboard::DashboardArgs),
     /// Create or revoke node enrolment tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -71,6 +74,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
         Command::Client(args) => client::run(*args),
+        Command::Dashboard(args) => dashboard::run(args),
         Command::Token(cmd) => token::run(cmd),
         Command::Certs(args) => certs::run(args),
         Command::Privacy(cmd) => privacy::run(cmd),

@@ -302,6 +302,8 @@ mod tests {
             aggregation_s: 0.0,
             aborted: None,
             federated: None,
+            contributors: vec!["1".into(), "2".into()],
+            failed: Vec::new(),
         }
     }
 

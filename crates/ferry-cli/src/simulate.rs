@@ -1,12 +1,15 @@
 //! `ferry simulate`: run a simulated federation and write its outputs.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use anyhow::{Context, Result};
-use ferry_sim::{Simulation, baselines};
+use ferry_dashboard::live::LiveRun;
+use ferry_engine::federation::StopReason;
+use ferry_sim::{SimConfig, Simulation, baselines};
 
 use crate::{
     client::TrainerMode,
+    dashboard::{self, LiveObserver},
     folder_split,
     options::SimulateArgs,
     own_code::{self, OwnCodeArgs},
@@ -23,6 +26,10 @@ pub struct SimulateCommand {
     /// The user's own code as every node's trainer.
     #[command(flatten)]
     pub own: OwnCodeArgs,
+    /// Serve the live dashboard on this address while the run goes on (loopback: viewable
+    /// from this machine; any other address prints a viewer token).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 /// Runs `ferry simulate` with the given options.
@@ -30,7 +37,7 @@ pub fn run(command: SimulateCommand) -> Result<()> {
     let args = command.run.merge_config_file()?;
     if let Some((trainer, folders)) = command.own.wanted()? {
         let mode = command.own.trainer_mode.unwrap_or(TrainerMode::PerRound);
-        return run_own_code(&args, trainer, mode, &folders);
+        return run_own_code(&args, trainer, mode, &folders, command.dashboard);
     }
     let config = args.resolve()?;
     let out = args.out_dir();
@@ -56,12 +63,19 @@ pub fn run(command: SimulateCommand) -> Result<()> {
         config.threads
     );
     progress::print_split(&classes);
+    let live = live_dashboard(command.dashboard, &out, &config)?;
     let started = Instant::now();
     let mut observer = Both(
-        ConsoleProgress::new(config.rounds),
-        HistoryFiles::new(&out, &config, sim.attackers()),
+        Both(
+            ConsoleProgress::new(config.rounds),
+            HistoryFiles::new(&out, &config, sim.attackers()),
+        ),
+        LiveObserver(live.clone()),
     );
     let outcome = sim.run(&mut observer)?;
+    if let Some(live) = &live {
+        live.finished(&stop_name(outcome.stop));
+    }
     let wall_s = started.elapsed().as_secs_f64();
     let last = outcome.rounds.last().context("the run finished no round")?;
     let baselines = if args.baselines {
@@ -114,12 +128,40 @@ pub fn run(command: SimulateCommand) -> Result<()> {
     Ok(())
 }
 
+/// The dashboard of a simulation of `config` writing to `out`, served on `addr` if asked for.
+fn live_dashboard(
+    addr: Option<std::net::SocketAddr>,
+    out: &std::path::Path,
+    config: &SimConfig,
+) -> Result<Option<Arc<LiveRun>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let run = Arc::new(LiveRun::new(
+        out.display().to_string(),
+        serde_json::to_value(config).context("describing the run for the dashboard")?,
+        config.rounds,
+        (0..config.clients).map(|id| id.to_string()).collect(),
+    ));
+    dashboard::serve_simulation(addr, run.clone())?;
+    Ok(Some(run))
+}
+
+/// A stop reason as the records and the dashboard name it.
+fn stop_name(stop: StopReason) -> String {
+    match serde_json::to_value(stop) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{stop:?}"),
+    }
+}
+
 /// `ferry simulate --trainer-cmd`: the user's program trains every virtual node.
 fn run_own_code(
     args: &SimulateArgs,
     trainer: &str,
     mode: TrainerMode,
     folders: &[std::path::PathBuf],
+    dashboard: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     if args.baselines {
         anyhow::bail!(
@@ -153,12 +195,19 @@ fn run_own_code(
         "ferry simulate: your trainer, {} rounds, strategy {}, seed {}",
         config.rounds, config.strategy, config.seed
     );
+    let live = live_dashboard(dashboard, &out, &config)?;
     let started = Instant::now();
     let mut observer = Both(
-        ConsoleProgress::new(config.rounds),
-        HistoryFiles::new(&out, &config, &[]),
+        Both(
+            ConsoleProgress::new(config.rounds),
+            HistoryFiles::new(&out, &config, &[]),
+        ),
+        LiveObserver(live.clone()),
     );
     let outcome = own_code::run(trainer, mode, &folders, &config, &out, &mut observer)?;
+    if let Some(live) = &live {
+        live.finished(&stop_name(outcome.stop));
+    }
     let f = report::write_simulation(
         &out,
         &config,

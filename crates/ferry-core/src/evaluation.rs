@@ -64,9 +64,24 @@ pub struct FederatedEvaluation {
     /// Example-weighted mean of each named metric, over the nodes that reported it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// Each counted node's own accuracy, by node (what a dashboard shows per node).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_accuracy: BTreeMap<String, f64>,
 }
 
 impl FederatedEvaluation {
+    /// [`FederatedEvaluation::combine`] over each named node's evaluation, keeping every
+    /// node's accuracy under its name.
+    pub fn combine_named(results: &[(String, NodeEvaluation)], failures: usize) -> Option<Self> {
+        let evaluations: Vec<NodeEvaluation> = results.iter().map(|(_, e)| e.clone()).collect();
+        let mut combined = Self::combine(&evaluations, failures)?;
+        combined.node_accuracy = results
+            .iter()
+            .map(|(node, e)| (node.clone(), e.accuracy))
+            .collect();
+        Some(combined)
+    }
+
     /// Combines the nodes' evaluations; `None` when none arrived.
     pub fn combine(results: &[NodeEvaluation], failures: usize) -> Option<Self> {
         if results.is_empty() {
@@ -109,6 +124,7 @@ impl FederatedEvaluation {
                 .into_iter()
                 .map(|(name, (sum, count))| (name, sum / count as f64))
                 .collect(),
+            node_accuracy: BTreeMap::new(),
         })
     }
 }

@@ -65,6 +65,8 @@ pub enum StopReason {
     TargetReached,
     /// The next round would have spent more privacy than the run's epsilon budget.
     BudgetExhausted,
+    /// The operator stopped a deployed run from the dashboard.
+    Stopped,
 }
 
 /// The outcome of a run.
@@ -295,13 +297,13 @@ impl Federation {
                 })
             },
             |_| {},
-            |_, result| match result {
-                Ok(evaluation) => results.push(evaluation),
+            |i, result| match result {
+                Ok(evaluation) => results.push((nodes[chosen[i]].id().to_string(), evaluation)),
                 Err(e) => failures.push(e.to_string()),
             },
         );
         (
-            FederatedEvaluation::combine(&results, failures.len()),
+            FederatedEvaluation::combine_named(&results, failures.len()),
             failures,
         )
     }
@@ -312,6 +314,6 @@ impl Federation {
 fn fold(open: &mut OpenRound, node: NodeId, result: Result<Update, NodeError>) {
     match result {
         Ok(update) => open.accept(&node.to_string(), &update).unwrap_or(()),
-        Err(e) => open.fail(e.to_string()),
+        Err(e) => open.fail(&e.node.to_string(), e.reason),
     }
 }

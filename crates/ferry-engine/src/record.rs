@@ -57,6 +57,28 @@ pub struct RoundRecord {
     /// run evaluated after this round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federated: Option<FederatedEvaluation>,
+    /// The nodes whose updates reached the aggregator, in the order they arrived (what a
+    /// dashboard counts as a node's contributed rounds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contributors: Vec<String>,
+    /// Each selected node that returned no usable update, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<NodeFailure>,
+}
+
+/// A selected node's failure in a round: what it reported, or why its update was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFailure {
+    /// The node.
+    pub node: String,
+    /// What went wrong, in the node's or the server's words.
+    pub reason: String,
+}
+
+impl std::fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {}: {}", self.node, self.reason)
+    }
 }
 
 impl RoundRecord {

@@ -22,7 +22,7 @@ use ferry_core::{
 use crate::{
     EngineError,
     node::{RoundTask, Score},
-    record::RoundRecord,
+    record::{NodeFailure, RoundRecord},
     selection,
 };
 
@@ -103,7 +103,7 @@ pub struct OpenRound {
     bytes_up: u64,
     train_loss_sum: f64,
     train_losses: usize,
-    failures: Vec<String>,
+    failures: Vec<NodeFailure>,
     protocol_bytes_down: u64,
     aborted: Option<String>,
 }
@@ -183,7 +183,7 @@ impl OpenRound {
                 Ok(())
             }
             Err(e) => {
-                self.failures.push(e.to_string());
+                self.fail(node, e.to_string());
                 Err(e)
             }
         }
@@ -224,9 +224,12 @@ impl OpenRound {
         self.aborted = Some(reason);
     }
 
-    /// Counts a selected node that returned no update.
-    pub fn fail(&mut self, reason: String) {
-        self.failures.push(reason);
+    /// Counts `node`, selected, as having returned no usable update, for `reason`.
+    pub fn fail(&mut self, node: &str, reason: String) {
+        self.failures.push(NodeFailure {
+            node: node.to_string(),
+            reason,
+        });
     }
 
     /// Updates folded in so far.
@@ -245,8 +248,9 @@ impl OpenRound {
             as u64
             + self.protocol_bytes_down;
         let train_loss = self.train_loss_sum / self.train_losses.max(1) as f64;
-        let (round, started, failures, bytes_up) =
-            (self.round, self.started, self.failures.len(), self.bytes_up);
+        let (round, started, bytes_up) = (self.round, self.started, self.bytes_up);
+        let failed = self.failures.clone();
+        let contributors = self.accepted_nodes.clone();
         let aborted = self.aborted.clone();
         let stepped = match aborted {
             // An aborted secure round has nothing to aggregate: the model stays.
@@ -262,7 +266,8 @@ impl OpenRound {
             round,
             started,
             participants: stepped.participants,
-            failures,
+            failed,
+            contributors,
             bytes_up,
             bytes_down,
             train_loss,
@@ -294,7 +299,7 @@ impl OpenRound {
                         .failures
                         .iter()
                         .take(3)
-                        .cloned()
+                        .map(NodeFailure::to_string)
                         .collect::<Vec<_>>()
                         .join("; "),
                 });
@@ -336,7 +341,8 @@ pub struct AppliedRound {
     round: u32,
     started: Instant,
     participants: usize,
-    failures: usize,
+    failed: Vec<NodeFailure>,
+    contributors: Vec<String>,
     bytes_up: u64,
     bytes_down: u64,
     train_loss: f64,
@@ -356,7 +362,7 @@ impl AppliedRound {
             loss: score.loss,
             class_accuracy: score.class_accuracy,
             participants: self.participants,
-            failures: self.failures,
+            failures: self.failed.len(),
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
             wall_s: self.started.elapsed().as_secs_f64(),
@@ -369,6 +375,8 @@ impl AppliedRound {
             aggregation_s: self.aggregation_s,
             aborted: self.aborted,
             federated: None,
+            contributors: self.contributors,
+            failed: self.failed,
         }
     }
 }

@@ -287,11 +287,14 @@ pub(crate) fn run_round(
                     Ok(u)
                 }) {
                     Ok(update) => update,
-                    Err(e) => return open.fail(e.to_string()),
+                    Err(e) => return open.fail(&e.node.to_string(), e.reason),
                 };
                 let id = i as u32;
                 let Ok(inbox) = server.inbox(id) else {
-                    return open.fail(format!("node {} left the secure round", selected[i].id()));
+                    return open.fail(
+                        &selected[i].id().to_string(),
+                        "left the secure round".into(),
+                    );
                 };
                 traffic.down += wire_bytes::shares(inbox);
                 let inbox = inbox.to_vec();
@@ -310,7 +313,7 @@ pub(crate) fn run_round(
                             Err(e) => failure = Some(e),
                         }
                     }
-                    Err(e) => open.fail(format!("node {}: {e}", selected[i].id())),
+                    Err(e) => open.fail(&selected[i].id().to_string(), e.to_string()),
                 }
             },
         );

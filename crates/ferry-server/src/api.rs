@@ -3,7 +3,7 @@
 //! `/api/v1/*` needs `Authorization: Bearer <admin token>`; `/metrics` is open, as scrapers
 //! expect, and holds only counters.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
@@ -16,7 +16,7 @@ use ferry_core::model::sha256_hex;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
-use crate::{ServerError, coordinator::Coordinator, store::Store};
+use crate::{coordinator::Coordinator, store::Store};
 
 /// What the API serves from.
 #[derive(Clone)]
@@ -130,19 +130,4 @@ async fn metrics_page(State(api): State<Api>) -> Response {
         api.metrics.render(),
     )
         .into_response()
-}
-
-/// Serves the API on `addr` until `shutdown` completes.
-pub async fn serve(
-    addr: SocketAddr,
-    api: Api,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServerError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(ServerError::io(format!("binding the REST API to {addr}")))?;
-    axum::serve(listener, api.router())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServerError::io("serving the REST API"))
 }

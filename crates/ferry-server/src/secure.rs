@@ -92,6 +92,17 @@ pub(crate) struct SecureStages {
 }
 
 impl SecureStages {
+    /// The stage the round is in, as operators read it.
+    pub(crate) fn stage_name(&self) -> &'static str {
+        match self.stage {
+            Stage::Advertising => "advertise keys",
+            Stage::Sharing => "share keys",
+            Stage::Masking => "masked input",
+            Stage::Unmasking => "unmask",
+            Stage::Done => "done",
+        }
+    }
+
     /// A secure round over updates of `dim` values.
     pub(crate) fn new(
         round: u32,

@@ -309,8 +309,13 @@ impl Fleet for FleetService {
                 }
                 Work::Finished(reason) => break Outcome::Finished(v1::Finished { reason }),
                 Work::Idle(reason) => {
-                    let woke = tokio::time::timeout_at(give_up, changed.changed()).await;
-                    if !matches!(woke, Ok(Ok(()))) {
+                    // A node waiting here is alive: it is marked seen at least three times
+                    // per `offline_after`, so a long wait never shows it offline.
+                    let beat = self.coordinator.spec().offline_after / 3;
+                    let until = give_up.min(tokio::time::Instant::now() + beat);
+                    let woke = tokio::time::timeout_at(until, changed.changed()).await;
+                    let waited_out = woke.is_err() && until >= give_up;
+                    if matches!(woke, Ok(Err(_))) || waited_out {
                         break Outcome::Idle(v1::Idle {
                             retry_after_ms: 500,
                             reason,

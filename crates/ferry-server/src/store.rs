@@ -86,6 +86,17 @@ pub struct NodeRow {
     pub revoked: bool,
 }
 
+/// An enrolment token, as listed to its operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Its name, which the node enrolled with it takes.
+    pub name: String,
+    /// Whether a node has enrolled with it.
+    pub used: bool,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
 fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, ServerError> {
     Ok(NodeRow {
         node_id: row.try_get(0)?,
@@ -272,6 +283,22 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter().map(node_row).collect()
+    }
+
+    /// Every enrolment token, by name (never the token itself: only its hash is stored).
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>, ServerError> {
+        let rows = sqlx::query("SELECT name, used, revoked FROM tokens ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TokenRow {
+                    name: row.try_get(0)?,
+                    used: row.try_get::<i64, _>(1)? != 0,
+                    revoked: row.try_get::<i64, _>(2)? != 0,
+                })
+            })
+            .collect()
     }
 
     /// How many nodes the fleet can have: nodes enrolled and not revoked, and enrolment tokens
@@ -622,6 +649,13 @@ mod tests {
                 .revoked
         );
         assert!(!store.revoke("site-9").await.expect("revoke"));
+        store.add_token("site-2", "h4").await.expect("add");
+        let listed = store.tokens().await.expect("tokens");
+        let state: Vec<(&str, bool, bool)> = listed
+            .iter()
+            .map(|t| (t.name.as_str(), t.used, t.revoked))
+            .collect();
+        assert_eq!(state, [("site-1", true, true), ("site-2", false, false)]);
         store
             .add_token("site-1", "h3")
             .await

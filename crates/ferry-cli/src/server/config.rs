@@ -54,6 +54,10 @@ pub struct ApiFile {
     /// File holding the admin token; created with a fresh token when missing.
     #[serde(default = "default_admin_token_file", alias = "admin_token_file")]
     pub admin_token_file: PathBuf,
+    /// File holding the dashboard's viewer token (created when missing); without it, the
+    /// dashboard's pages are readable from this machine (or with the admin token) only.
+    #[serde(default, alias = "viewer_token_file")]
+    pub viewer_token_file: Option<PathBuf>,
 }
 
 fn default_admin_token_file() -> PathBuf {

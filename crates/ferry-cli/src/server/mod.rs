@@ -27,20 +27,22 @@ use crate::{
 };
 
 mod config;
+mod dashboard;
 
 use crate::starting_point::StartingPoint;
 use config::{ApiFile, DeployedConfig, ServerSetup, load, spec};
 pub use config::{DEFAULT_STORE, ServerArgs, store_url};
 
-/// The admin token in `path`, created (readable by its owner only) when missing.
-fn admin_token(path: &Path) -> Result<String> {
+/// The token in `path`, created (readable by its owner only, starting `ferry-{kind}-`) when
+/// missing.
+fn token_file(path: &Path, kind: &str) -> Result<String> {
     match std::fs::read_to_string(path) {
         Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
-    let token = format!("ferry-admin-{}", ferry_server::auth::new_secret());
+    let token = format!("ferry-{kind}-{}", ferry_server::auth::new_secret());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -55,33 +57,63 @@ fn admin_token(path: &Path) -> Result<String> {
     options
         .open(path)
         .and_then(|mut f| f.write_all(token.as_bytes()))
-        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+        .with_context(|| format!("cannot write the {kind} token to {}", path.display()))?;
     Ok(token)
 }
 
-fn start_api(api: &ApiFile, coordinator: Arc<Coordinator>, store: Store) -> Result<()> {
+fn start_api(
+    api: &ApiFile,
+    config: &DeployedConfig,
+    coordinator: Arc<Coordinator>,
+    store: Store,
+) -> Result<()> {
     let addr: SocketAddr = api
         .listen
         .parse()
         .with_context(|| format!("[api] listen = '{}' is not HOST:PORT", api.listen))?;
-    let token = admin_token(&api.admin_token_file)?;
+    let admin_hash = sha256_hex(token_file(&api.admin_token_file, "admin")?.as_bytes());
+    let viewer_hash = match &api.viewer_token_file {
+        Some(path) => Some(sha256_hex(token_file(path, "viewer")?.as_bytes())),
+        None => None,
+    };
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("cannot start the metrics recorder")?;
-    let handler = ferry_server::api::Api::new(
+    let rest = ferry_server::api::Api::new(
         coordinator.clone(),
-        store,
-        sha256_hex(token.as_bytes()),
+        store.clone(),
+        admin_hash.clone(),
         metrics,
     );
+    let source = dashboard::ServerDashboard::new(
+        coordinator.clone(),
+        store,
+        serde_json::to_value(config).context("describing the run for the dashboard")?,
+    );
+    let pages = ferry_dashboard::Dashboard::new(
+        Arc::new(source),
+        ferry_dashboard::Access::new(viewer_hash, Some(admin_hash)),
+    );
     println!(
-        "REST API on http://{addr}/api/v1/status (admin token in {}), metrics on http://{addr}/metrics",
+        "dashboard on http://{addr}/ ({}); REST API on http://{addr}/api/v1/status (admin token in {}), metrics on http://{addr}/metrics",
+        match &api.viewer_token_file {
+            Some(path) => format!(
+                "from other machines with the viewer token in {}",
+                path.display()
+            ),
+            None => "from this machine; set [api] viewer-token-file to view it from others".into(),
+        },
         api.admin_token_file.display()
     );
+    let router = rest.router().merge(pages.router());
     tokio::spawn(async move {
         let shutdown = async move { coordinator.until_finished().await };
-        if let Err(e) = ferry_server::api::serve(addr, handler, shutdown).await {
-            eprintln!("warning: the REST API stopped: {e}");
+        let served = match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => ferry_dashboard::serve(listener, router, shutdown).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = served {
+            eprintln!("warning: the REST API and dashboard on {addr} stopped: {e}");
         }
     });
     Ok(())
@@ -137,7 +169,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     ));
     let driver = tokio::spawn(coordinator.clone().drive());
     if let Some(api) = &setup.file.api {
-        start_api(api, coordinator.clone(), store.clone())?;
+        start_api(api, &setup.config, coordinator.clone(), store.clone())?;
     }
     let linger = Duration::from_secs_f64((2.0 * setup.config.deployment.heartbeat).max(3.0));
     let finished = {

@@ -237,6 +237,12 @@ impl TestServer {
 pub fn client_args(server: &TestServer, name: &str) -> Vec<String> {
     let token = server.token(name);
     assert!(token.starts_with("ferry-"), "{token}");
+    token_client_args(server, &token, name)
+}
+
+/// `ferry client` arguments that enrol with `token` and keep the credential in
+/// `node-<folder>`.
+pub fn token_client_args(server: &TestServer, token: &str, folder: &str) -> Vec<String> {
     [
         "client",
         "--server",
@@ -244,11 +250,11 @@ pub fn client_args(server: &TestServer, name: &str) -> Vec<String> {
         "--ca",
         &server.ca(),
         "--token",
-        &token,
+        token,
         "--state-dir",
         server
             .dir
-            .join(format!("node-{name}"))
+            .join(format!("node-{folder}"))
             .to_str()
             .expect("utf-8"),
     ]
@@ -267,24 +273,29 @@ pub fn share_client_args(
     give_up_s: u32,
 ) -> Vec<String> {
     let mut args = client_args(server, &format!("site-{index}"));
-    args.extend(
-        [
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            model,
-            "--partition",
-            "iid",
-            "--num-partitions",
-            &nodes.to_string(),
-            "--partition-index",
-            &index.to_string(),
-            "--give-up-after",
-            &give_up_s.to_string(),
-        ]
-        .map(String::from),
-    );
+    args.extend(share_args(model, nodes, index, give_up_s));
     args
+}
+
+/// The `ferry client` arguments that train the built-in `model` on share `index` of `nodes`
+/// IID shares of the MNIST subset and give up after `give_up_s` seconds without the server.
+pub fn share_args(model: &str, nodes: usize, index: usize, give_up_s: u32) -> Vec<String> {
+    [
+        "--dataset",
+        "mnist-subset",
+        "--model",
+        model,
+        "--partition",
+        "iid",
+        "--num-partitions",
+        &nodes.to_string(),
+        "--partition-index",
+        &index.to_string(),
+        "--give-up-after",
+        &give_up_s.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Runs `server` expecting it to refuse its configuration at start; returns what it said.

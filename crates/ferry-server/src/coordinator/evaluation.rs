@@ -26,7 +26,7 @@ pub(super) struct Evaluating {
     /// The nodes asked; `None` until a node is online to ask.
     asked: Option<BTreeSet<String>>,
     answered: BTreeSet<String>,
-    results: Vec<NodeEvaluation>,
+    results: Vec<(String, NodeEvaluation)>,
     failures: usize,
     seed: u64,
     opened: Instant,
@@ -155,7 +155,7 @@ impl Coordinator {
         };
         let silent = e.asked.as_ref().map_or(0, |a| a.len() - e.answered.len());
         let mut record = e.record;
-        record.federated = FederatedEvaluation::combine(&e.results, e.failures + silent);
+        record.federated = FederatedEvaluation::combine_named(&e.results, e.failures + silent);
         let finished = e.then_finish.or_else(|| self.finish_reason(&record));
         let json = serde_json::to_string(&record)
             .map_err(|e| ServerError::Settings(format!("round record: {e}")))?;
@@ -223,7 +223,7 @@ impl Coordinator {
         e.answered.insert(node.to_string());
         let outcome = match evaluation.validate() {
             Ok(()) => {
-                e.results.push(evaluation);
+                e.results.push((node.to_string(), evaluation));
                 Ok(())
             }
             Err(reason) => {

@@ -89,6 +89,8 @@ struct State {
     retry_at: Option<Instant>,
     waiting_noted: bool,
     fleet_check: Option<FleetCheck>,
+    /// The operator asked the run to end once no round is open.
+    stop_requested: bool,
 }
 
 /// What the store said, while the run waits for nodes, about the fleet it could still have.
@@ -211,6 +213,7 @@ impl Coordinator {
                 retry_at: None,
                 waiting_noted: false,
                 fleet_check: None,
+                stop_requested: false,
             }),
             changed: watch::channel(0).0,
             events,
@@ -294,7 +297,29 @@ impl Coordinator {
                 .and_then(|p| p.spent())
                 .map(|s| s.epsilon),
             delta: state.strategy.privacy.as_ref().map(|p| p.settings().delta),
+            secagg_stage: state
+                .training
+                .as_ref()
+                .and_then(|t| t.secure.as_ref())
+                .map(|s| s.stage_name().to_string()),
+            stop_requested: state.stop_requested,
         }
+    }
+
+    /// Ends the run once the open round (and its federated evaluation) has committed, or at
+    /// once if none is open; the run ends as `stopped`.
+    pub async fn stop_after_round(&self) {
+        let mut state = self.state.lock().await;
+        if state.finished.is_some() || state.stop_requested {
+            return;
+        }
+        state.stop_requested = true;
+        let round = state.round;
+        drop(state);
+        self.emit(Event::Notice(format!(
+            "the operator asked to stop; the run ends once round {round} is no longer open"
+        )));
+        self.notify();
     }
 
     /// Seconds since each online node was last heard from.

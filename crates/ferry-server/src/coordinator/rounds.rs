@@ -22,6 +22,9 @@ use crate::{
 
 /// The longest wait between attempts at a failing round (unless the configured backoff is
 /// longer).
+/// Why a run ends when its operator stopped it.
+pub const STOPPED: &str = "stopped";
+
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 
 impl Coordinator {
@@ -94,6 +97,13 @@ impl Coordinator {
     /// Starts the next round if its backoff is over and enough nodes are online; says once
     /// what it waits for otherwise.
     async fn start_round(&self, state: &mut State, now: Instant) -> Result<bool, ServerError> {
+        if state.stop_requested {
+            let reason = STOPPED.to_string();
+            self.store.finish_run(&reason).await?;
+            state.finished = Some(reason.clone());
+            self.emit(Event::Finished(reason));
+            return Ok(true);
+        }
         if state.retry_at.is_some_and(|at| now < at) {
             return Ok(false);
         }

@@ -95,6 +95,10 @@ pub struct RunStatus {
     pub epsilon: Option<f64>,
     /// Differential privacy: the delta of the guarantee.
     pub delta: Option<f64>,
+    /// Secure aggregation: the open round's stage.
+    pub secagg_stage: Option<String>,
+    /// Whether the operator asked the run to stop after the current round.
+    pub stop_requested: bool,
 }
 
 /// What the coordinator tells its operator.

@@ -197,7 +197,7 @@ impl Coordinator {
     fn refuse(&self, state: &mut State, node: &str, refusal: &Refusal) {
         if let (Some(t), Refusal::Invalid(reason)) = (state.training.as_mut(), refusal) {
             t.answered.insert(node.to_string());
-            t.open.fail(format!("node {node}: {reason}"));
+            t.open.fail(node, reason.to_string());
             self.emit(Event::Notice(format!(
                 "refused node {node}'s update for round {}: {reason}",
                 t.plan_task.round
@@ -218,7 +218,7 @@ impl Coordinator {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
         }) {
             t.answered.insert(node.to_string());
-            t.open.fail(format!("node {node}: {reason}"));
+            t.open.fail(node, reason.to_string());
             self.emit(Event::Notice(format!(
                 "node {node} gave up round {round}: {reason}"
             )));
