@@ -24,7 +24,8 @@ const PURGE_DELAY: &str = "MIMALLOC_PURGE_DELAY";
 /// `ferry bench round`).
 fn is_coordinator(args: &[std::ffi::OsString]) -> bool {
     let word = |i: usize| args.get(i).and_then(|a| a.to_str());
-    word(0) == Some("server") || (word(0) == Some("bench") && word(1) == Some("round-server"))
+    word(0) == Some("server")
+        || (word(0) == Some("bench") && matches!(word(1), Some("round-server" | "fleet-server")))
 }
 
 /// Restarts the process (same id, same arguments) with the allocator settings in its

@@ -301,6 +301,9 @@ pub fn run(args: ClientArgs) -> Result<()> {
         AgentEvent::Ready { node_id, name } => {
             println!("enrolled as node {node_id} ('{name}')")
         }
+        AgentEvent::Assigned(round) => {
+            println!("round {round}: task received, downloading the model")
+        }
         AgentEvent::Training(round) => println!("round {round}: training"),
         AgentEvent::Evaluating(round) => println!("round {round}: evaluating the new model"),
         AgentEvent::Evaluated { round, accuracy } => {

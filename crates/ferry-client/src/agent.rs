@@ -103,6 +103,8 @@ pub enum AgentEvent {
         /// Its token name.
         name: String,
     },
+    /// A round's training task arrived (its model is downloaded next).
+    Assigned(u32),
     /// Training for a round.
     Training(u32),
     /// Scoring a round's global model on the node's held-out data.
@@ -138,8 +140,19 @@ pub async fn run(
     trainer: Arc<dyn Trainer>,
     on_event: impl Fn(AgentEvent) + Send + Sync,
 ) -> Result<String, ClientError> {
-    let mut client = FleetClient::new(connection::channel(&settings.server)?)
-        .max_decoding_message_size(64 * 1024 * 1024);
+    let channel = connection::channel(&settings.server)?;
+    run_on(channel, settings, trainer, on_event).await
+}
+
+/// [`run`] over `channel`, which other agents in the process may share (a fleet simulator
+/// multiplexes many nodes over one connection: each call carries its own node's credential).
+pub async fn run_on(
+    channel: Channel,
+    settings: AgentSettings,
+    trainer: Arc<dyn Trainer>,
+    on_event: impl Fn(AgentEvent) + Send + Sync,
+) -> Result<String, ClientError> {
+    let mut client = FleetClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut backoff = Backoff::new(Duration::from_millis(250), settings.max_backoff);
     let credential = credential(&settings, &mut client, &mut backoff, &on_event).await?;
     on_event(AgentEvent::Ready {
@@ -361,6 +374,7 @@ async fn work(
     on_event: &(impl Fn(AgentEvent) + Send + Sync),
 ) -> Result<(), ClientError> {
     let round = task.round;
+    on_event(AgentEvent::Assigned(round));
     let abandon = |reason: String| AgentEvent::Abandoned { round, reason };
     let Some(training) = task.training else {
         on_event(abandon("task lacks training settings".into()));

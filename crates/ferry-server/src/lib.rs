@@ -18,10 +18,12 @@ pub mod auth;
 pub mod blobs;
 pub mod coordinator;
 pub mod error;
+pub mod rpc_timing;
 pub mod secure;
 pub mod service;
 pub mod staged;
 pub mod store;
+pub mod turns;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -83,6 +85,7 @@ pub async fn serve(
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     builder
+        .layer(rpc_timing::RpcTiming)
         .add_service(service)
         .serve_with_shutdown(listener.addr, shutdown)
         .await?;

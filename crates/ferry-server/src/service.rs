@@ -20,6 +20,7 @@ use crate::{
     secure::{SecAggReply, SecAggStep},
     staged::{StageError, StagedUpload},
     store::Store,
+    turns::TransferTurns,
 };
 
 /// Longest a PullTask call is held open.
@@ -36,12 +37,19 @@ const CONCURRENT_DECODES: usize = 2;
 /// keep every core busy.
 const CONCURRENT_TRANSFERS: usize = 8;
 
+/// The longest an upload's status call waits for a turn to reserve (the upload then waits
+/// for one itself).
+const RESERVATION_PATIENCE: Duration = Duration::from_secs(20);
+
+/// How long a reserved turn waits for its upload before it goes back.
+const RESERVATION_HOLD: Duration = Duration::from_secs(10);
+
 /// The fleet service over one coordinator and its store.
 pub struct FleetService {
     coordinator: Arc<Coordinator>,
     store: Store,
     decoding: tokio::sync::Semaphore,
-    transfers: Arc<tokio::sync::Semaphore>,
+    transfers: Arc<TransferTurns>,
 }
 
 impl FleetService {
@@ -51,7 +59,7 @@ impl FleetService {
             coordinator,
             store,
             decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
-            transfers: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_TRANSFERS)),
+            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, RESERVATION_HOLD),
         }
     }
 
@@ -297,7 +305,7 @@ impl Fleet for FleetService {
     ) -> Result<Response<PullTaskResponse>, Status> {
         let node = self.authenticate(&request).await?;
         let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
-        let mut changed = self.coordinator.subscribe();
+        let mut changed = self.coordinator.subscribe_work();
         let give_up = tokio::time::Instant::now() + wait;
         let outcome = loop {
             match self.coordinator.work_for(&node).await {
@@ -358,8 +366,7 @@ impl Fleet for FleetService {
         let total = blob.size;
         let turn = self
             .transfers
-            .clone()
-            .acquire_owned()
+            .for_download()
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let stream = futures::stream::unfold(offset, move |at| {
@@ -396,7 +403,7 @@ impl Fleet for FleetService {
         let node = self.authenticate(&request).await?;
         let _turn = self
             .transfers
-            .acquire()
+            .for_upload(&node)
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let mut chunks = request.into_inner();
@@ -510,6 +517,8 @@ impl Fleet for FleetService {
         {
             return Ok(Response::new(receipt(0, Some(dup))));
         }
+        // The node uploads next: it waits here, sending nothing, until it may.
+        self.transfers.reserve(&node, RESERVATION_PATIENCE).await;
         let path = self.coordinator.blobs().staging_file(round, &node, &sha256);
         Ok(Response::new(receipt(staged_len(&path).await, None)))
     }

@@ -2,6 +2,7 @@
 
 mod aggregate;
 mod dp;
+mod fleet;
 mod niid;
 mod robust;
 mod round;
@@ -52,6 +53,16 @@ pub enum BenchCommand {
     /// The external-command trainer's cost per round: a process per round against one
     /// long-lived process.
     Trainer(trainer::TrainerArgs),
+    /// A fleet of node agents (many per process) against a real server over loopback TLS for
+    /// R rounds: round time, task dispatch latency, server memory, CPU, sockets, store size
+    /// and RPC latency, as a table and CSV.
+    Fleet(fleet::FleetArgs),
+    /// The server half of `bench fleet` (started by it).
+    #[command(hide = true)]
+    FleetServer(fleet::FleetServerArgs),
+    /// The nodes of `bench fleet` (started by it).
+    #[command(hide = true)]
+    FleetNodes(fleet::FleetNodesArgs),
     /// The server half of `bench round` (started by it).
     #[command(hide = true)]
     RoundServer(round::RoundServerArgs),
@@ -65,6 +76,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let cmd = match cmd {
         BenchCommand::RoundServer(args) => return round::run_server(args),
         BenchCommand::RoundClient(args) => return round::run_client(args),
+        BenchCommand::FleetServer(args) => return fleet::run_server(args),
+        BenchCommand::FleetNodes(args) => return fleet::run_nodes(args),
         other => other,
     };
     println!("machine: {}", machine());
@@ -75,12 +88,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Niid(args) => niid::run(args),
         BenchCommand::Robust(args) => robust::run(*args),
         BenchCommand::Round(args) => round::run(args),
+        BenchCommand::Fleet(args) => fleet::run(args),
         BenchCommand::Trainer(args) => trainer::run(args),
         BenchCommand::Secagg(args) => secagg::run(args),
         BenchCommand::SimRound(args) => sim_round::run(args),
         BenchCommand::Tls(args) => tls::run(args),
         BenchCommand::RoundServer(args) => round::run_server(args),
         BenchCommand::RoundClient(args) => round::run_client(args),
+        BenchCommand::FleetServer(args) => fleet::run_server(args),
+        BenchCommand::FleetNodes(args) => fleet::run_nodes(args),
     }
 }
 

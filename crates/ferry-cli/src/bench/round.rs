@@ -133,7 +133,7 @@ struct ServerReport {
 
 /// Returns a synthetic update of the model's size instead of training, so that the clients
 /// spend their time on the protocol; like a no-op trainer, it holds nothing between rounds.
-struct SyntheticTrainer(usize);
+pub(super) struct SyntheticTrainer(pub(super) usize);
 
 /// A small value that varies along the vector (an update of all zeros would compress).
 fn synthetic_value(i: usize) -> f32 {
@@ -154,7 +154,7 @@ impl Trainer for SyntheticTrainer {
     }
 }
 
-fn synthetic_model(params: usize) -> Result<Model> {
+pub(super) fn synthetic_model(params: usize) -> Result<Model> {
     let layout = ModelLayout::new(vec![TensorSpec {
         name: "weights".into(),
         shape: vec![params],
@@ -163,7 +163,68 @@ fn synthetic_model(params: usize) -> Result<Model> {
     Ok(Model::new(Arc::new(layout), vec![0.0; params])?)
 }
 
-fn store_url(dir: &Path) -> String {
+/// A benchmark's coordinator over a fresh FedAvg run of `spec` for `nodes` nodes on a
+/// synthetic model of `params` values (nothing is evaluated: the figures are the
+/// transport's), with the store and certificates its parent prepared in `dir`, and the TLS
+/// listener on loopback `port`.
+pub(super) async fn start_server(
+    dir: &Path,
+    port: u16,
+    spec: RunSpec,
+    nodes: usize,
+    params: usize,
+) -> Result<(
+    Arc<Coordinator>,
+    tokio::sync::mpsc::UnboundedReceiver<Event>,
+    Store,
+    Listener,
+)> {
+    let store = Store::open(&store_url(dir)).await?;
+    let blobs = Blobs::local(&dir.join("blobs"))?;
+    let strategy = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), nodes);
+    let model = synthetic_model(params)?;
+    let (coordinator, events) =
+        Coordinator::start(spec, strategy, model, None, store.clone(), blobs).await?;
+    let listener = Listener {
+        addr: ([127, 0, 0, 1], port).into(),
+        tls: Some(TlsPem {
+            cert: std::fs::read(dir.join("certs/server.pem"))?,
+            key: std::fs::read(dir.join("certs/server.key"))?,
+            client_ca: None,
+        }),
+    };
+    Ok((coordinator, events, store, listener))
+}
+
+/// A benchmark run's settings: `rounds` rounds of `cohort`, every cohort node's update
+/// needed, no evaluation, default liveness.
+pub(super) fn bench_spec(
+    name: &str,
+    rounds: u32,
+    cohort: CohortRule,
+    round_timeout: Duration,
+    max_chunk_bytes: usize,
+) -> RunSpec {
+    RunSpec {
+        config_hash: name.into(),
+        rounds,
+        min_results: cohort.min_clients,
+        cohort,
+        round_timeout,
+        target_accuracy: None,
+        heartbeat_interval: Duration::from_secs(5),
+        offline_after: Duration::from_secs(60),
+        max_chunk_bytes,
+        secure: None,
+        secagg_stage_timeout: Duration::from_secs(60),
+        retry_backoff: Duration::from_secs(1),
+        max_round_failures: 3,
+        evaluation: EvaluationSchedule::OFF,
+        personal: Default::default(),
+    }
+}
+
+pub(super) fn store_url(dir: &Path) -> String {
     format!("sqlite:{}", dir.join("ferry.db").display())
 }
 
@@ -173,54 +234,20 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let store = Store::open(&store_url(&args.dir)).await?;
-        let blobs = Blobs::local(&args.dir.join("blobs"))?;
-        let spec = RunSpec {
-            config_hash: "bench-round".into(),
-            rounds: 1,
-            cohort: CohortRule {
+        let spec = bench_spec(
+            "bench-round",
+            1,
+            CohortRule {
                 fraction: 1.0,
                 min_clients: args.clients,
                 seed: 0,
                 training: super::no_training(),
             },
-            min_results: args.clients,
-            round_timeout: Duration::from_secs(600),
-            target_accuracy: None,
-            heartbeat_interval: Duration::from_secs(5),
-            offline_after: Duration::from_secs(60),
-            max_chunk_bytes: args.chunk_bytes,
-            secure: None,
-            secagg_stage_timeout: Duration::from_secs(60),
-            retry_backoff: Duration::from_secs(1),
-            max_round_failures: 3,
-            evaluation: EvaluationSchedule::OFF,
-            personal: Default::default(),
-        };
-        let strategy = Strategy::new(
-            StrategyName::FedAvg,
-            &StrategyParams::default(),
-            args.clients,
+            Duration::from_secs(600),
+            args.chunk_bytes,
         );
-        let (coordinator, mut events) = Coordinator::start(
-            spec,
-            strategy,
-            synthetic_model(args.params)?,
-            // The round's figures are the transport's; nothing is evaluated.
-            None,
-            store.clone(),
-            blobs,
-        )
-        .await?;
-        let tls = TlsPem {
-            cert: std::fs::read(args.dir.join("certs/server.pem"))?,
-            key: std::fs::read(args.dir.join("certs/server.key"))?,
-            client_ca: None,
-        };
-        let listener = Listener {
-            addr: ([127, 0, 0, 1], args.port).into(),
-            tls: Some(tls),
-        };
+        let (coordinator, mut events, store, listener) =
+            start_server(&args.dir, args.port, spec, args.clients, args.params).await?;
         let driver = tokio::spawn(coordinator.clone().drive());
         let shutdown = {
             let coordinator = coordinator.clone();

@@ -112,6 +112,7 @@ pub struct Coordinator {
     floor: RoundFloor,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    work: watch::Sender<u64>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -216,6 +217,7 @@ impl Coordinator {
                 stop_requested: false,
             }),
             changed: watch::channel(0).0,
+            work: watch::channel(0).0,
             events,
         });
         coordinator.resume_open_round().await?;
@@ -347,8 +349,22 @@ impl Coordinator {
         self.changed.subscribe()
     }
 
+    /// A receiver that changes only when a waiting node may have been given work: a round or
+    /// an evaluation opened, a deadline was extended, or the run ended. Nodes long-polling for
+    /// a task wait on this, so a thousand accepted updates do not wake ten thousand waiting
+    /// nodes a thousand times each.
+    pub fn subscribe_work(&self) -> watch::Receiver<u64> {
+        self.work.subscribe()
+    }
+
     fn notify(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// [`Coordinator::notify`], for a change that may give waiting nodes work.
+    fn notify_work(&self) {
+        self.notify();
+        self.work.send_modify(|v| *v += 1);
     }
 
     fn emit(&self, event: Event) {

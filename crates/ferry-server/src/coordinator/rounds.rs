@@ -61,7 +61,7 @@ impl Coordinator {
         drop(state);
         self.emit(Event::Notice(message));
         self.emit(Event::Finished(COORDINATOR_ERROR.to_string()));
-        self.notify();
+        self.notify_work();
     }
 
     /// One look at the run; returns why it ended once it has.
@@ -89,7 +89,8 @@ impl Coordinator {
         let finished = state.finished.clone();
         drop(guard);
         if changed {
-            self.notify();
+            // Rounds and evaluations open, deadlines extend and runs end only here.
+            self.notify_work();
         }
         Ok(finished)
     }

@@ -1,0 +1,211 @@
+//! The server half of `ferry bench fleet`: a real coordinator and fleet service over loopback
+//! TLS, reporting its memory, CPU, sockets and store after every round, and each RPC's
+//! latency at the end.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use clap::Args;
+use ferry_engine::round::CohortRule;
+use ferry_server::coordinator::{Event, RunSpec};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+use super::{RoundSample, RpcLatency, ServerSummary, process};
+use crate::bench::round::{bench_spec, start_server};
+
+/// The server half of `ferry bench fleet` (started by it).
+#[derive(Args, Debug)]
+pub struct FleetServerArgs {
+    /// Working folder prepared by the parent (certificates, store with the tokens).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Loopback port to listen on.
+    #[arg(long)]
+    pub port: u16,
+    /// Nodes enrolled; the first round waits until all are online.
+    #[arg(long)]
+    pub nodes: usize,
+    /// Nodes asked per round.
+    #[arg(long)]
+    pub per_round: usize,
+    /// Model parameters.
+    #[arg(long)]
+    pub params: usize,
+    /// Rounds.
+    #[arg(long)]
+    pub rounds: u32,
+    /// Seconds a round waits for its cohort.
+    #[arg(long)]
+    pub round_timeout: u64,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn spec(args: &FleetServerArgs) -> RunSpec {
+    let cohort = CohortRule {
+        fraction: args.per_round as f64 / args.nodes as f64,
+        min_clients: args.per_round,
+        seed: 0,
+        training: crate::bench::no_training(),
+    };
+    let timeout = Duration::from_secs(args.round_timeout);
+    bench_spec("bench-fleet", args.rounds, cohort, timeout, 1 << 20)
+}
+
+/// Every RPC duration recorded so far, by method: drained from the recorder after each
+/// round (it keeps raw samples until then), so quantiles are exact.
+#[derive(Default)]
+struct RpcSamples(BTreeMap<String, Vec<f64>>);
+
+impl RpcSamples {
+    fn drain(&mut self, recorder: &Snapshotter) {
+        for (key, _, _, value) in recorder.snapshot().into_vec() {
+            let DebugValue::Histogram(values) = value else {
+                continue;
+            };
+            let key = key.key();
+            if key.name() != "ferry_rpc_seconds" {
+                continue;
+            }
+            let method = key
+                .labels()
+                .find(|l| l.key() == "method")
+                .map_or_else(|| "?".to_string(), |l| l.value().to_string());
+            self.0
+                .entry(method)
+                .or_default()
+                .extend(values.into_iter().map(|v| v.into_inner()));
+        }
+    }
+
+    fn latencies(mut self) -> BTreeMap<String, RpcLatency> {
+        self.0
+            .iter_mut()
+            .map(|(method, values)| {
+                values.sort_by(f64::total_cmp);
+                let latency = RpcLatency {
+                    p50_s: super::quantile(values, 0.5),
+                    p99_s: super::quantile(values, 0.99),
+                    count: values.len() as u64,
+                };
+                (method.clone(), latency)
+            })
+            .collect()
+    }
+}
+
+/// Runs the server half and prints a JSON line per round and a summary.
+pub fn run(args: FleetServerArgs) -> Result<()> {
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    recorder
+        .install()
+        .map_err(|_| anyhow::anyhow!("cannot start the metrics recorder"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (coordinator, mut events, store, listener) =
+            start_server(&args.dir, args.port, spec(&args), args.nodes, args.params).await?;
+        // The peak resident memory since the previous round, sampled every 50 ms.
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(process::rss_bytes().unwrap_or(0), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let driver = {
+            let coordinator = coordinator.clone();
+            let nodes = args.nodes;
+            tokio::spawn(async move {
+                // The fleet enrols first: rounds draw from every node, as a standing fleet's do.
+                let mut changed = coordinator.subscribe();
+                while coordinator.status().await.nodes_online < nodes {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+                }
+                println!("{}", serde_json::json!({"fleet_online_unix_ms": unix_ms()}));
+                coordinator.drive().await
+            })
+        };
+        let rpc = Arc::new(std::sync::Mutex::new(RpcSamples::default()));
+        let reporter = {
+            let (dir, metrics, rpc) = (args.dir.clone(), metrics.clone(), rpc.clone());
+            tokio::spawn(async move {
+                let mut opened = BTreeMap::new();
+                while let Some(event) = events.recv().await {
+                    match event {
+                        Event::RoundStarted { round, .. } => {
+                            opened.insert(round, unix_ms());
+                        }
+                        Event::RoundFinished(record) => {
+                            let sample = RoundSample {
+                                round: record.round,
+                                opened_unix_ms: opened.get(&record.round).copied().unwrap_or(0),
+                                wall_s: record.wall_s,
+                                participants: record.participants,
+                                rss_mb: process::rss_bytes().unwrap_or(0) as f64 / 1e6,
+                                peak_rss_mb: peak
+                                    .swap(0, Ordering::Relaxed)
+                                    .max(process::rss_bytes().unwrap_or(0))
+                                    as f64
+                                    / 1e6,
+                                cpu_s: process::cpu_seconds().unwrap_or(f64::NAN),
+                                sockets: process::open_sockets().unwrap_or(0),
+                                store_mb: process::folder_bytes(&dir.join("ferry.db"))
+                                    .saturating_add(process::folder_bytes(
+                                        &dir.join("ferry.db-wal"),
+                                    ))
+                                    .saturating_add(process::folder_bytes(&dir.join("blobs")))
+                                    as f64
+                                    / 1e6,
+                            };
+                            println!("{}", serde_json::to_string(&sample).unwrap_or_default());
+                            rpc.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .drain(&metrics);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+        println!("ready");
+        let shutdown = {
+            let coordinator = coordinator.clone();
+            async move {
+                coordinator.until_finished().await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+        };
+        ferry_server::serve(listener, coordinator.clone(), store, shutdown).await?;
+        driver.await??;
+        sampler.abort();
+        drop(coordinator);
+        // The last round's line is printed once the coordinator's events end.
+        let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
+        let mut rpc = std::mem::take(&mut *rpc.lock().unwrap_or_else(|e| e.into_inner()));
+        rpc.drain(&metrics);
+        let summary = ServerSummary {
+            rpc: rpc.latencies(),
+            cpu_s: process::cpu_seconds().unwrap_or(f64::NAN),
+        };
+        println!("{}", serde_json::to_string(&summary)?);
+        anyhow::Ok(())
+    })
+}
