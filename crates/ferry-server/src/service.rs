@@ -517,8 +517,13 @@ impl Fleet for FleetService {
         {
             return Ok(Response::new(receipt(0, Some(dup))));
         }
-        // The node uploads next: it waits here, sending nothing, until it may.
-        self.transfers.reserve(&node, RESERVATION_PATIENCE).await;
+        // The node uploads next: it waits here, sending nothing, until it may, and counts
+        // as online while it waits.
+        let beat = (self.coordinator.spec().offline_after / 3).max(Duration::from_millis(100));
+        let give_up = tokio::time::Instant::now() + RESERVATION_PATIENCE;
+        while !self.transfers.reserve(&node, beat).await && tokio::time::Instant::now() < give_up {
+            self.coordinator.seen(&node).await;
+        }
         let path = self.coordinator.blobs().staging_file(round, &node, &sha256);
         Ok(Response::new(receipt(staged_len(&path).await, None)))
     }
