@@ -11,7 +11,6 @@
 mod support;
 
 use std::{
-    io::{Read, Write},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -20,8 +19,8 @@ use std::{
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use support::{
-    Killer, TestServer, client_args, free_port, rounds_done, share_args, share_client_args,
-    spawn_logged, token_client_args, wait_for,
+    Killer, TestServer, client_args, free_port, http_post, rounds_done, share_args,
+    share_client_args, spawn_logged, token_client_args, until_listening, wait_for,
 };
 
 /// A node name that is markup: it must reach the page as text.
@@ -45,11 +44,7 @@ fn start_driver() -> Driver {
         .stderr(Stdio::null())
         .spawn()
         .expect("chromedriver runs (scripts/install-deps.sh installs chromium-driver)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    until_listening(port, "chromedriver", Duration::from_secs(20));
     Driver(child, port)
 }
 
@@ -95,28 +90,6 @@ async fn until(page: &Client, what: &str, limit: Duration, script: &str) {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// A raw HTTP/1.1 POST on loopback with extra header lines; returns the status code.
-fn post(port: u16, path: &str, headers: &str, body: &str) -> u16 {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line")
 }
 
 /// A page script: whether the nodes table shows `name` as `status`.
@@ -292,23 +265,13 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     let admin = server.admin_token();
     let auth = format!("Authorization: Bearer {admin}\r\n");
     let body = r#"{"name":"intruder"}"#;
+    let port = server.api_port;
+    let cross_site = format!("{auth}Origin: http://evil.example\r\n");
+    let refused = |path: &str, headers: &str, body: &str| http_post(port, path, headers, body).0;
+    assert_eq!(refused("/dashboard/v1/tokens", &cross_site, body), 403);
+    assert_eq!(refused("/dashboard/v1/tokens", "", body), 401);
     assert_eq!(
-        post(
-            server.api_port,
-            "/dashboard/v1/tokens",
-            &format!("{auth}Origin: http://evil.example\r\n"),
-            body
-        ),
-        403
-    );
-    assert_eq!(post(server.api_port, "/dashboard/v1/tokens", "", body), 401);
-    assert_eq!(
-        post(
-            server.api_port,
-            "/dashboard/v1/stop",
-            "Sec-Fetch-Site: cross-site\r\n",
-            "{}"
-        ),
+        refused("/dashboard/v1/stop", "Sec-Fetch-Site: cross-site\r\n", "{}"),
         403
     );
 
@@ -370,15 +333,6 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     let history = support::history(&server.out).expect("history.json");
     assert_eq!(history["final"]["stop"], "stopped", "{}", history["final"]);
     let _ = page.close().await;
-}
-
-/// Waits until something listens on loopback `port`.
-fn until_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listened on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A finished run's history with `nodes` nodes, a tenth of them contributing to each of
@@ -458,7 +412,7 @@ async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
         ],
         &tmp.path().join("dashboard.log"),
     )]);
-    until_listening(port);
+    until_listening(port, "ferry dashboard", Duration::from_secs(60));
     let driver = start_driver();
     let page = browser(&driver).await;
     let home = format!("http://127.0.0.1:{port}/");
@@ -564,7 +518,11 @@ async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
         .map(String::from),
         &tmp.path().join("simulate.log"),
     ));
-    until_listening(live_port);
+    until_listening(
+        live_port,
+        "ferry simulate --dashboard",
+        Duration::from_secs(60),
+    );
     page.goto(&format!("http://127.0.0.1:{live_port}/"))
         .await
         .expect("live simulation");

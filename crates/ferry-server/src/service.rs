@@ -63,6 +63,13 @@ impl FleetService {
         }
     }
 
+    /// How often a call that keeps a node waiting marks it seen: three times per
+    /// `offline_after`, so a waiting node never counts as offline (never under 100 ms, so a
+    /// tiny `offline_after` cannot make a wait spin).
+    fn liveness_beat(&self) -> Duration {
+        (self.coordinator.spec().offline_after / 3).max(Duration::from_millis(100))
+    }
+
     /// The node a call comes from, or UNAUTHENTICATED with the reason.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
         let header = request
@@ -319,8 +326,7 @@ impl Fleet for FleetService {
                 Work::Idle(reason) => {
                     // A node waiting here is alive: it is marked seen at least three times
                     // per `offline_after`, so a long wait never shows it offline.
-                    let beat = self.coordinator.spec().offline_after / 3;
-                    let until = give_up.min(tokio::time::Instant::now() + beat);
+                    let until = give_up.min(tokio::time::Instant::now() + self.liveness_beat());
                     let woke = tokio::time::timeout_at(until, changed.changed()).await;
                     let waited_out = woke.is_err() && until >= give_up;
                     if matches!(woke, Ok(Err(_))) || waited_out {
@@ -519,9 +525,10 @@ impl Fleet for FleetService {
         }
         // The node uploads next: it waits here, sending nothing, until it may, and counts
         // as online while it waits.
-        let beat = (self.coordinator.spec().offline_after / 3).max(Duration::from_millis(100));
         let give_up = tokio::time::Instant::now() + RESERVATION_PATIENCE;
-        while !self.transfers.reserve(&node, beat).await && tokio::time::Instant::now() < give_up {
+        while !self.transfers.reserve(&node, self.liveness_beat()).await
+            && tokio::time::Instant::now() < give_up
+        {
             self.coordinator.seen(&node).await;
         }
         let path = self.coordinator.blobs().staging_file(round, &node, &sha256);

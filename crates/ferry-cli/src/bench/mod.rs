@@ -152,8 +152,14 @@ fn machine() -> String {
 
 /// The process's peak resident memory in bytes (Linux `VmHWM`), if known.
 fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A memory figure of this process from `/proc/self/status` (`VmHWM:` the peak resident
+/// memory, `VmRSS:` the resident memory now), in bytes.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

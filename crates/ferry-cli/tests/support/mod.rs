@@ -98,17 +98,34 @@ pub fn wait_for(what: &str, limit: Duration, logs: &[PathBuf], mut done: impl Fn
 
 /// A plain HTTP/1.1 GET on loopback: `(status code, body)`.
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    http_exchange(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"),
+    )
+}
+
+/// A plain HTTP/1.1 POST of a JSON `body` on loopback with extra `headers` lines (each ending
+/// in CRLF): `(status code, body)`.
+pub fn http_post(port: u16, path: &str, headers: &str, body: &str) -> (u16, String) {
+    http_exchange(
+        port,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Sends `request` to loopback `port` and reads the whole answer: `(status code, body)`.
+fn http_exchange(port: u16, request: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .expect("request");
+    stream.write_all(request.as_bytes()).expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("response");
     let code = response
@@ -121,6 +138,18 @@ pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
         .map_or("", |(_, b)| b)
         .to_string();
     (code, body)
+}
+
+/// Waits until something listens on loopback `port`, for at most `limit`.
+pub fn until_listening(port: u16, what: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub struct Killer(pub Vec<Child>);

@@ -4,7 +4,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -13,6 +13,8 @@ use ferry_client::{
     agent::{self, AgentEvent, AgentSettings},
     connection::{self, ServerAddress},
 };
+
+use ferry_server::store::now_ms;
 
 use super::NodesReport;
 use crate::bench::round::SyntheticTrainer;
@@ -36,12 +38,6 @@ pub struct FleetNodesArgs {
 
 /// When nodes reached a point of a round, as `(round, unix ms)`.
 type Arrivals = Arc<Mutex<Vec<(u32, u64)>>>;
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Runs every node until the server ends the run, then prints a [`NodesReport`].
 pub fn run(args: FleetNodesArgs) -> Result<()> {
@@ -83,7 +79,7 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
                     _ => return,
                 };
                 let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
-                list.push((round, unix_ms()));
+                list.push((round, now_ms() as u64));
             };
             let channel = channels[channels.len() - 1].clone();
             nodes.push(Box::pin(agent::run_on(

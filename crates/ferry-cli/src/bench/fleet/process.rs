@@ -5,10 +5,7 @@ use std::path::Path;
 
 /// Resident memory now, in bytes.
 pub fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::bench::proc_status_bytes("VmRSS:")
 }
 
 /// User plus system CPU seconds the process has used.

@@ -9,13 +9,16 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::Result;
 use clap::Args;
 use ferry_engine::round::CohortRule;
-use ferry_server::coordinator::{Event, RunSpec};
+use ferry_server::{
+    coordinator::{Event, RunSpec},
+    store::now_ms,
+};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 use super::{RoundSample, RpcLatency, ServerSummary, process};
@@ -45,12 +48,6 @@ pub struct FleetServerArgs {
     /// Seconds a round waits for its cohort.
     #[arg(long)]
     pub round_timeout: u64,
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn spec(args: &FleetServerArgs) -> RunSpec {
@@ -139,7 +136,10 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                 while coordinator.status().await.nodes_online < nodes {
                     let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
                 }
-                println!("{}", serde_json::json!({"fleet_online_unix_ms": unix_ms()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"fleet_online_unix_ms": now_ms() as u64})
+                );
                 coordinator.drive().await
             })
         };
@@ -151,7 +151,7 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                 while let Some(event) = events.recv().await {
                     match event {
                         Event::RoundStarted { round, .. } => {
-                            opened.insert(round, unix_ms());
+                            opened.insert(round, now_ms() as u64);
                         }
                         Event::RoundFinished(record) => {
                             let sample = RoundSample {
