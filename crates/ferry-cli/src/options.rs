@@ -623,7 +623,12 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<()> {
 pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
+    parse_toml(&text, path)
+}
+
+/// [`read_toml`] for `text` already read from `path`.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
         let reason = e.message().to_string();
         anyhow::anyhow!("config file {} is not valid: {reason}", path.display())
     })

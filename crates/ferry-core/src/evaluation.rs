@@ -35,6 +35,7 @@ impl NodeEvaluation {
                 self.accuracy
             ));
         }
+        crate::update::check_metric_names(self.metrics.keys().map(String::as_str))?;
         match self.metrics.iter().find(|(_, v)| !v.is_finite()) {
             Some((name, value)) => Err(format!("the evaluation's metric '{name}' is {value}")),
             None => Ok(()),

@@ -41,6 +41,32 @@ impl Update {
     }
 }
 
+/// Most metrics one node may report with an update or an evaluation: the round record keeps
+/// every name any node sent, so a node must not be able to fill it.
+pub const MAX_METRICS: usize = 64;
+
+/// Longest metric name, in bytes.
+pub const MAX_METRIC_NAME: usize = 64;
+
+/// Refuses a node's metrics when there are too many or a name is too long, naming the fault.
+pub fn check_metric_names<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> Result<(), String> {
+    if names.len() > MAX_METRICS {
+        return Err(format!(
+            "{} metrics reported; at most {MAX_METRICS} are kept",
+            names.len()
+        ));
+    }
+    for name in names {
+        if name.len() > MAX_METRIC_NAME {
+            return Err(format!(
+                "metric name '{}...' is longer than {MAX_METRIC_NAME} bytes",
+                name.chars().take(20).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An update's scalars, known before its values are read (an update read from a file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpdateMeta {
@@ -67,6 +93,15 @@ impl UpdateMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_names_are_bounded_in_number_and_length() {
+        let many: Vec<String> = (0..=MAX_METRICS).map(|i| format!("m{i}")).collect();
+        assert!(check_metric_names(many[1..].iter().map(String::as_str)).is_ok());
+        assert!(check_metric_names(many.iter().map(String::as_str)).is_err());
+        let long = "x".repeat(MAX_METRIC_NAME + 1);
+        assert!(check_metric_names([long.as_str()].into_iter()).is_err());
+    }
 
     #[test]
     fn control_variates_double_the_payload() {

@@ -62,6 +62,8 @@ fn read_meta(
         .filter_map(|(key, text)| key.strip_prefix(METRIC).map(|name| (key, name, text)))
         .map(|(key, name, text)| Ok((name.to_string(), parse_number(key, text)?)))
         .collect::<Result<BTreeMap<_, _>, CoreError>>()?;
+    crate::update::check_metric_names(metrics.keys().map(String::as_str))
+        .map_err(CoreError::Safetensors)?;
     Ok(UpdateMeta {
         num_examples,
         metrics,

@@ -63,6 +63,14 @@ impl Blobs {
         Ok(())
     }
 
+    /// Removes blob `sha256` (retention); a blob already gone is not an error.
+    pub async fn delete(&self, sha256: &str) -> Result<(), ServerError> {
+        match self.store.delete(&key(sha256)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Stores the verified file `staged` (hashing to `sha256`): a local store takes the file
     /// by rename, without writing it again; otherwise, or across filesystems, its bytes are
     /// put.
@@ -183,7 +191,8 @@ impl Blobs {
             .map(|dir| dir.join(key(sha256).as_ref()))
     }
 
-    /// The staging file of `node`'s upload for `round` with content hash `sha256`.
+    /// The staging file of `node`'s upload for `round` with content hash `sha256`, in the
+    /// node's own staging folder.
     pub fn staging_file(&self, round: u32, node: &str, sha256: &str) -> PathBuf {
         let safe = |s: &str| {
             s.chars()
@@ -191,7 +200,8 @@ impl Blobs {
                 .collect::<String>()
         };
         self.staging
-            .join(format!("r{round}-{}-{}.part", safe(node), safe(sha256)))
+            .join(format!("node-{}", safe(node)))
+            .join(format!("r{round}-{}.part", safe(sha256)))
     }
 }
 
@@ -241,5 +251,20 @@ mod tests {
                 .staging_file(3, "../x", "ab/c")
                 .starts_with(dir.path().join("uploads"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_blob_is_detected_by_its_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
+        let sha = blobs.put(b"the global model".to_vec()).await.expect("put");
+        let path = blobs.local_path(&sha).expect("a local blob");
+        let mut bytes = std::fs::read(&path).expect("stored");
+        bytes[3] ^= 0x20;
+        std::fs::write(&path, bytes).expect("bit rot");
+        let read = blobs.get(&sha).await.expect_err("corrupt");
+        assert!(read.to_string().contains("is corrupt"), "{read}");
+        let opened = blobs.open(&sha).await.expect_err("corrupt");
+        assert!(opened.to_string().contains("is corrupt"), "{opened}");
     }
 }

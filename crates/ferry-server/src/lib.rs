@@ -6,6 +6,7 @@
 //! - [`service`]: the `ferry.v1.Fleet` gRPC service.
 //! - [`store`] and [`blobs`]: where state and models live.
 //! - [`auth`]: enrolment tokens and node credentials.
+//! - [`limits`]: what one address or one node may ask of the server.
 //! - [`api`]: the operator's REST API and Prometheus metrics.
 //!
 //! This crate never links the ML engine: the caller supplies the initial model, the strategy
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod blobs;
 pub mod coordinator;
 pub mod error;
+pub mod limits;
 pub mod rpc_timing;
 pub mod secure;
 pub mod service;
@@ -49,6 +51,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// TLS material; `None` only for loopback addresses.
     pub tls: Option<TlsPem>,
+    /// What one address or one node may ask of the service.
+    pub limits: limits::AbuseLimits,
 }
 
 /// Serves the fleet service for `coordinator` until `shutdown` completes.
@@ -81,9 +85,13 @@ pub async fn serve(
         None => {}
     }
     let limit = coordinator.spec().max_chunk_bytes + 64 * 1024;
-    let service = FleetServer::new(service::FleetService::new(coordinator, store))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let service = FleetServer::new(service::FleetService::new(
+        coordinator,
+        store,
+        listener.limits.clone(),
+    ))
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     builder
         .layer(rpc_timing::RpcTiming)
         .add_service(service)

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     auth::{self, Credential},
     coordinator::{BlobRef, Coordinator, EvaluationTask, NodeTask, Refusal, Submission, Work},
+    limits::{AbuseLimits, Guard, Limit},
     secure::{SecAggReply, SecAggStep},
     staged::{StageError, StagedUpload},
     store::Store,
@@ -44,22 +45,28 @@ const RESERVATION_PATIENCE: Duration = Duration::from_secs(20);
 /// How long a reserved turn waits for its upload before it goes back.
 const RESERVATION_HOLD: Duration = Duration::from_secs(10);
 
+/// The longest failure reason a node's report may leave in the run's records.
+const MAX_REASON_CHARS: usize = 500;
+
 /// The fleet service over one coordinator and its store.
 pub struct FleetService {
     coordinator: Arc<Coordinator>,
     store: Store,
     decoding: tokio::sync::Semaphore,
     transfers: Arc<TransferTurns>,
+    guard: Guard,
 }
 
 impl FleetService {
-    /// A service for `coordinator`, authenticating nodes against `store`.
-    pub fn new(coordinator: Arc<Coordinator>, store: Store) -> Self {
+    /// A service for `coordinator`, authenticating nodes against `store` and holding them
+    /// to `limits`.
+    pub fn new(coordinator: Arc<Coordinator>, store: Store, limits: AbuseLimits) -> Self {
         Self {
             coordinator,
             store,
             decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
             transfers: TransferTurns::new(CONCURRENT_TRANSFERS, RESERVATION_HOLD),
+            guard: Guard::new(limits),
         }
     }
 
@@ -237,6 +244,10 @@ fn stage_refused(node: &str, error: StageError) -> Status {
         }
         StageError::PastTotal => rejected(node, "malformed", Status::invalid_argument(message)),
         StageError::HashMismatch => rejected(node, "hash_mismatch", Status::data_loss(message)),
+        StageError::OverNodeCap { .. } => {
+            Limit::StagedBytes.refuse(node, Status::resource_exhausted(message))
+        }
+        StageError::DiskFull => rejected(node, "disk_full", Status::unavailable(message)),
         StageError::Io(_) => Status::internal(message),
     }
 }
@@ -272,6 +283,8 @@ impl Fleet for FleetService {
         &self,
         request: Request<EnrolRequest>,
     ) -> Result<Response<EnrolResponse>, Status> {
+        let source = request.remote_addr().map(|addr| addr.ip());
+        self.guard.may_enrol(source)?;
         let token = request.into_inner().token;
         let (node_id, secret) = (auth::new_node_id(), auth::new_secret());
         let name = self
@@ -280,6 +293,7 @@ impl Fleet for FleetService {
             .await
             .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?
             .ok_or_else(|| {
+                self.guard.enrol_failed(source);
                 unauthenticated("enrolment token unknown, already used or revoked; create a new one with `ferry token create`")
             })?;
         tracing::info!("node {node_id} enrolled as '{name}'");
@@ -296,6 +310,7 @@ impl Fleet for FleetService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let node = self.authenticate(&request).await?;
+        self.guard.node_call(&node)?;
         let (keep_working, current_round) = self
             .coordinator
             .keep_working(&node, request.into_inner().round)
@@ -311,6 +326,7 @@ impl Fleet for FleetService {
         request: Request<PullTaskRequest>,
     ) -> Result<Response<PullTaskResponse>, Status> {
         let node = self.authenticate(&request).await?;
+        self.guard.node_call(&node)?;
         let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
         let mut changed = self.coordinator.subscribe_work();
         let give_up = tokio::time::Instant::now() + wait;
@@ -407,6 +423,7 @@ impl Fleet for FleetService {
         request: Request<Streaming<UploadChunk>>,
     ) -> Result<Response<UploadReceipt>, Status> {
         let node = self.authenticate(&request).await?;
+        let _slot = self.guard.upload_slot(&node)?;
         let _turn = self
             .transfers
             .for_upload(&node)
@@ -464,6 +481,7 @@ impl Fleet for FleetService {
                         &node,
                         &chunk.sha256,
                         chunk.total_bytes,
+                        self.guard.staged_bytes_per_node(max_total),
                     )
                     .await
                     .map_err(|e| stage_refused(&node, e))?;
@@ -541,6 +559,7 @@ impl Fleet for FleetService {
     ) -> Result<Response<FailureAck>, Status> {
         let node = self.authenticate(&request).await?;
         let FailureReport { round, reason } = request.into_inner();
+        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         self.coordinator.report_failure(&node, round, &reason).await;
         Ok(Response::new(FailureAck {}))
     }

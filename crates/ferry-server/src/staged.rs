@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufReader, Write},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use ferry_core::{CoreError, ModelLayout, model::hex, update_file::UpdateFile};
@@ -27,6 +27,15 @@ pub enum StageError {
     PastTotal,
     /// The complete bytes do not hash to the announced sha256; the upload starts again.
     HashMismatch,
+    /// The upload is larger than what the server keeps for one node.
+    OverNodeCap {
+        /// The upload's size.
+        total: u64,
+        /// Bytes of unfinished uploads kept per node.
+        cap: u64,
+    },
+    /// The disk under the staging folder is full; the node should try again later.
+    DiskFull,
     /// The staging file could not be read or written.
     Io(String),
 }
@@ -43,8 +52,60 @@ impl std::fmt::Display for StageError {
                 f,
                 "the uploaded bytes do not match the announced sha256; upload again from byte 0"
             ),
+            Self::OverNodeCap { total, cap } => write!(
+                f,
+                "an upload of {total} bytes is more than the {cap} bytes of unfinished uploads \
+                 this server keeps per node; ask the operator to raise [limits] staged-bytes-per-node"
+            ),
+            Self::DiskFull => write!(
+                f,
+                "the server's disk is full and cannot take this upload now; the node tries \
+                 again (operator: free space under the blob store)"
+            ),
             Self::Io(e) => write!(f, "{e}"),
         }
+    }
+}
+
+/// Discards the unfinished uploads beside `path` (the same node's) that belong to another
+/// round, then the oldest of the rest until they and `total` more bytes fit in `cap`.
+fn make_room(path: &Path, round: u32, total: u64, cap: u64) -> std::io::Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(dir)?;
+    let this_round = format!("r{round}-");
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let other = entry.path();
+        if other == path {
+            continue;
+        }
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(&this_round) {
+            discard(&other);
+            continue;
+        }
+        let meta = entry.metadata()?;
+        kept.push((meta.modified()?, meta.len(), other));
+    }
+    kept.sort();
+    let mut held: u64 = kept.iter().map(|(_, len, _)| len).sum();
+    for (_, len, other) in kept {
+        if held + total <= cap {
+            break;
+        }
+        discard(&other);
+        held -= len;
+    }
+    Ok(())
+}
+
+/// Removes a node's abandoned upload, counting it.
+fn discard(path: &Path) {
+    if std::fs::remove_file(path).is_ok() {
+        metrics::counter!("ferry_staged_uploads_discarded_total").increment(1);
     }
 }
 
@@ -59,19 +120,33 @@ pub struct StagedUpload {
 }
 
 fn io(context: &'static str) -> impl Fn(std::io::Error) -> StageError {
-    move |e| StageError::Io(format!("{context}: {e}"))
+    move |e| match e.kind() {
+        std::io::ErrorKind::StorageFull => StageError::DiskFull,
+        _ => StageError::Io(format!("{context}: {e}")),
+    }
 }
 
 impl StagedUpload {
     /// Opens (or resumes) `node`'s upload for `round` of `total` bytes hashing to `sha256`.
+    /// The node's unfinished uploads for other rounds are discarded (those rounds are over),
+    /// and so are its oldest ones for this round while they and this one would hold more
+    /// than `node_cap` bytes.
     pub async fn open(
         blobs: &Blobs,
         round: u32,
         node: &str,
         sha256: &str,
         total: u64,
+        node_cap: u64,
     ) -> Result<Self, StageError> {
+        if total > node_cap {
+            return Err(StageError::OverNodeCap {
+                total,
+                cap: node_cap,
+            });
+        }
         let path = blobs.staging_file(round, node, sha256);
+        make_room(&path, round, total, node_cap).map_err(io("making room for the upload"))?;
         let mut hasher = Sha256::new();
         // Plain file calls on the calling thread: a chunk goes to the page cache in well under a
         // millisecond, and a hop to a blocking thread would copy it once more.
@@ -195,7 +270,7 @@ mod tests {
         let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
         let bytes: Vec<u8> = (0..100u8).collect();
         let sha = sha256_hex(&bytes);
-        let mut first = StagedUpload::open(&blobs, 1, "n1", &sha, 100)
+        let mut first = StagedUpload::open(&blobs, 1, "n1", &sha, 100, 1000)
             .await
             .expect("open");
         first.append(0, &bytes[..40]).await.expect("chunk");
@@ -208,7 +283,7 @@ mod tests {
         );
         drop(first);
         // The connection broke; the node resumes where the server's file ends.
-        let mut again = StagedUpload::open(&blobs, 1, "n1", &sha, 100)
+        let mut again = StagedUpload::open(&blobs, 1, "n1", &sha, 100, 1000)
             .await
             .expect("open");
         assert_eq!(again.have(), 40);
@@ -225,7 +300,7 @@ mod tests {
             "moved, not copied"
         );
 
-        let mut wrong = StagedUpload::open(&blobs, 2, "n1", &sha, 3)
+        let mut wrong = StagedUpload::open(&blobs, 2, "n1", &sha, 3, 1000)
             .await
             .expect("open");
         wrong.append(0, b"abc").await.expect("chunk");
@@ -236,6 +311,48 @@ mod tests {
         assert!(
             !blobs.staging_file(2, "n1", &sha).exists(),
             "a bad upload starts over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_keeps_at_most_its_cap_of_unfinished_uploads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
+        let held = |round, sha: &str| blobs.staging_file(round, "n1", sha).exists();
+        let start = |round, sha: &'static str| {
+            let blobs = &blobs;
+            async move {
+                let mut upload = StagedUpload::open(blobs, round, "n1", sha, 100, 200)
+                    .await
+                    .expect("open");
+                upload.append(0, &[1; 60]).await.expect("chunk");
+            }
+        };
+        start(1, "aa").await;
+        // A new round's upload discards the old round's.
+        start(2, "bb").await;
+        assert!(!held(1, "aa") && held(2, "bb"));
+        // Within the round, a second upload fits in 200 bytes beside the first; a third
+        // discards the oldest.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        start(2, "cc").await;
+        assert!(held(2, "bb") && held(2, "cc"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        start(2, "dd").await;
+        assert!(!held(2, "bb") && held(2, "cc") && held(2, "dd"));
+        // Another node's uploads are its own.
+        StagedUpload::open(&blobs, 2, "n2", "ee", 100, 200)
+            .await
+            .expect("open");
+        assert!(held(2, "cc"));
+        assert_eq!(
+            StagedUpload::open(&blobs, 2, "n1", "ff", 201, 200)
+                .await
+                .err(),
+            Some(StageError::OverNodeCap {
+                total: 201,
+                cap: 200
+            })
         );
     }
 }

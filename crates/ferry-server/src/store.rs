@@ -34,6 +34,7 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS population (round BIGINT PRIMARY KEY, nodes BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS failed_rounds (round BIGINT NOT NULL, attempt BIGINT NOT NULL, \
      record TEXT NOT NULL, PRIMARY KEY (round, attempt))",
+    "CREATE TABLE IF NOT EXISTS round_blobs (round BIGINT PRIMARY KEY, shas TEXT NOT NULL)",
 ];
 
 /// Whether `error` is SQLite's "database is locked" (another process holds the file).
@@ -69,6 +70,9 @@ pub struct RoundCommit {
     pub model_sha: String,
     /// The optimizer state's hash.
     pub state_sha: String,
+    /// Every blob the round wrote for what comes after it (model, optimizer state, the
+    /// state broadcast to nodes), so that retention can later remove them.
+    pub blobs: Vec<String>,
     /// Set when this round ends the run.
     pub finished: Option<String>,
 }
@@ -477,8 +481,27 @@ impl Store {
         .bind(commit.finished.clone().unwrap_or_default())
         .execute(&mut *tx)
         .await?;
+        sqlx::query("INSERT INTO round_blobs (round, shas) VALUES ($1, $2)")
+            .bind(i64::from(commit.round))
+            .bind(commit.blobs.join(" "))
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// The blobs committed `round` wrote (empty for rounds committed before they were
+    /// recorded).
+    pub async fn round_blobs(&self, round: u32) -> Result<Vec<String>, ServerError> {
+        let row = sqlx::query("SELECT shas FROM round_blobs WHERE round = $1")
+            .bind(i64::from(round))
+            .fetch_optional(&self.pool)
+            .await?;
+        let shas: String = match row {
+            Some(row) => row.try_get(0)?,
+            None => String::new(),
+        };
+        Ok(shas.split_whitespace().map(String::from).collect())
     }
 
     /// Rewrites committed `round`'s record (with its federated evaluation), and marks the run
@@ -702,6 +725,7 @@ mod tests {
                 record_json: "{}".into(),
                 model_sha: "m1".into(),
                 state_sha: "s1".into(),
+                blobs: vec!["m1".into()],
                 finished: None,
             })
             .await
@@ -709,6 +733,8 @@ mod tests {
         let run = store.run().await.expect("run").expect("exists");
         assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
         assert_eq!(store.round_records().await.expect("records"), ["{}"]);
+        assert_eq!(store.round_blobs(1).await.expect("blobs"), ["m1"]);
+        assert!(store.round_blobs(2).await.expect("none yet").is_empty());
         // A failed attempt at round 2 is recorded and leaves nothing of itself behind.
         store.set_cohort(2, &["a".into()]).await.expect("cohort");
         store.set_population(2, 3).await.expect("population");

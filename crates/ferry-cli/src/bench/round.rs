@@ -26,6 +26,7 @@ use ferry_server::{
     Listener, TlsPem,
     blobs::Blobs,
     coordinator::{Coordinator, Event, RunSpec},
+    limits::AbuseLimits,
     store::Store,
 };
 use serde::{Deserialize, Serialize};
@@ -192,12 +193,13 @@ pub(super) async fn start_server(
             key: std::fs::read(dir.join("certs/server.key"))?,
             client_ca: None,
         }),
+        limits: AbuseLimits::default(),
     };
     Ok((coordinator, events, store, listener))
 }
 
 /// A benchmark run's settings: `rounds` rounds of `cohort`, every cohort node's update
-/// needed, no evaluation, default liveness.
+/// needed, no evaluation, default liveness, the blobs of the last two rounds kept.
 pub(super) fn bench_spec(
     name: &str,
     rounds: u32,
@@ -219,6 +221,8 @@ pub(super) fn bench_spec(
         secagg_stage_timeout: Duration::from_secs(60),
         retry_backoff: Duration::from_secs(1),
         max_round_failures: 3,
+        // A benchmark's store needs no history: the blob store holds two rounds' worth.
+        keep_rounds: Some(2),
         evaluation: EvaluationSchedule::OFF,
         personal: Default::default(),
     }

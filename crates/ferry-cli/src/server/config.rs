@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_core::{model::sha256_hex, strategy::Strategy};
 use ferry_engine::{floor::RoundFloor, round::CohortRule};
-use ferry_server::{Listener, TlsPem, coordinator::RunSpec};
+use ferry_server::{Listener, TlsPem, coordinator::RunSpec, limits::AbuseLimits};
 use ferry_sim::SimConfig;
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +87,10 @@ pub struct ServerFile {
     pub run: toml::Table,
     /// The REST API and metrics; off unless configured.
     pub api: Option<ApiFile>,
+    /// What one address or one node may ask of the server (`[limits]`; every refusal is
+    /// counted in `/metrics` as `ferry_limit_refusals_total{limit}`).
+    #[serde(default)]
+    pub limits: AbuseLimits,
 }
 
 fn default_listen() -> String {
@@ -130,6 +134,15 @@ pub struct Deployment {
     /// Consecutive failed attempts at a round after which the run stops as failed.
     #[serde(alias = "max_round_failures")]
     pub max_round_failures: u32,
+    /// Rounds whose blobs (models, state, accepted updates) the blob store keeps; 0 keeps
+    /// every round's. Left out of the run's description when 0, so the configuration hash
+    /// of runs started before the setting existed is unchanged.
+    #[serde(alias = "keep_rounds", default, skip_serializing_if = "is_zero")]
+    pub keep_rounds: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Default for Deployment {
@@ -143,11 +156,12 @@ impl Default for Deployment {
             secagg_stage_timeout: 60.0,
             retry_backoff: 5.0,
             max_round_failures: 5,
+            keep_rounds: 0,
         }
     }
 }
 
-const DEPLOYMENT_KEYS: [&str; 15] = [
+const DEPLOYMENT_KEYS: [&str; 17] = [
     "round-timeout",
     "round_timeout",
     "min-results",
@@ -163,6 +177,8 @@ const DEPLOYMENT_KEYS: [&str; 15] = [
     "retry_backoff",
     "max-round-failures",
     "max_round_failures",
+    "keep-rounds",
+    "keep_rounds",
 ];
 
 /// The configuration recorded in the server's `history.json`.
@@ -201,7 +217,11 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
 
 /// Reads and checks `path`.
 pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
-    let file: ServerFile = read_toml(path)?;
+    check(read_toml(path)?, path, insecure)
+}
+
+/// Checks `file`, read from `path`, and reads the TLS files it names.
+pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<ServerSetup> {
     let mut run = file.run.clone();
     let mut deployment_table = toml::Table::new();
     for key in DEPLOYMENT_KEYS {
@@ -282,6 +302,19 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
             path.display()
         ),
     };
+    let limits = file.limits.clone();
+    limits
+        .check()
+        .map_err(|e| anyhow::anyhow!("config file {}: [limits] {e}", path.display()))?;
+    anyhow::ensure!(
+        limits.node_calls_per_second * deployment.heartbeat >= 2.0,
+        "config file {}: [limits] node-calls-per-second = {} would refuse the heartbeats of \
+         nodes that beat every {} s; raise it to at least {}",
+        path.display(),
+        limits.node_calls_per_second,
+        deployment.heartbeat,
+        2.0 / deployment.heartbeat
+    );
     if tls.is_none() && !addr.ip().is_loopback() {
         bail!(
             "--insecure serves loopback only, but listen = '{}'; use 127.0.0.1 or configure [tls]",
@@ -294,7 +327,7 @@ pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
             run: sim,
             deployment,
         },
-        listener: Listener { addr, tls },
+        listener: Listener { addr, tls, limits },
     })
 }
 
@@ -328,6 +361,7 @@ pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy, central: bool) 
         secagg_stage_timeout: Duration::from_secs_f64(d.secagg_stage_timeout),
         retry_backoff: Duration::from_secs_f64(d.retry_backoff),
         max_round_failures: d.max_round_failures,
+        keep_rounds: (d.keep_rounds > 0).then_some(d.keep_rounds),
         evaluation: run.evaluation(central),
         personal: run.personal_tensors()?,
     })

@@ -27,6 +27,8 @@ use crate::{
 };
 
 mod config;
+#[cfg(test)]
+mod config_fuzz;
 mod dashboard;
 
 use crate::starting_point::StartingPoint;

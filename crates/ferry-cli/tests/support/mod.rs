@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod chaos;
+
 use std::{
     fs,
     path::{Path, PathBuf},

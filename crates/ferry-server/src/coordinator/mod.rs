@@ -14,6 +14,7 @@
 //! twice.
 
 mod evaluation;
+mod retention;
 mod rounds;
 mod types;
 mod uploads;

@@ -428,6 +428,13 @@ impl Coordinator {
         // A model due a federated evaluation is scored before the run may end.
         let evaluate = self.evaluation_due(&record);
         let ends_after_evaluation = if evaluate { finished.take() } else { None };
+        let control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
+        let written = [Some(&model_blob), control_blob.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|blob| blob.sha256.clone())
+            .chain((!state_sha.is_empty()).then(|| state_sha.clone()))
+            .collect();
         self.store
             .commit_round(&RoundCommit {
                 round,
@@ -435,11 +442,13 @@ impl Coordinator {
                     .map_err(|e| ServerError::Settings(e.to_string()))?,
                 model_sha: model_blob.sha256.clone(),
                 state_sha,
+                blobs: written,
                 finished: finished.clone(),
             })
             .await?;
         state.model_blob = model_blob;
-        state.control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
+        state.control_blob = control_blob;
+        self.prune(round).await;
         if let Some(epsilon) = record.epsilon {
             metrics::gauge!("ferry_dp_epsilon").set(epsilon);
         }

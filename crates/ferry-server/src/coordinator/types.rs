@@ -43,6 +43,10 @@ pub struct RunSpec {
     pub retry_backoff: Duration,
     /// Consecutive failed attempts at a round after which the run stops as failed.
     pub max_round_failures: u32,
+    /// Retention: the blobs (models, optimizer and broadcast state, accepted updates) of how
+    /// many of the latest committed rounds to keep; `None` keeps every round's, for audits
+    /// and replays.
+    pub keep_rounds: Option<u32>,
     /// Personalisation: the model's tensors that stay on each node (nodes are told, and
     /// replace them with their own).
     pub personal: PersonalTensors,

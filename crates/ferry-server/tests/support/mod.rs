@@ -25,6 +25,7 @@ use ferry_server::{
     Listener,
     blobs::Blobs,
     coordinator::{Coordinator, RunSpec},
+    limits::AbuseLimits,
     store::Store,
 };
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -90,6 +91,7 @@ pub fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         secagg_stage_timeout: Duration::from_secs(60),
         retry_backoff: Duration::from_millis(200),
         max_round_failures: 3,
+        keep_rounds: None,
         evaluation: ferry_core::evaluation::EvaluationSchedule::OFF,
         personal: Default::default(),
     }
@@ -158,6 +160,42 @@ pub async fn start_from(
     evaluator: Option<Arc<dyn Evaluator>>,
     initial: Model,
 ) -> Running {
+    start_guarded(
+        dir,
+        spec,
+        strategy,
+        evaluator,
+        initial,
+        AbuseLimits::default(),
+    )
+    .await
+}
+
+/// A FedAvg run of `rounds` rounds of `min_clients` whose service enforces `limits`.
+pub async fn start_limited(
+    dir: &std::path::Path,
+    rounds: u32,
+    min_clients: usize,
+    limits: AbuseLimits,
+) -> Running {
+    let spec = spec(rounds, min_clients);
+    let strategy = Strategy::new(
+        StrategyName::FedAvg,
+        &StrategyParams::default(),
+        min_clients,
+    );
+    let evaluator: Option<Arc<dyn Evaluator>> = Some(Arc::new(DistanceToOnes));
+    start_guarded(dir, spec, strategy, evaluator, initial(), limits).await
+}
+
+async fn start_guarded(
+    dir: &std::path::Path,
+    spec: RunSpec,
+    strategy: Strategy,
+    evaluator: Option<Arc<dyn Evaluator>>,
+    initial: Model,
+    limits: AbuseLimits,
+) -> Running {
     let store = Store::open(&format!("sqlite:{}", dir.join("ferry.db").display()))
         .await
         .expect("store");
@@ -179,7 +217,12 @@ pub async fn start_from(
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            ferry_server::serve(Listener { addr, tls: None }, coordinator, store, shutdown)
+            let listener = Listener {
+                addr,
+                tls: None,
+                limits,
+            };
+            ferry_server::serve(listener, coordinator, store, shutdown)
                 .await
                 .expect("serve");
         }

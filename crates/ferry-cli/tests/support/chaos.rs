@@ -1,0 +1,166 @@
+//! A fault-injecting TCP proxy for loopback tests: it sits between nodes and the server and,
+//! per connection (chosen by a seeded generator, so a run's faults repeat), passes bytes
+//! through, refuses at once, cuts the connection after a random number of bytes (mid-chunk,
+//! mid-handshake), stalls for a while, or delays every read.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// What the proxy does to one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Bytes pass untouched.
+    Pass,
+    /// Closed as soon as it is accepted.
+    Refuse,
+    /// Both directions cut once this many bytes have passed.
+    CutAfter(u64),
+    /// Nothing passes for `millis` once `after` bytes have passed; then it goes on.
+    Stall { after: u64, millis: u64 },
+    /// Every read waits this many milliseconds before it is passed on.
+    Delay(u64),
+}
+
+impl Fault {
+    fn draw(rng: &mut impl Rng) -> Self {
+        match rng.random_range(0..100) {
+            0..40 => Self::Pass,
+            40..50 => Self::Refuse,
+            50..72 => Self::CutAfter(rng.random_range(1..400_000)),
+            72..86 => Self::Stall {
+                after: rng.random_range(0..200_000),
+                millis: rng.random_range(500..2_500),
+            },
+            _ => Self::Delay(rng.random_range(2..30)),
+        }
+    }
+}
+
+/// The proxy, running until dropped.
+pub struct ChaosProxy {
+    /// The loopback port nodes dial.
+    pub port: u16,
+    /// Every connection's fault, in the order they were accepted.
+    pub faults: Arc<Mutex<Vec<Fault>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ChaosProxy {
+    /// Proxies a free loopback port to `127.0.0.1:upstream`, drawing faults from `seed`.
+    pub fn start(upstream: u16, seed: u64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let port = listener.local_addr().expect("address").port();
+        listener.set_nonblocking(true).expect("non-blocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        {
+            let (stop, faults) = (stop.clone(), faults.clone());
+            std::thread::spawn(move || {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let fault = Fault::draw(&mut rng);
+                    faults.lock().expect("faults").push(fault);
+                    std::thread::spawn(move || relay(client, upstream, fault));
+                }
+            });
+        }
+        Self { port, faults, stop }
+    }
+
+    /// How many connections got each kind of fault: pass, refuse, cut, stall, delay.
+    pub fn counts(&self) -> [usize; 5] {
+        let mut counts = [0; 5];
+        for fault in self.faults.lock().expect("faults").iter() {
+            counts[match fault {
+                Fault::Pass => 0,
+                Fault::Refuse => 1,
+                Fault::CutAfter(_) => 2,
+                Fault::Stall { .. } => 3,
+                Fault::Delay(_) => 4,
+            }] += 1;
+        }
+        counts
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Carries one connection to the server, applying `fault`.
+fn relay(client: TcpStream, upstream: u16, fault: Fault) {
+    if fault == Fault::Refuse {
+        return;
+    }
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+        return;
+    };
+    let passed = Arc::new(AtomicU64::new(0));
+    let ends = [client, server];
+    let pump = |from: usize| {
+        let reader = ends[from].try_clone().expect("clone");
+        let writer = ends[1 - from].try_clone().expect("clone");
+        let both = [
+            ends[0].try_clone().expect("clone"),
+            ends[1].try_clone().expect("clone"),
+        ];
+        let passed = passed.clone();
+        std::thread::spawn(move || pump(reader, writer, &both, &passed, fault))
+    };
+    let (up, down) = (pump(0), pump(1));
+    let _ = up.join();
+    let _ = down.join();
+}
+
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    both: &[TcpStream; 2],
+    passed: &AtomicU64,
+    fault: Fault,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    let mut stalled = false;
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let before = passed.fetch_add(n as u64, Ordering::Relaxed);
+        match fault {
+            Fault::CutAfter(limit) if before + n as u64 >= limit => {
+                let keep = limit.saturating_sub(before) as usize;
+                let _ = to.write_all(&buffer[..keep.min(n)]);
+                break;
+            }
+            Fault::Stall { after, millis } if !stalled && before + n as u64 >= after => {
+                stalled = true;
+                std::thread::sleep(Duration::from_millis(millis));
+            }
+            Fault::Delay(millis) => std::thread::sleep(Duration::from_millis(millis)),
+            _ => {}
+        }
+        if to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    for end in both {
+        let _ = end.shutdown(Shutdown::Both);
+    }
+}
