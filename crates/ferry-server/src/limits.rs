@@ -186,11 +186,6 @@ impl Guard {
         }
     }
 
-    /// The limits enforced.
-    pub fn limits(&self) -> &AbuseLimits {
-        &self.limits
-    }
-
     /// Refuses an enrolment from `source` while it has used up its failures.
     pub fn may_enrol(&self, source: Option<IpAddr>) -> Result<(), Status> {
         let Some(source) = source else { return Ok(()) };
