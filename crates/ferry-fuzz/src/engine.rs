@@ -74,6 +74,20 @@ impl Report {
     }
 }
 
+/// An input for a target whose first byte picks what the rest is (a message type, a file
+/// kind, a width): the byte, then `body`.
+pub fn tagged(tag: u8, body: &[u8]) -> Vec<u8> {
+    [&[tag][..], body].concat()
+}
+
+/// A [`tagged`] input's tag and body, or the error kind `Empty`.
+pub fn untag(input: &[u8]) -> Result<(u8, &[u8]), String> {
+    input
+        .split_first()
+        .map(|(&tag, body)| (tag, body))
+        .ok_or_else(|| "Empty".to_string())
+}
+
 /// Findings kept: enough to replay, without filling memory when a bug fires on
 /// every input.
 const KEPT: usize = 16;

@@ -14,7 +14,10 @@ use ferry_secagg::{
 use prost::Message;
 use safetensors::{Dtype, tensor::TensorView};
 
-use crate::{engine::Target, mutate::Framing};
+use crate::{
+    engine::{Target, tagged, untag},
+    mutate::Framing,
+};
 
 /// Every target, in the order the command line lists them.
 pub const ALL: [Target; 7] = [
@@ -278,16 +281,14 @@ fn message_seeds() -> Vec<Vec<u8>> {
     encoded
         .into_iter()
         .enumerate()
-        .map(|(i, bytes)| [vec![i as u8], bytes].concat())
+        .map(|(i, bytes)| tagged(i as u8, &bytes))
         .collect()
 }
 
 /// Decodes the message its first byte names, then converts what the receiver converts.
 fn decode_message(bytes: &[u8]) -> Result<(), String> {
     use v1::{pull_task_response::Outcome, sec_agg_request::Step, sec_agg_response};
-    let Some((&which, body)) = bytes.split_first() else {
-        return Err("Empty".into());
-    };
+    let (which, body) = untag(bytes)?;
     fn decode<M: Message + Default>(body: &[u8]) -> Result<M, String> {
         M::decode(body).map_err(|_| "DecodeError".to_string())
     }
@@ -359,15 +360,13 @@ fn masked_seeds() -> Vec<Vec<u8>> {
             let values = (0..MASKED_VALUES as u64)
                 .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - params.modulus_bits))
                 .collect::<Vec<_>>();
-            [vec![which], pack(&values, &params)].concat()
+            tagged(which, &pack(&values, &params))
         })
         .collect()
 }
 
 fn decode_masked(bytes: &[u8]) -> Result<(), String> {
-    let Some((&which, body)) = bytes.split_first() else {
-        return Err("Empty".into());
-    };
+    let (which, body) = untag(bytes)?;
     convert::masked_from_bytes(body, MASKED_VALUES, &modulus(which))
         .map(|input: MaskedInput| drop(input))
         .map_err(kind)
@@ -411,22 +410,14 @@ fn sealed_seeds() -> Vec<Vec<u8>> {
         .inbox
         .iter()
         .enumerate()
-        .map(|(i, share)| {
-            [
-                vec![i as u8 | (share.from as u8) << 2],
-                share.ciphertext.clone(),
-            ]
-            .concat()
-        })
+        .map(|(i, share)| tagged(i as u8 | (share.from as u8) << 2, &share.ciphertext))
         .collect()
 }
 
 /// Node 0 opens its inbox with one share's ciphertext replaced by the input (its first byte
 /// picks the share, in its low two bits, and the claimed sender, in the rest).
 fn open_sealed(bytes: &[u8]) -> Result<(), String> {
-    let Some((&which, ciphertext)) = bytes.split_first() else {
-        return Err("Empty".into());
-    };
+    let (which, ciphertext) = untag(bytes)?;
     let round = &*ROUND;
     let mut inbox = round.inbox.clone();
     let slot = usize::from(which & 3) % inbox.len();
@@ -472,15 +463,13 @@ fn trainer_seeds() -> Vec<Vec<u8>> {
     ]
     .into_iter()
     .enumerate()
-    .map(|(i, bytes)| [vec![i as u8], bytes].concat())
+    .map(|(i, bytes)| tagged(i as u8, &bytes))
     .collect()
 }
 
 /// Reads the trainer file its first byte names, as the node (or a Rust trainer) reads it.
 fn decode_trainer_file(bytes: &[u8]) -> Result<(), String> {
-    let Some((&which, body)) = bytes.split_first() else {
-        return Err("Empty".into());
-    };
+    let (which, body) = untag(bytes)?;
     let json = |e: serde_json::Error| format!("Json{:?}", e.classify());
     match which % 4 {
         0 => serde_json::from_slice::<ExecResult>(body)

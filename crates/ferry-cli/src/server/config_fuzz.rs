@@ -61,16 +61,14 @@ lr = 0.05
 
 fn seeds() -> Vec<Vec<u8>> {
     vec![
-        [b"s".as_slice(), SERVER_FILE.as_bytes()].concat(),
-        [b"r".as_slice(), SIMULATE_FILE.as_bytes()].concat(),
+        engine::tagged(b's', SERVER_FILE.as_bytes()),
+        engine::tagged(b'r', SIMULATE_FILE.as_bytes()),
     ]
 }
 
 /// Reads the input as the file kind its first byte names (`s`: server; else simulate).
 fn read_config(bytes: &[u8]) -> Result<(), String> {
-    let Some((&kind, body)) = bytes.split_first() else {
-        return Err("empty".into());
-    };
+    let (kind, body) = engine::untag(bytes)?;
     let text = std::str::from_utf8(body).map_err(|_| "not UTF-8".to_string())?;
     let path = Path::new("fuzz.toml");
     let checked = if kind == b's' {
