@@ -26,9 +26,6 @@ pub enum ServerError {
     /// Model or update data is invalid.
     #[error(transparent)]
     Core(#[from] ferry_core::CoreError),
-    /// The gRPC transport could not start.
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
 }
 
 impl ServerError {

@@ -25,13 +25,13 @@ pub mod secure;
 pub mod service;
 pub mod staged;
 pub mod store;
+mod transport;
 pub mod turns;
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 pub use error::ServerError;
 use ferry_proto::v1::fleet_server::FleetServer;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 /// PEM files for TLS.
 #[derive(Debug, Clone)]
@@ -62,40 +62,17 @@ pub async fn serve(
     store: store::Store,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    // HTTP/2 windows sized to the link (hyper's bandwidth-delay estimate): wide where the
-    // round trip is long, narrow on a short one, so that the server never buffers more of an
-    // upload than the link keeps in flight. Fixed 8 MiB windows let every node's upload sit in
-    // the server's buffers: a 1M-parameter round's coordinator grew by 4 MB per node.
-    let mut builder = Server::builder().http2_adaptive_window(Some(true));
-    match &listener.tls {
-        Some(tls) => {
-            let mut config =
-                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
-            if let Some(ca) = &tls.client_ca {
-                config = config.client_ca_root(Certificate::from_pem(ca));
-            }
-            builder = builder.tls_config(config)?;
-        }
-        None if !listener.addr.ip().is_loopback() => {
-            return Err(ServerError::Settings(format!(
-                "refusing to serve without TLS on {}: --insecure binds loopback addresses only",
-                listener.addr
-            )));
-        }
-        None => {}
-    }
     let limit = coordinator.spec().max_chunk_bytes + 64 * 1024;
-    let service = FleetServer::new(service::FleetService::new(
+    let fleet = FleetServer::new(service::FleetService::new(
         coordinator,
         store,
         listener.limits.clone(),
     ))
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
-    builder
+    let routes = tower::ServiceBuilder::new()
         .layer(rpc_timing::RpcTiming)
-        .add_service(service)
-        .serve_with_shutdown(listener.addr, shutdown)
-        .await?;
+        .service(tonic::service::Routes::new(fleet).prepare());
+    transport::serve(listener.addr, listener.tls.as_ref(), routes, shutdown).await?;
     Ok(())
 }
