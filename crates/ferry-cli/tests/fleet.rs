@@ -1,6 +1,6 @@
 //! `ferry bench fleet` at a small size: a real server process and a process of real node
-//! agents over loopback TLS; every round closes with its whole cohort, and the figures land
-//! in the CSV files.
+//! agents over loopback TLS; every round closes with its whole cohort, the default abuse
+//! limits refuse nothing, and the figures land in the CSV files.
 
 mod support;
 
@@ -27,6 +27,11 @@ fn bench_fleet_closes_every_round_and_writes_its_figures() {
     let printed = String::from_utf8_lossy(&printed.stdout);
     assert!(printed.contains("rounds completed 3 of 3"), "{printed}");
     assert!(printed.contains("agents that failed: 0"), "{printed}");
+    // The default abuse limits turn no healthy node away.
+    assert!(
+        printed.contains("refused by the server: nothing"),
+        "{printed}"
+    );
     let rounds = std::fs::read_to_string(out.join("rounds.csv")).expect("rounds.csv");
     let rows: Vec<Vec<&str>> = rounds
         .lines()

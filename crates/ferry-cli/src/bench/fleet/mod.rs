@@ -76,6 +76,9 @@ pub struct RpcLatency {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ServerSummary {
     rpc: BTreeMap<String, RpcLatency>,
+    /// Calls and uploads the server refused, by counter and label (`limit=node_calls`):
+    /// whether the abuse limits or the upload checks turned any node away.
+    refusals: BTreeMap<String, u64>,
     cpu_s: f64,
 }
 
@@ -345,6 +348,20 @@ fn print_report(
             l.p50_s, l.p99_s, l.count
         );
     }
+    let refused = summary
+        .refusals
+        .iter()
+        .map(|(what, count)| format!("{what} {count}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "refused by the server: {}",
+        if refused.is_empty() {
+            "nothing"
+        } else {
+            &refused
+        }
+    );
     println!(
         "server CPU {:.1} s over {:.1} s; nodes process peak {:.0} MB; agents that failed: {}{}",
         summary.cpu_s,

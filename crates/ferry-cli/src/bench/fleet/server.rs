@@ -103,6 +103,33 @@ impl RpcSamples {
     }
 }
 
+/// The counters of refused calls and uploads, keyed `limit=...` or `reason=...`.
+fn refusals(recorder: &Snapshotter) -> BTreeMap<String, u64> {
+    recorder
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter_map(|(key, _, _, value)| {
+            let DebugValue::Counter(count) = value else {
+                return None;
+            };
+            let key = key.key();
+            if !matches!(
+                key.name(),
+                "ferry_limit_refusals_total" | "ferry_updates_rejected_total"
+            ) {
+                return None;
+            }
+            let label = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect::<Vec<_>>()
+                .join(",");
+            Some((label, count))
+        })
+        .collect()
+}
+
 /// Runs the server half and prints a JSON line per round and a summary.
 pub fn run(args: FleetServerArgs) -> Result<()> {
     let recorder = DebuggingRecorder::new();
@@ -203,9 +230,31 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
         rpc.drain(&metrics);
         let summary = ServerSummary {
             rpc: rpc.latencies(),
+            refusals: refusals(&metrics),
             cpu_s: process::cpu_seconds().unwrap_or(f64::NAN),
         };
         println!("{}", serde_json::to_string(&summary)?);
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_the_refusal_counters_by_label() {
+        let recorder = DebuggingRecorder::new();
+        let snapshots = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("ferry_limit_refusals_total", "limit" => "node_calls").increment(3);
+            metrics::counter!("ferry_updates_rejected_total", "reason" => "disk_full").increment(1);
+            metrics::counter!("ferry_updates_accepted_total").increment(9);
+        });
+        let expected = BTreeMap::from([
+            ("limit=node_calls".to_string(), 3),
+            ("reason=disk_full".to_string(), 1),
+        ]);
+        assert_eq!(refusals(&snapshots), expected);
+    }
 }
