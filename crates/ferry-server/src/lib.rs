@@ -32,6 +32,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc};
 
 pub use error::ServerError;
 use ferry_proto::v1::fleet_server::FleetServer;
+pub use transport::tls_config;
 
 /// PEM files for TLS.
 #[derive(Debug, Clone)]

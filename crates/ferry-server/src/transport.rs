@@ -43,8 +43,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) type FleetHttp = crate::rpc_timing::Timed<tonic::service::Routes>;
 
 /// The server's TLS settings from its PEM files: its certificate and key, and the CA nodes'
-/// certificates must be signed by when it asks for mutual TLS.
-fn tls_acceptor(tls: &TlsPem) -> Result<TlsAcceptor, ServerError> {
+/// certificates must be signed by when it asks for mutual TLS. Public so that `ferry bench
+/// tls` measures its loopback ceiling with the very settings the fleet service uses.
+pub fn tls_config(tls: &TlsPem) -> Result<ServerConfig, ServerError> {
     let settings = |what: &str, e: &dyn std::fmt::Display| {
         ServerError::Settings(format!(
             "TLS {what}: {e} (give PEM files such as `ferry certs` writes)"
@@ -79,7 +80,7 @@ fn tls_acceptor(tls: &TlsPem) -> Result<TlsAcceptor, ServerError> {
         .with_single_cert(chain, key)
         .map_err(|e| settings("certificate and key", &e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(config)
 }
 
 /// HTTP/2 as the fleet service speaks it.
@@ -116,7 +117,9 @@ pub(crate) async fn serve(
             "refusing to serve without TLS on {addr}: --insecure binds loopback addresses only"
         )));
     }
-    let acceptor = tls.map(tls_acceptor).transpose()?;
+    let acceptor = tls
+        .map(|tls| tls_config(tls).map(|config| TlsAcceptor::from(Arc::new(config))))
+        .transpose()?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(ServerError::io(format!("cannot listen on {addr}")))?;

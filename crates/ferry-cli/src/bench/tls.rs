@@ -14,8 +14,8 @@ use tokio::{
 use tokio_rustls::{
     TlsAcceptor, TlsConnector,
     rustls::{
-        self, ClientConfig, RootCertStore, ServerConfig,
-        pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject},
+        self, ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, ServerName, pem::PemObject},
     },
 };
 
@@ -33,7 +33,7 @@ pub struct TlsArgs {
     pub chunk_bytes: usize,
 }
 
-/// A loopback TLS pair: the server's and the client's configuration.
+/// A loopback TLS pair: the fleet server's own TLS settings and a client's.
 pub struct Loopback {
     acceptor: TlsAcceptor,
     connector: TlsConnector,
@@ -43,16 +43,14 @@ impl Loopback {
     /// Both ends from the certificates `ferry certs` wrote to `certs` for `localhost`
     /// (`ca.pem`, `server.pem`, `server.key`).
     pub fn new(certs: &Path) -> Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let chain = CertificateDer::pem_file_iter(certs.join("server.pem"))
-            .context("server certificate")?
-            .collect::<Result<Vec<_>, _>>()
-            .context("server certificate")?;
-        let key = PrivateKeyDer::from_pem_file(certs.join("server.key")).context("server key")?;
-        let mut server = ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+        let read = |name: &str| {
+            std::fs::read(certs.join(name)).with_context(|| format!("cannot read {name}"))
+        };
+        let mut server = ferry_server::tls_config(&ferry_server::TlsPem {
+            cert: read("server.pem")?,
+            key: read("server.key")?,
+            client_ca: None,
+        })?;
         // The writing side never reads; session tickets left unread in its socket would make
         // its close a reset that can cut off the reader's last bytes.
         server.send_tls13_tickets = 0;
@@ -60,10 +58,11 @@ impl Loopback {
         for ca in CertificateDer::pem_file_iter(certs.join("ca.pem")).context("CA")? {
             roots.add(ca.context("CA")?)?;
         }
-        let client = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(Arc::new(client)),
