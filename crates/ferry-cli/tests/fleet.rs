@@ -32,6 +32,14 @@ fn bench_fleet_closes_every_round_and_writes_its_figures() {
         printed.contains("refused by the server: nothing"),
         "{printed}"
     );
+    // Counted over the whole run (the recorder resets its counters at every round's
+    // snapshot): at least one connection per node.
+    let opened: usize = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("connections accepted by the server: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(opened >= 40, "{printed}");
     let rounds = std::fs::read_to_string(out.join("rounds.csv")).expect("rounds.csv");
     let rows: Vec<Vec<&str>> = rounds
         .lines()

@@ -133,6 +133,8 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
+                    // More than one per node over a run: nodes reconnecting after a broken link.
+                    metrics::counter!("ferry_connections_opened_total").increment(1);
                     let connection = Connection {
                         acceptor: acceptor.clone(),
                         http: http.clone(),

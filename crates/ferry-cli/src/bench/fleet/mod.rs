@@ -79,6 +79,9 @@ pub struct ServerSummary {
     /// Calls and uploads the server refused, by counter and label (`limit=node_calls`):
     /// whether the abuse limits or the upload checks turned any node away.
     refusals: BTreeMap<String, u64>,
+    /// Connections the server accepted over the run: more than the fleet's when nodes had
+    /// to reconnect.
+    connections_opened: u64,
     cpu_s: f64,
 }
 
@@ -361,6 +364,10 @@ fn print_report(
         } else {
             &refused
         }
+    );
+    println!(
+        "connections accepted by the server: {}",
+        summary.connections_opened
     );
     println!(
         "server CPU {:.1} s over {:.1} s; nodes process peak {:.0} MB; agents that failed: {}{}",

@@ -61,34 +61,52 @@ fn spec(args: &FleetServerArgs) -> RunSpec {
     bench_spec("bench-fleet", args.rounds, cohort, timeout, 1 << 20)
 }
 
-/// Every RPC duration recorded so far, by method: drained from the recorder after each
-/// round (it keeps raw samples until then), so quantiles are exact.
+/// What the server's metrics recorded so far: every RPC duration by method, and every
+/// counter by name and labels. Drained from the recorder after each round: it keeps raw
+/// samples until then, so quantiles are exact, and a snapshot resets its counters, so they
+/// are added up here.
 #[derive(Default)]
-struct RpcSamples(BTreeMap<String, Vec<f64>>);
+struct Recorded {
+    rpc: BTreeMap<String, Vec<f64>>,
+    /// Counter name -> labels (`limit=node_calls`, empty when none) -> total.
+    counters: BTreeMap<String, BTreeMap<String, u64>>,
+}
 
-impl RpcSamples {
+impl Recorded {
     fn drain(&mut self, recorder: &Snapshotter) {
         for (key, _, _, value) in recorder.snapshot().into_vec() {
-            let DebugValue::Histogram(values) = value else {
-                continue;
-            };
             let key = key.key();
-            if key.name() != "ferry_rpc_seconds" {
-                continue;
+            match value {
+                DebugValue::Histogram(values) if key.name() == "ferry_rpc_seconds" => {
+                    let method = key
+                        .labels()
+                        .find(|l| l.key() == "method")
+                        .map_or_else(|| "?".to_string(), |l| l.value().to_string());
+                    self.rpc
+                        .entry(method)
+                        .or_default()
+                        .extend(values.into_iter().map(|v| v.into_inner()));
+                }
+                DebugValue::Counter(count) => {
+                    let labels = key
+                        .labels()
+                        .map(|l| format!("{}={}", l.key(), l.value()))
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    *self
+                        .counters
+                        .entry(key.name().to_string())
+                        .or_default()
+                        .entry(labels)
+                        .or_default() += count;
+                }
+                _ => {}
             }
-            let method = key
-                .labels()
-                .find(|l| l.key() == "method")
-                .map_or_else(|| "?".to_string(), |l| l.value().to_string());
-            self.0
-                .entry(method)
-                .or_default()
-                .extend(values.into_iter().map(|v| v.into_inner()));
         }
     }
 
-    fn latencies(mut self) -> BTreeMap<String, RpcLatency> {
-        self.0
+    fn latencies(&mut self) -> BTreeMap<String, RpcLatency> {
+        self.rpc
             .iter_mut()
             .map(|(method, values)| {
                 values.sort_by(f64::total_cmp);
@@ -101,33 +119,23 @@ impl RpcSamples {
             })
             .collect()
     }
-}
 
-/// The counters of refused calls and uploads, keyed `limit=...` or `reason=...`.
-fn refusals(recorder: &Snapshotter) -> BTreeMap<String, u64> {
-    recorder
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter_map(|(key, _, _, value)| {
-            let DebugValue::Counter(count) = value else {
-                return None;
-            };
-            let key = key.key();
-            if !matches!(
-                key.name(),
-                "ferry_limit_refusals_total" | "ferry_updates_rejected_total"
-            ) {
-                return None;
-            }
-            let label = key
-                .labels()
-                .map(|l| format!("{}={}", l.key(), l.value()))
-                .collect::<Vec<_>>()
-                .join(",");
-            Some((label, count))
-        })
-        .collect()
+    /// The counters of refused calls and uploads, keyed `limit=...` or `reason=...`.
+    fn refusals(&self) -> BTreeMap<String, u64> {
+        ["ferry_limit_refusals_total", "ferry_updates_rejected_total"]
+            .into_iter()
+            .filter_map(|name| self.counters.get(name))
+            .flatten()
+            .map(|(labels, &count)| (labels.clone(), count))
+            .collect()
+    }
+
+    /// The counter `name`'s total over its labels (0 when nothing has counted it).
+    fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .get(name)
+            .map_or(0, |by_label| by_label.values().sum())
+    }
 }
 
 /// Runs the server half and prints a JSON line per round and a summary.
@@ -170,9 +178,9 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                 coordinator.drive().await
             })
         };
-        let rpc = Arc::new(std::sync::Mutex::new(RpcSamples::default()));
+        let recorded = Arc::new(std::sync::Mutex::new(Recorded::default()));
         let reporter = {
-            let (dir, metrics, rpc) = (args.dir.clone(), metrics.clone(), rpc.clone());
+            let (dir, metrics, recorded) = (args.dir.clone(), metrics.clone(), recorded.clone());
             tokio::spawn(async move {
                 let mut opened = BTreeMap::new();
                 while let Some(event) = events.recv().await {
@@ -203,7 +211,8 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                                     / 1e6,
                             };
                             println!("{}", serde_json::to_string(&sample).unwrap_or_default());
-                            rpc.lock()
+                            recorded
+                                .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .drain(&metrics);
                         }
@@ -226,11 +235,12 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
         drop(coordinator);
         // The last round's line is printed once the coordinator's events end.
         let _ = tokio::time::timeout(Duration::from_secs(5), reporter).await;
-        let mut rpc = std::mem::take(&mut *rpc.lock().unwrap_or_else(|e| e.into_inner()));
-        rpc.drain(&metrics);
+        let mut recorded = std::mem::take(&mut *recorded.lock().unwrap_or_else(|e| e.into_inner()));
+        recorded.drain(&metrics);
         let summary = ServerSummary {
-            rpc: rpc.latencies(),
-            refusals: refusals(&metrics),
+            rpc: recorded.latencies(),
+            refusals: recorded.refusals(),
+            connections_opened: recorded.counter("ferry_connections_opened_total"),
             cpu_s: process::cpu_seconds().unwrap_or(f64::NAN),
         };
         println!("{}", serde_json::to_string(&summary)?);
@@ -243,18 +253,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_are_the_refusal_counters_by_label() {
+    fn counters_add_up_over_drains_and_refusals_are_the_refusal_counters_by_label() {
         let recorder = DebuggingRecorder::new();
         let snapshots = recorder.snapshotter();
+        let mut recorded = Recorded::default();
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("ferry_limit_refusals_total", "limit" => "node_calls").increment(3);
+            metrics::counter!("ferry_connections_opened_total").increment(4);
+        });
+        recorded.drain(&snapshots);
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("ferry_limit_refusals_total", "limit" => "node_calls").increment(1);
             metrics::counter!("ferry_updates_rejected_total", "reason" => "disk_full").increment(1);
             metrics::counter!("ferry_updates_accepted_total").increment(9);
+            metrics::counter!("ferry_connections_opened_total").increment(2);
+            metrics::histogram!("ferry_rpc_seconds", "method" => "PullTask").record(0.5);
         });
+        recorded.drain(&snapshots);
         let expected = BTreeMap::from([
-            ("limit=node_calls".to_string(), 3),
+            ("limit=node_calls".to_string(), 4),
             ("reason=disk_full".to_string(), 1),
         ]);
-        assert_eq!(refusals(&snapshots), expected);
+        assert_eq!(recorded.refusals(), expected);
+        assert_eq!(recorded.counter("ferry_connections_opened_total"), 6);
+        assert_eq!(recorded.counter("ferry_limit_refusals_total"), 4);
+        assert_eq!(recorded.counter("ferry_connections_closed_total"), 0);
+        assert_eq!(recorded.latencies()["PullTask"].count, 1);
     }
 }
