@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(recorded.refusals(), expected);
         assert_eq!(recorded.counter("ferry_connections_opened_total"), 6);
         assert_eq!(recorded.counter("ferry_limit_refusals_total"), 4);
-        assert_eq!(recorded.counter("ferry_connections_closed_total"), 0);
+        assert_eq!(recorded.counter("ferry_never_counted_total"), 0);
         assert_eq!(recorded.latencies()["PullTask"].count, 1);
     }
 }
