@@ -1,7 +1,8 @@
 //! What the server keeps per connection: no HPACK table for nodes' headers (its HTTP/2
 //! SETTINGS say so) and no `date` header in its answers, the two things that made a fleet
-//! server's memory grow with its history; and no cap on a connection's concurrent calls, as
-//! nodes sharing one connection need.
+//! server's memory grow with its history; DATA frames of up to 64 KiB, so that the frames a
+//! busy server queues per connection are few; and no cap on a connection's concurrent calls,
+//! as nodes sharing one connection need.
 
 mod support;
 
@@ -14,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const HEADER_TABLE_SIZE: u16 = 0x1;
 /// SETTINGS_MAX_CONCURRENT_STREAMS.
 const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+/// SETTINGS_MAX_FRAME_SIZE.
+const MAX_FRAME_SIZE: u16 = 0x5;
 /// The SETTINGS frame type.
 const SETTINGS: u8 = 0x4;
 
@@ -42,7 +45,7 @@ async fn server_settings(addr: &str) -> Vec<(u16, u32)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_headers_are_not_indexed_and_answers_carry_no_date() {
+async fn headers_are_not_indexed_frames_are_large_and_answers_carry_no_date() {
     let dir = tempfile::tempdir().expect("tempdir");
     let token = add_token(dir.path(), "site-a").await;
     let running = start(dir.path(), 1, 1).await;
@@ -51,6 +54,10 @@ async fn nodes_headers_are_not_indexed_and_answers_carry_no_date() {
     assert!(
         settings.contains(&(HEADER_TABLE_SIZE, 0)),
         "the server must announce an empty header table, got {settings:?}"
+    );
+    assert!(
+        settings.contains(&(MAX_FRAME_SIZE, 64 * 1024)),
+        "nodes may send 64 KiB DATA frames, got {settings:?}"
     );
     assert!(
         !settings.iter().any(|&(id, _)| id == MAX_CONCURRENT_STREAMS),
