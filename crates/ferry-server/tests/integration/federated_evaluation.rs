@@ -5,7 +5,7 @@
 //! restarted server evaluates a committed round again. Also personalisation: the tasks name
 //! the personal tensors, which the server never averages.
 
-mod support;
+use crate::support;
 
 use std::{collections::HashMap, time::Duration};
 

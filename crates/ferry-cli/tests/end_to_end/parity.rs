@@ -7,7 +7,7 @@
 //!
 //! Needs the MNIST subset that `scripts/install-deps.sh` installs.
 
-mod support;
+use crate::support;
 
 use std::{fs, time::Duration};
 

@@ -6,7 +6,7 @@
 //!
 //! Needs Python with numpy and safetensors (`scripts/install-deps.sh`).
 
-mod support;
+use crate::support;
 
 use std::{fs, path::Path, time::Duration};
 

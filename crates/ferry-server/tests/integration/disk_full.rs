@@ -5,7 +5,7 @@
 //! Mounts a 64 KiB tmpfs over the staging folder, so it needs root (or `sudo -n`), as
 //! `.ci/run` has.
 
-mod support;
+use crate::support;
 
 use std::{path::Path, process::Command};
 

@@ -2,7 +2,7 @@
 //! agents over loopback TLS; every round closes with its whole cohort, the default abuse
 //! limits refuse nothing, and the figures land in the CSV files.
 
-mod support;
+use crate::support;
 
 #[test]
 fn bench_fleet_closes_every_round_and_writes_its_figures() {

@@ -3,7 +3,7 @@
 //! as failed and tries the same round again without using up one of the run's rounds, and
 //! stops the run after too many failures in a row.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

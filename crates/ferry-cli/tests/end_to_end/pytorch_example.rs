@@ -8,7 +8,7 @@
 //! Needs Debian's python3-torch with safetensors for `/usr/bin/python3` and Fashion-MNIST
 //! (`scripts/install-deps.sh`).
 
-mod support;
+use crate::support;
 
 use std::{
     path::{Path, PathBuf},

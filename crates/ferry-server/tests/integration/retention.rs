@@ -1,7 +1,7 @@
 //! Retention: with `keep_rounds`, a committed round's blobs that only older rounds used are
 //! removed from the blob store, and blobs a newer round shares are kept.
 
-mod support;
+use crate::support;
 
 use ferry_core::model::sha256_hex;
 use ferry_server::{blobs::Blobs, coordinator::RunSpec};

@@ -1,8 +1,6 @@
 //! What the fleet-protocol tests share: a toy model and evaluator, a coordinator served on
 //! loopback, and a node's side of the protocol (enrol, pull, upload).
 
-#![allow(dead_code, unreachable_pub)]
-
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use ferry_core::{

@@ -6,7 +6,7 @@
 //! Needs numpy and safetensors for `python3`, and Debian's python3-torch with safetensors for
 //! `/usr/bin/python3` (`scripts/install-deps.sh`).
 
-mod support;
+use crate::support;
 
 use std::{fs, path::Path, process::Output};
 

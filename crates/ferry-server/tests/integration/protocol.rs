@@ -5,7 +5,7 @@
 //! The model is a two-tensor toy and the evaluator scores the model by its distance to a known
 //! target, so the test needs no ML engine; the protocol and the round bookkeeping are real.
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -8,7 +8,7 @@
 //!
 //! Needs the MNIST subset that `scripts/install-deps.sh` installs.
 
-mod support;
+use crate::support;
 
 use std::{collections::BTreeMap, fs, time::Duration};
 

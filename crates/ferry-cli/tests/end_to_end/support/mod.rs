@@ -1,8 +1,6 @@
 //! What the end-to-end tests share: the `ferry` binary, a TLS server set up in a test's own
 //! folder, client arguments, logs and waiting with a time limit.
 
-#![allow(dead_code, unreachable_pub)]
-
 pub mod chaos;
 
 use std::{

@@ -4,7 +4,7 @@
 //! busy server queues per connection are few; and no cap on a connection's concurrent calls,
 //! as nodes sharing one connection need.
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -1,9 +1,13 @@
 //! The abuse limits over the real protocol: each refuses what it should, with the status a
 //! node can act on, counts the refusal in the metrics, and leaves well-behaved calls alone.
 
-mod support;
+use crate::support;
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, OnceLock},
+    time::Duration,
+};
 
 use ferry_proto::v1::{EnrolRequest, HeartbeatRequest, UploadChunk};
 use ferry_server::limits::AbuseLimits;
@@ -22,24 +26,24 @@ fn metrics() -> &'static Snapshotter {
     })
 }
 
-/// `ferry_limit_refusals_total{limit}` now.
+/// `ferry_limit_refusals_total{limit}` so far in this process. The recorder resets its
+/// counters each time it is read, and the tests read it concurrently, so each read adds what
+/// it found to totals kept here.
 fn refusals(limit: &str) -> u64 {
-    metrics()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, ..)| {
-            let key = key.key();
-            key.name() == "ferry_limit_refusals_total"
-                && key
-                    .labels()
-                    .any(|l| l.key() == "limit" && l.value() == limit)
-        })
-        .map(|(.., value)| match value {
-            DebugValue::Counter(n) => n,
-            _ => 0,
-        })
-        .sum()
+    static TOTALS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    for (key, _, _, value) in metrics().snapshot().into_vec() {
+        let key = key.key();
+        if key.name() != "ferry_limit_refusals_total" {
+            continue;
+        }
+        if let (Some(label), DebugValue::Counter(n)) =
+            (key.labels().find(|l| l.key() == "limit"), value)
+        {
+            *totals.entry(label.value().to_owned()).or_default() += n;
+        }
+    }
+    totals.get(limit).copied().unwrap_or(0)
 }
 
 #[tokio::test]

@@ -1,0 +1,18 @@
+//! End-to-end tests: the real `ferry` binary started as server, clients and simulations in
+//! processes of their own, on loopback.
+//!
+//! One test binary, not one per file, so that a clean build compiles and links the shared
+//! helpers and their dependencies once.
+
+mod support;
+
+mod chaos;
+mod churn;
+mod dashboard;
+mod deploy;
+mod fleet;
+mod own_model;
+mod parity;
+mod pytorch_example;
+mod sdk;
+mod simulate;
