@@ -7,7 +7,8 @@
 //! - [`store`] and [`blobs`]: where state and models live.
 //! - [`auth`]: enrolment tokens and node credentials.
 //! - [`limits`]: what one address or one node may ask of the server.
-//! - [`api`]: the operator's REST API and Prometheus metrics.
+//! - [`api`]: the operator's REST API and Prometheus metrics; [`counter_totals`]: counters
+//!   added up over reads of a debugging recorder (benchmarks, tests).
 //!
 //! This crate never links the ML engine: the caller supplies the initial model, the strategy
 //! and the evaluator.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod auth;
 pub mod blobs;
 pub mod coordinator;
+pub mod counter_totals;
 pub mod error;
 pub mod limits;
 pub mod rpc_timing;

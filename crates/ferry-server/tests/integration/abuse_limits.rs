@@ -4,14 +4,13 @@
 use crate::support;
 
 use std::{
-    collections::BTreeMap,
     sync::{Mutex, OnceLock},
     time::Duration,
 };
 
 use ferry_proto::v1::{EnrolRequest, HeartbeatRequest, UploadChunk};
-use ferry_server::limits::AbuseLimits;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use ferry_server::{counter_totals::CounterTotals, limits::AbuseLimits};
+use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
 use support::*;
 use tonic::Code;
 
@@ -26,24 +25,13 @@ fn metrics() -> &'static Snapshotter {
     })
 }
 
-/// `ferry_limit_refusals_total{limit}` so far in this process. The recorder resets its
-/// counters each time it is read, and the tests read it concurrently, so each read adds what
-/// it found to totals kept here.
+/// `ferry_limit_refusals_total{limit}` so far in this process. Each read of the recorder
+/// resets its counters, and the tests read it concurrently, so the totals are kept here.
 fn refusals(limit: &str) -> u64 {
-    static TOTALS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+    static TOTALS: Mutex<CounterTotals> = Mutex::new(CounterTotals::new());
     let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
-    for (key, _, _, value) in metrics().snapshot().into_vec() {
-        let key = key.key();
-        if key.name() != "ferry_limit_refusals_total" {
-            continue;
-        }
-        if let (Some(label), DebugValue::Counter(n)) =
-            (key.labels().find(|l| l.key() == "limit"), value)
-        {
-            *totals.entry(label.value().to_owned()).or_default() += n;
-        }
-    }
-    totals.get(limit).copied().unwrap_or(0)
+    totals.add_snapshot(metrics().snapshot());
+    totals.get("ferry_limit_refusals_total", &format!("limit={limit}"))
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ use clap::Args;
 use ferry_engine::round::CohortRule;
 use ferry_server::{
     coordinator::{Event, RunSpec},
+    counter_totals::CounterTotals,
     store::now_ms,
 };
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
@@ -68,8 +69,7 @@ fn spec(args: &FleetServerArgs) -> RunSpec {
 #[derive(Default)]
 struct Recorded {
     rpc: BTreeMap<String, Vec<f64>>,
-    /// Counter name -> labels (`limit=node_calls`, empty when none) -> total.
-    counters: BTreeMap<String, BTreeMap<String, u64>>,
+    counters: CounterTotals,
 }
 
 impl Recorded {
@@ -87,19 +87,7 @@ impl Recorded {
                         .or_default()
                         .extend(values.into_iter().map(|v| v.into_inner()));
                 }
-                DebugValue::Counter(count) => {
-                    let labels = key
-                        .labels()
-                        .map(|l| format!("{}={}", l.key(), l.value()))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    *self
-                        .counters
-                        .entry(key.name().to_string())
-                        .or_default()
-                        .entry(labels)
-                        .or_default() += count;
-                }
+                DebugValue::Counter(count) => self.counters.add(key, count),
                 _ => {}
             }
         }
@@ -124,7 +112,7 @@ impl Recorded {
     fn refusals(&self) -> BTreeMap<String, u64> {
         ["ferry_limit_refusals_total", "ferry_updates_rejected_total"]
             .into_iter()
-            .filter_map(|name| self.counters.get(name))
+            .filter_map(|name| self.counters.by_labels(name))
             .flatten()
             .map(|(labels, &count)| (labels.clone(), count))
             .collect()
@@ -132,9 +120,7 @@ impl Recorded {
 
     /// The counter `name`'s total over its labels (0 when nothing has counted it).
     fn counter(&self, name: &str) -> u64 {
-        self.counters
-            .get(name)
-            .map_or(0, |by_label| by_label.values().sum())
+        self.counters.total(name)
     }
 }
 
