@@ -16,11 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 use support::{
     Killer, TestServer, client_args, free_port, http_post, rounds_done, share_args,
     share_client_args, spawn_logged, token_client_args, until_listening, wait_for,
+    webdriver::Browser,
 };
 
 /// A node name that is markup: it must reach the page as text.
@@ -48,47 +48,35 @@ fn start_driver() -> Driver {
     Driver(child, port)
 }
 
-async fn browser(driver: &Driver) -> Client {
-    let mut capabilities = serde_json::Map::new();
-    capabilities.insert(
-        "goog:chromeOptions".into(),
-        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                        "--disable-dev-shm-usage", "--window-size=1300,1000"]}),
-    );
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities)
-        .connect(&format!("http://127.0.0.1:{}", driver.1))
-        .await
-        .expect("a headless chromium session")
-}
-
 fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshots");
     std::fs::create_dir_all(&dir).expect("screenshot folder");
     dir
 }
 
-async fn screenshot(page: &Client, name: &str) {
-    let png = page.screenshot().await.expect("screenshot");
+fn screenshot(page: &Browser, name: &str) {
+    let png = page.screenshot().expect("screenshot");
     std::fs::write(screenshots().join(name), png).expect("save screenshot");
 }
 
-async fn eval(page: &Client, script: &str) -> Value {
-    page.execute(script, Vec::new()).await.expect("script runs")
+fn eval(page: &Browser, script: &str) -> Value {
+    page.execute(script)
 }
 
 /// Polls `script` in the page until it returns true, for at most `limit`.
-async fn until(page: &Client, what: &str, limit: Duration, script: &str) {
+fn until(page: &Browser, what: &str, limit: Duration, script: &str) {
     let deadline = Instant::now() + limit;
     loop {
-        if eval(page, script).await == Value::Bool(true) {
+        if eval(page, script) == Value::Bool(true) {
             return;
         }
         if Instant::now() > deadline {
-            let _ = screenshot(page, "timed-out.png").await;
+            if let Ok(png) = page.screenshot() {
+                let _ = std::fs::write(screenshots().join("timed-out.png"), png);
+            }
             panic!("timed out waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -101,44 +89,21 @@ fn node_shows(name: &str, status: &str) -> String {
 }
 
 /// Opens the dashboard's page `page_name` (by its address, as a bookmark would).
-async fn open(page: &Client, home: &str, page_name: &str) {
-    page.goto(&format!("{home}#{page_name}"))
-        .await
-        .expect("open a page");
+fn open(page: &Browser, home: &str, page_name: &str) {
+    page.goto(&format!("{home}#{page_name}"));
     until(
         page,
         page_name,
         Duration::from_secs(20),
         &format!("return !document.getElementById('page-{page_name}').hidden;"),
-    )
-    .await;
-}
-
-/// Clicks the element `css` selects.
-async fn click(page: &Client, css: &str) {
-    page.find(Locator::Css(css))
-        .await
-        .expect("element on the page")
-        .click()
-        .await
-        .expect("click");
-}
-
-/// Types `text` into the element `css` selects.
-async fn type_into(page: &Client, css: &str, text: &str) {
-    page.find(Locator::Css(css))
-        .await
-        .expect("field on the page")
-        .send_keys(text)
-        .await
-        .expect("type");
+    );
 }
 
 const NODES_SCRIPT: &str = "return [...document.querySelectorAll('#nodes-table tbody tr')]\
     .map(r => ({name: r.cells[0].textContent, status: r.cells[1].textContent}));";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
+#[test]
+fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let server = TestServer::new(
@@ -165,9 +130,9 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     });
 
     let driver = start_driver();
-    let page = browser(&driver).await;
+    let page = Browser::start(driver.1);
     let home = format!("http://127.0.0.1:{}/", server.api_port);
-    page.goto(&home).await.expect("open the dashboard");
+    page.goto(&home);
     let counter = "return Number(document.getElementById('round-counter').textContent) || 0;";
     let points = "return Number(document.getElementById('accuracy-chart').dataset.points) || 0;";
     until(
@@ -175,8 +140,7 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
         "the first round on the page",
         Duration::from_secs(30),
         "return Number(document.getElementById('round-counter').textContent) >= 1;",
-    )
-    .await;
+    );
 
     // What the page weighed and when its first chart was drawn (reported, not asserted).
     let weight = eval(
@@ -184,13 +148,12 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
         "return {first_chart_ms: performance.getEntriesByName('ferry-first-chart')[0].startTime, \
          bytes: performance.getEntriesByType('navigation').concat(performance.getEntriesByType('resource'))\
          .reduce((s, e) => s + (e.transferSize || e.encodedBodySize || 0), 0)};",
-    )
-    .await;
+    );
     eprintln!("dashboard page: {weight}");
 
     // Live: the counter and the chart move while the page stays the same document.
-    eval(&page, "window.ferryProbe = 'same page'; return true;").await;
-    let (round0, points0) = (eval(&page, counter).await, eval(&page, points).await);
+    eval(&page, "window.ferryProbe = 'same page'; return true;");
+    let (round0, points0) = (eval(&page, counter), eval(&page, points));
     until(
         &page,
         "the round counter and the chart to advance",
@@ -199,25 +162,23 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
             "return Number(document.getElementById('round-counter').textContent) > {round0} \
              && Number(document.getElementById('accuracy-chart').dataset.points) > {points0};"
         ),
-    )
-    .await;
+    );
     assert_eq!(
-        eval(&page, "return window.ferryProbe;").await,
+        eval(&page, "return window.ferryProbe;"),
         json!("same page"),
         "the page reloaded"
     );
-    screenshot(&page, "overview.png").await;
+    screenshot(&page, "overview.png");
 
     // Nodes: the markup name is text, and nothing it says ran.
-    click(&page, "a[href='#nodes']").await;
+    page.click("a[href='#nodes']");
     until(
         &page,
         "three nodes listed",
         Duration::from_secs(20),
         "return document.querySelectorAll('#nodes-table tbody tr').length === 3;",
-    )
-    .await;
-    let nodes = eval(&page, NODES_SCRIPT).await;
+    );
+    let nodes = eval(&page, NODES_SCRIPT);
     assert!(
         nodes
             .as_array()
@@ -230,11 +191,10 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
         eval(
             &page,
             "return document.querySelectorAll('main img').length;"
-        )
-        .await,
+        ),
         json!(0)
     );
-    assert!(page.get_alert_text().await.is_err(), "an alert opened");
+    assert_eq!(page.alert_text(), None, "an alert opened");
     // Federated evaluation reaches each node's row.
     until(
         &page,
@@ -242,9 +202,8 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
         Duration::from_secs(30),
         "return [...document.querySelectorAll('#nodes-table tbody tr')]\
          .some(r => r.cells[8].textContent.endsWith('%'));",
-    )
-    .await;
-    screenshot(&page, "nodes.png").await;
+    );
+    screenshot(&page, "nodes.png");
 
     // A node killed shows as offline, without a reload.
     processes.0[2].kill().expect("kill site-1");
@@ -257,9 +216,8 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
             node_shows("site-1", "offline"),
             node_shows("site-0", "online")
         ),
-    )
-    .await;
-    screenshot(&page, "nodes-offline.png").await;
+    );
+    screenshot(&page, "nodes-offline.png");
 
     // Actions are refused across sites and without the admin token.
     let admin = server.admin_token();
@@ -276,43 +234,40 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     );
 
     // A token created on the Operate page enrols a new node.
-    open(&page, &home, "operate").await;
-    type_into(&page, "#admin-token", &admin).await;
-    click(&page, "#admin-form button").await;
-    type_into(&page, "#token-name", "site-new").await;
-    click(&page, "#token-create").await;
+    open(&page, &home, "operate");
+    page.type_into("#admin-token", &admin);
+    page.click("#admin-form button");
+    page.type_into("#token-name", "site-new");
+    page.click("#token-create");
     until(
         &page,
         "the new token",
         Duration::from_secs(20),
         "return document.getElementById('new-token').textContent.startsWith('ferry-');",
-    )
-    .await;
+    );
     let token = eval(
         &page,
         "return document.getElementById('new-token').textContent;",
-    )
-    .await;
-    screenshot(&page, "operate.png").await;
+    );
+    screenshot(&page, "operate.png");
     let mut newcomer = token_client_args(&server, token.as_str().expect("token text"), "new");
     newcomer.extend(share_args("logreg", 3, 1, 60));
     logs.push(dir.join("client-new.log"));
     processes
         .0
         .push(spawn_logged(&newcomer, logs.last().expect("log")));
-    open(&page, &home, "nodes").await;
+    open(&page, &home, "nodes");
     until(
         &page,
         "site-new online",
         Duration::from_secs(60),
         &format!("return {};", node_shows("site-new", "online")),
-    )
-    .await;
+    );
 
     // The Stop button (two clicks) ends the run after the current round.
-    open(&page, &home, "operate").await;
+    open(&page, &home, "operate");
     for _ in 0..2 {
-        click(&page, "#stop-run").await;
+        page.click("#stop-run");
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
@@ -323,7 +278,7 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
             Instant::now() < deadline,
             "the server did not stop after the Stop button"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(200));
     };
     assert!(
         status.success(),
@@ -332,7 +287,7 @@ async fn the_dashboard_follows_a_deployed_run_in_a_real_browser() {
     );
     let history = support::history(&server.out).expect("history.json");
     assert_eq!(history["final"]["stop"], "stopped", "{}", history["final"]);
-    let _ = page.close().await;
+    drop(page);
 }
 
 /// A finished run's history with `nodes` nodes, a tenth of them contributing to each of
@@ -356,8 +311,8 @@ fn fleet_history(nodes: usize, rounds: u32) -> Value {
     json!({"config": {"strategy": "fedavg", "rounds": rounds}, "rounds": records, "final": null})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
+#[test]
+fn finished_runs_and_a_live_simulation_in_a_real_browser() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let runs = tmp.path().join("runs");
     let out = |name: &str| runs.join(name).to_str().expect("utf-8").to_string();
@@ -414,59 +369,49 @@ async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
     )]);
     until_listening(port, "ferry dashboard", Duration::from_secs(60));
     let driver = start_driver();
-    let page = browser(&driver).await;
+    let page = Browser::start(driver.1);
     let home = format!("http://127.0.0.1:{port}/");
 
     // A private run: epsilon and the clip norm, round by round.
-    page.goto(&format!("{home}?run=private#safety"))
-        .await
-        .expect("private run");
+    page.goto(&format!("{home}?run=private#safety"));
     until(
         &page,
         "the epsilon chart",
         Duration::from_secs(20),
         "return document.getElementById('epsilon-chart').dataset.points === '4' \
          && document.getElementById('clip-chart').dataset.points === '4';",
-    )
-    .await;
-    screenshot(&page, "privacy.png").await;
+    );
+    screenshot(&page, "privacy.png");
 
     // A Krum run: who the rule left out in each round.
-    page.goto(&format!("{home}?run=krum#safety"))
-        .await
-        .expect("krum run");
+    page.goto(&format!("{home}?run=krum#safety"));
     until(
         &page,
         "the excluded nodes",
         Duration::from_secs(20),
         "return !document.getElementById('robust-panel').hidden \
          && document.querySelectorAll('#excluded-table tbody tr').length === 4;",
-    )
-    .await;
+    );
 
     // Comparison: every run on one chart.
-    open(&page, &home, "compare").await;
+    open(&page, &home, "compare");
     until(
         &page,
         "three runs compared",
         Duration::from_secs(20),
         "return document.querySelectorAll('#compare-picks input').length === 3 \
          && Number(document.getElementById('compare-chart').dataset.points) === 28;",
-    )
-    .await;
-    screenshot(&page, "compare.png").await;
+    );
+    screenshot(&page, "compare.png");
 
     // A thousand nodes, sortable, with a failure message that is markup shown as text.
-    page.goto(&format!("{home}?run=fleet#nodes"))
-        .await
-        .expect("fleet run");
+    page.goto(&format!("{home}?run=fleet#nodes"));
     until(
         &page,
         "a thousand nodes",
         Duration::from_secs(30),
         "return document.querySelectorAll('#nodes-table tbody tr').length === 1000;",
-    )
-    .await;
+    );
     let sorted = eval(
         &page,
         "const t0 = performance.now();\
@@ -474,28 +419,25 @@ async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
          document.querySelector('#nodes-table th[data-key=rounds]').click();\
          return {ms: performance.now() - t0, first: document.querySelector('#nodes-table tbody tr').dataset.node,\
                  reason: document.querySelector('#nodes-table tbody tr[data-node=\"vehicle-0000\"] td.reason').textContent};",
-    )
-    .await;
+    );
     eprintln!("sorting 1000 nodes twice: {sorted}");
     assert_eq!(sorted["reason"], "round 20: <script>alert(2)</script>");
     assert_eq!(
         eval(
             &page,
             "return document.querySelectorAll('main script').length;"
-        )
-        .await,
+        ),
         json!(0)
     );
-    screenshot(&page, "nodes-1000.png").await;
-    open(&page, &format!("{home}?run=fleet"), "classes").await;
+    screenshot(&page, "nodes-1000.png");
+    open(&page, &format!("{home}?run=fleet"), "classes");
     until(
         &page,
         "the class heatmap",
         Duration::from_secs(20),
         "return document.getElementById('class-heatmap').dataset.cells === '200';",
-    )
-    .await;
-    screenshot(&page, "classes.png").await;
+    );
+    screenshot(&page, "classes.png");
 
     // A simulation in progress: the counter moves while it runs, and the process ends.
     let live_port = free_port();
@@ -523,27 +465,23 @@ async fn finished_runs_and_a_live_simulation_in_a_real_browser() {
         "ferry simulate --dashboard",
         Duration::from_secs(60),
     );
-    page.goto(&format!("http://127.0.0.1:{live_port}/"))
-        .await
-        .expect("live simulation");
+    page.goto(&format!("http://127.0.0.1:{live_port}/"));
     until(
         &page,
         "a round of the simulation",
         Duration::from_secs(60),
         "return Number(document.getElementById('round-counter').textContent) >= 1;",
-    )
-    .await;
-    eval(&page, "window.ferryProbe = 'same page'; return true;").await;
+    );
+    eval(&page, "window.ferryProbe = 'same page'; return true;");
     until(
         &page,
         "another round of the simulation",
         Duration::from_secs(60),
         "return Number(document.getElementById('round-counter').textContent) >= 3 \
          && window.ferryProbe === 'same page';",
-    )
-    .await;
-    screenshot(&page, "simulation.png").await;
+    );
+    screenshot(&page, "simulation.png");
     let status = processes.0[1].wait().expect("simulation ends");
     assert!(status.success(), "the simulation failed");
-    let _ = page.close().await;
+    drop(page);
 }

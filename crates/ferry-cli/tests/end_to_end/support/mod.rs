@@ -2,6 +2,7 @@
 //! folder, client arguments, logs and waiting with a time limit.
 
 pub mod chaos;
+pub mod webdriver;
 
 use std::{
     fs,
@@ -99,35 +100,57 @@ pub fn wait_for(what: &str, limit: Duration, logs: &[PathBuf], mut done: impl Fn
 /// A plain HTTP/1.1 GET on loopback: `(status code, body)`.
 pub fn http_get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    http_exchange(
-        port,
-        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"),
-    )
+    http_request(port, "GET", path, &auth, "", API_ANSWERS_WITHIN)
 }
 
 /// A plain HTTP/1.1 POST of a JSON `body` on loopback with extra `headers` lines (each ending
 /// in CRLF): `(status code, body)`.
 pub fn http_post(port: u16, path: &str, headers: &str, body: &str) -> (u16, String) {
-    http_exchange(
-        port,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\
-             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
-    )
+    http_request(port, "POST", path, headers, body, API_ANSWERS_WITHIN)
 }
 
-/// Sends `request` to loopback `port` and reads the whole answer: `(status code, body)`.
-fn http_exchange(port: u16, request: &str) -> (u16, String) {
+/// How long a Ferry HTTP API may take to answer in these tests.
+const API_ANSWERS_WITHIN: Duration = Duration::from_secs(10);
+
+/// Sends one HTTP/1.1 request with a JSON `body` (empty: none) and extra `headers` lines to
+/// loopback `port`, and reads the answer, waiting at most `limit` for each read: `(status code,
+/// body)`.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+    limit: Duration,
+) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("API reachable");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("HTTP reachable");
+    stream.set_read_timeout(Some(limit)).expect("timeout");
+    let content = if body.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        )
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}{content}\
+         Connection: close\r\n\r\n{body}"
+    );
     stream.write_all(request.as_bytes()).expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
+    // Read until the declared length has arrived (a server may keep the connection open
+    // after all), or to the end of the stream when none is declared.
+    let mut response = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).expect("response");
+        response.extend_from_slice(&buf[..n]);
+        if n == 0 || answer_complete(&response) {
+            break;
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
     let code = response
         .split_whitespace()
         .nth(1)
@@ -138,6 +161,18 @@ fn http_exchange(port: u16, request: &str) -> (u16, String) {
         .map_or("", |(_, b)| b)
         .to_string();
     (code, body)
+}
+
+/// Whether `response` holds its headers and as many body bytes as its Content-Length says.
+fn answer_complete(response: &[u8]) -> bool {
+    let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&response[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .is_some_and(|length| response.len() >= end + 4 + length)
 }
 
 /// Waits until something listens on loopback `port`, for at most `limit`.
