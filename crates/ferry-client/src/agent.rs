@@ -21,13 +21,15 @@ use ferry_proto::v1::{
     EvaluationReport, FailureReport, HeartbeatRequest, PullTaskRequest, Task, TaskKind,
     fleet_client::FleetClient, pull_task_response::Outcome,
 };
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Status, transport::Channel};
 
+pub use crate::link::{AgentEvent, AgentSettings};
 use crate::{
     ClientError,
     backoff::Backoff,
-    connection::{self, ServerAddress, StoredCredential},
-    secure::{Link, SecureSession},
+    connection::{self, StoredCredential},
+    link::{Link, retry, round_gone},
+    secure::SecureSession,
     transfer::{self, UploadBody},
 };
 
@@ -74,64 +76,6 @@ pub trait Trainer: Send + Sync {
 
     /// Scores `task.model` on the node's own held-out data. Runs on a blocking thread.
     fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String>;
-}
-
-/// How the agent behaves.
-#[derive(Debug, Clone)]
-pub struct AgentSettings {
-    /// The server.
-    pub server: ServerAddress,
-    /// One-time enrolment token, used when the state folder holds no credential.
-    pub token: Option<String>,
-    /// Where the node keeps its credential (and trainer state).
-    pub state_dir: PathBuf,
-    /// Mixed into every round's seed so nodes draw different randomness.
-    pub seed_stream: u64,
-    /// Longest wait between reconnection attempts.
-    pub max_backoff: Duration,
-    /// Give up after the server has been unreachable this long.
-    pub give_up_after: Duration,
-}
-
-/// Something the agent reports while it works.
-#[derive(Debug, Clone)]
-pub enum AgentEvent {
-    /// Enrolled (or reloaded the credential) as this node.
-    Ready {
-        /// The node's identifier.
-        node_id: String,
-        /// Its token name.
-        name: String,
-    },
-    /// A round's training task arrived (its model is downloaded next).
-    Assigned(u32),
-    /// Training for a round.
-    Training(u32),
-    /// Scoring a round's global model on the node's held-out data.
-    Evaluating(u32),
-    /// The node's score of a round's global model was sent.
-    Evaluated {
-        /// The round.
-        round: u32,
-        /// The node's accuracy on its held-out data.
-        accuracy: f64,
-    },
-    /// The round's update was accepted (or was already counted).
-    Delivered {
-        /// The round.
-        round: u32,
-        /// True when the server had already counted it.
-        duplicate: bool,
-    },
-    /// The round went on without this node.
-    Abandoned {
-        /// The round.
-        round: u32,
-        /// Why.
-        reason: String,
-    },
-    /// The server could not be reached; retrying.
-    Retrying(String),
 }
 
 /// Runs the agent until the server says the run is over; returns its reason.
@@ -229,41 +173,6 @@ async fn credential(
             Err(status) => retry(&status, settings, backoff, on_event).await?,
         }
     }
-}
-
-/// Waits before the next attempt, or fails for errors that retrying cannot fix.
-pub(crate) async fn retry(
-    status: &Status,
-    settings: &AgentSettings,
-    backoff: &mut Backoff,
-    on_event: &(impl Fn(AgentEvent) + Send + Sync),
-) -> Result<(), ClientError> {
-    if status.code() == Code::Unauthenticated {
-        return Err(ClientError::Unauthenticated(status.message().to_string()));
-    }
-    if backoff.failing_for() > settings.give_up_after {
-        return Err(ClientError::Unreachable {
-            seconds: backoff.failing_for().as_secs_f64(),
-            last: status.message().to_string(),
-        });
-    }
-    let delay = backoff.next_delay();
-    on_event(AgentEvent::Retrying(format!(
-        "{} ({:?}); retrying in {:.1} s",
-        status.message(),
-        status.code(),
-        delay.as_secs_f64()
-    )));
-    tokio::time::sleep(delay).await;
-    Ok(())
-}
-
-/// Whether a failed call means the round is gone for this node (rather than a network blip).
-pub(crate) fn round_gone(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::FailedPrecondition | Code::NotFound | Code::InvalidArgument | Code::ResourceExhausted
-    )
 }
 
 fn procedure(task: &Task) -> Result<ClientProcedure, String> {

@@ -15,6 +15,7 @@ pub mod backoff;
 pub mod connection;
 pub mod error;
 pub mod exec;
+mod link;
 mod secure;
 pub mod transfer;
 

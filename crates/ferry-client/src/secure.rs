@@ -7,31 +7,19 @@ use ferry_core::{Update, aggregate::validate_update};
 use ferry_proto::{
     secagg as convert,
     v1::{
-        SecAggEmpty, SecAggRequest, SecAggTask, fleet_client::FleetClient, sec_agg_request::Step,
-        sec_agg_response::Outcome,
+        SecAggEmpty, SecAggRequest, SecAggTask, sec_agg_request::Step, sec_agg_response::Outcome,
     },
 };
 use ferry_secagg::{SealedShare, SecAggClient, SecAggParams};
-use tonic::{Status, transport::Channel};
+use tonic::Status;
 
 use crate::{
     ClientError,
-    agent::{AgentEvent, AgentSettings, retry, round_gone},
-    backoff::Backoff,
-    connection::StoredCredential,
+    link::{AgentEvent, Link, retry, round_gone},
 };
 
 /// How long one SecAgg call may wait for the other nodes before asking again.
 const STAGE_WAIT_MS: u32 = 20_000;
-
-/// What the agent needs to talk to the server.
-pub(crate) struct Link<'a, E> {
-    pub(crate) settings: &'a AgentSettings,
-    pub(crate) client: &'a mut FleetClient<Channel>,
-    pub(crate) credential: &'a StoredCredential,
-    pub(crate) backoff: &'a mut Backoff,
-    pub(crate) on_event: &'a E,
-}
 
 /// A call's outcome: the server's answer, or why the round is gone for this node.
 type Answer = Result<Outcome, String>;

@@ -14,7 +14,7 @@ use std::{
 use ferry_core::{
     CoreError, Model, Update,
     aggregate::{Aggregator, UpdateSource, UpdateSum},
-    privacy::{DpRoundRecord, mechanism::RoundPrivacy},
+    privacy::{DpRoundRecord, aggregate::DpSum, round::RoundPrivacy},
     strategy::Strategy,
     task::LocalTraining,
 };
@@ -114,7 +114,7 @@ impl OpenRound {
     pub fn new(plan: &RoundPlan, strategy: &Strategy) -> Self {
         let dim = plan.task.model.num_params();
         let aggregator: Box<dyn Aggregator> = match &plan.privacy {
-            Some(privacy) => Box::new(privacy.aggregator(plan.task.model.layout())),
+            Some(privacy) => Box::new(DpSum::for_round(privacy.clone(), plan.task.model.layout())),
             None => strategy.start_aggregator(dim),
         };
         Self {

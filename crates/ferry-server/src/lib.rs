@@ -22,6 +22,7 @@ pub mod coordinator;
 pub mod counter_totals;
 pub mod error;
 pub mod limits;
+mod refusal;
 pub mod rpc_timing;
 pub mod secure;
 pub mod service;

@@ -13,7 +13,7 @@ use ferry_secagg::{
     SecAggServer, SecureSum, UnmaskRequest,
 };
 
-use crate::coordinator::Refusal;
+use crate::refusal::Refusal;
 
 /// One step a node takes in a secure round.
 #[derive(Debug, Clone)]

@@ -4,10 +4,10 @@
 //! does not depend on who took part.
 
 use crate::{
-    CoreError, Update,
+    CoreError, ModelLayout, Update,
     aggregate::{Aggregate, Aggregator, MemoryUse, UpdateSum, validate_sum, validate_update},
     algebra,
-    privacy::{Placement, clip::ClipScope, mechanism::RoundPrivacy, noise::NoiseSource},
+    privacy::{Placement, clip::ClipScope, noise::NoiseSource, round::RoundPrivacy},
 };
 
 /// A streaming noisy sum for one round.
@@ -22,6 +22,12 @@ pub struct DpSum {
 }
 
 impl DpSum {
+    /// The server's aggregator for `round` of a model laid out as `layout`.
+    pub fn for_round(round: RoundPrivacy, layout: &ModelLayout) -> Self {
+        let scope = ClipScope::for_layout(layout, round.per_layer);
+        Self::new(round, scope)
+    }
+
     /// An empty sum for `round`, clipping over `scope`.
     pub fn new(round: RoundPrivacy, scope: ClipScope) -> Self {
         let dim = scope.dim();

@@ -7,6 +7,7 @@
 //! - [`noise`]: Gaussian noise from ChaCha20, OS-seeded or run-seeded.
 //! - [`mechanism`]: a run's privacy state (clip norm, adaptive clipping, spent budget) and what
 //!   each round does with it.
+//! - [`round`]: one round's parameters, as planned.
 //! - [`aggregate`]: the server's noisy fixed-denominator sum.
 //! - [`node`]: the node's share of the work in the distributed placement.
 
@@ -16,6 +17,7 @@ pub mod clip;
 pub mod mechanism;
 pub mod node;
 pub mod noise;
+pub mod round;
 
 use std::{fmt, str::FromStr};
 

@@ -16,12 +16,14 @@
 mod evaluation;
 mod retention;
 mod rounds;
+mod startup;
 mod types;
 mod uploads;
 
+pub use crate::refusal::Refusal;
 pub use types::{
     BlobRef, COORDINATOR_ERROR, EvaluationTask, Event, FAILED_ROUNDS, FailedRound, NodeTask,
-    Refusal, RunSpec, RunStatus, Submission, Work, is_failure,
+    RunSpec, RunStatus, Submission, Work, is_failure,
 };
 
 use evaluation::Evaluating;
@@ -32,23 +34,19 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_core::{Model, ModelLayout, strategy::Strategy, update_file::UpdateFile, wire};
+use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
 use ferry_engine::{
     floor::RoundFloor,
     node::Evaluator,
     record::RoundRecord,
-    round::{self, OpenRound, RoundPlan},
+    round::{OpenRound, RoundPlan},
     secure::round_context,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::{
-    ServerError,
-    blobs::Blobs,
-    coordinator::types::RoundOrders,
-    secure::SecureStages,
-    store::{RunRow, Store},
+    ServerError, blobs::Blobs, coordinator::types::RoundOrders, secure::SecureStages, store::Store,
 };
 
 struct Training {
@@ -125,107 +123,6 @@ fn unix_ms(at: Instant) -> u64 {
 }
 
 impl Coordinator {
-    /// Starts a new run from `initial`, or resumes the one in `store` (which must have been
-    /// started with the same configuration). Rounds are scored by `evaluator`, or not at all
-    /// centrally when there is none. Events go to the returned receiver.
-    pub async fn start(
-        mut spec: RunSpec,
-        mut strategy: Strategy,
-        initial: Model,
-        evaluator: Option<Arc<dyn Evaluator>>,
-        store: Store,
-        blobs: Blobs,
-    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<Event>), ServerError> {
-        let run = match store.run().await? {
-            Some(run) if run.config_hash != spec.config_hash => {
-                return Err(ServerError::Settings(format!(
-                    "the store holds run {} started with another configuration; restart with \
-                     that configuration, or point `store` at a new database to start a new run",
-                    run.run_id
-                )));
-            }
-            Some(run) => run,
-            None => {
-                let run = RunRow {
-                    run_id: crate::auth::new_secret()[..12].to_string(),
-                    config_hash: spec.config_hash.clone(),
-                    round: 1,
-                    model_sha: put_model(&blobs, &initial).await?.sha256,
-                    state_sha: String::new(),
-                    finished: String::new(),
-                };
-                store.start_run(&run).await?;
-                run
-            }
-        };
-        let layout = initial.layout().clone();
-        drop(initial);
-        let global = Model::read_safetensors(
-            std::io::BufReader::new(blobs.open(&run.model_sha).await?),
-            &spec.personal,
-        )?;
-        layout.check_same(global.layout())?;
-        if !run.state_sha.is_empty() {
-            strategy
-                .optimizer
-                .restore(wire::decode_vectors(&blobs.get(&run.state_sha).await?)?)?;
-        }
-        if let Some(privacy) = strategy.privacy.as_mut() {
-            // The privacy spent and the adaptive clip norm follow from the committed rounds.
-            let history: Vec<RoundRecord> = parse_records(&store.round_records().await?)?;
-            for dp in history.iter().filter_map(|r| r.dp) {
-                privacy.replay(&dp);
-            }
-            if let Some(epsilon) = privacy.spent().map(|s| s.epsilon) {
-                metrics::gauge!("ferry_dp_epsilon").set(epsilon);
-            }
-            privacy.check_first_round_fits_budget()?;
-        }
-        let model_blob = BlobRef {
-            size: blobs.size(&run.model_sha).await?,
-            sha256: run.model_sha.clone(),
-        };
-        let control_blob = put_control(&blobs, strategy.optimizer.broadcast()).await?;
-        let (events, receiver) = mpsc::unbounded_channel();
-        let floor = RoundFloor::of(&strategy, spec.secure.as_ref());
-        for notice in raise_to_floor(&mut spec, &floor) {
-            // The receiver is returned below; the notice waits in the channel until then.
-            let _ = events.send(Event::Notice(notice));
-        }
-        let coordinator = Arc::new(Self {
-            run_id: run.run_id.clone(),
-            layout,
-            spec,
-            store,
-            blobs,
-            evaluator,
-            floor,
-            state: Mutex::new(State {
-                strategy,
-                global: Some(Arc::new(global)),
-                model_blob,
-                control_blob,
-                round: run.round,
-                training: None,
-                evaluating: None,
-                finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
-                online: HashMap::new(),
-                failures: 0,
-                last_failure: None,
-                retry_at: None,
-                waiting_noted: false,
-                fleet_check: None,
-                stop_requested: false,
-            }),
-            changed: watch::channel(0).0,
-            work: watch::channel(0).0,
-            events,
-        });
-        coordinator.resume_open_round().await?;
-        coordinator.resume_evaluation().await?;
-        Ok((coordinator, receiver))
-    }
-
     /// The run's identifier.
     pub fn run_id(&self) -> &str {
         &self.run_id
@@ -371,82 +268,6 @@ impl Coordinator {
     fn emit(&self, event: Event) {
         // The operator may have stopped listening; the run goes on.
         let _ = self.events.send(event);
-    }
-
-    /// After a restart: if the latest committed round's model was due a federated evaluation
-    /// that had not closed, it is evaluated again before the next round; a run whose last
-    /// round is committed and evaluated is marked finished.
-    async fn resume_evaluation(&self) -> Result<(), ServerError> {
-        let mut state = self.state.lock().await;
-        if state.finished.is_some() || state.training.is_some() {
-            return Ok(());
-        }
-        let Some(last) = self.history().await?.pop() else {
-            return Ok(());
-        };
-        let finish = self.finish_reason(&last);
-        if self.evaluation_due(&last) {
-            self.emit(Event::Notice(format!(
-                "round {} is committed; its federated evaluation starts again",
-                last.round
-            )));
-            self.open_evaluation(&mut state, last, finish);
-        } else if let Some(reason) = finish {
-            self.store.finish_run(&reason).await?;
-            state.finished = Some(reason);
-        }
-        Ok(())
-    }
-
-    /// After a restart: reopens the stored cohort's round and re-folds its stored updates.
-    async fn resume_open_round(&self) -> Result<(), ServerError> {
-        let mut state = self.state.lock().await;
-        if state.finished.is_some() {
-            return Ok(());
-        }
-        let cohort = self.store.cohort(state.round).await?;
-        if cohort.is_empty() {
-            return Ok(());
-        }
-        if self.spec.secure.is_some() {
-            // A secure round's keys lived in the old process; nothing of it was folded, so
-            // the round starts again with whoever is online.
-            self.emit(Event::Notice(format!(
-                "round {} starts again: a secure round cannot outlive its coordinator",
-                state.round
-            )));
-            return Ok(());
-        }
-        let population = self
-            .store
-            .population(state.round)
-            .await?
-            .unwrap_or(cohort.len());
-        let global = self.resident_global(&mut state).await?;
-        let plan = round::plan(
-            state.round,
-            &self.spec.cohort,
-            &state.strategy,
-            &global,
-            population,
-        )?;
-        drop(global);
-        let mut training = self.open_training(&mut state, plan, cohort.into_iter().collect());
-        for (node, sha) in self.store.accepted(state.round).await? {
-            let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
-            let mut update = UpdateFile::open(file, &self.layout)?;
-            training.open.accept_source(&node, &mut update)?;
-            training.answered.insert(node.clone());
-            training.delivered.insert(node);
-        }
-        self.emit(Event::Notice(format!(
-            "resumed round {} with {} of {} updates already in",
-            state.round,
-            training.answered.len(),
-            training.cohort.len()
-        )));
-        state.training = Some(training);
-        Ok(())
     }
 
     /// The open round of `plan`; the global model is let go until the round closes.
@@ -600,7 +421,6 @@ impl Coordinator {
     }
 }
 
-/// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
 /// Stores `model` a tensor at a time (no second copy in memory) and refers to it.
 pub(crate) async fn put_model(blobs: &Blobs, model: &Model) -> Result<BlobRef, ServerError> {
     let (sha256, size) = blobs
@@ -612,6 +432,7 @@ pub(crate) async fn put_model(blobs: &Blobs, model: &Model) -> Result<BlobRef, S
     Ok(BlobRef { sha256, size })
 }
 
+/// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
 async fn put_control(
     blobs: &Blobs,
     control: Option<Arc<Vec<f32>>>,
@@ -636,25 +457,4 @@ fn parse_records<T: serde::de::DeserializeOwned>(jsons: &[String]) -> Result<Vec
                 .map_err(|e| ServerError::Settings(format!("stored round record: {e}")))
         })
         .collect()
-}
-
-/// Raises `spec`'s `min_clients` and `min_results` to `floor`, returning a notice for each
-/// setting raised: a round started or closed with fewer could never be aggregated.
-fn raise_to_floor(spec: &mut RunSpec, floor: &RoundFloor) -> Vec<String> {
-    let Some(reason) = &floor.reason else {
-        return Vec::new();
-    };
-    let mut notices = Vec::new();
-    let mut raise = |setting: &mut usize, name: &str| {
-        if *setting < floor.updates {
-            notices.push(format!(
-                "{name} raised from {setting} to {}: {reason}",
-                floor.updates
-            ));
-            *setting = floor.updates;
-        }
-    };
-    raise(&mut spec.cohort.min_clients, "min_clients");
-    raise(&mut spec.min_results, "min_results");
-    notices
 }

@@ -224,15 +224,6 @@ pub enum Submission {
     Duplicate,
 }
 
-/// Why an upload or report was refused, for the gRPC status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The round is not open for this node (closed, not started, or not in its cohort).
-    NotOpen(String),
-    /// The update's content is invalid.
-    Invalid(String),
-}
-
 /// A round attempt that ended without moving the global model, as `history.json` and the
 /// store record it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -4,22 +4,28 @@
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_core::{evaluation::NodeEvaluation, strategy::ClientProcedure};
+use ferry_core::evaluation::NodeEvaluation;
 use ferry_proto::v1::{
     self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
     SecAggRequest, SecAggResponse, UploadChunk, UploadReceipt, UploadStatusRequest,
-    fleet_server::Fleet, pull_task_response::Outcome, sec_agg_request, sec_agg_response,
+    fleet_server::Fleet, pull_task_response::Outcome,
 };
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+mod refusals;
+mod wire;
+
+use refusals::{refused, refused_request, rejected, stage_refused};
+use wire::{evaluation_message, receipt, secagg_outcome, secagg_step, task_message};
+
 use crate::{
     auth::{self, Credential},
-    coordinator::{BlobRef, Coordinator, EvaluationTask, NodeTask, Refusal, Submission, Work},
-    limits::{AbuseLimits, Guard, Limit},
-    secure::{SecAggReply, SecAggStep},
-    staged::{StageError, StagedUpload},
+    coordinator::{Coordinator, Work},
+    limits::{AbuseLimits, Guard},
+    secure::SecAggReply,
+    staged::StagedUpload,
     store::Store,
     turns::TransferTurns,
 };
@@ -113,162 +119,6 @@ fn unauthenticated(message: &str) -> Status {
     tracing::warn!("refused call: {message}");
     metrics::counter!("ferry_calls_unauthenticated_total").increment(1);
     Status::unauthenticated(message.to_string())
-}
-
-fn procedure(p: ClientProcedure) -> (v1::Procedure, f64) {
-    match p {
-        ClientProcedure::LocalSgd => (v1::Procedure::LocalSgd, 0.0),
-        ClientProcedure::Proximal { mu } => (v1::Procedure::Proximal, mu),
-        ClientProcedure::Scaffold => (v1::Procedure::Scaffold, 0.0),
-        ClientProcedure::Normalized => (v1::Procedure::Normalized, 0.0),
-    }
-}
-
-fn blob(b: &BlobRef) -> v1::BlobRef {
-    v1::BlobRef {
-        sha256: b.sha256.clone(),
-        size_bytes: b.size,
-    }
-}
-
-/// An evaluation task on the wire: the model, seed and deadline; no training settings.
-fn evaluation_message(task: &EvaluationTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
-    v1::Task {
-        run_id: task.run_id.clone(),
-        round: task.round,
-        model: Some(blob(&task.model)),
-        seed: task.seed,
-        deadline_unix_ms: task.deadline_unix_ms,
-        heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
-        kind: v1::TaskKind::Evaluate.into(),
-        personal: spec.personal.patterns().to_vec(),
-        ..v1::Task::default()
-    }
-}
-
-fn task_message(node_task: &NodeTask, spec: &crate::coordinator::RunSpec) -> v1::Task {
-    let task = &node_task.task;
-    let (procedure, mu) = procedure(task.procedure);
-    v1::Task {
-        run_id: node_task.run_id.clone(),
-        round: task.round,
-        model: Some(blob(&node_task.model)),
-        server_control: node_task.server_control.as_ref().map(blob),
-        training: Some(v1::LocalTraining {
-            epochs: task.training.epochs,
-            batch_size: task.training.batch_size as u32,
-            lr: task.training.lr,
-            momentum: task.training.momentum,
-            weight_decay: task.training.weight_decay,
-        }),
-        procedure: procedure.into(),
-        mu,
-        seed: task.seed,
-        deadline_unix_ms: node_task.deadline_unix_ms,
-        heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
-        max_chunk_bytes: spec.max_chunk_bytes as u32,
-        privacy: task.privacy.map(|p| v1::NodePrivacy {
-            clip: p.clip,
-            noise_std: p.noise_std,
-            count_noise_std: p.count_noise_std,
-            per_layer: p.per_layer,
-        }),
-        secagg: node_task
-            .secagg
-            .as_ref()
-            .map(|(params, cap)| ferry_proto::secagg::task_to_wire(params, *cap)),
-        kind: v1::TaskKind::Train.into(),
-        personal: spec.personal.patterns().to_vec(),
-    }
-}
-
-/// A SecAgg step from the wire, or INVALID_ARGUMENT.
-fn secagg_step(step: Option<sec_agg_request::Step>) -> Result<SecAggStep, Status> {
-    use ferry_proto::secagg as convert;
-    use sec_agg_request::Step;
-    let malformed = |e: ferry_secagg::SecAggError| Status::invalid_argument(e.to_string());
-    Ok(match step {
-        Some(Step::Advertise(keys)) => {
-            SecAggStep::Advertise(convert::keys_from_wire(&keys).map_err(malformed)?)
-        }
-        Some(Step::GetRoster(_)) => SecAggStep::GetRoster,
-        Some(Step::Share(shares)) => SecAggStep::Share(convert::shares_from_wire(&shares)),
-        Some(Step::GetInbox(_)) => SecAggStep::GetInbox,
-        Some(Step::GetUnmaskRequest(_)) => SecAggStep::GetUnmaskRequest,
-        Some(Step::Reveal(shares)) => {
-            SecAggStep::Reveal(convert::revealed_from_wire(&shares).map_err(malformed)?)
-        }
-        None => return Err(Status::invalid_argument("a SecAgg request needs a step")),
-    })
-}
-
-/// A SecAgg reply on the wire.
-fn secagg_outcome(reply: SecAggReply) -> sec_agg_response::Outcome {
-    use ferry_proto::secagg as convert;
-    use sec_agg_response::Outcome;
-    match reply {
-        SecAggReply::Ack => Outcome::Ack(v1::SecAggEmpty {}),
-        SecAggReply::Wait => Outcome::Wait(v1::SecAggEmpty {}),
-        SecAggReply::Roster(roster) => Outcome::Roster(convert::roster_to_wire(&roster)),
-        SecAggReply::Inbox(inbox) => Outcome::Inbox(convert::shares_to_wire(&inbox)),
-        SecAggReply::UnmaskRequest(request) => {
-            Outcome::UnmaskRequest(convert::request_to_wire(&request))
-        }
-    }
-}
-
-/// Logs and counts a refused upload, and returns its status.
-fn rejected(node: &str, reason: &'static str, status: Status) -> Status {
-    tracing::warn!(
-        "node {node}: upload refused ({reason}): {}",
-        status.message()
-    );
-    metrics::counter!("ferry_updates_rejected_total", "reason" => reason).increment(1);
-    status
-}
-
-/// [`rejected`] for the coordinator's refusals.
-fn refused(node: &str, refusal: Refusal) -> Status {
-    match refusal {
-        Refusal::NotOpen(m) => rejected(node, "round_not_open", Status::failed_precondition(m)),
-        Refusal::Invalid(m) => rejected(node, "invalid_update", Status::invalid_argument(m)),
-    }
-}
-
-/// [`rejected`] for a staged upload's refusals.
-fn stage_refused(node: &str, error: StageError) -> Status {
-    let message = error.to_string();
-    match error {
-        StageError::WrongOffset { .. } => {
-            rejected(node, "wrong_offset", Status::failed_precondition(message))
-        }
-        StageError::PastTotal => rejected(node, "malformed", Status::invalid_argument(message)),
-        StageError::HashMismatch => rejected(node, "hash_mismatch", Status::data_loss(message)),
-        StageError::OverNodeCap { .. } => {
-            Limit::StagedBytes.refuse(node, Status::resource_exhausted(message))
-        }
-        StageError::DiskFull => rejected(node, "disk_full", Status::unavailable(message)),
-        StageError::Io(_) => Status::internal(message),
-    }
-}
-
-/// Logs a refused request that is not an upload (a secure-aggregation step, an evaluation)
-/// and returns its status; `what` names it in the log.
-fn refused_request(node: &str, what: &str, refusal: Refusal) -> Status {
-    let status = match refusal {
-        Refusal::NotOpen(m) => Status::failed_precondition(m),
-        Refusal::Invalid(m) => Status::invalid_argument(m),
-    };
-    tracing::warn!("node {node}: {what} refused: {}", status.message());
-    status
-}
-
-fn receipt(received_bytes: u64, submission: Option<Submission>) -> UploadReceipt {
-    UploadReceipt {
-        received_bytes,
-        accepted: submission.is_some(),
-        duplicate: submission == Some(Submission::Duplicate),
-    }
 }
 
 async fn staged_len(path: &Path) -> u64 {

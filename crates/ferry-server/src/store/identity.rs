@@ -1,0 +1,179 @@
+//! Who may join: enrolment tokens (by hash) and the nodes enrolled with them, and how many
+//! nodes the fleet can still have.
+
+use sqlx::Row;
+
+use crate::{
+    ServerError,
+    store::{Store, now_ms},
+};
+
+/// A node's enrolment, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// The node's identifier.
+    pub node_id: String,
+    /// The name of the token it enrolled with.
+    pub name: String,
+    /// sha256 of its secret.
+    pub secret_hash: String,
+    /// Whether its credential was revoked.
+    pub revoked: bool,
+}
+
+/// An enrolment token, as listed to its operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// Its name, which the node enrolled with it takes.
+    pub name: String,
+    /// Whether a node has enrolled with it.
+    pub used: bool,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, ServerError> {
+    Ok(NodeRow {
+        node_id: row.try_get(0)?,
+        name: row.try_get(1)?,
+        secret_hash: row.try_get(2)?,
+        revoked: row.try_get::<i64, _>(3)? != 0,
+    })
+}
+
+impl Store {
+    /// Creates a one-time enrolment token for the node `name` and returns it; only its hash is
+    /// stored, so this is the one time it can be shown.
+    pub async fn create_token(&self, name: &str) -> Result<String, ServerError> {
+        let token = format!("ferry-{}", crate::auth::new_secret());
+        self.add_token(name, &crate::auth::hash_secret(&token))
+            .await?;
+        Ok(token)
+    }
+
+    /// Records a new enrolment token under `name`; a live token of that name must not exist.
+    pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
+        let taken = sqlx::query("SELECT revoked FROM tokens WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(row) = taken {
+            if row.try_get::<i64, _>(0)? == 0 {
+                return Err(ServerError::Settings(format!(
+                    "a token named '{name}' already exists; revoke it first (ferry token revoke --name {name})"
+                )));
+            }
+            sqlx::query("DELETE FROM tokens WHERE name = $1")
+                .bind(name)
+                .execute(&self.pool)
+                .await?;
+        }
+        sqlx::query("INSERT INTO tokens (name, token_hash, created_ms) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(token_hash)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes the token `name` and every node enrolled with it; false if no such token.
+    pub async fn revoke(&self, name: &str) -> Result<bool, ServerError> {
+        let tokens = sqlx::query("UPDATE tokens SET revoked = 1 WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        sqlx::query("UPDATE nodes SET revoked = 1 WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(tokens > 0)
+    }
+
+    /// Spends a one-time token: if `token_hash` names an unused, unrevoked token, marks it used
+    /// and records the node; returns the token's name. Done in one transaction, so a token
+    /// enrols at most one node.
+    pub async fn enrol(
+        &self,
+        token_hash: &str,
+        node_id: &str,
+        secret_hash: &str,
+    ) -> Result<Option<String>, ServerError> {
+        let mut tx = self.pool.begin().await?;
+        let spent = sqlx::query(
+            "UPDATE tokens SET used = 1 WHERE token_hash = $1 AND used = 0 AND revoked = 0",
+        )
+        .bind(token_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if spent == 0 {
+            return Ok(None);
+        }
+        let name: String = sqlx::query("SELECT name FROM tokens WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+        sqlx::query(
+            "INSERT INTO nodes (node_id, name, secret_hash, enrolled_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(node_id)
+        .bind(&name)
+        .bind(secret_hash)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(name))
+    }
+
+    /// The node `node_id`, if enrolled.
+    pub async fn node(&self, node_id: &str) -> Result<Option<NodeRow>, ServerError> {
+        let row =
+            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes WHERE node_id = $1")
+                .bind(node_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.as_ref().map(node_row).transpose()
+    }
+
+    /// All enrolled nodes.
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>, ServerError> {
+        let rows =
+            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes ORDER BY node_id")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(node_row).collect()
+    }
+
+    /// Every enrolment token, by name (never the token itself: only its hash is stored).
+    pub async fn tokens(&self) -> Result<Vec<TokenRow>, ServerError> {
+        let rows = sqlx::query("SELECT name, used, revoked FROM tokens ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TokenRow {
+                    name: row.try_get(0)?,
+                    used: row.try_get::<i64, _>(1)? != 0,
+                    revoked: row.try_get::<i64, _>(2)? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// How many nodes the fleet can have: nodes enrolled and not revoked, and enrolment tokens
+    /// neither used nor revoked.
+    pub async fn fleet_capacity(&self) -> Result<(usize, usize), ServerError> {
+        let count = |sql: &'static str| async move {
+            let n: i64 = sqlx::query(sql).fetch_one(&self.pool).await?.try_get(0)?;
+            Ok::<usize, ServerError>(usize::try_from(n).unwrap_or(0))
+        };
+        Ok((
+            count("SELECT COUNT(*) FROM nodes WHERE revoked = 0").await?,
+            count("SELECT COUNT(*) FROM tokens WHERE used = 0 AND revoked = 0").await?,
+        ))
+    }
+}
