@@ -117,11 +117,7 @@ pub async fn start_private(
 }
 
 pub async fn start_with(dir: &std::path::Path, spec: RunSpec, dp: Option<DpSettings>) -> Running {
-    let mut strategy = Strategy::new(
-        StrategyName::FedAvg,
-        &StrategyParams::default(),
-        spec.cohort.min_clients,
-    );
+    let mut strategy = fedavg(spec.cohort.min_clients);
     if let Some(dp) = dp {
         strategy = strategy
             .with_privacy(Privacy::new(dp, NoiseSeed::Run(3)).expect("valid"))
@@ -136,7 +132,21 @@ pub async fn start_with_strategy(
     spec: RunSpec,
     strategy: Strategy,
 ) -> Running {
-    start_with_evaluator(dir, spec, strategy, Some(Arc::new(DistanceToOnes))).await
+    start_with_evaluator(dir, spec, strategy, central_test()).await
+}
+
+/// Plain FedAvg over rounds of at least `min_clients`.
+fn fedavg(min_clients: usize) -> Strategy {
+    Strategy::new(
+        StrategyName::FedAvg,
+        &StrategyParams::default(),
+        min_clients,
+    )
+}
+
+/// The central test the runs here are scored by: distance to a model of ones.
+fn central_test() -> Option<Arc<dyn Evaluator>> {
+    Some(Arc::new(DistanceToOnes))
 }
 
 /// [`start_with_strategy`] with `evaluator` scoring rounds centrally (none: no central test
@@ -176,14 +186,8 @@ pub async fn start_limited(
     min_clients: usize,
     limits: AbuseLimits,
 ) -> Running {
-    let spec = spec(rounds, min_clients);
-    let strategy = Strategy::new(
-        StrategyName::FedAvg,
-        &StrategyParams::default(),
-        min_clients,
-    );
-    let evaluator: Option<Arc<dyn Evaluator>> = Some(Arc::new(DistanceToOnes));
-    start_guarded(dir, spec, strategy, evaluator, initial(), limits).await
+    let (spec, strategy) = (spec(rounds, min_clients), fedavg(min_clients));
+    start_guarded(dir, spec, strategy, central_test(), initial(), limits).await
 }
 
 async fn start_guarded(
