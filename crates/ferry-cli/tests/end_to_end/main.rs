@@ -14,5 +14,6 @@ mod fleet;
 mod own_model;
 mod parity;
 mod pytorch_example;
+mod safety;
 mod sdk;
 mod simulate;

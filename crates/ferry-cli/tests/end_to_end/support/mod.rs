@@ -2,6 +2,7 @@
 //! folder, client arguments, logs and waiting with a time limit.
 
 pub mod chaos;
+pub mod cli;
 pub mod webdriver;
 
 use std::{
