@@ -18,8 +18,10 @@ use std::{
 
 use serde_json::{Value, json};
 use support::{
-    Killer, TestServer, client_args, free_port, http_post, rounds_done, share_args,
-    share_client_args, spawn_logged, token_client_args, until_listening, wait_for,
+    Killer, TestServer,
+    cli::{mnist_logreg, simulate},
+    client_args, free_port, http_post, rounds_done, share_args, share_client_args, spawn_logged,
+    token_client_args, until_listening, wait_for,
     webdriver::Browser,
 };
 
@@ -316,40 +318,26 @@ fn finished_runs_and_a_live_simulation_in_a_real_browser() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let runs = tmp.path().join("runs");
     let out = |name: &str| runs.join(name).to_str().expect("utf-8").to_string();
-    let simulate = |extra: &[&str]| {
-        let mut args = vec![
-            "simulate",
-            "--dataset",
-            "mnist-subset",
-            "--model",
-            "logreg",
+    simulate(
+        &runs.join("private"),
+        &mnist_logreg(&[
             "--rounds",
             "4",
-        ];
-        args.extend_from_slice(extra);
-        support::run_ok(&args);
-    };
-    simulate(&[
-        "--clients",
-        "20",
-        "--fraction",
-        "0.5",
-        "--dp-noise-multiplier",
-        "0.8",
-        "--dp-adaptive-clip",
-        "--dp-epsilon-budget",
-        "20",
-        "--out",
-        &out("private"),
-    ]);
-    simulate(&[
-        "--clients",
-        "10",
-        "--aggregator",
-        "krum",
-        "--out",
-        &out("krum"),
-    ]);
+            "--clients",
+            "20",
+            "--fraction",
+            "0.5",
+            "--dp-noise-multiplier",
+            "0.8",
+            "--dp-adaptive-clip",
+            "--dp-epsilon-budget",
+            "20",
+        ]),
+    );
+    simulate(
+        &runs.join("krum"),
+        &mnist_logreg(&["--rounds", "4", "--clients", "10", "--aggregator", "krum"]),
+    );
     std::fs::create_dir_all(runs.join("fleet")).expect("fleet run folder");
     std::fs::write(
         runs.join("fleet/history.json"),

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::support::cli::{
-    assert_clean_failure, ferry_stdout, mnist_logreg, output, simulate, stderr, stdout,
-    written_history,
+use crate::support::{
+    cli::{assert_clean_failure, ferry_stdout, mnist_logreg, simulate, stdout, written_history},
+    run_ok,
 };
 
 /// `ferry privacy epsilon` for `steps` rounds at rate q and multiplier z, as printed.
@@ -196,8 +196,7 @@ fn bench_dp_writes_accuracy_against_epsilon() {
         "--out",
         out.to_str().expect("utf-8"),
     ]));
-    let result = output(&args);
-    assert!(result.status.success(), "{}", stderr(&result));
+    run_ok(&args);
     let csv = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
     let rows: Vec<Vec<&str>> = csv
         .lines()
@@ -228,8 +227,7 @@ fn attacked_run(dir: &Path, extra: &[&str]) -> (Value, String) {
     let mut args = vec!["simulate", "--out", out_dir];
     args.extend(mnist_logreg(&["--clients", "20", "--rounds", "5"]));
     args.extend_from_slice(extra);
-    let out = output(&args);
-    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    let out = run_ok(&args);
     (written_history(dir), stdout(&out))
 }
 
@@ -337,8 +335,7 @@ fn bench_robust_writes_the_rule_by_attack_table() {
         "--out",
         out.to_str().expect("utf-8"),
     ]));
-    let result = output(&args);
-    assert!(result.status.success(), "{}", stderr(&result));
+    run_ok(&args);
     let table = std::fs::read_to_string(out.join("table.md")).expect("table.md");
     assert!(
         table.starts_with("| rule | none | sign-flip | aggregation per round |"),
