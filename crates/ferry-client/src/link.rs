@@ -92,18 +92,34 @@ pub(crate) async fn retry(
     if backoff.failing_for() > settings.give_up_after {
         return Err(ClientError::Unreachable {
             seconds: backoff.failing_for().as_secs_f64(),
-            last: status.message().to_string(),
+            last: explain(status),
         });
     }
     let delay = backoff.next_delay();
     on_event(AgentEvent::Retrying(format!(
         "{} ({:?}); retrying in {:.1} s",
-        status.message(),
+        explain(status),
         status.code(),
         delay.as_secs_f64()
     )));
     tokio::time::sleep(delay).await;
     Ok(())
+}
+
+/// A failed call's message with the errors under it (a refused TLS handshake says why only
+/// there: "transport error: ... received fatal alert: CertificateRequired").
+pub(crate) fn explain(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let said = error.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = error.source();
+    }
+    text
 }
 
 /// Whether a failed call means the round is gone for this node (rather than a network blip).

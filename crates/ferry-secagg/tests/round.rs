@@ -1,9 +1,11 @@
 //! Whole secure rounds between one server and many clients, with nodes dropping at every
 //! stage.
 
+use std::collections::BTreeSet;
+
 use ferry_secagg::{
-    ParticipantId, SecAggClient, SecAggError, SecAggParams, SecAggServer, SecureSum, UnmaskRequest,
-    max_sum_error,
+    NeighbourGraph, ParticipantId, SecAggClient, SecAggError, SecAggParams, SecAggServer,
+    SecureSum, UnmaskRequest, max_sum_error,
 };
 use proptest::prelude::*;
 
@@ -31,6 +33,71 @@ fn seed(i: usize, salt: u8) -> [u8; 32] {
     s
 }
 
+/// The seed `run_round`'s server places the neighbour graph with.
+const GRAPH_SEED: [u8; 32] = [42; 32];
+
+/// Whether `drops` break the protocol's threshold, worked out from sets alone and
+/// independently of the server's code: too few nodes advertise or keep enough neighbours that
+/// shared keys (more than `threshold` are needed), no masked input arrives, or some secret the
+/// unmasking needs (a survivor's self-mask seed, the masking key of a dropped node with a
+/// surviving neighbour) is held by fewer than `threshold` neighbours that answer.
+fn threshold_broken(params: &SecAggParams, drops: &[Drop]) -> bool {
+    let t = params.threshold;
+    // Ids follow advertising order, as the server hands them out.
+    let advertised: Vec<Drop> = drops
+        .iter()
+        .copied()
+        .filter(|d| *d > Drop::BeforeAdvertising)
+        .collect();
+    if advertised.len() <= t {
+        return true;
+    }
+    let graph = NeighbourGraph::new(
+        advertised.len(),
+        params.neighbourhood(advertised.len()),
+        GRAPH_SEED,
+    );
+    let ids = |keep: &dyn Fn(Drop) -> bool| -> BTreeSet<ParticipantId> {
+        (0..advertised.len() as ParticipantId)
+            .filter(|&u| keep(advertised[u as usize]))
+            .collect()
+    };
+    let live_neighbours = |u: ParticipantId, among: &BTreeSet<ParticipantId>| {
+        graph
+            .neighbours(u)
+            .iter()
+            .filter(|v| among.contains(v))
+            .count()
+    };
+    let mut shared = ids(&|d| d > Drop::BeforeSharing);
+    while let Some(short) = shared
+        .iter()
+        .copied()
+        .find(|&u| live_neighbours(u, &shared) < t)
+    {
+        shared.remove(&short);
+    }
+    if shared.len() <= t {
+        return true;
+    }
+    let masked: BTreeSet<ParticipantId> = ids(&|d| d > Drop::BeforeMasking)
+        .intersection(&shared)
+        .copied()
+        .collect();
+    let answering: BTreeSet<ParticipantId> = ids(&|d| d == Drop::Never)
+        .intersection(&masked)
+        .copied()
+        .collect();
+    if masked.is_empty() {
+        return true;
+    }
+    let survivor_short = masked.iter().any(|&u| live_neighbours(u, &answering) < t);
+    let dropped_short = shared
+        .difference(&masked)
+        .any(|&u| live_neighbours(u, &masked) > 0 && live_neighbours(u, &answering) < t);
+    survivor_short || dropped_short
+}
+
 /// Runs one round; node `i` holds `updates[i]` with weight factor `weights[i]`.
 fn run_round(
     params: SecAggParams,
@@ -39,7 +106,7 @@ fn run_round(
     drops: &[Drop],
 ) -> Outcome {
     let dim = updates[0].len();
-    let mut server = SecAggServer::new(params, b"round 1".to_vec(), [42; 32], dim);
+    let mut server = SecAggServer::new(params, b"round 1".to_vec(), GRAPH_SEED, dim);
     let mut clients: Vec<SecAggClient> = (0..updates.len())
         .map(|i| SecAggClient::new(params, seed(i, 1)))
         .collect();
@@ -170,6 +237,7 @@ fn too_many_dropouts_abort_the_round_cleanly() {
     for d in drops.iter_mut().take(5) {
         *d = Drop::BeforeUnmasking;
     }
+    assert!(threshold_broken(&params, &drops));
     let outcome = run_round(params, &updates(n, 10), &vec![1.0; n], &drops);
     assert!(matches!(outcome.result, Err(SecAggError::Aborted(_))));
 }
@@ -277,7 +345,7 @@ fn drop_strategy() -> impl Strategy<Value = Drop> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     #[test]
     fn the_unmasked_sum_equals_the_plain_sum_under_any_dropouts(
@@ -291,10 +359,16 @@ proptest! {
         let params = SecAggParams::with_neighbours((4 + extra_neighbours).min(n - 1));
         let updates: Vec<Vec<f32>> = (0..n).map(|i| values[i * dim..(i + 1) * dim].to_vec()).collect();
         let outcome = run_round(params, &updates, &weights[..n], &drops[..n]);
+        let broken = threshold_broken(&params, &drops[..n]);
         match &outcome.result {
-            Ok(_) => assert_sum_matches(&outcome, &params),
-            // A round may abort only when dropouts starved some neighbourhood below the threshold.
-            Err(SecAggError::Aborted(_)) => prop_assert!(drops[..n].iter().any(|d| *d != Drop::Never)),
+            Ok(_) => {
+                prop_assert!(!broken, "the round finished though dropouts broke the threshold");
+                assert_sum_matches(&outcome, &params);
+            }
+            // A round aborts exactly when dropouts starved some secret below the threshold.
+            Err(SecAggError::Aborted(reason)) => {
+                prop_assert!(broken, "aborted with the threshold intact: {}", reason);
+            }
             Err(e) => prop_assert!(false, "unexpected error {e}"),
         }
     }

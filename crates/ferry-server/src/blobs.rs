@@ -191,18 +191,16 @@ impl Blobs {
             .map(|dir| dir.join(key(sha256).as_ref()))
     }
 
-    /// The staging file of `node`'s upload for `round` with content hash `sha256`, in the
-    /// node's own staging folder.
-    pub fn staging_file(&self, round: u32, node: &str, sha256: &str) -> PathBuf {
-        let safe = |s: &str| {
-            s.chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect::<String>()
-        };
-        self.staging
-            .join(format!("node-{}", safe(node)))
-            .join(format!("r{round}-{}.part", safe(sha256)))
+    /// The folder of `node`'s unfinished uploads, its own so that one node's uploads never
+    /// touch another's (see `staged` for the files in it).
+    pub fn staging_dir(&self, node: &str) -> PathBuf {
+        self.staging.join(format!("node-{}", safe_name(node)))
     }
+}
+
+/// `name` with everything but ASCII letters and digits left out, safe as part of a file name.
+pub(crate) fn safe_name(name: &str) -> String {
+    name.chars().filter(char::is_ascii_alphanumeric).collect()
 }
 
 /// A writer that hashes and counts what passes through it.
@@ -248,7 +246,7 @@ mod tests {
         assert!(blobs.get(&sha256_hex(b"other")).await.is_err());
         assert!(
             blobs
-                .staging_file(3, "../x", "ab/c")
+                .staging_dir("../x")
                 .starts_with(dir.path().join("uploads"))
         );
     }

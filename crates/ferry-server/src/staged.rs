@@ -11,7 +11,7 @@ use std::{
 use ferry_core::{CoreError, ModelLayout, model::hex, update_file::UpdateFile};
 use sha2::{Digest, Sha256};
 
-use crate::blobs::Blobs;
+use crate::blobs::{Blobs, safe_name};
 
 /// Why a chunk or a finished upload was refused, for the gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,39 +67,96 @@ impl std::fmt::Display for StageError {
     }
 }
 
-/// Discards the unfinished uploads beside `path` (the same node's) that belong to another
-/// round, then the oldest of the rest until they and `total` more bytes fit in `cap`.
-fn make_room(path: &Path, round: u32, total: u64, cap: u64) -> std::io::Result<()> {
-    let Some(dir) = path.parent() else {
-        return Ok(());
-    };
-    std::fs::create_dir_all(dir)?;
-    let this_round = format!("r{round}-");
-    let mut kept = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let other = entry.path();
-        if other == path {
-            continue;
-        }
-        let name = entry.file_name();
-        if !name.to_string_lossy().starts_with(&this_round) {
-            discard(&other);
-            continue;
-        }
-        let meta = entry.metadata()?;
-        kept.push((meta.modified()?, meta.len(), other));
+/// One staging file's name, `r<round>-<sequence>-<hash>.part`: the sequence number counts
+/// the node's uploads within the round, so the oldest is known from what the server wrote,
+/// not from file times (which two uploads in one clock tick share).
+#[derive(Debug, PartialEq, Eq)]
+struct StagingName {
+    round: u32,
+    sequence: u64,
+    hash: String,
+}
+
+impl StagingName {
+    fn parse(name: &str) -> Option<Self> {
+        let rest = name.strip_prefix('r')?.strip_suffix(".part")?;
+        let (round, rest) = rest.split_once('-')?;
+        let (sequence, hash) = rest.split_once('-')?;
+        Some(Self {
+            round: round.parse().ok()?,
+            sequence: sequence.parse().ok()?,
+            hash: hash.to_string(),
+        })
     }
-    kept.sort();
-    let mut held: u64 = kept.iter().map(|(_, len, _)| len).sum();
-    for (_, len, other) in kept {
+
+    fn file_name(&self) -> String {
+        format!("r{}-{:010}-{}.part", self.round, self.sequence, self.hash)
+    }
+}
+
+/// The node's unfinished uploads held in `dir`, as (name, bytes, path); none when the folder
+/// does not exist yet. Files of another shape are not the server's and are left alone.
+fn held_uploads(dir: &Path) -> std::io::Result<Vec<(StagingName, u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut held = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if let Some(name) = StagingName::parse(&entry.file_name().to_string_lossy()) {
+            held.push((name, entry.metadata()?.len(), entry.path()));
+        }
+    }
+    Ok(held)
+}
+
+/// The staging file that holds `node`'s unfinished upload for `round` hashing to `sha256`,
+/// if the server has one.
+pub fn held_upload(blobs: &Blobs, round: u32, node: &str, sha256: &str) -> Option<PathBuf> {
+    let hash = safe_name(sha256);
+    held_uploads(&blobs.staging_dir(node))
+        .ok()?
+        .into_iter()
+        .find(|(name, _, _)| name.round == round && name.hash == hash)
+        .map(|(_, _, path)| path)
+}
+
+/// Finds the staging file in `dir` for the upload of `round` hashing to `hash`, or names a
+/// new one after the round's newest; discards the node's uploads of other rounds, then the
+/// oldest of this round's others until they and `total` more bytes fit in `cap`.
+fn make_room(dir: &Path, round: u32, hash: &str, total: u64, cap: u64) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let mut this_round = Vec::new();
+    let mut resumed = None;
+    for (name, len, path) in held_uploads(dir)? {
+        if name.round != round {
+            discard(&path);
+        } else if name.hash == hash {
+            resumed = Some(path);
+        } else {
+            this_round.push((name.sequence, len, path));
+        }
+    }
+    this_round.sort();
+    let next = this_round.last().map_or(0, |(sequence, _, _)| sequence + 1);
+    let mut held: u64 = this_round.iter().map(|(_, len, _)| len).sum();
+    for (_, len, other) in this_round {
         if held + total <= cap {
             break;
         }
         discard(&other);
         held -= len;
     }
-    Ok(())
+    Ok(resumed.unwrap_or_else(|| {
+        let name = StagingName {
+            round,
+            sequence: next,
+            hash: hash.to_string(),
+        };
+        dir.join(name.file_name())
+    }))
 }
 
 /// Removes a node's abandoned upload, counting it.
@@ -145,8 +202,14 @@ impl StagedUpload {
                 cap: node_cap,
             });
         }
-        let path = blobs.staging_file(round, node, sha256);
-        make_room(&path, round, total, node_cap).map_err(io("making room for the upload"))?;
+        let path = make_room(
+            &blobs.staging_dir(node),
+            round,
+            &safe_name(sha256),
+            total,
+            node_cap,
+        )
+        .map_err(io("making room for the upload"))?;
         let mut hasher = Sha256::new();
         // Plain file calls on the calling thread: a chunk goes to the page cache in well under a
         // millisecond, and a hop to a blocking thread would copy it once more.
@@ -296,7 +359,7 @@ mod tests {
         drop(verified);
         assert_eq!(&blobs.get(&sha).await.expect("stored")[..], &bytes[..]);
         assert!(
-            !blobs.staging_file(1, "n1", &sha).exists(),
+            held_upload(&blobs, 1, "n1", &sha).is_none(),
             "moved, not copied"
         );
 
@@ -309,7 +372,7 @@ mod tests {
             Err(StageError::HashMismatch)
         ));
         assert!(
-            !blobs.staging_file(2, "n1", &sha).exists(),
+            held_upload(&blobs, 2, "n1", &sha).is_none(),
             "a bad upload starts over"
         );
     }
@@ -318,7 +381,7 @@ mod tests {
     async fn a_node_keeps_at_most_its_cap_of_unfinished_uploads() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
-        let held = |round, sha: &str| blobs.staging_file(round, "n1", sha).exists();
+        let held = |round, sha: &str| held_upload(&blobs, round, "n1", sha).is_some();
         let start = |round, sha: &'static str| {
             let blobs = &blobs;
             async move {
@@ -333,11 +396,16 @@ mod tests {
         start(2, "bb").await;
         assert!(!held(1, "aa") && held(2, "bb"));
         // Within the round, a second upload fits in 200 bytes beside the first; a third
-        // discards the oldest.
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // discards the oldest, whatever the file times say.
         start(2, "cc").await;
         assert!(held(2, "bb") && held(2, "cc"));
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let oldest = held_upload(&blobs, 2, "n1", "bb").expect("held");
+        let recent = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .append(true)
+            .open(oldest)
+            .and_then(|file| file.set_modified(recent))
+            .expect("touch");
         start(2, "dd").await;
         assert!(!held(2, "bb") && held(2, "cc") && held(2, "dd"));
         // Another node's uploads are its own.
@@ -345,6 +413,9 @@ mod tests {
             .await
             .expect("open");
         assert!(held(2, "cc"));
+        // The round's numbering goes on after a discard: "dd" is newer than "cc".
+        start(2, "gg").await;
+        assert!(!held(2, "cc") && held(2, "dd") && held(2, "gg"));
         assert_eq!(
             StagedUpload::open(&blobs, 2, "n1", "ff", 201, 200)
                 .await

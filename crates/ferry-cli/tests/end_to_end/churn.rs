@@ -17,9 +17,37 @@ use support::{
 const NODES: usize = 6;
 const ROUNDS: usize = 6;
 
-/// Runs a churned deployment with `run` added to `[run]`; returns the server and the final
-/// `history.json` rounds.
-fn churned_run(dir: &std::path::Path, run: &str) -> (TestServer, Vec<serde_json::Value>) {
+/// What a churned run left behind.
+struct Churned {
+    server: TestServer,
+    /// The final `history.json` rounds.
+    rounds: Vec<serde_json::Value>,
+    /// The killed and restarted node's id.
+    victim: String,
+    /// Rounds after the one it was killed in whose update the restarted node delivered.
+    rejoined: Vec<u64>,
+}
+
+/// The round of each `round N: <what>` line in a client's `log`.
+fn rounds_saying(log: &str, what: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.strip_prefix("round ")?.strip_suffix(what)?.parse().ok())
+        .collect()
+}
+
+/// The node id a client's `log` says it runs as.
+fn node_id(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.starts_with("enrolled as node "))?;
+    Some(
+        line.strip_prefix("enrolled as node ")?
+            .split(' ')
+            .next()?
+            .to_string(),
+    )
+}
+
+/// Runs a churned deployment with `run` added to `[run]`.
+fn churned_run(dir: &std::path::Path, run: &str) -> Churned {
     let server = TestServer::new(
         dir,
         &[],
@@ -81,9 +109,20 @@ fn churned_run(dir: &std::path::Path, run: &str) -> (TestServer, Vec<serde_json:
     );
     processes.0[1].kill().expect("kill a node");
     let _ = processes.0[1].wait();
-    let victim_log = dir.join("client-0-restarted.log");
-    processes.0[1] = spawn_logged(&node_args[0], &victim_log);
-    logs.push(victim_log);
+    // The kill landed while the node trained: its last round began training and was never
+    // delivered.
+    let before_kill = fs::read_to_string(&victim_log).expect("victim log");
+    let killed_in = *rounds_saying(&before_kill, ": training")
+        .last()
+        .expect("the victim trained");
+    assert!(
+        !rounds_saying(&before_kill, ": update delivered").contains(&killed_in),
+        "node 0 finished round {killed_in} before the kill:\n{before_kill}"
+    );
+    let victim = node_id(&before_kill).expect("the victim's node id");
+    let restarted_log = dir.join("client-0-restarted.log");
+    processes.0[1] = spawn_logged(&node_args[0], &restarted_log);
+    logs.push(restarted_log.clone());
 
     // Second SIGKILL a few rounds later.
     wait_for("round 3", Duration::from_secs(180), &logs, || {
@@ -116,13 +155,34 @@ fn churned_run(dir: &std::path::Path, run: &str) -> (TestServer, Vec<serde_json:
         assert_eq!(r["round"], i + 1, "{rounds:?}");
         assert!(r["aborted"].is_null(), "{r}");
     }
-    (server, rounds)
+    // The node came back as itself, with its stored credential, and took part again.
+    let after = fs::read_to_string(&restarted_log).expect("restarted node's log");
+    assert_eq!(node_id(&after).as_deref(), Some(victim.as_str()), "{after}");
+    let rejoined: Vec<u64> = rounds_saying(&after, ": update delivered")
+        .into_iter()
+        .filter(|&r| r > killed_in)
+        .collect();
+    assert!(
+        !rejoined.is_empty(),
+        "the restarted node delivered no update after round {killed_in}:\n{after}"
+    );
+    Churned {
+        server,
+        rounds,
+        victim,
+        rejoined,
+    }
 }
 
 #[test]
 fn a_krum_deployment_finishes_every_round_through_server_and_node_kills() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (server, rounds) = churned_run(tmp.path(), "aggregator = \"krum\"\n");
+    let Churned {
+        server,
+        rounds,
+        victim,
+        rejoined,
+    } = churned_run(tmp.path(), "aggregator = \"krum\"\n");
     // Each round folded exactly the updates the store accepted for it: none lost, none twice.
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let store = runtime
@@ -137,13 +197,20 @@ fn a_krum_deployment_finishes_every_round_through_server_and_node_kills() {
         assert_eq!(participants, accepted.len() as u64, "round {round}: {r}");
         // Krum with byzantine 1 needs more than 4 updates.
         assert!(participants >= 5, "round {round}: {r}");
+        // The restarted node's updates are among the round's contributors.
+        if rejoined.contains(&u64::from(round)) {
+            assert!(
+                accepted.iter().any(|(node, _)| *node == victim),
+                "round {round}: {victim} delivered but is not among {accepted:?}"
+            );
+        }
     }
 }
 
 #[test]
 fn a_secagg_deployment_finishes_every_round_through_server_and_node_kills() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (_server, rounds) = churned_run(tmp.path(), "secagg = true\n");
+    let Churned { rounds, .. } = churned_run(tmp.path(), "secagg = true\n");
     for r in &rounds {
         // Six nodes: the default threshold is 3 of 5 neighbours; a sum needs 4 masked inputs.
         let participants = r["participants"].as_u64().expect("participants");

@@ -29,7 +29,7 @@ fn write_initial_model(path: &Path) {
 
 /// Runs a Python snippet, failing the test with its stderr if it fails.
 fn python(script: &str) {
-    support::run_python("python3", script, &[]);
+    support::run_python(script, &[]);
 }
 
 /// A trainer that moves every float tensor half way to 1 (in its own dtype) and bumps the
@@ -73,7 +73,7 @@ fn a_users_own_model_is_federated_with_its_dtypes_and_carried_tensors_intact() {
         let mut args = client_args(&server, &format!("site-{i}"));
         args.extend([
             "--trainer-cmd".to_string(),
-            format!("python3 {}", trainer.display()),
+            format!("{} {}", support::python3(), trainer.display()),
         ]);
         let log = dir.join(format!("client-{i}.log"));
         processes.0.push(spawn_logged(&args, &log));
@@ -201,7 +201,7 @@ fn simulate_continues_from_a_model_file_and_refuses_one_of_another_network() {
 /// `node_data`, evaluating every round, with `extra` options.
 fn simulate_exec_example(node_data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/exec-trainer/train.py");
-    let command = format!("python3 {}", script.display());
+    let command = format!("{} {}", support::python3(), script.display());
     let mut args = vec![
         "simulate",
         "--dataset",

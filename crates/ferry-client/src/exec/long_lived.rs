@@ -276,7 +276,7 @@ mod tests {
     use ferry_core::strategy::ClientProcedure;
 
     use super::*;
-    use crate::exec::tests::sample_task;
+    use crate::exec::tests::{python3, sample_task};
 
     fn task(round: u32, deadline: Option<SystemTime>) -> TrainTask {
         sample_task(round, ClientProcedure::LocalSgd, vec![1.0, 2.0], deadline)
@@ -316,7 +316,7 @@ for line in sys.stdin:
         let script: PathBuf = dir.join("serve.py");
         std::fs::write(&script, SERVER).expect("script");
         LongLivedTrainer::new(
-            &format!("python3 {}", script.display()),
+            &format!("{} {}", python3(), script.display()),
             None,
             dir.join("work"),
         )

@@ -396,6 +396,18 @@ pub(crate) mod tests {
     use ferry_core::{ModelLayout, TensorSpec, task::LocalTraining};
     use std::sync::Arc;
 
+    /// The Python the tests' trainer scripts run under: the repository's `.venv` (numpy and
+    /// safetensors), which `scripts/install-deps.sh` makes.
+    pub(super) fn python3() -> String {
+        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python3");
+        assert!(
+            venv.exists(),
+            "{} is missing: run scripts/install-deps.sh first",
+            venv.display()
+        );
+        venv.display().to_string()
+    }
+
     /// Round `round` of `procedure` over a one-tensor model holding `values`.
     pub(super) fn sample_task(
         round: u32,
@@ -529,9 +541,12 @@ pub(crate) mod tests {
         )
         .expect("script");
         let work = dir.path().join("work");
-        let trainer =
-            ExecTrainer::new(&format!("python3 {}", script.display()), None, work.clone())
-                .expect("trainer");
+        let trainer = ExecTrainer::new(
+            &format!("{} {}", python3(), script.display()),
+            None,
+            work.clone(),
+        )
+        .expect("trainer");
         let personal = PersonalTensors::new(vec!["bn".into()]).expect("valid");
         let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
         task.model = task

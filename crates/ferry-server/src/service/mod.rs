@@ -399,8 +399,12 @@ impl Fleet for FleetService {
         {
             self.coordinator.seen(&node).await;
         }
-        let path = self.coordinator.blobs().staging_file(round, &node, &sha256);
-        Ok(Response::new(receipt(staged_len(&path).await, None)))
+        let held = crate::staged::held_upload(self.coordinator.blobs(), round, &node, &sha256);
+        let have = match held {
+            Some(path) => staged_len(&path).await,
+            None => 0,
+        };
+        Ok(Response::new(receipt(have, None)))
     }
 
     async fn report_failure(

@@ -53,41 +53,44 @@ impl Store {
 
     /// Records a new enrolment token under `name`; a live token of that name must not exist.
     pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
-        let taken = sqlx::query("SELECT revoked FROM tokens WHERE name = $1")
+        let mut tx = self.pool.begin().await?;
+        // A revoked token's name is free again; a live one's is not.
+        sqlx::query("DELETE FROM tokens WHERE name = $1 AND revoked <> 0")
             .bind(name)
-            .fetch_optional(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        if let Some(row) = taken {
-            if row.try_get::<i64, _>(0)? == 0 {
-                return Err(ServerError::Settings(format!(
-                    "a token named '{name}' already exists; revoke it first (ferry token revoke --name {name})"
-                )));
-            }
-            sqlx::query("DELETE FROM tokens WHERE name = $1")
-                .bind(name)
-                .execute(&self.pool)
-                .await?;
+        let added = sqlx::query(
+            "INSERT INTO tokens (name, token_hash, created_ms) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(token_hash)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if added == 0 {
+            return Err(ServerError::Settings(format!(
+                "a token named '{name}' already exists; revoke it first (ferry token revoke --name {name})"
+            )));
         }
-        sqlx::query("INSERT INTO tokens (name, token_hash, created_ms) VALUES ($1, $2, $3)")
-            .bind(name)
-            .bind(token_hash)
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     /// Revokes the token `name` and every node enrolled with it; false if no such token.
     pub async fn revoke(&self, name: &str) -> Result<bool, ServerError> {
+        let mut tx = self.pool.begin().await?;
         let tokens = sqlx::query("UPDATE tokens SET revoked = 1 WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
         sqlx::query("UPDATE nodes SET revoked = 1 WHERE name = $1")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(tokens > 0)
     }
 

@@ -7,7 +7,7 @@
 //! (by content hash). A round's commit is one transaction, so after a crash the store shows
 //! either the round still open with its accepted updates, or the round closed — never half.
 
-use sqlx::{AnyPool, Row, any::AnyPoolOptions};
+use sqlx::{AnyPool, Row, any::AnyPoolOptions, migrate::Migrator};
 
 mod identity;
 
@@ -22,24 +22,11 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, \
-     created_ms BIGINT NOT NULL, used BIGINT NOT NULL DEFAULT 0, revoked BIGINT NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, \
-     secret_hash TEXT NOT NULL, enrolled_ms BIGINT NOT NULL, revoked BIGINT NOT NULL DEFAULT 0)",
-    "CREATE TABLE IF NOT EXISTS run (id BIGINT PRIMARY KEY, run_id TEXT NOT NULL, \
-     config_hash TEXT NOT NULL, round BIGINT NOT NULL, model_sha TEXT NOT NULL, \
-     state_sha TEXT NOT NULL, finished TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, record TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS cohort (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
-     PRIMARY KEY (round, node_id))",
-    "CREATE TABLE IF NOT EXISTS accepted (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
-     sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
-    "CREATE TABLE IF NOT EXISTS population (round BIGINT PRIMARY KEY, nodes BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS failed_rounds (round BIGINT NOT NULL, attempt BIGINT NOT NULL, \
-     record TEXT NOT NULL, PRIMARY KEY (round, attempt))",
-    "CREATE TABLE IF NOT EXISTS round_blobs (round BIGINT PRIMARY KEY, shas TEXT NOT NULL)",
-];
+/// The store's schema, one versioned migration at a time, in a folder per database. The first
+/// creates the tables only where missing, so a store made before migrations existed is
+/// adopted as version 1 with its rows.
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
 /// Whether `error` is SQLite's "database is locked" (another process holds the file).
 fn is_locked(error: &sqlx::Error) -> bool {
@@ -140,7 +127,9 @@ impl Store {
         }
     }
 
-    /// Sets SQLite's journal mode and busy timeout, and creates the tables.
+    /// Sets SQLite's journal mode and busy timeout, and brings the schema up to this
+    /// release's version (each migration in a transaction of its own; on PostgreSQL under an
+    /// advisory lock, so servers starting together migrate once).
     async fn prepare(pool: &AnyPool, sqlite: bool) -> Result<(), sqlx::Error> {
         if sqlite {
             sqlx::query("PRAGMA busy_timeout=5000")
@@ -148,10 +137,25 @@ impl Store {
                 .await?;
             sqlx::query("PRAGMA journal_mode=WAL").execute(pool).await?;
         }
-        for statement in SCHEMA {
-            sqlx::query(statement).execute(pool).await?;
-        }
-        Ok(())
+        let migrations = if sqlite {
+            &SQLITE_MIGRATIONS
+        } else {
+            &POSTGRES_MIGRATIONS
+        };
+        migrations
+            .run(pool)
+            .await
+            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
+    }
+
+    /// The schema version this store is at: the newest migration applied.
+    pub async fn schema_version(&self) -> Result<i64, ServerError> {
+        let version: Option<i64> =
+            sqlx::query("SELECT MAX(version) FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+        Ok(version.unwrap_or(0))
     }
 
     /// The stored run, if one was started.
@@ -195,16 +199,14 @@ impl Store {
     pub async fn set_cohort(&self, round: u32, nodes: &[String]) -> Result<(), ServerError> {
         let mut tx = self.pool.begin().await?;
         for node in nodes {
-            sqlx::query("DELETE FROM cohort WHERE round = $1 AND node_id = $2")
-                .bind(i64::from(round))
-                .bind(node)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("INSERT INTO cohort (round, node_id) VALUES ($1, $2)")
-                .bind(i64::from(round))
-                .bind(node)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO cohort (round, node_id) VALUES ($1, $2) \
+                 ON CONFLICT (round, node_id) DO NOTHING",
+            )
+            .bind(i64::from(round))
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -213,17 +215,14 @@ impl Store {
     /// Records how many nodes `round`'s cohort was drawn from (idempotent): a private round's
     /// noise and denominator depend on it, so a restarted server must plan with the same.
     pub async fn set_population(&self, round: u32, nodes: usize) -> Result<(), ServerError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM population WHERE round = $1")
-            .bind(i64::from(round))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO population (round, nodes) VALUES ($1, $2)")
-            .bind(i64::from(round))
-            .bind(nodes as i64)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        sqlx::query(
+            "INSERT INTO population (round, nodes) VALUES ($1, $2) \
+             ON CONFLICT (round) DO UPDATE SET nodes = excluded.nodes",
+        )
+        .bind(i64::from(round))
+        .bind(nodes as i64)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -258,23 +257,20 @@ impl Store {
     }
 
     /// Records that `node`'s update for `round` (blob `sha256`) is counted; false if that node
-    /// already has an update counted in the round (a replay).
+    /// already has an update counted in the round (a replay). One statement: two servers or
+    /// two paths racing with the same update count it once.
     pub async fn accept(&self, round: u32, node: &str, sha256: &str) -> Result<bool, ServerError> {
-        let exists = sqlx::query("SELECT 1 FROM accepted WHERE round = $1 AND node_id = $2")
-            .bind(i64::from(round))
-            .bind(node)
-            .fetch_optional(&self.pool)
-            .await?;
-        if exists.is_some() {
-            return Ok(false);
-        }
-        sqlx::query("INSERT INTO accepted (round, node_id, sha256) VALUES ($1, $2, $3)")
-            .bind(i64::from(round))
-            .bind(node)
-            .bind(sha256)
-            .execute(&self.pool)
-            .await?;
-        Ok(true)
+        let inserted = sqlx::query(
+            "INSERT INTO accepted (round, node_id, sha256) VALUES ($1, $2, $3) \
+             ON CONFLICT (round, node_id) DO NOTHING",
+        )
+        .bind(i64::from(round))
+        .bind(node)
+        .bind(sha256)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
     }
 
     /// Takes back an acceptance that the aggregator then refused.
@@ -415,187 +411,5 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn store(dir: &tempfile::TempDir) -> Store {
-        let url = format!("sqlite:{}", dir.path().join("db/ferry.db").display());
-        Store::open(&url).await.expect("open")
-    }
-
-    /// Empties every table, so a shared Postgres database starts clean.
-    async fn wipe(store: &Store) {
-        for table in [
-            "tokens",
-            "nodes",
-            "run",
-            "rounds",
-            "cohort",
-            "accepted",
-            "population",
-            "failed_rounds",
-        ] {
-            sqlx::query(&format!("DELETE FROM {table}"))
-                .execute(&store.pool)
-                .await
-                .expect("wipe");
-        }
-    }
-
-    #[tokio::test]
-    async fn sqlite_tokens_enrol_exactly_one_node_and_revocation_reaches_the_node() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        tokens_enrol_once_and_revocation_reaches_the_node(&store(&dir).await).await;
-    }
-
-    #[tokio::test]
-    async fn sqlite_accepted_updates_count_once_and_survive_reopening() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite:{}", dir.path().join("db/ferry.db").display());
-        accepted_updates_count_once_and_survive_reopening(&url).await;
-    }
-
-    /// The same behaviour on Postgres, through the same code. Needs a database to write to:
-    /// `FERRY_TEST_POSTGRES_URL=postgres://USER@HOST:PORT/DB` (its Ferry tables are emptied).
-    #[tokio::test]
-    async fn postgres_behaves_like_sqlite() {
-        let Ok(url) = std::env::var("FERRY_TEST_POSTGRES_URL") else {
-            eprintln!("FERRY_TEST_POSTGRES_URL is not set; the Postgres store was not exercised");
-            return;
-        };
-        let store = Store::open(&url).await.expect("open postgres");
-        wipe(&store).await;
-        tokens_enrol_once_and_revocation_reaches_the_node(&store).await;
-        wipe(&store).await;
-        accepted_updates_count_once_and_survive_reopening(&url).await;
-        wipe(&store).await;
-    }
-
-    async fn tokens_enrol_once_and_revocation_reaches_the_node(store: &Store) {
-        store.add_token("site-1", "h1").await.expect("add");
-        assert_eq!(store.fleet_capacity().await.expect("capacity"), (0, 1));
-        assert!(store.add_token("site-1", "h2").await.is_err(), "name taken");
-        assert_eq!(
-            store.enrol("h1", "n1", "s1").await.expect("enrol"),
-            Some("site-1".into())
-        );
-        assert_eq!(
-            store.enrol("h1", "n2", "s2").await.expect("enrol"),
-            None,
-            "one-time"
-        );
-        assert_eq!(store.enrol("nope", "n3", "s3").await.expect("enrol"), None);
-        assert_eq!(store.fleet_capacity().await.expect("capacity"), (1, 0));
-        assert!(
-            !store
-                .node("n1")
-                .await
-                .expect("node")
-                .expect("exists")
-                .revoked
-        );
-        assert!(store.revoke("site-1").await.expect("revoke"));
-        assert!(
-            store
-                .node("n1")
-                .await
-                .expect("node")
-                .expect("exists")
-                .revoked
-        );
-        assert!(!store.revoke("site-9").await.expect("revoke"));
-        store.add_token("site-2", "h4").await.expect("add");
-        let listed = store.tokens().await.expect("tokens");
-        let state: Vec<(&str, bool, bool)> = listed
-            .iter()
-            .map(|t| (t.name.as_str(), t.used, t.revoked))
-            .collect();
-        assert_eq!(state, [("site-1", true, true), ("site-2", false, false)]);
-        store
-            .add_token("site-1", "h3")
-            .await
-            .expect("a revoked name can be reused");
-    }
-
-    async fn accepted_updates_count_once_and_survive_reopening(url: &str) {
-        let run = RunRow {
-            run_id: "r".into(),
-            config_hash: "c".into(),
-            round: 1,
-            model_sha: "m0".into(),
-            state_sha: String::new(),
-            finished: String::new(),
-        };
-        {
-            let store = Store::open(url).await.expect("open");
-            store.start_run(&run).await.expect("start");
-            store
-                .set_cohort(1, &["a".into(), "b".into()])
-                .await
-                .expect("cohort");
-            store
-                .set_cohort(1, &["b".into()])
-                .await
-                .expect("idempotent");
-            assert!(store.accept(1, "a", "x").await.expect("accept"));
-            assert!(!store.accept(1, "a", "x").await.expect("replay"));
-            store.set_population(1, 7).await.expect("population");
-            store.set_population(1, 9).await.expect("idempotent");
-        }
-        let store = Store::open(url).await.expect("reopen");
-        assert_eq!(store.run().await.expect("run"), Some(run.clone()));
-        assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
-        assert_eq!(store.population(1).await.expect("population"), Some(9));
-        assert_eq!(store.population(2).await.expect("population"), None);
-        assert_eq!(
-            store.accepted(1).await.expect("accepted"),
-            [("a".into(), "x".into())]
-        );
-        store
-            .commit_round(&RoundCommit {
-                round: 1,
-                record_json: "{}".into(),
-                model_sha: "m1".into(),
-                state_sha: "s1".into(),
-                blobs: vec!["m1".into()],
-                finished: None,
-            })
-            .await
-            .expect("commit");
-        let run = store.run().await.expect("run").expect("exists");
-        assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
-        assert_eq!(store.round_records().await.expect("records"), ["{}"]);
-        assert_eq!(store.round_blobs(1).await.expect("blobs"), ["m1"]);
-        assert!(store.round_blobs(2).await.expect("none yet").is_empty());
-        // A failed attempt at round 2 is recorded and leaves nothing of itself behind.
-        store.set_cohort(2, &["a".into()]).await.expect("cohort");
-        store.set_population(2, 3).await.expect("population");
-        assert!(store.accept(2, "a", "y").await.expect("accept"));
-        assert_eq!(store.failed_attempts(2).await.expect("count"), 0);
-        store.fail_round(2, 1, "{\"a\":1}").await.expect("fail");
-        store.fail_round(2, 2, "{\"a\":2}").await.expect("fail");
-        assert_eq!(store.failed_attempts(2).await.expect("count"), 2);
-        assert!(store.cohort(2).await.expect("cohort").is_empty());
-        assert!(store.accepted(2).await.expect("accepted").is_empty());
-        assert_eq!(store.population(2).await.expect("population"), None);
-        assert_eq!(
-            store.failed_round_records().await.expect("failed"),
-            ["{\"a\":1}", "{\"a\":2}"]
-        );
-        let unmoved = store.run().await.expect("run").expect("exists");
-        assert_eq!((unmoved.round, unmoved.model_sha.as_str()), (2, "m1"));
-        assert!(
-            store
-                .accept(2, "a", "y")
-                .await
-                .expect("the retry accepts again")
-        );
-        store.finish_run("budget_exhausted").await.expect("finish");
-        let run = store.run().await.expect("run").expect("exists");
-        assert_eq!((run.round, run.finished.as_str()), (2, "budget_exhausted"));
     }
 }

@@ -84,21 +84,25 @@ async fn heartbeats_past_the_rate_are_refused_and_a_node_within_it_is_served() {
     let mut c = client(&running.url).await;
     let (fast, slow) = (enrol(&mut c, &fast).await, enrol(&mut c, &slow).await);
     let before = refusals("node_call_rate");
+    // Calls as fast as they go until the bucket (a burst of two, refilled one a second) runs
+    // dry: the first is served, and the one past the rate is refused with the status a node
+    // backs off on. No count per unit of time is assumed.
     let mut codes = Vec::new();
-    for _ in 0..6 {
+    while !codes.contains(&Some(Code::ResourceExhausted)) {
+        assert!(codes.len() < 1000, "no call was refused: {codes:?}");
         let beat = c
             .heartbeat(authed(&fast, HeartbeatRequest { round: 0 }))
             .await;
         codes.push(beat.err().map(|s| s.code()));
     }
-    // A burst of two, then refusals (the bucket refills one a second; six calls take far
-    // less than a second here, and at most one more could have refilled).
-    let refused = codes
-        .iter()
-        .filter(|c| **c == Some(Code::ResourceExhausted))
-        .count();
-    assert!((3..=4).contains(&refused), "{codes:?}");
-    assert_eq!(codes[0], None);
+    assert_eq!(codes[0], None, "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, None | Some(Code::ResourceExhausted))),
+        "{codes:?}"
+    );
+    let refused = codes.iter().filter(|c| c.is_some()).count();
     assert_eq!(refusals("node_call_rate"), before + refused as u64);
     // Another node is not held to the first one's calls.
     c.heartbeat(authed(&slow, HeartbeatRequest { round: 0 }))

@@ -13,3 +13,4 @@ mod federated_evaluation;
 mod protocol;
 mod retention;
 mod round_failures;
+mod store;

@@ -235,13 +235,25 @@ async fn start_guarded(
             let _ = coordinator.drive().await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_listening(addr).await;
     Running {
         coordinator,
         stop,
         server,
         driver,
         url: format!("http://{addr}"),
+    }
+}
+
+/// Waits (at most 30 s) until the fleet service accepts connections on `addr`.
+async fn until_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fleet service did not listen on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

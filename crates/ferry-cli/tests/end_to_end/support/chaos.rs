@@ -7,8 +7,8 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -32,6 +32,17 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// This kind's slot in [`ChaosProxy::counts`].
+    fn kind(self) -> usize {
+        match self {
+            Self::Pass => 0,
+            Self::Refuse => 1,
+            Self::CutAfter(_) => 2,
+            Self::Stall { .. } => 3,
+            Self::Delay(_) => 4,
+        }
+    }
+
     fn draw(rng: &mut impl Rng) -> Self {
         match rng.random_range(0..100) {
             0..40 => Self::Pass,
@@ -46,12 +57,15 @@ impl Fault {
     }
 }
 
+/// How many times each kind of fault took effect on a connection (pass, refuse, cut, stall,
+/// delay): a connection counts when its fault acts on real bytes, not when it is drawn.
+type Fired = Arc<[AtomicUsize; 5]>;
+
 /// The proxy, running until dropped.
 pub struct ChaosProxy {
     /// The loopback port nodes dial.
     pub port: u16,
-    /// Every connection's fault, in the order they were accepted.
-    pub faults: Arc<Mutex<Vec<Fault>>>,
+    fired: Fired,
     stop: Arc<AtomicBool>,
 }
 
@@ -62,9 +76,9 @@ impl ChaosProxy {
         let port = listener.local_addr().expect("address").port();
         listener.set_nonblocking(true).expect("non-blocking");
         let stop = Arc::new(AtomicBool::new(false));
-        let faults = Arc::new(Mutex::new(Vec::new()));
+        let fired: Fired = Arc::new(Default::default());
         {
-            let (stop, faults) = (stop.clone(), faults.clone());
+            let (stop, fired) = (stop.clone(), fired.clone());
             std::thread::spawn(move || {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 while !stop.load(Ordering::Relaxed) {
@@ -73,27 +87,19 @@ impl ChaosProxy {
                         continue;
                     };
                     let fault = Fault::draw(&mut rng);
-                    faults.lock().expect("faults").push(fault);
-                    std::thread::spawn(move || relay(client, upstream, fault));
+                    let fired = fired.clone();
+                    std::thread::spawn(move || relay(client, upstream, fault, &fired));
                 }
             });
         }
-        Self { port, faults, stop }
+        Self { port, fired, stop }
     }
 
-    /// How many connections got each kind of fault: pass, refuse, cut, stall, delay.
+    /// How many connections each kind of fault acted on: passed whole, refused, cut, stalled,
+    /// delayed. A cut or stall drawn for a connection that closed before its byte count was
+    /// reached never fired and is not counted.
     pub fn counts(&self) -> [usize; 5] {
-        let mut counts = [0; 5];
-        for fault in self.faults.lock().expect("faults").iter() {
-            counts[match fault {
-                Fault::Pass => 0,
-                Fault::Refuse => 1,
-                Fault::CutAfter(_) => 2,
-                Fault::Stall { .. } => 3,
-                Fault::Delay(_) => 4,
-            }] += 1;
-        }
-        counts
+        std::array::from_fn(|kind| self.fired[kind].load(Ordering::Relaxed))
     }
 }
 
@@ -103,15 +109,19 @@ impl Drop for ChaosProxy {
     }
 }
 
-/// Carries one connection to the server, applying `fault`.
-fn relay(client: TcpStream, upstream: u16, fault: Fault) {
+/// Carries one connection to the server, applying `fault` and counting it in `fired` once it
+/// acts.
+fn relay(client: TcpStream, upstream: u16, fault: Fault, fired: &Fired) {
     if fault == Fault::Refuse {
+        drop(client);
+        fired[fault.kind()].fetch_add(1, Ordering::Relaxed);
         return;
     }
     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
         return;
     };
     let passed = Arc::new(AtomicU64::new(0));
+    let acted = Arc::new(AtomicBool::new(false));
     let ends = [client, server];
     let pump = |from: usize| {
         let reader = ends[from].try_clone().expect("clone");
@@ -120,12 +130,17 @@ fn relay(client: TcpStream, upstream: u16, fault: Fault) {
             ends[0].try_clone().expect("clone"),
             ends[1].try_clone().expect("clone"),
         ];
-        let passed = passed.clone();
-        std::thread::spawn(move || pump(reader, writer, &both, &passed, fault))
+        let (passed, acted) = (passed.clone(), acted.clone());
+        std::thread::spawn(move || pump(reader, writer, &both, &passed, &acted, fault))
     };
     let (up, down) = (pump(0), pump(1));
     let _ = up.join();
     let _ = down.join();
+    // A pass counts once its connection carried bytes through to its end.
+    if acted.load(Ordering::Relaxed) || (fault == Fault::Pass && passed.load(Ordering::Relaxed) > 0)
+    {
+        fired[fault.kind()].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn pump(
@@ -133,6 +148,7 @@ fn pump(
     mut to: TcpStream,
     both: &[TcpStream; 2],
     passed: &AtomicU64,
+    acted: &AtomicBool,
     fault: Fault,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
@@ -147,13 +163,18 @@ fn pump(
             Fault::CutAfter(limit) if before + n as u64 >= limit => {
                 let keep = limit.saturating_sub(before) as usize;
                 let _ = to.write_all(&buffer[..keep.min(n)]);
+                acted.store(true, Ordering::Relaxed);
                 break;
             }
             Fault::Stall { after, millis } if !stalled && before + n as u64 >= after => {
                 stalled = true;
+                acted.store(true, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(millis));
             }
-            Fault::Delay(millis) => std::thread::sleep(Duration::from_millis(millis)),
+            Fault::Delay(millis) => {
+                acted.store(true, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(millis));
+            }
             _ => {}
         }
         if to.write_all(&buffer[..n]).is_err() {

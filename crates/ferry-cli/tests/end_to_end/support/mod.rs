@@ -392,9 +392,22 @@ pub fn write_csv(dir: &Path, first: usize, stride: usize) {
     }
 }
 
-/// Runs `interpreter -c script` with `env` set, failing the test with its stderr if it fails.
-pub fn run_python(interpreter: &str, script: &str, env: &[(&str, &Path)]) {
-    python(interpreter, &["-c".as_ref(), script.as_ref()], None, env);
+/// The Python the tests run: `.venv/bin/python3` in the repository, which
+/// `scripts/install-deps.sh` makes over Debian's Python with numpy, torch, pytest and
+/// safetensors.
+pub fn python3() -> String {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python3");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/install-deps.sh first",
+        venv.display()
+    );
+    venv.to_str().expect("utf-8").to_string()
+}
+
+/// Runs `python3 -c script` with `env` set, failing the test with its stderr if it fails.
+pub fn run_python(script: &str, env: &[(&str, &Path)]) {
+    python(&["-c".as_ref(), script.as_ref()], None, env);
 }
 
 /// The Python SDK's folder (`sdk/python`), to put on `PYTHONPATH`.
@@ -404,27 +417,18 @@ pub fn sdk_path() -> PathBuf {
 
 /// Runs the Python file `script` with `args` in `cwd` (or here), the SDK importable; fails the
 /// test with its stderr if it fails; returns its stdout.
-pub fn run_sdk_script(
-    interpreter: &str,
-    script: &Path,
-    args: &[&str],
-    cwd: Option<&Path>,
-) -> String {
+pub fn run_sdk_script(script: &Path, args: &[&str], cwd: Option<&Path>) -> String {
     let args: Vec<&std::ffi::OsStr> = std::iter::once(script.as_os_str())
         .chain(args.iter().map(std::ffi::OsStr::new))
         .collect();
-    python(interpreter, &args, cwd, &[("PYTHONPATH", &sdk_path())])
+    python(&args, cwd, &[("PYTHONPATH", &sdk_path())])
 }
 
-/// Runs `interpreter args` in `cwd` (or here) with `env` set; fails the test with its stderr
+/// Runs `python3 args` in `cwd` (or here) with `env` set; fails the test with its stderr
 /// if it fails; returns its stdout.
-pub fn python(
-    interpreter: &str,
-    args: &[&std::ffi::OsStr],
-    cwd: Option<&Path>,
-    env: &[(&str, &Path)],
-) -> String {
-    let mut command = Command::new(interpreter);
+pub fn python(args: &[&std::ffi::OsStr], cwd: Option<&Path>, env: &[(&str, &Path)]) -> String {
+    let interpreter = python3();
+    let mut command = Command::new(&interpreter);
     command.args(args).envs(env.iter().copied());
     if let Some(dir) = cwd {
         command.current_dir(dir);

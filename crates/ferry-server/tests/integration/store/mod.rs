@@ -1,0 +1,244 @@
+//! The store's test suite, run on SQLite and on PostgreSQL alike: every behaviour the
+//! coordinator relies on must hold on both.
+
+mod backends;
+
+use backends::{Backend, on_both_backends};
+use ferry_server::store::{RoundCommit, RunRow, Store};
+use sqlx::{AnyConnection, Connection};
+
+on_both_backends!(
+    tokens_enrol_exactly_one_node_and_revocation_reaches_the_node,
+    accepted_updates_count_once_and_survive_reopening,
+    racing_acceptances_of_one_update_count_it_once,
+    a_store_made_before_migrations_is_adopted_with_its_rows,
+);
+
+/// The schema version this release's migrations bring a store to.
+const LATEST_SCHEMA: i64 = 1;
+
+async fn tokens_enrol_exactly_one_node_and_revocation_reaches_the_node(backend: Backend) {
+    let store = Store::open(&backend.url()).await.expect("open");
+    store.add_token("site-1", "h1").await.expect("add");
+    assert_eq!(store.fleet_capacity().await.expect("capacity"), (0, 1));
+    assert!(store.add_token("site-1", "h2").await.is_err(), "name taken");
+    assert_eq!(
+        store.enrol("h1", "n1", "s1").await.expect("enrol"),
+        Some("site-1".into())
+    );
+    assert_eq!(
+        store.enrol("h1", "n2", "s2").await.expect("enrol"),
+        None,
+        "one-time"
+    );
+    assert_eq!(store.enrol("nope", "n3", "s3").await.expect("enrol"), None);
+    assert_eq!(store.fleet_capacity().await.expect("capacity"), (1, 0));
+    let node = |id: &'static str| {
+        let store = store.clone();
+        async move { store.node(id).await.expect("node").expect("exists") }
+    };
+    assert!(!node("n1").await.revoked);
+    assert!(store.revoke("site-1").await.expect("revoke"));
+    assert!(node("n1").await.revoked);
+    assert!(!store.revoke("site-9").await.expect("revoke"));
+    store.add_token("site-2", "h4").await.expect("add");
+    let listed = store.tokens().await.expect("tokens");
+    let state: Vec<(&str, bool, bool)> = listed
+        .iter()
+        .map(|t| (t.name.as_str(), t.used, t.revoked))
+        .collect();
+    assert_eq!(state, [("site-1", true, true), ("site-2", false, false)]);
+    store
+        .add_token("site-1", "h3")
+        .await
+        .expect("a revoked name can be reused");
+    assert_eq!(
+        store.enrol("h3", "n4", "s4").await.expect("enrol"),
+        Some("site-1".into())
+    );
+}
+
+async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
+    let url = backend.url();
+    let run = RunRow {
+        run_id: "r".into(),
+        config_hash: "c".into(),
+        round: 1,
+        model_sha: "m0".into(),
+        state_sha: String::new(),
+        finished: String::new(),
+    };
+    {
+        let store = Store::open(&url).await.expect("open");
+        store.start_run(&run).await.expect("start");
+        store
+            .set_cohort(1, &["a".into(), "b".into()])
+            .await
+            .expect("cohort");
+        store
+            .set_cohort(1, &["b".into()])
+            .await
+            .expect("idempotent");
+        assert!(store.accept(1, "a", "x").await.expect("accept"));
+        assert!(!store.accept(1, "a", "x").await.expect("replay"));
+        store.set_population(1, 7).await.expect("population");
+        store.set_population(1, 9).await.expect("idempotent");
+    }
+    let store = Store::open(&url).await.expect("reopen");
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        LATEST_SCHEMA
+    );
+    assert_eq!(store.run().await.expect("run"), Some(run.clone()));
+    assert_eq!(store.cohort(1).await.expect("cohort"), ["a", "b"]);
+    assert_eq!(store.population(1).await.expect("population"), Some(9));
+    assert_eq!(store.population(2).await.expect("population"), None);
+    assert_eq!(
+        store.accepted(1).await.expect("accepted"),
+        [("a".into(), "x".into())]
+    );
+    store
+        .commit_round(&RoundCommit {
+            round: 1,
+            record_json: "{}".into(),
+            model_sha: "m1".into(),
+            state_sha: "s1".into(),
+            blobs: vec!["m1".into()],
+            finished: None,
+        })
+        .await
+        .expect("commit");
+    let run = store.run().await.expect("run").expect("exists");
+    assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
+    assert_eq!(store.round_records().await.expect("records"), ["{}"]);
+    assert_eq!(store.round_blobs(1).await.expect("blobs"), ["m1"]);
+    assert!(store.round_blobs(2).await.expect("none yet").is_empty());
+    // A failed attempt at round 2 is recorded and leaves nothing of itself behind.
+    store.set_cohort(2, &["a".into()]).await.expect("cohort");
+    store.set_population(2, 3).await.expect("population");
+    assert!(store.accept(2, "a", "y").await.expect("accept"));
+    assert_eq!(store.failed_attempts(2).await.expect("count"), 0);
+    store.fail_round(2, 1, "{\"a\":1}").await.expect("fail");
+    store.fail_round(2, 2, "{\"a\":2}").await.expect("fail");
+    assert_eq!(store.failed_attempts(2).await.expect("count"), 2);
+    assert!(store.cohort(2).await.expect("cohort").is_empty());
+    assert!(store.accepted(2).await.expect("accepted").is_empty());
+    assert_eq!(store.population(2).await.expect("population"), None);
+    assert_eq!(
+        store.failed_round_records().await.expect("failed"),
+        ["{\"a\":1}", "{\"a\":2}"]
+    );
+    let unmoved = store.run().await.expect("run").expect("exists");
+    assert_eq!((unmoved.round, unmoved.model_sha.as_str()), (2, "m1"));
+    assert!(
+        store
+            .accept(2, "a", "y")
+            .await
+            .expect("the retry accepts again")
+    );
+    store.unaccept(2, "a").await.expect("unaccept");
+    assert!(store.accepted(2).await.expect("accepted").is_empty());
+    store.finish_run("budget_exhausted").await.expect("finish");
+    let run = store.run().await.expect("run").expect("exists");
+    assert_eq!((run.round, run.finished.as_str()), (2, "budget_exhausted"));
+}
+
+/// The same node's update arriving on many connections at once (a retry racing its first
+/// try, or two paths) is counted exactly once.
+async fn racing_acceptances_of_one_update_count_it_once(backend: Backend) {
+    let store = Store::open(&backend.url()).await.expect("open");
+    let attempts: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.accept(5, "node-a", "sha").await })
+        })
+        .collect();
+    let mut counted = 0;
+    for attempt in attempts {
+        if attempt.await.expect("task").expect("accept") {
+            counted += 1;
+        }
+    }
+    assert_eq!(counted, 1);
+    assert_eq!(
+        store.accepted(5).await.expect("accepted"),
+        [("node-a".into(), "sha".into())]
+    );
+}
+
+/// The tables exactly as the release before versioned migrations created them.
+const UNVERSIONED_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, \
+     created_ms BIGINT NOT NULL, used BIGINT NOT NULL DEFAULT 0, revoked BIGINT NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, name TEXT NOT NULL, \
+     secret_hash TEXT NOT NULL, enrolled_ms BIGINT NOT NULL, revoked BIGINT NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS run (id BIGINT PRIMARY KEY, run_id TEXT NOT NULL, \
+     config_hash TEXT NOT NULL, round BIGINT NOT NULL, model_sha TEXT NOT NULL, \
+     state_sha TEXT NOT NULL, finished TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rounds (round BIGINT PRIMARY KEY, record TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cohort (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
+     PRIMARY KEY (round, node_id))",
+    "CREATE TABLE IF NOT EXISTS accepted (round BIGINT NOT NULL, node_id TEXT NOT NULL, \
+     sha256 TEXT NOT NULL, PRIMARY KEY (round, node_id))",
+    "CREATE TABLE IF NOT EXISTS population (round BIGINT PRIMARY KEY, nodes BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS failed_rounds (round BIGINT NOT NULL, attempt BIGINT NOT NULL, \
+     record TEXT NOT NULL, PRIMARY KEY (round, attempt))",
+    "CREATE TABLE IF NOT EXISTS round_blobs (round BIGINT PRIMARY KEY, shas TEXT NOT NULL)",
+    "INSERT INTO run (id, run_id, config_hash, round, model_sha, state_sha, finished) \
+     VALUES (1, 'old-run', 'cfg', 4, 'm3', '', '')",
+    "INSERT INTO tokens (name, token_hash, created_ms) VALUES ('site-1', 'h1', 0)",
+    "INSERT INTO accepted (round, node_id, sha256) VALUES (4, 'n1', 'u1')",
+    "INSERT INTO rounds (round, record) VALUES (3, '{\"round\":3}')",
+];
+
+/// A store written by the release before versioned migrations opens, is brought to the
+/// latest schema, and keeps its run, tokens, accepted updates and records.
+async fn a_store_made_before_migrations_is_adopted_with_its_rows(backend: Backend) {
+    let url = backend.url();
+    if let Backend::Sqlite(dir) = &backend {
+        std::fs::create_dir_all(dir.path().join("db")).expect("folder");
+    }
+    sqlx::any::install_default_drivers();
+    let sqlite_url = format!("{url}?mode=rwc");
+    let mut old = AnyConnection::connect(if url.starts_with("sqlite:") {
+        &sqlite_url
+    } else {
+        &url
+    })
+    .await
+    .expect("connect");
+    for statement in UNVERSIONED_SCHEMA {
+        sqlx::query(statement)
+            .execute(&mut old)
+            .await
+            .expect(statement);
+    }
+    old.close().await.expect("close");
+
+    let store = Store::open(&url).await.expect("the old store opens");
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        LATEST_SCHEMA
+    );
+    let run = store.run().await.expect("run").expect("kept");
+    assert_eq!((run.run_id.as_str(), run.round), ("old-run", 4));
+    assert_eq!(
+        store.accepted(4).await.expect("accepted"),
+        [("n1".into(), "u1".into())]
+    );
+    assert_eq!(
+        store.round_records().await.expect("records"),
+        ["{\"round\":3}"]
+    );
+    assert_eq!(
+        store.enrol("h1", "n1", "s").await.expect("enrol"),
+        Some("site-1".into())
+    );
+    drop(store);
+    // Opening again applies nothing twice.
+    let store = Store::open(&url).await.expect("reopen");
+    assert_eq!(
+        store.schema_version().await.expect("version"),
+        LATEST_SCHEMA
+    );
+}

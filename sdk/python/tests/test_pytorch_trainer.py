@@ -1,0 +1,133 @@
+"""The PyTorch front end: a module trained in place in both trainer modes, the checks on its
+state dict, and model files in and out of PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ferry_sdk
+from ferry_sdk import pytorch
+
+
+def make_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+
+def fit(module, task):
+    torch.manual_seed(task.seed)
+    x = torch.randn(32, 4)
+    y = x[:, :3] * 2
+    opt = torch.optim.SGD(module.parameters(), lr=task.lr)
+    for _ in range(5):
+        opt.zero_grad()
+        loss = ((module(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return None, 32, {"train_loss": float(loss)}
+
+
+def torch_round(make_round, module):
+    """A round whose global model is ``module``'s state."""
+    state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+    return make_round(model=state)
+
+
+def test_per_round_mode_trains_the_module_and_writes_its_checked_state(make_round, per_round):
+    start = make_net()
+    task = torch_round(make_round, start)
+    per_round(pytorch.run, make_net(), fit, task=task)
+    trained = task.trained()
+    assert set(trained) == set(start.state_dict())
+    assert not np.allclose(trained["0.weight"], start[0].weight.detach().numpy())
+    # BatchNorm's integer counter is the global model's, not the one training moved.
+    assert int(trained["1.num_batches_tracked"]) == 0
+    assert task.result()["num_examples"] == 32 and task.result()["metrics"]["train_loss"] > 0
+
+
+def test_long_lived_mode_loads_each_round_into_the_module_and_scores_under_no_grad(make_round, long_lived):
+    module = make_net()
+    grads = []
+
+    def evaluate(module, task):
+        grads.append(torch.is_grad_enabled())
+        return ferry_sdk.EvaluateResult(8, loss=0.3, accuracy=0.75)
+
+    first = torch_round(make_round, make_net())
+    evaluation = torch_round(make_round, make_net())
+    evaluation.task["kind"] = "evaluate"
+    second = torch_round(make_round, make_net())
+    answers = long_lived(pytorch.run, module, fit, evaluate, tasks=[first, evaluation, second])
+    assert answers == [{"ferry": "done"}] * 3
+    assert grads == [False]
+    assert evaluation.result()["accuracy"] == 0.75
+    # Each round starts from that round's global model, not from the module's last state.
+    assert np.array_equal(first.trained()["0.weight"], second.trained()["0.weight"])
+
+
+def breaking(change):
+    """A train function that trains, then applies ``change`` to the module."""
+
+    def train(module, task):
+        fit(module, task)
+        change(module)
+        return None, 32, {}
+
+    return train
+
+
+def poison(module):
+    with torch.no_grad():
+        module[0].bias[1] = float("nan")
+
+
+def retype(module):
+    module[0].bias.data = module[0].bias.data.double()
+
+
+def reshape(module):
+    module[0].weight = torch.nn.Parameter(torch.zeros(3, 5))
+
+
+def add_tensor(module):
+    module.register_buffer("extra", torch.zeros(2))
+
+
+def drop_tensor(module):
+    del module[1].running_var
+    module[1].register_buffer("running_var", None)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (poison, "tensor '0.bias' holds NaN or infinity"),
+        (retype, "tensor '0.bias' has dtype torch.float64, the model's is torch.float32"),
+        (reshape, "tensor '0.weight' has shape [3, 5], the model's is [3, 4]"),
+        (add_tensor, "the trained model has tensors the global model lacks: ['extra']"),
+        (drop_tensor, "the trained model lacks tensor '1.running_var' [3]"),
+    ],
+)
+def test_the_state_dict_is_checked_before_anything_is_written(make_round, per_round, change, message):
+    task = torch_round(make_round, make_net())
+    with pytest.raises(ferry_sdk.FerryError) as refused:
+        per_round(pytorch.run, make_net(), breaking(change), task=task)
+    assert message in str(refused.value)
+    assert not task.model_out.exists() and not task.result_out.exists()
+
+
+def test_initial_models_and_results_move_in_and_out_of_pytorch(tmp_path):
+    path = str(tmp_path / "init.safetensors")
+    net = make_net()
+    pytorch.save_initial_model(net, path)
+    back = pytorch.load_into(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)), path)
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    with pytest.raises(RuntimeError):
+        pytorch.load_into(torch.nn.Linear(4, 3), path, strict=True)
+    # bf16, which numpy lacks, passes through the PyTorch path.
+    bf16 = {"w": torch.ones(2, 2, dtype=torch.bfloat16)}
+    pytorch.save_initial_model(bf16, path)
+    assert pytorch.check_state(bf16, {"w": torch.full((2, 2), 0.5, dtype=torch.bfloat16)})["w"].dtype == torch.bfloat16
