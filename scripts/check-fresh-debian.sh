@@ -61,7 +61,8 @@ git clone --quiet "$repo" "$root/root/ferry"
 bind /proc /proc -t proc
 bind /sys /sys --rbind
 bind /dev /dev --rbind
-mount --make-rslave "$root/dev" "$root/sys"
+mount --make-rslave "$root/dev"
+mount --make-rslave "$root/sys"
 
 in_root() {
   chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb LANG=C.UTF-8 \
@@ -77,3 +78,5 @@ in_root "$install_and_demo" 2>&1 | tee "$work/command-1.log"
 step "README command 2: $test_suite"
 in_root "$test_suite" 2>&1 | tee "$work/command-2.log"
 step "both README commands succeeded; logs in $work"
+# Services the install script started inside the root (PostgreSQL) stop with it.
+chroot "$root" bash -c 'command -v pg_lsclusters >/dev/null && pg_lsclusters --no-header | while read -r v n _; do pg_ctlcluster "$v" "$n" stop; done' || true
