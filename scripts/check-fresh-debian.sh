@@ -28,6 +28,11 @@ step() { echo "== $(date -u +%H:%M:%S) (+$(($(date +%s) - started)) s) $*"; }
 
 mounted=()
 cleanup() {
+  # Services the install script started inside the root (PostgreSQL) stop with the check.
+  if [ -x "$root/usr/bin/pg_lsclusters" ] && mountpoint -q "$root/proc"; then
+    chroot "$root" bash -c 'pg_lsclusters --no-header | while read -r v n _; do
+      pg_ctlcluster "$v" "$n" stop 2>/dev/null; done' || true
+  fi
   for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do umount -l "${mounted[$i]}" 2>/dev/null || true; done
 }
 trap cleanup EXIT
@@ -78,5 +83,3 @@ in_root "$install_and_demo" 2>&1 | tee "$work/command-1.log"
 step "README command 2: $test_suite"
 in_root "$test_suite" 2>&1 | tee "$work/command-2.log"
 step "both README commands succeeded; logs in $work"
-# Services the install script started inside the root (PostgreSQL) stop with it.
-chroot "$root" bash -c 'command -v pg_lsclusters >/dev/null && pg_lsclusters --no-header | while read -r v n _; do pg_ctlcluster "$v" "$n" stop; done' || true

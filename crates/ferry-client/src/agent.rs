@@ -206,9 +206,9 @@ async fn fetch(
             dir.display()
         ))
     })?;
-    let path = transfer::download_path(&dir, &blob.sha256);
+    let path = transfer::download_path(&dir, &blob.hash);
     loop {
-        match transfer::download(client, credential, &blob.sha256, blob.size_bytes, &path).await {
+        match transfer::download(client, credential, &blob.hash, blob.size_bytes, &path).await {
             Ok(()) => return Ok(Ok(Downloaded(path))),
             Err(status) if round_gone(&status) => return Ok(Err(status)),
             Err(status) => retry(&status, settings, backoff, on_event).await?,
@@ -402,9 +402,9 @@ async fn work(
         }
     };
     let chunk = (task.max_chunk_bytes as usize).max(1024);
-    let sha256 = body.sha256();
+    let id = body.content_id();
     loop {
-        match transfer::upload(client, credential, round, &body, &sha256, chunk).await {
+        match transfer::upload(client, credential, round, &body, &id, chunk).await {
             Ok(receipt) => {
                 backoff.reset();
                 on_event(AgentEvent::Delivered {

@@ -1,5 +1,5 @@
 //! Resumable transfers: downloads continue from the bytes already in their file, uploads from
-//! the bytes the server says it holds, and both are checked against their sha256. Neither holds
+//! the bytes the server says it holds, and both are checked against their content id. Neither holds
 //! a whole copy of what it moves: a download goes to a file, an upload's chunks are produced
 //! from the update on demand.
 
@@ -10,19 +10,18 @@ use std::{
 };
 
 use bytes::Bytes;
-use ferry_core::{model::hex, update_file::EncodedUpdate};
+use ferry_core::{content::ContentHasher, update_file::EncodedUpdate};
 use ferry_proto::v1::{
     DownloadRequest, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_client::FleetClient,
 };
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tonic::{Status, transport::Channel};
 
 use crate::connection::StoredCredential;
 
-/// The file a download of blob `sha256` grows in, under `dir`.
-pub fn download_path(dir: &Path, sha256: &str) -> PathBuf {
-    let safe: String = sha256.chars().filter(char::is_ascii_alphanumeric).collect();
+/// The file a download of blob `id` grows in, under `dir`.
+pub fn download_path(dir: &Path, id: &str) -> PathBuf {
+    let safe: String = id.chars().filter(char::is_ascii_alphanumeric).collect();
     dir.join(format!("{safe}.part"))
 }
 
@@ -30,14 +29,14 @@ fn local(context: &str, e: std::io::Error) -> Status {
     Status::internal(format!("{context}: {e}"))
 }
 
-/// Continues downloading blob `sha256` of `size` bytes into the file `path` from the bytes it
+/// Continues downloading blob `id` of `size` bytes into the file `path` from the bytes it
 /// already holds; returns once the blob is complete and verified. A broken stream returns the
 /// error with the bytes so far kept, so the next call resumes; a blob whose bytes do not match
 /// its hash is discarded.
 pub async fn download(
     client: &mut FleetClient<Channel>,
     credential: &StoredCredential,
-    sha256: &str,
+    id: &str,
     size: u64,
     path: &Path,
 ) -> Result<(), Status> {
@@ -48,17 +47,17 @@ pub async fn download(
         .open(path)
         .map_err(|e| local("opening the download file", e))?;
     // Bytes already held (a resumed download) are hashed once; new ones as they arrive.
-    let mut hasher = Sha256::new();
+    let mut hasher = ContentHasher::for_id(id);
     let mut have =
         std::io::copy(&mut file, &mut hasher).map_err(|e| local("reading the download file", e))?;
     if have > size {
         file.set_len(0)
             .map_err(|e| local("truncating the download file", e))?;
-        (hasher, have) = (Sha256::new(), 0);
+        (hasher, have) = (ContentHasher::for_id(id), 0);
     }
     if have < size {
         let request = credential.authorize(tonic::Request::new(DownloadRequest {
-            sha256: sha256.to_string(),
+            hash: id.to_string(),
             offset: have,
         }));
         let mut stream = client.download(request).await?.into_inner();
@@ -76,11 +75,11 @@ pub async fn download(
     if have < size {
         return Err(Status::unavailable("download ended early"));
     }
-    if hex(&hasher.finalize()) != sha256 {
+    if hasher.finish() != id {
         drop(file);
         let _ = std::fs::remove_file(path);
         return Err(Status::data_loss(
-            "downloaded bytes do not match their sha256; starting over",
+            "downloaded bytes do not match their content id; starting over",
         ));
     }
     Ok(())
@@ -92,8 +91,8 @@ pub trait UploadBody: Send + Sync {
     /// Total bytes.
     fn total(&self) -> u64;
 
-    /// Hex sha256 of all the bytes.
-    fn sha256(&self) -> String;
+    /// The content id of all the bytes (see `ferry_core::content`).
+    fn content_id(&self) -> String;
 
     /// Fills `out` from `offset`; returns how many bytes it filled.
     fn read_at(&self, offset: u64, out: &mut [u8]) -> usize;
@@ -104,8 +103,8 @@ impl UploadBody for Bytes {
         self.len() as u64
     }
 
-    fn sha256(&self) -> String {
-        ferry_core::model::sha256_hex(self)
+    fn content_id(&self) -> String {
+        ferry_core::content::content_id(self)
     }
 
     fn read_at(&self, offset: u64, out: &mut [u8]) -> usize {
@@ -121,8 +120,8 @@ impl UploadBody for EncodedUpdate {
         self.len()
     }
 
-    fn sha256(&self) -> String {
-        EncodedUpdate::sha256(self)
+    fn content_id(&self) -> String {
+        EncodedUpdate::content_id(self)
     }
 
     fn read_at(&self, offset: u64, out: &mut [u8]) -> usize {
@@ -130,7 +129,7 @@ impl UploadBody for EncodedUpdate {
     }
 }
 
-/// Uploads `body` (whose hash is `sha256`) as this node's update for `round`, continuing from
+/// Uploads `body` (whose content id is `id`) as this node's update for `round`, continuing from
 /// what the server already holds. Returns the server's receipt once the update is accepted (or
 /// known as a duplicate).
 pub async fn upload(
@@ -138,14 +137,14 @@ pub async fn upload(
     credential: &StoredCredential,
     round: u32,
     body: &Arc<dyn UploadBody>,
-    sha256: &str,
+    id: &str,
     chunk_bytes: usize,
 ) -> Result<UploadReceipt, Status> {
     let status = client
         .upload_status(
             credential.authorize(tonic::Request::new(UploadStatusRequest {
                 round,
-                sha256: sha256.to_string(),
+                hash: id.to_string(),
             })),
         )
         .await?
@@ -156,7 +155,7 @@ pub async fn upload(
     let total = body.total();
     let start = status.received_bytes.min(total);
     let chunk_bytes = chunk_bytes.max(1) as u64;
-    let (body, sha) = (body.clone(), sha256.to_string());
+    let (body, sha) = (body.clone(), id.to_string());
     // At least one chunk: everything staged but never finalised needs an empty closing one.
     let chunks = futures::stream::unfold(Some(start), move |next| {
         let (body, sha) = (body.clone(), sha.clone());
@@ -171,7 +170,7 @@ pub async fn upload(
                 offset,
                 data: Bytes::from(data),
                 total_bytes: total,
-                sha256: sha,
+                hash: sha,
             };
             Some((chunk, (end < total && filled > 0).then_some(end)))
         }

@@ -1,7 +1,8 @@
 //! Ferry's core: what a federated round computes, free of any ML engine or network.
 //!
 //! - [`model`]: a model as named, shaped `f32` tensors in one flat vector, with safetensors
-//!   (de)serialisation and a sha256 content hash.
+//!   (de)serialisation.
+//! - [`content`]: content ids (BLAKE3) that name blobs and check every transfer.
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`update`]: what a node sends back after local training.
 //! - [`update_file`]: an update as a safetensors file, read and written without a second copy.
@@ -23,6 +24,7 @@
 
 pub mod aggregate;
 pub mod algebra;
+pub mod content;
 pub mod dtype;
 pub mod error;
 pub mod evaluation;

@@ -17,7 +17,6 @@ use std::{
 };
 
 use safetensors::tensor::Dtype;
-use sha2::{Digest, Sha256};
 
 use crate::{
     CoreError, ModelLayout, Update,
@@ -330,13 +329,13 @@ impl EncodedUpdate {
         false
     }
 
-    /// Hex sha256 of the file's bytes.
-    pub fn sha256(&self) -> String {
-        let mut hasher = Sha256::new();
+    /// The file's content id (see [`crate::content`]), which names it in the blob store.
+    pub fn content_id(&self) -> String {
+        let mut hasher = crate::content::ContentHasher::new();
         for segment in self.segments() {
             hasher.update(segment);
         }
-        crate::model::hex(&hasher.finalize())
+        hasher.finish()
     }
 
     /// Fills `out` with the file's bytes from `offset`; returns how many it filled (fewer at
@@ -427,7 +426,7 @@ mod tests {
         let mut whole = Vec::new();
         encoded.write_to(&mut whole).expect("write");
         assert_eq!(encoded.len(), whole.len() as u64);
-        assert_eq!(encoded.sha256(), crate::model::sha256_hex(&whole));
+        assert_eq!(encoded.content_id(), crate::content::content_id(&whole));
         assert_eq!(
             decode_update(&whole, &layout).expect("decode"),
             full_update()

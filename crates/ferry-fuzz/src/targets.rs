@@ -172,7 +172,7 @@ fn message_seeds() -> Vec<Vec<u8>> {
         }],
     };
     let blob = Some(v1::BlobRef {
-        sha256: "ab".repeat(32),
+        hash: "ab".repeat(32),
         size_bytes: 1 << 20,
     });
     let task = v1::Task {
@@ -207,7 +207,7 @@ fn message_seeds() -> Vec<Vec<u8>> {
         v1::HeartbeatRequest { round: 4 }.encode_to_vec(),
         v1::PullTaskRequest { wait_ms: 30_000 }.encode_to_vec(),
         v1::DownloadRequest {
-            sha256: "ab".repeat(32),
+            hash: "ab".repeat(32),
             offset: 4096,
         }
         .encode_to_vec(),
@@ -216,12 +216,12 @@ fn message_seeds() -> Vec<Vec<u8>> {
             offset: 0,
             data: vec![1; 64].into(),
             total_bytes: 64,
-            sha256: "cd".repeat(32),
+            hash: "cd".repeat(32),
         }
         .encode_to_vec(),
         v1::UploadStatusRequest {
             round: 2,
-            sha256: "cd".repeat(32),
+            hash: "cd".repeat(32),
         }
         .encode_to_vec(),
         v1::EvaluationReport {

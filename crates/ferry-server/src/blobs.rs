@@ -1,6 +1,8 @@
-//! Model blobs, content-addressed by sha256, in an `object_store` (a local folder by default;
-//! S3-compatible stores plug in through the same trait), plus the local staging folder where
-//! uploads grow chunk by chunk until they are complete and verified.
+//! Model blobs, named by their content id (BLAKE3; see `ferry_core::content`), in an
+//! `object_store` (a local folder by default; S3-compatible stores plug in through the same
+//! trait), plus the local staging folder where uploads grow chunk by chunk until they are
+//! complete and verified. New blobs lie under `blake3/`; blobs that a store written before
+//! BLAKE3 holds stay under `sha256/`, read and checked by that hash.
 
 use std::{
     io::{Seek, SeekFrom, Write},
@@ -10,9 +12,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use ferry_core::model::{hex, sha256_hex};
+use ferry_core::content::{self, ContentHasher, LEGACY_SHA256};
 use object_store::{ObjectStore, PutPayload, local::LocalFileSystem, path::Path as ObjectPath};
-use sha2::{Digest, Sha256};
 
 use crate::ServerError;
 
@@ -25,8 +26,19 @@ pub struct Blobs {
     local: Option<PathBuf>,
 }
 
-fn key(sha256: &str) -> ObjectPath {
-    ObjectPath::from(format!("sha256/{sha256}"))
+/// Where blob `id` lies in the object store.
+fn key(id: &str) -> ObjectPath {
+    match id.strip_prefix(LEGACY_SHA256) {
+        Some(digits) => ObjectPath::from(format!("sha256/{digits}")),
+        None => ObjectPath::from(format!("blake3/{id}")),
+    }
+}
+
+/// The error for a blob whose bytes are not what its id names.
+fn corrupt(id: &str) -> ServerError {
+    ServerError::Settings(format!(
+        "blob {id} is corrupt (its content has another hash)"
+    ))
 }
 
 impl Blobs {
@@ -45,40 +57,39 @@ impl Blobs {
         })
     }
 
-    /// Stores `bytes` under their sha256 and returns it; storing the same bytes twice is a no-op.
+    /// Stores `bytes` under their content id and returns it; storing the same bytes twice is a
+    /// no-op.
     pub async fn put(&self, bytes: Vec<u8>) -> Result<String, ServerError> {
-        let sha = sha256_hex(&bytes);
-        self.put_hashed(&sha, bytes).await?;
-        Ok(sha)
+        let id = content::content_id(&bytes);
+        self.put_hashed(&id, bytes).await?;
+        Ok(id)
     }
 
-    /// Stores `bytes` whose sha256 the caller has just verified to be `sha256` (a checked
+    /// Stores `bytes` whose content id the caller has just verified to be `id` (a checked
     /// upload), without hashing them again.
-    pub async fn put_hashed(&self, sha256: &str, bytes: Vec<u8>) -> Result<(), ServerError> {
-        if self.size(sha256).await.is_err() {
-            self.store
-                .put(&key(sha256), PutPayload::from(bytes))
-                .await?;
+    pub async fn put_hashed(&self, id: &str, bytes: Vec<u8>) -> Result<(), ServerError> {
+        if self.size(id).await.is_err() {
+            self.store.put(&key(id), PutPayload::from(bytes)).await?;
         }
         Ok(())
     }
 
-    /// Removes blob `sha256` (retention); a blob already gone is not an error.
-    pub async fn delete(&self, sha256: &str) -> Result<(), ServerError> {
-        match self.store.delete(&key(sha256)).await {
+    /// Removes blob `id` (retention); a blob already gone is not an error.
+    pub async fn delete(&self, id: &str) -> Result<(), ServerError> {
+        match self.store.delete(&key(id)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// Stores the verified file `staged` (hashing to `sha256`): a local store takes the file
-    /// by rename, without writing it again; otherwise, or across filesystems, its bytes are
-    /// put.
-    pub async fn adopt(&self, sha256: &str, staged: &Path) -> Result<(), ServerError> {
-        if self.size(sha256).await.is_ok() {
+    /// Stores the verified file `staged` (whose content id is `id`): a local store takes the
+    /// file by rename, without writing it again; otherwise, or across filesystems, its bytes
+    /// are put.
+    pub async fn adopt(&self, id: &str, staged: &Path) -> Result<(), ServerError> {
+        if self.size(id).await.is_ok() {
             return Ok(());
         }
-        if let Some(target) = self.local_path(sha256) {
+        if let Some(target) = self.local_path(id) {
             let moved = match target.parent() {
                 Some(parent) => tokio::fs::create_dir_all(parent).await.is_ok(),
                 None => true,
@@ -90,11 +101,11 @@ impl Blobs {
         let bytes = tokio::fs::read(staged)
             .await
             .map_err(ServerError::io(format!("reading {}", staged.display())))?;
-        self.put_hashed(sha256, bytes).await
+        self.put_hashed(id, bytes).await
     }
 
     /// Stores what `write` writes, a piece at a time through a staging file, and returns its
-    /// sha256 and size: a model is stored without a second copy of it in memory.
+    /// content id and size: a model is stored without a second copy of it in memory.
     pub async fn put_written(
         &self,
         write: impl FnOnce(&mut dyn Write) -> Result<(), ServerError>,
@@ -108,31 +119,26 @@ impl Blobs {
             .map_err(ServerError::io(format!("creating {}", path.display())))?;
         let mut out = Hashing {
             inner: std::io::BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
+            hasher: ContentHasher::new(),
             written: 0,
         };
         write(&mut out)?;
         out.inner
             .flush()
             .map_err(ServerError::io(format!("writing {}", path.display())))?;
-        let sha = hex(&out.hasher.finalize());
-        self.adopt(&sha, &path).await?;
+        let id = out.hasher.finish();
+        self.adopt(&id, &path).await?;
         let _ = std::fs::remove_file(&path);
-        Ok((sha, out.written))
+        Ok((id, out.written))
     }
 
-    /// Blob `sha256` as a file to read from, checked against its hash first (a corrupted blob
-    /// is refused, not served or folded).
-    pub async fn open(&self, sha256: &str) -> Result<std::fs::File, ServerError> {
-        let corrupt = || {
-            ServerError::Settings(format!(
-                "blob {sha256} is corrupt (its content has another hash)"
-            ))
-        };
-        let Some(path) = self.local_path(sha256) else {
+    /// Blob `id` as a file to read from, checked against its id first (a corrupted blob is
+    /// refused, not served or folded).
+    pub async fn open(&self, id: &str) -> Result<std::fs::File, ServerError> {
+        let Some(path) = self.local_path(id) else {
             // A remote store: fetch it (checked) into a staging file.
-            let bytes = self.get(sha256).await?;
-            let path = self.staging.join(format!("fetched-{sha256}.part"));
+            let bytes = self.get(id).await?;
+            let path = self.staging.join(format!("fetched-{}.part", safe_name(id)));
             std::fs::write(&path, &bytes)
                 .map_err(ServerError::io(format!("writing {}", path.display())))?;
             let file = std::fs::File::open(&path)
@@ -142,38 +148,36 @@ impl Blobs {
         };
         let mut file = std::fs::File::open(&path)
             .map_err(ServerError::io(format!("opening blob {}", path.display())))?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut file, &mut hasher).map_err(|_| corrupt())?;
-        if hex(&hasher.finalize()) != sha256 {
-            return Err(corrupt());
+        let mut hasher = ContentHasher::for_id(id);
+        std::io::copy(&mut file, &mut hasher).map_err(|_| corrupt(id))?;
+        if hasher.finish() != id {
+            return Err(corrupt(id));
         }
         file.seek(SeekFrom::Start(0))
             .map_err(ServerError::io(format!("reading blob {}", path.display())))?;
         Ok(file)
     }
 
-    /// The whole blob `sha256`, checked against its hash.
-    pub async fn get(&self, sha256: &str) -> Result<Bytes, ServerError> {
-        let bytes = self.store.get(&key(sha256)).await?.bytes().await?;
-        if sha256_hex(&bytes) != sha256 {
-            return Err(ServerError::Settings(format!(
-                "blob {sha256} is corrupt (its content has another hash)"
-            )));
+    /// The whole blob `id`, checked against its id.
+    pub async fn get(&self, id: &str) -> Result<Bytes, ServerError> {
+        let bytes = self.store.get(&key(id)).await?.bytes().await?;
+        if !content::matches(id, &bytes) {
+            return Err(corrupt(id));
         }
         Ok(bytes)
     }
 
     /// The blob's size in bytes.
-    pub async fn size(&self, sha256: &str) -> Result<u64, ServerError> {
-        Ok(self.store.head(&key(sha256)).await?.size)
+    pub async fn size(&self, id: &str) -> Result<u64, ServerError> {
+        Ok(self.store.head(&key(id)).await?.size)
     }
 
     /// Bytes `range` of the blob. A local store reads them on the calling thread (a chunk
     /// from the page cache takes well under a millisecond; a blocking-thread hop would copy it
     /// once more).
-    pub async fn range(&self, sha256: &str, range: Range<u64>) -> Result<Bytes, ServerError> {
-        let Some(path) = self.local_path(sha256) else {
-            return Ok(self.store.get_range(&key(sha256), range).await?);
+    pub async fn range(&self, id: &str, range: Range<u64>) -> Result<Bytes, ServerError> {
+        let Some(path) = self.local_path(id) else {
+            return Ok(self.store.get_range(&key(id), range).await?);
         };
         let mut bytes = vec![0u8; (range.end - range.start) as usize];
         std::fs::File::open(&path)
@@ -184,11 +188,9 @@ impl Blobs {
         Ok(Bytes::from(bytes))
     }
 
-    /// Where blob `sha256` lies when the store is a local folder.
-    fn local_path(&self, sha256: &str) -> Option<PathBuf> {
-        self.local
-            .as_ref()
-            .map(|dir| dir.join(key(sha256).as_ref()))
+    /// Where blob `id` lies when the store is a local folder.
+    fn local_path(&self, id: &str) -> Option<PathBuf> {
+        self.local.as_ref().map(|dir| dir.join(key(id).as_ref()))
     }
 
     /// The folder of `node`'s unfinished uploads, its own so that one node's uploads never
@@ -206,7 +208,7 @@ pub(crate) fn safe_name(name: &str) -> String {
 /// A writer that hashes and counts what passes through it.
 struct Hashing<W> {
     inner: W,
-    hasher: Sha256,
+    hasher: ContentHasher,
     written: u64,
 }
 
@@ -231,19 +233,14 @@ mod tests {
     async fn blobs_are_content_addressed_and_ranged() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Blobs::local(&dir.path().join("blobs")).expect("open");
-        let sha = blobs.put(b"hello world".to_vec()).await.expect("put");
-        assert_eq!(sha, sha256_hex(b"hello world"));
-        assert_eq!(
-            blobs.put(b"hello world".to_vec()).await.expect("again"),
-            sha
-        );
-        assert_eq!(blobs.size(&sha).await.expect("size"), 11);
-        assert_eq!(
-            &blobs.range(&sha, 6..11).await.expect("range")[..],
-            b"world"
-        );
-        assert_eq!(&blobs.get(&sha).await.expect("get")[..], b"hello world");
-        assert!(blobs.get(&sha256_hex(b"other")).await.is_err());
+        let id = blobs.put(b"hello world".to_vec()).await.expect("put");
+        assert_eq!(id, content::content_id(b"hello world"));
+        assert!(dir.path().join(format!("blobs/blake3/{id}")).is_file());
+        assert_eq!(blobs.put(b"hello world".to_vec()).await.expect("again"), id);
+        assert_eq!(blobs.size(&id).await.expect("size"), 11);
+        assert_eq!(&blobs.range(&id, 6..11).await.expect("range")[..], b"world");
+        assert_eq!(&blobs.get(&id).await.expect("get")[..], b"hello world");
+        assert!(blobs.get(&content::content_id(b"other")).await.is_err());
         assert!(
             blobs
                 .staging_dir("../x")
@@ -251,18 +248,39 @@ mod tests {
         );
     }
 
+    /// A blob folder written before BLAKE3 (`sha256/<hex>`) is still read, and checked with
+    /// SHA-256, under its legacy id.
+    #[tokio::test]
+    async fn blobs_named_by_sha256_before_blake3_are_read_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = dir.path().join("blobs");
+        let digits = ferry_core::model::sha256_hex(b"an old model");
+        std::fs::create_dir_all(folder.join("sha256")).expect("folder");
+        std::fs::write(folder.join(format!("sha256/{digits}")), b"an old model").expect("old blob");
+        let blobs = Blobs::local(&folder).expect("open");
+        let id = format!("{LEGACY_SHA256}{digits}");
+        assert_eq!(&blobs.get(&id).await.expect("get")[..], b"an old model");
+        let mut file = blobs.open(&id).await.expect("open");
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut file, &mut read).expect("read");
+        assert_eq!(read, "an old model");
+        std::fs::write(folder.join(format!("sha256/{digits}")), b"an old modeL").expect("rot");
+        assert!(blobs.get(&id).await.is_err());
+        assert!(blobs.open(&id).await.is_err());
+    }
+
     #[tokio::test]
     async fn a_corrupted_blob_is_detected_by_its_hash() {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
-        let sha = blobs.put(b"the global model".to_vec()).await.expect("put");
-        let path = blobs.local_path(&sha).expect("a local blob");
+        let id = blobs.put(b"the global model".to_vec()).await.expect("put");
+        let path = blobs.local_path(&id).expect("a local blob");
         let mut bytes = std::fs::read(&path).expect("stored");
         bytes[3] ^= 0x20;
         std::fs::write(&path, bytes).expect("bit rot");
-        let read = blobs.get(&sha).await.expect_err("corrupt");
+        let read = blobs.get(&id).await.expect_err("corrupt");
         assert!(read.to_string().contains("is corrupt"), "{read}");
-        let opened = blobs.open(&sha).await.expect_err("corrupt");
+        let opened = blobs.open(&id).await.expect_err("corrupt");
         assert!(opened.to_string().contains("is corrupt"), "{opened}");
     }
 }

@@ -8,8 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ferry_core::{CoreError, ModelLayout, model::hex, update_file::UpdateFile};
-use sha2::{Digest, Sha256};
+use ferry_core::{CoreError, ModelLayout, content::ContentHasher, update_file::UpdateFile};
 
 use crate::blobs::{Blobs, safe_name};
 
@@ -25,7 +24,7 @@ pub enum StageError {
     },
     /// The chunk runs past the announced size.
     PastTotal,
-    /// The complete bytes do not hash to the announced sha256; the upload starts again.
+    /// The complete bytes do not hash to the announced content id; the upload starts again.
     HashMismatch,
     /// The upload is larger than what the server keeps for one node.
     OverNodeCap {
@@ -50,7 +49,7 @@ impl std::fmt::Display for StageError {
             Self::PastTotal => write!(f, "chunk runs past total_bytes"),
             Self::HashMismatch => write!(
                 f,
-                "the uploaded bytes do not match the announced sha256; upload again from byte 0"
+                "the uploaded bytes do not match the announced hash; upload again from byte 0"
             ),
             Self::OverNodeCap { total, cap } => write!(
                 f,
@@ -112,10 +111,10 @@ fn held_uploads(dir: &Path) -> std::io::Result<Vec<(StagingName, u64, PathBuf)>>
     Ok(held)
 }
 
-/// The staging file that holds `node`'s unfinished upload for `round` hashing to `sha256`,
+/// The staging file that holds `node`'s unfinished upload for `round` with content id `id`,
 /// if the server has one.
-pub fn held_upload(blobs: &Blobs, round: u32, node: &str, sha256: &str) -> Option<PathBuf> {
-    let hash = safe_name(sha256);
+pub fn held_upload(blobs: &Blobs, round: u32, node: &str, id: &str) -> Option<PathBuf> {
+    let hash = safe_name(id);
     held_uploads(&blobs.staging_dir(node))
         .ok()?
         .into_iter()
@@ -172,8 +171,8 @@ pub struct StagedUpload {
     path: PathBuf,
     have: u64,
     total: u64,
-    sha256: String,
-    hasher: Sha256,
+    id: String,
+    hasher: ContentHasher,
 }
 
 fn io(context: &'static str) -> impl Fn(std::io::Error) -> StageError {
@@ -184,7 +183,7 @@ fn io(context: &'static str) -> impl Fn(std::io::Error) -> StageError {
 }
 
 impl StagedUpload {
-    /// Opens (or resumes) `node`'s upload for `round` of `total` bytes hashing to `sha256`.
+    /// Opens (or resumes) `node`'s upload for `round` of `total` bytes with content id `id`.
     /// The node's unfinished uploads for other rounds are discarded (those rounds are over),
     /// and so are its oldest ones for this round while they and this one would hold more
     /// than `node_cap` bytes.
@@ -192,7 +191,7 @@ impl StagedUpload {
         blobs: &Blobs,
         round: u32,
         node: &str,
-        sha256: &str,
+        id: &str,
         total: u64,
         node_cap: u64,
     ) -> Result<Self, StageError> {
@@ -205,12 +204,12 @@ impl StagedUpload {
         let path = make_room(
             &blobs.staging_dir(node),
             round,
-            &safe_name(sha256),
+            &safe_name(id),
             total,
             node_cap,
         )
         .map_err(io("making room for the upload"))?;
-        let mut hasher = Sha256::new();
+        let mut hasher = ContentHasher::new();
         // Plain file calls on the calling thread: a chunk goes to the page cache in well under a
         // millisecond, and a hop to a blocking thread would copy it once more.
         let mut file = std::fs::OpenOptions::new()
@@ -227,7 +226,7 @@ impl StagedUpload {
             path,
             have,
             total,
-            sha256: sha256.to_string(),
+            id: id.to_string(),
             hasher,
         })
     }
@@ -265,14 +264,13 @@ impl StagedUpload {
     /// The complete upload, checked against its hash; a mismatch discards the file.
     pub async fn finish(self) -> Result<Verified, StageError> {
         drop(self.file);
-        let hash = hex(&self.hasher.finalize());
-        if hash != self.sha256 {
+        if self.hasher.finish() != self.id {
             let _ = tokio::fs::remove_file(&self.path).await;
             return Err(StageError::HashMismatch);
         }
         Ok(Verified {
             path: self.path,
-            sha256: self.sha256,
+            id: self.id,
         })
     }
 }
@@ -280,13 +278,13 @@ impl StagedUpload {
 /// A complete upload whose bytes hash to what the node announced, in its staging file.
 pub struct Verified {
     path: PathBuf,
-    sha256: String,
+    id: String,
 }
 
 impl Verified {
     /// The verified content hash.
-    pub fn sha256(&self) -> &str {
-        &self.sha256
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The upload as an update of the model `layout`, read from its file on demand. The open
@@ -310,7 +308,7 @@ impl Verified {
     /// Moves the staging file into the blob store under its hash (a rename where the store is
     /// a local folder).
     pub async fn keep(&self, blobs: &Blobs) -> Result<(), crate::ServerError> {
-        blobs.adopt(&self.sha256, &self.path).await
+        blobs.adopt(&self.id, &self.path).await
     }
 }
 
@@ -323,7 +321,7 @@ impl Drop for Verified {
 
 #[cfg(test)]
 mod tests {
-    use ferry_core::model::sha256_hex;
+    use ferry_core::content::content_id;
 
     use super::*;
 
@@ -332,7 +330,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let blobs = Blobs::local(&dir.path().join("blobs")).expect("blobs");
         let bytes: Vec<u8> = (0..100u8).collect();
-        let sha = sha256_hex(&bytes);
+        let sha = content_id(&bytes);
         let mut first = StagedUpload::open(&blobs, 1, "n1", &sha, 100, 1000)
             .await
             .expect("open");

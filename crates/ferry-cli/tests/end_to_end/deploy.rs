@@ -695,7 +695,7 @@ fn a_secure_deployment_survives_a_client_killed_between_stages() {
         "the victim never sent its masked input:\n{victim_said}"
     );
     // The server kept no update: its blob store holds the initial and each round's model.
-    let blobs = fs::read_dir(dir.join("blobs/sha256"))
+    let blobs = fs::read_dir(dir.join("blobs/blake3"))
         .expect("blob store")
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
         .count();

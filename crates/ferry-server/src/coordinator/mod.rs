@@ -149,7 +149,7 @@ impl Coordinator {
         if let Some(global) = &state.global {
             return Ok(global.clone());
         }
-        let file = std::io::BufReader::new(self.blobs.open(&state.model_blob.sha256).await?);
+        let file = std::io::BufReader::new(self.blobs.open(&state.model_blob.id).await?);
         let global = Arc::new(Model::read_safetensors(file, &self.spec.personal)?);
         state.global = Some(global.clone());
         Ok(global)
@@ -189,7 +189,7 @@ impl Coordinator {
             cohort,
             updates_in,
             finished: state.finished.clone(),
-            model_sha256: state.model_blob.sha256.clone(),
+            model_id: state.model_blob.id.clone(),
             epsilon: state
                 .strategy
                 .privacy
@@ -396,11 +396,11 @@ impl Coordinator {
     }
 
     /// The blob `sha256` if a node may download it now (the current model or server control).
-    pub async fn downloadable(&self, sha256: &str) -> Option<BlobRef> {
+    pub async fn downloadable(&self, id: &str) -> Option<BlobRef> {
         let state = self.state.lock().await;
         std::iter::once(&state.model_blob)
             .chain(state.control_blob.as_ref())
-            .find(|b| b.sha256 == sha256)
+            .find(|b| b.id == id)
             .cloned()
     }
 
@@ -423,13 +423,13 @@ impl Coordinator {
 
 /// Stores `model` a tensor at a time (no second copy in memory) and refers to it.
 pub(crate) async fn put_model(blobs: &Blobs, model: &Model) -> Result<BlobRef, ServerError> {
-    let (sha256, size) = blobs
+    let (id, size) = blobs
         .put_written(|out| {
             model.write_safetensors(out)?;
             Ok(())
         })
         .await?;
-    Ok(BlobRef { sha256, size })
+    Ok(BlobRef { id, size })
 }
 
 /// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.
@@ -443,7 +443,7 @@ async fn put_control(
     let bytes = wire::encode_vectors(&[("control", &control)])?;
     let size = bytes.len() as u64;
     Ok(Some(BlobRef {
-        sha256: blobs.put(bytes).await?,
+        id: blobs.put(bytes).await?,
         size,
     }))
 }

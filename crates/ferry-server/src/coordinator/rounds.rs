@@ -389,6 +389,7 @@ impl Coordinator {
         };
         let attempt = Attempt::of(&training);
         let round = attempt.round;
+        let contributors: Vec<String> = training.delivered.iter().cloned().collect();
         let open = training.into_open();
         // Read back from its blob: the coordinator did not hold it while the round ran.
         let mut global = self.resident_global(state).await?;
@@ -432,7 +433,7 @@ impl Coordinator {
         let written = [Some(&model_blob), control_blob.as_ref()]
             .into_iter()
             .flatten()
-            .map(|blob| blob.sha256.clone())
+            .map(|blob| blob.id.clone())
             .chain((!state_sha.is_empty()).then(|| state_sha.clone()))
             .collect();
         self.store
@@ -440,10 +441,11 @@ impl Coordinator {
                 round,
                 record_json: serde_json::to_string(&record)
                     .map_err(|e| ServerError::Settings(e.to_string()))?,
-                model_sha: model_blob.sha256.clone(),
+                model_sha: model_blob.id.clone(),
                 state_sha,
                 blobs: written,
                 finished: finished.clone(),
+                contributors,
             })
             .await?;
         state.model_blob = model_blob;

@@ -43,7 +43,7 @@ impl Coordinator {
                     run_id: crate::auth::new_secret()[..12].to_string(),
                     config_hash: spec.config_hash.clone(),
                     round: 1,
-                    model_sha: put_model(&blobs, &initial).await?.sha256,
+                    model_sha: put_model(&blobs, &initial).await?.id,
                     state_sha: String::new(),
                     finished: String::new(),
                 };
@@ -76,7 +76,7 @@ impl Coordinator {
         }
         let model_blob = BlobRef {
             size: blobs.size(&run.model_sha).await?,
-            sha256: run.model_sha.clone(),
+            id: run.model_sha.clone(),
         };
         let control_blob = put_control(&blobs, strategy.optimizer.broadcast()).await?;
         let (events, receiver) = mpsc::unbounded_channel();

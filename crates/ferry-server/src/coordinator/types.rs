@@ -59,8 +59,8 @@ pub struct RunSpec {
 /// A reference to a stored blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobRef {
-    /// Content hash.
-    pub sha256: String,
+    /// Content id (see `ferry_core::content`).
+    pub id: String,
     /// Size in bytes.
     pub size: u64,
 }
@@ -93,8 +93,8 @@ pub struct RunStatus {
     pub updates_in: usize,
     /// Why the run ended, once it has.
     pub finished: Option<String>,
-    /// Content hash of the current global model.
-    pub model_sha256: String,
+    /// Content id of the current global model.
+    pub model_id: String,
     /// Differential privacy: epsilon spent so far, at `delta`.
     pub epsilon: Option<f64>,
     /// Differential privacy: the delta of the guarantee.

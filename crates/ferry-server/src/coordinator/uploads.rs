@@ -7,6 +7,7 @@ use crate::{
     coordinator::{Coordinator, Event, Refusal, State, Submission},
     secure::{SecAggReply, SecAggStep},
     staged::Verified,
+    store::Acceptance,
 };
 
 impl Coordinator {
@@ -53,6 +54,13 @@ impl Coordinator {
         }
     }
 
+    /// Whether `round` is open and waiting for `node`'s update.
+    fn open_for(state: &State, node: &str, round: u32) -> bool {
+        state.training.as_ref().is_some_and(|t| {
+            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
+        })
+    }
+
     /// Takes a complete, hash-checked upload: checks it against the model, stores it (moving
     /// the staged file into the blob store), and folds it into the open round a piece at a
     /// time from that file.
@@ -73,34 +81,46 @@ impl Coordinator {
             file.check()?;
             Ok(file)
         });
-        let mut state = self.state.lock().await;
-        let still_open = state.training.as_ref().is_some_and(|t| {
-            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
-        });
-        if !still_open {
-            drop(state);
-            return self.may_upload(node, round).await.and_then(|dup| {
-                dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
-            });
-        }
-        let mut file = match checked {
-            Ok(file) => file,
-            Err(e) => {
+        // Decide under the lock; store outside it (blob store and database may be remote);
+        // then check again under the lock before folding.
+        {
+            let mut state = self.state.lock().await;
+            if !Self::open_for(&state, node, round) {
+                drop(state);
+                return self.may_upload(node, round).await.and_then(|dup| {
+                    dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
+                });
+            }
+            if let Err(e) = &checked {
                 let refusal = Refusal::Invalid(e.to_string());
                 self.refuse(&mut state, node, &refusal);
                 return Err(refusal);
             }
-        };
+        }
+        let mut file = checked.map_err(|e| Refusal::Invalid(e.to_string()))?;
         let stored = async {
             upload.keep(&self.blobs).await?;
-            self.store.accept(round, node, upload.sha256()).await
+            self.store.accept(round, node, upload.id()).await
         }
         .await;
         drop(upload);
         match stored {
-            Ok(true) => {}
-            Ok(false) => return Ok(Submission::Duplicate),
+            Ok(Acceptance::Accepted) => {}
+            Ok(Acceptance::Duplicate) => return Ok(Submission::Duplicate),
+            Ok(Acceptance::RoundClosed) => {
+                return Err(Refusal::NotOpen(format!("round {round} closed")));
+            }
             Err(e) => return Err(Refusal::NotOpen(format!("could not store the update: {e}"))),
+        }
+        let mut state = self.state.lock().await;
+        if !Self::open_for(&state, node, round) {
+            // The round closed while the update was stored: it was not folded, so it does
+            // not count (the round's commit forgets it too, should this fail).
+            drop(state);
+            let _ = self.store.unaccept(round, node).await;
+            return Err(Refusal::NotOpen(format!(
+                "round {round} closed while the update was stored"
+            )));
         }
         let Some(training) = state.training.as_mut() else {
             return Err(Refusal::NotOpen("round closed".into()));

@@ -4,7 +4,10 @@
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_core::evaluation::NodeEvaluation;
+use ferry_core::{
+    content::{self, LEGACY_SHA256},
+    evaluation::NodeEvaluation,
+};
 use ferry_proto::v1::{
     self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
@@ -217,19 +220,15 @@ impl Fleet for FleetService {
         request: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
         self.authenticate(&request).await?;
-        let DownloadRequest { sha256, offset } = request.into_inner();
-        let blob = self
-            .coordinator
-            .downloadable(&sha256)
-            .await
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "blob {sha256} is not the current model or server state; pull a new task"
-                ))
-            })?;
+        let DownloadRequest { hash, offset } = request.into_inner();
+        let blob = self.coordinator.downloadable(&hash).await.ok_or_else(|| {
+            Status::not_found(format!(
+                "blob {hash} is not the current model or server state; pull a new task"
+            ))
+        })?;
         if offset > blob.size {
             return Err(Status::out_of_range(format!(
-                "offset {offset} is past the end of blob {sha256} ({} bytes)",
+                "offset {offset} is past the end of blob {hash} ({} bytes)",
                 blob.size
             )));
         }
@@ -242,7 +241,7 @@ impl Fleet for FleetService {
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let stream = futures::stream::unfold(offset, move |at| {
-            let (blobs, sha) = (blobs.clone(), sha256.clone());
+            let (blobs, sha) = (blobs.clone(), hash.clone());
             // The turn is given back when the stream ends or the node goes away.
             let _turn = &turn;
             async move {
@@ -297,7 +296,7 @@ impl Fleet for FleetService {
                     Status::resource_exhausted(message),
                 ));
             }
-            let this = (chunk.round, chunk.total_bytes, chunk.sha256.clone());
+            let this = (chunk.round, chunk.total_bytes, chunk.hash.clone());
             match &header {
                 None => {
                     if chunk.total_bytes > max_total {
@@ -311,10 +310,10 @@ impl Fleet for FleetService {
                             Status::resource_exhausted(message),
                         ));
                     }
-                    if chunk.sha256.len() != 64
-                        || !chunk.sha256.bytes().all(|b| b.is_ascii_hexdigit())
-                    {
-                        let status = Status::invalid_argument("sha256 must be 64 hex digits");
+                    if !content::is_valid(&chunk.hash) || chunk.hash.starts_with(LEGACY_SHA256) {
+                        let status = Status::invalid_argument(
+                            "hash must be the update's BLAKE3 hash as 64 lowercase hex digits",
+                        );
                         return Err(rejected(&node, "malformed", status));
                     }
                     if let Some(dup) = self
@@ -329,7 +328,7 @@ impl Fleet for FleetService {
                         self.coordinator.blobs(),
                         chunk.round,
                         &node,
-                        &chunk.sha256,
+                        &chunk.hash,
                         chunk.total_bytes,
                         self.guard.staged_bytes_per_node(max_total),
                     )
@@ -340,7 +339,7 @@ impl Fleet for FleetService {
                 }
                 Some(h) if *h != this => {
                     let status = Status::invalid_argument(
-                        "round, total_bytes and sha256 must be the same in every chunk of an upload",
+                        "round, total_bytes and hash must be the same in every chunk of an upload",
                     );
                     return Err(rejected(&node, "malformed", status));
                 }
@@ -382,7 +381,7 @@ impl Fleet for FleetService {
         request: Request<UploadStatusRequest>,
     ) -> Result<Response<UploadReceipt>, Status> {
         let node = self.authenticate(&request).await?;
-        let UploadStatusRequest { round, sha256 } = request.into_inner();
+        let UploadStatusRequest { round, hash } = request.into_inner();
         if let Some(dup) = self
             .coordinator
             .may_upload(&node, round)
@@ -399,7 +398,7 @@ impl Fleet for FleetService {
         {
             self.coordinator.seen(&node).await;
         }
-        let held = crate::staged::held_upload(self.coordinator.blobs(), round, &node, &sha256);
+        let held = crate::staged::held_upload(self.coordinator.blobs(), round, &node, &hash);
         let have = match held {
             Some(path) => staged_len(&path).await,
             None => 0,

@@ -21,7 +21,7 @@ pub(super) fn procedure(p: ClientProcedure) -> (v1::Procedure, f64) {
 
 pub(super) fn blob(b: &BlobRef) -> v1::BlobRef {
     v1::BlobRef {
-        sha256: b.sha256.clone(),
+        hash: b.id.clone(),
         size_bytes: b.size,
     }
 }

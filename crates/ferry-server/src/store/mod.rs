@@ -28,9 +28,14 @@ pub fn now_ms() -> i64 {
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
 
-/// Whether `error` is SQLite's "database is locked" (another process holds the file).
-fn is_locked(error: &sqlx::Error) -> bool {
-    error.to_string().contains("database is locked")
+/// Whether `error` comes from another process opening the same SQLite file at the same
+/// moment: the file is locked, or that process recorded a migration first (SQLite has no
+/// advisory lock to migrate under; the loser's transaction rolled back, and trying again
+/// finds the migration applied).
+fn is_contended(error: &sqlx::Error) -> bool {
+    let said = error.to_string();
+    said.contains("database is locked")
+        || said.contains("UNIQUE constraint failed: _sqlx_migrations")
 }
 
 /// The stored state of the run.
@@ -66,6 +71,21 @@ pub struct RoundCommit {
     pub blobs: Vec<String>,
     /// Set when this round ends the run.
     pub finished: Option<String>,
+    /// The nodes whose updates the round folded. Any other update accepted for the round (one
+    /// whose fold lost the race with the round's close) is forgotten in the same transaction,
+    /// so the store's accepted updates of a committed round are exactly its contributors.
+    pub contributors: Vec<String>,
+}
+
+/// What the store made of an update it was asked to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acceptance {
+    /// Counted now.
+    Accepted,
+    /// That node's update for the round was already counted (a replay or a retry).
+    Duplicate,
+    /// The round is not the run's open round (it closed, or never opened): not counted.
+    RoundClosed,
 }
 
 /// The store of a coordinator.
@@ -115,7 +135,7 @@ impl Store {
         let mut attempts = 0;
         loop {
             match Self::prepare(&pool, url.starts_with("sqlite:")).await {
-                Err(e) if attempts < 50 && is_locked(&e) => {
+                Err(e) if attempts < 50 && is_contended(&e) => {
                     attempts += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
@@ -256,21 +276,44 @@ impl Store {
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
-    /// Records that `node`'s update for `round` (blob `sha256`) is counted; false if that node
-    /// already has an update counted in the round (a replay). One statement: two servers or
-    /// two paths racing with the same update count it once.
-    pub async fn accept(&self, round: u32, node: &str, sha256: &str) -> Result<bool, ServerError> {
+    /// Counts `node`'s update for `round` (blob `id`) if `round` is the run's open round and
+    /// no update of that node is counted in it yet. One statement decides both: two servers,
+    /// two paths or a retry racing with the same update count it once, and an update that
+    /// arrives after its round committed is never counted.
+    pub async fn accept(
+        &self,
+        round: u32,
+        node: &str,
+        id: &str,
+    ) -> Result<Acceptance, ServerError> {
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO accepted (round, node_id, sha256) VALUES ($1, $2, $3) \
+            "INSERT INTO accepted (round, node_id, sha256) \
+             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM run WHERE id = 1 AND round = $1) \
              ON CONFLICT (round, node_id) DO NOTHING",
         )
         .bind(i64::from(round))
         .bind(node)
-        .bind(sha256)
-        .execute(&self.pool)
+        .bind(id)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
-        Ok(inserted == 1)
+        let acceptance = if inserted == 1 {
+            Acceptance::Accepted
+        } else {
+            let counted = sqlx::query("SELECT 1 FROM accepted WHERE round = $1 AND node_id = $2")
+                .bind(i64::from(round))
+                .bind(node)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if counted.is_some() {
+                Acceptance::Duplicate
+            } else {
+                Acceptance::RoundClosed
+            }
+        };
+        tx.commit().await?;
+        Ok(acceptance)
     }
 
     /// Takes back an acceptance that the aggregator then refused.
@@ -318,6 +361,20 @@ impl Store {
             .bind(commit.blobs.join(" "))
             .execute(&mut *tx)
             .await?;
+        let counted = sqlx::query("SELECT node_id FROM accepted WHERE round = $1")
+            .bind(i64::from(commit.round))
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in counted {
+            let node: String = row.try_get(0)?;
+            if !commit.contributors.contains(&node) {
+                sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
+                    .bind(i64::from(commit.round))
+                    .bind(&node)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
     }

@@ -91,7 +91,7 @@ async fn a_full_disk_refuses_uploads_clearly_and_the_server_keeps_serving() {
             &node,
             ferry_proto::v1::UploadStatusRequest {
                 round: task.round,
-                sha256: ferry_core::model::sha256_hex(&bytes),
+                hash: ferry_core::content::content_id(&bytes),
             },
         ))
         .await

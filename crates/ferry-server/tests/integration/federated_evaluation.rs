@@ -123,7 +123,7 @@ async fn nodes_score_each_round_and_the_record_keeps_the_weighted_result_and_spr
 
     train_round(&mut fleet, 1).await;
     wait_phase(&coordinator, "evaluating").await;
-    let model = coordinator.status().await.model_sha256;
+    let model = coordinator.status().await.model_id;
     let [(a, ca), (b, cb), (c, cc)] = &mut fleet[..] else {
         unreachable!("three nodes")
     };
@@ -131,7 +131,7 @@ async fn nodes_score_each_round_and_the_record_keeps_the_weighted_result_and_spr
         let task = evaluation_task(node, credential).await;
         assert_eq!(task.round, 1);
         assert_eq!(
-            task.model.expect("model").sha256,
+            task.model.expect("model").hash,
             model,
             "the new model is scored"
         );

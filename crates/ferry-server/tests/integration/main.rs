@@ -10,6 +10,7 @@ mod abuse_limits;
 mod connection_state;
 mod disk_full;
 mod federated_evaluation;
+mod legacy_store;
 mod protocol;
 mod retention;
 mod round_failures;

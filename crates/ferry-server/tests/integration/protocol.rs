@@ -10,7 +10,7 @@ use crate::support;
 use support::*;
 
 use ferry_core::{
-    model::sha256_hex,
+    content::content_id,
     privacy::{
         ClipRule, DpSettings, Placement,
         accountant::{default_orders, epsilon_for},
@@ -80,7 +80,7 @@ async fn identity_uploads_refusals_and_restart() {
         .download(authed(
             &a,
             DownloadRequest {
-                sha256: model.sha256.clone(),
+                hash: model.hash.clone(),
                 offset: 10,
             },
         ))
@@ -93,7 +93,7 @@ async fn identity_uploads_refusals_and_restart() {
     }
     let whole = initial().to_safetensors().expect("bytes");
     assert_eq!(tail, whole[10..], "download resumes at an offset");
-    assert_eq!(sha256_hex(&whole), model.sha256);
+    assert_eq!(content_id(&whole), model.hash);
 
     // Bad updates are refused with precise statuses and do not count. A refused update is the
     // node's answer for the round; transport refusals (chunk size, stale round) are not.
@@ -108,7 +108,7 @@ async fn identity_uploads_refusals_and_restart() {
         round: 1,
         offset: 0,
         total_bytes: big.len() as u64,
-        sha256: sha256_hex(&big),
+        hash: content_id(&big),
         data: big.into(),
     };
     let err = upload(&mut c, &b, vec![oversized])
@@ -135,7 +135,7 @@ async fn identity_uploads_refusals_and_restart() {
             &b,
             UploadStatusRequest {
                 round: 1,
-                sha256: sha256_hex(&good),
+                hash: content_id(&good),
             },
         ))
         .await
@@ -456,7 +456,7 @@ async fn a_secure_round_runs_over_the_protocol_and_starts_again_after_a_restart(
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
     }
     // The server stored no update: its blobs are the two models.
-    let blobs = std::fs::read_dir(dir.path().join("blobs/sha256"))
+    let blobs = std::fs::read_dir(dir.path().join("blobs/blake3"))
         .expect("blobs")
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
         .count();

@@ -3,7 +3,7 @@
 
 use crate::support;
 
-use ferry_core::model::sha256_hex;
+use ferry_core::content::content_id;
 use ferry_server::{blobs::Blobs, coordinator::RunSpec};
 use support::*;
 
@@ -24,7 +24,7 @@ async fn blobs_older_than_the_kept_rounds_go_and_shared_ones_stay() {
     for (round, bytes) in [&first, &shared, &shared].into_iter().enumerate() {
         let task = pull(&mut c, &node).await;
         assert_eq!(task.round as usize, round + 1);
-        models.push(task.model.expect("model").sha256);
+        models.push(task.model.expect("model").hash);
         let receipt = upload(&mut c, &node, chunks(task.round, bytes, 0, 1000))
             .await
             .expect("upload");
@@ -41,16 +41,16 @@ async fn blobs_older_than_the_kept_rounds_go_and_shared_ones_stay() {
         async move { blobs.size(&sha).await.is_ok() }
     };
     // Round 1's update and the model round 1 made (round 2's task) are gone.
-    assert!(!kept(&sha256_hex(&first)).await, "round 1's update removed");
+    assert!(!kept(&content_id(&first)).await, "round 1's update removed");
     assert!(!kept(&models[1]).await, "round 1's model removed");
     // Round 2 is older than the one round kept: the model it made goes, but the update it
     // shares with round 3 stays.
     assert!(!kept(&models[2]).await, "round 2's model removed");
     assert!(
-        kept(&sha256_hex(&shared)).await,
+        kept(&content_id(&shared)).await,
         "a blob round 3 still uses stays"
     );
     // The initial model (no round made it) and the current model stay.
     assert!(kept(&models[0]).await, "the initial model stays");
-    assert!(kept(&status.model_sha256).await, "the current model stays");
+    assert!(kept(&status.model_id).await, "the current model stays");
 }

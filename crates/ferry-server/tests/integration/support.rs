@@ -5,7 +5,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use ferry_core::{
     Model, ModelLayout, TensorSpec, Update,
-    model::sha256_hex,
+    content::content_id,
     privacy::{DpSettings, mechanism::Privacy, noise::NoiseSeed},
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
@@ -313,7 +313,7 @@ pub async fn pull(client: &mut FleetClient<Channel>, credential: &str) -> Task {
 }
 
 pub fn chunks(round: u32, bytes: &[u8], from: usize, size: usize) -> Vec<UploadChunk> {
-    let sha = sha256_hex(bytes);
+    let sha = content_id(bytes);
     bytes[from..]
         .chunks(size)
         .enumerate()
@@ -322,7 +322,7 @@ pub fn chunks(round: u32, bytes: &[u8], from: usize, size: usize) -> Vec<UploadC
             offset: (from + i * size) as u64,
             data: bytes::Bytes::copy_from_slice(data),
             total_bytes: bytes.len() as u64,
-            sha256: sha.clone(),
+            hash: sha.clone(),
         })
         .collect()
 }

@@ -43,6 +43,22 @@ impl Fault {
         }
     }
 
+    /// The fault of the `n`th connection: the first four get one of each fault that needs
+    /// bytes to act, at byte counts every connection reaches (a TLS handshake alone is larger),
+    /// so each kind certainly fires; the rest are drawn.
+    fn nth(n: usize, rng: &mut impl Rng) -> Self {
+        match n {
+            0 => Self::CutAfter(rng.random_range(1..1_000)),
+            1 => Self::Stall {
+                after: rng.random_range(0..1_000),
+                millis: rng.random_range(500..2_500),
+            },
+            2 => Self::Refuse,
+            3 => Self::Delay(rng.random_range(2..30)),
+            _ => Self::draw(rng),
+        }
+    }
+
     fn draw(rng: &mut impl Rng) -> Self {
         match rng.random_range(0..100) {
             0..40 => Self::Pass,
@@ -81,12 +97,14 @@ impl ChaosProxy {
             let (stop, fired) = (stop.clone(), fired.clone());
             std::thread::spawn(move || {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let mut accepted = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((client, _)) = listener.accept() else {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     };
-                    let fault = Fault::draw(&mut rng);
+                    let fault = Fault::nth(accepted, &mut rng);
+                    accepted += 1;
                     let fired = fired.clone();
                     std::thread::spawn(move || relay(client, upstream, fault, &fired));
                 }

@@ -4,7 +4,7 @@
 mod backends;
 
 use backends::{Backend, on_both_backends};
-use ferry_server::store::{RoundCommit, RunRow, Store};
+use ferry_server::store::{Acceptance, RoundCommit, RunRow, Store};
 use sqlx::{AnyConnection, Connection};
 
 on_both_backends!(
@@ -12,10 +12,11 @@ on_both_backends!(
     accepted_updates_count_once_and_survive_reopening,
     racing_acceptances_of_one_update_count_it_once,
     a_store_made_before_migrations_is_adopted_with_its_rows,
+    servers_and_tools_opening_a_new_store_at_once_migrate_it_once,
 );
 
 /// The schema version this release's migrations bring a store to.
-const LATEST_SCHEMA: i64 = 1;
+const LATEST_SCHEMA: i64 = 2;
 
 async fn tokens_enrol_exactly_one_node_and_revocation_reaches_the_node(backend: Backend) {
     let store = Store::open(&backend.url()).await.expect("open");
@@ -79,8 +80,23 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
             .set_cohort(1, &["b".into()])
             .await
             .expect("idempotent");
-        assert!(store.accept(1, "a", "x").await.expect("accept"));
-        assert!(!store.accept(1, "a", "x").await.expect("replay"));
+        assert_eq!(
+            store.accept(1, "a", "x").await.expect("accept"),
+            Acceptance::Accepted
+        );
+        assert_eq!(
+            store.accept(1, "a", "x").await.expect("replay"),
+            Acceptance::Duplicate
+        );
+        assert_eq!(
+            store.accept(1, "c", "z").await.expect("accept"),
+            Acceptance::Accepted
+        );
+        store.unaccept(1, "c").await.expect("unaccept");
+        assert_eq!(
+            store.accept(2, "a", "y").await.expect("a later round"),
+            Acceptance::RoundClosed
+        );
         store.set_population(1, 7).await.expect("population");
         store.set_population(1, 9).await.expect("idempotent");
     }
@@ -105,9 +121,15 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
             state_sha: "s1".into(),
             blobs: vec!["m1".into()],
             finished: None,
+            contributors: vec!["a".into()],
         })
         .await
         .expect("commit");
+    // A committed round counts nothing more.
+    assert_eq!(
+        store.accept(1, "b", "w").await.expect("late"),
+        Acceptance::RoundClosed
+    );
     let run = store.run().await.expect("run").expect("exists");
     assert_eq!((run.round, run.model_sha.as_str()), (2, "m1"));
     assert_eq!(store.round_records().await.expect("records"), ["{}"]);
@@ -116,7 +138,10 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
     // A failed attempt at round 2 is recorded and leaves nothing of itself behind.
     store.set_cohort(2, &["a".into()]).await.expect("cohort");
     store.set_population(2, 3).await.expect("population");
-    assert!(store.accept(2, "a", "y").await.expect("accept"));
+    assert_eq!(
+        store.accept(2, "a", "y").await.expect("accept"),
+        Acceptance::Accepted
+    );
     assert_eq!(store.failed_attempts(2).await.expect("count"), 0);
     store.fail_round(2, 1, "{\"a\":1}").await.expect("fail");
     store.fail_round(2, 2, "{\"a\":2}").await.expect("fail");
@@ -130,11 +155,12 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
     );
     let unmoved = store.run().await.expect("run").expect("exists");
     assert_eq!((unmoved.round, unmoved.model_sha.as_str()), (2, "m1"));
-    assert!(
+    assert_eq!(
         store
             .accept(2, "a", "y")
             .await
-            .expect("the retry accepts again")
+            .expect("the retry accepts again"),
+        Acceptance::Accepted
     );
     store.unaccept(2, "a").await.expect("unaccept");
     assert!(store.accepted(2).await.expect("accepted").is_empty());
@@ -144,25 +170,59 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
 }
 
 /// The same node's update arriving on many connections at once (a retry racing its first
-/// try, or two paths) is counted exactly once.
+/// try, or two paths) is counted exactly once; a committed round forgets any update it did not
+/// fold (one that lost the race with the close).
 async fn racing_acceptances_of_one_update_count_it_once(backend: Backend) {
     let store = Store::open(&backend.url()).await.expect("open");
+    store
+        .start_run(&RunRow {
+            run_id: "r".into(),
+            config_hash: "c".into(),
+            round: 5,
+            model_sha: "m4".into(),
+            state_sha: String::new(),
+            finished: String::new(),
+        })
+        .await
+        .expect("start");
     let attempts: Vec<_> = (0..16)
-        .map(|_| {
+        .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { store.accept(5, "node-a", "sha").await })
+            let node = if i % 2 == 0 { "node-a" } else { "node-b" };
+            tokio::spawn(async move { store.accept(5, node, "sha").await })
         })
         .collect();
     let mut counted = 0;
     for attempt in attempts {
-        if attempt.await.expect("task").expect("accept") {
-            counted += 1;
+        match attempt.await.expect("task").expect("accept") {
+            Acceptance::Accepted => counted += 1,
+            Acceptance::Duplicate => {}
+            Acceptance::RoundClosed => panic!("round 5 is open"),
         }
     }
-    assert_eq!(counted, 1);
+    assert_eq!(counted, 2);
     assert_eq!(
         store.accepted(5).await.expect("accepted"),
-        [("node-a".into(), "sha".into())]
+        [
+            ("node-a".into(), "sha".into()),
+            ("node-b".into(), "sha".into())
+        ]
+    );
+    store
+        .commit_round(&RoundCommit {
+            round: 5,
+            record_json: "{}".into(),
+            model_sha: "m5".into(),
+            state_sha: String::new(),
+            blobs: vec![],
+            finished: None,
+            contributors: vec!["node-b".into()],
+        })
+        .await
+        .expect("commit");
+    assert_eq!(
+        store.accepted(5).await.expect("accepted"),
+        [("node-b".into(), "sha".into())]
     );
 }
 
@@ -189,10 +249,12 @@ const UNVERSIONED_SCHEMA: &[&str] = &[
     "INSERT INTO tokens (name, token_hash, created_ms) VALUES ('site-1', 'h1', 0)",
     "INSERT INTO accepted (round, node_id, sha256) VALUES (4, 'n1', 'u1')",
     "INSERT INTO rounds (round, record) VALUES (3, '{\"round\":3}')",
+    "INSERT INTO round_blobs (round, shas) VALUES (3, 'm3 s3')",
 ];
 
 /// A store written by the release before versioned migrations opens, is brought to the
-/// latest schema, and keeps its run, tokens, accepted updates and records.
+/// latest schema, and keeps its run, tokens, accepted updates and records; the blobs it refers
+/// to were named by SHA-256, and their ids now say so.
 async fn a_store_made_before_migrations_is_adopted_with_its_rows(backend: Backend) {
     let url = backend.url();
     if let Backend::Sqlite(dir) = &backend {
@@ -221,10 +283,22 @@ async fn a_store_made_before_migrations_is_adopted_with_its_rows(backend: Backen
         LATEST_SCHEMA
     );
     let run = store.run().await.expect("run").expect("kept");
-    assert_eq!((run.run_id.as_str(), run.round), ("old-run", 4));
+    assert_eq!(
+        (
+            run.run_id.as_str(),
+            run.round,
+            run.model_sha.as_str(),
+            run.state_sha.as_str()
+        ),
+        ("old-run", 4, "sha256:m3", "")
+    );
     assert_eq!(
         store.accepted(4).await.expect("accepted"),
-        [("n1".into(), "u1".into())]
+        [("n1".into(), "sha256:u1".into())]
+    );
+    assert_eq!(
+        store.round_blobs(3).await.expect("blobs"),
+        ["sha256:m3", "sha256:s3"]
     );
     assert_eq!(
         store.round_records().await.expect("records"),
@@ -241,4 +315,27 @@ async fn a_store_made_before_migrations_is_adopted_with_its_rows(backend: Backen
         store.schema_version().await.expect("version"),
         LATEST_SCHEMA
     );
+    assert_eq!(
+        store.run().await.expect("run").expect("kept").model_sha,
+        "sha256:m3"
+    );
+}
+
+/// A server starting while `ferry token create` runs (or two servers starting together) open
+/// a new store at the same moment: each open succeeds, and the schema is migrated once.
+async fn servers_and_tools_opening_a_new_store_at_once_migrate_it_once(backend: Backend) {
+    let url = backend.url();
+    let opening: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Store::open(&url).await })
+        })
+        .collect();
+    for open in opening {
+        let store = open.await.expect("task").expect("opens");
+        assert_eq!(
+            store.schema_version().await.expect("version"),
+            LATEST_SCHEMA
+        );
+    }
 }
