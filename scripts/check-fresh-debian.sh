@@ -10,7 +10,8 @@
 # whole test suite), so it is not part of the test command. The root trusts this host's CA
 # certificates, so downloads work where a proxy re-signs them. Prints each step's time and
 # exits with the first failing command's status. WORK_DIR (default: a new folder under
-# /var/tmp) keeps the root and its logs afterwards; DEBIAN_MIRROR overrides the mirror.
+# /var/tmp) must not hold a root already (each check starts from a fresh one) and keeps the
+# root and its logs afterwards; DEBIAN_MIRROR overrides the mirror.
 set -euo pipefail
 
 [ "$(id -u)" -eq 0 ] || { echo "check-fresh-debian: run as root (debootstrap and chroot need it)" >&2; exit 1; }
@@ -42,11 +43,10 @@ bind() {
   mounted+=("$root$2")
 }
 
-if [ ! -x "$root/usr/bin/python3" ]; then
-  step "debootstrap bookworm into $root"
-  debootstrap --include=build-essential,git,ca-certificates,python3 bookworm "$root" "$mirror" \
-    >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
-fi
+[ ! -e "$root" ] || { echo "check-fresh-debian: $root exists; give a new WORK_DIR" >&2; exit 1; }
+step "debootstrap bookworm into $root"
+debootstrap --include=build-essential,git,ca-certificates,python3 bookworm "$root" "$mirror" \
+  >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
 
 step "trusting this host's CA certificates and copying its Rust toolchain"
 mkdir -p "$root/usr/local/share/ca-certificates"
