@@ -344,8 +344,9 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
     // Without a client certificate the TLS handshake itself is refused, and the node says so.
     support::until_listening(server.port, "the server", Duration::from_secs(60));
     let token = server.token("no-cert");
-    let refused = ferry()
-        .args([
+    let refused_log = dir.join("no-cert.log");
+    let mut refused = Killer(vec![spawn_logged(
+        &[
             "client",
             "--server",
             &url,
@@ -355,15 +356,24 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
             &token,
             "--give-up-after",
             "3",
-        ])
-        .arg("--state-dir")
-        .arg(dir.join("no-cert"))
-        .args(["--trainer-cmd", "python3 train.py"])
-        .output()
-        .expect("client runs");
-    let said = String::from_utf8_lossy(&refused.stderr);
+            "--state-dir",
+            dir.join("no-cert").to_str().expect("utf-8"),
+            "--trainer-cmd",
+            "python3 train.py",
+        ]
+        .map(String::from),
+        &refused_log,
+    )]);
+    // A node that got in would wait for rounds and never exit: give it a minute.
+    wait_for(
+        "the node without a certificate to give up",
+        Duration::from_secs(60),
+        std::slice::from_ref(&refused_log),
+        || matches!(refused.0[0].try_wait(), Ok(Some(_))),
+    );
+    let said = fs::read_to_string(&refused_log).expect("its log");
     assert!(
-        !refused.status.success(),
+        !refused.0[0].wait().expect("status").success(),
         "a node without a certificate got in"
     );
     assert!(said.contains("CertificateRequired"), "{said}");
