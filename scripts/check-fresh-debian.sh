@@ -56,7 +56,12 @@ toolchain=$(rustup show active-toolchain | cut -d' ' -f1)
 mkdir -p "$root/root/.rustup/toolchains" "$root/root/.cargo/bin"
 cp -a "$(rustup toolchain list -v | grep "^$toolchain" | awk '{print $NF}')" "$root/root/.rustup/toolchains/"
 printf 'default_toolchain = "%s"\nprofile = "minimal"\nversion = "12"\n' "$toolchain" >"$root/root/.rustup/settings.toml"
-cp -a "$(dirname "$(command -v rustup)")"/{rustup,cargo,rustc} "$root/root/.cargo/bin/"
+# As rustup installs it: rustup itself, and a proxy named after every tool of the toolchain
+# (cargo, rustc, rustdoc, ...).
+cp "$(command -v rustup)" "$root/root/.cargo/bin/rustup"
+for tool in "$root/root/.rustup/toolchains/$toolchain/bin/"*; do
+  ln -f "$root/root/.cargo/bin/rustup" "$root/root/.cargo/bin/$(basename "$tool")"
+done
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 
 step "cloning $(git -C "$repo" rev-parse --short HEAD) into the root"
