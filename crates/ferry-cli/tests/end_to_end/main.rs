@@ -6,6 +6,7 @@
 
 mod support;
 
+mod access;
 mod chaos;
 mod churn;
 mod dashboard;
