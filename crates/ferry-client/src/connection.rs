@@ -14,12 +14,13 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::ClientError;
+use crate::{ClientError, failover::Servers};
 
 /// How to reach the server.
 #[derive(Debug, Clone)]
 pub struct ServerAddress {
-    /// `https://HOST:PORT`, or `http://127.0.0.1:PORT` against an `--insecure` server.
+    /// `https://HOST:PORT`, or `http://127.0.0.1:PORT` against an `--insecure` server; several
+    /// separated by commas where an active server has standbys (see [`Servers`]).
     pub url: String,
     /// CA certificate (PEM) that signed the server's certificate.
     pub ca_pem: Option<Vec<u8>>,
@@ -27,18 +28,42 @@ pub struct ServerAddress {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Builds a lazily connecting channel to the server.
-pub fn channel(address: &ServerAddress) -> Result<Channel, ClientError> {
-    let bad = |e: tonic::transport::Error| {
-        ClientError::Settings(format!("server address '{}': {e}", address.url))
-    };
-    let mut endpoint = Endpoint::from_shared(address.url.clone())
-        .map_err(|e| ClientError::Settings(format!("server address '{}': {e}", address.url)))?
+/// Builds a lazily connecting channel to the server: to each of its addresses, used in turn
+/// as [`Servers`] says.
+pub fn channel(address: &ServerAddress) -> Result<Servers, ClientError> {
+    let channels = address
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(|url| Ok((url.to_string(), dial(url, address)?)))
+        .collect::<Result<Vec<_>, ClientError>>()?;
+    if channels.is_empty() {
+        return Err(ClientError::Settings(
+            "no server address; give --server https://HOST:PORT".into(),
+        ));
+    }
+    Ok(Servers::new(channels))
+}
+
+/// A lazily connecting channel to the one server address `url`, with `address`'s TLS.
+fn dial(url: &str, address: &ServerAddress) -> Result<Channel, ClientError> {
+    let bad =
+        |e: tonic::transport::Error| ClientError::Settings(format!("server address '{url}': {e}"));
+    let mut endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Settings(format!("server address '{url}': {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .tcp_keepalive(Some(Duration::from_secs(30)));
-    if address.url.starts_with("https://") {
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        // A server that stops answering while its connection stays up (paused, frozen, its
+        // host's network cut after the handshake) fails the calls waiting on it within about
+        // 15 s, so that the node tries again, or tries a standby: the kernel keeps a paused
+        // process's TCP alive, but only the process answers HTTP/2 pings.
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if url.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
         match &address.ca_pem {
             Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(ca)),
@@ -52,10 +77,9 @@ pub fn channel(address: &ServerAddress) -> Result<Channel, ClientError> {
             tls = tls.identity(Identity::from_pem(cert, key));
         }
         endpoint = endpoint.tls_config(tls).map_err(bad)?;
-    } else if !address.url.starts_with("http://") {
+    } else if !url.starts_with("http://") {
         return Err(ClientError::Settings(format!(
-            "server address '{}' must start with https:// (or http:// for an --insecure server)",
-            address.url
+            "server address '{url}' must start with https:// (or http:// for an --insecure server)"
         )));
     }
     Ok(endpoint.connect_lazy())
@@ -129,7 +153,7 @@ impl StoredCredential {
 
 /// Exchanges a one-time token for the node's credential.
 pub async fn enrol(
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     server: &str,
     token: &str,
 ) -> Result<StoredCredential, tonic::Status> {

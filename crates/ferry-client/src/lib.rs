@@ -4,6 +4,8 @@
 //! - [`agent`]: the loop (enrol, pull, download, train with heartbeats, upload) and the
 //!   [`agent::Trainer`] trait that local training plugs into.
 //! - [`connection`]: the TLS channel and the node's stored credential.
+//! - [`failover`]: several server addresses (an active server and its standbys) as one
+//!   channel.
 //! - [`transfer`]: resumable, hash-checked downloads and uploads.
 //! - [`exec`]: the external-command trainer (any language, through files).
 //! - [`backoff`]: reconnection pacing.
@@ -15,6 +17,7 @@ pub mod backoff;
 pub mod connection;
 pub mod error;
 pub mod exec;
+pub mod failover;
 mod link;
 mod secure;
 pub mod transfer;

@@ -4,12 +4,13 @@
 use std::{path::PathBuf, time::Duration};
 
 use ferry_proto::v1::fleet_client::FleetClient;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status};
 
 use crate::{
     ClientError,
     backoff::Backoff,
     connection::{ServerAddress, StoredCredential},
+    failover::Servers,
 };
 
 /// How the agent behaves.
@@ -73,7 +74,7 @@ pub enum AgentEvent {
 /// What the agent needs to talk to the server.
 pub(crate) struct Link<'a, E> {
     pub(crate) settings: &'a AgentSettings,
-    pub(crate) client: &'a mut FleetClient<Channel>,
+    pub(crate) client: &'a mut FleetClient<Servers>,
     pub(crate) credential: &'a StoredCredential,
     pub(crate) backoff: &'a mut Backoff,
     pub(crate) on_event: &'a E,
@@ -94,6 +95,11 @@ pub(crate) async fn retry(
             seconds: backoff.failing_for().as_secs_f64(),
             last: explain(status),
         });
+    }
+    if status.metadata().contains_key(ferry_proto::ACTIVE_SERVER) {
+        // A standby named the active server, and the next call goes there: no reason to wait
+        // longer and longer while servers fail over.
+        backoff.restart();
     }
     let delay = backoff.next_delay();
     on_event(AgentEvent::Retrying(format!(

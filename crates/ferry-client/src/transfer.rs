@@ -15,9 +15,9 @@ use ferry_proto::v1::{
     DownloadRequest, UploadChunk, UploadReceipt, UploadStatusRequest, fleet_client::FleetClient,
 };
 use futures::StreamExt;
-use tonic::{Status, transport::Channel};
+use tonic::Status;
 
-use crate::connection::StoredCredential;
+use crate::{connection::StoredCredential, failover::Servers};
 
 /// The file a download of blob `id` grows in, under `dir`.
 pub fn download_path(dir: &Path, id: &str) -> PathBuf {
@@ -34,7 +34,7 @@ fn local(context: &str, e: std::io::Error) -> Status {
 /// error with the bytes so far kept, so the next call resumes; a blob whose bytes do not match
 /// its hash is discarded.
 pub async fn download(
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     id: &str,
     size: u64,
@@ -133,7 +133,7 @@ impl UploadBody for EncodedUpdate {
 /// what the server already holds. Returns the server's receipt once the update is accepted (or
 /// known as a duplicate).
 pub async fn upload(
-    client: &mut FleetClient<Channel>,
+    client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
     round: u32,
     body: &Arc<dyn UploadBody>,

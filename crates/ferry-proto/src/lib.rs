@@ -11,3 +11,8 @@ pub mod secagg;
 
 /// The metadata key that carries a node's credential on every call after enrolment.
 pub const AUTHORIZATION: &str = "authorization";
+
+/// Response header by which a standby server names the active one (its address as nodes dial
+/// it), on the `UNAVAILABLE` status it answers every call with: a node that knows several
+/// server addresses goes there next.
+pub const ACTIVE_SERVER: &str = "ferry-active-server";

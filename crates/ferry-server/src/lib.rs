@@ -4,7 +4,8 @@
 //! - [`coordinator`]: the run, driven by network events through the same round bookkeeping as
 //!   simulation, with every accepted update stored before it is acknowledged.
 //! - [`service`]: the `ferry.v1.Fleet` gRPC service.
-//! - [`store`] and [`blobs`]: where state and models live.
+//! - [`store`] and [`blobs`]: where state and models live; the store's lease says which of
+//!   several servers sharing them is active, and [`standby`] is what the others answer.
 //! - [`auth`]: enrolment tokens and node credentials.
 //! - [`limits`]: what one address or one node may ask of the server.
 //! - [`api`]: the operator's REST API and Prometheus metrics; [`counter_totals`]: counters
@@ -27,6 +28,7 @@ pub mod rpc_timing;
 pub mod secure;
 pub mod service;
 pub mod staged;
+pub mod standby;
 pub mod store;
 mod transport;
 pub mod turns;

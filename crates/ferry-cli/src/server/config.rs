@@ -30,6 +30,13 @@ pub struct ServerArgs {
     /// Serve without TLS; only allowed on loopback addresses.
     #[arg(long)]
     pub insecure: bool,
+    /// Listen here instead of the file's `listen` (several servers sharing one configuration
+    /// on one host).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Serve the REST API here instead of the file's `[api] listen`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api_listen: Option<String>,
 }
 
 /// TLS files of the server.
@@ -76,9 +83,19 @@ pub struct ServerFile {
     /// `sqlite:PATH` or `postgres://...`.
     #[serde(default = "default_store")]
     pub store: String,
-    /// Folder of model blobs.
+    /// Where model blobs live: a local folder, or `s3://BUCKET/PREFIX` (see `[s3]`).
     #[serde(default = "default_blobs")]
-    pub blobs: PathBuf,
+    pub blobs: String,
+    /// Local folder where uploads grow until verified, when `blobs` is remote (a local blob
+    /// folder keeps them beside it).
+    #[serde(default = "default_uploads")]
+    pub uploads: PathBuf,
+    /// How to reach an S3 blob store; what is left out comes from the `AWS_*` variables.
+    #[serde(default)]
+    pub s3: S3File,
+    /// The coordinator lease that servers sharing a PostgreSQL store take turns on.
+    #[serde(default)]
+    pub lease: LeaseFile,
     /// Folder for `history.json`, `model.safetensors` and the chart.
     #[serde(default = "default_out")]
     pub out: PathBuf,
@@ -99,8 +116,51 @@ fn default_listen() -> String {
 fn default_store() -> String {
     DEFAULT_STORE.into()
 }
-fn default_blobs() -> PathBuf {
-    PathBuf::from("ferry-data/blobs")
+fn default_blobs() -> String {
+    "ferry-data/blobs".into()
+}
+fn default_uploads() -> PathBuf {
+    PathBuf::from("ferry-data/uploads")
+}
+
+/// `[s3]`: the S3 endpoint and region (credentials stay in `AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`, out of files that get shared).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct S3File {
+    /// The server's URL, for example `http://127.0.0.1:3900` for a local Garage.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    pub region: Option<String>,
+}
+
+/// `[lease]`: how servers sharing a PostgreSQL store agree which one is active.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct LeaseFile {
+    /// Seconds a lease lasts unless renewed: how long a standby waits before it takes over
+    /// from an active server that vanished. The holder renews it every quarter of that.
+    #[serde(default = "default_lease_seconds")]
+    pub seconds: f64,
+    /// The address nodes reach this server at, which standbys send them to (default: the
+    /// listen address, https:// unless --insecure).
+    pub advertise: Option<String>,
+    /// This server's name in the lease (default: its advertised address).
+    pub name: Option<String>,
+}
+
+impl Default for LeaseFile {
+    fn default() -> Self {
+        Self {
+            seconds: default_lease_seconds(),
+            advertise: None,
+            name: None,
+        }
+    }
+}
+
+fn default_lease_seconds() -> f64 {
+    10.0
 }
 fn default_out() -> PathBuf {
     PathBuf::from("ferry-data/run")
@@ -216,8 +276,21 @@ fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>> {
 }
 
 /// Reads and checks `path`.
-pub fn load(path: &Path, insecure: bool) -> Result<ServerSetup> {
-    check(read_toml(path)?, path, insecure)
+pub fn load(args: &ServerArgs) -> Result<ServerSetup> {
+    let mut file: ServerFile = read_toml(&args.config)?;
+    if let Some(listen) = &args.listen {
+        file.listen = listen.clone();
+    }
+    if let Some(listen) = &args.api_listen {
+        let api = file.api.as_mut().with_context(|| {
+            format!(
+                "--api-listen needs an [api] section in {}",
+                args.config.display()
+            )
+        })?;
+        api.listen = listen.clone();
+    }
+    check(file, &args.config, args.insecure)
 }
 
 /// Checks `file`, read from `path`, and reads the TLS files it names.
@@ -314,6 +387,12 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
         limits.node_calls_per_second,
         deployment.heartbeat,
         2.0 / deployment.heartbeat
+    );
+    anyhow::ensure!(
+        file.lease.seconds >= 1.0,
+        "config file {}: [lease] seconds = {} is too short to renew in time; give at least 1",
+        path.display(),
+        file.lease.seconds
     );
     if tls.is_none() && !addr.ip().is_loopback() {
         bail!(

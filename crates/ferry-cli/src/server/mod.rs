@@ -18,6 +18,7 @@ use ferry_engine::federation::{RoundObserver, StopReason};
 use ferry_server::{
     blobs::Blobs,
     coordinator::{Coordinator, Event, is_failure},
+    error::ErrorKind,
     store::Store,
 };
 
@@ -30,6 +31,7 @@ mod config;
 #[cfg(test)]
 mod config_fuzz;
 mod dashboard;
+mod leadership;
 
 use crate::starting_point::StartingPoint;
 use config::{ApiFile, DeployedConfig, ServerSetup, load, spec};
@@ -123,7 +125,7 @@ fn start_api(
 
 /// Runs `ferry server`.
 pub fn run(args: ServerArgs) -> Result<()> {
-    let setup = load(&args.config, args.insecure)?;
+    let setup = load(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -136,9 +138,40 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let initial = start.model;
     // A deployment draws its DP noise from the operating system, never from the run seed.
     let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
-    let store = Store::open(&setup.file.store).await?;
-    let blobs = Blobs::local(&setup.file.blobs)?;
-    let (coordinator, events) = Coordinator::start(
+    let store = open_store(&setup.file.store).await?;
+    let lease = if store.is_shared() {
+        let terms = leadership::Terms::of(&setup);
+        let api =
+            match &setup.file.api {
+                Some(api) => Some(api.listen.parse().with_context(|| {
+                    format!("[api] listen = '{}' is not HOST:PORT", api.listen)
+                })?),
+                None => None,
+            };
+        let Some(epoch) = leadership::become_active(&store, &terms, &setup.listener, api).await?
+        else {
+            println!("stopped while a standby");
+            return Ok(());
+        };
+        println!(
+            "ferry server: active coordinator as {} (lease epoch {epoch})",
+            terms.name
+        );
+        Some(leadership::Held::renew(store.clone(), epoch, terms.ttl))
+    } else {
+        None
+    };
+    let store = match &lease {
+        Some(lease) => store.fenced(lease.epoch),
+        None => store,
+    };
+    let s3 = ferry_server::blobs::s3::S3Settings {
+        endpoint: setup.file.s3.endpoint.clone(),
+        region: setup.file.s3.region.clone(),
+        credentials: None,
+    };
+    let blobs = Blobs::at(&setup.file.blobs, &s3, &setup.file.uploads)?;
+    let started = Coordinator::start(
         spec(&setup.config, &strategy, start.evaluator.is_some())?,
         strategy,
         initial,
@@ -146,7 +179,11 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         store.clone(),
         blobs,
     )
-    .await?;
+    .await;
+    let (coordinator, events) = match started {
+        Err(e) if e.kind() == ErrorKind::Fenced => return Err(leadership::rejoin_as_standby()),
+        started => started?,
+    };
     println!(
         "ferry server: run {} — {} with {}, {} rounds, at least {} nodes per round; listening on {} ({})",
         coordinator.run_id(),
@@ -176,6 +213,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let linger = Duration::from_secs_f64((2.0 * setup.config.deployment.heartbeat).max(3.0));
     let finished = {
         let coordinator = coordinator.clone();
+        let lease = lease.as_ref();
         async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
@@ -184,17 +222,36 @@ async fn serve(setup: ServerSetup) -> Result<()> {
                     // Give polling nodes time to hear that the run is over.
                     tokio::time::sleep(linger).await;
                 } => {}
+                () = async {
+                    match lease {
+                        Some(lease) => lease.lost().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
         }
     };
     ferry_server::serve(setup.listener.clone(), coordinator.clone(), store, finished).await?;
+    if let Some(lease) = &lease
+        && !lease.still_held().await
+    {
+        driver.abort();
+        return Err(leadership::rejoin_as_standby());
+    }
     let Some(reason) = coordinator.finished().await else {
         driver.abort();
+        if let Some(lease) = lease {
+            lease.resign().await;
+        }
         println!(
             "stopped; the run's state is saved, and `ferry server` with the same config resumes it"
         );
         return Ok(());
     };
+    // The run ended here: a standby that takes the lease now finds it ended too.
+    if let Some(lease) = lease {
+        lease.resign().await;
+    }
     let driven = driver.await.context("the round driver stopped")?;
     printer.abort();
     if is_failure(&reason) {
@@ -240,6 +297,23 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         setup.file.out.display()
     );
     Ok(())
+}
+
+/// Opens the store at `url`, waiting (and saying why) while the database cannot be reached, as
+/// when it restarts; once open, the store waits the same way on every call.
+async fn open_store(url: &str) -> Result<Store> {
+    let patience = Duration::from_secs(15 * 60);
+    let started = Instant::now();
+    loop {
+        match Store::open(url).await {
+            Ok(store) => return Ok(store.waiting_up_to(patience)),
+            Err(e) if e.is_retryable() && started.elapsed() < patience => {
+                eprintln!("ferry server: cannot reach the store yet ({e}); trying again in 2 s");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Prints the coordinator's events as they come and rewrites `history.json` after every

@@ -18,3 +18,4 @@ mod pytorch_example;
 mod safety;
 mod sdk;
 mod simulate;
+mod standby;

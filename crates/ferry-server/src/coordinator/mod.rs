@@ -90,6 +90,8 @@ struct State {
     fleet_check: Option<FleetCheck>,
     /// The operator asked the run to end once no round is open.
     stop_requested: bool,
+    /// A round aggregated under the lock, which the driver commits once it lets the lock go.
+    closing: Option<rounds::Closing>,
 }
 
 /// What the store said, while the run waits for nodes, about the fleet it could still have.

@@ -7,8 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_core::wire;
-use ferry_engine::{node::Score, round};
+use ferry_core::{Model, server_opt::OptimizerState, wire};
+use ferry_engine::{
+    node::Score,
+    round::{self, AppliedRound},
+};
 
 use crate::{
     ServerError,
@@ -86,8 +89,14 @@ impl Coordinator {
             (true, true) => self.step_secure(state, now).await?,
             (true, false) => self.step_plain(state, now).await?,
         };
+        let closing = state.closing.take();
         let finished = state.finished.clone();
         drop(guard);
+        if let Some(closing) = closing {
+            let finished = self.commit_closing(closing).await?;
+            self.notify_work();
+            return Ok(finished);
+        }
         if changed {
             // Rounds and evaluations open, deadlines extend and runs end only here.
             self.notify_work();
@@ -380,15 +389,14 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Aggregates the open round, evaluates and commits it. A round whose aggregate cannot be
-    /// formed fails (the model has not moved); an error after the model moved is the
-    /// coordinator's own and stops the run, which a restart resumes from the store.
+    /// Aggregates the open round under the lock and leaves it in `state.closing`, for
+    /// [`Coordinator::commit_closing`] to evaluate, store and commit once the lock is released.
+    /// A round whose aggregate cannot be formed fails (the model has not moved).
     async fn close_round(&self, state: &mut State) -> Result<(), ServerError> {
         let Some(training) = state.training.take() else {
             return Ok(());
         };
         let attempt = Attempt::of(&training);
-        let round = attempt.round;
         let contributors: Vec<String> = training.delivered.iter().cloned().collect();
         let open = training.into_open();
         // Read back from its blob: the coordinator did not hold it while the round ran.
@@ -403,6 +411,34 @@ impl Coordinator {
                 return self.record_failure(state, attempt, reason).await;
             }
         };
+        state.closing = Some(Closing {
+            round: attempt.round,
+            contributors,
+            global,
+            applied,
+            optimizer: state.strategy.optimizer.save(),
+            broadcast: state.strategy.optimizer.broadcast(),
+        });
+        Ok(())
+    }
+
+    /// Evaluates, stores and commits a round that [`Coordinator::close_round`] aggregated,
+    /// with the state lock released (heartbeats, task pulls and the status API go on), then
+    /// takes the lock to make the committed round current. Returns why the run ended, once it
+    /// has. An error here is the coordinator's own (the model moved) and stops the run, which
+    /// a restart resumes from the store.
+    pub(super) async fn commit_closing(
+        &self,
+        closing: Closing,
+    ) -> Result<Option<String>, ServerError> {
+        let Closing {
+            round,
+            contributors,
+            global,
+            applied,
+            optimizer,
+            broadcast,
+        } = closing;
         let evaluation = match self.evaluator.clone() {
             Some(evaluator) => {
                 let model = global.clone();
@@ -415,11 +451,11 @@ impl Coordinator {
         };
         let record = applied.record(evaluation);
         let model_blob = put_model(&self.blobs, &global).await?;
-        let saved = state.strategy.optimizer.save();
-        let state_sha = if saved.is_empty() {
+        drop(global);
+        let state_sha = if optimizer.is_empty() {
             String::new()
         } else {
-            let named: Vec<(&str, &[f32])> = saved
+            let named: Vec<(&str, &[f32])> = optimizer
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_slice()))
                 .collect();
@@ -429,7 +465,7 @@ impl Coordinator {
         // A model due a federated evaluation is scored before the run may end.
         let evaluate = self.evaluation_due(&record);
         let ends_after_evaluation = if evaluate { finished.take() } else { None };
-        let control_blob = put_control(&self.blobs, state.strategy.optimizer.broadcast()).await?;
+        let control_blob = put_control(&self.blobs, broadcast).await?;
         let written = [Some(&model_blob), control_blob.as_ref()]
             .into_iter()
             .flatten()
@@ -448,9 +484,10 @@ impl Coordinator {
                 contributors,
             })
             .await?;
+        self.prune(round).await;
+        let mut state = self.state.lock().await;
         state.model_blob = model_blob;
         state.control_blob = control_blob;
-        self.prune(round).await;
         if let Some(epsilon) = record.epsilon {
             metrics::gauge!("ferry_dp_epsilon").set(epsilon);
         }
@@ -461,14 +498,29 @@ impl Coordinator {
         metrics::histogram!("ferry_round_duration_seconds").record(record.wall_s);
         self.emit(Event::RoundFinished(Box::new(record.clone())));
         if evaluate {
-            self.open_evaluation(state, record, ends_after_evaluation);
+            self.open_evaluation(&mut state, record, ends_after_evaluation);
         }
         if let Some(reason) = &finished {
             state.finished = Some(reason.clone());
             self.emit(Event::Finished(reason.clone()));
         }
-        Ok(())
+        Ok(state.finished.clone())
     }
+}
+
+/// A round aggregated under the state lock, on its way to being stored and committed outside
+/// it.
+pub(super) struct Closing {
+    round: u32,
+    /// The nodes whose updates it folded.
+    contributors: Vec<String>,
+    /// The new global model.
+    global: Arc<Model>,
+    applied: AppliedRound,
+    /// The server optimizer's state after the step.
+    optimizer: OptimizerState,
+    /// What the strategy sends nodes with the next model (SCAFFOLD's control).
+    broadcast: Option<Arc<Vec<f32>>>,
 }
 
 /// What a failed attempt's record says of its round, taken before the round is consumed.

@@ -101,6 +101,7 @@ impl Coordinator {
                 round: run.round,
                 training: None,
                 evaluating: None,
+                closing: None,
                 finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
                 online: HashMap::new(),
                 failures: 0,

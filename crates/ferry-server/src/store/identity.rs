@@ -53,7 +53,7 @@ impl Store {
 
     /// Records a new enrolment token under `name`; a live token of that name must not exist.
     pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         // A revoked token's name is free again; a live one's is not.
         sqlx::query("DELETE FROM tokens WHERE name = $1 AND revoked <> 0")
             .bind(name)
@@ -80,7 +80,7 @@ impl Store {
 
     /// Revokes the token `name` and every node enrolled with it; false if no such token.
     pub async fn revoke(&self, name: &str) -> Result<bool, ServerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let tokens = sqlx::query("UPDATE tokens SET revoked = 1 WHERE name = $1")
             .bind(name)
             .execute(&mut *tx)
@@ -103,7 +103,7 @@ impl Store {
         node_id: &str,
         secret_hash: &str,
     ) -> Result<Option<String>, ServerError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let spent = sqlx::query(
             "UPDATE tokens SET used = 1 WHERE token_hash = $1 AND used = 0 AND revoked = 0",
         )

@@ -7,11 +7,15 @@
 //! (by content hash). A round's commit is one transaction, so after a crash the store shows
 //! either the round still open with its accepted updates, or the round closed — never half.
 
-use sqlx::{AnyPool, Row, any::AnyPoolOptions, migrate::Migrator};
+use std::time::Duration;
+
+use sqlx::{Any, AnyPool, Row, Transaction, any::AnyPoolOptions, migrate::Migrator};
 
 mod identity;
+mod lease;
 
 pub use identity::{NodeRow, TokenRow};
+pub use lease::{Campaign, Lease};
 
 use crate::ServerError;
 
@@ -92,7 +96,21 @@ pub enum Acceptance {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Whether the database is PostgreSQL (else SQLite): the few statements the two spell
+    /// differently (the database clock) are chosen by it.
+    postgres: bool,
+    /// The lease epoch this handle writes under (see [`Store::fenced`]); `None` for a store
+    /// with one server, or for the CLI's own commands.
+    fence: Option<i64>,
+    /// How long a call waits for an unreachable database before failing (see
+    /// [`Store::waiting_up_to`]); zero fails at once.
+    patience: Duration,
 }
+
+/// How long a PostgreSQL session may sit in an open transaction: a server paused mid-
+/// transaction (SIGSTOP, a frozen VM) must not hold the lease row's lock for ever and keep a
+/// standby from taking over.
+const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = 5000";
 
 /// Turns `sqlite:PATH` into a URL that creates the file when missing.
 fn connect_url(url: &str) -> String {
@@ -125,8 +143,20 @@ impl Store {
             }
         }
         sqlx::any::install_default_drivers();
+        let postgres = !url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
-            .max_connections(if url.starts_with("sqlite:") { 1 } else { 8 })
+            .max_connections(if postgres { 8 } else { 1 })
+            // A database that is down fails a call within seconds (and a patient store tries
+            // again), rather than after sqlx's default of half a minute.
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if postgres {
+                        sqlx::query(IDLE_IN_TRANSACTION).execute(connection).await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&connect_url(url))
             .await?;
         // Two processes opening a new SQLite file at once (a server starting while `ferry token
@@ -141,7 +171,12 @@ impl Store {
                 }
                 prepared => {
                     prepared?;
-                    return Ok(Self { pool });
+                    return Ok(Self {
+                        pool,
+                        postgres,
+                        fence: None,
+                        patience: Duration::ZERO,
+                    });
                 }
             }
         }
@@ -168,6 +203,70 @@ impl Store {
             .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
     }
 
+    /// This store, writing under lease `epoch`: every state-changing transaction first checks
+    /// that the lease still has that epoch (and on PostgreSQL locks its row until it commits),
+    /// so a server that lost the lease writes nothing, even if it has not noticed yet.
+    pub fn fenced(mut self, epoch: i64) -> Self {
+        self.fence = Some(epoch);
+        self
+    }
+
+    /// This store, waiting up to `patience` for a database that cannot be reached (restarting,
+    /// a network cut), saying in the log why it waits, rather than failing the call.
+    pub fn waiting_up_to(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
+    }
+
+    /// Whether the store is PostgreSQL, which several servers can share (SQLite is one
+    /// host's file).
+    pub fn is_shared(&self) -> bool {
+        self.postgres
+    }
+
+    /// Begins a state-changing transaction, checked against the fence.
+    async fn begin(&self) -> Result<Transaction<'static, Any>, ServerError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(epoch) = self.fence {
+            let held = sqlx::query("UPDATE lease SET epoch = epoch WHERE id = 1 AND epoch = $1")
+                .bind(epoch)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if held != 1 {
+                return Err(ServerError::Fenced { epoch });
+            }
+        }
+        Ok(tx)
+    }
+
+    /// Runs `call` (one transaction or one read, safe to repeat when it failed), again while
+    /// it fails for a reason that may pass and the store's patience lasts.
+    async fn patiently<T, F>(
+        &self,
+        what: &str,
+        mut call: impl FnMut() -> F,
+    ) -> Result<T, ServerError>
+    where
+        F: std::future::Future<Output = Result<T, ServerError>>,
+    {
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_millis(250);
+        loop {
+            match call().await {
+                Err(e) if e.is_retryable() && started.elapsed() < self.patience => {
+                    tracing::warn!(
+                        "the store cannot be reached while {what} ({e}); trying again in {:.1} s",
+                        pause.as_secs_f64()
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                done => return done,
+            }
+        }
+    }
+
     /// The schema version this store is at: the newest migration applied.
     pub async fn schema_version(&self) -> Result<i64, ServerError> {
         let version: Option<i64> =
@@ -180,100 +279,124 @@ impl Store {
 
     /// The stored run, if one was started.
     pub async fn run(&self) -> Result<Option<RunRow>, ServerError> {
-        let row = sqlx::query(
-            "SELECT run_id, config_hash, round, model_sha, state_sha, finished FROM run WHERE id = 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| {
-            Ok(RunRow {
-                run_id: row.try_get(0)?,
-                config_hash: row.try_get(1)?,
-                round: u32::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
-                model_sha: row.try_get(3)?,
-                state_sha: row.try_get(4)?,
-                finished: row.try_get(5)?,
+        self.patiently("reading the run", move || async move {
+            let row = sqlx::query(
+                "SELECT run_id, config_hash, round, model_sha, state_sha, finished \
+                 FROM run WHERE id = 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|row| {
+                Ok(RunRow {
+                    run_id: row.try_get(0)?,
+                    config_hash: row.try_get(1)?,
+                    round: u32::try_from(row.try_get::<i64, _>(2)?).unwrap_or(0),
+                    model_sha: row.try_get(3)?,
+                    state_sha: row.try_get(4)?,
+                    finished: row.try_get(5)?,
+                })
             })
+            .transpose()
         })
-        .transpose()
+        .await
     }
 
     /// Records the start of a run.
     pub async fn start_run(&self, run: &RunRow) -> Result<(), ServerError> {
-        sqlx::query(
-            "INSERT INTO run (id, run_id, config_hash, round, model_sha, state_sha, finished) \
-             VALUES (1, $1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&run.run_id)
-        .bind(&run.config_hash)
-        .bind(i64::from(run.round))
-        .bind(&run.model_sha)
-        .bind(&run.state_sha)
-        .bind(&run.finished)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.patiently("recording the run's start", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query(
+                "INSERT INTO run (id, run_id, config_hash, round, model_sha, state_sha, finished) \
+                 VALUES (1, $1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&run.run_id)
+            .bind(&run.config_hash)
+            .bind(i64::from(run.round))
+            .bind(&run.model_sha)
+            .bind(&run.state_sha)
+            .bind(&run.finished)
+            .execute(&mut *tx)
+            .await?;
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// Records a round's cohort (idempotent).
     pub async fn set_cohort(&self, round: u32, nodes: &[String]) -> Result<(), ServerError> {
-        let mut tx = self.pool.begin().await?;
-        for node in nodes {
-            sqlx::query(
-                "INSERT INTO cohort (round, node_id) VALUES ($1, $2) \
-                 ON CONFLICT (round, node_id) DO NOTHING",
-            )
-            .bind(i64::from(round))
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.patiently("recording a cohort", move || async move {
+            let mut tx = self.begin().await?;
+            for node in nodes {
+                sqlx::query(
+                    "INSERT INTO cohort (round, node_id) VALUES ($1, $2) \
+                     ON CONFLICT (round, node_id) DO NOTHING",
+                )
+                .bind(i64::from(round))
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// Records how many nodes `round`'s cohort was drawn from (idempotent): a private round's
     /// noise and denominator depend on it, so a restarted server must plan with the same.
     pub async fn set_population(&self, round: u32, nodes: usize) -> Result<(), ServerError> {
-        sqlx::query(
-            "INSERT INTO population (round, nodes) VALUES ($1, $2) \
-             ON CONFLICT (round) DO UPDATE SET nodes = excluded.nodes",
-        )
-        .bind(i64::from(round))
-        .bind(nodes as i64)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.patiently("recording a round's population", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query(
+                "INSERT INTO population (round, nodes) VALUES ($1, $2) \
+                 ON CONFLICT (round) DO UPDATE SET nodes = excluded.nodes",
+            )
+            .bind(i64::from(round))
+            .bind(nodes as i64)
+            .execute(&mut *tx)
+            .await?;
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// The population stored for `round`, if any.
     pub async fn population(&self, round: u32) -> Result<Option<usize>, ServerError> {
-        let row = sqlx::query("SELECT nodes FROM population WHERE round = $1")
-            .bind(i64::from(round))
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row
-            .map(|r| r.try_get::<i64, _>(0))
-            .transpose()?
-            .map(|n| n as usize))
+        self.patiently("reading a round's population", move || async move {
+            let row = sqlx::query("SELECT nodes FROM population WHERE round = $1")
+                .bind(i64::from(round))
+                .fetch_optional(&self.pool)
+                .await?;
+            Ok(row
+                .map(|r| r.try_get::<i64, _>(0))
+                .transpose()?
+                .map(|n| n as usize))
+        })
+        .await
     }
 
     /// Ends the run without closing a round (a privacy budget reached before the next one).
     pub async fn finish_run(&self, reason: &str) -> Result<(), ServerError> {
-        sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
-            .bind(reason)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.patiently("recording the run's end", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// The stored cohort of `round`.
     pub async fn cohort(&self, round: u32) -> Result<Vec<String>, ServerError> {
-        let rows = sqlx::query("SELECT node_id FROM cohort WHERE round = $1 ORDER BY node_id")
-            .bind(i64::from(round))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        self.patiently("reading a cohort", move || async move {
+            let rows = sqlx::query("SELECT node_id FROM cohort WHERE round = $1 ORDER BY node_id")
+                .bind(i64::from(round))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        })
+        .await
     }
 
     /// Counts `node`'s update for `round` (blob `id`) if `round` is the run's open round and
@@ -286,111 +409,131 @@ impl Store {
         node: &str,
         id: &str,
     ) -> Result<Acceptance, ServerError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO accepted (round, node_id, sha256) \
-             SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM run WHERE id = 1 AND round = $1) \
-             ON CONFLICT (round, node_id) DO NOTHING",
-        )
-        .bind(i64::from(round))
-        .bind(node)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let acceptance = if inserted == 1 {
-            Acceptance::Accepted
-        } else {
-            let counted = sqlx::query("SELECT 1 FROM accepted WHERE round = $1 AND node_id = $2")
-                .bind(i64::from(round))
-                .bind(node)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if counted.is_some() {
-                Acceptance::Duplicate
+        self.patiently("counting an update", move || async move {
+            let mut tx = self.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO accepted (round, node_id, sha256) \
+                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM run WHERE id = 1 AND round = $1) \
+                 ON CONFLICT (round, node_id) DO NOTHING",
+            )
+            .bind(i64::from(round))
+            .bind(node)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let acceptance = if inserted == 1 {
+                Acceptance::Accepted
             } else {
-                Acceptance::RoundClosed
-            }
-        };
-        tx.commit().await?;
-        Ok(acceptance)
+                let counted =
+                    sqlx::query("SELECT 1 FROM accepted WHERE round = $1 AND node_id = $2")
+                        .bind(i64::from(round))
+                        .bind(node)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if counted.is_some() {
+                    Acceptance::Duplicate
+                } else {
+                    Acceptance::RoundClosed
+                }
+            };
+            tx.commit().await?;
+            Ok(acceptance)
+        })
+        .await
     }
 
     /// Takes back an acceptance that the aggregator then refused.
     pub async fn unaccept(&self, round: u32, node: &str) -> Result<(), ServerError> {
-        sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
-            .bind(i64::from(round))
-            .bind(node)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.patiently("taking back an update", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
+                .bind(i64::from(round))
+                .bind(node)
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
-    /// The updates counted in `round`, as `(node, sha256)`, in node order.
+    /// The updates counted in `round`, as `(node, content id)`, in node order.
     pub async fn accepted(&self, round: u32) -> Result<Vec<(String, String)>, ServerError> {
-        let rows =
-            sqlx::query("SELECT node_id, sha256 FROM accepted WHERE round = $1 ORDER BY node_id")
-                .bind(i64::from(round))
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect()
+        self.patiently("reading a round's updates", move || async move {
+            let rows = sqlx::query(
+                "SELECT node_id, sha256 FROM accepted WHERE round = $1 ORDER BY node_id",
+            )
+            .bind(i64::from(round))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+        .await
     }
 
     /// Closes a round: its record, the new model and optimizer state, and the next round, in
     /// one transaction.
     pub async fn commit_round(&self, commit: &RoundCommit) -> Result<(), ServerError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO rounds (round, record) VALUES ($1, $2)")
-            .bind(i64::from(commit.round))
-            .bind(&commit.record_json)
+        self.patiently("committing a round", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query("INSERT INTO rounds (round, record) VALUES ($1, $2)")
+                .bind(i64::from(commit.round))
+                .bind(&commit.record_json)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE run SET round = $1, model_sha = $2, state_sha = $3, finished = $4 \
+                 WHERE id = 1",
+            )
+            .bind(i64::from(commit.round) + 1)
+            .bind(&commit.model_sha)
+            .bind(&commit.state_sha)
+            .bind(commit.finished.clone().unwrap_or_default())
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "UPDATE run SET round = $1, model_sha = $2, state_sha = $3, finished = $4 WHERE id = 1",
-        )
-        .bind(i64::from(commit.round) + 1)
-        .bind(&commit.model_sha)
-        .bind(&commit.state_sha)
-        .bind(commit.finished.clone().unwrap_or_default())
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO round_blobs (round, shas) VALUES ($1, $2)")
-            .bind(i64::from(commit.round))
-            .bind(commit.blobs.join(" "))
-            .execute(&mut *tx)
-            .await?;
-        let counted = sqlx::query("SELECT node_id FROM accepted WHERE round = $1")
-            .bind(i64::from(commit.round))
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in counted {
-            let node: String = row.try_get(0)?;
-            if !commit.contributors.contains(&node) {
-                sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
-                    .bind(i64::from(commit.round))
-                    .bind(&node)
-                    .execute(&mut *tx)
-                    .await?;
+            sqlx::query("INSERT INTO round_blobs (round, shas) VALUES ($1, $2)")
+                .bind(i64::from(commit.round))
+                .bind(commit.blobs.join(" "))
+                .execute(&mut *tx)
+                .await?;
+            let counted = sqlx::query("SELECT node_id FROM accepted WHERE round = $1")
+                .bind(i64::from(commit.round))
+                .fetch_all(&mut *tx)
+                .await?;
+            let contributors: std::collections::HashSet<&str> =
+                commit.contributors.iter().map(String::as_str).collect();
+            for row in counted {
+                let node: String = row.try_get(0)?;
+                if !contributors.contains(node.as_str()) {
+                    sqlx::query("DELETE FROM accepted WHERE round = $1 AND node_id = $2")
+                        .bind(i64::from(commit.round))
+                        .bind(&node)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(())
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// The blobs committed `round` wrote (empty for rounds committed before they were
     /// recorded).
     pub async fn round_blobs(&self, round: u32) -> Result<Vec<String>, ServerError> {
-        let row = sqlx::query("SELECT shas FROM round_blobs WHERE round = $1")
-            .bind(i64::from(round))
-            .fetch_optional(&self.pool)
-            .await?;
-        let shas: String = match row {
-            Some(row) => row.try_get(0)?,
-            None => String::new(),
-        };
-        Ok(shas.split_whitespace().map(String::from).collect())
+        self.patiently("reading a round's blobs", move || async move {
+            let row = sqlx::query("SELECT shas FROM round_blobs WHERE round = $1")
+                .bind(i64::from(round))
+                .fetch_optional(&self.pool)
+                .await?;
+            let ids: String = match row {
+                Some(row) => row.try_get(0)?,
+                None => String::new(),
+            };
+            Ok(ids.split_whitespace().map(String::from).collect())
+        })
+        .await
     }
 
     /// Rewrites committed `round`'s record (with its federated evaluation), and marks the run
@@ -401,30 +544,35 @@ impl Store {
         record_json: &str,
         finished: Option<&str>,
     ) -> Result<(), ServerError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE rounds SET record = $1 WHERE round = $2")
-            .bind(record_json)
-            .bind(i64::from(round))
-            .execute(&mut *tx)
-            .await?;
-        if let Some(reason) = finished {
-            sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
-                .bind(reason)
+        self.patiently("amending a round's record", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query("UPDATE rounds SET record = $1 WHERE round = $2")
+                .bind(record_json)
+                .bind(i64::from(round))
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            if let Some(reason) = finished {
+                sqlx::query("UPDATE run SET finished = $1 WHERE id = 1")
+                    .bind(reason)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// Failed attempts recorded for `round` so far.
     pub async fn failed_attempts(&self, round: u32) -> Result<u32, ServerError> {
-        let count: i64 = sqlx::query("SELECT COUNT(*) FROM failed_rounds WHERE round = $1")
-            .bind(i64::from(round))
-            .fetch_one(&self.pool)
-            .await?
-            .try_get(0)?;
-        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+        self.patiently("reading a round's failed attempts", move || async move {
+            let count: i64 = sqlx::query("SELECT COUNT(*) FROM failed_rounds WHERE round = $1")
+                .bind(i64::from(round))
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+            Ok(u32::try_from(count).unwrap_or(u32::MAX))
+        })
+        .await
     }
 
     /// Records failed attempt `attempt` at `round` and forgets the attempt's cohort,
@@ -437,36 +585,43 @@ impl Store {
         record_json: &str,
     ) -> Result<(), ServerError> {
         let round = i64::from(round);
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO failed_rounds (round, attempt, record) VALUES ($1, $2, $3)")
-            .bind(round)
-            .bind(i64::from(attempt))
-            .bind(record_json)
-            .execute(&mut *tx)
-            .await?;
-        for table in ["cohort", "accepted", "population"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE round = $1"))
+        self.patiently("recording a failed round", move || async move {
+            let mut tx = self.begin().await?;
+            sqlx::query("INSERT INTO failed_rounds (round, attempt, record) VALUES ($1, $2, $3)")
                 .bind(round)
+                .bind(i64::from(attempt))
+                .bind(record_json)
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+            for table in ["cohort", "accepted", "population"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE round = $1"))
+                    .bind(round)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok(tx.commit().await?)
+        })
+        .await
     }
 
     /// The records of all failed round attempts, as JSON, in order.
     pub async fn failed_round_records(&self) -> Result<Vec<String>, ServerError> {
-        let rows = sqlx::query("SELECT record FROM failed_rounds ORDER BY round, attempt")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        self.records("SELECT record FROM failed_rounds ORDER BY round, attempt")
+            .await
     }
 
     /// The records of all finished rounds, as JSON, in round order.
     pub async fn round_records(&self) -> Result<Vec<String>, ServerError> {
-        let rows = sqlx::query("SELECT record FROM rounds ORDER BY round")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        self.records("SELECT record FROM rounds ORDER BY round")
+            .await
+    }
+
+    /// The one text column `sql` selects, row by row.
+    async fn records(&self, sql: &str) -> Result<Vec<String>, ServerError> {
+        self.patiently("reading round records", move || async move {
+            let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+            rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+        })
+        .await
     }
 }

@@ -7,6 +7,7 @@
 mod support;
 
 mod abuse_limits;
+mod blob_store;
 mod connection_state;
 mod disk_full;
 mod federated_evaluation;

@@ -39,15 +39,19 @@ pub fn free_port() -> u16 {
 }
 
 pub fn spawn_logged(args: &[String], log: &Path) -> Child {
-    spawn_logged_with_env(args, log, &[])
+    spawn_logged_with_env::<&str>(args, log, &[])
 }
 
 /// `ferry ARGS` with `env` set, its stdout and stderr going to `log`.
-pub fn spawn_logged_with_env(args: &[String], log: &Path, env: &[(&str, &Path)]) -> Child {
+pub fn spawn_logged_with_env<V: AsRef<std::ffi::OsStr>>(
+    args: &[String],
+    log: &Path,
+    env: &[(&str, V)],
+) -> Child {
     let file = fs::File::create(log).expect("log file");
     ferry()
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
         .stdout(Stdio::from(file.try_clone().expect("clone")))
         .stderr(Stdio::from(file))
         .spawn()

@@ -4,7 +4,12 @@
 mod backends;
 
 use backends::{Backend, on_both_backends};
-use ferry_server::store::{Acceptance, RoundCommit, RunRow, Store};
+use std::time::Duration;
+
+use ferry_server::{
+    error::ErrorKind,
+    store::{Acceptance, Campaign, RoundCommit, RunRow, Store},
+};
 use sqlx::{AnyConnection, Connection};
 
 on_both_backends!(
@@ -13,10 +18,12 @@ on_both_backends!(
     racing_acceptances_of_one_update_count_it_once,
     a_store_made_before_migrations_is_adopted_with_its_rows,
     servers_and_tools_opening_a_new_store_at_once_migrate_it_once,
+    one_server_holds_the_lease_and_a_lapsed_holder_is_fenced_out,
+    a_restarted_holder_takes_its_lease_back_at_once,
 );
 
 /// The schema version this release's migrations bring a store to.
-const LATEST_SCHEMA: i64 = 2;
+const LATEST_SCHEMA: i64 = 3;
 
 async fn tokens_enrol_exactly_one_node_and_revocation_reaches_the_node(backend: Backend) {
     let store = Store::open(&backend.url()).await.expect("open");
@@ -338,4 +345,122 @@ async fn servers_and_tools_opening_a_new_store_at_once_migrate_it_once(backend: 
             LATEST_SCHEMA
         );
     }
+}
+
+/// A run at round 1, for the lease tests to write to.
+fn a_run() -> RunRow {
+    RunRow {
+        run_id: "r".into(),
+        config_hash: "c".into(),
+        round: 1,
+        model_sha: "m".into(),
+        state_sha: String::new(),
+        finished: String::new(),
+    }
+}
+
+async fn one_server_holds_the_lease_and_a_lapsed_holder_is_fenced_out(backend: Backend) {
+    let store = Store::open(&backend.url()).await.expect("open");
+    store.start_run(&a_run()).await.expect("run");
+    let short = Duration::from_millis(300);
+    let Campaign::Won { epoch: first } = store
+        .campaign("a", "https://a:7443", short)
+        .await
+        .expect("bid")
+    else {
+        panic!("the first bid wins");
+    };
+    match store
+        .campaign("b", "https://b:7443", short)
+        .await
+        .expect("bid")
+    {
+        Campaign::Held(lease) => {
+            assert_eq!(
+                (lease.holder.as_str(), lease.address.as_str()),
+                ("a", "https://a:7443")
+            );
+            assert_eq!(lease.epoch, first);
+            assert!(lease.expires_in_ms > 0);
+        }
+        won => panic!("a live lease is not taken: {won:?}"),
+    }
+    assert!(store.renew(first, short).await.expect("renew"));
+    let a = store.clone().fenced(first);
+    assert_eq!(
+        a.accept(1, "n1", "u1").await.expect("accept"),
+        Acceptance::Accepted
+    );
+    // a stops renewing (paused, cut off); its lease lapses and b takes over.
+    tokio::time::sleep(short * 2).await;
+    let Campaign::Won { epoch: second } = store
+        .campaign("b", "https://b:7443", short)
+        .await
+        .expect("bid")
+    else {
+        panic!("a lapsed lease goes to the next bidder");
+    };
+    assert_eq!(second, first + 1);
+    let b = store.clone().fenced(second);
+    // a wakes up believing it leads: every write it tries is refused, and changes nothing.
+    assert!(
+        !store.renew(first, short).await.expect("renew"),
+        "a's lease is gone"
+    );
+    for refused in [
+        a.accept(1, "n2", "u2").await.map(drop),
+        a.unaccept(1, "n1").await,
+        a.finish_run("done").await,
+        a.set_cohort(1, &["n3".into()]).await,
+    ] {
+        assert_eq!(refused.expect_err("fenced").kind(), ErrorKind::Fenced);
+    }
+    assert_eq!(
+        store.accepted(1).await.expect("accepted"),
+        vec![("n1".into(), "u1".into())]
+    );
+    assert!(store.cohort(1).await.expect("cohort").is_empty());
+    assert_eq!(store.run().await.expect("run").expect("a run").finished, "");
+    // b writes under its own epoch.
+    assert_eq!(
+        b.accept(1, "n2", "u2").await.expect("accept"),
+        Acceptance::Accepted
+    );
+    b.resign(second).await.expect("resign");
+    assert!(
+        matches!(
+            store.campaign("c", "https://c:7443", short).await.expect("bid"),
+            Campaign::Won { epoch } if epoch == second + 1
+        ),
+        "a resigned lease goes at the next bid"
+    );
+}
+
+async fn a_restarted_holder_takes_its_lease_back_at_once(backend: Backend) {
+    let store = Store::open(&backend.url()).await.expect("open");
+    let long = Duration::from_secs(600);
+    let Campaign::Won { epoch } = store
+        .campaign("a", "https://a:7443", long)
+        .await
+        .expect("bid")
+    else {
+        panic!("the first bid wins");
+    };
+    // The same server, restarted, need not wait for its own lease to lapse; its old
+    // incarnation's epoch is fenced out all the same.
+    assert_eq!(
+        store
+            .campaign("a", "https://a:7443", long)
+            .await
+            .expect("bid"),
+        Campaign::Won { epoch: epoch + 1 }
+    );
+    assert!(!store.renew(epoch, long).await.expect("renew"));
+    assert!(matches!(
+        store
+            .campaign("b", "https://b:7443", long)
+            .await
+            .expect("bid"),
+        Campaign::Held(_)
+    ));
 }

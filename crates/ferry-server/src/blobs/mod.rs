@@ -1,8 +1,12 @@
 //! Model blobs, named by their content id (BLAKE3; see `ferry_core::content`), in an
-//! `object_store` (a local folder by default; S3-compatible stores plug in through the same
-//! trait), plus the local staging folder where uploads grow chunk by chunk until they are
-//! complete and verified. New blobs lie under `blake3/`; blobs that a store written before
-//! BLAKE3 holds stay under `sha256/`, read and checked by that hash.
+//! `object_store`: a local folder by default, or an S3-compatible bucket ([`s3`]); plus the
+//! local staging folder where uploads grow chunk by chunk until they are complete and
+//! verified. New blobs lie under `blake3/`; blobs that a store written before BLAKE3 holds stay
+//! under `sha256/`, read and checked by that hash.
+//!
+//! A remote store is written a part at a time (multipart uploads for large blobs), read by
+//! ranges for downloads, and read whole only into a private temporary file, hashed as it
+//! arrives: a corrupted or truncated object is never folded.
 
 use std::{
     io::{Seek, SeekFrom, Write},
@@ -13,9 +17,22 @@ use std::{
 
 use bytes::Bytes;
 use ferry_core::content::{self, ContentHasher, LEGACY_SHA256};
-use object_store::{ObjectStore, PutPayload, local::LocalFileSystem, path::Path as ObjectPath};
+use futures::StreamExt;
+use object_store::{
+    ObjectStore, PutPayload, buffered::BufWriter, local::LocalFileSystem, path::Path as ObjectPath,
+};
+use tokio::io::AsyncWriteExt;
 
 use crate::ServerError;
+
+pub mod s3;
+
+/// The part size of multipart uploads to a remote store (S3 asks at least 5 MiB of every part
+/// but the last), and the size below which a blob goes in one PUT.
+const PART_BYTES: usize = 16 << 20;
+
+/// Parts of one blob in flight to a remote store at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 /// Where blobs live.
 #[derive(Debug, Clone)]
@@ -57,6 +74,28 @@ impl Blobs {
         })
     }
 
+    /// The blob store at `location`: `s3://BUCKET/PREFIX` (reached with `s3`'s settings), or a
+    /// local folder. `staging` is the local folder where uploads grow until verified; a local
+    /// store keeps it beside the blobs instead.
+    pub fn at(location: &str, s3: &s3::S3Settings, staging: &Path) -> Result<Self, ServerError> {
+        if s3::parse(location).is_none() {
+            return Self::local(Path::new(location));
+        }
+        Self::remote(s3::open(location, s3)?, staging)
+    }
+
+    /// Blobs in `store`, a remote object store, with uploads staged in the local folder
+    /// `staging`.
+    pub fn remote(store: Arc<dyn ObjectStore>, staging: &Path) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(staging)
+            .map_err(ServerError::io(format!("creating {}", staging.display())))?;
+        Ok(Self {
+            store,
+            staging: staging.to_path_buf(),
+            local: None,
+        })
+    }
+
     /// Stores `bytes` under their content id and returns it; storing the same bytes twice is a
     /// no-op.
     pub async fn put(&self, bytes: Vec<u8>) -> Result<String, ServerError> {
@@ -68,10 +107,22 @@ impl Blobs {
     /// Stores `bytes` whose content id the caller has just verified to be `id` (a checked
     /// upload), without hashing them again.
     pub async fn put_hashed(&self, id: &str, bytes: Vec<u8>) -> Result<(), ServerError> {
-        if self.size(id).await.is_err() {
-            self.store.put(&key(id), PutPayload::from(bytes)).await?;
+        if self.size(id).await.is_ok() {
+            return Ok(());
         }
-        Ok(())
+        if self.local.is_some() || bytes.len() <= PART_BYTES {
+            self.store.put(&key(id), PutPayload::from(bytes)).await?;
+            return Ok(());
+        }
+        let mut writer = self.writer(id);
+        writer.put(Bytes::from(bytes)).await?;
+        writer.shutdown().await.map_err(remote_write(id))
+    }
+
+    /// A writer of blob `id` to the store, in parts once it outgrows one.
+    fn writer(&self, id: &str) -> BufWriter {
+        BufWriter::with_capacity(self.store.clone(), key(id), PART_BYTES)
+            .with_max_concurrency(PARTS_IN_FLIGHT)
     }
 
     /// Removes blob `id` (retention); a blob already gone is not an error.
@@ -98,10 +149,14 @@ impl Blobs {
                 return Ok(());
             }
         }
-        let bytes = tokio::fs::read(staged)
+        let mut file = tokio::fs::File::open(staged)
             .await
             .map_err(ServerError::io(format!("reading {}", staged.display())))?;
-        self.put_hashed(id, bytes).await
+        let mut writer = self.writer(id);
+        tokio::io::copy(&mut file, &mut writer)
+            .await
+            .map_err(remote_write(id))?;
+        writer.shutdown().await.map_err(remote_write(id))
     }
 
     /// Stores what `write` writes, a piece at a time through a staging file, and returns its
@@ -136,15 +191,7 @@ impl Blobs {
     /// refused, not served or folded).
     pub async fn open(&self, id: &str) -> Result<std::fs::File, ServerError> {
         let Some(path) = self.local_path(id) else {
-            // A remote store: fetch it (checked) into a staging file.
-            let bytes = self.get(id).await?;
-            let path = self.staging.join(format!("fetched-{}.part", safe_name(id)));
-            std::fs::write(&path, &bytes)
-                .map_err(ServerError::io(format!("writing {}", path.display())))?;
-            let file = std::fs::File::open(&path)
-                .map_err(ServerError::io(format!("opening {}", path.display())))?;
-            let _ = std::fs::remove_file(&path);
-            return Ok(file);
+            return self.fetch(id).await;
         };
         let mut file = std::fs::File::open(&path)
             .map_err(ServerError::io(format!("opening blob {}", path.display())))?;
@@ -155,6 +202,39 @@ impl Blobs {
         }
         file.seek(SeekFrom::Start(0))
             .map_err(ServerError::io(format!("reading blob {}", path.display())))?;
+        Ok(file)
+    }
+
+    /// Remote blob `id` in a temporary file of this call's own (gone once closed), hashed as
+    /// it arrives and refused unless it is what `id` names.
+    async fn fetch(&self, id: &str) -> Result<std::fs::File, ServerError> {
+        let staging = self.staging.clone();
+        let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(&staging))
+            .await
+            .map_err(|e| ServerError::Settings(format!("creating a temporary file: {e}")))?
+            .map_err(ServerError::io(format!(
+                "creating a temporary file in {}",
+                self.staging.display()
+            )))?;
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
+        let mut hasher = ContentHasher::for_id(id);
+        let mut chunks = self.store.get(&key(id)).await?.into_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            out.write_all(&chunk)
+                .await
+                .map_err(ServerError::io(format!("staging blob {id}")))?;
+        }
+        out.flush()
+            .await
+            .map_err(ServerError::io(format!("staging blob {id}")))?;
+        if hasher.finish() != id {
+            return Err(corrupt(id));
+        }
+        let mut file = out.into_inner().into_std().await;
+        file.seek(SeekFrom::Start(0))
+            .map_err(ServerError::io(format!("reading blob {id}")))?;
         Ok(file)
     }
 
@@ -198,6 +278,11 @@ impl Blobs {
     pub fn staging_dir(&self, node: &str) -> PathBuf {
         self.staging.join(format!("node-{}", safe_name(node)))
     }
+}
+
+/// The error for a blob that could not be written to a remote store.
+fn remote_write(id: &str) -> impl FnOnce(std::io::Error) -> ServerError {
+    ServerError::io(format!("writing blob {id} to the blob store"))
 }
 
 /// `name` with everything but ASCII letters and digits left out, safe as part of a file name.

@@ -1,0 +1,14 @@
+//! The real services Ferry's tests and measurements run against, each started or created
+//! fresh for its caller and removed after it:
+//!
+//! - [`postgres`]: a database of one's own on the PostgreSQL server that
+//!   `scripts/start-postgres.sh` runs (or `FERRY_TEST_POSTGRES_URL`).
+//! - [`garage`]: a Garage S3 server on loopback, with a bucket and a key.
+//!
+//! A service that is missing fails its caller with what to run: these are parts of the suite,
+//! not options.
+
+#![warn(missing_docs)]
+
+pub mod garage;
+pub mod postgres;
