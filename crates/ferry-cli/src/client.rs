@@ -26,7 +26,8 @@ use ferry_ml::{
 /// Options of `ferry client`.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// The server, https://HOST:PORT (http://127.0.0.1:PORT for an --insecure server).
+    /// The server, https://HOST:PORT (http://127.0.0.1:PORT for an --insecure server); with
+    /// standby servers, every address, comma-separated (the node follows the active one).
     #[arg(long)]
     pub server: String,
     /// CA certificate that signed the server's certificate.

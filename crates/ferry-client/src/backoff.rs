@@ -69,8 +69,14 @@ mod tests {
         let spread: std::collections::BTreeSet<_> = (0..20).map(|_| backoff.next_delay()).collect();
         assert!(spread.len() > 1, "jitter varies the delay");
         backoff.restart();
-        assert!(backoff.next_delay() <= Duration::from_millis(100), "waits start over");
-        assert!(backoff.failing_for() > Duration::ZERO, "the stretch of failures goes on");
+        assert!(
+            backoff.next_delay() <= Duration::from_millis(100),
+            "waits start over"
+        );
+        assert!(
+            backoff.failing_for() > Duration::ZERO,
+            "the stretch of failures goes on"
+        );
         backoff.reset();
         assert_eq!(backoff.failing_for(), Duration::ZERO);
         assert!(backoff.next_delay() <= Duration::from_millis(100));

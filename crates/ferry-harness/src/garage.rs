@@ -42,14 +42,6 @@ pub fn program() -> Option<PathBuf> {
     on_path.chain(in_cargo).find(|path| path.is_file())
 }
 
-/// A free TCP port on loopback (free when asked; nothing holds it after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on loopback")
-}
-
 /// `bytes` random bytes as lowercase hex.
 fn random_hex(bytes: usize) -> String {
     (0..bytes)
@@ -69,7 +61,7 @@ impl Garage {
             )
         });
         let dir = tempfile::tempdir().expect("a folder for Garage");
-        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let (s3, rpc, admin) = (crate::free_port(), crate::free_port(), crate::free_port());
         let config = format!(
             "metadata_dir = \"{meta}\"\n\
              data_dir = \"{data}\"\n\

@@ -12,3 +12,11 @@
 
 pub mod garage;
 pub mod postgres;
+
+/// A free TCP port on loopback (free when asked; nothing holds it after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free port on loopback")
+}

@@ -24,7 +24,7 @@ use ferry_core::{
 use ferry_engine::round::CohortRule;
 use ferry_server::{
     Listener, TlsPem,
-    blobs::Blobs,
+    blobs::{Blobs, s3::S3Settings},
     coordinator::{Coordinator, Event, RunSpec},
     limits::AbuseLimits,
     store::Store,
@@ -48,6 +48,11 @@ pub struct RoundArgs {
     /// Also print the figures as one JSON line, for scripts (benchmarks/peers/flower).
     #[arg(long)]
     pub json: bool,
+    /// Where the server keeps blobs: `s3://BUCKET/PREFIX` (reached with the `AWS_*`
+    /// variables, for example those `ferry-garage` prints), or a folder in the benchmark's
+    /// own temporary folder when left out.
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    pub blobs: Option<String>,
 }
 
 /// The server half, run by `ferry bench round` in a child process.
@@ -68,6 +73,9 @@ pub struct RoundServerArgs {
     /// Transfer chunk size.
     #[arg(long)]
     pub chunk_bytes: usize,
+    /// The blob store, when not the working folder's.
+    #[arg(long)]
+    pub blobs: Option<String>,
 }
 
 /// One node of `ferry bench round`, run by it in a process of its own so that a node's memory
@@ -174,6 +182,7 @@ pub(super) async fn start_server(
     spec: RunSpec,
     nodes: usize,
     params: usize,
+    blobs: Option<&str>,
 ) -> Result<(
     Arc<Coordinator>,
     tokio::sync::mpsc::UnboundedReceiver<Event>,
@@ -181,7 +190,10 @@ pub(super) async fn start_server(
     Listener,
 )> {
     let store = Store::open(&store_url(dir)).await?;
-    let blobs = Blobs::local(&dir.join("blobs"))?;
+    let blobs = match blobs {
+        Some(location) => Blobs::at(location, &S3Settings::default(), &dir.join("uploads"))?,
+        None => Blobs::local(&dir.join("blobs"))?,
+    };
     let strategy = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), nodes);
     let model = synthetic_model(params)?;
     let (coordinator, events) =
@@ -250,8 +262,15 @@ pub fn run_server(args: RoundServerArgs) -> Result<()> {
             Duration::from_secs(600),
             args.chunk_bytes,
         );
-        let (coordinator, mut events, store, listener) =
-            start_server(&args.dir, args.port, spec, args.clients, args.params).await?;
+        let (coordinator, mut events, store, listener) = start_server(
+            &args.dir,
+            args.port,
+            spec,
+            args.clients,
+            args.params,
+            args.blobs.as_deref(),
+        )
+        .await?;
         let driver = tokio::spawn(coordinator.clone().drive());
         let shutdown = {
             let coordinator = coordinator.clone();
@@ -320,6 +339,7 @@ pub fn run(args: RoundArgs) -> Result<()> {
             "--chunk-bytes",
             &args.chunk_bytes.to_string(),
         ])
+        .args(args.blobs.iter().flat_map(|b| ["--blobs", b.as_str()]))
         .env("FERRY_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -323,3 +323,64 @@ fn standby_servers_take_over_from_a_killed_or_paused_leader_without_losing_an_up
     drop(processes);
     drop(garage);
 }
+
+/// `url` (`postgres://USER@HOST:PORT/DB`) with its port, and with the port replaced by `port`.
+fn through_port(url: &str, port: u16) -> (u16, String) {
+    let (head, tail) = url.rsplit_once('@').expect("postgres://USER@HOST:PORT/DB");
+    let (host_port, database) = tail.split_once('/').expect("a database");
+    let (host, old) = host_port.rsplit_once(':').expect("a port");
+    (
+        old.parse().expect("a port number"),
+        format!("{head}@{host}:{port}/{database}"),
+    )
+}
+
+#[test]
+fn a_server_waits_out_a_database_restart_and_finishes_the_run() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let database = runtime.block_on(Database::create());
+    let (pg_port, _) = through_port(&database.url(), 0);
+    let relay = support::outage::Outage::start(pg_port);
+    let (_, relayed) = through_port(&database.url(), relay.port);
+    let nodes = 4;
+    let rounds = 5;
+    let mut server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {nodes}\nmin_clients = 2\n\
+             min_results = 2\nrounds = {rounds}\nlocal-epochs = 40\nround_timeout = 30\n\
+             heartbeat = 1\noffline_after = 4\nretry-backoff = 1\n"
+        ),
+    );
+    let config = fs::read_to_string(&server.config)
+        .expect("config")
+        .replace(&server.store, &relayed);
+    fs::write(&server.config, config).expect("config");
+    server.store = database.url();
+    let mut logs = vec![dir.join("server.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..nodes {
+        let args = support::share_client_args(&server, "logreg", nodes, i, 120);
+        let log = dir.join(format!("client-{i}.log"));
+        processes.0.push(support::spawn_logged(&args, &log));
+        logs.push(log);
+    }
+    wait_for("round 1", Duration::from_secs(120), &logs, || {
+        rounds_done(&server.out) >= 1
+    });
+    // The database goes away for 6 s mid-run (shorter than the 10 s lease, so the server
+    // keeps it), then comes back.
+    relay.outage(Duration::from_secs(6));
+    let log = support::server_succeeds(&mut processes, &logs, Duration::from_secs(300));
+    assert!(
+        log.contains("cannot be reached") || log.contains("cannot renew the coordinator lease"),
+        "the server said why it waited:\n{log}"
+    );
+    let h = history(&server.out).expect("history.json");
+    assert_eq!(h["final"]["stop"], "rounds_completed", "{h}");
+    assert_eq!(h["rounds"].as_array().map(Vec::len), Some(rounds), "{h}");
+}

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_harness::{garage::Garage, postgres::Database};
+use ferry_harness::{free_port, garage::Garage, postgres::Database};
 use sqlx::{AnyPool, Row};
 
 /// What to measure, from the command line.
@@ -55,13 +55,6 @@ fn settings() -> Result<Settings, String> {
         }
     }
     Ok(settings)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Runs `ferry ARGS` to completion; its standard output.

@@ -135,8 +135,15 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let (coordinator, mut events, store, listener) =
-            start_server(&args.dir, args.port, spec(&args), args.nodes, args.params).await?;
+        let (coordinator, mut events, store, listener) = start_server(
+            &args.dir,
+            args.port,
+            spec(&args),
+            args.nodes,
+            args.params,
+            None,
+        )
+        .await?;
         // The peak resident memory since the previous round, sampled every 50 ms.
         let peak = Arc::new(AtomicU64::new(0));
         let sampler = {

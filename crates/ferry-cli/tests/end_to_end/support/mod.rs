@@ -3,6 +3,7 @@
 
 pub mod chaos;
 pub mod cli;
+pub mod outage;
 pub mod webdriver;
 
 use std::{
