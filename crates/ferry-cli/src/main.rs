@@ -60,10 +60,12 @@ fn main() {
     allocator::commit_memory_as_used();
     let cli = Cli::parse();
     // Logs (refusals, enrolments) go to stderr; FERRY_LOG=debug|info|warn|off adjusts them.
+    // The database driver's own notices (PostgreSQL's "relation ... already exists, skipping"
+    // at every start) are left out unless asked for.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

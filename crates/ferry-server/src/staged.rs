@@ -77,13 +77,20 @@ struct StagingName {
 }
 
 impl StagingName {
+    /// The name's parts; a name from before sequence numbers (`r<round>-<hash>.part`, which
+    /// releases before BLAKE3 wrote) parses with sequence 0, so that it is discarded with its
+    /// round like any other rather than left behind for ever.
     fn parse(name: &str) -> Option<Self> {
         let rest = name.strip_prefix('r')?.strip_suffix(".part")?;
         let (round, rest) = rest.split_once('-')?;
-        let (sequence, hash) = rest.split_once('-')?;
+        let (sequence, hash) = match rest.split_once('-') {
+            Some((sequence, hash)) => (sequence.parse().ok()?, hash),
+            None if rest.len() == 64 && rest.bytes().all(|b| b.is_ascii_hexdigit()) => (0, rest),
+            None => return None,
+        };
         Some(Self {
             round: round.parse().ok()?,
-            sequence: sequence.parse().ok()?,
+            sequence,
             hash: hash.to_string(),
         })
     }
@@ -373,6 +380,29 @@ mod tests {
             held_upload(&blobs, 2, "n1", &sha).is_none(),
             "a bad upload starts over"
         );
+    }
+
+    #[test]
+    fn staging_files_from_before_sequence_numbers_are_the_servers_too() {
+        let old = format!("r7-{}.part", "ab".repeat(32));
+        assert_eq!(
+            StagingName::parse(&old),
+            Some(StagingName {
+                round: 7,
+                sequence: 0,
+                hash: "ab".repeat(32)
+            })
+        );
+        assert_eq!(
+            StagingName::parse("r7-0000000003-abc.part").map(|n| (n.round, n.sequence)),
+            Some((7, 3))
+        );
+        assert_eq!(
+            StagingName::parse("r7-notes.part"),
+            None,
+            "not the server's"
+        );
+        assert_eq!(StagingName::parse("notes.txt"), None);
     }
 
     #[tokio::test]
