@@ -17,7 +17,8 @@
 #     needed) and checked against its published sha512 -> /usr/share/datasets/mnist-subset
 #   - Garage 2.5.0, the S3 server the blob store's tests and the standby servers' test run
 #     against, with `cargo install garage --version 2.5.0 --locked` into Cargo's bin folder
-#     (about 16 minutes on 2 cores, once: a garage 2.5.0 already there is kept)
+#     (about 7 minutes on 2 cores with nothing else running, once: a garage 2.5.0 already
+#     there is kept)
 #   - .venv/ in the repository: a virtual environment over Debian's /usr/bin/python3 that sees
 #     Debian's numpy, torch and pytest and adds safetensors from PyPI, which Debian 12 does not
 #     package. Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
