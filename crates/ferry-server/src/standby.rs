@@ -14,15 +14,15 @@ use tokio::sync::watch;
 
 use crate::{Listener, ServerError, rpc_timing, store::Lease, transport};
 
-/// What a standby says of where to go instead.
-fn redirect(active: &watch::Receiver<Option<Lease>>) -> (String, Option<HeaderValue>) {
+/// What a standby says of where to go instead, and the active server's address.
+fn redirect(active: &watch::Receiver<Option<Lease>>) -> (String, Option<String>) {
     match active.borrow().as_ref() {
         Some(lease) => (
             format!(
                 "this server is a standby; the active coordinator is {} at {}",
                 lease.holder, lease.address
             ),
-            HeaderValue::from_str(&lease.address).ok(),
+            Some(lease.address.clone()),
         ),
         None => (
             "this server is a standby and no coordinator is active yet; try again shortly".into(),
@@ -41,10 +41,7 @@ pub async fn serve(
         let (message, address) = redirect(&active);
         async move {
             let mut status = tonic::Status::unavailable(message);
-            if let Some(value) = address
-                .and_then(|a| a.to_str().ok().map(str::to_string))
-                .and_then(|a| a.parse().ok())
-            {
+            if let Some(value) = address.and_then(|a| a.parse().ok()) {
                 status
                     .metadata_mut()
                     .insert(ferry_proto::ACTIVE_SERVER, value);
@@ -63,15 +60,15 @@ pub fn api(active: watch::Receiver<Option<Lease>>) -> Router {
     Router::new().fallback(move || {
         let (message, address) = redirect(&active);
         async move {
-            let body = axum::Json(serde_json::json!({
-                "error": message,
-                "active": address.as_ref().and_then(|a| a.to_str().ok()),
-            }));
+            let header = address
+                .as_deref()
+                .and_then(|a| HeaderValue::from_str(a).ok());
+            let body = axum::Json(serde_json::json!({ "error": message, "active": address }));
             let mut response: Response = (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
-            if let Some(address) = address {
+            if let Some(header) = header {
                 response
                     .headers_mut()
-                    .insert(ferry_proto::ACTIVE_SERVER, address);
+                    .insert(ferry_proto::ACTIVE_SERVER, header);
             }
             response
         }

@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_core::{model::sha256_hex, strategy::Strategy};
 use ferry_engine::{floor::RoundFloor, round::CohortRule};
-use ferry_server::{Listener, TlsPem, coordinator::RunSpec, limits::AbuseLimits};
+use ferry_server::{
+    Listener, TlsPem, blobs::s3::S3Settings, coordinator::RunSpec, limits::AbuseLimits,
+};
 use ferry_sim::SimConfig;
 use serde::{Deserialize, Serialize};
 
@@ -92,7 +94,7 @@ pub struct ServerFile {
     pub uploads: PathBuf,
     /// How to reach an S3 blob store; what is left out comes from the `AWS_*` variables.
     #[serde(default)]
-    pub s3: S3File,
+    pub s3: S3Settings,
     /// The coordinator lease that servers sharing a PostgreSQL store take turns on.
     #[serde(default)]
     pub lease: LeaseFile,
@@ -121,17 +123,6 @@ fn default_blobs() -> String {
 }
 fn default_uploads() -> PathBuf {
     PathBuf::from("ferry-data/uploads")
-}
-
-/// `[s3]`: the S3 endpoint and region (credentials stay in `AWS_ACCESS_KEY_ID` and
-/// `AWS_SECRET_ACCESS_KEY`, out of files that get shared).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct S3File {
-    /// The server's URL, for example `http://127.0.0.1:3900` for a local Garage.
-    pub endpoint: Option<String>,
-    /// The bucket's region.
-    pub region: Option<String>,
 }
 
 /// `[lease]`: how servers sharing a PostgreSQL store agree which one is active.

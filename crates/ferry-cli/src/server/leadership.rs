@@ -8,10 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -157,18 +153,17 @@ pub struct Held {
     pub epoch: i64,
     store: Store,
     ttl: Duration,
-    lost: Arc<AtomicBool>,
-    lost_rx: watch::Receiver<bool>,
+    /// Turns true once the renewal finds the lease gone.
+    lost: watch::Receiver<bool>,
     renewal: tokio::task::JoinHandle<()>,
 }
 
 impl Held {
     /// Starts renewing lease `epoch` of `store`.
     pub fn renew(store: Store, epoch: i64, ttl: Duration) -> Self {
-        let lost = Arc::new(AtomicBool::new(false));
-        let (lost_tx, lost_rx) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(false);
         let renewal = {
-            let (store, lost) = (store.clone(), lost.clone());
+            let store = store.clone();
             tokio::spawn(async move {
                 let mut renewed = Instant::now();
                 loop {
@@ -188,7 +183,6 @@ impl Held {
                         Err(e) => format!("the lease could not be renewed within its term ({e})"),
                     };
                     eprintln!("ferry server: {why}");
-                    lost.store(true, Ordering::SeqCst);
                     let _ = lost_tx.send(true);
                     return;
                 }
@@ -199,20 +193,19 @@ impl Held {
             store,
             ttl,
             lost,
-            lost_rx,
             renewal,
         }
     }
 
     /// Completes once the lease is lost.
     pub async fn lost(&self) {
-        let mut lost = self.lost_rx.clone();
+        let mut lost = self.lost.clone();
         let _ = lost.wait_for(|lost| *lost).await;
     }
 
     /// Whether this server still holds the lease, asked of the store now.
     pub async fn still_held(&self) -> bool {
-        !self.lost.load(Ordering::SeqCst)
+        !*self.lost.borrow()
             && self
                 .store
                 .renew(self.epoch, self.ttl)

@@ -138,7 +138,8 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let initial = start.model;
     // A deployment draws its DP noise from the operating system, never from the run seed.
     let strategy = run.strategy(run.clients, NoiseSeed::Os)?;
-    let store = open_store(&setup.file.store).await?;
+    // A database restarting is waited out, at start and on every call, for up to 15 minutes.
+    let store = Store::open_waiting(&setup.file.store, Duration::from_secs(15 * 60)).await?;
     let lease = if store.is_shared() {
         let terms = leadership::Terms::of(&setup);
         let api =
@@ -165,12 +166,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         Some(lease) => store.fenced(lease.epoch),
         None => store,
     };
-    let s3 = ferry_server::blobs::s3::S3Settings {
-        endpoint: setup.file.s3.endpoint.clone(),
-        region: setup.file.s3.region.clone(),
-        credentials: None,
-    };
-    let blobs = Blobs::at(&setup.file.blobs, &s3, &setup.file.uploads)?;
+    let blobs = Blobs::at(&setup.file.blobs, &setup.file.s3, &setup.file.uploads)?;
     let started = Coordinator::start(
         spec(&setup.config, &strategy, start.evaluator.is_some())?,
         strategy,
@@ -297,23 +293,6 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         setup.file.out.display()
     );
     Ok(())
-}
-
-/// Opens the store at `url`, waiting (and saying why) while the database cannot be reached, as
-/// when it restarts; once open, the store waits the same way on every call.
-async fn open_store(url: &str) -> Result<Store> {
-    let patience = Duration::from_secs(15 * 60);
-    let started = Instant::now();
-    loop {
-        match Store::open(url).await {
-            Ok(store) => return Ok(store.waiting_up_to(patience)),
-            Err(e) if e.is_retryable() && started.elapsed() < patience => {
-                eprintln!("ferry server: cannot reach the store yet ({e}); trying again in 2 s");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
 }
 
 /// Prints the coordinator's events as they come and rewrites `history.json` after every

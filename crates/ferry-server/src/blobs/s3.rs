@@ -12,7 +12,10 @@ use crate::ServerError;
 /// Where an S3 blob store is and how to reach it; what the settings leave out comes from the
 /// `AWS_*` environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A server's `[s3]` section holds the endpoint and region; credentials stay out of files that
+/// get shared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct S3Settings {
     /// The server's URL (`http://127.0.0.1:3900`); AWS's own when unset everywhere.
     pub endpoint: Option<String>,
@@ -20,6 +23,7 @@ pub struct S3Settings {
     pub region: Option<String>,
     /// The access key id and secret, for callers that hold them rather than the environment
     /// (an embedding program, the tests); a server reads them from the environment.
+    #[serde(skip)]
     pub credentials: Option<(String, String)>,
 }
 

@@ -92,6 +92,33 @@ pub struct Store {
 /// standby from taking over.
 const IDLE_IN_TRANSACTION: &str = "SET idle_in_transaction_session_timeout = 5000";
 
+/// Runs `call` again while it fails for a reason that may pass (see
+/// [`ServerError::is_retryable`]) and `patience` lasts, logging each wait.
+async fn retrying<T, F>(
+    patience: Duration,
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> Result<T, ServerError>
+where
+    F: std::future::Future<Output = Result<T, ServerError>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match call().await {
+            Err(e) if e.is_retryable() && started.elapsed() < patience => {
+                tracing::warn!(
+                    "the store cannot be reached while {what} ({e}); trying again in {:.1} s",
+                    pause.as_secs_f64()
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Turns `sqlite:PATH` into a URL that creates the file when missing.
 fn connect_url(url: &str) -> String {
     if url.starts_with("sqlite:") && !url.contains('?') && !url.contains(":memory:") {
@@ -222,29 +249,19 @@ impl Store {
 
     /// Runs `call` (one transaction or one read, safe to repeat when it failed), again while
     /// it fails for a reason that may pass and the store's patience lasts.
-    async fn patiently<T, F>(
-        &self,
-        what: &str,
-        mut call: impl FnMut() -> F,
-    ) -> Result<T, ServerError>
+    async fn patiently<T, F>(&self, what: &str, call: impl FnMut() -> F) -> Result<T, ServerError>
     where
         F: std::future::Future<Output = Result<T, ServerError>>,
     {
-        let started = std::time::Instant::now();
-        let mut pause = Duration::from_millis(250);
-        loop {
-            match call().await {
-                Err(e) if e.is_retryable() && started.elapsed() < self.patience => {
-                    tracing::warn!(
-                        "the store cannot be reached while {what} ({e}); trying again in {:.1} s",
-                        pause.as_secs_f64()
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                done => return done,
-            }
-        }
+        retrying(self.patience, what, call).await
+    }
+
+    /// Opens the store at `url` like [`Store::open`], waiting up to `patience` (and saying why
+    /// in the log) while the database cannot be reached, as when it restarts; the store then
+    /// waits the same way on every call ([`Store::waiting_up_to`]).
+    pub async fn open_waiting(url: &str, patience: Duration) -> Result<Self, ServerError> {
+        let store = retrying(patience, "opening the store", || Self::open(url)).await?;
+        Ok(store.waiting_up_to(patience))
     }
 
     /// The schema version this store is at: the newest migration applied.
