@@ -13,6 +13,7 @@ mod options;
 mod own_code;
 mod privacy;
 mod progress;
+mod relay;
 mod report;
 mod server;
 mod simulate;
@@ -41,9 +42,11 @@ enum Command {
     Server(server::ServerArgs),
     /// Run a node: train on local data for a server, send back only model updates.
     Client(Box<client::ClientArgs>),
+    /// Run an aggregation relay between nodes and the server.
+    Relay(relay::RelayArgs),
     /// Browse finished runs (their output folders) in the web dashboard.
     Dashboard(dashboard::DashboardArgs),
-    /// Create or revoke node enrolment tokens.
+    /// Create or revoke enrolment tokens for nodes and relays.
     #[command(subcommand)]
     Token(token::TokenCommand),
     /// Generate a CA, a server certificate and client certificates.
@@ -76,6 +79,7 @@ fn main() {
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
         Command::Client(args) => client::run(*args),
+        Command::Relay(args) => relay::run(args),
         Command::Dashboard(args) => dashboard::run(args),
         Command::Token(cmd) => token::run(cmd),
         Command::Certs(args) => certs::run(args),

@@ -303,6 +303,7 @@ mod tests {
             aborted: None,
             federated: None,
             contributors: vec!["1".into(), "2".into()],
+            contributor_examples: vec![10, 20],
             failed: Vec::new(),
         }
     }

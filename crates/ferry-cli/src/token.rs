@@ -1,11 +1,11 @@
-//! `ferry token create|revoke`: one-time enrolment tokens for nodes. The store keeps only each
+//! `ferry token create|revoke`: one-time enrolment tokens for nodes and relays. The store keeps only each
 //! token's hash; the token itself is printed once.
 
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
-use ferry_server::store::Store;
+use ferry_server::store::{IdentityKind, Store};
 
 /// Token commands.
 #[derive(Subcommand, Debug)]
@@ -22,6 +22,9 @@ pub struct TokenArgs {
     /// The node's name, for example site-3.
     #[arg(long)]
     pub name: String,
+    /// The token enrols an aggregation relay (`ferry relay`), not a node.
+    #[arg(long)]
+    pub relay: bool,
     /// The server configuration whose store to use.
     #[arg(long, value_name = "FILE.toml", conflicts_with = "store")]
     pub config: Option<PathBuf>,
@@ -51,10 +54,22 @@ pub fn run(command: TokenCommand) -> Result<()> {
                 if args.name.trim().is_empty() {
                     bail!("--name must not be empty");
                 }
-                let token = open_store(&args).await?.create_token(&args.name).await?;
+                let kind = if args.relay {
+                    IdentityKind::Relay
+                } else {
+                    IdentityKind::Node
+                };
+                let token = open_store(&args)
+                    .await?
+                    .create_token_for(&args.name, kind)
+                    .await?;
                 println!("{token}");
+                let (who, command) = match kind {
+                    IdentityKind::Relay => ("relay", "ferry relay --token ..."),
+                    IdentityKind::Node => ("node", "ferry client --token ..."),
+                };
                 eprintln!(
-                    "one-time token for '{}': give it to the node (ferry client --token ...); it is not stored and cannot be shown again",
+                    "one-time {who} token for '{}': give it to the {who} ({command}); it is not stored and cannot be shown again",
                     args.name
                 );
             }

@@ -96,6 +96,10 @@ pub struct StoredCredential {
     pub secret: String,
     /// The token name the node enrolled under.
     pub name: String,
+    /// A relay's credential, used for a call it forwards for this node of its subtree (never
+    /// stored).
+    #[serde(skip)]
+    pub on_behalf_of: Option<String>,
 }
 
 impl StoredCredential {
@@ -147,26 +151,68 @@ impl StoredCredential {
                 .metadata_mut()
                 .insert(ferry_proto::AUTHORIZATION, value);
         }
+        if let Some(node) = &self.on_behalf_of
+            && let Ok(value) = MetadataValue::try_from(node.as_str())
+        {
+            request
+                .metadata_mut()
+                .insert(ferry_proto::ON_BEHALF_OF, value);
+        }
         request
+    }
+
+    /// This (relay's) credential for calls made on behalf of `node`.
+    pub fn on_behalf_of(&self, node: &str) -> Self {
+        Self {
+            on_behalf_of: Some(node.to_string()),
+            ..self.clone()
+        }
     }
 }
 
-/// Exchanges a one-time token for the node's credential.
+/// Exchanges a one-time token for the node's credential. A relay's token is refused: it
+/// enrols a relay (`ferry relay`), which a node must not become.
 pub async fn enrol(
     client: &mut FleetClient<Servers>,
     server: &str,
     token: &str,
 ) -> Result<StoredCredential, tonic::Status> {
+    let (credential, kind) = enrol_as(client, server, token).await?;
+    if kind == "relay" {
+        return Err(tonic::Status::unauthenticated(
+            "this token enrols a relay, not a node: start `ferry relay` with it, or create a \
+             node token with `ferry token create`",
+        ));
+    }
+    Ok(credential)
+}
+
+/// Exchanges a one-time token for a credential and says what the token enrolled ("node" or
+/// "relay").
+pub async fn enrol_as(
+    client: &mut FleetClient<Servers>,
+    server: &str,
+    token: &str,
+) -> Result<(StoredCredential, String), tonic::Status> {
     let response = client
         .enrol(EnrolRequest {
             token: token.to_string(),
         })
         .await?
         .into_inner();
-    Ok(StoredCredential {
-        server: server.to_string(),
-        node_id: response.node_id,
-        secret: response.secret,
-        name: response.name,
-    })
+    let kind = if response.kind.is_empty() {
+        "node".to_string()
+    } else {
+        response.kind
+    };
+    Ok((
+        StoredCredential {
+            server: server.to_string(),
+            node_id: response.node_id,
+            secret: response.secret,
+            name: response.name,
+            on_behalf_of: None,
+        },
+        kind,
+    ))
 }

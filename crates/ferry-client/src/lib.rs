@@ -23,3 +23,4 @@ mod secure;
 pub mod transfer;
 
 pub use error::ClientError;
+pub use link::explain;

@@ -114,7 +114,7 @@ pub(crate) async fn retry(
 
 /// A failed call's message with the errors under it (a refused TLS handshake says why only
 /// there: "transport error: ... received fatal alert: CertificateRequired").
-pub(crate) fn explain(status: &Status) -> String {
+pub fn explain(status: &Status) -> String {
     let mut text = status.message().to_string();
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {

@@ -131,7 +131,8 @@ impl UploadBody for EncodedUpdate {
 
 /// Uploads `body` (whose content id is `id`) as this node's update for `round`, continuing from
 /// what the server already holds. Returns the server's receipt once the update is accepted (or
-/// known as a duplicate).
+/// known as a duplicate), or, for a relay's partial aggregate, once the server names the
+/// contributors it cannot count.
 pub async fn upload(
     client: &mut FleetClient<Servers>,
     credential: &StoredCredential,
@@ -154,34 +155,55 @@ pub async fn upload(
     }
     let total = body.total();
     let start = status.received_bytes.min(total);
-    let chunk_bytes = chunk_bytes.max(1) as u64;
-    let (body, sha) = (body.clone(), id.to_string());
-    // At least one chunk: everything staged but never finalised needs an empty closing one.
-    let chunks = futures::stream::unfold(Some(start), move |next| {
-        let (body, sha) = (body.clone(), sha.clone());
-        async move {
-            let offset = next?;
-            let mut data = vec![0u8; chunk_bytes.min(total - offset) as usize];
-            let filled = body.read_at(offset, &mut data);
-            data.truncate(filled);
-            let end = offset + filled as u64;
-            let chunk = UploadChunk {
-                round,
-                offset,
-                data: Bytes::from(data),
-                total_bytes: total,
-                hash: sha,
-            };
-            Some((chunk, (end < total && filled > 0).then_some(end)))
-        }
+    let chunks = futures::stream::iter(Chunks {
+        body: body.clone(),
+        id: id.to_string(),
+        round,
+        total,
+        chunk_bytes: chunk_bytes.max(1) as u64,
+        next: Some(start),
     });
     let request = credential.authorize(tonic::Request::new(chunks));
     let receipt = client.upload(request).await?.into_inner();
-    if !receipt.accepted {
+    // A relay's partial that names nodes the server cannot count through it: the caller
+    // sends it again without them.
+    if !receipt.accepted && receipt.not_counted.is_empty() {
         return Err(Status::unavailable(format!(
             "server holds {} of {total} bytes; resuming",
             receipt.received_bytes
         )));
     }
     Ok(receipt)
+}
+
+/// An upload's chunks from an offset, each read from the body when the stream asks for it.
+struct Chunks {
+    body: Arc<dyn UploadBody>,
+    id: String,
+    round: u32,
+    total: u64,
+    chunk_bytes: u64,
+    /// Where the next chunk starts; `None` once the last was produced (at least one is: an
+    /// upload staged whole but never finalised needs an empty closing chunk).
+    next: Option<u64>,
+}
+
+impl Iterator for Chunks {
+    type Item = UploadChunk;
+
+    fn next(&mut self) -> Option<UploadChunk> {
+        let offset = self.next?;
+        let mut data = vec![0u8; self.chunk_bytes.min(self.total - offset) as usize];
+        let filled = self.body.read_at(offset, &mut data);
+        data.truncate(filled);
+        let end = offset + filled as u64;
+        self.next = (end < self.total && filled > 0).then_some(end);
+        Some(UploadChunk {
+            round: self.round,
+            offset,
+            data: Bytes::from(data),
+            total_bytes: self.total,
+            hash: self.id.clone(),
+        })
+    }
 }

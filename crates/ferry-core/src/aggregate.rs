@@ -6,7 +6,9 @@
 //! Rules that need every update at once (median, Krum) implement the same trait, buffering
 //! what they need, and say so through [`Aggregator::memory`].
 
-use crate::{CoreError, Update, algebra, tensor_file::Visit, update::UpdateMeta};
+use crate::{
+    CoreError, Update, algebra, partial::PartialMeta, tensor_file::Visit, update::UpdateMeta,
+};
 
 /// The result of one round's aggregation.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +85,7 @@ pub trait Aggregator: Send {
     /// [`Aggregator::accept`] for an update read from `source`; rules that fold each update
     /// into one accumulator read it a piece at a time, the others read it whole.
     fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
+        refuse_partial(source.meta())?;
         let update = source.read_whole()?;
         self.accept(&update)
     }
@@ -101,6 +104,17 @@ pub trait Aggregator: Send {
 
     /// Produces the aggregate; fails when nothing was accepted.
     fn finish(self: Box<Self>) -> Result<Aggregate, CoreError>;
+}
+
+/// Refuses a relay's partial aggregate: a rule that reads each update whole needs each one.
+pub fn refuse_partial(meta: &UpdateMeta) -> Result<(), CoreError> {
+    match meta.partial {
+        Some(_) => Err(CoreError::PartialNotFoldable(
+            "this rule needs each node's update on its own; relays pass such updates through"
+                .into(),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Checks that an update fits a model of `dim` parameters and holds finite values.
@@ -160,7 +174,27 @@ pub struct WeightedMean {
     weight_sum: f64,
     examples: u64,
     normalizer_sum: f64,
+    unclipped: f64,
     accepted: usize,
+}
+
+/// A linear rule's running sums, which a relay sends upstream as its partial aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialSums {
+    /// `sum_i w_i * delta_i`.
+    pub delta: Vec<f32>,
+    /// The sum of the SCAFFOLD control changes, when updates carried them.
+    pub control: Option<Vec<f32>>,
+    /// `sum_i w_i`.
+    pub weight: f64,
+    /// `sum_i n_i`.
+    pub examples: u64,
+    /// `sum_i n_i * a_i`.
+    pub normalized_examples: f64,
+    /// Sum of the distributed-DP clip indicators.
+    pub unclipped: f64,
+    /// Updates folded.
+    pub accepted: usize,
 }
 
 impl WeightedMean {
@@ -173,8 +207,45 @@ impl WeightedMean {
             weight_sum: 0.0,
             examples: 0,
             normalizer_sum: 0.0,
+            unclipped: 0.0,
             accepted: 0,
         }
+    }
+
+    /// How this mean weights updates.
+    pub fn weighting(&self) -> Weighting {
+        self.weighting
+    }
+
+    /// The running sums, for a relay to send on in place of the updates.
+    pub fn into_sums(self) -> PartialSums {
+        PartialSums {
+            delta: self.sum,
+            control: self.control_sum,
+            weight: self.weight_sum,
+            examples: self.examples,
+            normalized_examples: self.normalizer_sum,
+            unclipped: self.unclipped,
+            accepted: self.accepted,
+        }
+    }
+
+    fn check_partial(&self, partial: &PartialMeta) -> Result<(), CoreError> {
+        if partial.weighting == self.weighting {
+            return Ok(());
+        }
+        Err(CoreError::PartialNotFoldable(format!(
+            "it was weighted {:?}, this round weights {:?}",
+            partial.weighting, self.weighting
+        )))
+    }
+
+    fn count_partial(&mut self, partial: &PartialMeta) {
+        self.weight_sum += partial.weight;
+        self.examples += partial.examples();
+        self.normalizer_sum += partial.normalized_examples;
+        self.unclipped += partial.unclipped;
+        self.accepted += partial.contributors.len();
     }
 
     fn weight_of(&self, num_examples: u64, normalizer: Option<f64>) -> Result<f64, CoreError> {
@@ -193,7 +264,13 @@ impl WeightedMean {
 impl Aggregator for WeightedMean {
     fn accept(&mut self, update: &Update) -> Result<(), CoreError> {
         validate_update(update, self.sum.len())?;
-        let weight = self.weight_of(update.num_examples, update.normalizer)?;
+        let weight = match &update.partial {
+            Some(partial) => {
+                self.check_partial(partial)?;
+                1.0
+            }
+            None => self.weight_of(update.num_examples, update.normalizer)?,
+        };
         if let Some(control) = &update.control_delta {
             if control.len() != self.sum.len() {
                 return Err(CoreError::LengthMismatch {
@@ -210,21 +287,33 @@ impl Aggregator for WeightedMean {
             algebra::weighted_accumulate(sum, control, 1.0);
         }
         algebra::weighted_accumulate(&mut self.sum, &update.delta, weight);
-        self.count(update.num_examples, update.normalizer, weight);
+        match &update.partial {
+            Some(partial) => self.count_partial(partial),
+            None => self.count(update, weight),
+        }
         Ok(())
     }
 
     fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
         source.check()?;
         let meta = source.meta().clone();
-        let weight = self.weight_of(meta.num_examples, meta.normalizer)?;
+        let weight = match &meta.partial {
+            Some(partial) => {
+                self.check_partial(partial)?;
+                1.0
+            }
+            None => self.weight_of(meta.num_examples, meta.normalizer)?,
+        };
         if meta.has_control {
             let dim = self.sum.len();
             let control = self.control_sum.get_or_insert_with(|| vec![0.0; dim]);
             source.visit(Part::Control, &mut fold_into(control, 1.0))?;
         }
         source.visit(Part::Delta, &mut fold_into(&mut self.sum, weight))?;
-        self.count(meta.num_examples, meta.normalizer, weight);
+        match &meta.partial {
+            Some(partial) => self.count_partial(partial),
+            None => self.count(&meta, weight),
+        }
         Ok(())
     }
 
@@ -291,11 +380,31 @@ fn fold_into(
 }
 
 impl WeightedMean {
-    fn count(&mut self, num_examples: u64, normalizer: Option<f64>, weight: f64) {
+    fn count(&mut self, update: &impl Counted, weight: f64) {
+        let (num_examples, normalizer, unclipped) = update.scalars();
         self.weight_sum += weight;
         self.examples += num_examples;
         self.normalizer_sum += num_examples as f64 * normalizer.unwrap_or(1.0);
+        self.unclipped += unclipped.unwrap_or(0.0);
         self.accepted += 1;
+    }
+}
+
+/// The scalars a linear rule counts, of a whole update or of one read from a file.
+trait Counted {
+    /// Examples, FedNova's normaliser, the distributed-DP clip indicator.
+    fn scalars(&self) -> (u64, Option<f64>, Option<f64>);
+}
+
+impl Counted for Update {
+    fn scalars(&self) -> (u64, Option<f64>, Option<f64>) {
+        (self.num_examples, self.normalizer, self.unclipped)
+    }
+}
+
+impl Counted for UpdateMeta {
+    fn scalars(&self) -> (u64, Option<f64>, Option<f64>) {
+        (self.num_examples, self.normalizer, self.unclipped)
     }
 }
 

@@ -61,6 +61,10 @@ pub enum CoreError {
          mean, and distributed differential privacy with a fixed clip"
     )]
     NeedsIndividualUpdates,
+    /// A relay's partial aggregate that the run's rule cannot fold (it needs each update, or
+    /// weights them another way).
+    #[error("a relay's partial aggregate cannot be folded here: {0}")]
+    PartialNotFoldable(String),
     /// A file or stream could not be read or written.
     #[error("reading or writing tensors: {0}")]
     Io(String),

@@ -29,6 +29,7 @@ pub mod dtype;
 pub mod error;
 pub mod evaluation;
 pub mod model;
+pub mod partial;
 pub mod personal;
 pub mod privacy;
 pub mod robust;

@@ -263,6 +263,20 @@ impl Strategy {
         }
     }
 
+    /// How a relay may fold this strategy's updates before sending them on: the weighting of
+    /// its linear rule, or `None` when the server needs each update (a robust rule, a norm
+    /// bound, central differential privacy clipping each update).
+    pub fn relay_fold(&self) -> Option<Weighting> {
+        if let Some(privacy) = &self.privacy {
+            return (privacy.settings().placement == crate::privacy::Placement::Distributed)
+                .then_some(Weighting::Uniform);
+        }
+        match (&self.aggregation, self.norm_bound) {
+            (AggregationRule::WeightedMean(weighting), None) => Some(*weighting),
+            _ => None,
+        }
+    }
+
     /// Replaces the weighted mean by a robust rule (Krum + FedAdam is as valid as Krum +
     /// FedAvg). Strategies whose server step needs more than a mean delta are refused.
     pub fn with_robust_rule(mut self, rule: RobustRule) -> Result<Self, CoreError> {

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::partial::PartialMeta;
+
 /// A node's contribution to one round: the change it made to the global model, how much data
 /// that change stands for, and what its strategy's client procedure adds.
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +21,9 @@ pub struct Update {
     /// Distributed differential privacy: 1 if the delta was within the clip norm before
     /// clipping, 0 if not, plus the node's noise share (adaptive clipping counts these).
     pub unclipped: Option<f64>,
+    /// Set when this is a relay's partial aggregate (several updates' weighted sum), not one
+    /// node's update.
+    pub partial: Option<PartialMeta>,
 }
 
 impl Update {
@@ -31,6 +36,7 @@ impl Update {
             control_delta: None,
             normalizer: None,
             unclipped: None,
+            partial: None,
         }
     }
 
@@ -80,6 +86,8 @@ pub struct UpdateMeta {
     pub unclipped: Option<f64>,
     /// Whether the update carries SCAFFOLD's control-variate change.
     pub has_control: bool,
+    /// Set for a relay's partial aggregate.
+    pub partial: Option<PartialMeta>,
 }
 
 impl UpdateMeta {

@@ -22,6 +22,7 @@ use crate::{
     CoreError, ModelLayout, Update,
     aggregate::{Part, UpdateSource},
     algebra,
+    partial::PartialMeta,
     tensor_file::{self, Planned, TensorReader, Visit},
     update::UpdateMeta,
 };
@@ -69,6 +70,7 @@ fn read_meta(
         normalizer: optional("normalizer")?,
         unclipped: optional("unclipped")?,
         has_control,
+        partial: PartialMeta::read(metadata, num_examples)?,
     })
 }
 
@@ -222,6 +224,7 @@ impl<R: Read + Seek> UpdateSource for UpdateFile<R> {
             control_delta,
             normalizer: meta.normalizer,
             unclipped: meta.unclipped,
+            partial: meta.partial,
         })
     }
 }
@@ -269,6 +272,9 @@ fn update_header(update: &Update, layout: &ModelLayout) -> Result<(Vec<u8>, Piec
     }
     for (name, value) in &update.metrics {
         metadata.insert(format!("{METRIC}{name}"), value.to_string());
+    }
+    if let Some(partial) = &update.partial {
+        partial.write(&mut metadata);
     }
     let (header, order) = tensor_file::header(&planned, Some(metadata))?;
     Ok((

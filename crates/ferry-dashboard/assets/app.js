@@ -266,7 +266,7 @@
       if (!stats.has(id)) stats.set(id, { id: id, name: id, online: null, seen: null, revoked: false, rounds: 0, failures: [], up: 0, down: 0, fed: null, excluded: 0 });
       return stats.get(id);
     };
-    for (const n of view.nodes) Object.assign(get(n.id), { name: n.name, online: n.online, seen: n.last_seen_s, revoked: n.revoked });
+    for (const n of view.nodes) Object.assign(get(n.id), { name: n.name, online: n.online, seen: n.last_seen_s, revoked: n.revoked, relay: !!n.relay, via: n.via || null });
     for (const r of rounds()) {
       const contributors = r.contributors || [], failed = r.failed || [];
       const cohort = contributors.length + failed.length;
@@ -300,15 +300,17 @@
     const shown = filter ? all.filter((s) => s.name.toLowerCase().includes(filter) || s.id.toLowerCase().includes(filter)) : all;
     const key = sorters[state.sort.key] || sorters.name;
     shown.sort((a, b) => { const x = key(a), y = key(b); const c = x < y ? -1 : x > y ? 1 : 0; return state.sort.asc ? c : -c; });
-    const online = all.filter((s) => s.online === true).length;
-    $("nodes-summary").textContent = `${all.length} nodes` + (all.some((s) => s.online !== null) ? `, ${online} online` : "") + (filter ? `, ${shown.length} match` : "");
+    const relays = all.filter((s) => s.relay).length;
+    const online = all.filter((s) => s.online === true && !s.relay).length;
+    $("nodes-summary").textContent = `${all.length - relays} nodes` + (all.some((s) => s.online !== null) ? `, ${online} online` : "") + (relays ? `, ${relays} relays` : "") + (filter ? `, ${shown.length} match` : "");
+    const names = new Map(all.map((s) => [s.id, s.name]));
     for (const th of $("nodes-table").tHead.rows[0].cells) {
       th.classList.toggle("sorted", th.dataset.key === state.sort.key);
       th.classList.toggle("asc", th.dataset.key === state.sort.key && state.sort.asc);
     }
     fill($("nodes-table").tBodies[0], shown.map((s) => {
       const tr = row([
-        text("td", s.name, "name"),
+        text("td", s.relay ? s.name + " (relay)" : s.via ? s.name + " via " + (names.get(s.via) || s.via) : s.name, "name"),
         text("td", statusOf(s), "status " + statusOf(s)),
         text("td", s.seen === null ? "-" : s.seen.toFixed(1) + " s ago", "num"),
         text("td", s.rounds + (s.excluded ? ` (${s.excluded} left out)` : ""), "num"),

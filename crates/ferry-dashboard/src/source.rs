@@ -54,6 +54,10 @@ pub struct NodeView {
     pub last_seen_s: Option<f64>,
     /// Whether its credential was revoked.
     pub revoked: bool,
+    /// Whether it is an aggregation relay rather than a node that trains.
+    pub relay: bool,
+    /// The relay the node joined through, if any.
+    pub via: Option<String>,
 }
 
 impl NodeView {
@@ -66,6 +70,8 @@ impl NodeView {
             online: None,
             last_seen_s: None,
             revoked: false,
+            relay: false,
+            via: None,
         }
     }
 }

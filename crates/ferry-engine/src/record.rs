@@ -61,6 +61,10 @@ pub struct RoundRecord {
     /// dashboard counts as a node's contributed rounds).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub contributors: Vec<String>,
+    /// Each contributor's training examples, in the order of `contributors` (0 where secure
+    /// aggregation hides them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contributor_examples: Vec<u64>,
     /// Each selected node that returned no usable update, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<NodeFailure>,

@@ -98,6 +98,7 @@ pub struct OpenRound {
     downloaded_values: usize,
     aggregator: Box<dyn Aggregator>,
     accepted_nodes: Vec<String>,
+    accepted_examples: Vec<u64>,
     aggregating: Duration,
     privacy: Option<RoundPrivacy>,
     bytes_up: u64,
@@ -126,6 +127,7 @@ impl OpenRound {
             downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
             aggregator,
             accepted_nodes: Vec::new(),
+            accepted_examples: Vec::new(),
             aggregating: Duration::ZERO,
             privacy: plan.privacy.clone(),
             bytes_up: 0,
@@ -141,17 +143,20 @@ impl OpenRound {
     pub fn accept(&mut self, node: &str, update: &Update) -> Result<(), ferry_core::CoreError> {
         let started = Instant::now();
         let accepted = self.aggregator.accept(update);
+        let bytes = update.payload_bytes();
         self.count(
             node,
             accepted,
-            update.payload_bytes(),
+            bytes,
+            update.num_examples,
             &update.metrics,
             started,
         )
     }
 
     /// [`OpenRound::accept`] for an update read a piece at a time from `source` (an upload
-    /// in its file), so that a linear rule never holds it whole.
+    /// in its file), so that a linear rule never holds it whole. A relay's partial aggregate
+    /// (sent by the relay `node`) counts each of its contributors.
     pub fn accept_source(
         &mut self,
         node: &str,
@@ -161,8 +166,19 @@ impl OpenRound {
         let accepted = self.aggregator.accept_source(source);
         let meta = source.meta();
         let bytes = meta.payload_bytes(self.dim);
-        let metrics = meta.metrics.clone();
-        self.count(node, accepted, bytes, &metrics, started)
+        if let (Some(partial), Ok(())) = (&meta.partial, &accepted) {
+            self.bytes_up += bytes;
+            self.aggregating += started.elapsed();
+            self.train_loss_sum += partial.train_loss_sum;
+            self.train_losses += partial.train_losses;
+            for (contributor, examples) in &partial.contributors {
+                self.accepted_nodes.push(contributor.clone());
+                self.accepted_examples.push(*examples);
+            }
+            return Ok(());
+        }
+        let (examples, metrics) = (meta.num_examples, meta.metrics.clone());
+        self.count(node, accepted, bytes, examples, &metrics, started)
     }
 
     fn count(
@@ -170,6 +186,7 @@ impl OpenRound {
         node: &str,
         accepted: Result<(), ferry_core::CoreError>,
         payload_bytes: u64,
+        examples: u64,
         metrics: &std::collections::BTreeMap<String, f64>,
         started: Instant,
     ) -> Result<(), ferry_core::CoreError> {
@@ -180,6 +197,7 @@ impl OpenRound {
                 self.train_loss_sum += metrics.get("train_loss").copied().unwrap_or(0.0);
                 self.train_losses += 1;
                 self.accepted_nodes.push(node.to_string());
+                self.accepted_examples.push(examples);
                 Ok(())
             }
             Err(e) => {
@@ -198,6 +216,8 @@ impl OpenRound {
             self.train_losses += 1;
         }
         self.accepted_nodes.push(node.to_string());
+        // Secure aggregation hides each node's examples.
+        self.accepted_examples.push(0);
     }
 
     /// Secure aggregation: folds the round's unmasked sum into the aggregator.
@@ -219,6 +239,7 @@ impl OpenRound {
     /// round ends without moving the global model and the run goes on.
     pub fn abort(&mut self, reason: String) {
         self.accepted_nodes.clear();
+        self.accepted_examples.clear();
         self.train_loss_sum = 0.0;
         self.train_losses = 0;
         self.aborted = Some(reason);
@@ -251,6 +272,7 @@ impl OpenRound {
         let (round, started, bytes_up) = (self.round, self.started, self.bytes_up);
         let failed = self.failures.clone();
         let contributors = self.accepted_nodes.clone();
+        let contributor_examples = self.accepted_examples.clone();
         let aborted = self.aborted.clone();
         let stepped = match aborted {
             // An aborted secure round has nothing to aggregate: the model stays.
@@ -268,6 +290,7 @@ impl OpenRound {
             participants: stepped.participants,
             failed,
             contributors,
+            contributor_examples,
             bytes_up,
             bytes_down,
             train_loss,
@@ -343,6 +366,7 @@ pub struct AppliedRound {
     participants: usize,
     failed: Vec<NodeFailure>,
     contributors: Vec<String>,
+    contributor_examples: Vec<u64>,
     bytes_up: u64,
     bytes_down: u64,
     train_loss: f64,
@@ -376,6 +400,7 @@ impl AppliedRound {
             aborted: self.aborted,
             federated: None,
             contributors: self.contributors,
+            contributor_examples: self.contributor_examples,
             failed: self.failed,
         }
     }

@@ -16,3 +16,7 @@ pub const AUTHORIZATION: &str = "authorization";
 /// it), on the `UNAVAILABLE` status it answers every call with: a node that knows several
 /// server addresses goes there next.
 pub const ACTIVE_SERVER: &str = "ferry-active-server";
+
+/// The metadata key by which a relay names the node of its subtree that a call is made for;
+/// the call carries the relay's own credential.
+pub const ON_BEHALF_OF: &str = "ferry-on-behalf-of";

@@ -16,7 +16,10 @@ use ferry_core::model::sha256_hex;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
-use crate::{coordinator::Coordinator, store::Store};
+use crate::{
+    coordinator::Coordinator,
+    store::{IdentityKind, Store},
+};
 
 /// What the API serves from.
 #[derive(Clone)]
@@ -99,6 +102,10 @@ struct NodeView {
     revoked: bool,
     online: bool,
     last_seen_s: Option<f64>,
+    /// A node, or a relay.
+    kind: IdentityKind,
+    /// The relay the node joined through, if any.
+    relay: Option<String>,
 }
 
 async fn nodes(State(api): State<Api>, headers: HeaderMap) -> Response {
@@ -116,6 +123,8 @@ async fn nodes(State(api): State<Api>, headers: HeaderMap) -> Response {
                     node_id: n.node_id,
                     name: n.name,
                     revoked: n.revoked,
+                    kind: n.kind,
+                    relay: n.relay,
                 })
                 .collect::<Vec<_>>(),
         )

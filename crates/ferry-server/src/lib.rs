@@ -36,7 +36,7 @@ pub mod turns;
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
 pub use error::ServerError;
-use ferry_proto::v1::fleet_server::FleetServer;
+use ferry_proto::v1::{fleet_server::FleetServer, relay_server::RelayServer};
 pub use transport::tls_config;
 
 /// PEM files for TLS.
@@ -69,16 +69,35 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let limit = coordinator.spec().max_chunk_bytes + 64 * 1024;
-    let fleet = FleetServer::new(service::FleetService::new(
+    let service = Arc::new(service::FleetService::new(
         coordinator,
         store,
         listener.limits.clone(),
-    ))
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit);
+    ));
+    let fleet = FleetServer::from_arc(service.clone())
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let relay = RelayServer::from_arc(service);
+    serve_routes(
+        listener.addr,
+        listener.tls.as_ref(),
+        tonic::service::Routes::new(fleet).add_service(relay),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves gRPC `routes` on `addr` the way the fleet service is served (each call timed, the
+/// same TLS and HTTP/2 settings) until `shutdown` completes: a relay serves its nodes so.
+pub async fn serve_routes(
+    addr: SocketAddr,
+    tls: Option<&TlsPem>,
+    routes: tonic::service::Routes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let routes = tower::ServiceBuilder::new()
         .layer(rpc_timing::RpcTiming)
-        .service(tonic::service::Routes::new(fleet).prepare());
-    transport::serve(listener.addr, listener.tls.as_ref(), routes, shutdown).await?;
+        .service(routes.prepare());
+    transport::serve(addr, tls, routes, shutdown).await?;
     Ok(())
 }

@@ -158,7 +158,12 @@ fn peak_rss_bytes() -> Option<u64> {
 /// A memory figure of this process from `/proc/self/status` (`VmHWM:` the peak resident
 /// memory, `VmRSS:` the resident memory now), in bytes.
 fn proc_status_bytes(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    proc_status_bytes_of("self", field)
+}
+
+/// [`proc_status_bytes`] of the process `pid` ("self" for this one).
+pub fn proc_status_bytes_of(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)

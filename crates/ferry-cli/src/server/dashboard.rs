@@ -4,7 +4,11 @@
 use std::sync::Arc;
 
 use ferry_dashboard::{DashboardError, NodeView, Operator, RunView, Source, TokenView};
-use ferry_server::{ServerError, coordinator::Coordinator, store::Store};
+use ferry_server::{
+    ServerError,
+    coordinator::Coordinator,
+    store::{IdentityKind, Store},
+};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
@@ -41,6 +45,8 @@ impl ServerDashboard {
                 id: n.node_id,
                 name: n.name,
                 revoked: n.revoked,
+                relay: n.kind == IdentityKind::Relay,
+                via: n.relay,
             })
             .collect();
         let history = serde_json::json!({

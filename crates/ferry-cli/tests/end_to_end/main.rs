@@ -15,6 +15,7 @@ mod fleet;
 mod own_model;
 mod parity;
 mod pytorch_example;
+mod relays;
 mod safety;
 mod sdk;
 mod simulate;

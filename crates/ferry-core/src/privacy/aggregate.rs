@@ -5,8 +5,12 @@
 
 use crate::{
     CoreError, ModelLayout, Update,
-    aggregate::{Aggregate, Aggregator, MemoryUse, UpdateSum, validate_sum, validate_update},
+    aggregate::{
+        Aggregate, Aggregator, MemoryUse, UpdateSource, UpdateSum, Weighting, validate_sum,
+        validate_update,
+    },
     algebra,
+    partial::PartialMeta,
     privacy::{Placement, clip::ClipScope, noise::NoiseSource, round::RoundPrivacy},
 };
 
@@ -42,9 +46,34 @@ impl DpSum {
     }
 }
 
+impl DpSum {
+    /// Folds a relay's partial aggregate of distributed-DP updates: their plain sum and the
+    /// sum of their clip indicators.
+    fn accept_partial(&mut self, update: &Update, partial: &PartialMeta) -> Result<(), CoreError> {
+        if self.round.placement == Placement::Central {
+            return Err(CoreError::PartialNotFoldable(
+                "central differential privacy clips each update at the server".into(),
+            ));
+        }
+        if partial.weighting != Weighting::Uniform || update.control_delta.is_some() {
+            return Err(CoreError::PartialNotFoldable(
+                "a private round sums plain, unweighted updates".into(),
+            ));
+        }
+        algebra::weighted_accumulate(&mut self.sum, &update.delta, 1.0);
+        self.unclipped += partial.unclipped;
+        self.accepted += partial.contributors.len();
+        self.examples += partial.examples();
+        Ok(())
+    }
+}
+
 impl Aggregator for DpSum {
     fn accept(&mut self, update: &Update) -> Result<(), CoreError> {
         validate_update(update, self.sum.len())?;
+        if let Some(partial) = &update.partial {
+            return self.accept_partial(update, partial);
+        }
         if update.control_delta.is_some() {
             return Err(CoreError::Privacy(
                 "an update with control variates cannot be privatised; SCAFFOLD does not run \
@@ -75,6 +104,11 @@ impl Aggregator for DpSum {
         self.accepted += 1;
         self.examples += update.num_examples;
         Ok(())
+    }
+
+    fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
+        let update = source.read_whole()?;
+        self.accept(&update)
     }
 
     fn accept_sum(&mut self, sum: &UpdateSum) -> Result<(), CoreError> {

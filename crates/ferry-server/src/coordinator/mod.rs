@@ -14,6 +14,7 @@
 //! twice.
 
 mod evaluation;
+mod relays;
 mod retention;
 mod rounds;
 mod startup;
@@ -21,6 +22,7 @@ mod types;
 mod uploads;
 
 pub use crate::refusal::Refusal;
+pub use relays::RelayView;
 pub use types::{
     BlobRef, COORDINATOR_ERROR, EvaluationTask, Event, FAILED_ROUNDS, FailedRound, NodeTask,
     RunSpec, RunStatus, Submission, Work, is_failure,
@@ -83,6 +85,8 @@ struct State {
     evaluating: Option<Evaluating>,
     finished: Option<String>,
     online: HashMap<String, Instant>,
+    /// Relays, by when each last synced (they are never in a cohort).
+    relays: HashMap<String, Instant>,
     failures: u32,
     last_failure: Option<String>,
     retry_at: Option<Instant>,
@@ -224,12 +228,17 @@ impl Coordinator {
         self.notify();
     }
 
-    /// Seconds since each online node was last heard from.
+    /// Seconds since each online node (or relay) was last heard from.
     pub async fn online(&self) -> HashMap<String, f64> {
         let state = self.state.lock().await;
+        let relays = state
+            .relays
+            .iter()
+            .filter(|(_, seen)| seen.elapsed() < self.spec.offline_after);
         state
             .online
             .iter()
+            .chain(relays)
             .map(|(node, seen)| (node.clone(), seen.elapsed().as_secs_f64()))
             .collect()
     }

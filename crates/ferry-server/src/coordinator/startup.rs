@@ -4,7 +4,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use ferry_core::{Model, strategy::Strategy, update_file::UpdateFile, wire};
+use ferry_core::{
+    Model, aggregate::UpdateSource, strategy::Strategy, update_file::UpdateFile, wire,
+};
 use ferry_engine::{floor::RoundFloor, node::Evaluator, record::RoundRecord, round};
 use tokio::sync::{Mutex, mpsc, watch};
 
@@ -104,6 +106,7 @@ impl Coordinator {
                 closing: None,
                 finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
                 online: HashMap::new(),
+                relays: HashMap::new(),
                 failures: 0,
                 last_failure: None,
                 retry_at: None,
@@ -179,10 +182,19 @@ impl Coordinator {
         )?;
         drop(global);
         let mut training = self.open_training(&mut state, plan, cohort.into_iter().collect());
+        // A relay's partial aggregate is one blob counted for each of its contributors: it
+        // is folded once.
+        // (Two nodes' own updates may be the same bytes, so only partials are folded once.)
+        let mut partials = std::collections::HashSet::new();
         for (node, sha) in self.store.accepted(state.round).await? {
-            let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
-            let mut update = UpdateFile::open(file, &self.layout)?;
-            training.open.accept_source(&node, &mut update)?;
+            if !partials.contains(&sha) {
+                let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
+                let mut update = UpdateFile::open(file, &self.layout)?;
+                if update.meta().partial.is_some() {
+                    partials.insert(sha.clone());
+                }
+                training.open.accept_source(&node, &mut update)?;
+            }
             training.answered.insert(node.clone());
             training.delivered.insert(node);
         }

@@ -216,12 +216,15 @@ pub struct EvaluationTask {
 }
 
 /// The outcome of a completed upload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Submission {
     /// Counted in its round.
     Accepted,
     /// Already counted earlier; not counted again.
     Duplicate,
+    /// A relay's partial aggregate, not counted because these of its contributors cannot
+    /// count through it; the relay sends it again without them.
+    NotCounted(Vec<String>),
 }
 
 /// A round attempt that ended without moving the global model, as `history.json` and the

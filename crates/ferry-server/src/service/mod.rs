@@ -1,5 +1,6 @@
-//! The gRPC `ferry.v1.Fleet` service: authenticates every call, then hands it to the
-//! [`Coordinator`]. Bad input gets a precise status and a log line; nothing a node sends can
+//! The gRPC `ferry.v1.Fleet` service: authenticates every call (a node's own, or one a relay
+//! forwards for a node of its subtree), then hands it to the [`Coordinator`]; and the
+//! `ferry.v1.Relay` service relays sync through. Bad input gets a precise status and a log line; nothing a node sends can
 //! take the server down.
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
@@ -18,6 +19,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 mod refusals;
+mod relay;
 mod wire;
 
 use refusals::{refused, refused_request, rejected, stage_refused};
@@ -29,12 +31,12 @@ use crate::{
     limits::{AbuseLimits, Guard},
     secure::SecAggReply,
     staged::StagedUpload,
-    store::Store,
+    store::{IdentityKind, NodeRow, Store},
     turns::TransferTurns,
 };
 
 /// Longest a PullTask call is held open.
-const MAX_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(30);
 
 /// Completed uploads checked at once: an update is read from its file a piece at a time, but a
 /// secure round's masked input and a rule that needs each update whole read it into memory,
@@ -57,13 +59,35 @@ const RESERVATION_HOLD: Duration = Duration::from_secs(10);
 /// The longest failure reason a node's report may leave in the run's records.
 const MAX_REASON_CHARS: usize = 500;
 
-/// The fleet service over one coordinator and its store.
+/// Room a relay's partial aggregate may need beyond a node's update, for its contributors'
+/// names and examples in its header.
+const PARTIAL_HEADER_ROOM: u64 = 8 << 20;
+
+/// The fleet service over one coordinator and its store; also the Relay service relays sync
+/// through.
 pub struct FleetService {
     coordinator: Arc<Coordinator>,
     store: Store,
     decoding: tokio::sync::Semaphore,
     transfers: Arc<TransferTurns>,
     guard: Guard,
+    subtrees: relay::Subtrees,
+}
+
+/// Whom a call is for.
+enum Actor {
+    /// A node: the caller itself, or a node of the calling relay's subtree.
+    Node(String),
+    /// A relay, as itself (its partial aggregates, its model downloads).
+    Relay(String),
+}
+
+impl Actor {
+    fn id(&self) -> &str {
+        match self {
+            Self::Node(id) | Self::Relay(id) => id,
+        }
+    }
 }
 
 impl FleetService {
@@ -76,6 +100,7 @@ impl FleetService {
             decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
             transfers: TransferTurns::new(CONCURRENT_TRANSFERS, RESERVATION_HOLD),
             guard: Guard::new(limits),
+            subtrees: relay::Subtrees::default(),
         }
     }
 
@@ -86,8 +111,9 @@ impl FleetService {
         (self.coordinator.spec().offline_after / 3).max(Duration::from_millis(100))
     }
 
-    /// The node a call comes from, or UNAUTHENTICATED with the reason.
-    async fn authenticate<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// The enrolled identity a call comes from (a node or a relay), or UNAUTHENTICATED with
+    /// the reason.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<NodeRow, Status> {
         let header = request
             .metadata()
             .get(ferry_proto::AUTHORIZATION)
@@ -100,22 +126,94 @@ impl FleetService {
             .store
             .node(&credential.node_id)
             .await
-            .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?;
+            .map_err(store_unavailable)?;
         match node {
             Some(node) if node.revoked => Err(unauthenticated(&format!(
-                "node {} ('{}') has been revoked; ask the operator for a new token",
-                node.node_id, node.name
+                "{} {} ('{}') has been revoked; ask the operator for a new token",
+                node.kind.as_str(),
+                node.node_id,
+                node.name
             ))),
-            Some(node) if credential.matches(&node.secret_hash) => {
-                self.coordinator.seen(&node.node_id).await;
-                Ok(node.node_id)
-            }
+            Some(node) if credential.matches(&node.secret_hash) => Ok(node),
             _ => Err(unauthenticated(&format!(
                 "unknown credential for node '{}'; enrol again with a new token",
                 credential.node_id
             ))),
         }
     }
+
+    /// Whom a call is for: the calling node, a node of the calling relay's subtree named by
+    /// `ferry-on-behalf-of`, or the calling relay itself. A node named is marked alive.
+    async fn actor<T>(&self, request: &Request<T>) -> Result<Actor, Status> {
+        let caller = self.caller(request).await?;
+        let on_behalf = request
+            .metadata()
+            .get(ferry_proto::ON_BEHALF_OF)
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let node = match (caller.kind, on_behalf) {
+            (IdentityKind::Relay, None) => return Ok(Actor::Relay(caller.node_id)),
+            (IdentityKind::Node, None) => caller.node_id,
+            (IdentityKind::Node, Some(_)) => {
+                return Err(permission_denied(
+                    "only a relay may call on behalf of another node",
+                ));
+            }
+            (IdentityKind::Relay, Some(node)) => {
+                if !self
+                    .subtrees
+                    .contains(&self.store, &caller.node_id, &node)
+                    .await?
+                {
+                    return Err(permission_denied(&format!(
+                        "node '{node}' is not in relay {}'s subtree",
+                        caller.node_id
+                    )));
+                }
+                node
+            }
+        };
+        self.coordinator.seen(&node).await;
+        Ok(Actor::Node(node))
+    }
+
+    /// The node a node's call is for; a relay calling as itself is refused (its nodes' work
+    /// comes through the Relay service).
+    async fn node_actor<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        match self.actor(request).await? {
+            Actor::Node(node) => Ok(node),
+            Actor::Relay(relay) => Err(permission_denied(&format!(
+                "relay {relay} called a node's method as itself; a relay syncs its nodes' \
+                 work through the Relay service and forwards their calls on their behalf"
+            ))),
+        }
+    }
+
+    /// The relay an enrolment comes through: the calling relay, or the relay of its subtree
+    /// it forwards for (a chain); `None` for a node enrolling itself.
+    async fn enrolling_via<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        if request.metadata().get(ferry_proto::AUTHORIZATION).is_none() {
+            return Ok(None);
+        }
+        match self.actor(request).await? {
+            Actor::Relay(relay) => Ok(Some(relay)),
+            Actor::Node(below) => match self.store.node(&below).await.map_err(store_unavailable)? {
+                Some(row) if row.kind == IdentityKind::Relay => Ok(Some(below)),
+                _ => Err(permission_denied(
+                    "an enrolment is forwarded by a relay, for itself or a relay below it",
+                )),
+            },
+        }
+    }
+}
+
+fn store_unavailable(e: crate::ServerError) -> Status {
+    Status::unavailable(format!("store unavailable: {e}"))
+}
+
+fn permission_denied(message: &str) -> Status {
+    tracing::warn!("refused call: {message}");
+    metrics::counter!("ferry_calls_refused_total", "why" => "not_permitted").increment(1);
+    Status::permission_denied(message.to_string())
 }
 
 fn unauthenticated(message: &str) -> Status {
@@ -128,7 +226,43 @@ async fn staged_len(path: &Path) -> u64 {
     tokio::fs::metadata(path).await.map_or(0, |m| m.len())
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+/// A download's answer: the blob's chunks.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<BlobChunk, Status>> + Send>>;
+
+/// Streams blob `id`'s bytes in `range` from `blobs` in chunks of `chunk` bytes, holding the
+/// transfer `turn` until the stream ends or the receiver goes away.
+pub fn chunk_stream(
+    blobs: crate::blobs::Blobs,
+    id: String,
+    range: std::ops::Range<u64>,
+    chunk: u64,
+    turn: tokio::sync::OwnedSemaphorePermit,
+) -> ChunkStream {
+    let total = range.end;
+    Box::pin(futures::stream::unfold(range.start, move |at| {
+        let (blobs, id) = (blobs.clone(), id.clone());
+        let _turn = &turn;
+        async move {
+            if at >= total {
+                return None;
+            }
+            let end = (at + chunk).min(total);
+            let item = blobs
+                .range(&id, at..end)
+                .await
+                .inspect(|data| {
+                    metrics::counter!("ferry_bytes_out_total").increment(data.len() as u64)
+                })
+                .map(|data| BlobChunk {
+                    offset: at,
+                    data,
+                    total_bytes: total,
+                })
+                .map_err(|e| Status::internal(format!("reading blob: {e}")));
+            Some((item, end))
+        }
+    }))
+}
 
 #[tonic::async_trait]
 impl Fleet for FleetService {
@@ -138,23 +272,42 @@ impl Fleet for FleetService {
     ) -> Result<Response<EnrolResponse>, Status> {
         let source = request.remote_addr().map(|addr| addr.ip());
         self.guard.may_enrol(source)?;
+        let via = self.enrolling_via(&request).await?;
         let token = request.into_inner().token;
         let (node_id, secret) = (auth::new_node_id(), auth::new_secret());
-        let name = self
+        let enrolled = self
             .store
-            .enrol(&auth::hash_secret(token.trim()), &node_id, &auth::hash_secret(&secret))
+            .enrol_under(
+                &auth::hash_secret(token.trim()),
+                &node_id,
+                &auth::hash_secret(&secret),
+                via.as_deref(),
+            )
             .await
-            .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?
+            .map_err(store_unavailable)?
             .ok_or_else(|| {
                 self.guard.enrol_failed(source);
                 unauthenticated("enrolment token unknown, already used or revoked; create a new one with `ferry token create`")
             })?;
-        tracing::info!("node {node_id} enrolled as '{name}'");
-        self.coordinator.seen(&node_id).await;
+        let (name, kind) = (enrolled.name, enrolled.kind);
+        match &via {
+            Some(relay) => {
+                self.subtrees.forget(relay);
+                tracing::info!(
+                    "{} {node_id} enrolled as '{name}' through relay {relay}",
+                    kind.as_str()
+                );
+            }
+            None => tracing::info!("{} {node_id} enrolled as '{name}'", kind.as_str()),
+        }
+        if kind == IdentityKind::Node {
+            self.coordinator.seen(&node_id).await;
+        }
         Ok(Response::new(EnrolResponse {
             node_id,
             secret,
             name,
+            kind: kind.as_str().to_string(),
         }))
     }
 
@@ -162,7 +315,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let node = self.authenticate(&request).await?;
+        let node = self.node_actor(&request).await?;
         self.guard.node_call(&node)?;
         let (keep_working, current_round) = self
             .coordinator
@@ -178,7 +331,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<PullTaskRequest>,
     ) -> Result<Response<PullTaskResponse>, Status> {
-        let node = self.authenticate(&request).await?;
+        let node = self.node_actor(&request).await?;
         self.guard.node_call(&node)?;
         let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
         let mut changed = self.coordinator.subscribe_work();
@@ -219,7 +372,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        self.authenticate(&request).await?;
+        self.actor(&request).await?;
         let DownloadRequest { hash, offset } = request.into_inner();
         let blob = self.coordinator.downloadable(&hash).await.ok_or_else(|| {
             Status::not_found(format!(
@@ -232,46 +385,27 @@ impl Fleet for FleetService {
                 blob.size
             )));
         }
-        let chunk = self.coordinator.spec().max_chunk_bytes as u64;
-        let blobs = self.coordinator.blobs().clone();
-        let total = blob.size;
         let turn = self
             .transfers
             .for_download()
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        let stream = futures::stream::unfold(offset, move |at| {
-            let (blobs, sha) = (blobs.clone(), hash.clone());
-            // The turn is given back when the stream ends or the node goes away.
-            let _turn = &turn;
-            async move {
-                if at >= total {
-                    return None;
-                }
-                let end = (at + chunk).min(total);
-                let item = blobs
-                    .range(&sha, at..end)
-                    .await
-                    .inspect(|data| {
-                        metrics::counter!("ferry_bytes_out_total").increment(data.len() as u64)
-                    })
-                    .map(|data| BlobChunk {
-                        offset: at,
-                        data,
-                        total_bytes: total,
-                    })
-                    .map_err(|e| Status::internal(format!("reading blob: {e}")));
-                Some((item, end))
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let stream = chunk_stream(
+            self.coordinator.blobs().clone(),
+            hash,
+            offset..blob.size,
+            self.coordinator.spec().max_chunk_bytes as u64,
+            turn,
+        );
+        Ok(Response::new(stream))
     }
 
     async fn upload(
         &self,
         request: Request<Streaming<UploadChunk>>,
     ) -> Result<Response<UploadReceipt>, Status> {
-        let node = self.authenticate(&request).await?;
+        let actor = self.actor(&request).await?;
+        let node = actor.id().to_string();
         let _slot = self.guard.upload_slot(&node)?;
         let _turn = self
             .transfers
@@ -280,7 +414,11 @@ impl Fleet for FleetService {
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let mut chunks = request.into_inner();
         let max_chunk = self.coordinator.spec().max_chunk_bytes;
-        let max_total = self.coordinator.max_update_bytes();
+        let max_total = self.coordinator.max_update_bytes()
+            + match actor {
+                Actor::Relay(_) => PARTIAL_HEADER_ROOM,
+                Actor::Node(_) => 0,
+            };
         let mut staged: Option<StagedUpload> = None;
         let mut header: Option<(u32, u64, String)> = None;
         while let Some(chunk) = chunks.next().await {
@@ -316,11 +454,12 @@ impl Fleet for FleetService {
                         );
                         return Err(rejected(&node, "malformed", status));
                     }
-                    if let Some(dup) = self
-                        .coordinator
-                        .may_upload(&node, chunk.round)
-                        .await
-                        .map_err(|r| refused(&node, r))?
+                    if let Actor::Node(_) = actor
+                        && let Some(dup) = self
+                            .coordinator
+                            .may_upload(&node, chunk.round)
+                            .await
+                            .map_err(|r| refused(&node, r))?
                     {
                         return Ok(Response::new(receipt(chunk.total_bytes, Some(dup))));
                     }
@@ -370,7 +509,16 @@ impl Fleet for FleetService {
             .await
             .map_err(|_| Status::unavailable("the server is shutting down"))?;
         let verified = upload.finish().await.map_err(|e| stage_refused(&node, e))?;
-        match self.coordinator.submit(&node, round, verified).await {
+        let submitted = match &actor {
+            Actor::Node(_) => self.coordinator.submit(&node, round, verified).await,
+            Actor::Relay(relay) => {
+                let members = self.subtrees.members(&self.store, relay).await?;
+                self.coordinator
+                    .submit_partial(relay, &members, round, verified)
+                    .await
+            }
+        };
+        match submitted {
             Ok(submission) => Ok(Response::new(receipt(total, Some(submission)))),
             Err(refusal) => Err(refused(&node, refusal)),
         }
@@ -380,13 +528,15 @@ impl Fleet for FleetService {
         &self,
         request: Request<UploadStatusRequest>,
     ) -> Result<Response<UploadReceipt>, Status> {
-        let node = self.authenticate(&request).await?;
+        let actor = self.actor(&request).await?;
+        let node = actor.id().to_string();
         let UploadStatusRequest { round, hash } = request.into_inner();
-        if let Some(dup) = self
-            .coordinator
-            .may_upload(&node, round)
-            .await
-            .map_err(|r| refused(&node, r))?
+        if let Actor::Node(_) = actor
+            && let Some(dup) = self
+                .coordinator
+                .may_upload(&node, round)
+                .await
+                .map_err(|r| refused(&node, r))?
         {
             return Ok(Response::new(receipt(0, Some(dup))));
         }
@@ -410,7 +560,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<FailureReport>,
     ) -> Result<Response<FailureAck>, Status> {
-        let node = self.authenticate(&request).await?;
+        let node = self.node_actor(&request).await?;
         let FailureReport { round, reason } = request.into_inner();
         let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
         self.coordinator.report_failure(&node, round, &reason).await;
@@ -421,7 +571,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<EvaluationReport>,
     ) -> Result<Response<FailureAck>, Status> {
-        let node = self.authenticate(&request).await?;
+        let node = self.node_actor(&request).await?;
         let EvaluationReport {
             round,
             num_examples,
@@ -446,7 +596,7 @@ impl Fleet for FleetService {
         &self,
         request: Request<SecAggRequest>,
     ) -> Result<Response<SecAggResponse>, Status> {
-        let node = self.authenticate(&request).await?;
+        let node = self.node_actor(&request).await?;
         let SecAggRequest {
             round,
             wait_ms,

@@ -113,9 +113,18 @@ pub(super) fn secagg_outcome(reply: SecAggReply) -> sec_agg_response::Outcome {
 }
 
 pub(super) fn receipt(received_bytes: u64, submission: Option<Submission>) -> UploadReceipt {
-    UploadReceipt {
-        received_bytes,
-        accepted: submission.is_some(),
-        duplicate: submission == Some(Submission::Duplicate),
+    match submission {
+        Some(Submission::NotCounted(not_counted)) => UploadReceipt {
+            received_bytes,
+            accepted: false,
+            duplicate: false,
+            not_counted,
+        },
+        other => UploadReceipt {
+            received_bytes,
+            accepted: other.is_some(),
+            duplicate: other == Some(Submission::Duplicate),
+            not_counted: Vec::new(),
+        },
     }
 }

@@ -8,7 +8,36 @@ use crate::{
     store::{Store, now_ms},
 };
 
-/// A node's enrolment, as stored.
+/// What an enrolled identity is: a node training on its data, or a relay between nodes and
+/// the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityKind {
+    /// A node.
+    Node,
+    /// An aggregation relay.
+    Relay,
+}
+
+impl IdentityKind {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "node",
+            Self::Relay => "relay",
+        }
+    }
+
+    fn parse(stored: &str) -> Self {
+        if stored == "relay" {
+            Self::Relay
+        } else {
+            Self::Node
+        }
+    }
+}
+
+/// A node's (or relay's) enrolment, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeRow {
     /// The node's identifier.
@@ -19,6 +48,19 @@ pub struct NodeRow {
     pub secret_hash: String,
     /// Whether its credential was revoked.
     pub revoked: bool,
+    /// A node or a relay.
+    pub kind: IdentityKind,
+    /// The relay the node joined through, if it did not dial the server itself.
+    pub relay: Option<String>,
+}
+
+/// What a token enrolled: the token's name and what kind of identity it made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolled {
+    /// The token's name, which the identity takes.
+    pub name: String,
+    /// A node or a relay.
+    pub kind: IdentityKind,
 }
 
 /// An enrolment token, as listed to its operator.
@@ -38,21 +80,45 @@ fn node_row(row: &sqlx::any::AnyRow) -> Result<NodeRow, ServerError> {
         name: row.try_get(1)?,
         secret_hash: row.try_get(2)?,
         revoked: row.try_get::<i64, _>(3)? != 0,
+        kind: IdentityKind::parse(&row.try_get::<String, _>(4)?),
+        relay: row.try_get(5)?,
     })
 }
+
+const NODE_COLUMNS: &str = "node_id, name, secret_hash, revoked, kind, relay";
 
 impl Store {
     /// Creates a one-time enrolment token for the node `name` and returns it; only its hash is
     /// stored, so this is the one time it can be shown.
     pub async fn create_token(&self, name: &str) -> Result<String, ServerError> {
+        self.create_token_for(name, IdentityKind::Node).await
+    }
+
+    /// [`Store::create_token`] for an identity of `kind` (a relay token enrols a relay).
+    pub async fn create_token_for(
+        &self,
+        name: &str,
+        kind: IdentityKind,
+    ) -> Result<String, ServerError> {
         let token = format!("ferry-{}", crate::auth::new_secret());
-        self.add_token(name, &crate::auth::hash_secret(&token))
+        self.add_token_for(name, &crate::auth::hash_secret(&token), kind)
             .await?;
         Ok(token)
     }
 
     /// Records a new enrolment token under `name`; a live token of that name must not exist.
     pub async fn add_token(&self, name: &str, token_hash: &str) -> Result<(), ServerError> {
+        self.add_token_for(name, token_hash, IdentityKind::Node)
+            .await
+    }
+
+    /// [`Store::add_token`] for an identity of `kind`.
+    pub async fn add_token_for(
+        &self,
+        name: &str,
+        token_hash: &str,
+        kind: IdentityKind,
+    ) -> Result<(), ServerError> {
         let mut tx = self.begin().await?;
         // A revoked token's name is free again; a live one's is not.
         sqlx::query("DELETE FROM tokens WHERE name = $1 AND revoked <> 0")
@@ -60,12 +126,13 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         let added = sqlx::query(
-            "INSERT INTO tokens (name, token_hash, created_ms) VALUES ($1, $2, $3) \
+            "INSERT INTO tokens (name, token_hash, created_ms, kind) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .bind(token_hash)
         .bind(now_ms())
+        .bind(kind.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -103,6 +170,21 @@ impl Store {
         node_id: &str,
         secret_hash: &str,
     ) -> Result<Option<String>, ServerError> {
+        Ok(self
+            .enrol_under(token_hash, node_id, secret_hash, None)
+            .await?
+            .map(|enrolled| enrolled.name))
+    }
+
+    /// [`Store::enrol`] through the relay `via` (the identity joins that relay's subtree);
+    /// says what kind of identity the token made.
+    pub async fn enrol_under(
+        &self,
+        token_hash: &str,
+        node_id: &str,
+        secret_hash: &str,
+        via: Option<&str>,
+    ) -> Result<Option<Enrolled>, ServerError> {
         let mut tx = self.begin().await?;
         let spent = sqlx::query(
             "UPDATE tokens SET used = 1 WHERE token_hash = $1 AND used = 0 AND revoked = 0",
@@ -114,40 +196,76 @@ impl Store {
         if spent == 0 {
             return Ok(None);
         }
-        let name: String = sqlx::query("SELECT name FROM tokens WHERE token_hash = $1")
+        let row = sqlx::query("SELECT name, kind FROM tokens WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
+            .await?;
+        let enrolled = Enrolled {
+            name: row.try_get(0)?,
+            kind: IdentityKind::parse(&row.try_get::<String, _>(1)?),
+        };
         sqlx::query(
-            "INSERT INTO nodes (node_id, name, secret_hash, enrolled_ms) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO nodes (node_id, name, secret_hash, enrolled_ms, kind, relay) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(node_id)
-        .bind(&name)
+        .bind(&enrolled.name)
         .bind(secret_hash)
         .bind(now_ms())
+        .bind(enrolled.kind.as_str())
+        .bind(via)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Some(name))
+        Ok(Some(enrolled))
+    }
+
+    /// Moves `node_id` into the subtree of the relay `relay` (`None`: the node dials the
+    /// server itself), as it fails over from one path to another.
+    pub async fn move_node(&self, node_id: &str, relay: Option<&str>) -> Result<(), ServerError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE nodes SET relay = $2 WHERE node_id = $1")
+            .bind(node_id)
+            .bind(relay)
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx.commit().await?)
+    }
+
+    /// Every identity below the relay `relay`: the nodes and relays that joined through it,
+    /// and theirs in turn (a chain of relays).
+    pub async fn subtree(&self, relay: &str) -> Result<Vec<NodeRow>, ServerError> {
+        let rows = sqlx::query(&format!(
+            "WITH RECURSIVE below (node_id) AS ( \
+               SELECT node_id FROM nodes WHERE relay = $1 \
+               UNION SELECT n.node_id FROM nodes n JOIN below b ON n.relay = b.node_id) \
+             SELECT {NODE_COLUMNS} FROM nodes WHERE node_id IN (SELECT node_id FROM below) \
+             ORDER BY node_id"
+        ))
+        .bind(relay)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(node_row).collect()
     }
 
     /// The node `node_id`, if enrolled.
     pub async fn node(&self, node_id: &str) -> Result<Option<NodeRow>, ServerError> {
-        let row =
-            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes WHERE node_id = $1")
-                .bind(node_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes WHERE node_id = $1"
+        ))
+        .bind(node_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(node_row).transpose()
     }
 
     /// All enrolled nodes.
     pub async fn nodes(&self) -> Result<Vec<NodeRow>, ServerError> {
-        let rows =
-            sqlx::query("SELECT node_id, name, secret_hash, revoked FROM nodes ORDER BY node_id")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLUMNS} FROM nodes ORDER BY node_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(node_row).collect()
     }
 
@@ -175,8 +293,9 @@ impl Store {
             Ok::<usize, ServerError>(usize::try_from(n).unwrap_or(0))
         };
         Ok((
-            count("SELECT COUNT(*) FROM nodes WHERE revoked = 0").await?,
-            count("SELECT COUNT(*) FROM tokens WHERE used = 0 AND revoked = 0").await?,
+            count("SELECT COUNT(*) FROM nodes WHERE revoked = 0 AND kind = 'node'").await?,
+            count("SELECT COUNT(*) FROM tokens WHERE used = 0 AND revoked = 0 AND kind = 'node'")
+                .await?,
         ))
     }
 }

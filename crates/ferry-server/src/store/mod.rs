@@ -13,10 +13,12 @@ use sqlx::{Any, AnyPool, Row, Transaction, any::AnyPoolOptions, migrate::Migrato
 
 mod identity;
 mod lease;
+mod partial;
 mod rounds;
 
-pub use identity::{NodeRow, TokenRow};
+pub use identity::{Enrolled, IdentityKind, NodeRow, TokenRow};
 pub use lease::{Campaign, Lease};
+pub use partial::PartialAcceptance;
 pub use rounds::RoundCommit;
 
 use crate::ServerError;
@@ -42,6 +44,7 @@ fn is_contended(error: &sqlx::Error) -> bool {
     let said = error.to_string();
     said.contains("database is locked")
         || said.contains("UNIQUE constraint failed: _sqlx_migrations")
+        || said.contains("duplicate column name")
 }
 
 /// The stored state of the run.

@@ -13,6 +13,7 @@ mod disk_full;
 mod federated_evaluation;
 mod legacy_store;
 mod protocol;
+mod relays;
 mod retention;
 mod round_failures;
 mod store;

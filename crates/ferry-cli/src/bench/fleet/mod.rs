@@ -5,6 +5,7 @@
 
 mod nodes;
 mod process;
+mod relays;
 mod server;
 
 use std::{
@@ -42,6 +43,10 @@ pub struct FleetArgs {
     /// their own).
     #[arg(long, default_value_t = 1)]
     pub per_connection: usize,
+    /// Aggregation relays between the nodes and the server (real `ferry relay` processes,
+    /// each serving an equal share of the nodes); 0: nodes dial the server.
+    #[arg(long, default_value_t = 0)]
+    pub relays: usize,
     /// Seconds a round waits for its cohort before closing with whoever answered.
     #[arg(long, default_value_t = 300)]
     pub round_timeout: u64,
@@ -62,6 +67,10 @@ pub struct RoundSample {
     cpu_s: f64,
     sockets: usize,
     store_mb: f64,
+    /// Update and partial-aggregate bytes the server received during the round.
+    bytes_in_mb: f64,
+    /// Model bytes the server sent during the round.
+    bytes_out_mb: f64,
 }
 
 /// One RPC method's server-side latency.
@@ -192,13 +201,15 @@ pub fn run(args: FleetArgs) -> Result<()> {
     enrolment_tokens(dir, args.nodes)?;
     println!(
         "fleet: {} nodes ({} per TLS connection), {} per round, {} parameters ({:.1} MB), {} \
-         rounds; server and nodes in two processes on loopback ({} tokens made in {:.1} s)",
+         rounds; server, {} relays and nodes in processes of their own on loopback ({} tokens \
+         made in {:.1} s)",
         args.nodes,
         args.per_connection,
         args.per_round,
         args.params,
         args.params as f64 * 4e-6,
         args.rounds,
+        args.relays,
         args.nodes,
         began.elapsed().as_secs_f64()
     );
@@ -231,14 +242,25 @@ pub fn run(args: FleetArgs) -> Result<()> {
     {
         bail!("the server process did not start");
     }
+    let relays = match args.relays {
+        0 => None,
+        count => Some(relays::Relays::start(dir, count, port)?),
+    };
+    let ports = relays
+        .as_ref()
+        .map_or_else(|| vec![port], |r| r.ports.clone());
     let started = Instant::now();
     let nodes = child(&[
         "bench".into(),
         "fleet-nodes".into(),
         "--dir".into(),
         dir_arg,
-        "--port".into(),
-        port.to_string(),
+        "--ports".into(),
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         "--params".into(),
         args.params.to_string(),
         "--per-connection".into(),
@@ -255,22 +277,30 @@ pub fn run(args: FleetArgs) -> Result<()> {
             );
         } else if let Ok(sample) = serde_json::from_str::<RoundSample>(&line) {
             println!(
-                "round {:>3}/{}: {:.2} s, {} updates, server {:.0} MB (peak {:.0}), CPU {:.1} s",
+                "round {:>3}/{}: {:.2} s, {} updates, server {:.0} MB (peak {:.0}), CPU {:.1} s, \
+                 in {:.1} MB, out {:.1} MB, {} sockets",
                 sample.round,
                 args.rounds,
                 sample.wall_s,
                 sample.participants,
                 sample.rss_mb,
                 sample.peak_rss_mb,
-                sample.cpu_s
+                sample.cpu_s,
+                sample.bytes_in_mb,
+                sample.bytes_out_mb,
+                sample.sockets
             );
             samples.push(sample);
         } else if let Ok(s) = serde_json::from_str::<ServerSummary>(&line) {
             summary = Some(s);
         }
     }
+    let relay_peaks = relays.as_ref().map(relays::Relays::peak_mb);
     let server_status = server.wait()?;
     let out = nodes.wait_with_output()?;
+    if let Some(relays) = relays {
+        relays.wait()?;
+    }
     ensure!(
         server_status.success(),
         "the server process failed: {server_status}"
@@ -292,6 +322,10 @@ pub fn run(args: FleetArgs) -> Result<()> {
         &report,
         started.elapsed().as_secs_f64(),
     );
+    if let Some(peaks) = relay_peaks {
+        let listed: Vec<String> = peaks.iter().map(|mb| format!("{mb:.0}")).collect();
+        println!("relays' peak memory, MB: {}", listed.join(", "));
+    }
     if let Some(out) = &args.out {
         write_csv(out, &samples, &summary, &report)?;
         println!("CSV in {}", out.display());
@@ -310,14 +344,22 @@ fn print_report(
     let ready = dispatch_delays(samples, &report.model_ready);
     println!(
         "\nround  wall s  task pull p50 / p99 s  model in hand p50 / p99 s  server MB now (peak)  \
-         CPU s  sockets  store MB"
+         CPU s  sockets  store MB  in MB  out MB"
     );
     for s in samples {
         let [p50, p99, r50, r99] = RoundDelays::of(s.round, &delays, &ready).0;
         println!(
             "{:>5}  {:>6.2}  {p50:>9.3} / {p99:<8.3}  {r50:>12.3} / {r99:<10.3}  {:>9.1} ({:>6.1})  \
-             {:>6.1}  {:>7}  {:>8.1}",
-            s.round, s.wall_s, s.rss_mb, s.peak_rss_mb, s.cpu_s, s.sockets, s.store_mb
+             {:>6.1}  {:>7}  {:>8.1}  {:>5.1}  {:>6.1}",
+            s.round,
+            s.wall_s,
+            s.rss_mb,
+            s.peak_rss_mb,
+            s.cpu_s,
+            s.sockets,
+            s.store_mb,
+            s.bytes_in_mb,
+            s.bytes_out_mb
         );
     }
     let overall = |delays: &BTreeMap<u32, Vec<f64>>| {
@@ -395,13 +437,14 @@ fn write_csv(
     writeln!(
         rounds,
         "round,wall_s,updates,task_pull_p50_s,task_pull_p99_s,model_in_hand_p50_s,\
-         model_in_hand_p99_s,server_rss_mb,server_peak_rss_mb,server_cpu_s,sockets,store_mb"
+         model_in_hand_p99_s,server_rss_mb,server_peak_rss_mb,server_cpu_s,sockets,store_mb,\
+         server_in_mb,server_out_mb"
     )?;
     for s in samples {
         let [p50, p99, r50, r99] = RoundDelays::of(s.round, &delays, &ready).0;
         writeln!(
             rounds,
-            "{},{:.4},{},{p50:.4},{p99:.4},{r50:.4},{r99:.4},{:.2},{:.2},{:.2},{},{:.2}",
+            "{},{:.4},{},{p50:.4},{p99:.4},{r50:.4},{r99:.4},{:.2},{:.2},{:.2},{},{:.2},{:.3},{:.3}",
             s.round,
             s.wall_s,
             s.participants,
@@ -409,7 +452,9 @@ fn write_csv(
             s.peak_rss_mb,
             s.cpu_s,
             s.sockets,
-            s.store_mb
+            s.store_mb,
+            s.bytes_in_mb,
+            s.bytes_out_mb
         )?;
     }
     let mut rpc = std::fs::File::create(out.join("rpc.csv"))?;
@@ -445,6 +490,8 @@ mod tests {
             cpu_s: 1.0,
             sockets: 1,
             store_mb: 1.0,
+            bytes_in_mb: 1.0,
+            bytes_out_mb: 1.0,
         };
         let delays = dispatch_delays(
             &[sample(1, 1_000), sample(2, 5_000)],

@@ -25,9 +25,10 @@ pub struct FleetNodesArgs {
     /// Working folder prepared by the parent (certificates, `tokens.txt`).
     #[arg(long)]
     pub dir: PathBuf,
-    /// The server's loopback port.
-    #[arg(long)]
-    pub port: u16,
+    /// The loopback ports nodes dial: the server's, or each relay's (node i dials the
+    /// (i mod count)-th).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ports: Vec<u16>,
     /// Model parameters.
     #[arg(long)]
     pub params: usize,
@@ -44,11 +45,16 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
     let tokens = std::fs::read_to_string(args.dir.join("tokens.txt"))
         .context("the parent writes tokens.txt")?;
     let tokens: Vec<String> = tokens.lines().map(str::to_string).collect();
-    let server = ServerAddress {
-        url: format!("https://localhost:{}", args.port),
-        ca_pem: Some(std::fs::read(args.dir.join("certs/ca.pem"))?),
-        identity: None,
-    };
+    let ca = std::fs::read(args.dir.join("certs/ca.pem"))?;
+    let servers: Vec<ServerAddress> = args
+        .ports
+        .iter()
+        .map(|port| ServerAddress {
+            url: format!("https://localhost:{port}"),
+            ca_pem: Some(ca.clone()),
+            identity: None,
+        })
+        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -57,11 +63,14 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
     // The agents are polled together on one task; their connections' TLS and HTTP/2 work
     // runs on the runtime's worker threads.
     let failed = runtime.block_on(async {
-        let mut channels = Vec::new();
+        // Each address's nodes share its connections, `per_connection` to one.
+        let mut channels: Vec<Vec<_>> = vec![Vec::new(); servers.len()];
         let mut nodes = futures::stream::FuturesUnordered::new();
         for (i, token) in tokens.into_iter().enumerate() {
-            if i % args.per_connection.max(1) == 0 {
-                channels.push(connection::channel(&server)?);
+            let (at, nth) = (i % servers.len(), i / servers.len());
+            let server = &servers[at];
+            if nth % args.per_connection.max(1) == 0 {
+                channels[at].push(connection::channel(server)?);
             }
             let settings = AgentSettings {
                 server: server.clone(),
@@ -81,7 +90,7 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
                 let mut list = list.lock().unwrap_or_else(|e| e.into_inner());
                 list.push((round, now_ms() as u64));
             };
-            let channel = channels[channels.len() - 1].clone();
+            let channel = channels[at][channels[at].len() - 1].clone();
             nodes.push(Box::pin(agent::run_on(
                 channel,
                 settings,

@@ -70,6 +70,8 @@ fn spec(args: &FleetServerArgs) -> RunSpec {
 struct Recorded {
     rpc: BTreeMap<String, Vec<f64>>,
     counters: CounterTotals,
+    /// Bytes received and sent as of the previous round's end.
+    bytes_before: (u64, u64),
 }
 
 impl Recorded {
@@ -121,6 +123,17 @@ impl Recorded {
     /// The counter `name`'s total over its labels (0 when nothing has counted it).
     fn counter(&self, name: &str) -> u64 {
         self.counters.total(name)
+    }
+
+    /// Bytes received and sent since the previous call.
+    fn bytes_since_last(&mut self) -> (u64, u64) {
+        let now = (
+            self.counter("ferry_bytes_in_total"),
+            self.counter("ferry_bytes_out_total"),
+        );
+        let moved = (now.0 - self.bytes_before.0, now.1 - self.bytes_before.1);
+        self.bytes_before = now;
+        moved
     }
 }
 
@@ -182,6 +195,12 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                             opened.insert(round, now_ms() as u64);
                         }
                         Event::RoundFinished(record) => {
+                            let moved = {
+                                let mut recorded =
+                                    recorded.lock().unwrap_or_else(|e| e.into_inner());
+                                recorded.drain(&metrics);
+                                recorded.bytes_since_last()
+                            };
                             let sample = RoundSample {
                                 round: record.round,
                                 opened_unix_ms: opened.get(&record.round).copied().unwrap_or(0),
@@ -202,12 +221,10 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
                                     .saturating_add(process::folder_bytes(&dir.join("blobs")))
                                     as f64
                                     / 1e6,
+                                bytes_in_mb: moved.0 as f64 / 1e6,
+                                bytes_out_mb: moved.1 as f64 / 1e6,
                             };
                             println!("{}", serde_json::to_string(&sample).unwrap_or_default());
-                            recorded
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .drain(&metrics);
                         }
                         _ => {}
                     }

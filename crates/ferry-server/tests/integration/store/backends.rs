@@ -35,7 +35,7 @@ macro_rules! on_both_backends {
     ($($suite:ident),* $(,)?) => {
         $(
             mod $suite {
-                use super::backends::Backend;
+                use crate::store::backends::Backend;
 
                 #[tokio::test]
                 async fn sqlite() {

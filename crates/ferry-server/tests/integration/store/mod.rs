@@ -2,6 +2,7 @@
 //! coordinator relies on must hold on both.
 
 mod backends;
+mod relays;
 
 use backends::{Backend, on_both_backends};
 use std::time::Duration;
@@ -23,7 +24,7 @@ on_both_backends!(
 );
 
 /// The schema version this release's migrations bring a store to.
-const LATEST_SCHEMA: i64 = 3;
+const LATEST_SCHEMA: i64 = 4;
 
 async fn tokens_enrol_exactly_one_node_and_revocation_reaches_the_node(backend: Backend) {
     let store = Store::open(&backend.url()).await.expect("open");

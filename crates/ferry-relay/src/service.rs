@@ -1,0 +1,611 @@
+//! The relay's fleet service: to a node, the same `ferry.v1.Fleet` the server speaks. Tasks,
+//! heartbeats and model downloads are answered here, from the relay's view and blobs;
+//! uploads are checked as the server checks them and held for [`crate::flush`]; enrolment,
+//! failure and evaluation reports and SecAgg+ steps go upstream on the node's behalf.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use ferry_core::{
+    Model, ModelLayout,
+    aggregate::UpdateSource,
+    content::{self, LEGACY_SHA256},
+    personal::PersonalTensors,
+};
+use ferry_proto::v1::{
+    self, AdoptRequest, BlobRef, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport,
+    FailureAck, FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest,
+    PullTaskResponse, RelaySyncResponse, SecAggRequest, SecAggResponse, UploadChunk, UploadReceipt,
+    UploadStatusRequest,
+    fleet_server::{Fleet, FleetServer},
+    pull_task_response::Outcome,
+};
+use ferry_server::{
+    auth::{self, Credential},
+    blobs::Blobs,
+    limits::{AbuseLimits, Guard},
+    service::{ChunkStream, chunk_stream},
+    staged::{self, StagedUpload},
+    turns::TransferTurns,
+};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    store::RelayStore,
+    upstream::Upstream,
+    view::{NodeWork, View},
+};
+
+/// Longest a PullTask call is held open.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A node heard from within this long counts as online in the relay's sync.
+const ONLINE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Transfers streaming at once (as at the server).
+const CONCURRENT_TRANSFERS: usize = 8;
+
+/// Chunk size of downloads when the task does not say.
+const DEFAULT_CHUNK: u64 = 1 << 20;
+
+/// The relay: its link upstream, its store and blobs, and what it knows of the run.
+pub struct Relay {
+    pub(crate) upstream: Upstream,
+    pub(crate) store: RelayStore,
+    pub(crate) blobs: Blobs,
+    downloads: PathBuf,
+    view: watch::Sender<View>,
+    seen: Mutex<HashMap<String, Instant>>,
+    gave_up: Mutex<HashSet<(u32, String)>>,
+    fetching: Mutex<HashSet<String>>,
+    layouts: Mutex<HashMap<String, Arc<ModelLayout>>>,
+    transfers: Arc<TransferTurns>,
+    guard: Guard,
+    /// Woken when an update is held or a node gives up, so that the flush loop looks again.
+    pub(crate) flush: tokio::sync::Notify,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is one insert, remove or read.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("relay: {e}"))
+}
+
+fn unauthenticated(message: String) -> Status {
+    tracing::warn!("refused call: {message}");
+    Status::unauthenticated(message)
+}
+
+impl Relay {
+    /// A relay over `upstream`, keeping its state in `store` and `blobs`, and partial
+    /// downloads in `downloads`.
+    pub fn new(upstream: Upstream, store: RelayStore, blobs: Blobs, downloads: PathBuf) -> Self {
+        Self {
+            upstream,
+            store,
+            blobs,
+            downloads,
+            view: watch::channel(View::default()).0,
+            seen: Mutex::default(),
+            gave_up: Mutex::default(),
+            fetching: Mutex::default(),
+            layouts: Mutex::default(),
+            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, Duration::from_secs(10)),
+            guard: Guard::new(AbuseLimits::default()),
+            flush: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The fleet service nodes call.
+    pub fn fleet_server(self: &Arc<Self>) -> FleetServer<Self> {
+        let limit = 64 << 20;
+        FleetServer::from_arc(self.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+
+    /// The relay's view, as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    /// Takes the server's answer.
+    pub fn apply(&self, answer: RelaySyncResponse) {
+        self.view.send_modify(|view| view.apply(answer));
+        self.flush.notify_one();
+    }
+
+    /// Notes that the server cannot be reached, and why.
+    pub fn unreachable(&self, why: String) {
+        self.view.send_modify(|view| view.unreachable = Some(why));
+    }
+
+    /// The blobs the open tasks need that the relay neither holds nor is fetching.
+    pub fn missing_blobs(&self) -> Vec<BlobRef> {
+        let view = self.view.borrow();
+        let fetching = lock(&self.fetching);
+        view.train
+            .iter()
+            .chain(view.evaluate.iter())
+            .flat_map(View::blobs_of)
+            .filter(|blob| !view.cached.contains(&blob.hash) && !fetching.contains(&blob.hash))
+            .cloned()
+            .collect()
+    }
+
+    /// Claims the fetch of blob `id`; false if it is already being fetched.
+    pub fn start_fetch(&self, id: &str) -> bool {
+        lock(&self.fetching).insert(id.to_string())
+    }
+
+    /// A fetch of blob `id` ended: held (`ok`) or given up.
+    pub fn fetched(&self, id: &str, ok: bool) {
+        lock(&self.fetching).remove(id);
+        if ok {
+            self.view.send_modify(|view| {
+                view.cached.insert(id.to_string());
+            });
+        }
+    }
+
+    /// Where partial downloads grow.
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.downloads.clone()
+    }
+
+    /// Nodes heard from recently.
+    pub fn online_nodes(&self) -> Vec<String> {
+        let mut seen = lock(&self.seen);
+        seen.retain(|_, at| at.elapsed() < ONLINE_WINDOW);
+        seen.keys().cloned().collect()
+    }
+
+    /// Whether `node` gave `round` up (its failure went upstream).
+    pub fn gave_up(&self, round: u32, node: &str) -> bool {
+        lock(&self.gave_up).contains(&(round, node.to_string()))
+    }
+
+    /// The layout of the model `task` trains, read from the relay's copy once.
+    pub async fn layout(&self, task: &v1::Task) -> Result<Arc<ModelLayout>, Status> {
+        let model = task
+            .model
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("the task names no model"))?;
+        if let Some(layout) = lock(&self.layouts).get(&model.hash) {
+            return Ok(layout.clone());
+        }
+        let personal = PersonalTensors::new(task.personal.clone()).map_err(internal)?;
+        let file = self.blobs.open(&model.hash).await.map_err(internal)?;
+        let layout = tokio::task::spawn_blocking(move || {
+            Model::read_safetensors(std::io::BufReader::new(file), &personal)
+                .map(|model| model.layout().clone())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        lock(&self.layouts).insert(model.hash.clone(), layout.clone());
+        Ok(layout)
+    }
+
+    /// The node a call comes from: its credential checked against the relay's members, or,
+    /// for a node the relay does not know (it enrolled elsewhere and failed over here), by the
+    /// server, which moves it into this relay's subtree.
+    async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let credential = request
+            .metadata()
+            .get(ferry_proto::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Credential::from_header)
+            .ok_or_else(|| {
+                unauthenticated(
+                    "no or malformed credential; expected 'Bearer <node_id>.<secret>'".into(),
+                )
+            })?;
+        match self
+            .store
+            .member(&credential.node_id)
+            .await
+            .map_err(internal)?
+        {
+            Some(member) if member.revoked => {
+                return Err(unauthenticated(format!(
+                    "node {} ('{}') has been revoked; ask the operator for a new token",
+                    member.node_id, member.name
+                )));
+            }
+            Some(member) if credential.matches(&member.secret_hash) => {}
+            _ => self.adopt(&credential).await?,
+        }
+        lock(&self.seen).insert(credential.node_id.clone(), Instant::now());
+        Ok(credential.node_id)
+    }
+
+    async fn adopt(&self, credential: &Credential) -> Result<(), Status> {
+        let request = self
+            .upstream
+            .credential
+            .authorize(Request::new(AdoptRequest {
+                credential: format!("{}.{}", credential.node_id, credential.secret),
+            }));
+        let adopted = self
+            .upstream
+            .relay
+            .clone()
+            .adopt(request)
+            .await?
+            .into_inner();
+        self.store
+            .add_member(
+                &adopted.node_id,
+                &adopted.name,
+                &auth::hash_secret(&credential.secret),
+            )
+            .await
+            .map_err(internal)?;
+        tracing::info!("node {} joined this relay", adopted.node_id);
+        Ok(())
+    }
+
+    /// The relay's credential for a call made on `node`'s behalf.
+    fn on_behalf<T>(&self, node: &str, message: T) -> Request<T> {
+        self.upstream
+            .credential
+            .on_behalf_of(node)
+            .authorize(Request::new(message))
+    }
+
+    async fn done(&self, round: u32, node: &str) -> Result<bool, Status> {
+        Ok(self.gave_up(round, node) || self.store.has(round, node).await.map_err(internal)?)
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        self.view
+            .borrow()
+            .train
+            .as_ref()
+            .map_or(DEFAULT_CHUNK, |t| u64::from(t.max_chunk_bytes).max(1))
+    }
+}
+
+fn receipt(received_bytes: u64, accepted: bool, duplicate: bool) -> UploadReceipt {
+    UploadReceipt {
+        received_bytes,
+        accepted,
+        duplicate,
+        not_counted: Vec::new(),
+    }
+}
+
+/// The largest update a node may send for a model of `layout` (as the server computes it).
+fn max_update_bytes(layout: &ModelLayout) -> u64 {
+    let tensors = layout.specs().len() as u64;
+    2 * 4 * layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
+}
+
+#[tonic::async_trait]
+impl Fleet for Relay {
+    async fn enrol(
+        &self,
+        request: Request<EnrolRequest>,
+    ) -> Result<Response<EnrolResponse>, Status> {
+        let source = request.remote_addr().map(|addr| addr.ip());
+        self.guard.may_enrol(source)?;
+        let forwarded = self
+            .upstream
+            .credential
+            .authorize(Request::new(request.into_inner()));
+        let enrolled = match self.upstream.fleet.clone().enrol(forwarded).await {
+            Ok(enrolled) => enrolled.into_inner(),
+            Err(status) => {
+                if status.code() == tonic::Code::Unauthenticated {
+                    self.guard.enrol_failed(source);
+                }
+                return Err(status);
+            }
+        };
+        self.store
+            .add_member(
+                &enrolled.node_id,
+                &enrolled.name,
+                &auth::hash_secret(&enrolled.secret),
+            )
+            .await
+            .map_err(internal)?;
+        lock(&self.seen).insert(enrolled.node_id.clone(), Instant::now());
+        tracing::info!("node {} enrolled as '{}'", enrolled.node_id, enrolled.name);
+        Ok(Response::new(enrolled))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let node = self.node(&request).await?;
+        self.guard.node_call(&node)?;
+        let round = request.into_inner().round;
+        let done = self.done(round, &node).await?;
+        let view = self.view.borrow().clone();
+        Ok(Response::new(HeartbeatResponse {
+            keep_working: view.keep_working(&node, round, done),
+            current_round: view.current_round(),
+        }))
+    }
+
+    async fn pull_task(
+        &self,
+        request: Request<PullTaskRequest>,
+    ) -> Result<Response<PullTaskResponse>, Status> {
+        let node = self.node(&request).await?;
+        self.guard.node_call(&node)?;
+        let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
+        let give_up = tokio::time::Instant::now() + wait;
+        let mut changed = self.subscribe();
+        let outcome = loop {
+            let round = changed.borrow_and_update().round();
+            let done = match round {
+                Some(round) => self.done(round, &node).await?,
+                None => false,
+            };
+            let work = changed.borrow().work_for(&node, done);
+            match work {
+                NodeWork::Task(task) => break Outcome::Task(*task),
+                NodeWork::Finished(reason) => break Outcome::Finished(v1::Finished { reason }),
+                NodeWork::Idle(reason) => {
+                    let woke = tokio::time::timeout_at(give_up, changed.changed()).await;
+                    if !matches!(woke, Ok(Ok(()))) {
+                        break Outcome::Idle(v1::Idle {
+                            retry_after_ms: 500,
+                            reason,
+                        });
+                    }
+                    lock(&self.seen).insert(node.clone(), Instant::now());
+                }
+            }
+        };
+        Ok(Response::new(PullTaskResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    type DownloadStream = ChunkStream;
+
+    async fn download(
+        &self,
+        request: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        self.node(&request).await?;
+        let DownloadRequest { hash, offset } = request.into_inner();
+        if !self.view.borrow().cached.contains(&hash) {
+            return Err(Status::not_found(format!(
+                "blob {hash} is not a model this relay serves now; pull a new task"
+            )));
+        }
+        let size = self.blobs.size(&hash).await.map_err(internal)?;
+        if offset > size {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end of blob {hash} ({size} bytes)"
+            )));
+        }
+        let turn = self
+            .transfers
+            .for_download()
+            .await
+            .map_err(|_| Status::unavailable("the relay is shutting down"))?;
+        let chunk = self.chunk_bytes();
+        Ok(Response::new(chunk_stream(
+            self.blobs.clone(),
+            hash,
+            offset..size,
+            chunk,
+            turn,
+        )))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<Streaming<UploadChunk>>,
+    ) -> Result<Response<UploadReceipt>, Status> {
+        let node = self.node(&request).await?;
+        let _slot = self.guard.upload_slot(&node)?;
+        let _turn = self
+            .transfers
+            .for_upload(&node)
+            .await
+            .map_err(|_| Status::unavailable("the relay is shutting down"))?;
+        let mut chunks = request.into_inner();
+        let mut staged: Option<(StagedUpload, u32, v1::Task)> = None;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            if staged.is_none() {
+                let task = self.expect_upload(&node, &chunk).await?;
+                let Some(task) = task else {
+                    return Ok(Response::new(receipt(chunk.total_bytes, true, true)));
+                };
+                let layout = self.layout(&task).await?;
+                let limit = max_update_bytes(&layout);
+                if chunk.total_bytes > limit {
+                    return Err(Status::resource_exhausted(format!(
+                        "update of {} bytes exceeds the limit of {limit} for this model",
+                        chunk.total_bytes
+                    )));
+                }
+                let upload = StagedUpload::open(
+                    &self.blobs,
+                    chunk.round,
+                    &node,
+                    &chunk.hash,
+                    chunk.total_bytes,
+                    self.guard.staged_bytes_per_node(limit),
+                )
+                .await
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                staged = Some((upload, chunk.round, task));
+            }
+            let Some((upload, round, task)) = staged.as_mut() else {
+                continue;
+            };
+            if chunk.round != *round {
+                return Err(Status::invalid_argument(
+                    "round must be the same in every chunk of an upload",
+                ));
+            }
+            if chunk.data.len() > task.max_chunk_bytes as usize {
+                return Err(Status::resource_exhausted(format!(
+                    "chunk of {} bytes exceeds the limit of {}",
+                    chunk.data.len(),
+                    task.max_chunk_bytes
+                )));
+            }
+            upload
+                .append(chunk.offset, &chunk.data)
+                .await
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
+        let Some((upload, round, task)) = staged else {
+            return Err(Status::invalid_argument("empty upload"));
+        };
+        if !upload.is_complete() {
+            return Ok(Response::new(receipt(upload.have(), false, false)));
+        }
+        let total = upload.have();
+        let verified = upload
+            .finish()
+            .await
+            .map_err(|e| Status::data_loss(e.to_string()))?;
+        let examples = if task.secagg.is_some() {
+            // A masked input: only the server's unmasked sum can be checked.
+            0
+        } else {
+            let layout = self.layout(&task).await?;
+            let checked = verified.open_update(&layout).and_then(|mut file| {
+                file.check()?;
+                Ok(file.meta().num_examples)
+            });
+            match checked {
+                Ok(examples) => examples,
+                Err(e) => {
+                    let reason = format!("the relay refused the update: {e}");
+                    let report = self.on_behalf(&node, FailureReport { round, reason });
+                    // The server records the node's failure; the node hears why either way.
+                    let _ = self.upstream.fleet.clone().report_failure(report).await;
+                    lock(&self.gave_up).insert((round, node.clone()));
+                    self.flush.notify_one();
+                    return Err(Status::invalid_argument(e.to_string()));
+                }
+            }
+        };
+        verified.keep(&self.blobs).await.map_err(internal)?;
+        let fresh = self
+            .store
+            .hold(round, &node, verified.id(), examples)
+            .await
+            .map_err(internal)?;
+        self.flush.notify_one();
+        Ok(Response::new(receipt(total, true, !fresh)))
+    }
+
+    async fn upload_status(
+        &self,
+        request: Request<UploadStatusRequest>,
+    ) -> Result<Response<UploadReceipt>, Status> {
+        let node = self.node(&request).await?;
+        let UploadStatusRequest { round, hash } = request.into_inner();
+        if self.store.has(round, &node).await.map_err(internal)? {
+            return Ok(Response::new(receipt(0, true, true)));
+        }
+        let have = match staged::held_upload(&self.blobs, round, &node, &hash) {
+            Some(path) => tokio::fs::metadata(&path).await.map_or(0, |m| m.len()),
+            None => 0,
+        };
+        Ok(Response::new(receipt(have, false, false)))
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<FailureReport>,
+    ) -> Result<Response<FailureAck>, Status> {
+        let node = self.node(&request).await?;
+        let report = request.into_inner();
+        let round = report.round;
+        let ack = self
+            .upstream
+            .fleet
+            .clone()
+            .report_failure(self.on_behalf(&node, report))
+            .await?;
+        lock(&self.gave_up).insert((round, node));
+        self.flush.notify_one();
+        Ok(ack)
+    }
+
+    async fn report_evaluation(
+        &self,
+        request: Request<EvaluationReport>,
+    ) -> Result<Response<FailureAck>, Status> {
+        let node = self.node(&request).await?;
+        let report = request.into_inner();
+        self.upstream
+            .fleet
+            .clone()
+            .report_evaluation(self.on_behalf(&node, report))
+            .await
+    }
+
+    async fn sec_agg(
+        &self,
+        request: Request<SecAggRequest>,
+    ) -> Result<Response<SecAggResponse>, Status> {
+        let node = self.node(&request).await?;
+        let step = request.into_inner();
+        self.upstream
+            .fleet
+            .clone()
+            .sec_agg(self.on_behalf(&node, step))
+            .await
+    }
+}
+
+impl Relay {
+    /// Checks an upload's first chunk: the round is open for `node` at this relay and its
+    /// hash is well formed. `Ok(None)`: the relay already holds the node's update.
+    async fn expect_upload(
+        &self,
+        node: &str,
+        chunk: &UploadChunk,
+    ) -> Result<Option<v1::Task>, Status> {
+        if self.store.has(chunk.round, node).await.map_err(internal)? {
+            return Ok(None);
+        }
+        if !content::is_valid(&chunk.hash) || chunk.hash.starts_with(LEGACY_SHA256) {
+            return Err(Status::invalid_argument(
+                "hash must be the update's BLAKE3 hash as 64 lowercase hex digits",
+            ));
+        }
+        let view = self.view.borrow().clone();
+        match view.train {
+            Some(task)
+                if task.round == chunk.round
+                    && view.train_nodes.contains(node)
+                    && !self.gave_up(chunk.round, node) =>
+            {
+                Ok(Some(task))
+            }
+            _ => Err(Status::failed_precondition(format!(
+                "round {} is not open for this node (the relay is at round {}); pull a new task",
+                chunk.round,
+                view.current_round()
+            ))),
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The `ferry.v1.Relay` service (a relay's sync and the adoption of a node that failed over
+//! to it), and which nodes each relay may speak for.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ferry_core::aggregate::Weighting;
+use ferry_proto::v1::{
+    AdoptRequest, AdoptResponse, Finished, Fold, RelaySyncRequest, RelaySyncResponse,
+    relay_server::Relay,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::Credential,
+    service::{
+        FleetService, MAX_WAIT, permission_denied, store_unavailable, unauthenticated,
+        wire::{evaluation_message, task_message},
+    },
+    store::{IdentityKind, Store},
+};
+
+/// The nodes below each relay, as the store said at the relay's latest sync (or later
+/// enrolment through it), so that a call a relay forwards is checked without a query.
+#[derive(Default)]
+pub(super) struct Subtrees {
+    known: Mutex<HashMap<String, Arc<HashSet<String>>>>,
+}
+
+impl Subtrees {
+    /// Reads `relay`'s subtree from the store; returns its live members and its revoked ones.
+    pub(super) async fn refresh(
+        &self,
+        store: &Store,
+        relay: &str,
+    ) -> Result<(Arc<HashSet<String>>, Vec<String>), Status> {
+        let rows = store.subtree(relay).await.map_err(store_unavailable)?;
+        let (revoked, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.revoked);
+        let members: Arc<HashSet<String>> =
+            Arc::new(live.into_iter().map(|row| row.node_id).collect());
+        self.lock().insert(relay.to_string(), members.clone());
+        Ok((
+            members,
+            revoked.into_iter().map(|row| row.node_id).collect(),
+        ))
+    }
+
+    /// Whether `node` is below `relay` (asking the store when the answer is not known).
+    pub(super) async fn contains(
+        &self,
+        store: &Store,
+        relay: &str,
+        node: &str,
+    ) -> Result<bool, Status> {
+        let known = self.lock().get(relay).cloned();
+        if known.is_some_and(|members| members.contains(node)) {
+            return Ok(true);
+        }
+        Ok(self.refresh(store, relay).await?.0.contains(node))
+    }
+
+    /// `relay`'s members as last read.
+    pub(super) async fn members(
+        &self,
+        store: &Store,
+        relay: &str,
+    ) -> Result<Arc<HashSet<String>>, Status> {
+        let known = self.lock().get(relay).cloned();
+        match known {
+            Some(members) => Ok(members),
+            None => Ok(self.refresh(store, relay).await?.0),
+        }
+    }
+
+    /// Forgets what is known of `relay`'s subtree: it changed.
+    pub(super) fn forget(&self, relay: &str) {
+        self.lock().remove(relay);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HashSet<String>>>> {
+        // A panic while holding this map cannot leave it half-written.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn fold_message(fold: Option<Weighting>) -> Fold {
+    match fold {
+        None => Fold::PassThrough,
+        Some(Weighting::Examples) => Fold::Examples,
+        Some(Weighting::Uniform) => Fold::Uniform,
+        Some(Weighting::Normalized) => Fold::Normalized,
+    }
+}
+
+impl FleetService {
+    /// The relay a Relay-service call comes from, or the status to refuse it with.
+    async fn relay_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let caller = self.caller(request).await?;
+        if caller.kind != IdentityKind::Relay {
+            return Err(permission_denied(&format!(
+                "'{}' enrolled as a node; only relays call the Relay service (create a relay \
+                 token with `ferry token create --relay`)",
+                caller.name
+            )));
+        }
+        Ok(caller.node_id)
+    }
+}
+
+#[tonic::async_trait]
+impl Relay for FleetService {
+    async fn sync(
+        &self,
+        request: Request<RelaySyncRequest>,
+    ) -> Result<Response<RelaySyncResponse>, Status> {
+        let relay = self.relay_caller(&request).await?;
+        let RelaySyncRequest {
+            online,
+            wait_ms,
+            version,
+        } = request.into_inner();
+        let (members, revoked) = self.subtrees.refresh(&self.store, &relay).await?;
+        self.coordinator
+            .seen_all(
+                &relay,
+                online
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|n| members.contains(*n)),
+            )
+            .await;
+        let wait = Duration::from_millis(u64::from(wait_ms))
+            .min(MAX_WAIT)
+            .min(self.liveness_beat());
+        let mut work = self.coordinator.subscribe_work();
+        if *work.borrow_and_update() == version {
+            let _ = tokio::time::timeout(wait, work.changed()).await;
+        }
+        let version = *work.borrow();
+        // Nodes may have enrolled through the relay while it waited.
+        let members = self.subtrees.members(&self.store, &relay).await?;
+        let view = self.coordinator.relay_view(&members).await;
+        let spec = self.coordinator.spec();
+        let (train, train_nodes) = match &view.train {
+            Some((task, nodes)) => (Some(task_message(task, spec)), nodes.clone()),
+            None => (None, Vec::new()),
+        };
+        let (evaluate, evaluate_nodes) = match &view.evaluate {
+            Some((task, nodes)) => (Some(evaluation_message(task, spec)), nodes.clone()),
+            None => (None, Vec::new()),
+        };
+        Ok(Response::new(RelaySyncResponse {
+            version,
+            train,
+            train_nodes,
+            evaluate,
+            evaluate_nodes,
+            idle_reason: view.idle,
+            finished: view.finished.map(|reason| Finished { reason }),
+            fold: fold_message(view.fold).into(),
+            relay_deadline_unix_ms: view.relay_deadline_unix_ms,
+            revoked,
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        request: Request<AdoptRequest>,
+    ) -> Result<Response<AdoptResponse>, Status> {
+        let relay = self.relay_caller(&request).await?;
+        let text = request.into_inner().credential;
+        let credential = Credential::from_header(&format!("Bearer {text}")).ok_or_else(|| {
+            unauthenticated("malformed credential; expected '<node_id>.<secret>'")
+        })?;
+        let node = self
+            .store
+            .node(&credential.node_id)
+            .await
+            .map_err(store_unavailable)?
+            .filter(|node| credential.matches(&node.secret_hash) && !node.revoked)
+            .ok_or_else(|| {
+                unauthenticated(&format!(
+                    "unknown or revoked credential for node '{}'; enrol again with a new token",
+                    credential.node_id
+                ))
+            })?;
+        if node.kind != IdentityKind::Node || node.node_id == relay {
+            return Err(permission_denied(
+                "only a node can move into a relay's subtree",
+            ));
+        }
+        if node.relay.as_deref() != Some(relay.as_str()) {
+            self.store
+                .move_node(&node.node_id, Some(&relay))
+                .await
+                .map_err(store_unavailable)?;
+            if let Some(old) = &node.relay {
+                self.subtrees.forget(old);
+            }
+            self.subtrees.forget(&relay);
+            tracing::info!("node {} moved under relay {relay}", node.node_id);
+        }
+        Ok(Response::new(AdoptResponse {
+            node_id: node.node_id,
+            name: node.name,
+        }))
+    }
+}
