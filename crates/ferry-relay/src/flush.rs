@@ -20,7 +20,7 @@ use ferry_proto::v1::{FailureReport, Fold, Task};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
-use crate::{service::Relay, store::Held};
+use crate::{relay::Relay, store::Held};
 
 /// How often the loop looks even when nothing woke it (the relay deadline passing).
 const TICK: Duration = Duration::from_millis(500);
@@ -90,13 +90,12 @@ async fn flush_once(relay: &Arc<Relay>) -> Result<(), String> {
     {
         let _ = relay.blobs.delete(&blob).await;
     }
-    let held = relay.store.unsent(round).await.map_err(|e| e.to_string())?;
-    if held.is_empty() {
-        return Ok(());
-    }
     let Some(weighting) = weighting(view.fold) else {
+        let held = relay.store.unsent(round).await.map_err(|e| e.to_string())?;
         return pass_through(relay, &task, held).await;
     };
+    // Who has answered is read before what is held: an update stored in between joins this
+    // partial rather than making a second one.
     let answered: HashSet<String> = relay
         .store
         .nodes_in(round)
@@ -109,6 +108,10 @@ async fn flush_once(relay: &Arc<Relay>) -> Result<(), String> {
         .iter()
         .all(|node| answered.contains(node) || relay.gave_up(round, node));
     if !everyone_in && now_unix_ms() < view.relay_deadline_unix_ms {
+        return Ok(());
+    }
+    let held = relay.store.unsent(round).await.map_err(|e| e.to_string())?;
+    if held.is_empty() {
         return Ok(());
     }
     send_partial(relay, &task, weighting, held).await

@@ -9,6 +9,7 @@
 //!
 //! - [`view`]: the latest answer of the server, and what a node is to do by it.
 //! - [`upstream`]: enrolment, the sync loop and model fetches.
+//! - [`relay`]: the relay's state, and who its nodes are.
 //! - [`service`]: the fleet service to nodes.
 //! - [`flush`]: sending accepted updates upstream, folded or passed through.
 //! - [`store`]: the relay's own durable state.
@@ -16,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod flush;
+pub mod relay;
 pub mod service;
 pub mod store;
 pub mod upstream;
@@ -98,7 +100,7 @@ pub async fn run(
     let downloads = settings.data_dir.join("downloads");
     std::fs::create_dir_all(&downloads)
         .map_err(|e| RelayError::Settings(format!("cannot create {}: {e}", downloads.display())))?;
-    let relay = Arc::new(service::Relay::new(upstream, store, blobs, downloads));
+    let relay = Arc::new(relay::Relay::new(upstream, store, blobs, downloads));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let syncing = tokio::spawn(upstream::sync_loop(relay.clone(), stopped.clone()));
     let flushing = tokio::spawn(flush::flush_loop(relay.clone(), stopped.clone()));

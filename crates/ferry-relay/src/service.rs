@@ -3,280 +3,34 @@
 //! uploads are checked as the server checks them and held for [`crate::flush`]; enrolment,
 //! failure and evaluation reports and SecAgg+ steps go upstream on the node's behalf.
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use ferry_core::{
-    Model, ModelLayout,
+    ModelLayout,
     aggregate::UpdateSource,
     content::{self, LEGACY_SHA256},
-    personal::PersonalTensors,
 };
 use ferry_proto::v1::{
-    self, AdoptRequest, BlobRef, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport,
-    FailureAck, FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest,
-    PullTaskResponse, RelaySyncResponse, SecAggRequest, SecAggResponse, UploadChunk, UploadReceipt,
-    UploadStatusRequest,
-    fleet_server::{Fleet, FleetServer},
-    pull_task_response::Outcome,
+    self, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
+    FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
+    SecAggRequest, SecAggResponse, UploadChunk, UploadReceipt, UploadStatusRequest,
+    fleet_server::Fleet, pull_task_response::Outcome,
 };
 use ferry_server::{
-    auth::{self, Credential},
-    blobs::Blobs,
-    limits::{AbuseLimits, Guard},
+    auth::{self},
     service::{ChunkStream, chunk_stream},
     staged::{self, StagedUpload},
-    turns::TransferTurns,
 };
 use futures::StreamExt;
-use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    store::RelayStore,
-    upstream::Upstream,
-    view::{NodeWork, View},
+    relay::{Relay, internal, lock},
+    view::NodeWork,
 };
 
 /// Longest a PullTask call is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
-
-/// A node heard from within this long counts as online in the relay's sync.
-const ONLINE_WINDOW: Duration = Duration::from_secs(30);
-
-/// Transfers streaming at once (as at the server).
-const CONCURRENT_TRANSFERS: usize = 8;
-
-/// Chunk size of downloads when the task does not say.
-const DEFAULT_CHUNK: u64 = 1 << 20;
-
-/// The relay: its link upstream, its store and blobs, and what it knows of the run.
-pub struct Relay {
-    pub(crate) upstream: Upstream,
-    pub(crate) store: RelayStore,
-    pub(crate) blobs: Blobs,
-    downloads: PathBuf,
-    view: watch::Sender<View>,
-    seen: Mutex<HashMap<String, Instant>>,
-    gave_up: Mutex<HashSet<(u32, String)>>,
-    fetching: Mutex<HashSet<String>>,
-    layouts: Mutex<HashMap<String, Arc<ModelLayout>>>,
-    transfers: Arc<TransferTurns>,
-    guard: Guard,
-    /// Woken when an update is held or a node gives up, so that the flush loop looks again.
-    pub(crate) flush: tokio::sync::Notify,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section here is one insert, remove or read.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(format!("relay: {e}"))
-}
-
-fn unauthenticated(message: String) -> Status {
-    tracing::warn!("refused call: {message}");
-    Status::unauthenticated(message)
-}
-
-impl Relay {
-    /// A relay over `upstream`, keeping its state in `store` and `blobs`, and partial
-    /// downloads in `downloads`.
-    pub fn new(upstream: Upstream, store: RelayStore, blobs: Blobs, downloads: PathBuf) -> Self {
-        Self {
-            upstream,
-            store,
-            blobs,
-            downloads,
-            view: watch::channel(View::default()).0,
-            seen: Mutex::default(),
-            gave_up: Mutex::default(),
-            fetching: Mutex::default(),
-            layouts: Mutex::default(),
-            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, Duration::from_secs(10)),
-            guard: Guard::new(AbuseLimits::default()),
-            flush: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// The fleet service nodes call.
-    pub fn fleet_server(self: &Arc<Self>) -> FleetServer<Self> {
-        let limit = 64 << 20;
-        FleetServer::from_arc(self.clone())
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit)
-    }
-
-    /// The relay's view, as it changes.
-    pub fn subscribe(&self) -> watch::Receiver<View> {
-        self.view.subscribe()
-    }
-
-    /// Takes the server's answer.
-    pub fn apply(&self, answer: RelaySyncResponse) {
-        self.view.send_modify(|view| view.apply(answer));
-        self.flush.notify_one();
-    }
-
-    /// Notes that the server cannot be reached, and why.
-    pub fn unreachable(&self, why: String) {
-        self.view.send_modify(|view| view.unreachable = Some(why));
-    }
-
-    /// The blobs the open tasks need that the relay neither holds nor is fetching.
-    pub fn missing_blobs(&self) -> Vec<BlobRef> {
-        let view = self.view.borrow();
-        let fetching = lock(&self.fetching);
-        view.train
-            .iter()
-            .chain(view.evaluate.iter())
-            .flat_map(View::blobs_of)
-            .filter(|blob| !view.cached.contains(&blob.hash) && !fetching.contains(&blob.hash))
-            .cloned()
-            .collect()
-    }
-
-    /// Claims the fetch of blob `id`; false if it is already being fetched.
-    pub fn start_fetch(&self, id: &str) -> bool {
-        lock(&self.fetching).insert(id.to_string())
-    }
-
-    /// A fetch of blob `id` ended: held (`ok`) or given up.
-    pub fn fetched(&self, id: &str, ok: bool) {
-        lock(&self.fetching).remove(id);
-        if ok {
-            self.view.send_modify(|view| {
-                view.cached.insert(id.to_string());
-            });
-        }
-    }
-
-    /// Where partial downloads grow.
-    pub fn downloads_dir(&self) -> PathBuf {
-        self.downloads.clone()
-    }
-
-    /// Nodes heard from recently.
-    pub fn online_nodes(&self) -> Vec<String> {
-        let mut seen = lock(&self.seen);
-        seen.retain(|_, at| at.elapsed() < ONLINE_WINDOW);
-        seen.keys().cloned().collect()
-    }
-
-    /// Whether `node` gave `round` up (its failure went upstream).
-    pub fn gave_up(&self, round: u32, node: &str) -> bool {
-        lock(&self.gave_up).contains(&(round, node.to_string()))
-    }
-
-    /// The layout of the model `task` trains, read from the relay's copy once.
-    pub async fn layout(&self, task: &v1::Task) -> Result<Arc<ModelLayout>, Status> {
-        let model = task
-            .model
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("the task names no model"))?;
-        if let Some(layout) = lock(&self.layouts).get(&model.hash) {
-            return Ok(layout.clone());
-        }
-        let personal = PersonalTensors::new(task.personal.clone()).map_err(internal)?;
-        let file = self.blobs.open(&model.hash).await.map_err(internal)?;
-        let layout = tokio::task::spawn_blocking(move || {
-            Model::read_safetensors(std::io::BufReader::new(file), &personal)
-                .map(|model| model.layout().clone())
-        })
-        .await
-        .map_err(internal)?
-        .map_err(internal)?;
-        lock(&self.layouts).insert(model.hash.clone(), layout.clone());
-        Ok(layout)
-    }
-
-    /// The node a call comes from: its credential checked against the relay's members, or,
-    /// for a node the relay does not know (it enrolled elsewhere and failed over here), by the
-    /// server, which moves it into this relay's subtree.
-    async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let credential = request
-            .metadata()
-            .get(ferry_proto::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(Credential::from_header)
-            .ok_or_else(|| {
-                unauthenticated(
-                    "no or malformed credential; expected 'Bearer <node_id>.<secret>'".into(),
-                )
-            })?;
-        match self
-            .store
-            .member(&credential.node_id)
-            .await
-            .map_err(internal)?
-        {
-            Some(member) if member.revoked => {
-                return Err(unauthenticated(format!(
-                    "node {} ('{}') has been revoked; ask the operator for a new token",
-                    member.node_id, member.name
-                )));
-            }
-            Some(member) if credential.matches(&member.secret_hash) => {}
-            _ => self.adopt(&credential).await?,
-        }
-        lock(&self.seen).insert(credential.node_id.clone(), Instant::now());
-        Ok(credential.node_id)
-    }
-
-    async fn adopt(&self, credential: &Credential) -> Result<(), Status> {
-        let request = self
-            .upstream
-            .credential
-            .authorize(Request::new(AdoptRequest {
-                credential: format!("{}.{}", credential.node_id, credential.secret),
-            }));
-        let adopted = self
-            .upstream
-            .relay
-            .clone()
-            .adopt(request)
-            .await?
-            .into_inner();
-        self.store
-            .add_member(
-                &adopted.node_id,
-                &adopted.name,
-                &auth::hash_secret(&credential.secret),
-            )
-            .await
-            .map_err(internal)?;
-        tracing::info!("node {} joined this relay", adopted.node_id);
-        Ok(())
-    }
-
-    /// The relay's credential for a call made on `node`'s behalf.
-    fn on_behalf<T>(&self, node: &str, message: T) -> Request<T> {
-        self.upstream
-            .credential
-            .on_behalf_of(node)
-            .authorize(Request::new(message))
-    }
-
-    async fn done(&self, round: u32, node: &str) -> Result<bool, Status> {
-        Ok(self.gave_up(round, node) || self.store.has(round, node).await.map_err(internal)?)
-    }
-
-    fn chunk_bytes(&self) -> u64 {
-        self.view
-            .borrow()
-            .train
-            .as_ref()
-            .map_or(DEFAULT_CHUNK, |t| u64::from(t.max_chunk_bytes).max(1))
-    }
-}
 
 fn receipt(received_bytes: u64, accepted: bool, duplicate: bool) -> UploadReceipt {
     UploadReceipt {
@@ -352,8 +106,11 @@ impl Fleet for Relay {
         let give_up = tokio::time::Instant::now() + wait;
         let mut changed = self.subscribe();
         let outcome = loop {
-            let round = changed.borrow_and_update().round();
-            let done = match round {
+            let asked = {
+                let view = changed.borrow_and_update();
+                view.round().filter(|_| view.train_nodes.contains(&node))
+            };
+            let done = match asked {
                 Some(round) => self.done(round, &node).await?,
                 None => false,
             };

@@ -52,7 +52,9 @@ impl RelayStore {
             .filename(dir.join("relay.db"))
             .create_if_missing(true)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
+            // In WAL mode, NORMAL keeps every committed transaction through a crash of the
+            // relay's process (SIGKILL included); a power loss may lose the latest ones.
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)

@@ -16,7 +16,7 @@ use ferry_proto::v1::{
 use tokio::sync::watch;
 use tonic::Code;
 
-use crate::{RelayError, RelaySettings, service::Relay};
+use crate::{RelayError, RelaySettings, relay::Relay};
 
 /// Longest a sync waits at the server for the work to change.
 const SYNC_WAIT_MS: u32 = 10_000;

@@ -5,8 +5,9 @@
 //!   nodes make dialling the server (within f32 rounding: the sums are grouped differently),
 //!   while the server receives two partial aggregates a round instead of four updates, and
 //!   every round's record still names each node with its examples.
-//! - Faults: nodes that know both relays and the server, while relays and the server are
-//!   SIGKILLed at seeded moments and restarted. Afterwards every committed round counts each
+//! - Faults: nodes that know both relays and the server, relays that reach the server through
+//!   a fault-injecting proxy, while relays and the server are SIGKILLed at seeded moments and
+//!   restarted. Afterwards every committed round counts each
 //!   node once, every partial aggregate's contributors are exactly the rows the store counts
 //!   for it, and the final model is the replay of what the store accepted.
 //!
@@ -30,17 +31,17 @@ use ferry_server::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use support::{
-    Killer, TestServer, free_port, history, rounds_done, run_ok, server_succeeds, share_args,
-    spawn_logged, token_client_args, until_listening, wait_for,
+    Killer, TestServer, chaos::ChaosProxy, free_port, history, rounds_done, run_ok,
+    server_succeeds, share_args, spawn_logged, token_client_args, until_listening, wait_for,
 };
 
 const NODES: usize = 4;
 
-/// The `[run]` of both runs of the folding test: every node in every round.
-fn run_section(rounds: usize, extra: &str) -> String {
+/// The `[run]` of a deployment of `nodes` nodes, every one in every round.
+fn run_section(nodes: usize, rounds: usize, extra: &str) -> String {
     format!(
-        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {NODES}\nmin_clients = {NODES}\n\
-         min_results = {NODES}\nrounds = {rounds}\nlocal-epochs = 1\nround_timeout = 30\n\
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {nodes}\nmin_clients = {nodes}\n\
+         min_results = {nodes}\nrounds = {rounds}\nlocal-epochs = 1\nround_timeout = 30\n\
          heartbeat = 1\noffline_after = 5\nretry-backoff = 1\n{extra}"
     )
 }
@@ -54,8 +55,9 @@ struct TestRelay {
 }
 
 impl TestRelay {
-    /// Enrols relay `name` with a fresh relay token; its nodes dial `port`.
-    fn new(server: &TestServer, name: &str) -> Self {
+    /// Enrols relay `name` with a fresh relay token; it dials the server at `upstream`, and
+    /// its nodes dial `port`.
+    fn new(server: &TestServer, name: &str, upstream: &str) -> Self {
         let out = run_ok(&[
             "token",
             "create",
@@ -72,7 +74,7 @@ impl TestRelay {
         let args = [
             "relay",
             "--upstream",
-            &server.url(),
+            upstream,
             "--ca",
             &server.ca(),
             "--cert",
@@ -112,14 +114,14 @@ impl TestRelay {
     }
 }
 
-/// `ferry client` for node `index`, enrolling through the first of `servers` and knowing the
-/// rest.
-fn node_args(server: &TestServer, index: usize, servers: &[String]) -> Vec<String> {
+/// `ferry client` for node `index` of `nodes`, enrolling through the first of `servers` and
+/// knowing the rest.
+fn node_args(server: &TestServer, nodes: usize, index: usize, servers: &[String]) -> Vec<String> {
     let token = server.token(&format!("site-{index}"));
     let mut args = token_client_args(server, &token, &format!("site-{index}"));
     let url = args.iter().position(|a| a == "--server").expect("--server") + 1;
     args[url] = servers.join(",");
-    args.extend(share_args("logreg", NODES, index, 300));
+    args.extend(share_args("logreg", nodes, index, 300));
     args
 }
 
@@ -128,21 +130,21 @@ fn final_model(out: &Path) -> Model {
         .expect("final model")
 }
 
-/// Runs `NODES` nodes for `rounds` rounds, through `relays` relays (0: straight to the
-/// server); returns the server's folder.
-fn deploy(dir: &Path, relays: usize, rounds: usize) -> (TestServer, Vec<TestRelay>) {
-    let server = TestServer::new(dir, &[], false, &run_section(rounds, ""));
+/// Runs `nodes` nodes for `rounds` rounds of the `[run]` lines `extra`, through `relays`
+/// relays (0: straight to the server); returns the server once its run succeeded.
+fn deploy(dir: &Path, nodes: usize, relays: usize, rounds: usize, extra: &str) -> TestServer {
+    let server = TestServer::new(dir, &[], false, &run_section(nodes, rounds, extra));
     let mut logs = vec![dir.join("server.log")];
     let mut processes = Killer(vec![server.spawn(&logs[0])]);
     until_listening(server.port, "the server", Duration::from_secs(60));
     let mut middle: Vec<TestRelay> = (0..relays)
-        .map(|r| TestRelay::new(&server, &format!("relay-{r}")))
+        .map(|r| TestRelay::new(&server, &format!("relay-{r}"), &server.url()))
         .collect();
     for relay in &mut middle {
         processes.0.push(relay.spawn());
         logs.extend(relay.logs.clone());
     }
-    for i in 0..NODES {
+    for i in 0..nodes {
         let via = match middle.len() {
             0 => server.url(),
             n => middle[i % n].url(),
@@ -150,19 +152,19 @@ fn deploy(dir: &Path, relays: usize, rounds: usize) -> (TestServer, Vec<TestRela
         let log = dir.join(format!("client-{i}.log"));
         processes
             .0
-            .push(spawn_logged(&node_args(&server, i, &[via]), &log));
+            .push(spawn_logged(&node_args(&server, nodes, i, &[via]), &log));
         logs.push(log);
     }
     server_succeeds(&mut processes, &logs, Duration::from_secs(300));
-    (server, middle)
+    server
 }
 
 #[test]
 fn nodes_behind_two_relays_make_the_direct_runs_model_and_every_round_names_them() {
     const ROUNDS: usize = 3;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let (direct, _) = deploy(&tmp.path().join("direct"), 0, ROUNDS);
-    let (relayed, _) = deploy(&tmp.path().join("relayed"), 2, ROUNDS);
+    let direct = deploy(&tmp.path().join("direct"), NODES, 0, ROUNDS, "");
+    let relayed = deploy(&tmp.path().join("relayed"), NODES, 2, ROUNDS, "");
 
     let (a, b) = (final_model(&direct.out), final_model(&relayed.out));
     let gap = a
@@ -210,6 +212,62 @@ fn nodes_behind_two_relays_make_the_direct_runs_model_and_every_round_names_them
     }
 }
 
+/// Each round's record of a run through two relays, checked to have aggregated `nodes`
+/// updates; returns the bytes the server received in its first round.
+fn relayed_round_bytes(dir: &Path, nodes: usize, extra: &str) -> u64 {
+    let server = deploy(dir, nodes, 2, 2, extra);
+    let h = history(&server.out).expect("history");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2, "`{extra}`: {h}");
+    for r in rounds {
+        assert_eq!(
+            r["participants"].as_u64(),
+            Some(nodes as u64),
+            "`{extra}`: {r}"
+        );
+        assert!(r["aborted"].is_null(), "`{extra}`: {r}");
+    }
+    rounds[0]["bytes_up"].as_u64().expect("bytes up")
+}
+
+#[test]
+fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = 4 * 7850;
+    // Linear rules: two partial aggregates a round (SCAFFOLD's carry control sums too).
+    for (i, (extra, per_partial)) in [
+        ("strategy = \"fednova\"\n", model),
+        ("strategy = \"scaffold\"\n", 2 * model),
+        (
+            "dp-noise-multiplier = 0.3\ndp-clip = 1.0\ndp-placement = \"distributed\"\n",
+            model,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bytes = relayed_round_bytes(&tmp.path().join(format!("fold-{i}")), NODES, extra);
+        assert_eq!(
+            bytes,
+            2 * per_partial as u64,
+            "`{extra}` folds at the relays"
+        );
+    }
+    // Rules that need each update: every node's update reaches the server.
+    for (i, extra) in [
+        "aggregator = \"median\"\n",
+        "dp-noise-multiplier = 0.3\ndp-clip = 1.0\n",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bytes = relayed_round_bytes(&tmp.path().join(format!("pass-{i}")), NODES, extra);
+        assert_eq!(bytes, (NODES * model) as u64, "`{extra}` passes through");
+    }
+    // SecAgg+: keys, shares and masked inputs through the relays; the round's sum unmasks.
+    relayed_round_bytes(&tmp.path().join("secagg"), 6, "secagg = true\n");
+}
+
 #[test]
 fn relays_and_the_server_killed_mid_round_lose_and_double_nothing() {
     const ROUNDS: usize = 200;
@@ -237,9 +295,13 @@ fn relays_and_the_server_killed_mid_round_lose_and_double_nothing() {
         .expect("run row")
         .expect("a run started")
         .model_sha;
+    // The relays reach the server through a proxy that refuses, cuts, stalls and delays
+    // their connections.
+    let proxy = ChaosProxy::start(server.port, SEED);
+    let through_proxy = format!("https://localhost:{}", proxy.port);
     let mut relays = [
-        TestRelay::new(&server, "relay-a"),
-        TestRelay::new(&server, "relay-b"),
+        TestRelay::new(&server, "relay-a", &through_proxy),
+        TestRelay::new(&server, "relay-b", &through_proxy),
     ];
     for relay in &mut relays {
         processes.0.push(relay.spawn());
@@ -250,7 +312,7 @@ fn relays_and_the_server_killed_mid_round_lose_and_double_nothing() {
         let log = dir.join(format!("client-{i}.log"));
         processes
             .0
-            .push(spawn_logged(&node_args(&server, i, &servers), &log));
+            .push(spawn_logged(&node_args(&server, NODES, i, &servers), &log));
         logs.push(log);
     }
     let out = server.out.clone();
@@ -290,6 +352,11 @@ fn relays_and_the_server_killed_mid_round_lose_and_double_nothing() {
         || matches!(processes.0[0].try_wait(), Ok(Some(_))),
     );
     assert!(processes.0[0].wait().expect("status").success());
+    let [passed, refused, cut, stalled, delayed] = proxy.counts();
+    eprintln!(
+        "proxy: {passed} connections passed, {refused} refused, {cut} cut, {stalled} stalled, \
+         {delayed} delayed"
+    );
 
     let h = history(&out).expect("history.json");
     assert_eq!(h["final"]["stop"], "rounds_completed", "{h}");

@@ -18,20 +18,22 @@ use ferry_proto::v1::{
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+mod callers;
 mod refusals;
 mod relay;
 mod wire;
 
+use callers::{Actor, permission_denied, store_unavailable, unauthenticated};
 use refusals::{refused, refused_request, rejected, stage_refused};
 use wire::{evaluation_message, receipt, secagg_outcome, secagg_step, task_message};
 
 use crate::{
-    auth::{self, Credential},
+    auth,
     coordinator::{Coordinator, Work},
     limits::{AbuseLimits, Guard},
     secure::SecAggReply,
     staged::StagedUpload,
-    store::{IdentityKind, NodeRow, Store},
+    store::{IdentityKind, Store},
     turns::TransferTurns,
 };
 
@@ -74,22 +76,6 @@ pub struct FleetService {
     subtrees: relay::Subtrees,
 }
 
-/// Whom a call is for.
-enum Actor {
-    /// A node: the caller itself, or a node of the calling relay's subtree.
-    Node(String),
-    /// A relay, as itself (its partial aggregates, its model downloads).
-    Relay(String),
-}
-
-impl Actor {
-    fn id(&self) -> &str {
-        match self {
-            Self::Node(id) | Self::Relay(id) => id,
-        }
-    }
-}
-
 impl FleetService {
     /// A service for `coordinator`, authenticating nodes against `store` and holding them
     /// to `limits`.
@@ -110,116 +96,6 @@ impl FleetService {
     fn liveness_beat(&self) -> Duration {
         (self.coordinator.spec().offline_after / 3).max(Duration::from_millis(100))
     }
-
-    /// The enrolled identity a call comes from (a node or a relay), or UNAUTHENTICATED with
-    /// the reason.
-    async fn caller<T>(&self, request: &Request<T>) -> Result<NodeRow, Status> {
-        let header = request
-            .metadata()
-            .get(ferry_proto::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| unauthenticated("no credential sent; enrol with a token first"))?;
-        let credential = Credential::from_header(header).ok_or_else(|| {
-            unauthenticated("malformed credential; expected 'Bearer <node_id>.<secret>'")
-        })?;
-        let node = self
-            .store
-            .node(&credential.node_id)
-            .await
-            .map_err(store_unavailable)?;
-        match node {
-            Some(node) if node.revoked => Err(unauthenticated(&format!(
-                "{} {} ('{}') has been revoked; ask the operator for a new token",
-                node.kind.as_str(),
-                node.node_id,
-                node.name
-            ))),
-            Some(node) if credential.matches(&node.secret_hash) => Ok(node),
-            _ => Err(unauthenticated(&format!(
-                "unknown credential for node '{}'; enrol again with a new token",
-                credential.node_id
-            ))),
-        }
-    }
-
-    /// Whom a call is for: the calling node, a node of the calling relay's subtree named by
-    /// `ferry-on-behalf-of`, or the calling relay itself. A node named is marked alive.
-    async fn actor<T>(&self, request: &Request<T>) -> Result<Actor, Status> {
-        let caller = self.caller(request).await?;
-        let on_behalf = request
-            .metadata()
-            .get(ferry_proto::ON_BEHALF_OF)
-            .map(|v| v.to_str().unwrap_or_default().to_string());
-        let node = match (caller.kind, on_behalf) {
-            (IdentityKind::Relay, None) => return Ok(Actor::Relay(caller.node_id)),
-            (IdentityKind::Node, None) => caller.node_id,
-            (IdentityKind::Node, Some(_)) => {
-                return Err(permission_denied(
-                    "only a relay may call on behalf of another node",
-                ));
-            }
-            (IdentityKind::Relay, Some(node)) => {
-                if !self
-                    .subtrees
-                    .contains(&self.store, &caller.node_id, &node)
-                    .await?
-                {
-                    return Err(permission_denied(&format!(
-                        "node '{node}' is not in relay {}'s subtree",
-                        caller.node_id
-                    )));
-                }
-                node
-            }
-        };
-        self.coordinator.seen(&node).await;
-        Ok(Actor::Node(node))
-    }
-
-    /// The node a node's call is for; a relay calling as itself is refused (its nodes' work
-    /// comes through the Relay service).
-    async fn node_actor<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        match self.actor(request).await? {
-            Actor::Node(node) => Ok(node),
-            Actor::Relay(relay) => Err(permission_denied(&format!(
-                "relay {relay} called a node's method as itself; a relay syncs its nodes' \
-                 work through the Relay service and forwards their calls on their behalf"
-            ))),
-        }
-    }
-
-    /// The relay an enrolment comes through: the calling relay, or the relay of its subtree
-    /// it forwards for (a chain); `None` for a node enrolling itself.
-    async fn enrolling_via<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
-        if request.metadata().get(ferry_proto::AUTHORIZATION).is_none() {
-            return Ok(None);
-        }
-        match self.actor(request).await? {
-            Actor::Relay(relay) => Ok(Some(relay)),
-            Actor::Node(below) => match self.store.node(&below).await.map_err(store_unavailable)? {
-                Some(row) if row.kind == IdentityKind::Relay => Ok(Some(below)),
-                _ => Err(permission_denied(
-                    "an enrolment is forwarded by a relay, for itself or a relay below it",
-                )),
-            },
-        }
-    }
-}
-
-fn store_unavailable(e: crate::ServerError) -> Status {
-    Status::unavailable(format!("store unavailable: {e}"))
-}
-
-fn permission_denied(message: &str) -> Status {
-    tracing::warn!("refused call: {message}");
-    metrics::counter!("ferry_calls_refused_total", "why" => "not_permitted").increment(1);
-    Status::permission_denied(message.to_string())
-}
-
-fn unauthenticated(message: &str) -> Status {
-    tracing::warn!("refused call: {message}");
-    metrics::counter!("ferry_calls_unauthenticated_total").increment(1);
-    Status::unauthenticated(message.to_string())
 }
 
 async fn staged_len(path: &Path) -> u64 {
@@ -270,9 +146,14 @@ impl Fleet for FleetService {
         &self,
         request: Request<EnrolRequest>,
     ) -> Result<Response<EnrolResponse>, Status> {
-        let source = request.remote_addr().map(|addr| addr.ip());
-        self.guard.may_enrol(source)?;
         let via = self.enrolling_via(&request).await?;
+        // A relay's address carries its whole subtree's enrolments (the relay limits each
+        // of its own sources): failures it forwards are not held against it.
+        let source = match via {
+            Some(_) => None,
+            None => request.remote_addr().map(|addr| addr.ip()),
+        };
+        self.guard.may_enrol(source)?;
         let token = request.into_inner().token;
         let (node_id, secret) = (auth::new_node_id(), auth::new_secret());
         let enrolled = self

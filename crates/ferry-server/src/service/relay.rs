@@ -23,56 +23,77 @@ use crate::{
     store::{IdentityKind, Store},
 };
 
-/// The nodes below each relay, as the store said at the relay's latest sync (or later
-/// enrolment through it), so that a call a relay forwards is checked without a query.
+/// How long a relay's subtree, as read from the store, is taken as it is: enrolments and
+/// moves through this server are seen at once; a revocation (`ferry token revoke` writes the
+/// store directly) within this time.
+const SUBTREE_FRESH_FOR: Duration = Duration::from_secs(30);
+
+/// A relay's subtree as last read: its live members and its revoked ones.
+struct Subtree {
+    members: Arc<HashSet<String>>,
+    revoked: Vec<String>,
+    read: std::time::Instant,
+}
+
+/// The nodes below each relay, as the store said lately, so that a sync or a call a relay
+/// forwards is checked without reading the whole subtree again.
 #[derive(Default)]
 pub(super) struct Subtrees {
-    known: Mutex<HashMap<String, Arc<HashSet<String>>>>,
+    known: Mutex<HashMap<String, Subtree>>,
 }
 
 impl Subtrees {
-    /// Reads `relay`'s subtree from the store; returns its live members and its revoked ones.
+    /// `relay`'s live members and revoked ones, read from the store when not read lately.
     pub(super) async fn refresh(
         &self,
         store: &Store,
         relay: &str,
     ) -> Result<(Arc<HashSet<String>>, Vec<String>), Status> {
+        if let Some(known) = self
+            .lock()
+            .get(relay)
+            .filter(|known| known.read.elapsed() < SUBTREE_FRESH_FOR)
+        {
+            return Ok((known.members.clone(), known.revoked.clone()));
+        }
         let rows = store.subtree(relay).await.map_err(store_unavailable)?;
         let (revoked, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.revoked);
         let members: Arc<HashSet<String>> =
             Arc::new(live.into_iter().map(|row| row.node_id).collect());
-        self.lock().insert(relay.to_string(), members.clone());
-        Ok((
-            members,
-            revoked.into_iter().map(|row| row.node_id).collect(),
-        ))
+        let revoked: Vec<String> = revoked.into_iter().map(|row| row.node_id).collect();
+        let read = std::time::Instant::now();
+        let subtree = Subtree {
+            members: members.clone(),
+            revoked: revoked.clone(),
+            read,
+        };
+        self.lock().insert(relay.to_string(), subtree);
+        Ok((members, revoked))
     }
 
-    /// Whether `node` is below `relay` (asking the store when the answer is not known).
+    /// Whether `node` is below `relay` (reading the subtree again when it is not among the
+    /// members read: it may have joined since).
     pub(super) async fn contains(
         &self,
         store: &Store,
         relay: &str,
         node: &str,
     ) -> Result<bool, Status> {
-        let known = self.lock().get(relay).cloned();
+        let known = self.lock().get(relay).map(|known| known.members.clone());
         if known.is_some_and(|members| members.contains(node)) {
             return Ok(true);
         }
+        self.forget(relay);
         Ok(self.refresh(store, relay).await?.0.contains(node))
     }
 
-    /// `relay`'s members as last read.
+    /// `relay`'s live members.
     pub(super) async fn members(
         &self,
         store: &Store,
         relay: &str,
     ) -> Result<Arc<HashSet<String>>, Status> {
-        let known = self.lock().get(relay).cloned();
-        match known {
-            Some(members) => Ok(members),
-            None => Ok(self.refresh(store, relay).await?.0),
-        }
+        Ok(self.refresh(store, relay).await?.0)
     }
 
     /// Forgets what is known of `relay`'s subtree: it changed.
@@ -80,7 +101,7 @@ impl Subtrees {
         self.lock().remove(relay);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HashSet<String>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subtree>> {
         // A panic while holding this map cannot leave it half-written.
         self.known
             .lock()

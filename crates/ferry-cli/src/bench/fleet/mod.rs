@@ -50,6 +50,10 @@ pub struct FleetArgs {
     /// Seconds a round waits for its cohort before closing with whoever answered.
     #[arg(long, default_value_t = 300)]
     pub round_timeout: u64,
+    /// Nodes the load generator starts per second (0: all at once); a fleet of 100,000
+    /// enrolling at once queues every enrolment on the server's store.
+    #[arg(long, default_value_t = 0)]
+    pub start_per_second: u32,
     /// Folder to write `rounds.csv` and `rpc.csv` into.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -265,6 +269,8 @@ pub fn run(args: FleetArgs) -> Result<()> {
         args.params.to_string(),
         "--per-connection".into(),
         args.per_connection.to_string(),
+        "--start-per-second".into(),
+        args.start_per_second.to_string(),
     ])?;
     let mut samples: Vec<RoundSample> = Vec::new();
     let mut summary: Option<ServerSummary> = None;

@@ -35,6 +35,9 @@ pub struct FleetNodesArgs {
     /// Nodes sharing one TLS connection.
     #[arg(long)]
     pub per_connection: usize,
+    /// Nodes started per second (0: all at once), as a fleet that comes online over time.
+    #[arg(long, default_value_t = 0)]
+    pub start_per_second: u32,
 }
 
 /// When nodes reached a point of a round, as `(round, unix ms)`.
@@ -91,12 +94,15 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
                 list.push((round, now_ms() as u64));
             };
             let channel = channels[at][channels[at].len() - 1].clone();
-            nodes.push(Box::pin(agent::run_on(
-                channel,
-                settings,
-                trainer.clone(),
-                on_event,
-            )));
+            let start = match args.start_per_second {
+                0 => Duration::ZERO,
+                rate => Duration::from_secs_f64(i as f64 / f64::from(rate)),
+            };
+            let agent = agent::run_on(channel, settings, trainer.clone(), on_event);
+            nodes.push(Box::pin(async move {
+                tokio::time::sleep(start).await;
+                agent.await
+            }));
         }
         let mut failed = Vec::new();
         while let Some(ended) = futures::StreamExt::next(&mut nodes).await {

@@ -1,0 +1,299 @@
+//! The relay's state: its link upstream, its store and blobs, what it knows of the run, and
+//! who its nodes are (a node it does not know is adopted from the server with the node's own
+//! credential).
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use ferry_core::{Model, ModelLayout, personal::PersonalTensors};
+use ferry_proto::v1::{self, AdoptRequest, BlobRef, RelaySyncResponse, fleet_server::FleetServer};
+use ferry_server::{
+    auth::{self, Credential},
+    blobs::Blobs,
+    limits::{AbuseLimits, Guard},
+    turns::TransferTurns,
+};
+use tokio::sync::watch;
+use tonic::{Request, Status};
+
+use crate::{store::RelayStore, upstream::Upstream, view::View};
+
+/// A node heard from within this long counts as online in the relay's sync.
+const ONLINE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Transfers streaming at once (as at the server).
+const CONCURRENT_TRANSFERS: usize = 8;
+
+/// Chunk size of downloads when the task does not say.
+const DEFAULT_CHUNK: u64 = 1 << 20;
+
+/// The relay: its link upstream, its store and blobs, and what it knows of the run.
+pub struct Relay {
+    pub(crate) upstream: Upstream,
+    pub(crate) store: RelayStore,
+    pub(crate) blobs: Blobs,
+    pub(crate) downloads: PathBuf,
+    pub(crate) view: watch::Sender<View>,
+    pub(crate) seen: Mutex<HashMap<String, Instant>>,
+    pub(crate) gave_up: Mutex<HashSet<(u32, String)>>,
+    pub(crate) fetching: Mutex<HashSet<String>>,
+    pub(crate) layouts: Mutex<HashMap<String, Arc<ModelLayout>>>,
+    pub(crate) transfers: Arc<TransferTurns>,
+    pub(crate) guard: Guard,
+    /// Woken when an update is held or a node gives up, so that the flush loop looks again.
+    pub(crate) flush: tokio::sync::Notify,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here is one insert, remove or read.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("relay: {e}"))
+}
+
+pub(crate) fn unauthenticated(message: String) -> Status {
+    tracing::warn!("refused call: {message}");
+    Status::unauthenticated(message)
+}
+
+impl Relay {
+    /// A relay over `upstream`, keeping its state in `store` and `blobs`, and partial
+    /// downloads in `downloads`.
+    pub fn new(upstream: Upstream, store: RelayStore, blobs: Blobs, downloads: PathBuf) -> Self {
+        Self {
+            upstream,
+            store,
+            blobs,
+            downloads,
+            view: watch::channel(View::default()).0,
+            seen: Mutex::default(),
+            gave_up: Mutex::default(),
+            fetching: Mutex::default(),
+            layouts: Mutex::default(),
+            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, Duration::from_secs(10)),
+            guard: Guard::new(AbuseLimits::default()),
+            flush: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The fleet service nodes call.
+    pub fn fleet_server(self: &Arc<Self>) -> FleetServer<Self> {
+        let limit = 64 << 20;
+        FleetServer::from_arc(self.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+
+    /// The relay's view, as it changes.
+    pub fn subscribe(&self) -> watch::Receiver<View> {
+        self.view.subscribe()
+    }
+
+    /// Takes the server's answer; nodes waiting for work are woken only if it changed. Models
+    /// no open task needs any more leave the cache.
+    pub fn apply(&self, answer: RelaySyncResponse) {
+        let mut stale = Vec::new();
+        self.view.send_if_modified(|view| {
+            let before = (
+                view.train.clone(),
+                view.evaluate.clone(),
+                view.finished.clone(),
+            );
+            let (nodes, evaluating) = (view.train_nodes.clone(), view.evaluate_nodes.clone());
+            let was_unreachable = view.unreachable.is_some();
+            view.apply(answer);
+            let needed: HashSet<String> = view
+                .train
+                .iter()
+                .chain(view.evaluate.iter())
+                .flat_map(View::blobs_of)
+                .map(|blob| blob.hash.clone())
+                .collect();
+            stale = view
+                .cached
+                .iter()
+                .filter(|id| !needed.contains(*id))
+                .cloned()
+                .collect();
+            view.cached.retain(|id| needed.contains(id));
+            was_unreachable
+                || before
+                    != (
+                        view.train.clone(),
+                        view.evaluate.clone(),
+                        view.finished.clone(),
+                    )
+                || nodes != view.train_nodes
+                || evaluating != view.evaluate_nodes
+        });
+        if !stale.is_empty() {
+            lock(&self.layouts).retain(|id, _| !stale.contains(id));
+            let blobs = self.blobs.clone();
+            tokio::spawn(async move {
+                for id in stale {
+                    let _ = blobs.delete(&id).await;
+                }
+            });
+        }
+        self.flush.notify_one();
+    }
+
+    /// Notes that the server cannot be reached, and why.
+    pub fn unreachable(&self, why: String) {
+        self.view.send_modify(|view| view.unreachable = Some(why));
+    }
+
+    /// The blobs the open tasks need that the relay neither holds nor is fetching.
+    pub fn missing_blobs(&self) -> Vec<BlobRef> {
+        let view = self.view.borrow();
+        let fetching = lock(&self.fetching);
+        view.train
+            .iter()
+            .chain(view.evaluate.iter())
+            .flat_map(View::blobs_of)
+            .filter(|blob| !view.cached.contains(&blob.hash) && !fetching.contains(&blob.hash))
+            .cloned()
+            .collect()
+    }
+
+    /// Claims the fetch of blob `id`; false if it is already being fetched.
+    pub fn start_fetch(&self, id: &str) -> bool {
+        lock(&self.fetching).insert(id.to_string())
+    }
+
+    /// A fetch of blob `id` ended: held (`ok`) or given up.
+    pub fn fetched(&self, id: &str, ok: bool) {
+        lock(&self.fetching).remove(id);
+        if ok {
+            self.view.send_modify(|view| {
+                view.cached.insert(id.to_string());
+            });
+        }
+    }
+
+    /// Where partial downloads grow.
+    pub fn downloads_dir(&self) -> PathBuf {
+        self.downloads.clone()
+    }
+
+    /// Nodes heard from recently.
+    pub fn online_nodes(&self) -> Vec<String> {
+        let mut seen = lock(&self.seen);
+        seen.retain(|_, at| at.elapsed() < ONLINE_WINDOW);
+        seen.keys().cloned().collect()
+    }
+
+    /// Whether `node` gave `round` up (its failure went upstream).
+    pub fn gave_up(&self, round: u32, node: &str) -> bool {
+        lock(&self.gave_up).contains(&(round, node.to_string()))
+    }
+
+    /// The layout of the model `task` trains, read from the relay's copy once.
+    pub async fn layout(&self, task: &v1::Task) -> Result<Arc<ModelLayout>, Status> {
+        let model = task
+            .model
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("the task names no model"))?;
+        if let Some(layout) = lock(&self.layouts).get(&model.hash) {
+            return Ok(layout.clone());
+        }
+        let personal = PersonalTensors::new(task.personal.clone()).map_err(internal)?;
+        let file = self.blobs.open(&model.hash).await.map_err(internal)?;
+        let layout = tokio::task::spawn_blocking(move || {
+            Model::read_safetensors(std::io::BufReader::new(file), &personal)
+                .map(|model| model.layout().clone())
+        })
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+        lock(&self.layouts).insert(model.hash.clone(), layout.clone());
+        Ok(layout)
+    }
+
+    /// The node a call comes from: its credential checked against the relay's members, or,
+    /// for a node the relay does not know (it enrolled elsewhere and failed over here), by the
+    /// server, which moves it into this relay's subtree.
+    pub(crate) async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let credential = request
+            .metadata()
+            .get(ferry_proto::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Credential::from_header)
+            .ok_or_else(|| {
+                unauthenticated(
+                    "no or malformed credential; expected 'Bearer <node_id>.<secret>'".into(),
+                )
+            })?;
+        match self
+            .store
+            .member(&credential.node_id)
+            .await
+            .map_err(internal)?
+        {
+            Some(member) if member.revoked => {
+                return Err(unauthenticated(format!(
+                    "node {} ('{}') has been revoked; ask the operator for a new token",
+                    member.node_id, member.name
+                )));
+            }
+            Some(member) if credential.matches(&member.secret_hash) => {}
+            _ => self.adopt(&credential).await?,
+        }
+        lock(&self.seen).insert(credential.node_id.clone(), Instant::now());
+        Ok(credential.node_id)
+    }
+
+    pub(crate) async fn adopt(&self, credential: &Credential) -> Result<(), Status> {
+        let request = self
+            .upstream
+            .credential
+            .authorize(Request::new(AdoptRequest {
+                credential: format!("{}.{}", credential.node_id, credential.secret),
+            }));
+        let adopted = self
+            .upstream
+            .relay
+            .clone()
+            .adopt(request)
+            .await?
+            .into_inner();
+        self.store
+            .add_member(
+                &adopted.node_id,
+                &adopted.name,
+                &auth::hash_secret(&credential.secret),
+            )
+            .await
+            .map_err(internal)?;
+        tracing::info!("node {} joined this relay", adopted.node_id);
+        Ok(())
+    }
+
+    /// The relay's credential for a call made on `node`'s behalf.
+    pub(crate) fn on_behalf<T>(&self, node: &str, message: T) -> Request<T> {
+        self.upstream
+            .credential
+            .on_behalf_of(node)
+            .authorize(Request::new(message))
+    }
+
+    pub(crate) async fn done(&self, round: u32, node: &str) -> Result<bool, Status> {
+        Ok(self.gave_up(round, node) || self.store.has(round, node).await.map_err(internal)?)
+    }
+
+    pub(crate) fn chunk_bytes(&self) -> u64 {
+        self.view
+            .borrow()
+            .train
+            .as_ref()
+            .map_or(DEFAULT_CHUNK, |t| u64::from(t.max_chunk_bytes).max(1))
+    }
+}
