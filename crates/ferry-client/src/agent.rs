@@ -165,8 +165,9 @@ async fn credential(
             settings.server.url
         ))
     })?;
+    let secret = connection::enrolment_secret(&settings.state_dir)?;
     loop {
-        match connection::enrol(client, &settings.server.url, token).await {
+        match connection::enrol(client, &settings.server.url, token, &secret).await {
             Ok(credential) => {
                 credential.save(&settings.state_dir)?;
                 return Ok(credential);

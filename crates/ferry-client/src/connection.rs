@@ -170,14 +170,36 @@ impl StoredCredential {
     }
 }
 
+/// The secret this identity enrols with, kept in `state_dir` from its first attempt, so that
+/// an enrolment retried after a lost answer (the token spent) gets the same identity.
+pub fn enrolment_secret(state_dir: &Path) -> Result<String, ClientError> {
+    let path = state_dir.join("enrolment-secret");
+    let io = |context: String| move |source| ClientError::Io { context, source };
+    match std::fs::read_to_string(&path) {
+        Ok(secret) if !secret.trim().is_empty() => return Ok(secret.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+    }
+    std::fs::create_dir_all(state_dir).map_err(io(format!("creating {}", state_dir.display())))?;
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let secret = ferry_core::model::hex(&bytes);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &secret).map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))?;
+    Ok(secret)
+}
+
 /// Exchanges a one-time token for the node's credential. A relay's token is refused: it
 /// enrols a relay (`ferry relay`), which a node must not become.
 pub async fn enrol(
     client: &mut FleetClient<Servers>,
     server: &str,
     token: &str,
+    secret: &str,
 ) -> Result<StoredCredential, tonic::Status> {
-    let (credential, kind) = enrol_as(client, server, token).await?;
+    let (credential, kind) = enrol_as(client, server, token, secret).await?;
     if kind == "relay" {
         return Err(tonic::Status::unauthenticated(
             "this token enrols a relay, not a node: start `ferry relay` with it, or create a \
@@ -187,16 +209,19 @@ pub async fn enrol(
     Ok(credential)
 }
 
-/// Exchanges a one-time token for a credential and says what the token enrolled ("node" or
-/// "relay").
+/// Exchanges a one-time token for a credential whose secret is `secret` (the caller's own,
+/// kept across retries: see [`enrolment_secret`]), and says what the token enrolled ("node"
+/// or "relay"). A retry after a lost answer gets the same identity.
 pub async fn enrol_as(
     client: &mut FleetClient<Servers>,
     server: &str,
     token: &str,
+    secret: &str,
 ) -> Result<(StoredCredential, String), tonic::Status> {
     let response = client
         .enrol(EnrolRequest {
             token: token.to_string(),
+            secret_hash: ferry_core::model::sha256_hex(secret.as_bytes()),
         })
         .await?
         .into_inner();
@@ -209,7 +234,12 @@ pub async fn enrol_as(
         StoredCredential {
             server: server.to_string(),
             node_id: response.node_id,
-            secret: response.secret,
+            // A server that chose the secret itself (before client-chosen secrets) sends it.
+            secret: if response.secret.is_empty() {
+                secret.to_string()
+            } else {
+                response.secret
+            },
             name: response.name,
             on_behalf_of: None,
         },

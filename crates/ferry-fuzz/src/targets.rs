@@ -202,6 +202,7 @@ fn message_seeds() -> Vec<Vec<u8>> {
     let encoded: [Vec<u8>; MESSAGES] = [
         v1::EnrolRequest {
             token: "ferry-enrol-abc".into(),
+            ..Default::default()
         }
         .encode_to_vec(),
         v1::HeartbeatRequest { round: 4 }.encode_to_vec(),

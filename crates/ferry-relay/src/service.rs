@@ -55,10 +55,9 @@ impl Fleet for Relay {
     ) -> Result<Response<EnrolResponse>, Status> {
         let source = request.remote_addr().map(|addr| addr.ip());
         self.guard.may_enrol(source)?;
-        let forwarded = self
-            .upstream
-            .credential
-            .authorize(Request::new(request.into_inner()));
+        let asked = request.into_inner();
+        let chosen = asked.secret_hash.clone();
+        let forwarded = self.upstream.credential.authorize(Request::new(asked));
         let enrolled = match self.upstream.fleet.clone().enrol(forwarded).await {
             Ok(enrolled) => enrolled.into_inner(),
             Err(status) => {
@@ -68,12 +67,14 @@ impl Fleet for Relay {
                 return Err(status);
             }
         };
+        // The node's own secret is known here by its hash; one the server chose, by itself.
+        let secret_hash = if enrolled.secret.is_empty() {
+            chosen
+        } else {
+            auth::hash_secret(&enrolled.secret)
+        };
         self.store
-            .add_member(
-                &enrolled.node_id,
-                &enrolled.name,
-                &auth::hash_secret(&enrolled.secret),
-            )
+            .add_member(&enrolled.node_id, &enrolled.name, &secret_hash)
             .await
             .map_err(internal)?;
         lock(&self.seen).insert(enrolled.node_id.clone(), Instant::now());

@@ -50,7 +50,8 @@ impl Upstream {
                         settings.data_dir.display()
                     ))
                 })?;
-                let credential = enrol(&mut fleet, url, token).await?;
+                let secret = connection::enrolment_secret(&settings.data_dir)?;
+                let credential = enrol(&mut fleet, url, token, &secret).await?;
                 credential.save(&settings.data_dir)?;
                 credential
             }
@@ -78,10 +79,11 @@ async fn enrol(
     fleet: &mut FleetClient<Servers>,
     url: &str,
     token: &str,
+    secret: &str,
 ) -> Result<StoredCredential, RelayError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match connection::enrol_as(fleet, url, token).await {
+        match connection::enrol_as(fleet, url, token, secret).await {
             Ok((credential, kind)) if kind == "relay" => return Ok(credential),
             Ok((credential, kind)) => {
                 return Err(RelayError::Settings(format!(

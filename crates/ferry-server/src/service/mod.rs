@@ -154,14 +154,29 @@ impl Fleet for FleetService {
             None => request.remote_addr().map(|addr| addr.ip()),
         };
         self.guard.may_enrol(source)?;
-        let token = request.into_inner().token;
-        let (node_id, secret) = (auth::new_node_id(), auth::new_secret());
+        let EnrolRequest { token, secret_hash } = request.into_inner();
+        // The node's own secret, by its hash (an enrolment it may retry), or one chosen here.
+        let (secret, secret_hash) = if secret_hash.is_empty() {
+            let secret = auth::new_secret();
+            let hash = auth::hash_secret(&secret);
+            (secret, hash)
+        } else if secret_hash.len() == 64
+            && secret_hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            (String::new(), secret_hash)
+        } else {
+            return Err(Status::invalid_argument(
+                "secret_hash must be the SHA-256 of the node's secret as 64 lowercase hex digits",
+            ));
+        };
         let enrolled = self
             .store
             .enrol_under(
                 &auth::hash_secret(token.trim()),
-                &node_id,
-                &auth::hash_secret(&secret),
+                &auth::new_node_id(),
+                &secret_hash,
                 via.as_deref(),
             )
             .await
@@ -170,7 +185,7 @@ impl Fleet for FleetService {
                 self.guard.enrol_failed(source);
                 unauthenticated("enrolment token unknown, already used or revoked; create a new one with `ferry token create`")
             })?;
-        let (name, kind) = (enrolled.name, enrolled.kind);
+        let (node_id, name, kind) = (enrolled.node_id, enrolled.name, enrolled.kind);
         match &via {
             Some(relay) => {
                 self.subtrees.forget(relay);

@@ -54,9 +54,12 @@ pub struct NodeRow {
     pub relay: Option<String>,
 }
 
-/// What a token enrolled: the token's name and what kind of identity it made.
+/// What a token enrolled: the identity, the token's name and what kind of identity it made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrolled {
+    /// The identity's id (the one asked for, or the one enrolled before with the same token
+    /// and secret hash).
+    pub node_id: String,
     /// The token's name, which the identity takes.
     pub name: String,
     /// A node or a relay.
@@ -177,7 +180,9 @@ impl Store {
     }
 
     /// [`Store::enrol`] through the relay `via` (the identity joins that relay's subtree);
-    /// says what kind of identity the token made.
+    /// says what kind of identity the token made. A token already spent answers with the
+    /// identity it made if `secret_hash` is that identity's (a retried enrolment), else
+    /// `None`.
     pub async fn enrol_under(
         &self,
         token_hash: &str,
@@ -194,13 +199,33 @@ impl Store {
         .await?
         .rows_affected();
         if spent == 0 {
-            return Ok(None);
+            // A retry of an enrolment whose answer was lost: the same token and secret hash
+            // name the identity it made.
+            let made = sqlx::query(
+                "SELECT n.node_id, n.name, n.kind FROM nodes n JOIN tokens t ON n.name = t.name \
+                 WHERE t.token_hash = $1 AND t.revoked = 0 AND n.secret_hash = $2 \
+                 AND n.revoked = 0",
+            )
+            .bind(token_hash)
+            .bind(secret_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            return made
+                .map(|row| {
+                    Ok(Enrolled {
+                        node_id: row.try_get(0)?,
+                        name: row.try_get(1)?,
+                        kind: IdentityKind::parse(&row.try_get::<String, _>(2)?),
+                    })
+                })
+                .transpose();
         }
         let row = sqlx::query("SELECT name, kind FROM tokens WHERE token_hash = $1")
             .bind(token_hash)
             .fetch_one(&mut *tx)
             .await?;
         let enrolled = Enrolled {
+            node_id: node_id.to_string(),
             name: row.try_get(0)?,
             kind: IdentityKind::parse(&row.try_get::<String, _>(1)?),
         };

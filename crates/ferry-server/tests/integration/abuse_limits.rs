@@ -50,6 +50,7 @@ async fn token_guessing_is_refused_per_source_once_its_failures_are_spent() {
         let err = c
             .enrol(EnrolRequest {
                 token: format!("ferry-guess-{guess}"),
+                ..Default::default()
             })
             .await
             .expect_err("a wrong token");
@@ -59,6 +60,7 @@ async fn token_guessing_is_refused_per_source_once_its_failures_are_spent() {
     let err = c
         .enrol(EnrolRequest {
             token: token.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("rate-limited");

@@ -65,7 +65,13 @@ async fn headers_are_not_indexed_frames_are_large_and_answers_carry_no_date() {
     );
 
     let mut c = client(&running.url).await;
-    let enrolled = c.enrol(EnrolRequest { token }).await.expect("enrol");
+    let enrolled = c
+        .enrol(EnrolRequest {
+            token,
+            ..Default::default()
+        })
+        .await
+        .expect("enrol");
     assert!(
         enrolled.metadata().get("date").is_none(),
         "answers carry no date header: {:?}",
@@ -74,6 +80,7 @@ async fn headers_are_not_indexed_frames_are_large_and_answers_carry_no_date() {
     let refused = c
         .enrol(EnrolRequest {
             token: "ferry-bogus".into(),
+            ..Default::default()
         })
         .await
         .expect_err("bogus token");

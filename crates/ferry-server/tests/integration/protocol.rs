@@ -42,6 +42,7 @@ async fn identity_uploads_refusals_and_restart() {
     let err = c
         .enrol(EnrolRequest {
             token: "ferry-bogus".into(),
+            ..Default::default()
         })
         .await
         .expect_err("bogus token");
@@ -55,6 +56,7 @@ async fn identity_uploads_refusals_and_restart() {
     let again = c
         .enrol(EnrolRequest {
             token: token_a.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("one-time");
@@ -461,5 +463,33 @@ async fn a_secure_round_runs_over_the_protocol_and_starts_again_after_a_restart(
         .filter(|e| e.as_ref().is_ok_and(|e| e.path().is_file()))
         .count();
     assert_eq!(blobs, 2);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn an_enrolment_retried_with_the_nodes_own_secret_gets_the_same_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(dir.path(), 1, 1).await;
+    let token = add_token(dir.path(), "site-1").await;
+    let mut c = client(&running.url).await;
+    let ask = |secret_hash: &str| EnrolRequest {
+        token: token.clone(),
+        secret_hash: secret_hash.to_string(),
+    };
+    let hash = ferry_core::model::sha256_hex(b"the node's own secret");
+    let first = c.enrol(ask(&hash)).await.expect("enrol").into_inner();
+    assert!(first.secret.is_empty(), "the node has its secret");
+    // The answer was lost; the node asks again with the same token and secret.
+    let again = c.enrol(ask(&hash)).await.expect("a retry").into_inner();
+    assert_eq!(again.node_id, first.node_id);
+    // Someone else holding the spent token but not the secret gets nothing.
+    let other = ferry_core::model::sha256_hex(b"a guess");
+    let refused = c.enrol(ask(&other)).await.expect_err("not the secret");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    let malformed = c.enrol(ask("not-a-hash")).await.expect_err("malformed");
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    // The node's credential is its own secret.
+    let credential = format!("{}.the node's own secret", first.node_id);
+    pull(&mut c, &credential).await;
     running.stop().await;
 }

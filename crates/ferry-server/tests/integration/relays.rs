@@ -88,7 +88,13 @@ async fn a_relay_speaks_for_its_subtree_once_and_for_no_one_else() {
     for name in ["site-0", "site-1"] {
         let token = store.create_token(name).await.expect("token");
         let enrolled = fleet
-            .enrol(authed(&relay, EnrolRequest { token }))
+            .enrol(authed(
+                &relay,
+                EnrolRequest {
+                    token,
+                    ..Default::default()
+                },
+            ))
             .await
             .expect("enrol through the relay")
             .into_inner();

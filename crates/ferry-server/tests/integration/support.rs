@@ -291,6 +291,7 @@ pub async fn enrol(client: &mut FleetClient<Channel>, token: &str) -> String {
     let r = client
         .enrol(EnrolRequest {
             token: token.into(),
+            ..Default::default()
         })
         .await
         .expect("enrol")

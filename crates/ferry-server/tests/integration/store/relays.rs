@@ -35,9 +35,23 @@ async fn relays_enrol_with_relay_tokens_and_own_the_subtree_below_them(backend: 
     assert_eq!(
         enrolled,
         Some(Enrolled {
+            node_id: "A".into(),
             name: "relay-a".into(),
             kind: IdentityKind::Relay
         })
+    );
+    // A retry with the same secret hash gets relay A again; another hash gets nothing.
+    let again = store
+        .enrol_under("ra", "A2", "sa", None)
+        .await
+        .expect("retry");
+    assert_eq!(again.map(|e| e.node_id), Some("A".to_string()));
+    assert_eq!(
+        store
+            .enrol_under("ra", "A3", "sx", None)
+            .await
+            .expect("guess"),
+        None
     );
     // relay-b below relay-a (a chain), a node below each, and one node of its own.
     store
