@@ -1,9 +1,14 @@
 //! The relay's own durable state, a SQLite file in its data folder: the nodes below it and
-//! the updates it accepted. An accepted update is recorded (its blob stored first) before the
+//! the updates it accepted. The nodes' credential hashes are also kept in memory once read:
+//! every call a node makes is checked against them. An accepted update is recorded (its blob stored first) before the
 //! node is told, and stays until the server has counted it, so a relay killed at any moment
 //! resumes with every update it acknowledged.
 
-use std::path::Path;
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use sqlx::{
     Row, SqlitePool,
@@ -43,6 +48,8 @@ pub struct Held {
 #[derive(Debug, Clone)]
 pub struct RelayStore {
     pool: SqlitePool,
+    /// Members read or written so far, by id (only this store changes them).
+    members: Arc<Mutex<HashMap<String, Member>>>,
 }
 
 impl RelayStore {
@@ -63,18 +70,31 @@ impl RelayStore {
             .run(&pool)
             .await
             .map_err(|e| RelayError::Store(e.to_string()))?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            members: Arc::default(),
+        })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Member>> {
+        // Each critical section is one lookup or one write of the map.
+        self.members
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The node `node_id`, if it is below this relay.
     pub async fn member(&self, node_id: &str) -> Result<Option<Member>, RelayError> {
+        if let Some(member) = self.known().get(node_id) {
+            return Ok(Some(member.clone()));
+        }
         let row = sqlx::query(
             "SELECT node_id, name, secret_hash, revoked FROM members WHERE node_id = ?1",
         )
         .bind(node_id)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row
+        let member = row
             .map(|row| -> Result<Member, sqlx::Error> {
                 Ok(Member {
                     node_id: row.try_get(0)?,
@@ -83,7 +103,11 @@ impl RelayStore {
                     revoked: row.try_get::<i64, _>(3)? != 0,
                 })
             })
-            .transpose()?)
+            .transpose()?;
+        if let Some(member) = &member {
+            self.known().insert(member.node_id.clone(), member.clone());
+        }
+        Ok(member)
     }
 
     /// Records a node below this relay (enrolled through it, or moved to it).
@@ -102,6 +126,13 @@ impl RelayStore {
         .bind(secret_hash)
         .execute(&self.pool)
         .await?;
+        let member = Member {
+            node_id: node_id.to_string(),
+            name: name.to_string(),
+            secret_hash: secret_hash.to_string(),
+            revoked: false,
+        };
+        self.known().insert(node_id.to_string(), member);
         Ok(())
     }
 
@@ -115,6 +146,12 @@ impl RelayStore {
                 .await?;
         }
         tx.commit().await?;
+        let mut known = self.known();
+        for node in nodes {
+            if let Some(member) = known.get_mut(node) {
+                member.revoked = true;
+            }
+        }
         Ok(())
     }
 
@@ -236,6 +273,38 @@ impl RelayStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn members_are_answered_from_memory_and_revocation_reaches_them() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = RelayStore::open(dir.path()).await.expect("open");
+        store.add_member("n1", "site-1", "h1").await.expect("add");
+        assert_eq!(
+            store
+                .member("n1")
+                .await
+                .expect("read")
+                .map(|m| m.secret_hash),
+            Some("h1".to_string())
+        );
+        store.revoke(&["n1".into()]).await.expect("revoke");
+        assert!(
+            store
+                .member("n1")
+                .await
+                .expect("read")
+                .expect("kept")
+                .revoked
+        );
+        drop(store);
+        let reopened = RelayStore::open(dir.path()).await.expect("reopen");
+        let member = reopened.member("n1").await.expect("read").expect("stored");
+        assert!(
+            member.revoked,
+            "the revocation was stored, not only remembered"
+        );
+        assert_eq!(reopened.member("n2").await.expect("read"), None);
+    }
 
     #[tokio::test]
     async fn held_updates_survive_reopening_and_count_once() {

@@ -81,7 +81,8 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
                 state_dir: args.dir.join("nodes").join(i.to_string()),
                 seed_stream: i as u64,
                 max_backoff: Duration::from_secs(2),
-                give_up_after: Duration::from_secs(120),
+                // A large fleet takes minutes to enrol on one machine: an agent keeps trying.
+                give_up_after: Duration::from_secs(600),
             };
             let (arrivals, model_ready) = (arrivals.clone(), model_ready.clone());
             let on_event = move |event| {
