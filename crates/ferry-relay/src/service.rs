@@ -5,11 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_core::{
-    ModelLayout,
-    aggregate::UpdateSource,
-    content::{self, LEGACY_SHA256},
-};
+use ferry_core::aggregate::UpdateSource;
 use ferry_proto::v1::{
     self, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
@@ -39,12 +35,6 @@ fn receipt(received_bytes: u64, accepted: bool, duplicate: bool) -> UploadReceip
         duplicate,
         not_counted: Vec::new(),
     }
-}
-
-/// The largest update a node may send for a model of `layout` (as the server computes it).
-fn max_update_bytes(layout: &ModelLayout) -> u64 {
-    let tensors = layout.specs().len() as u64;
-    2 * 4 * layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
 }
 
 #[tonic::async_trait]
@@ -182,7 +172,7 @@ impl Fleet for Relay {
             .await
             .map_err(|_| Status::unavailable("the relay is shutting down"))?;
         let mut chunks = request.into_inner();
-        let mut staged: Option<(StagedUpload, u32, v1::Task)> = None;
+        let mut staged: Option<(StagedUpload, (u32, u64, String), v1::Task)> = None;
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             if staged.is_none() {
@@ -191,7 +181,7 @@ impl Fleet for Relay {
                     return Ok(Response::new(receipt(chunk.total_bytes, true, true)));
                 };
                 let layout = self.layout(&task).await?;
-                let limit = max_update_bytes(&layout);
+                let limit = staged::max_update_bytes(&layout);
                 if chunk.total_bytes > limit {
                     return Err(Status::resource_exhausted(format!(
                         "update of {} bytes exceeds the limit of {limit} for this model",
@@ -208,16 +198,14 @@ impl Fleet for Relay {
                 )
                 .await
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                staged = Some((upload, chunk.round, task));
+                let header = (chunk.round, chunk.total_bytes, chunk.hash.clone());
+                staged = Some((upload, header, task));
             }
-            let Some((upload, round, task)) = staged.as_mut() else {
+            let Some((upload, header, task)) = staged.as_mut() else {
                 continue;
             };
-            if chunk.round != *round {
-                return Err(Status::invalid_argument(
-                    "round must be the same in every chunk of an upload",
-                ));
-            }
+            staged::check_same_upload(header, (chunk.round, chunk.total_bytes, &chunk.hash))
+                .map_err(Status::invalid_argument)?;
             if chunk.data.len() > task.max_chunk_bytes as usize {
                 return Err(Status::resource_exhausted(format!(
                     "chunk of {} bytes exceeds the limit of {}",
@@ -230,7 +218,7 @@ impl Fleet for Relay {
                 .await
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
-        let Some((upload, round, task)) = staged else {
+        let Some((upload, (round, _, _), task)) = staged else {
             return Err(Status::invalid_argument("empty upload"));
         };
         if !upload.is_complete() {
@@ -345,11 +333,7 @@ impl Relay {
         if self.store.has(chunk.round, node).await.map_err(internal)? {
             return Ok(None);
         }
-        if !content::is_valid(&chunk.hash) || chunk.hash.starts_with(LEGACY_SHA256) {
-            return Err(Status::invalid_argument(
-                "hash must be the update's BLAKE3 hash as 64 lowercase hex digits",
-            ));
-        }
+        staged::check_update_id(&chunk.hash).map_err(Status::invalid_argument)?;
         let view = self.view.borrow().clone();
         match view.train {
             Some(task)

@@ -118,6 +118,35 @@ fn held_uploads(dir: &Path) -> std::io::Result<Vec<(StagingName, u64, PathBuf)>>
     Ok(held)
 }
 
+/// The largest upload a node may send for a model of `layout`: an update with every extra,
+/// plus header room. The server and a relay hold uploads to it alike.
+pub fn max_update_bytes(layout: &ModelLayout) -> u64 {
+    let tensors = layout.specs().len() as u64;
+    2 * 4 * layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
+}
+
+/// Refuses an update's content id unless it is a BLAKE3 id (updates are never named by the
+/// SHA-256 of stores written before BLAKE3), saying what is expected.
+pub fn check_update_id(id: &str) -> Result<(), &'static str> {
+    if ferry_core::content::is_valid(id) && !id.starts_with(ferry_core::content::LEGACY_SHA256) {
+        Ok(())
+    } else {
+        Err("hash must be the update's BLAKE3 hash as 64 lowercase hex digits")
+    }
+}
+
+/// Refuses a chunk that does not continue the upload its first chunk began.
+pub fn check_same_upload(
+    first: &(u32, u64, String),
+    chunk: (u32, u64, &str),
+) -> Result<(), &'static str> {
+    if (first.0, first.1, first.2.as_str()) == chunk {
+        Ok(())
+    } else {
+        Err("round, total_bytes and hash must be the same in every chunk of an upload")
+    }
+}
+
 /// The staging file that holds `node`'s unfinished upload for `round` with content id `id`,
 /// if the server has one.
 pub fn held_upload(blobs: &Blobs, round: u32, node: &str, id: &str) -> Option<PathBuf> {

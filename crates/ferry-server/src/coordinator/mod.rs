@@ -335,9 +335,7 @@ impl Coordinator {
         let state = self.state.lock().await;
         match state.finished.as_deref() {
             // The server is about to exit and be restarted: nodes wait for it, reconnecting.
-            Some(COORDINATOR_ERROR) => {
-                return Work::Idle("the coordinator stopped on an error; waiting for it".into());
-            }
+            Some(COORDINATOR_ERROR) => return Work::Idle(self.idle_reason(&state)),
             Some(reason) => return Work::Finished(reason.to_string()),
             None => {}
         }
@@ -346,24 +344,39 @@ impl Coordinator {
         }
         match &state.training {
             Some(t) if t.cohort.contains(node) && !t.answered.contains(node) => {
-                Work::Task(Box::new(NodeTask {
-                    run_id: self.run_id.clone(),
-                    task: t.plan_task.clone(),
-                    model: state.model_blob.clone(),
-                    server_control: state.control_blob.clone(),
-                    deadline_unix_ms: t.deadline_unix_ms,
-                    secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
-                }))
+                Work::Task(Box::new(self.node_task(&state, t)))
             }
-            Some(t) => Work::Idle(format!(
+            _ => Work::Idle(self.idle_reason(&state)),
+        }
+    }
+
+    /// The task of the open round `t` for a node of its cohort.
+    fn node_task(&self, state: &State, t: &Training) -> NodeTask {
+        NodeTask {
+            run_id: self.run_id.clone(),
+            task: t.plan_task.clone(),
+            model: state.model_blob.clone(),
+            server_control: state.control_blob.clone(),
+            deadline_unix_ms: t.deadline_unix_ms,
+            secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
+        }
+    }
+
+    /// Why a node with no task waits, while the run goes on.
+    fn idle_reason(&self, state: &State) -> String {
+        if state.finished.as_deref() == Some(COORDINATOR_ERROR) {
+            return "the coordinator stopped on an error; waiting for it".into();
+        }
+        match (&state.training, &state.evaluating) {
+            (Some(t), _) => format!(
                 "round {} is running without this node; it can join the next one",
                 t.plan_task.round
-            )),
-            None if state.evaluating.is_some() => Work::Idle(format!(
+            ),
+            (None, Some(_)) => format!(
                 "round {}'s model is being evaluated without this node",
                 state.round - 1
-            )),
-            None => Work::Idle(self.waiting(&state).unwrap_or_default()),
+            ),
+            (None, None) => self.waiting(state).unwrap_or_default(),
         }
     }
 
@@ -427,8 +440,7 @@ impl Coordinator {
 
     /// The largest upload a node may send: an update with every extra, plus header room.
     pub fn max_update_bytes(&self) -> u64 {
-        let tensors = self.layout.specs().len() as u64;
-        2 * 4 * self.layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
+        crate::staged::max_update_bytes(&self.layout)
     }
 }
 

@@ -9,7 +9,10 @@ use std::{
 use ferry_core::aggregate::{UpdateSource, Weighting};
 
 use crate::{
-    coordinator::{Coordinator, EvaluationTask, Event, NodeTask, Refusal, Submission, unix_ms},
+    coordinator::{
+        COORDINATOR_ERROR, Coordinator, EvaluationTask, Event, NodeTask, Refusal, Submission,
+        unix_ms,
+    },
     staged::Verified,
     store::PartialAcceptance,
 };
@@ -64,44 +67,30 @@ impl Coordinator {
             },
             ..RelayView::default()
         };
-        if let Some(reason) = &state.finished {
-            view.finished = Some(reason.clone());
-            return view;
+        view.idle = self.idle_reason(&state);
+        match state.finished.as_deref() {
+            // As for a node of its own: the server is about to restart; the subtree waits.
+            Some(COORDINATOR_ERROR) => return view,
+            Some(reason) => {
+                view.finished = Some(reason.to_string());
+                return view;
+            }
+            None => {}
         }
         if let Some(t) = &state.training {
-            let waiting: Vec<String> = if t.cohort.len() <= members.len() {
-                t.cohort
-                    .iter()
-                    .filter(|n| members.contains(*n) && !t.answered.contains(*n))
-                    .cloned()
-                    .collect()
-            } else {
-                let mut w: Vec<String> = members
-                    .iter()
-                    .filter(|n| t.cohort.contains(*n) && !t.answered.contains(*n))
-                    .cloned()
-                    .collect();
-                w.sort();
-                w
-            };
-            let task = NodeTask {
-                run_id: self.run_id.clone(),
-                task: t.plan_task.clone(),
-                model: state.model_blob.clone(),
-                server_control: state.control_blob.clone(),
-                deadline_unix_ms: t.deadline_unix_ms,
-                secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
-            };
+            // The cohort is a sorted set, so the subtree's part of it comes sorted.
+            let waiting: Vec<String> = t
+                .cohort
+                .iter()
+                .filter(|n| members.contains(*n) && !t.answered.contains(*n))
+                .cloned()
+                .collect();
             view.relay_deadline_unix_ms = unix_ms(
                 t.deadline
                     .checked_sub(relay_margin(self.spec.round_timeout))
                     .unwrap_or(t.started),
             );
-            view.idle = format!(
-                "round {} is running without this node; it can join the next one",
-                t.plan_task.round
-            );
-            view.train = Some((task, waiting));
+            view.train = Some((self.node_task(&state, t), waiting));
         }
         let mut asked = members
             .iter()
@@ -112,15 +101,6 @@ impl Coordinator {
                 .collect();
             nodes.sort();
             view.evaluate = Some((task, nodes));
-        }
-        if state.training.is_none() {
-            view.idle = match &state.evaluating {
-                Some(_) => format!(
-                    "round {}'s model is being evaluated without this node",
-                    state.round - 1
-                ),
-                None => self.waiting(&state).unwrap_or_default(),
-            };
         }
         view
     }

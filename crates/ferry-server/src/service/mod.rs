@@ -5,10 +5,7 @@
 
 use std::{path::Path, pin::Pin, sync::Arc, time::Duration};
 
-use ferry_core::{
-    content::{self, LEGACY_SHA256},
-    evaluation::NodeEvaluation,
-};
+use ferry_core::evaluation::NodeEvaluation;
 use ferry_proto::v1::{
     self, BlobChunk, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
@@ -330,7 +327,6 @@ impl Fleet for FleetService {
                     Status::resource_exhausted(message),
                 ));
             }
-            let this = (chunk.round, chunk.total_bytes, chunk.hash.clone());
             match &header {
                 None => {
                     if chunk.total_bytes > max_total {
@@ -344,10 +340,8 @@ impl Fleet for FleetService {
                             Status::resource_exhausted(message),
                         ));
                     }
-                    if !content::is_valid(&chunk.hash) || chunk.hash.starts_with(LEGACY_SHA256) {
-                        let status = Status::invalid_argument(
-                            "hash must be the update's BLAKE3 hash as 64 lowercase hex digits",
-                        );
+                    if let Err(why) = crate::staged::check_update_id(&chunk.hash) {
+                        let status = Status::invalid_argument(why);
                         return Err(rejected(&node, "malformed", status));
                     }
                     if let Actor::Node(_) = actor
@@ -370,15 +364,16 @@ impl Fleet for FleetService {
                     .await
                     .map_err(|e| stage_refused(&node, e))?;
                     staged = Some(upload);
-                    header = Some(this.clone());
+                    header = Some((chunk.round, chunk.total_bytes, chunk.hash.clone()));
                 }
-                Some(h) if *h != this => {
-                    let status = Status::invalid_argument(
-                        "round, total_bytes and hash must be the same in every chunk of an upload",
-                    );
-                    return Err(rejected(&node, "malformed", status));
+                Some(h) => {
+                    if let Err(why) = crate::staged::check_same_upload(
+                        h,
+                        (chunk.round, chunk.total_bytes, &chunk.hash),
+                    ) {
+                        return Err(rejected(&node, "malformed", Status::invalid_argument(why)));
+                    }
                 }
-                Some(_) => {}
             }
             let Some(upload) = staged.as_mut() else {
                 continue;
