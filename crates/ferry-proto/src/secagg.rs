@@ -181,6 +181,72 @@ pub fn masked_from_bytes(
     })
 }
 
+/// Starts a relay's masked sum (what it uploads in place of its nodes' masked inputs).
+const MASKED_SUM_MAGIC: &[u8; 8] = b"FMSUM01\n";
+
+/// A relay's sum of several nodes' masked inputs, with the nodes it sums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskedSum {
+    /// The nodes whose masked inputs are in the sum, in node order.
+    pub contributors: Vec<String>,
+    /// The sum, modulo `2^modulus_bits`.
+    pub input: MaskedInput,
+}
+
+/// A masked sum as uploaded: the magic, the contributor count (u32, little-endian), each
+/// contributor's id (u16 length, then UTF-8), then the values bit-packed at the modulus width.
+pub fn masked_sum_to_bytes(sum: &MaskedSum, params: &SecAggParams) -> Vec<u8> {
+    let mut bytes = MASKED_SUM_MAGIC.to_vec();
+    bytes.extend_from_slice(&(sum.contributors.len() as u32).to_le_bytes());
+    for node in &sum.contributors {
+        bytes.extend_from_slice(&(node.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(node.as_bytes());
+    }
+    bytes.extend(masked_to_bytes(&sum.input, params));
+    bytes
+}
+
+/// The contributors a masked sum names, and the packed values after them.
+pub fn masked_sum_contributors(bytes: &[u8]) -> Result<(Vec<String>, &[u8]), SecAggError> {
+    let malformed = |why: &str| SecAggError::Malformed(format!("a relay's masked sum: {why}"));
+    let rest = bytes
+        .strip_prefix(MASKED_SUM_MAGIC)
+        .ok_or_else(|| malformed("it does not start as one"))?;
+    let (count, mut rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or_else(|| malformed("it ends before its contributor count"))?;
+    let count = u32::from_le_bytes(*count) as usize;
+    let mut contributors = Vec::with_capacity(count.min(rest.len() / 2));
+    for _ in 0..count {
+        let (len, tail) = rest
+            .split_first_chunk::<2>()
+            .ok_or_else(|| malformed("it ends inside its contributors"))?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        if tail.len() < len {
+            return Err(malformed("it ends inside a contributor's id"));
+        }
+        let (id, tail) = tail.split_at(len);
+        let id =
+            std::str::from_utf8(id).map_err(|_| malformed("a contributor's id is not UTF-8"))?;
+        contributors.push(id.to_string());
+        rest = tail;
+    }
+    Ok((contributors, rest))
+}
+
+/// A masked sum of `values` coordinates from uploaded bytes.
+pub fn masked_sum_from_bytes(
+    bytes: &[u8],
+    values: usize,
+    params: &SecAggParams,
+) -> Result<MaskedSum, SecAggError> {
+    let (contributors, packed) = masked_sum_contributors(bytes)?;
+    Ok(MaskedSum {
+        contributors,
+        input: masked_from_bytes(packed, values, params)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +282,30 @@ mod tests {
             mask: vec![0; 32],
         };
         assert!(keys_from_wire(&short).is_err());
+    }
+
+    #[test]
+    fn a_masked_sum_survives_the_wire_and_a_cut_one_is_refused() {
+        let params = SecAggParams::default();
+        let sum = MaskedSum {
+            contributors: vec!["node-a".into(), "node-b".into()],
+            input: MaskedInput {
+                values: vec![1, 2, 3, u64::from(u32::MAX)],
+            },
+        };
+        let bytes = masked_sum_to_bytes(&sum, &params);
+        assert_eq!(masked_sum_from_bytes(&bytes, 4, &params).unwrap(), sum);
+        assert_eq!(masked_sum_contributors(&bytes).unwrap().0, sum.contributors);
+        for cut in [3, 10, 14, bytes.len() - 1] {
+            assert!(
+                masked_sum_from_bytes(&bytes[..cut], 4, &params).is_err(),
+                "{cut}"
+            );
+        }
+        let input = masked_to_bytes(&sum.input, &params);
+        assert!(
+            masked_sum_from_bytes(&input, 4, &params).is_err(),
+            "a node's own input is not a sum"
+        );
     }
 }

@@ -11,16 +11,12 @@ use ferry_client::{
     backoff::Backoff,
     transfer::{self, UploadBody},
 };
-use ferry_core::{
-    aggregate::{Aggregator, UpdateSource, WeightedMean, Weighting},
-    partial::partial_update,
-    update_file::{EncodedUpdate, UpdateFile},
-};
+use ferry_core::aggregate::Weighting;
 use ferry_proto::v1::{FailureReport, Fold, Task};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
-use crate::{relay::Relay, store::Held};
+use crate::{fold::fold_partial, masked::sum_masked, relay::Relay, store::Held};
 
 /// How often the loop looks even when nothing woke it (the relay deadline passing).
 const TICK: Duration = Duration::from_millis(500);
@@ -51,9 +47,11 @@ pub async fn flush_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn weighting(fold: Fold) -> Option<Weighting> {
+/// How updates fold at a relay under `fold` (`None`: they pass through, or are masked
+/// inputs).
+pub(crate) fn weighting(fold: Fold) -> Option<Weighting> {
     match fold {
-        Fold::PassThrough => None,
+        Fold::PassThrough | Fold::MaskedSum => None,
         Fold::Examples => Some(Weighting::Examples),
         Fold::Uniform => Some(Weighting::Uniform),
         Fold::Normalized => Some(Weighting::Normalized),
@@ -90,10 +88,10 @@ async fn flush_once(relay: &Arc<Relay>) -> Result<(), String> {
     {
         let _ = relay.blobs.delete(&blob).await;
     }
-    let Some(weighting) = weighting(view.fold) else {
+    if view.fold == Fold::PassThrough {
         let held = relay.store.unsent(round).await.map_err(|e| e.to_string())?;
         return pass_through(relay, &task, held).await;
-    };
+    }
     // Who has answered is read before what is held: an update stored in between joins this
     // partial rather than making a second one.
     let answered: HashSet<String> = relay
@@ -114,71 +112,45 @@ async fn flush_once(relay: &Arc<Relay>) -> Result<(), String> {
     if held.is_empty() {
         return Ok(());
     }
-    send_partial(relay, &task, weighting, held).await
+    let aggregate = match weighting(view.fold) {
+        Some(weighting) => fold_partial(relay, &task, weighting, held).await?,
+        None => sum_masked(relay, &task, held).await?,
+    };
+    match aggregate {
+        Some(aggregate) => send_aggregate(relay, &task, aggregate).await,
+        None => Ok(()),
+    }
 }
 
-/// Folds `held` into one partial aggregate and sends it as the relay's upload for the round.
-async fn send_partial(
+/// One upload standing for several held updates.
+pub(crate) struct Aggregate {
+    /// What is uploaded.
+    pub(crate) body: Arc<dyn UploadBody>,
+    /// Its content id.
+    pub(crate) id: String,
+    /// The held updates in it.
+    pub(crate) folded: Vec<Held>,
+    /// Every node it counts for.
+    pub(crate) nodes: Vec<String>,
+    /// What it is, as the log says it.
+    pub(crate) what: &'static str,
+}
+
+/// Sends `aggregate` as the relay's upload for `round`; its held updates count as sent once
+/// the server counted it, and are dropped where the server cannot count them.
+async fn send_aggregate(
     relay: &Arc<Relay>,
     task: &Task,
-    weighting: Weighting,
-    held: Vec<Held>,
+    aggregate: Aggregate,
 ) -> Result<(), String> {
     let round = task.round;
-    let layout = relay
-        .layout(task)
-        .await
-        .map_err(|s| s.message().to_string())?;
-    let mut mean = Box::new(WeightedMean::new(layout.num_params(), weighting));
-    let mut losses = (0.0, 0usize);
-    let mut folded = Vec::new();
-    for update in held {
-        let file = match relay.blobs.open(&update.blob).await {
-            Ok(file) => file,
-            Err(e) => {
-                lose(
-                    relay,
-                    round,
-                    &update.node_id,
-                    &format!("its stored update: {e}"),
-                )
-                .await;
-                continue;
-            }
-        };
-        let layout = layout.clone();
-        let folding = tokio::task::spawn_blocking(move || {
-            let fold = || -> Result<Option<f64>, ferry_core::CoreError> {
-                let mut file = UpdateFile::open(std::io::BufReader::new(file), &layout)?;
-                let loss = file.meta().metrics.get("train_loss").copied();
-                mean.accept_source(&mut file)?;
-                Ok(loss)
-            };
-            let result = fold();
-            (mean, result)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        mean = folding.0;
-        match folding.1 {
-            Ok(loss) => {
-                if let Some(loss) = loss {
-                    losses.0 += loss;
-                    losses.1 += 1;
-                }
-                folded.push((update.node_id, update.examples));
-            }
-            Err(e) => lose(relay, round, &update.node_id, &e.to_string()).await,
-        }
-    }
-    if folded.is_empty() {
-        return Ok(());
-    }
-    let nodes: Vec<String> = folded.iter().map(|(node, _)| node.clone()).collect();
-    let partial = partial_update(mean.into_sums(), weighting, folded, losses);
-    let encoded = EncodedUpdate::new(partial, &layout).map_err(|e| e.to_string())?;
-    let id = encoded.content_id();
-    let body: Arc<dyn UploadBody> = Arc::new(encoded);
+    let Aggregate {
+        body,
+        id,
+        folded,
+        nodes,
+        what,
+    } = aggregate;
     let mut client = relay.upstream.fleet.clone();
     let sent = transfer::upload(
         &mut client,
@@ -193,11 +165,11 @@ async fn send_partial(
         Ok(receipt) if receipt.accepted => {
             relay
                 .store
-                .mark_sent(round, &nodes)
+                .mark_sent(round, &folded)
                 .await
                 .map_err(|e| e.to_string())?;
             tracing::info!(
-                "round {round}: a partial aggregate of {} updates {} upstream",
+                "round {round}: {what} of {} updates {} upstream",
                 nodes.len(),
                 if receipt.duplicate {
                     "was already counted"
@@ -210,7 +182,7 @@ async fn send_partial(
         Ok(receipt) => {
             tracing::warn!(
                 "round {round}: the server counts {} of these nodes through another path ({}); \
-                 sending the partial again without them",
+                 sending {what} again without them",
                 receipt.not_counted.len(),
                 receipt.not_counted.join(", ")
             );
@@ -242,7 +214,7 @@ async fn pass_through(relay: &Arc<Relay>, task: &Task, held: Vec<Held>) -> Resul
             .await
             .map_err(|e| e.to_string())?;
         let body: Arc<dyn UploadBody> = Arc::new(bytes);
-        let credential = relay.upstream.credential.on_behalf_of(&update.node_id);
+        let credential = relay.upstream.credential.on_behalf_of(&update.holder);
         let sent = transfer::upload(
             &mut client,
             &credential,
@@ -252,18 +224,18 @@ async fn pass_through(relay: &Arc<Relay>, task: &Task, held: Vec<Held>) -> Resul
             task.max_chunk_bytes as usize,
         )
         .await;
-        let node = [update.node_id.clone()];
+        let node = [update.holder.clone()];
         match sent {
             Ok(receipt) if receipt.accepted => relay
                 .store
-                .mark_sent(round, &node)
+                .mark_sent(round, std::slice::from_ref(&update))
                 .await
                 .map_err(|e| e.to_string())?,
             Ok(_) => return Err("the server holds part of the update; resuming".into()),
             Err(status) if refused_for_good(&status) => {
                 tracing::warn!(
                     "round {round}: the server refused node {}'s update: {}",
-                    update.node_id,
+                    update.holder,
                     status.message()
                 );
                 forget(relay, round, &node).await;
@@ -287,17 +259,28 @@ async fn forget(relay: &Relay, round: u32, nodes: &[String]) {
 }
 
 /// A held update that can no longer be read (its file was damaged after it was checked):
-/// dropped, and the node's failure reported upstream.
-async fn lose(relay: &Relay, round: u32, node: &str, why: &str) {
-    tracing::error!("round {round}: dropping node {node}'s update: {why}");
-    forget(relay, round, &[node.to_string()]).await;
-    let report = relay
-        .upstream
-        .credential
-        .on_behalf_of(node)
-        .authorize(tonic::Request::new(FailureReport {
-            round,
-            reason: format!("the relay lost the update: {why}"),
-        }));
-    let _ = relay.upstream.fleet.clone().report_failure(report).await;
+/// dropped, and the failure of each node it counted for reported upstream.
+pub(crate) async fn lose(relay: &Relay, round: u32, update: &Held, why: &str) {
+    tracing::error!(
+        "round {round}: dropping the update from {}: {why}",
+        update.holder
+    );
+    let nodes = match relay.store.drop_update(round, update).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            tracing::warn!("forgetting an update of round {round}: {e}");
+            return;
+        }
+    };
+    let _ = relay.blobs.delete(&update.blob).await;
+    for node in nodes {
+        let report = relay.on_behalf(
+            &node,
+            FailureReport {
+                round,
+                reason: format!("the relay lost the update: {why}"),
+            },
+        );
+        let _ = relay.upstream.fleet.clone().report_failure(report).await;
+    }
 }

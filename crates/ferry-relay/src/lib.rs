@@ -4,19 +4,29 @@
 //! --server https://relay:7443` works unchanged). Upstream it is one identity, enrolled with a
 //! relay token, holding one connection: it learns its subtree's work through one long-poll
 //! (`Relay.Sync`), fetches each model once and serves it from its own cache, and sends its
-//! nodes' updates on as one partial aggregate per round where the run's rule is linear, or
-//! each as it came (on the node's behalf) where the server needs each one.
+//! nodes' updates on as one partial aggregate per round where the run's rule is linear, as
+//! one masked sum where the round is secure (SecAgg+), or each as it came (on the node's
+//! behalf) where the server needs each one. A relay's upstream may be another relay (a
+//! chain): to the relays below it, a relay serves the relay service too.
 //!
 //! - [`view`]: the latest answer of the server, and what a node is to do by it.
 //! - [`upstream`]: enrolment, the sync loop and model fetches.
 //! - [`relay`]: the relay's state, and who its nodes are.
-//! - [`service`]: the fleet service to nodes.
-//! - [`flush`]: sending accepted updates upstream, folded or passed through.
+//! - [`service`]: the fleet service to nodes (and to relays below this one).
+//! - [`intake`]: checking and holding what arrives: nodes' updates, lower relays' partials.
+//! - [`downstream`]: the relay service to relays below this one (a chain).
+//! - [`flush`]: sending accepted updates upstream, folded, summed or passed through.
+//! - [`fold`]: folding held updates into one partial aggregate (the linear rules).
+//! - [`masked`]: adding held masked inputs into one masked sum (SecAgg+).
 //! - [`store`]: the relay's own durable state.
 
 #![warn(missing_docs)]
 
+pub mod downstream;
 pub mod flush;
+pub mod fold;
+pub mod intake;
+pub mod masked;
 pub mod relay;
 pub mod service;
 pub mod store;
@@ -114,7 +124,8 @@ pub async fn run(
         // Nodes pulling for work learn the run ended before the relay goes.
         tokio::time::sleep(view::FINISHED_GRACE).await;
     };
-    let routes = tonic::service::Routes::new(relay.fleet_server());
+    let routes =
+        tonic::service::Routes::new(relay.fleet_server()).add_service(relay.relay_server());
     let serving =
         ferry_server::serve_routes(settings.listen, settings.tls.as_ref(), routes, async move {
             tokio::select! {

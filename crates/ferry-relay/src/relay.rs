@@ -1,6 +1,6 @@
 //! The relay's state: its link upstream, its store and blobs, what it knows of the run, and
-//! who its nodes are (a node it does not know is adopted from the server with the node's own
-//! credential).
+//! who calls it: a node (one it does not know is adopted from the server with the node's own
+//! credential), a relay below it (a chain), or such a relay forwarding for one of its nodes.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -10,11 +10,15 @@ use std::{
 };
 
 use ferry_core::{Model, ModelLayout, personal::PersonalTensors};
-use ferry_proto::v1::{self, AdoptRequest, BlobRef, RelaySyncResponse, fleet_server::FleetServer};
+use ferry_proto::v1::{
+    self, AdoptRequest, AdoptResponse, BlobRef, RelaySyncResponse, fleet_server::FleetServer,
+    relay_server::RelayServer,
+};
 use ferry_server::{
     auth::{self, Credential},
     blobs::Blobs,
     limits::{AbuseLimits, Guard},
+    store::IdentityKind,
     turns::TransferTurns,
 };
 use tokio::sync::watch;
@@ -39,6 +43,8 @@ pub struct Relay {
     pub(crate) downloads: PathBuf,
     pub(crate) view: watch::Sender<View>,
     pub(crate) seen: Mutex<HashMap<String, Instant>>,
+    /// Relays below this one, by when each was last heard from.
+    pub(crate) relays_seen: Mutex<HashMap<String, Instant>>,
     pub(crate) gave_up: Mutex<HashSet<(u32, String)>>,
     pub(crate) fetching: Mutex<HashSet<String>>,
     pub(crate) layouts: Mutex<HashMap<String, Arc<ModelLayout>>>,
@@ -55,6 +61,13 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// `request`'s metadata without `ferry-on-behalf-of`, to check the caller as itself.
+fn strip_on_behalf<T>(request: &Request<T>) -> Request<()> {
+    let mut metadata = request.metadata().clone();
+    metadata.remove(ferry_proto::ON_BEHALF_OF);
+    Request::from_parts(metadata, Default::default(), ())
+}
+
 pub(crate) fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(format!("relay: {e}"))
 }
@@ -64,6 +77,19 @@ pub(crate) fn unauthenticated(message: String) -> Status {
     Status::unauthenticated(message)
 }
 
+pub(crate) fn permission_denied(message: String) -> Status {
+    tracing::warn!("refused call: {message}");
+    Status::permission_denied(message)
+}
+
+/// Whom a call is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Caller {
+    /// A node: the caller itself, or a node a lower relay forwards for.
+    Node(String),
+    /// A relay below this one, as itself (its partial aggregates, its model downloads).
+    Relay(String),
+}
 impl Relay {
     /// A relay over `upstream`, keeping its state in `store` and `blobs`, and partial
     /// downloads in `downloads`.
@@ -75,6 +101,7 @@ impl Relay {
             downloads,
             view: watch::channel(View::default()).0,
             seen: Mutex::default(),
+            relays_seen: Mutex::default(),
             gave_up: Mutex::default(),
             fetching: Mutex::default(),
             layouts: Mutex::default(),
@@ -84,7 +111,7 @@ impl Relay {
         }
     }
 
-    /// The fleet service nodes call.
+    /// The fleet service nodes (and relays below this one) call.
     pub fn fleet_server(self: &Arc<Self>) -> FleetServer<Self> {
         let limit = 64 << 20;
         FleetServer::from_arc(self.clone())
@@ -92,13 +119,18 @@ impl Relay {
             .max_encoding_message_size(limit)
     }
 
+    /// The relay service relays below this one call.
+    pub fn relay_server(self: &Arc<Self>) -> RelayServer<Self> {
+        RelayServer::from_arc(self.clone())
+    }
+
     /// The relay's view, as it changes.
     pub fn subscribe(&self) -> watch::Receiver<View> {
         self.view.subscribe()
     }
 
-    /// Takes the server's answer; nodes waiting for work are woken only if it changed. Models
-    /// no open task needs any more leave the cache.
+    /// Takes the server's answer; nodes waiting for work are woken only if it changed what
+    /// some node is to do. Models no open task needs any more leave the cache.
     pub fn apply(&self, answer: RelaySyncResponse) {
         let mut stale = Vec::new();
         self.view.send_if_modified(|view| {
@@ -124,15 +156,19 @@ impl Relay {
                 .cloned()
                 .collect();
             view.cached.retain(|id| needed.contains(id));
-            was_unreachable
+            // Nodes leaving the cohort's waiting list (they answered) change no node's work:
+            // thousands of idle nodes long-polling here are not woken for each of them.
+            let changed = was_unreachable
                 || before
                     != (
                         view.train.clone(),
                         view.evaluate.clone(),
                         view.finished.clone(),
                     )
-                || nodes != view.train_nodes
-                || evaluating != view.evaluate_nodes
+                || !view.train_nodes.is_subset(&nodes)
+                || evaluating != view.evaluate_nodes;
+            view.revision += u64::from(changed);
+            changed
         });
         if !stale.is_empty() {
             lock(&self.layouts).retain(|id, _| !stale.contains(id));
@@ -148,7 +184,12 @@ impl Relay {
 
     /// Notes that the server cannot be reached, and why.
     pub fn unreachable(&self, why: String) {
-        self.view.send_modify(|view| view.unreachable = Some(why));
+        self.view.send_if_modified(|view| {
+            let changed = view.unreachable.as_ref() != Some(&why);
+            view.unreachable = Some(why);
+            view.revision += u64::from(changed);
+            changed
+        });
     }
 
     /// The blobs the open tasks need that the relay neither holds nor is fetching.
@@ -175,6 +216,7 @@ impl Relay {
         if ok {
             self.view.send_modify(|view| {
                 view.cached.insert(id.to_string());
+                view.revision += 1;
             });
         }
     }
@@ -184,9 +226,20 @@ impl Relay {
         self.downloads.clone()
     }
 
-    /// Nodes heard from recently.
-    pub fn online_nodes(&self) -> Vec<String> {
+    /// Nodes heard from recently (directly or through a relay below); with `since`, only
+    /// those heard from since then.
+    pub fn online_nodes(&self, since: Option<Instant>) -> Vec<String> {
         let mut seen = lock(&self.seen);
+        seen.retain(|_, at| at.elapsed() < ONLINE_WINDOW);
+        seen.iter()
+            .filter(|(_, at)| since.is_none_or(|since| **at >= since))
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// Relays below this one heard from recently.
+    pub fn online_relays(&self) -> Vec<String> {
+        let mut seen = lock(&self.relays_seen);
         seen.retain(|_, at| at.elapsed() < ONLINE_WINDOW);
         seen.keys().cloned().collect()
     }
@@ -218,10 +271,11 @@ impl Relay {
         Ok(layout)
     }
 
-    /// The node a call comes from: its credential checked against the relay's members, or,
-    /// for a node the relay does not know (it enrolled elsewhere and failed over here), by the
-    /// server, which moves it into this relay's subtree.
-    pub(crate) async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+    /// Whom a call is for: a member's credential checked against the relay's members (a
+    /// node it does not know, one that enrolled elsewhere and failed over here, is asked of
+    /// the server, which moves it into this relay's subtree); a lower relay may name a node
+    /// of its own subtree in `ferry-on-behalf-of`.
+    pub(crate) async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let credential = request
             .metadata()
             .get(ferry_proto::AUTHORIZATION)
@@ -232,7 +286,7 @@ impl Relay {
                     "no or malformed credential; expected 'Bearer <node_id>.<secret>'".into(),
                 )
             })?;
-        match self
+        let kind = match self
             .store
             .member(&credential.node_id)
             .await
@@ -240,24 +294,119 @@ impl Relay {
         {
             Some(member) if member.revoked => {
                 return Err(unauthenticated(format!(
-                    "node {} ('{}') has been revoked; ask the operator for a new token",
-                    member.node_id, member.name
+                    "{} {} ('{}') has been revoked; ask the operator for a new token",
+                    member.kind.as_str(),
+                    member.node_id,
+                    member.name
                 )));
             }
-            Some(member) if credential.matches(&member.secret_hash) => {}
-            _ => self.adopt(&credential).await?,
+            Some(member) if credential.matches(&member.secret_hash) => member.kind,
+            _ => {
+                self.adopt(&credential, None).await?;
+                IdentityKind::Node
+            }
+        };
+        let on_behalf = request
+            .metadata()
+            .get(ferry_proto::ON_BEHALF_OF)
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let caller = match (kind, on_behalf) {
+            (IdentityKind::Node, None) => Caller::Node(credential.node_id),
+            (IdentityKind::Node, Some(_)) => {
+                return Err(permission_denied(
+                    "only a relay may call on behalf of another node".into(),
+                ));
+            }
+            (IdentityKind::Relay, None) => {
+                lock(&self.relays_seen).insert(credential.node_id.clone(), Instant::now());
+                return Ok(Caller::Relay(credential.node_id));
+            }
+            (IdentityKind::Relay, Some(node)) => {
+                if !self.is_node_below(&node, &credential.node_id).await? {
+                    return Err(permission_denied(format!(
+                        "node '{node}' is not in relay {}'s subtree",
+                        credential.node_id
+                    )));
+                }
+                Caller::Node(node)
+            }
+        };
+        if let Caller::Node(node) = &caller {
+            lock(&self.seen).insert(node.clone(), Instant::now());
         }
-        lock(&self.seen).insert(credential.node_id.clone(), Instant::now());
-        Ok(credential.node_id)
+        Ok(caller)
     }
 
-    pub(crate) async fn adopt(&self, credential: &Credential) -> Result<(), Status> {
-        let request = self
-            .upstream
-            .credential
-            .authorize(Request::new(AdoptRequest {
-                credential: format!("{}.{}", credential.node_id, credential.secret),
-            }));
+    /// The node a node's call is for; a relay calling as itself is refused.
+    pub(crate) async fn node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        match self.caller(request).await? {
+            Caller::Node(node) => Ok(node),
+            Caller::Relay(relay) => Err(permission_denied(format!(
+                "relay {relay} called a node's method as itself; a relay syncs its nodes' work \
+                 through the Relay service and forwards their calls on their behalf"
+            ))),
+        }
+    }
+
+    /// The relay below this one that a relay-service call or a forwarded enrolment is for:
+    /// the calling relay, or a relay below it that it names in `ferry-on-behalf-of`.
+    pub(crate) async fn lower_relay<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let Caller::Relay(caller) = self.caller(&strip_on_behalf(request)).await? else {
+            return Err(permission_denied(
+                "only a relay below this one calls the Relay service or forwards an enrolment \
+                 (create a relay token with `ferry token create --relay`)"
+                    .into(),
+            ));
+        };
+        let Some(below) = request.metadata().get(ferry_proto::ON_BEHALF_OF) else {
+            return Ok(caller);
+        };
+        let below = below.to_str().unwrap_or_default().to_string();
+        let is_relay = self
+            .store
+            .member(&below)
+            .await
+            .map_err(internal)?
+            .is_some_and(|m| m.kind == IdentityKind::Relay && !m.revoked);
+        if !is_relay
+            || !self
+                .store
+                .is_below(&below, &caller)
+                .await
+                .map_err(internal)?
+        {
+            return Err(permission_denied(format!(
+                "'{below}' is not a relay below relay {caller}"
+            )));
+        }
+        Ok(below)
+    }
+
+    /// Whether `node` is a live node that joined through the lower relay `relay`.
+    pub(crate) async fn is_node_below(&self, node: &str, relay: &str) -> Result<bool, Status> {
+        let live_node = self
+            .store
+            .member(node)
+            .await
+            .map_err(internal)?
+            .is_some_and(|m| m.kind == IdentityKind::Node && !m.revoked);
+        Ok(live_node && self.store.is_below(node, relay).await.map_err(internal)?)
+    }
+
+    /// Takes the node whose credential this is into the relay's subtree (through the lower
+    /// relay `via`, if any): the server checks the credential and moves the node.
+    pub(crate) async fn adopt(
+        &self,
+        credential: &Credential,
+        via: Option<&str>,
+    ) -> Result<AdoptResponse, Status> {
+        let message = AdoptRequest {
+            credential: format!("{}.{}", credential.node_id, credential.secret),
+        };
+        let request = match via {
+            Some(relay) => self.on_behalf(relay, message),
+            None => self.upstream.credential.authorize(Request::new(message)),
+        };
         let adopted = self
             .upstream
             .relay
@@ -270,11 +419,13 @@ impl Relay {
                 &adopted.node_id,
                 &adopted.name,
                 &auth::hash_secret(&credential.secret),
+                IdentityKind::Node,
+                via,
             )
             .await
             .map_err(internal)?;
         tracing::info!("node {} joined this relay", adopted.node_id);
-        Ok(())
+        Ok(adopted)
     }
 
     /// The relay's credential for a call made on `node`'s behalf.

@@ -1,11 +1,11 @@
 //! The relay's fleet service: to a node, the same `ferry.v1.Fleet` the server speaks. Tasks,
 //! heartbeats and model downloads are answered here, from the relay's view and blobs;
-//! uploads are checked as the server checks them and held for [`crate::flush`]; enrolment,
-//! failure and evaluation reports and SecAgg+ steps go upstream on the node's behalf.
+//! uploads (a node's update, or a lower relay's partial aggregate) are checked by
+//! [`crate::intake`] and held for [`crate::flush`]; enrolment, failure and evaluation reports
+//! and SecAgg+ steps go upstream on the node's behalf.
 
 use std::time::{Duration, Instant};
 
-use ferry_core::aggregate::UpdateSource;
 use ferry_proto::v1::{
     self, DownloadRequest, EnrolRequest, EnrolResponse, EvaluationReport, FailureAck,
     FailureReport, HeartbeatRequest, HeartbeatResponse, PullTaskRequest, PullTaskResponse,
@@ -16,12 +16,14 @@ use ferry_server::{
     auth::{self},
     service::{ChunkStream, chunk_stream},
     staged::{self, StagedUpload},
+    store::IdentityKind,
 };
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    relay::{Relay, internal, lock},
+    relay::{Caller, Relay, internal, lock},
+    store::Holding,
     view::NodeWork,
 };
 
@@ -43,11 +45,23 @@ impl Fleet for Relay {
         &self,
         request: Request<EnrolRequest>,
     ) -> Result<Response<EnrolResponse>, Status> {
-        let source = request.remote_addr().map(|addr| addr.ip());
+        // A relay below this one forwards its members' enrolments with its own credential;
+        // those count against no address here, as at the server.
+        let via = match request.metadata().get(ferry_proto::AUTHORIZATION) {
+            Some(_) => Some(self.lower_relay(&request).await?),
+            None => None,
+        };
+        let source = match via {
+            Some(_) => None,
+            None => request.remote_addr().map(|addr| addr.ip()),
+        };
         self.guard.may_enrol(source)?;
         let asked = request.into_inner();
         let chosen = asked.secret_hash.clone();
-        let forwarded = self.upstream.credential.authorize(Request::new(asked));
+        let forwarded = match &via {
+            Some(lower) => self.on_behalf(lower, asked),
+            None => self.upstream.credential.authorize(Request::new(asked)),
+        };
         let enrolled = match self.upstream.fleet.clone().enrol(forwarded).await {
             Ok(enrolled) => enrolled.into_inner(),
             Err(status) => {
@@ -57,18 +71,32 @@ impl Fleet for Relay {
                 return Err(status);
             }
         };
-        // The node's own secret is known here by its hash; one the server chose, by itself.
+        // The member's own secret is known here by its hash; one the server chose, by itself.
         let secret_hash = if enrolled.secret.is_empty() {
             chosen
         } else {
             auth::hash_secret(&enrolled.secret)
         };
+        let kind = IdentityKind::parse(&enrolled.kind);
         self.store
-            .add_member(&enrolled.node_id, &enrolled.name, &secret_hash)
+            .add_member(
+                &enrolled.node_id,
+                &enrolled.name,
+                &secret_hash,
+                kind,
+                via.as_deref(),
+            )
             .await
             .map_err(internal)?;
-        lock(&self.seen).insert(enrolled.node_id.clone(), Instant::now());
-        tracing::info!("node {} enrolled as '{}'", enrolled.node_id, enrolled.name);
+        if kind == IdentityKind::Node {
+            lock(&self.seen).insert(enrolled.node_id.clone(), Instant::now());
+        }
+        tracing::info!(
+            "{} {} enrolled as '{}'",
+            kind.as_str(),
+            enrolled.node_id,
+            enrolled.name
+        );
         Ok(Response::new(enrolled))
     }
 
@@ -132,7 +160,7 @@ impl Fleet for Relay {
         &self,
         request: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        self.node(&request).await?;
+        self.caller(&request).await?;
         let DownloadRequest { hash, offset } = request.into_inner();
         if !self.view.borrow().cached.contains(&hash) {
             return Err(Status::not_found(format!(
@@ -164,11 +192,14 @@ impl Fleet for Relay {
         &self,
         request: Request<Streaming<UploadChunk>>,
     ) -> Result<Response<UploadReceipt>, Status> {
-        let node = self.node(&request).await?;
-        let _slot = self.guard.upload_slot(&node)?;
+        let caller = self.caller(&request).await?;
+        let sender = match &caller {
+            Caller::Node(id) | Caller::Relay(id) => id.clone(),
+        };
+        let _slot = self.guard.upload_slot(&sender)?;
         let _turn = self
             .transfers
-            .for_upload(&node)
+            .for_upload(&sender)
             .await
             .map_err(|_| Status::unavailable("the relay is shutting down"))?;
         let mut chunks = request.into_inner();
@@ -176,7 +207,10 @@ impl Fleet for Relay {
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             if staged.is_none() {
-                let task = self.expect_upload(&node, &chunk).await?;
+                let task = match &caller {
+                    Caller::Node(node) => self.expect_upload(node, &chunk).await?,
+                    Caller::Relay(lower) => self.expect_partial(lower, &chunk).await?,
+                };
                 let Some(task) = task else {
                     return Ok(Response::new(receipt(chunk.total_bytes, true, true)));
                 };
@@ -191,7 +225,7 @@ impl Fleet for Relay {
                 let upload = StagedUpload::open(
                     &self.blobs,
                     chunk.round,
-                    &node,
+                    &sender,
                     &chunk.hash,
                     chunk.total_bytes,
                     self.guard.staged_bytes_per_node(limit),
@@ -229,48 +263,40 @@ impl Fleet for Relay {
             .finish()
             .await
             .map_err(|e| Status::data_loss(e.to_string()))?;
-        let examples = if task.secagg.is_some() {
-            // A masked input: only the server's unmasked sum can be checked.
-            0
-        } else {
-            let layout = self.layout(&task).await?;
-            let checked = verified.open_update(&layout).and_then(|mut file| {
-                file.check()?;
-                Ok(file.meta().num_examples)
-            });
-            match checked {
-                Ok(examples) => examples,
-                Err(e) => {
-                    let reason = format!("the relay refused the update: {e}");
-                    let report = self.on_behalf(&node, FailureReport { round, reason });
-                    // The server records the node's failure; the node hears why either way.
-                    let _ = self.upstream.fleet.clone().report_failure(report).await;
-                    lock(&self.gave_up).insert((round, node.clone()));
-                    self.flush.notify_one();
-                    return Err(Status::invalid_argument(e.to_string()));
-                }
-            }
+        let holding = match &caller {
+            Caller::Node(node) => self.take_update(node, round, &task, verified).await?,
+            Caller::Relay(lower) => self.take_partial(lower, round, &task, verified).await?,
         };
-        verified.keep(&self.blobs).await.map_err(internal)?;
-        let fresh = self
-            .store
-            .hold(round, &node, verified.id(), examples)
-            .await
-            .map_err(internal)?;
-        self.flush.notify_one();
-        Ok(Response::new(receipt(total, true, !fresh)))
+        Ok(Response::new(match holding {
+            Holding::Fresh => receipt(total, true, false),
+            Holding::Duplicate => receipt(total, true, true),
+            Holding::CountedElsewhere(nodes) => UploadReceipt {
+                not_counted: nodes,
+                ..receipt(total, false, false)
+            },
+        }))
     }
 
     async fn upload_status(
         &self,
         request: Request<UploadStatusRequest>,
     ) -> Result<Response<UploadReceipt>, Status> {
-        let node = self.node(&request).await?;
+        let caller = self.caller(&request).await?;
         let UploadStatusRequest { round, hash } = request.into_inner();
-        if self.store.has(round, &node).await.map_err(internal)? {
+        let (sender, held) = match caller {
+            Caller::Node(node) => {
+                let held = self.store.has(round, &node).await;
+                (node, held)
+            }
+            Caller::Relay(lower) => {
+                let held = self.store.holds(round, &lower, &hash).await;
+                (lower, held)
+            }
+        };
+        if held.map_err(internal)? {
             return Ok(Response::new(receipt(0, true, true)));
         }
-        let have = match staged::held_upload(&self.blobs, round, &node, &hash) {
+        let have = match staged::held_upload(&self.blobs, round, &sender, &hash) {
             Some(path) => tokio::fs::metadata(&path).await.map_or(0, |m| m.len()),
             None => 0,
         };
@@ -319,35 +345,5 @@ impl Fleet for Relay {
             .clone()
             .sec_agg(self.on_behalf(&node, step))
             .await
-    }
-}
-
-impl Relay {
-    /// Checks an upload's first chunk: the round is open for `node` at this relay and its
-    /// hash is well formed. `Ok(None)`: the relay already holds the node's update.
-    async fn expect_upload(
-        &self,
-        node: &str,
-        chunk: &UploadChunk,
-    ) -> Result<Option<v1::Task>, Status> {
-        if self.store.has(chunk.round, node).await.map_err(internal)? {
-            return Ok(None);
-        }
-        staged::check_update_id(&chunk.hash).map_err(Status::invalid_argument)?;
-        let view = self.view.borrow().clone();
-        match view.train {
-            Some(task)
-                if task.round == chunk.round
-                    && view.train_nodes.contains(node)
-                    && !self.gave_up(chunk.round, node) =>
-            {
-                Ok(Some(task))
-            }
-            _ => Err(Status::failed_precondition(format!(
-                "round {} is not open for this node (the relay is at round {}); pull a new task",
-                chunk.round,
-                view.current_round()
-            ))),
-        }
     }
 }

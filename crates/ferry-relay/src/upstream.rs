@@ -2,7 +2,10 @@
 //! sync loop that keeps its [`View`](crate::view::View) current and reports its online nodes,
 //! and fetching each model once, resumably, into the relay's blobs.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ferry_client::{
     backoff::Backoff,
@@ -20,6 +23,15 @@ use crate::{RelayError, RelaySettings, relay::Relay};
 
 /// Longest a sync waits at the server for the work to change.
 const SYNC_WAIT_MS: u32 = 10_000;
+
+/// Shortest time between two syncs: a burst of changes at the server (a fleet enrolling, a
+/// round's updates arriving) costs a relay one sync per gap, not one per change.
+const SYNC_GAP: Duration = Duration::from_millis(50);
+
+/// How often a sync names every online node; the syncs between name only the nodes heard
+/// from since the one before (the server keeps a node online for `offline_after` after it
+/// was last named).
+const FULL_ONLINE_EVERY: Duration = Duration::from_secs(1);
 
 /// The relay's link to the server above it.
 #[derive(Clone)]
@@ -109,24 +121,38 @@ async fn enrol(
     }
 }
 
-/// Keeps the relay's view current until `stop`: one long-poll at a time, reporting the
-/// relay's online nodes; while the server cannot be reached, the view says why and the sync
-/// is tried again with a growing pause.
+/// Keeps the relay's view current until `stop`: one long-poll at a time, at most one per
+/// [`SYNC_GAP`], reporting the relay's online nodes (all of them at most once per
+/// [`FULL_ONLINE_EVERY`], else those heard from since the last sync); while the server cannot
+/// be reached, the view says why and the sync is tried again with a growing pause.
 pub async fn sync_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut client = relay.upstream.relay.clone();
+    let mut last_full: Option<Instant> = None;
+    let mut last_sync: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             return;
         }
+        if let Some(gap) = last_sync.and_then(|at| SYNC_GAP.checked_sub(at.elapsed())) {
+            tokio::select! {
+                () = tokio::time::sleep(gap) => {}
+                _ = stop.changed() => return,
+            }
+        }
+        let started = Instant::now();
+        let full = last_full.is_none_or(|at| at.elapsed() >= FULL_ONLINE_EVERY);
+        let online = relay.online_nodes(if full { None } else { last_sync });
+        last_sync = Some(started);
         let version = relay.subscribe().borrow().version;
         let request = relay
             .upstream
             .credential
             .authorize(tonic::Request::new(RelaySyncRequest {
-                online: relay.online_nodes(),
+                online,
                 wait_ms: SYNC_WAIT_MS,
                 version,
+                relays: relay.online_relays(),
             }));
         let answered = tokio::select! {
             answered = client.sync(request) => answered,
@@ -135,6 +161,9 @@ pub async fn sync_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
         match answered {
             Ok(answer) => {
                 backoff.reset();
+                if full {
+                    last_full = Some(started);
+                }
                 let answer = answer.into_inner();
                 if !answer.revoked.is_empty()
                     && let Err(e) = relay.store.revoke(&answer.revoked).await
@@ -152,6 +181,8 @@ pub async fn sync_loop(relay: Arc<Relay>, mut stop: watch::Receiver<bool>) {
                 }
             }
             Err(status) => {
+                // The nodes this sync named may not have reached the server: name all next.
+                last_full = None;
                 let why = ferry_client::explain(&status);
                 if status.code() == Code::Unauthenticated || status.code() == Code::PermissionDenied
                 {

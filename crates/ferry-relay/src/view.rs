@@ -33,6 +33,8 @@ pub struct View {
     pub cached: HashSet<String>,
     /// Why the server cannot be reached, while it cannot.
     pub unreachable: Option<String>,
+    /// Counts the changes a relay below this one would see (the version it is answered with).
+    pub revision: u64,
 }
 
 /// What one node is to do.
@@ -66,7 +68,8 @@ impl View {
         task.model.iter().chain(task.server_control.iter())
     }
 
-    fn ready(&self, task: &Task) -> bool {
+    /// Whether the relay holds every blob `task` needs.
+    pub fn ready(&self, task: &Task) -> bool {
         Self::blobs_of(task).all(|blob| self.cached.contains(&blob.hash))
     }
 
@@ -95,10 +98,8 @@ impl View {
         {
             return NodeWork::Task(Box::new(task.clone()));
         }
-        if let Some(why) = &self.unreachable {
-            return NodeWork::Idle(format!(
-                "the relay cannot reach the server ({why}); this node's work waits for it"
-            ));
+        if let Some(why) = self.unreachable_reason() {
+            return NodeWork::Idle(why);
         }
         if self.version == 0 {
             return NodeWork::Idle("the relay is waiting for the server's first answer".into());
@@ -107,6 +108,22 @@ impl View {
             return NodeWork::Idle("the relay is fetching the round's model".into());
         }
         NodeWork::Idle(self.idle.clone())
+    }
+
+    /// Why work waits, while the server cannot be reached.
+    pub fn unreachable_reason(&self) -> Option<String> {
+        self.unreachable.as_ref().map(|why| {
+            format!("the relay cannot reach the server ({why}); this node's work waits for it")
+        })
+    }
+
+    /// When a relay below this one sends what it holds of the open round: as far before this
+    /// relay's deadline as this relay's is before the round's, so that its partial arrives
+    /// here in time.
+    pub fn lower_relay_deadline_unix_ms(&self) -> u64 {
+        let round_deadline = self.train.as_ref().map_or(0, |t| t.deadline_unix_ms);
+        let margin = round_deadline.saturating_sub(self.relay_deadline_unix_ms);
+        self.relay_deadline_unix_ms.saturating_sub(margin)
     }
 
     /// Whether `node` should go on with its work on `round` (a heartbeat's answer).

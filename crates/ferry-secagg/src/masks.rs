@@ -3,7 +3,7 @@
 use chacha20::ChaCha20Rng;
 use rand_core::{Rng, SeedableRng};
 
-use crate::{SecAggError, SecAggParams};
+use crate::{MaskedInput, SecAggError, SecAggParams};
 
 /// Whether a mask is added to or taken from a vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +31,24 @@ pub(crate) fn apply_mask(vector: &mut [u64], seed: &[u8; 32], sign: Sign, params
                 Sign::Minus => value.wrapping_sub(m),
             } & mask;
         }
+    }
+}
+
+impl MaskedInput {
+    /// Adds `other` into this input modulo `2^modulus_bits`: a relay's sum of its nodes'
+    /// masked inputs. The pairwise masks of two nodes summed here cancel, but each node's self
+    /// mask stays until the server unmasks the whole round's sum, so the sum reveals no more
+    /// than one input does.
+    pub fn add(&mut self, other: &MaskedInput, params: &SecAggParams) -> Result<(), SecAggError> {
+        if other.values.len() != self.values.len() {
+            return Err(SecAggError::Malformed(format!(
+                "a masked input of {} values, expected {}",
+                other.values.len(),
+                self.values.len()
+            )));
+        }
+        add_into(&mut self.values, &other.values, params);
+        Ok(())
     }
 }
 

@@ -240,13 +240,35 @@ impl SecAggServer {
         from: ParticipantId,
         input: &MaskedInput,
     ) -> Result<(), SecAggError> {
+        self.receive_masked_sum(&[from], input)
+    }
+
+    /// Stage 3: folds the sum of several nodes' masked inputs (taken by a relay, modulo the
+    /// same modulus) into the running masked sum, as if each had arrived alone; all of them
+    /// count, or none.
+    pub fn receive_masked_sum(
+        &mut self,
+        from: &[ParticipantId],
+        input: &MaskedInput,
+    ) -> Result<(), SecAggError> {
         let Stage::Masking(_, routed, sum) = &mut self.stage else {
             return Err(SecAggError::Stage("masked input is closed".into()));
         };
-        if !routed.shared.contains(&from) {
-            return Err(SecAggError::Malformed(format!(
-                "node {from} did not share keys in this round"
-            )));
+        let mut seen = BTreeSet::new();
+        for &id in from {
+            if !routed.shared.contains(&id) {
+                return Err(SecAggError::Malformed(format!(
+                    "node {id} did not share keys in this round"
+                )));
+            }
+            if routed.masked.contains(&id) || !seen.insert(id) {
+                return Err(SecAggError::Malformed(format!(
+                    "node {id} sent its masked input twice"
+                )));
+            }
+        }
+        if seen.is_empty() {
+            return Err(SecAggError::Malformed("a masked sum of no node".into()));
         }
         if input.values.len() != sum.len() {
             return Err(SecAggError::Malformed(format!(
@@ -264,11 +286,7 @@ impl SecAggServer {
                 "a masked value lies outside the modulus".into(),
             ));
         }
-        if !routed.masked.insert(from) {
-            return Err(SecAggError::Malformed(format!(
-                "node {from} sent its masked input twice"
-            )));
-        }
+        routed.masked.extend(seen);
         masks::add_into(sum, &input.values, &self.params);
         Ok(())
     }

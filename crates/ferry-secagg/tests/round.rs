@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use ferry_secagg::{
-    NeighbourGraph, ParticipantId, SecAggClient, SecAggError, SecAggParams, SecAggServer,
-    SecureSum, UnmaskRequest, max_sum_error,
+    MaskedInput, NeighbourGraph, ParticipantId, SecAggClient, SecAggError, SecAggParams,
+    SecAggServer, SecureSum, UnmaskRequest, max_sum_error,
 };
 use proptest::prelude::*;
 
@@ -287,6 +287,74 @@ fn the_server_holds_only_a_masked_sum() {
     assert!(
         far > dim * 9 / 10,
         "only {far} of {dim} coordinates are masked"
+    );
+}
+
+/// Runs stages 3 and 4 of a round where every node sends its masked input; `relayed` nodes'
+/// inputs arrive as one sum taken by a relay, the others alone. Returns the round's sum and
+/// the relay's sum.
+fn finish_with_relay(
+    n: usize,
+    data: &[Vec<f32>],
+    relayed: &[ParticipantId],
+) -> (SecureSum, Option<MaskedInput>) {
+    let params = SecAggParams::with_neighbours(4);
+    let (mut server, mut clients) = keys_shared(n, data[0].len(), 5);
+    let mut relay: Option<MaskedInput> = None;
+    for (i, client) in clients.iter_mut().enumerate() {
+        let id = i as ParticipantId;
+        let inbox = server.inbox(id).unwrap().to_vec();
+        let masked = client.mask(&inbox, &data[i], 1.0).unwrap();
+        if !relayed.contains(&id) {
+            server.receive_masked(id, &masked).unwrap();
+            continue;
+        }
+        match &mut relay {
+            Some(sum) => sum.add(&masked, &params).unwrap(),
+            None => relay = Some(masked),
+        }
+    }
+    if let Some(sum) = &relay {
+        server.receive_masked_sum(relayed, sum).unwrap();
+        let again = server.receive_masked_sum(&relayed[..1], sum);
+        assert!(again.is_err(), "a node counts once");
+    }
+    let request = server.close_masking().unwrap();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let shares = client.unmask(&request).unwrap();
+        server.receive_unmask(i as ParticipantId, &shares).unwrap();
+    }
+    (server.finish().unwrap(), relay)
+}
+
+#[test]
+fn a_relays_sum_of_masked_inputs_unmasks_to_the_same_total_and_shows_no_update() {
+    let params = SecAggParams::with_neighbours(4);
+    let (n, dim) = (6, 200);
+    let data = updates(n, dim);
+    let (direct, _) = finish_with_relay(n, &data, &[]);
+    let relayed_ids = [0, 1, 2];
+    let (relayed, relay_sum) = finish_with_relay(n, &data, &relayed_ids);
+    // Sums modulo 2^k are exact: grouping the inputs at a relay changes no bit.
+    assert_eq!(relayed, direct);
+    // What the relay holds, read as if it were unmasked, is nowhere near its nodes' sum.
+    let relay_sum = relay_sum.expect("the relay summed");
+    let step = 2.0 * f64::from(params.clip) / ((1u64 << params.quantization_bits) - 1) as f64;
+    let far = (0..dim)
+        .filter(|&j| {
+            let plain: f64 = relayed_ids
+                .iter()
+                .map(|&i| f64::from(data[i as usize][j]))
+                .sum();
+            // Decoded as the quantiser would: each node's value is offset by the clip.
+            let decoded = relay_sum.values[j] as f64 * step
+                - relayed_ids.len() as f64 * f64::from(params.clip);
+            (decoded - plain).abs() > 0.1
+        })
+        .count();
+    assert!(
+        far > dim * 9 / 10,
+        "only {far} of {dim} coordinates of the relay's sum are masked"
     );
 }
 

@@ -233,6 +233,48 @@ impl SecureStages {
         Ok(())
     }
 
+    /// Takes a relay's sum of the masked inputs of `nodes` (every one of them in the round
+    /// and owing its input), as if each had arrived alone.
+    pub(crate) fn take_masked_sum(
+        &mut self,
+        nodes: &[String],
+        bytes: &[u8],
+    ) -> Result<(), Refusal> {
+        if self.stage != Stage::Masking {
+            return Err(self.gone("masked input is not open"));
+        }
+        let mut ids = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            if !self.in_round.contains(node) || self.masked.contains(node) {
+                return Err(Refusal::Invalid(format!(
+                    "node {node}'s masked input cannot count in this round's sum"
+                )));
+            }
+            ids.push(self.id_of(node)?);
+        }
+        let sum = ferry_proto::secagg::masked_sum_from_bytes(
+            bytes,
+            self.server.input_len(),
+            &self.params,
+        )
+        .map_err(Self::invalid)?;
+        if sum.contributors != nodes {
+            return Err(Refusal::Invalid(
+                "the masked sum names other nodes than its upload".into(),
+            ));
+        }
+        self.server
+            .receive_masked_sum(&ids, &sum.input)
+            .map_err(Self::invalid)?;
+        self.masked.extend(nodes.iter().cloned());
+        Ok(())
+    }
+
+    /// The nodes whose masked input the round waits for, once key sharing has closed.
+    pub(crate) fn masking_nodes(&self) -> Option<&BTreeSet<String>> {
+        (self.stage >= Stage::Masking).then_some(&self.in_round)
+    }
+
     /// Closes whatever stage is complete or past its deadline. `cohort` are the round's
     /// nodes, `answered` those that sent a masked input or gave up, `training_deadline` the
     /// round's deadline for masked input.

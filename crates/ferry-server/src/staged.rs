@@ -125,6 +125,10 @@ pub fn max_update_bytes(layout: &ModelLayout) -> u64 {
     2 * 4 * layout.num_params() as u64 + 256 * tensors * 2 + 64 * 1024
 }
 
+/// Room a relay's upload has beyond a node's: a partial aggregate's or masked sum's list of
+/// contributors (tens of thousands of node ids).
+pub const PARTIAL_HEADER_ROOM: u64 = 8 << 20;
+
 /// Refuses an update's content id unless it is a BLAKE3 id (updates are never named by the
 /// SHA-256 of stores written before BLAKE3), saying what is expected.
 pub fn check_update_id(id: &str) -> Result<(), &'static str> {

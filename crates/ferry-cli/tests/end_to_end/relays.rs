@@ -102,14 +102,27 @@ impl TestRelay {
         format!("https://localhost:{}", self.port)
     }
 
-    /// Starts (or restarts) the relay and waits for it to listen.
+    /// Starts (or restarts) the relay and waits for it to listen; a relay that exits instead
+    /// fails the test with its log.
     fn spawn(&mut self) -> Child {
         let log = self
             .dir
             .with_extension(format!("{}.log", self.logs.len() + 1));
-        let child = spawn_logged(&self.args, &log);
-        self.logs.push(log);
-        until_listening(self.port, "the relay", Duration::from_secs(60));
+        let mut child = spawn_logged(&self.args, &log);
+        self.logs.push(log.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let said = fs::read_to_string(&log).unwrap_or_default();
+                panic!("the relay exited ({status}) before listening:\n{said}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the relay did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         child
     }
 }
@@ -130,19 +143,37 @@ fn final_model(out: &Path) -> Model {
         .expect("final model")
 }
 
-/// Runs `nodes` nodes for `rounds` rounds of the `[run]` lines `extra`, through `relays`
-/// relays (0: straight to the server); returns the server once its run succeeded.
-fn deploy(dir: &Path, nodes: usize, relays: usize, rounds: usize, extra: &str) -> TestServer {
+/// Two relays side by side, each dialling the server.
+const SIDE_BY_SIDE: &[Option<usize>] = &[None, None];
+
+/// A chain of two: relay 1 dials relay 0, which dials the server.
+const CHAIN: &[Option<usize>] = &[None, Some(0)];
+
+/// Runs `nodes` nodes for `rounds` rounds of the `[run]` lines `extra`, through one relay per
+/// entry of `uplinks` (each dialling the server, or the relay of that index; none: the nodes
+/// dial the server), the nodes spread over the relays in turn; returns the server once its
+/// run succeeded.
+fn deploy(
+    dir: &Path,
+    nodes: usize,
+    uplinks: &[Option<usize>],
+    rounds: usize,
+    extra: &str,
+) -> TestServer {
     let server = TestServer::new(dir, &[], false, &run_section(nodes, rounds, extra));
     let mut logs = vec![dir.join("server.log")];
     let mut processes = Killer(vec![server.spawn(&logs[0])]);
     until_listening(server.port, "the server", Duration::from_secs(60));
-    let mut middle: Vec<TestRelay> = (0..relays)
-        .map(|r| TestRelay::new(&server, &format!("relay-{r}"), &server.url()))
-        .collect();
-    for relay in &mut middle {
+    let mut middle: Vec<TestRelay> = Vec::new();
+    for (r, uplink) in uplinks.iter().enumerate() {
+        let upstream = match uplink {
+            None => server.url(),
+            Some(above) => middle[*above].url(),
+        };
+        let mut relay = TestRelay::new(&server, &format!("relay-{r}"), &upstream);
         processes.0.push(relay.spawn());
         logs.extend(relay.logs.clone());
+        middle.push(relay);
     }
     for i in 0..nodes {
         let via = match middle.len() {
@@ -160,62 +191,86 @@ fn deploy(dir: &Path, nodes: usize, relays: usize, rounds: usize, extra: &str) -
 }
 
 #[test]
-fn nodes_behind_two_relays_make_the_direct_runs_model_and_every_round_names_them() {
+fn nodes_behind_two_relays_or_a_chain_make_the_direct_runs_model_and_every_round_names_them() {
     const ROUNDS: usize = 3;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let direct = deploy(&tmp.path().join("direct"), NODES, 0, ROUNDS, "");
-    let relayed = deploy(&tmp.path().join("relayed"), NODES, 2, ROUNDS, "");
-
-    let (a, b) = (final_model(&direct.out), final_model(&relayed.out));
-    let gap = a
-        .values()
-        .iter()
-        .zip(b.values())
-        .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
-        .fold(0.0f32, f32::max);
-    eprintln!("largest relative gap between the direct and the relayed model: {gap:.3e}");
-    assert!(gap < 1e-5, "the relayed run's model differs: {gap:.3e}");
-
-    let model_bytes = 4 * a.num_params() as u64;
-    let h = history(&relayed.out).expect("history");
-    let rounds = h["rounds"].as_array().expect("rounds");
-    assert_eq!(rounds.len(), ROUNDS);
-    for r in rounds {
-        let contributors = r["contributors"].as_array().expect("contributors");
-        let examples = r["contributor_examples"].as_array().expect("examples");
-        assert_eq!(contributors.len(), NODES, "{r}");
-        assert_eq!(examples.len(), NODES, "{r}");
-        assert!(examples.iter().all(|n| n.as_u64().is_some_and(|n| n > 0)));
-        // Two partial aggregates came up, not four updates.
-        assert_eq!(r["bytes_up"].as_u64(), Some(2 * model_bytes), "{r}");
-    }
+    let direct = deploy(&tmp.path().join("direct"), NODES, &[], ROUNDS, "");
+    let direct_model = final_model(&direct.out);
+    let model_bytes = 4 * direct_model.num_params() as u64;
     let direct_rounds = history(&direct.out).expect("history")["rounds"].clone();
     assert_eq!(direct_rounds[0]["bytes_up"].as_u64(), Some(4 * model_bytes));
 
-    // The relays are relays in the store, and every node sits below one.
+    // Side by side, two partial aggregates come up a round; through a chain, one (the lower
+    // relay's partial folds into the upper relay's).
+    for (name, uplinks, partials) in [("side-by-side", SIDE_BY_SIDE, 2), ("chain", CHAIN, 1)] {
+        let relayed = deploy(&tmp.path().join(name), NODES, uplinks, ROUNDS, "");
+        let model = final_model(&relayed.out);
+        let gap = direct_model
+            .values()
+            .iter()
+            .zip(model.values())
+            .map(|(x, y)| (x - y).abs() / (1.0 + x.abs()))
+            .fold(0.0f32, f32::max);
+        eprintln!("{name}: largest relative gap to the direct run's model: {gap:.3e}");
+        assert!(
+            gap < 1e-5,
+            "{name}: the relayed run's model differs: {gap:.3e}"
+        );
+
+        let h = history(&relayed.out).expect("history");
+        let rounds = h["rounds"].as_array().expect("rounds");
+        assert_eq!(rounds.len(), ROUNDS);
+        for r in rounds {
+            let contributors = r["contributors"].as_array().expect("contributors");
+            let examples = r["contributor_examples"].as_array().expect("examples");
+            assert_eq!(contributors.len(), NODES, "{name}: {r}");
+            assert_eq!(examples.len(), NODES, "{name}: {r}");
+            assert!(examples.iter().all(|n| n.as_u64().is_some_and(|n| n > 0)));
+            assert_eq!(
+                r["bytes_up"].as_u64(),
+                Some(partials * model_bytes),
+                "{name}: {r}"
+            );
+        }
+        check_topology(&relayed, uplinks);
+    }
+}
+
+/// The relays are relays in the store, each below the relay it dials (or the server), and
+/// every node sits below one.
+fn check_topology(server: &TestServer, uplinks: &[Option<usize>]) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let store = runtime
-        .block_on(Store::open(&relayed.store))
-        .expect("store");
+    let store = runtime.block_on(Store::open(&server.store)).expect("store");
     let identities = runtime.block_on(store.nodes()).expect("nodes");
-    let relays: BTreeSet<&str> = identities
+    let relays: BTreeMap<&str, Option<&str>> = identities
         .iter()
         .filter(|n| n.kind == IdentityKind::Relay)
-        .map(|n| n.node_id.as_str())
+        .map(|n| (n.name.as_str(), n.relay.as_deref()))
         .collect();
-    assert_eq!(relays.len(), 2);
+    assert_eq!(relays.len(), uplinks.len());
+    let id_of = |name: &str| {
+        identities
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| n.node_id.as_str())
+    };
+    for (r, uplink) in uplinks.iter().enumerate() {
+        let above = uplink.and_then(|a| id_of(&format!("relay-{a}")));
+        assert_eq!(relays[format!("relay-{r}").as_str()], above, "relay-{r}");
+    }
+    let relay_ids: BTreeSet<&str> = relays.keys().filter_map(|name| id_of(name)).collect();
     for node in identities.iter().filter(|n| n.kind == IdentityKind::Node) {
         assert!(
-            node.relay.as_deref().is_some_and(|r| relays.contains(r)),
+            node.relay.as_deref().is_some_and(|r| relay_ids.contains(r)),
             "{node:?}"
         );
     }
 }
 
-/// Each round's record of a run through two relays, checked to have aggregated `nodes`
-/// updates; returns the bytes the server received in its first round.
-fn relayed_round_bytes(dir: &Path, nodes: usize, extra: &str) -> u64 {
-    let server = deploy(dir, nodes, 2, 2, extra);
+/// Each round's record of a run through the relays of `uplinks`, checked to have aggregated
+/// `nodes` updates; returns the bytes the server received in its first round.
+fn relayed_round_bytes(dir: &Path, nodes: usize, uplinks: &[Option<usize>], extra: &str) -> u64 {
+    let server = deploy(dir, nodes, uplinks, 2, extra);
     let h = history(&server.out).expect("history");
     let rounds = h["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), 2, "`{extra}`: {h}");
@@ -246,7 +301,12 @@ fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
     .into_iter()
     .enumerate()
     {
-        let bytes = relayed_round_bytes(&tmp.path().join(format!("fold-{i}")), NODES, extra);
+        let bytes = relayed_round_bytes(
+            &tmp.path().join(format!("fold-{i}")),
+            NODES,
+            SIDE_BY_SIDE,
+            extra,
+        );
         assert_eq!(
             bytes,
             2 * per_partial as u64,
@@ -261,11 +321,35 @@ fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
     .into_iter()
     .enumerate()
     {
-        let bytes = relayed_round_bytes(&tmp.path().join(format!("pass-{i}")), NODES, extra);
+        let bytes = relayed_round_bytes(
+            &tmp.path().join(format!("pass-{i}")),
+            NODES,
+            SIDE_BY_SIDE,
+            extra,
+        );
         assert_eq!(bytes, (NODES * model) as u64, "`{extra}` passes through");
     }
-    // SecAgg+: keys, shares and masked inputs through the relays; the round's sum unmasks.
-    relayed_round_bytes(&tmp.path().join("secagg"), 6, "secagg = true\n");
+    // Through a chain, too, each update passes both relays on its node's behalf.
+    let extra = "aggregator = \"median\"\n";
+    let bytes = relayed_round_bytes(&tmp.path().join("pass-chain"), NODES, CHAIN, extra);
+    assert_eq!(
+        bytes,
+        (NODES * model) as u64,
+        "`{extra}` passes through a chain"
+    );
+    // SecAgg+: keys and shares pass through the relays on each node's behalf; each relay
+    // adds its nodes' masked inputs (32-bit values, the model's and the weight slot) into
+    // one masked sum, and the round's total unmasks at the server. The server receives one
+    // masked sum per relay at the top (beside the small key-exchange messages), not six
+    // inputs.
+    let masked_input = (7850 + 1) * 4;
+    for (name, uplinks, sums) in [("secagg", SIDE_BY_SIDE, 2), ("secagg-chain", CHAIN, 1)] {
+        let bytes = relayed_round_bytes(&tmp.path().join(name), 6, uplinks, "secagg = true\n");
+        assert!(
+            (sums * masked_input..(sums + 1) * masked_input).contains(&bytes),
+            "{name}: {bytes} bytes up, expected {sums} masked sums of {masked_input} bytes"
+        );
+    }
 }
 
 #[test]

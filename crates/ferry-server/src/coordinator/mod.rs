@@ -22,7 +22,7 @@ mod types;
 mod uploads;
 
 pub use crate::refusal::Refusal;
-pub use relays::RelayView;
+pub use relays::{RelayFold, RelayView};
 pub use types::{
     BlobRef, COORDINATOR_ERROR, EvaluationTask, Event, FAILED_ROUNDS, FailedRound, NodeTask,
     RunSpec, RunStatus, Submission, Work, is_failure,

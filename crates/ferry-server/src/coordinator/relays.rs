@@ -23,6 +23,18 @@ fn relay_margin(round_timeout: Duration) -> Duration {
     (round_timeout / 5).clamp(Duration::from_secs(1), Duration::from_secs(30))
 }
 
+/// How a relay may fold its nodes' training updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayFold {
+    /// Not at all: each update goes on as it came (robust rules, central DP).
+    #[default]
+    PassThrough,
+    /// Into one weighted sum (the linear rules).
+    Weighted(Weighting),
+    /// SecAgg+: the masked inputs added modulo 2^k, masks still on.
+    MaskedSum,
+}
+
 /// A relay's subtree's work, as one answer.
 #[derive(Debug, Clone, Default)]
 pub struct RelayView {
@@ -34,18 +46,25 @@ pub struct RelayView {
     pub idle: String,
     /// Why the run ended, once it has.
     pub finished: Option<String>,
-    /// How the relay may fold updates (`None`: it passes each one through).
-    pub fold: Option<Weighting>,
+    /// How the relay may fold updates.
+    pub fold: RelayFold,
     /// When the relay sends what it holds of the open round.
     pub relay_deadline_unix_ms: u64,
 }
 
 impl Coordinator {
-    /// Marks the relay `relay` and every one of `nodes` (its online nodes) alive now.
-    pub async fn seen_all<'a>(&self, relay: &str, nodes: impl Iterator<Item = &'a str>) {
+    /// Marks `relays` (a relay and those below it it heard from) and every one of `nodes`
+    /// (their online nodes) alive now.
+    pub async fn seen_all<'a>(
+        &self,
+        relays: impl Iterator<Item = &'a str>,
+        nodes: impl Iterator<Item = &'a str>,
+    ) {
         let mut state = self.state.lock().await;
         let now = Instant::now();
-        state.relays.insert(relay.to_string(), now);
+        for relay in relays {
+            state.relays.insert(relay.to_string(), now);
+        }
         let mut newly = false;
         for node in nodes {
             newly |= state.online.insert(node.to_string(), now).is_none();
@@ -61,9 +80,12 @@ impl Coordinator {
         let state = self.state.lock().await;
         let mut view = RelayView {
             fold: if self.spec.secure.is_some() {
-                None
+                RelayFold::MaskedSum
             } else {
-                state.strategy.relay_fold()
+                state
+                    .strategy
+                    .relay_fold()
+                    .map_or(RelayFold::PassThrough, RelayFold::Weighted)
             },
             ..RelayView::default()
         };
@@ -78,9 +100,11 @@ impl Coordinator {
             None => {}
         }
         if let Some(t) = &state.training {
-            // The cohort is a sorted set, so the subtree's part of it comes sorted.
-            let waiting: Vec<String> = t
-                .cohort
+            // Once a secure round's keys are shared, only the nodes that shared them owe an
+            // input. Both sets are sorted, so the subtree's part comes sorted.
+            let owing = t.secure.as_ref().and_then(|s| s.masking_nodes());
+            let waiting: Vec<String> = owing
+                .map_or(&t.cohort, |nodes| nodes)
                 .iter()
                 .filter(|n| members.contains(*n) && !t.answered.contains(*n))
                 .cloned()
@@ -115,6 +139,9 @@ impl Coordinator {
         round: u32,
         upload: Verified,
     ) -> Result<Submission, Refusal> {
+        if self.spec.secure.is_some() {
+            return self.submit_masked_sum(relay, members, round, upload).await;
+        }
         let mut file = upload
             .open_update(&self.layout)
             .and_then(|mut file| {
@@ -215,6 +242,67 @@ impl Coordinator {
         Ok(Submission::Accepted)
     }
 
+    /// Takes a relay's sum of its nodes' masked inputs for the secure round `round`: every
+    /// contributor must be in `members` and owe the round its input; then the sum folds into
+    /// the round's masked sum, counted for each contributor.
+    async fn submit_masked_sum(
+        &self,
+        relay: &str,
+        members: &HashSet<String>,
+        round: u32,
+        upload: Verified,
+    ) -> Result<Submission, Refusal> {
+        let bytes = upload
+            .read()
+            .await
+            .map_err(|e| Refusal::NotOpen(e.to_string()))?;
+        drop(upload);
+        let contributors = masked_sum_contributors(&bytes)?;
+        let mut state = self.state.lock().await;
+        let Some(training) = state
+            .training
+            .as_mut()
+            .filter(|t| t.plan_task.round == round)
+        else {
+            return Err(Refusal::NotOpen(format!("round {round} is not open")));
+        };
+        let owing = training.secure.as_ref().and_then(|s| s.masking_nodes());
+        let outsiders: Vec<String> = contributors
+            .iter()
+            .filter(|n| {
+                !members.contains(*n)
+                    || training.answered.contains(*n)
+                    || owing.is_some_and(|owing| !owing.contains(*n))
+            })
+            .cloned()
+            .collect();
+        if !outsiders.is_empty() {
+            // The masked sum is not stored, so a retried one is told the same: its nodes
+            // are counted (by this very sum, the relay learns, or through another path).
+            return Ok(Submission::NotCounted(outsiders));
+        }
+        let Some(secure) = training.secure.as_mut() else {
+            return Err(Refusal::NotOpen("the open round is not secure".into()));
+        };
+        secure.take_masked_sum(&contributors, &bytes)?;
+        for node in &contributors {
+            training.answered.insert(node.clone());
+            training.delivered.insert(node.clone());
+            training.open.note_secure_update(node, None);
+        }
+        training.open.add_protocol_bytes(bytes.len() as u64, 0);
+        drop(state);
+        metrics::counter!("ferry_updates_accepted_total").increment(contributors.len() as u64);
+        metrics::counter!("ferry_partials_accepted_total").increment(1);
+        tracing::debug!(
+            "relay {relay}'s masked sum of {} inputs",
+            contributors.len()
+        );
+        self.emit(Event::UpdateAccepted { round });
+        self.notify();
+        Ok(Submission::Accepted)
+    }
+
     /// The answer to a partial some of whose contributors cannot count through it: a
     /// duplicate if this very partial was counted before (its receipt was lost), else the
     /// contributors to leave out.
@@ -239,4 +327,12 @@ impl Coordinator {
         }
         Ok(Submission::NotCounted(outsiders))
     }
+}
+
+/// The contributors a relay's masked sum names (the whole sum is read under the round's
+/// lock, against the round's parameters).
+fn masked_sum_contributors(bytes: &[u8]) -> Result<Vec<String>, Refusal> {
+    ferry_proto::secagg::masked_sum_contributors(bytes)
+        .map(|(contributors, _)| contributors)
+        .map_err(|e| Refusal::Invalid(e.to_string()))
 }

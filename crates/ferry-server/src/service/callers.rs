@@ -104,8 +104,37 @@ impl FleetService {
         }
     }
 
-    /// The relay an enrolment comes through: the calling relay, or the relay of its subtree
-    /// it forwards for (a chain); `None` for a node enrolling itself.
+    /// The relay a Relay-service call or a forwarded enrolment is for: the calling relay, or
+    /// a relay below it named by `ferry-on-behalf-of` (a chain), or the status to refuse it
+    /// with.
+    pub(super) async fn relay_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let caller = self.caller(request).await?;
+        if caller.kind != IdentityKind::Relay {
+            return Err(permission_denied(&format!(
+                "'{}' enrolled as a node; only relays call the Relay service or forward \
+                 enrolments (create a relay token with `ferry token create --relay`)",
+                caller.name
+            )));
+        }
+        let Some(below) = request.metadata().get(ferry_proto::ON_BEHALF_OF) else {
+            return Ok(caller.node_id);
+        };
+        let below = below.to_str().unwrap_or_default();
+        if !self
+            .subtrees
+            .has_relay(&self.store, &caller.node_id, below)
+            .await?
+        {
+            return Err(permission_denied(&format!(
+                "'{below}' is not a relay below relay {}",
+                caller.node_id
+            )));
+        }
+        Ok(below.to_string())
+    }
+
+    /// The relay an enrolment comes through (see [`Self::relay_caller`]); `None` for a node
+    /// enrolling itself.
     pub(super) async fn enrolling_via<T>(
         &self,
         request: &Request<T>,
@@ -113,15 +142,7 @@ impl FleetService {
         if request.metadata().get(ferry_proto::AUTHORIZATION).is_none() {
             return Ok(None);
         }
-        match self.actor(request).await? {
-            Actor::Relay(relay) => Ok(Some(relay)),
-            Actor::Node(below) => match self.store.node(&below).await.map_err(store_unavailable)? {
-                Some(row) if row.kind == IdentityKind::Relay => Ok(Some(below)),
-                _ => Err(permission_denied(
-                    "an enrolment is forwarded by a relay, for itself or a relay below it",
-                )),
-            },
-        }
+        Ok(Some(self.relay_caller(request).await?))
     }
 }
 

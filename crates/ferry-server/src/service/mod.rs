@@ -58,10 +58,6 @@ const RESERVATION_HOLD: Duration = Duration::from_secs(10);
 /// The longest failure reason a node's report may leave in the run's records.
 const MAX_REASON_CHARS: usize = 500;
 
-/// Room a relay's partial aggregate may need beyond a node's update, for its contributors'
-/// names and examples in its header.
-const PARTIAL_HEADER_ROOM: u64 = 8 << 20;
-
 /// The fleet service over one coordinator and its store; also the Relay service relays sync
 /// through.
 pub struct FleetService {
@@ -185,7 +181,9 @@ impl Fleet for FleetService {
         let (node_id, name, kind) = (enrolled.node_id, enrolled.name, enrolled.kind);
         match &via {
             Some(relay) => {
-                self.subtrees.forget(relay);
+                self.subtrees
+                    .joined(&self.store, relay, &node_id, kind)
+                    .await;
                 tracing::info!(
                     "{} {node_id} enrolled as '{name}' through relay {relay}",
                     kind.as_str()
@@ -309,7 +307,7 @@ impl Fleet for FleetService {
         let max_chunk = self.coordinator.spec().max_chunk_bytes;
         let max_total = self.coordinator.max_update_bytes()
             + match actor {
-                Actor::Relay(_) => PARTIAL_HEADER_ROOM,
+                Actor::Relay(_) => crate::staged::PARTIAL_HEADER_ROOM,
                 Actor::Node(_) => 0,
             };
         let mut staged: Option<StagedUpload> = None;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::Credential,
+    coordinator::RelayFold,
     service::{
         FleetService, MAX_WAIT, permission_denied, store_unavailable, unauthenticated,
         wire::{evaluation_message, task_message},
@@ -28,11 +29,23 @@ use crate::{
 /// store directly) within this time.
 const SUBTREE_FRESH_FOR: Duration = Duration::from_secs(30);
 
-/// A relay's subtree as last read: its live members and its revoked ones.
+/// A relay's subtree as last read: its live nodes, the relays below it, and its revoked
+/// members.
 struct Subtree {
     members: Arc<HashSet<String>>,
+    relays: Arc<HashSet<String>>,
     revoked: Vec<String>,
     read: std::time::Instant,
+}
+
+/// What a relay's subtree holds, as last read.
+pub(super) struct SubtreeView {
+    /// Its live nodes (never a relay: only nodes train, score and count as online).
+    pub(super) members: Arc<HashSet<String>>,
+    /// The live relays below it (a chain).
+    pub(super) relays: Arc<HashSet<String>>,
+    /// Its revoked members.
+    pub(super) revoked: Vec<String>,
 }
 
 /// The nodes below each relay, as the store said lately, so that a sync or a call a relay
@@ -43,36 +56,41 @@ pub(super) struct Subtrees {
 }
 
 impl Subtrees {
-    /// `relay`'s live members and revoked ones, read from the store when not read lately.
-    pub(super) async fn refresh(
-        &self,
-        store: &Store,
-        relay: &str,
-    ) -> Result<(Arc<HashSet<String>>, Vec<String>), Status> {
+    /// `relay`'s subtree, read from the store when not read lately.
+    pub(super) async fn refresh(&self, store: &Store, relay: &str) -> Result<SubtreeView, Status> {
         if let Some(known) = self
             .lock()
             .get(relay)
             .filter(|known| known.read.elapsed() < SUBTREE_FRESH_FOR)
         {
-            return Ok((known.members.clone(), known.revoked.clone()));
+            return Ok(SubtreeView {
+                members: known.members.clone(),
+                relays: known.relays.clone(),
+                revoked: known.revoked.clone(),
+            });
         }
         let rows = store.subtree(relay).await.map_err(store_unavailable)?;
         let (revoked, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.revoked);
-        let members: Arc<HashSet<String>> =
-            Arc::new(live.into_iter().map(|row| row.node_id).collect());
-        let revoked: Vec<String> = revoked.into_iter().map(|row| row.node_id).collect();
-        let read = std::time::Instant::now();
+        let (relays, nodes): (Vec<_>, Vec<_>) = live
+            .into_iter()
+            .partition(|row| row.kind == IdentityKind::Relay);
+        let view = SubtreeView {
+            members: Arc::new(nodes.into_iter().map(|row| row.node_id).collect()),
+            relays: Arc::new(relays.into_iter().map(|row| row.node_id).collect()),
+            revoked: revoked.into_iter().map(|row| row.node_id).collect(),
+        };
         let subtree = Subtree {
-            members: members.clone(),
-            revoked: revoked.clone(),
-            read,
+            members: view.members.clone(),
+            relays: view.relays.clone(),
+            revoked: view.revoked.clone(),
+            read: std::time::Instant::now(),
         };
         self.lock().insert(relay.to_string(), subtree);
-        Ok((members, revoked))
+        Ok(view)
     }
 
-    /// Whether `node` is below `relay` (reading the subtree again when it is not among the
-    /// members read: it may have joined since).
+    /// Whether `node` is a live node below `relay` (reading the subtree again when it is not
+    /// among the members read: it may have joined since).
     pub(super) async fn contains(
         &self,
         store: &Store,
@@ -84,21 +102,81 @@ impl Subtrees {
             return Ok(true);
         }
         self.forget(relay);
-        Ok(self.refresh(store, relay).await?.0.contains(node))
+        Ok(self.refresh(store, relay).await?.members.contains(node))
     }
 
-    /// `relay`'s live members.
+    /// Whether `below` is a live relay below `relay` (a chain), read as [`Self::contains`].
+    pub(super) async fn has_relay(
+        &self,
+        store: &Store,
+        relay: &str,
+        below: &str,
+    ) -> Result<bool, Status> {
+        let known = self.lock().get(relay).map(|known| known.relays.clone());
+        if known.is_some_and(|relays| relays.contains(below)) {
+            return Ok(true);
+        }
+        self.forget(relay);
+        Ok(self.refresh(store, relay).await?.relays.contains(below))
+    }
+
+    /// `relay`'s live nodes.
     pub(super) async fn members(
         &self,
         store: &Store,
         relay: &str,
     ) -> Result<Arc<HashSet<String>>, Status> {
-        Ok(self.refresh(store, relay).await?.0)
+        Ok(self.refresh(store, relay).await?.members)
     }
 
     /// Forgets what is known of `relay`'s subtree: it changed.
     pub(super) fn forget(&self, relay: &str) {
         self.lock().remove(relay);
+    }
+
+    /// `relay` and every relay above it (its subtree is part of theirs).
+    async fn chain(store: &Store, relay: &str) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut next = Some(relay.to_string());
+        // A chain is short; the bound only guards against a cycle in damaged data.
+        while let Some(relay) = next.take().filter(|_| chain.len() < 16) {
+            next = match store.node(&relay).await {
+                Ok(Some(row)) => row.relay,
+                _ => None,
+            };
+            chain.push(relay);
+        }
+        chain
+    }
+
+    /// Forgets what is known of the subtrees of `relay` and of every relay above it.
+    pub(super) async fn forget_up(&self, store: &Store, relay: &str) {
+        for relay in Self::chain(store, relay).await {
+            self.forget(&relay);
+        }
+    }
+
+    /// Adds `member`, just enrolled through `relay`, to the subtrees known of `relay` and of
+    /// every relay above it, so that a fleet enrolling through relays does not make each
+    /// relay's next sync read its whole subtree again.
+    pub(super) async fn joined(
+        &self,
+        store: &Store,
+        relay: &str,
+        member: &str,
+        kind: IdentityKind,
+    ) {
+        let chain = Self::chain(store, relay).await;
+        let mut known = self.lock();
+        for relay in chain {
+            if let Some(subtree) = known.get_mut(&relay) {
+                let set = match kind {
+                    IdentityKind::Node => &mut subtree.members,
+                    IdentityKind::Relay => &mut subtree.relays,
+                };
+                Arc::make_mut(set).insert(member.to_string());
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subtree>> {
@@ -109,27 +187,13 @@ impl Subtrees {
     }
 }
 
-fn fold_message(fold: Option<Weighting>) -> Fold {
+fn fold_message(fold: RelayFold) -> Fold {
     match fold {
-        None => Fold::PassThrough,
-        Some(Weighting::Examples) => Fold::Examples,
-        Some(Weighting::Uniform) => Fold::Uniform,
-        Some(Weighting::Normalized) => Fold::Normalized,
-    }
-}
-
-impl FleetService {
-    /// The relay a Relay-service call comes from, or the status to refuse it with.
-    async fn relay_caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let caller = self.caller(request).await?;
-        if caller.kind != IdentityKind::Relay {
-            return Err(permission_denied(&format!(
-                "'{}' enrolled as a node; only relays call the Relay service (create a relay \
-                 token with `ferry token create --relay`)",
-                caller.name
-            )));
-        }
-        Ok(caller.node_id)
+        RelayFold::PassThrough => Fold::PassThrough,
+        RelayFold::Weighted(Weighting::Examples) => Fold::Examples,
+        RelayFold::Weighted(Weighting::Uniform) => Fold::Uniform,
+        RelayFold::Weighted(Weighting::Normalized) => Fold::Normalized,
+        RelayFold::MaskedSum => Fold::MaskedSum,
     }
 }
 
@@ -144,11 +208,21 @@ impl Relay for FleetService {
             online,
             wait_ms,
             version,
+            relays,
         } = request.into_inner();
-        let (members, revoked) = self.subtrees.refresh(&self.store, &relay).await?;
+        let SubtreeView {
+            members,
+            relays: below,
+            revoked,
+        } = self.subtrees.refresh(&self.store, &relay).await?;
         self.coordinator
             .seen_all(
-                &relay,
+                std::iter::once(relay.as_str()).chain(
+                    relays
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|r| below.contains(*r)),
+                ),
                 online
                     .iter()
                     .map(String::as_str)
@@ -221,9 +295,9 @@ impl Relay for FleetService {
                 .await
                 .map_err(store_unavailable)?;
             if let Some(old) = &node.relay {
-                self.subtrees.forget(old);
+                self.subtrees.forget_up(&self.store, old).await;
             }
-            self.subtrees.forget(&relay);
+            self.subtrees.forget_up(&self.store, &relay).await;
             tracing::info!("node {} moved under relay {relay}", node.node_id);
         }
         Ok(Response::new(AdoptResponse {

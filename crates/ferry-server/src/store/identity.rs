@@ -28,7 +28,8 @@ impl IdentityKind {
         }
     }
 
-    fn parse(stored: &str) -> Self {
+    /// The kind a stored name stands for (a node for anything but "relay").
+    pub fn parse(stored: &str) -> Self {
         if stored == "relay" {
             Self::Relay
         } else {

@@ -131,6 +131,7 @@ async fn a_relay_speaks_for_its_subtree_once_and_for_no_one_else() {
                 online: vec![a.clone(), b.clone(), c.clone()],
                 wait_ms: 0,
                 version: 0,
+                relays: Vec::new(),
             },
         ))
         .await
@@ -146,6 +147,7 @@ async fn a_relay_speaks_for_its_subtree_once_and_for_no_one_else() {
                 online: vec![a.clone(), b.clone()],
                 wait_ms: 0,
                 version: 0,
+                relays: Vec::new(),
             },
         ))
         .await
@@ -278,5 +280,141 @@ async fn a_relay_speaks_for_its_subtree_once_and_for_no_one_else() {
         .await
         .expect_err("revoked");
     assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_forwards_for_the_relays_below_it_and_only_for_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let running = start(dir.path(), 1, 3).await;
+    let store = store(dir.path()).await;
+    let mut fleet = client(&running.url).await;
+    let mut relays = RelayClient::connect(running.url.clone())
+        .await
+        .expect("connect");
+    let relay_token = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .create_token_for(name, IdentityKind::Relay)
+                .await
+                .expect("token")
+        }
+    };
+    let top = enrol(&mut fleet, &relay_token("relay-top").await).await;
+    let other = enrol(&mut fleet, &relay_token("relay-other").await).await;
+    // The lower relay enrols through the top one, which forwards its token.
+    let lower = fleet
+        .enrol(authed(
+            &top,
+            EnrolRequest {
+                token: relay_token("relay-lower").await,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("enrol through the top relay")
+        .into_inner();
+    assert_eq!(lower.kind, "relay");
+    let lower_id = lower.node_id.clone();
+    let lower = format!("{}.{}", lower.node_id, lower.secret);
+    // A node enrols through the lower relay: the top one forwards on the lower's behalf.
+    let node_token = store.create_token("site-0").await.expect("token");
+    let enrolled = fleet
+        .enrol(on_behalf(
+            &top,
+            &lower_id,
+            EnrolRequest {
+                token: node_token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("enrol through the chain")
+        .into_inner();
+    let node = enrolled.node_id.clone();
+    let row = store.node(&node).await.expect("row").expect("node");
+    assert_eq!(row.relay.as_deref(), Some(lower_id.as_str()));
+
+    // Another relay cannot forward for the lower relay, nor speak for its node.
+    let token = store.create_token("site-1").await.expect("token");
+    let refused = fleet
+        .enrol(on_behalf(
+            &other,
+            &lower_id,
+            EnrolRequest {
+                token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("not its relay");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    let refused = fleet
+        .heartbeat(on_behalf(&other, &node, Default::default()))
+        .await
+        .expect_err("not its node");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    // Both relays of the chain may speak for the node.
+    for relay in [&top, &lower] {
+        fleet
+            .heartbeat(on_behalf(relay, &node, Default::default()))
+            .await
+            .expect("its subtree");
+    }
+
+    // The top relay's sync reports the lower relay as a relay: it never counts as a node.
+    relays
+        .sync(authed(
+            &top,
+            RelaySyncRequest {
+                online: vec![node.clone(), lower_id.clone()],
+                relays: vec![lower_id.clone()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("sync");
+    assert_eq!(running.coordinator.status().await.nodes_online, 1);
+    let online = running.coordinator.online().await;
+    assert!(online.contains_key(&lower_id), "{online:?}");
+
+    // A node that fails over to the lower relay moves under it through the top one.
+    let direct = enrol(
+        &mut fleet,
+        &store.create_token("site-2").await.expect("token"),
+    )
+    .await;
+    let refused = relays
+        .adopt(on_behalf(
+            &other,
+            &lower_id,
+            AdoptRequest {
+                credential: direct.clone(),
+            },
+        ))
+        .await
+        .expect_err("not its relay");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    relays
+        .adopt(on_behalf(
+            &top,
+            &lower_id,
+            AdoptRequest {
+                credential: direct.clone(),
+            },
+        ))
+        .await
+        .expect("adopted into the chain");
+    let row = store
+        .node(&node_id(&direct))
+        .await
+        .expect("row")
+        .expect("node");
+    assert_eq!(row.relay.as_deref(), Some(lower_id.as_str()));
+    fleet
+        .heartbeat(on_behalf(&top, &node_id(&direct), Default::default()))
+        .await
+        .expect("now in the top relay's subtree, too");
     running.stop().await;
 }

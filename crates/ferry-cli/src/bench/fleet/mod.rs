@@ -276,8 +276,12 @@ pub fn run(args: FleetArgs) -> Result<()> {
     let mut summary: Option<ServerSummary> = None;
     for line in lines.map_while(Result::ok) {
         if line.contains("fleet_online_unix_ms") {
+            let online = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v["online"].as_u64())
+                .unwrap_or(0);
             println!(
-                "all {} nodes enrolled and online after {:.1} s",
+                "{online} of {} nodes enrolled and online after {:.1} s; rounds start",
                 args.nodes,
                 started.elapsed().as_secs_f64()
             );

@@ -34,7 +34,8 @@ pub struct FleetServerArgs {
     /// Loopback port to listen on.
     #[arg(long)]
     pub port: u16,
-    /// Nodes enrolled; the first round waits until all are online.
+    /// Nodes enrolled; the first round waits until all are online (or 99% of them, once no
+    /// more has come online for a minute).
     #[arg(long)]
     pub nodes: usize,
     /// Nodes asked per round.
@@ -50,6 +51,10 @@ pub struct FleetServerArgs {
     #[arg(long)]
     pub round_timeout: u64,
 }
+
+/// How long the online count must have stopped rising before rounds start short of the
+/// whole fleet (with 99% of it online).
+const STALLED_FOR: Duration = Duration::from_secs(60);
 
 fn spec(args: &FleetServerArgs) -> RunSpec {
     let cohort = CohortRule {
@@ -172,14 +177,26 @@ pub fn run(args: FleetServerArgs) -> Result<()> {
             let coordinator = coordinator.clone();
             let nodes = args.nodes;
             tokio::spawn(async move {
-                // The fleet enrols first: rounds draw from every node, as a standing fleet's do.
+                // The fleet enrols first: rounds draw from every node, as a standing fleet's do
+                // (or from 99% of it, once no more has come online for a minute).
                 let mut changed = coordinator.subscribe();
-                while coordinator.status().await.nodes_online < nodes {
+                let (mut online, mut rising) = (0, std::time::Instant::now());
+                while online < nodes {
                     let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+                    let now_online = coordinator.status().await.nodes_online;
+                    if now_online > online {
+                        (online, rising) = (now_online, std::time::Instant::now());
+                    }
+                    if online * 100 >= nodes * 99 && rising.elapsed() >= STALLED_FOR {
+                        break;
+                    }
                 }
                 println!(
                     "{}",
-                    serde_json::json!({"fleet_online_unix_ms": now_ms() as u64})
+                    serde_json::json!({
+                        "fleet_online_unix_ms": now_ms() as u64,
+                        "online": online,
+                    })
                 );
                 coordinator.drive().await
             })
