@@ -29,9 +29,6 @@ use crate::{store::RelayStore, upstream::Upstream, view::View};
 /// A node heard from within this long counts as online in the relay's sync.
 const ONLINE_WINDOW: Duration = Duration::from_secs(30);
 
-/// Transfers streaming at once (as at the server).
-const CONCURRENT_TRANSFERS: usize = 8;
-
 /// Chunk size of downloads when the task does not say.
 const DEFAULT_CHUNK: u64 = 1 << 20;
 
@@ -105,7 +102,7 @@ impl Relay {
             gave_up: Mutex::default(),
             fetching: Mutex::default(),
             layouts: Mutex::default(),
-            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, Duration::from_secs(10)),
+            transfers: TransferTurns::standard(),
             guard: Guard::new(AbuseLimits::default()),
             flush: tokio::sync::Notify::new(),
         }

@@ -17,6 +17,7 @@ use ferry_server::{
     service::{ChunkStream, chunk_stream},
     staged::{self, StagedUpload},
     store::IdentityKind,
+    turns,
 };
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -29,6 +30,10 @@ use crate::{
 
 /// Longest a PullTask call is held open.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// How long one try to reserve an upload's turn waits before its sender is marked online
+/// again.
+const RESERVE_BEAT: Duration = Duration::from_secs(2);
 
 fn receipt(received_bytes: u64, accepted: bool, duplicate: bool) -> UploadReceipt {
     UploadReceipt {
@@ -197,11 +202,11 @@ impl Fleet for Relay {
             Caller::Node(id) | Caller::Relay(id) => id.clone(),
         };
         let _slot = self.guard.upload_slot(&sender)?;
-        let _turn = self
-            .transfers
-            .for_upload(&sender)
-            .await
-            .map_err(|_| Status::unavailable("the relay is shutting down"))?;
+        // Without a turn, the upload is refused before its data is read: data waiting here
+        // would fill the connection's flow-control window, which other nodes' uploads share.
+        let _turn = self.transfers.for_upload_now(&sender).ok_or_else(|| {
+            Status::unavailable("no transfer turn is free; ask for the upload's status again")
+        })?;
         let mut chunks = request.into_inner();
         let mut staged: Option<(StagedUpload, (u32, u64, String), v1::Task)> = None;
         while let Some(chunk) = chunks.next().await {
@@ -283,18 +288,26 @@ impl Fleet for Relay {
     ) -> Result<Response<UploadReceipt>, Status> {
         let caller = self.caller(&request).await?;
         let UploadStatusRequest { round, hash } = request.into_inner();
-        let (sender, held) = match caller {
+        let (sender, held, seen) = match caller {
             Caller::Node(node) => {
                 let held = self.store.has(round, &node).await;
-                (node, held)
+                (node, held, &self.seen)
             }
             Caller::Relay(lower) => {
                 let held = self.store.holds(round, &lower, &hash).await;
-                (lower, held)
+                (lower, held, &self.relays_seen)
             }
         };
         if held.map_err(internal)? {
             return Ok(Response::new(receipt(0, true, true)));
+        }
+        // The upload comes next: it waits here, sending nothing, until it may (as at the
+        // server; see `ferry_server::turns`), and its sender counts as online meanwhile.
+        let give_up = tokio::time::Instant::now() + turns::RESERVATION_PATIENCE;
+        while !self.transfers.reserve(&sender, RESERVE_BEAT).await
+            && tokio::time::Instant::now() < give_up
+        {
+            lock(seen).insert(sender.clone(), Instant::now());
         }
         let have = match staged::held_upload(&self.blobs, round, &sender, &hash) {
             Some(path) => tokio::fs::metadata(&path).await.map_or(0, |m| m.len()),

@@ -18,7 +18,20 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The server's transfer turns.
+/// Model downloads and update uploads streaming at once (at the server, and at each relay).
+/// Each holds its stream's buffers (about two chunks); the rest wait for a turn before their
+/// first chunk, so memory stays flat however many nodes transfer together, while a few
+/// streams are enough to keep every core busy.
+pub const CONCURRENT_TRANSFERS: usize = 8;
+
+/// The longest an upload's status call waits for a turn to reserve (the upload then waits
+/// for one itself).
+pub const RESERVATION_PATIENCE: Duration = Duration::from_secs(20);
+
+/// How long a reserved turn waits for its upload before it goes back.
+pub const RESERVATION_HOLD: Duration = Duration::from_secs(10);
+
+/// The server's (or a relay's) transfer turns.
 pub struct TransferTurns {
     turns: Arc<Semaphore>,
     /// Turns reserved by node, with the reservation's number (so a stale expiry cannot take
@@ -33,6 +46,11 @@ pub struct TransferTurns {
 pub struct Closed;
 
 impl TransferTurns {
+    /// [`CONCURRENT_TRANSFERS`] at once, a reserved turn held for [`RESERVATION_HOLD`].
+    pub fn standard() -> Arc<Self> {
+        Self::new(CONCURRENT_TRANSFERS, RESERVATION_HOLD)
+    }
+
     /// `turns` transfers at once; a reserved turn not used within `hold` goes back.
     pub fn new(turns: usize, hold: Duration) -> Arc<Self> {
         Arc::new(Self {
@@ -92,6 +110,15 @@ impl TransferTurns {
         self.for_download().await
     }
 
+    /// `node`'s reserved turn, or a turn free right now; `None` if neither (the upload is
+    /// then refused before any of its data is read, and the node asks for its status again).
+    pub fn for_upload_now(&self, node: &str) -> Option<OwnedSemaphorePermit> {
+        if let Some((_, permit)) = self.reservations().remove(node) {
+            return Some(permit);
+        }
+        self.turns.clone().try_acquire_owned().ok()
+    }
+
     /// The next free turn.
     pub async fn for_download(&self) -> Result<OwnedSemaphorePermit, Closed> {
         self.turns.clone().acquire_owned().await.map_err(|_| Closed)
@@ -142,5 +169,16 @@ mod tests {
         assert_eq!(turns.available(), 0);
         drop(upload);
         assert_eq!(turns.available(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_upload_without_a_turn_is_refused_at_once() {
+        let turns = TransferTurns::new(1, Duration::from_secs(60));
+        assert!(turns.reserve("a", Duration::from_secs(1)).await);
+        assert!(turns.for_upload_now("b").is_none(), "the only turn is a's");
+        let a = turns.for_upload_now("a").expect("a's reserved turn");
+        assert!(turns.for_upload_now("b").is_none());
+        drop(a);
+        assert!(turns.for_upload_now("b").is_some(), "free again");
     }
 }

@@ -42,19 +42,6 @@ pub(crate) const MAX_WAIT: Duration = Duration::from_secs(30);
 /// so this bounds the server's memory however many nodes finish together.
 const CONCURRENT_DECODES: usize = 2;
 
-/// Model downloads and update uploads streaming at once. Each holds its stream's buffers
-/// (about two chunks); the rest wait for a turn before their first chunk, so the server's
-/// memory stays flat however many nodes transfer together, while a few streams are enough to
-/// keep every core busy.
-const CONCURRENT_TRANSFERS: usize = 8;
-
-/// The longest an upload's status call waits for a turn to reserve (the upload then waits
-/// for one itself).
-const RESERVATION_PATIENCE: Duration = Duration::from_secs(20);
-
-/// How long a reserved turn waits for its upload before it goes back.
-const RESERVATION_HOLD: Duration = Duration::from_secs(10);
-
 /// The longest failure reason a node's report may leave in the run's records.
 const MAX_REASON_CHARS: usize = 500;
 
@@ -77,7 +64,7 @@ impl FleetService {
             coordinator,
             store,
             decoding: tokio::sync::Semaphore::new(CONCURRENT_DECODES),
-            transfers: TransferTurns::new(CONCURRENT_TRANSFERS, RESERVATION_HOLD),
+            transfers: TransferTurns::standard(),
             guard: Guard::new(limits),
             subtrees: relay::Subtrees::default(),
         }
@@ -431,7 +418,7 @@ impl Fleet for FleetService {
         }
         // The node uploads next: it waits here, sending nothing, until it may, and counts
         // as online while it waits.
-        let give_up = tokio::time::Instant::now() + RESERVATION_PATIENCE;
+        let give_up = tokio::time::Instant::now() + crate::turns::RESERVATION_PATIENCE;
         while !self.transfers.reserve(&node, self.liveness_beat()).await
             && tokio::time::Instant::now() < give_up
         {

@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ferry_core::aggregate::Weighting;
@@ -35,7 +35,7 @@ struct Subtree {
     members: Arc<HashSet<String>>,
     relays: Arc<HashSet<String>>,
     revoked: Vec<String>,
-    read: std::time::Instant,
+    read: Instant,
 }
 
 /// What a relay's subtree holds, as last read.
@@ -53,7 +53,18 @@ pub(super) struct SubtreeView {
 #[derive(Default)]
 pub(super) struct Subtrees {
     known: Mutex<HashMap<String, Subtree>>,
+    /// Members that joined each relay's subtree lately, and when: a read of the subtree that
+    /// began before one joined may miss it, so each read adds those that joined since it
+    /// began.
+    joined: Mutex<HashMap<String, JoinedLog>>,
 }
+
+/// Members that joined one relay's subtree lately: when, who, and what kind.
+type JoinedLog = Vec<(Instant, String, IdentityKind)>;
+
+/// How long a member that joined is remembered apart from the subtrees read (longer than any
+/// read of a subtree takes).
+const JOINED_KEPT_FOR: Duration = Duration::from_secs(60);
 
 impl Subtrees {
     /// `relay`'s subtree, read from the store when not read lately.
@@ -69,21 +80,34 @@ impl Subtrees {
                 revoked: known.revoked.clone(),
             });
         }
+        let began = Instant::now();
         let rows = store.subtree(relay).await.map_err(store_unavailable)?;
         let (revoked, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.revoked);
-        let (relays, nodes): (Vec<_>, Vec<_>) = live
-            .into_iter()
-            .partition(|row| row.kind == IdentityKind::Relay);
+        let (mut members, mut relays) = (HashSet::new(), HashSet::new());
+        for row in live {
+            match row.kind {
+                IdentityKind::Node => members.insert(row.node_id),
+                IdentityKind::Relay => relays.insert(row.node_id),
+            };
+        }
+        if let Some(joined) = self.joined_lock().get(relay) {
+            for (_, member, kind) in joined.iter().filter(|(at, _, _)| *at >= began) {
+                match kind {
+                    IdentityKind::Node => members.insert(member.clone()),
+                    IdentityKind::Relay => relays.insert(member.clone()),
+                };
+            }
+        }
         let view = SubtreeView {
-            members: Arc::new(nodes.into_iter().map(|row| row.node_id).collect()),
-            relays: Arc::new(relays.into_iter().map(|row| row.node_id).collect()),
+            members: Arc::new(members),
+            relays: Arc::new(relays),
             revoked: revoked.into_iter().map(|row| row.node_id).collect(),
         };
         let subtree = Subtree {
             members: view.members.clone(),
             relays: view.relays.clone(),
             revoked: view.revoked.clone(),
-            read: std::time::Instant::now(),
+            read: began,
         };
         self.lock().insert(relay.to_string(), subtree);
         Ok(view)
@@ -167,6 +191,14 @@ impl Subtrees {
         kind: IdentityKind,
     ) {
         let chain = Self::chain(store, relay).await;
+        let now = Instant::now();
+        let mut joined = self.joined_lock();
+        for relay in &chain {
+            let log = joined.entry(relay.clone()).or_default();
+            log.retain(|(at, _, _)| now.duration_since(*at) < JOINED_KEPT_FOR);
+            log.push((now, member.to_string(), kind));
+        }
+        drop(joined);
         let mut known = self.lock();
         for relay in chain {
             if let Some(subtree) = known.get_mut(&relay) {
@@ -177,6 +209,13 @@ impl Subtrees {
                 Arc::make_mut(set).insert(member.to_string());
             }
         }
+    }
+
+    fn joined_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, JoinedLog>> {
+        // Each critical section is one read or one append of a list.
+        self.joined
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subtree>> {
