@@ -1,7 +1,7 @@
 //! Sending the relay's held updates upstream. Where the run's rule is linear, the round's
-//! held updates are folded (in node order, so that the same updates always make the same
-//! bytes and a cut upload resumes) into one partial aggregate, sent once every node of the
-//! subtree's cohort has answered the relay or at the relay deadline; where the server needs
+//! held updates are folded into one partial aggregate ([`crate::fold`]); in a secure round,
+//! added into one masked sum ([`crate::masked`]); either is sent once every node of the
+//! subtree's cohort has answered the relay, or at the relay deadline. Where the server needs
 //! each update, each is sent as it came, on its node's behalf. An update leaves the relay's
 //! store only once the server has counted it, or cannot.
 
