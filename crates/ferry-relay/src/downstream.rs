@@ -46,14 +46,21 @@ impl relay_server::Relay for Relay {
                 .collect();
             for node in &view.train_nodes {
                 let done = answered.contains(node) || self.gave_up(round, node);
-                if !done && self.is_node_below(node, &lower).await? {
+                if !done
+                    && self
+                        .is_member_below(node, IdentityKind::Node, &lower)
+                        .await?
+                {
                     train_nodes.push(node.clone());
                 }
             }
         }
         let mut evaluate_nodes = Vec::new();
         for node in &view.evaluate_nodes {
-            if self.is_node_below(node, &lower).await? {
+            if self
+                .is_member_below(node, IdentityKind::Node, &lower)
+                .await?
+            {
                 evaluate_nodes.push(node.clone());
             }
         }
@@ -100,19 +107,19 @@ impl Relay {
         let now = std::time::Instant::now();
         let mut nodes = Vec::new();
         for node in online {
-            if self.is_node_below(node, lower).await? {
+            if self
+                .is_member_below(node, IdentityKind::Node, lower)
+                .await?
+            {
                 nodes.push(node.clone());
             }
         }
         let mut below = HashSet::new();
         for relay in relays {
-            let is_relay = self
-                .store
-                .member(relay)
-                .await
-                .map_err(internal)?
-                .is_some_and(|m| m.kind == IdentityKind::Relay);
-            if is_relay && self.store.is_below(relay, lower).await.map_err(internal)? {
+            if self
+                .is_member_below(relay, IdentityKind::Relay, lower)
+                .await?
+            {
                 below.insert(relay.clone());
             }
         }

@@ -8,7 +8,10 @@ use std::collections::HashSet;
 
 use ferry_core::{aggregate::UpdateSource, partial::PartialMeta};
 use ferry_proto::v1::{self, FailureReport, Fold, UploadChunk};
-use ferry_server::staged::{self, Verified};
+use ferry_server::{
+    staged::{self, Verified},
+    store::IdentityKind,
+};
 use tonic::Status;
 
 use crate::{
@@ -147,7 +150,9 @@ impl Relay {
         for node in &contributors {
             if !waiting.contains(node)
                 || self.gave_up(round, node)
-                || !self.is_node_below(node, lower).await?
+                || !self
+                    .is_member_below(node, IdentityKind::Node, lower)
+                    .await?
             {
                 outsiders.push(node.clone());
             }

@@ -16,7 +16,7 @@ use tonic::Status;
 
 use crate::{
     flush::{Aggregate, lose},
-    relay::{Relay, internal},
+    relay::Relay,
     store::Held,
 };
 
@@ -39,12 +39,13 @@ pub(crate) fn read_held(
     values: usize,
     params: &SecAggParams,
 ) -> Result<MaskedSum, String> {
-    if secagg::masked_sum_contributors(bytes).is_ok() {
-        return secagg::masked_sum_from_bytes(bytes, values, params).map_err(|e| e.to_string());
-    }
+    let (contributors, packed) = match secagg::masked_sum_contributors(bytes) {
+        Ok((contributors, packed)) => (contributors, packed),
+        Err(_) => (vec![holder.to_string()], bytes),
+    };
     Ok(MaskedSum {
-        contributors: vec![holder.to_string()],
-        input: secagg::masked_from_bytes(bytes, values, params).map_err(|e| e.to_string())?,
+        contributors,
+        input: secagg::masked_from_bytes(packed, values, params).map_err(|e| e.to_string())?,
     })
 }
 
@@ -108,13 +109,13 @@ pub(crate) async fn check_input(relay: &Relay, task: &Task, bytes: &[u8]) -> Res
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// A lower relay's masked sum, read whole; `internal` only if the relay cannot read it back.
+/// A lower relay's masked sum, read whole.
 pub(crate) async fn read_sum(
     relay: &Relay,
     task: &Task,
     bytes: &[u8],
 ) -> Result<MaskedSum, Status> {
-    let (params, values) = shape(relay, task).await.map_err(internal)?;
+    let (params, values) = shape(relay, task).await?;
     secagg::masked_sum_from_bytes(bytes, values, &params)
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }

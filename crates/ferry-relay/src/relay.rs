@@ -319,7 +319,10 @@ impl Relay {
                 return Ok(Caller::Relay(credential.node_id));
             }
             (IdentityKind::Relay, Some(node)) => {
-                if !self.is_node_below(&node, &credential.node_id).await? {
+                if !self
+                    .is_member_below(&node, IdentityKind::Node, &credential.node_id)
+                    .await?
+                {
                     return Err(permission_denied(format!(
                         "node '{node}' is not in relay {}'s subtree",
                         credential.node_id
@@ -359,18 +362,9 @@ impl Relay {
             return Ok(caller);
         };
         let below = below.to_str().unwrap_or_default().to_string();
-        let is_relay = self
-            .store
-            .member(&below)
-            .await
-            .map_err(internal)?
-            .is_some_and(|m| m.kind == IdentityKind::Relay && !m.revoked);
-        if !is_relay
-            || !self
-                .store
-                .is_below(&below, &caller)
-                .await
-                .map_err(internal)?
+        if !self
+            .is_member_below(&below, IdentityKind::Relay, &caller)
+            .await?
         {
             return Err(permission_denied(format!(
                 "'{below}' is not a relay below relay {caller}"
@@ -379,15 +373,21 @@ impl Relay {
         Ok(below)
     }
 
-    /// Whether `node` is a live node that joined through the lower relay `relay`.
-    pub(crate) async fn is_node_below(&self, node: &str, relay: &str) -> Result<bool, Status> {
-        let live_node = self
+    /// Whether `member` is a live member of `kind` that joined through the lower relay
+    /// `relay` (or a relay below it).
+    pub(crate) async fn is_member_below(
+        &self,
+        member: &str,
+        kind: IdentityKind,
+        relay: &str,
+    ) -> Result<bool, Status> {
+        let live = self
             .store
-            .member(node)
+            .member(member)
             .await
             .map_err(internal)?
-            .is_some_and(|m| m.kind == IdentityKind::Node && !m.revoked);
-        Ok(live_node && self.store.is_below(node, relay).await.map_err(internal)?)
+            .is_some_and(|m| m.kind == kind && !m.revoked);
+        Ok(live && self.store.is_below(member, relay).await.map_err(internal)?)
     }
 
     /// Takes the node whose credential this is into the relay's subtree (through the lower

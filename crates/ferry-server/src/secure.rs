@@ -13,6 +13,8 @@ use ferry_secagg::{
     SecAggServer, SecureSum, UnmaskRequest,
 };
 
+use ferry_proto::secagg::MaskedSum;
+
 use crate::refusal::Refusal;
 
 /// One step a node takes in a secure round.
@@ -233,18 +235,14 @@ impl SecureStages {
         Ok(())
     }
 
-    /// Takes a relay's sum of the masked inputs of `nodes` (every one of them in the round
-    /// and owing its input), as if each had arrived alone.
-    pub(crate) fn take_masked_sum(
-        &mut self,
-        nodes: &[String],
-        bytes: &[u8],
-    ) -> Result<(), Refusal> {
+    /// Takes a relay's sum of its contributors' masked inputs (every one of them in the
+    /// round and owing its input), as if each had arrived alone.
+    pub(crate) fn take_masked_sum(&mut self, sum: &MaskedSum) -> Result<(), Refusal> {
         if self.stage != Stage::Masking {
             return Err(self.gone("masked input is not open"));
         }
-        let mut ids = Vec::with_capacity(nodes.len());
-        for node in nodes {
+        let mut ids = Vec::with_capacity(sum.contributors.len());
+        for node in &sum.contributors {
             if !self.in_round.contains(node) || self.masked.contains(node) {
                 return Err(Refusal::Invalid(format!(
                     "node {node}'s masked input cannot count in this round's sum"
@@ -252,21 +250,10 @@ impl SecureStages {
             }
             ids.push(self.id_of(node)?);
         }
-        let sum = ferry_proto::secagg::masked_sum_from_bytes(
-            bytes,
-            self.server.input_len(),
-            &self.params,
-        )
-        .map_err(Self::invalid)?;
-        if sum.contributors != nodes {
-            return Err(Refusal::Invalid(
-                "the masked sum names other nodes than its upload".into(),
-            ));
-        }
         self.server
             .receive_masked_sum(&ids, &sum.input)
             .map_err(Self::invalid)?;
-        self.masked.extend(nodes.iter().cloned());
+        self.masked.extend(sum.contributors.iter().cloned());
         Ok(())
     }
 

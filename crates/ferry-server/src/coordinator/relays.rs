@@ -257,7 +257,17 @@ impl Coordinator {
             .await
             .map_err(|e| Refusal::NotOpen(e.to_string()))?;
         drop(upload);
-        let contributors = masked_sum_contributors(&bytes)?;
+        let Some(secure) = &self.spec.secure else {
+            return Err(Refusal::NotOpen("the run is not secure".into()));
+        };
+        // Read whole here, outside the lock: only the decision and the fold happen under it.
+        let sum = ferry_proto::secagg::masked_sum_from_bytes(
+            &bytes,
+            self.layout.num_params() + 1,
+            &secure.params,
+        )
+        .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let contributors = &sum.contributors;
         let mut state = self.state.lock().await;
         let Some(training) = state
             .training
@@ -284,8 +294,8 @@ impl Coordinator {
         let Some(secure) = training.secure.as_mut() else {
             return Err(Refusal::NotOpen("the open round is not secure".into()));
         };
-        secure.take_masked_sum(&contributors, &bytes)?;
-        for node in &contributors {
+        secure.take_masked_sum(&sum)?;
+        for node in contributors {
             training.answered.insert(node.clone());
             training.delivered.insert(node.clone());
             training.open.note_secure_update(node, None);
@@ -327,12 +337,4 @@ impl Coordinator {
         }
         Ok(Submission::NotCounted(outsiders))
     }
-}
-
-/// The contributors a relay's masked sum names (the whole sum is read under the round's
-/// lock, against the round's parameters).
-fn masked_sum_contributors(bytes: &[u8]) -> Result<Vec<String>, Refusal> {
-    ferry_proto::secagg::masked_sum_contributors(bytes)
-        .map(|(contributors, _)| contributors)
-        .map_err(|e| Refusal::Invalid(e.to_string()))
 }

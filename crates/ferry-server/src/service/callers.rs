@@ -77,7 +77,7 @@ impl FleetService {
             (IdentityKind::Relay, Some(node)) => {
                 if !self
                     .subtrees
-                    .contains(&self.store, &caller.node_id, &node)
+                    .contains(&self.store, &caller.node_id, &node, IdentityKind::Node)
                     .await?
                 {
                     return Err(permission_denied(&format!(
@@ -122,7 +122,7 @@ impl FleetService {
         let below = below.to_str().unwrap_or_default();
         if !self
             .subtrees
-            .has_relay(&self.store, &caller.node_id, below)
+            .contains(&self.store, &caller.node_id, below, IdentityKind::Relay)
             .await?
         {
             return Err(permission_denied(&format!(

@@ -29,16 +29,14 @@ use crate::{
 /// store directly) within this time.
 const SUBTREE_FRESH_FOR: Duration = Duration::from_secs(30);
 
-/// A relay's subtree as last read: its live nodes, the relays below it, and its revoked
-/// members.
+/// A relay's subtree as last read, and when.
 struct Subtree {
-    members: Arc<HashSet<String>>,
-    relays: Arc<HashSet<String>>,
-    revoked: Vec<String>,
+    view: SubtreeView,
     read: Instant,
 }
 
 /// What a relay's subtree holds, as last read.
+#[derive(Clone, Default)]
 pub(super) struct SubtreeView {
     /// Its live nodes (never a relay: only nodes train, score and count as online).
     pub(super) members: Arc<HashSet<String>>,
@@ -46,6 +44,25 @@ pub(super) struct SubtreeView {
     pub(super) relays: Arc<HashSet<String>>,
     /// Its revoked members.
     pub(super) revoked: Vec<String>,
+}
+
+impl SubtreeView {
+    /// Its live members of `kind`.
+    fn live(&self, kind: IdentityKind) -> &HashSet<String> {
+        match kind {
+            IdentityKind::Node => &self.members,
+            IdentityKind::Relay => &self.relays,
+        }
+    }
+
+    /// Counts `member`, of `kind`, among its live members.
+    fn add(&mut self, member: String, kind: IdentityKind) {
+        let set = match kind {
+            IdentityKind::Node => &mut self.members,
+            IdentityKind::Relay => &mut self.relays,
+        };
+        Arc::make_mut(set).insert(member);
+    }
 }
 
 /// The nodes below each relay, as the store said lately, so that a sync or a call a relay
@@ -74,74 +91,53 @@ impl Subtrees {
             .get(relay)
             .filter(|known| known.read.elapsed() < SUBTREE_FRESH_FOR)
         {
-            return Ok(SubtreeView {
-                members: known.members.clone(),
-                relays: known.relays.clone(),
-                revoked: known.revoked.clone(),
-            });
+            return Ok(known.view.clone());
         }
         let began = Instant::now();
         let rows = store.subtree(relay).await.map_err(store_unavailable)?;
-        let (revoked, live): (Vec<_>, Vec<_>) = rows.into_iter().partition(|row| row.revoked);
-        let (mut members, mut relays) = (HashSet::new(), HashSet::new());
-        for row in live {
-            match row.kind {
-                IdentityKind::Node => members.insert(row.node_id),
-                IdentityKind::Relay => relays.insert(row.node_id),
-            };
+        let mut view = SubtreeView::default();
+        for row in rows {
+            if row.revoked {
+                view.revoked.push(row.node_id);
+            } else {
+                view.add(row.node_id, row.kind);
+            }
         }
         if let Some(joined) = self.joined_lock().get(relay) {
             for (_, member, kind) in joined.iter().filter(|(at, _, _)| *at >= began) {
-                match kind {
-                    IdentityKind::Node => members.insert(member.clone()),
-                    IdentityKind::Relay => relays.insert(member.clone()),
-                };
+                view.add(member.clone(), *kind);
             }
         }
-        let view = SubtreeView {
-            members: Arc::new(members),
-            relays: Arc::new(relays),
-            revoked: revoked.into_iter().map(|row| row.node_id).collect(),
-        };
         let subtree = Subtree {
-            members: view.members.clone(),
-            relays: view.relays.clone(),
-            revoked: view.revoked.clone(),
+            view: view.clone(),
             read: began,
         };
         self.lock().insert(relay.to_string(), subtree);
         Ok(view)
     }
 
-    /// Whether `node` is a live node below `relay` (reading the subtree again when it is not
-    /// among the members read: it may have joined since).
+    /// Whether `member` is a live member of `kind` below `relay` (reading the subtree again
+    /// when it is not among the members read: it may have joined since).
     pub(super) async fn contains(
         &self,
         store: &Store,
         relay: &str,
-        node: &str,
+        member: &str,
+        kind: IdentityKind,
     ) -> Result<bool, Status> {
-        let known = self.lock().get(relay).map(|known| known.members.clone());
-        if known.is_some_and(|members| members.contains(node)) {
+        let known = self
+            .lock()
+            .get(relay)
+            .is_some_and(|known| known.view.live(kind).contains(member));
+        if known {
             return Ok(true);
         }
         self.forget(relay);
-        Ok(self.refresh(store, relay).await?.members.contains(node))
-    }
-
-    /// Whether `below` is a live relay below `relay` (a chain), read as [`Self::contains`].
-    pub(super) async fn has_relay(
-        &self,
-        store: &Store,
-        relay: &str,
-        below: &str,
-    ) -> Result<bool, Status> {
-        let known = self.lock().get(relay).map(|known| known.relays.clone());
-        if known.is_some_and(|relays| relays.contains(below)) {
-            return Ok(true);
-        }
-        self.forget(relay);
-        Ok(self.refresh(store, relay).await?.relays.contains(below))
+        Ok(self
+            .refresh(store, relay)
+            .await?
+            .live(kind)
+            .contains(member))
     }
 
     /// `relay`'s live nodes.
@@ -202,11 +198,7 @@ impl Subtrees {
         let mut known = self.lock();
         for relay in chain {
             if let Some(subtree) = known.get_mut(&relay) {
-                let set = match kind {
-                    IdentityKind::Node => &mut subtree.members,
-                    IdentityKind::Relay => &mut subtree.relays,
-                };
-                Arc::make_mut(set).insert(member.to_string());
+                subtree.view.add(member.to_string(), kind);
             }
         }
     }
