@@ -5,7 +5,10 @@ use std::{ops::Range, path::Path};
 
 use anyhow::{Result, anyhow};
 use ferry_engine::record::RoundRecord;
-use plotters::{coord::Shift, prelude::*};
+use plotters::{
+    coord::{Shift, types::RangedCoordf64},
+    prelude::*,
+};
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
@@ -80,12 +83,7 @@ pub fn draw_privacy_utility(
     let mut sorted = points.to_vec();
     sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
     let draw = || -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 20))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(0.0..max_eps, 0.0..1.0)?;
+        let mut chart = captioned(&root, title, 0.0..max_eps, 0.0..1.0)?;
         chart
             .configure_mesh()
             .x_desc("epsilon")
@@ -121,13 +119,83 @@ pub fn draw_privacy_utility(
                 ("sans-serif", 14).into_font(),
             )
         }))?;
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
         root.present()
     };
     draw().map_err(|e| fail(&e))
+}
+
+/// Draws one accuracy line per run against a shared x axis (simulated time, or bytes), each
+/// run's points `(x, accuracy)` in order, with a legend.
+pub fn draw_lines(
+    path: &Path,
+    runs: &[(String, Vec<(f64, f64)>)],
+    x_desc: &str,
+    title: &str,
+) -> Result<()> {
+    let fail = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(&e))?;
+    let points = runs.iter().flat_map(|r| r.1.iter());
+    let max_x = points.clone().map(|p| p.0).fold(1.0, f64::max) * 1.02;
+    let low = points.map(|p| p.1).fold(0.9, f64::min);
+    let floor = (low - 0.02).clamp(0.0, 0.9);
+    let colors = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(230, 140, 0),
+        RGBColor(120, 60, 160),
+    ];
+    let draw = || -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+        let mut chart = captioned(&root, title, 0.0..max_x, floor..1.0)?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("test accuracy")
+            .draw()?;
+        for (i, (name, line)) in runs.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(line.iter().copied(), color.stroke_width(2)))?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+        legend(&mut chart)?;
+        root.present()
+    };
+    draw().map_err(|e| fail(&e))
+}
+
+/// The series' names in a box at the lower right.
+fn legend<'a, 'b: 'a>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<(), DrawingAreaErrorKind<std::io::Error>> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+}
+
+/// A chart over `x` and `y` with `title` above it, filling `root`.
+fn captioned<'a, 'b: 'a>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    x: Range<f64>,
+    y: Range<f64>,
+) -> Result<
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    DrawingAreaErrorKind<std::io::Error>,
+> {
+    ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x, y)
 }

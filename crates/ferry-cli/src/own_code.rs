@@ -216,7 +216,12 @@ pub fn run(
     );
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
-    let settings = config.run_settings(secure, evaluation);
+    anyhow::ensure!(
+        config.fleet.compress == Default::default(),
+        "--compress applies to built-in virtual nodes for now: your trainer's updates are read \
+         from its f32 files as they are; drop --compress with --trainer-cmd"
+    );
+    let settings = config.run_settings(secure, evaluation)?;
     let federation = Federation::new(settings, strategy, nodes, evaluator, start.model)?;
     Ok(federation.run(observer)?)
 }

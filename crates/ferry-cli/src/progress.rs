@@ -140,8 +140,19 @@ impl RoundObserver for ConsoleProgress {
         let aborted = r.aborted.as_ref().map_or(String::new(), |why| {
             format!("  aborted, model unchanged: {why}")
         });
+        let clock = r.sim_time_s.map_or(String::new(), |t| {
+            format!("  simulated {}", simulated_time(t))
+        });
+        let stale = r.staleness.map_or(String::new(), |s| {
+            format!("  staleness mean {:.1} max {}", s.mean, s.max)
+        });
+        let unit = if r.staleness.is_some() {
+            "version"
+        } else {
+            "round"
+        };
         println!(
-            "round {:>3}/{}  accuracy {}  loss {}  participants {}{}  {:.1} s  up {}  down {}{}{}{}{}{}",
+            "{unit} {:>3}/{}  accuracy {}  loss {}  participants {}{}  {:.1} s{clock}{stale}  up {}  down {}{}{}{}{}{}",
             r.round,
             self.rounds,
             figure(r.accuracy),
@@ -157,6 +168,16 @@ impl RoundObserver for ConsoleProgress {
             aborted,
             federated_summary(r.federated.as_ref())
         );
+    }
+}
+
+/// Simulated seconds as `1h02m`, `3m20s` or `12.5s`.
+pub fn simulated_time(seconds: f64) -> String {
+    let whole = seconds as u64;
+    match whole {
+        0..60 => format!("{seconds:.1}s"),
+        60..3600 => format!("{}m{:02}s", whole / 60, whole % 60),
+        _ => format!("{}h{:02}m", whole / 3600, whole % 3600 / 60),
     }
 }
 
@@ -218,6 +239,13 @@ impl<A: RoundObserver, B: RoundObserver> RoundObserver for Both<A, B> {
 #[cfg(test)]
 mod tests {
     use super::human_bytes;
+
+    #[test]
+    fn simulated_time_is_shown_in_its_largest_units() {
+        assert_eq!(super::simulated_time(12.54), "12.5s");
+        assert_eq!(super::simulated_time(200.0), "3m20s");
+        assert_eq!(super::simulated_time(3725.0), "1h02m");
+    }
 
     #[test]
     fn bytes_are_shown_in_the_largest_fitting_unit() {

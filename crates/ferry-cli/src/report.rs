@@ -159,7 +159,7 @@ fn csv(rounds: &[RoundRecord]) -> String {
         .max()
         .unwrap_or(0);
     let mut out = String::from(
-        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm,federated_accuracy,federated_loss,federated_accuracy_min,federated_accuracy_median,federated_accuracy_max",
+        "round,accuracy,loss,participants,failures,bytes_up,bytes_down,wall_s,train_loss,strategy_state_bytes,epsilon,clip_norm,federated_accuracy,federated_loss,federated_accuracy_min,federated_accuracy_median,federated_accuracy_max,sim_time_s,staleness_mean,staleness_max",
     );
     for class in 0..classes {
         let _ = write!(out, ",class_{class}");
@@ -171,7 +171,7 @@ fn csv(rounds: &[RoundRecord]) -> String {
         let federated = r.federated.as_ref();
         let _ = write!(
             out,
-            "{},{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{:.3},{},{},{},{},{},{},{},{},{},{},{},{}",
             r.round,
             measured(r.accuracy),
             measured(r.loss),
@@ -188,7 +188,10 @@ fn csv(rounds: &[RoundRecord]) -> String {
             optional(federated.map(|f| f.loss)),
             optional(federated.map(|f| f.accuracy_min)),
             optional(federated.map(|f| f.accuracy_median)),
-            optional(federated.map(|f| f.accuracy_max))
+            optional(federated.map(|f| f.accuracy_max)),
+            optional(r.sim_time_s),
+            optional(r.staleness.map(|s| s.mean)),
+            optional(r.staleness.map(|s| s.max as f64))
         );
         for class in 0..classes {
             let accuracy = r.class_accuracy.get(class).copied().flatten();
@@ -279,6 +282,7 @@ mod tests {
             norm_bound: None,
             attack: None,
             secagg: None,
+            fleet: Default::default(),
         }
     }
 
@@ -305,6 +309,8 @@ mod tests {
             contributors: vec!["1".into(), "2".into()],
             contributor_examples: vec![10, 20],
             failed: Vec::new(),
+            sim_time_s: None,
+            staleness: None,
         }
     }
 
@@ -330,7 +336,7 @@ mod tests {
         first.class_accuracy = vec![Some(0.5), None, Some(1.0)];
         let csv = csv(&[first, record(2)]);
         let lines: Vec<&str> = csv.lines().collect();
-        assert!(lines[0].ends_with(",federated_accuracy_max,class_0,class_1,class_2"));
+        assert!(lines[0].ends_with(",staleness_max,class_0,class_1,class_2"));
         assert!(lines[1].ends_with(",0.5,,1"), "{}", lines[1]);
         // A round with no per-class figures keeps the table rectangular.
         assert!(lines[2].ends_with(",,,"), "{}", lines[2]);

@@ -51,6 +51,12 @@ pub enum CoreError {
         "unknown strategy '{0}': expected fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi"
     )]
     UnknownStrategy(String),
+    /// An encoding that does not decode as its compression says.
+    #[error("{0}")]
+    Compression(String),
+    /// A setting Ferry does not know or cannot use, with what it expects.
+    #[error("{0}")]
+    Settings(String),
     /// A robust aggregation rule that cannot work with its parameters or its updates.
     #[error("{0}")]
     Robust(String),

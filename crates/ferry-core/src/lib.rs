@@ -4,6 +4,8 @@
 //!   (de)serialisation.
 //! - [`content`]: content ids (BLAKE3) that name blobs and check every transfer.
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
+//! - [`compress`]: update compression on the wire (half precision, int8, top-k with error
+//!   feedback).
 //! - [`update`]: what a node sends back after local training.
 //! - [`update_file`]: an update as a safetensors file, read and written without a second copy.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
@@ -14,6 +16,7 @@
 //!   bounding).
 //! - [`seed`]: independent random streams from one run seed.
 //! - [`server_opt`]: the server-optimizer step that turns an aggregate into the next model.
+//! - [`staleness`]: how asynchronous aggregation weighs an update by its staleness.
 //! - [`strategy`]: a strategy as a composition of client procedure, aggregation rule and server
 //!   optimizer.
 //! - [`task`]: the local-training settings a node receives with the global model.
@@ -24,6 +27,7 @@
 
 pub mod aggregate;
 pub mod algebra;
+pub mod compress;
 pub mod content;
 pub mod dtype;
 pub mod error;
@@ -35,6 +39,7 @@ pub mod privacy;
 pub mod robust;
 pub mod seed;
 pub mod server_opt;
+pub mod staleness;
 pub mod strategy;
 pub mod task;
 pub mod tensor_file;

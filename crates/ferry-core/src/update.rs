@@ -40,10 +40,12 @@ impl Update {
         }
     }
 
-    /// Bytes this update occupies on the wire: its `f32` vectors (scalars are negligible).
-    pub fn payload_bytes(&self) -> u64 {
-        let values = self.delta.len() + self.control_delta.as_ref().map_or(0, Vec::len);
-        (values * std::mem::size_of::<f32>()) as u64
+    /// Bytes this update occupies on the wire with its delta encoded by `compress` (SCAFFOLD's
+    /// control change travels as f32; scalars are negligible).
+    pub fn wire_bytes(&self, compress: crate::compress::Compression) -> u64 {
+        let control = self.control_delta.as_ref().map_or(0, Vec::len);
+        compress.wire_bytes(self.delta.len())
+            + crate::compress::Compression::None.wire_bytes(control)
     }
 }
 
@@ -112,10 +114,12 @@ mod tests {
     }
 
     #[test]
-    fn control_variates_double_the_payload() {
+    fn control_variates_travel_uncompressed_beside_the_delta() {
+        use crate::compress::Compression;
         let mut u = Update::new(vec![0.0; 10], 1);
-        assert_eq!(u.payload_bytes(), 40);
+        assert_eq!(u.wire_bytes(Compression::None), 40);
         u.control_delta = Some(vec![0.0; 10]);
-        assert_eq!(u.payload_bytes(), 80);
+        assert_eq!(u.wire_bytes(Compression::None), 80);
+        assert_eq!(u.wire_bytes(Compression::Fp16), 60);
     }
 }

@@ -224,6 +224,8 @@
     if (live.phase === "training" || live.phase === "evaluating") cards.push(card(live.phase === "training" ? "updates in" : "evaluations in", `${live.updates_in} of ${live.cohort}`));
     cards.push(card("moved up / down", bytes(totalUp) + " / " + bytes(totalDown)));
     if (last && typeof last.epsilon === "number") cards.push(card("epsilon spent", last.epsilon.toFixed(3)));
+    if (last && typeof last.sim_time_s === "number") cards.push(card("simulated time", (last.sim_time_s / 60).toFixed(1) + " min"));
+    if (last && last.staleness) cards.push(card("staleness (last version)", `mean ${last.staleness.mean.toFixed(1)}, max ${last.staleness.max}`));
     $("summary").replaceChildren(...cards);
     $("waiting").hidden = !live.waiting;
     $("waiting").textContent = live.waiting || "";
@@ -243,7 +245,10 @@
       { name: "up", points: series((r) => r.bytes_up / 1e6) },
       { name: "down", points: series((r) => r.bytes_down / 1e6) },
     ], { yMin: 0 });
-    charts.line($("time-chart"), [{ name: "wall time", points: series((r) => r.wall_s) }], { yMin: 0 });
+    charts.line($("time-chart"), [
+      { name: "wall time", points: series((r) => r.wall_s) },
+      { name: "mean staleness (versions)", points: series((r) => r.staleness && r.staleness.mean) },
+    ].filter((s) => s.points.length), { yMin: 0 });
     const failed = (view.history.failed_rounds || []).map((f) =>
       row([String(f.round), String(f.attempt), text("td", f.reason, "reason")]));
     fill($("failed-rounds").tBodies[0], failed);

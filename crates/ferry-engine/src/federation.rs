@@ -4,19 +4,46 @@ use std::sync::Arc;
 
 use ferry_core::{
     Model, Update,
+    compress::Compression,
     evaluation::{EvaluationSchedule, FederatedEvaluation},
-    strategy::Strategy,
+    strategy::{ClientProcedure, Strategy},
     task::LocalTraining,
 };
 
 use crate::{
-    EngineError, dispatch,
+    EngineError,
+    devices::{Devices, Timeline},
+    dispatch,
+    fedbuff::{self, FedBuff},
     node::{Adversary, EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId},
     record::RoundRecord,
-    round::{self, CohortRule, OpenRound},
+    round::{self, AppliedRound, CohortRule, OpenRound, RoundPlan},
     secure::{self, SecureAggregation},
     selection,
 };
+
+/// How the server turns updates into new models.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    /// Rounds: a cohort trains on the same model and the round waits for it, or, on
+    /// simulated devices, until `deadline_s` simulated seconds have passed (stragglers then
+    /// count as failures).
+    Synchronous {
+        /// Simulated seconds a round waits for its cohort; `None` waits for every node that
+        /// stays online.
+        deadline_s: Option<f64>,
+    },
+    /// Asynchronous buffered aggregation (FedBuff): nodes train whenever free, and every
+    /// `buffer_size` updates make a new version.
+    Buffered(FedBuff),
+}
+
+impl Default for Mode {
+    /// Rounds that wait for their whole cohort.
+    fn default() -> Self {
+        Self::Synchronous { deadline_s: None }
+    }
+}
 
 /// How a run proceeds.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +66,13 @@ pub struct RunSettings {
     pub secure: Option<SecureAggregation>,
     /// Federated evaluation: after which rounds, and on what share of the nodes.
     pub evaluation: EvaluationSchedule,
+    /// Rounds, or asynchronous versions.
+    pub mode: Mode,
+    /// Simulated devices: speeds, links and online windows on a simulated clock; `None`
+    /// measures a run in rounds only.
+    pub devices: Option<Arc<Devices>>,
+    /// How updates (and, where sound, model downloads) are encoded on the wire.
+    pub compress: Compression,
 }
 
 /// Hooks for showing progress; every method is called on the engine's thread.
@@ -92,12 +126,14 @@ impl RunOutcome {
 
 /// A federated run: a strategy, a fleet of nodes, an evaluator and the global model.
 pub struct Federation {
-    settings: RunSettings,
-    strategy: Strategy,
-    nodes: Vec<Arc<dyn NodeHandle>>,
+    pub(crate) settings: RunSettings,
+    pub(crate) strategy: Strategy,
+    pub(crate) nodes: Vec<Arc<dyn NodeHandle>>,
     evaluator: Box<dyn Evaluator>,
-    global: Arc<Model>,
+    pub(crate) global: Arc<Model>,
     adversary: Option<Box<dyn Adversary>>,
+    /// The simulated clock, with simulated devices.
+    clock: f64,
 }
 
 impl Federation {
@@ -125,6 +161,15 @@ impl Federation {
                 nodes.len()
             )));
         }
+        if let Some(devices) = &settings.devices
+            && devices.len() != nodes.len()
+        {
+            return Err(EngineError::Settings(format!(
+                "the simulated devices describe {} nodes but the run has {}",
+                devices.len(),
+                nodes.len()
+            )));
+        }
         if let Some(privacy) = &strategy.privacy {
             // Settings that only fail once a round is planned (adaptive clipping's count noise)
             // are refused now.
@@ -138,6 +183,7 @@ impl Federation {
             evaluator,
             global: Arc::new(initial),
             adversary: None,
+            clock: 0.0,
         })
     }
 
@@ -148,8 +194,19 @@ impl Federation {
         self
     }
 
-    /// Runs rounds until the round limit or the target accuracy.
+    /// Runs rounds (or asynchronous versions) until the limit or the target accuracy.
     pub fn run(mut self, observer: &mut dyn RoundObserver) -> Result<RunOutcome, EngineError> {
+        if let Mode::Buffered(buffer) = self.settings.mode.clone() {
+            if self.adversary.is_some() {
+                return Err(EngineError::Settings(
+                    "model-poisoning attacks rewrite a round's updates together; asynchronous \
+                     aggregation has no round, so simulate them in synchronous mode (label-flip \
+                     and backdoor attacks work in both)"
+                        .into(),
+                ));
+            }
+            return fedbuff::run(self, &buffer, observer);
+        }
         if self.settings.secure.is_some() && self.adversary.is_some() {
             return Err(EngineError::Settings(
                 "model-poisoning attacks rewrite updates that secure aggregation hides from the \
@@ -167,13 +224,7 @@ impl Federation {
                 break;
             }
             let record = self.run_round(round, observer)?;
-            observer.round_finished(&record);
-            let reached = self
-                .settings
-                .target_accuracy
-                .is_some_and(|target| record.reached(target));
-            rounds.push(record);
-            if reached {
+            if self.keep(record, observer, &mut rounds) {
                 stop = StopReason::TargetReached;
                 break;
             }
@@ -196,9 +247,15 @@ impl Federation {
             seed: self.settings.seed,
             training: self.settings.training.clone(),
         };
-        let plan = round::plan(round, &rule, &self.strategy, &self.global, self.nodes.len())?;
+        let available = self.available_nodes()?;
+        let mut plan = round::plan(round, &rule, &self.strategy, &self.global, available.len())?
+            .compressed(self.settings.compress);
+        for position in &mut plan.selected {
+            *position = available[*position];
+        }
         observer.round_started(round, plan.selected.len());
         let mut open = OpenRound::new(&plan, &self.strategy);
+        let (plan, ended) = self.on_the_clock(plan, &mut open, observer);
         let node_id = |i: usize| self.nodes[plan.selected[i]].id();
         let train = |i: usize| self.nodes[plan.selected[i]].train(&plan.task);
         match (&self.settings.secure, &self.adversary) {
@@ -247,6 +304,93 @@ impl Federation {
         // in place.
         drop(plan);
         let applied = open.apply(&mut self.strategy, Arc::make_mut(&mut self.global))?;
+        let mut record = self.record(applied, round, observer)?;
+        record.sim_time_s = ended;
+        Ok(record)
+    }
+
+    /// The nodes a round may select: all of them, or on simulated devices those online
+    /// once at least `min_clients` are (the clock waits until then).
+    fn available_nodes(&mut self) -> Result<Vec<usize>, EngineError> {
+        let Some(devices) = &self.settings.devices else {
+            return Ok((0..self.nodes.len()).collect());
+        };
+        let wanted = self.settings.min_clients.max(1);
+        self.clock = devices.when_online(wanted, self.clock).ok_or_else(|| {
+            EngineError::Settings(format!(
+                "fewer than {wanted} nodes are ever online together again after {:.0} simulated \
+                 seconds; lower min-clients or give the devices longer online windows",
+                self.clock
+            ))
+        })?;
+        Ok(devices.online_at(self.clock))
+    }
+
+    /// On simulated devices: the cohort members that deliver in time, the others counted
+    /// as failures in `open`, and the simulated moment the round ends (the clock moves
+    /// there). Without devices the plan is unchanged.
+    fn on_the_clock(
+        &mut self,
+        mut plan: RoundPlan,
+        open: &mut OpenRound,
+        observer: &mut dyn RoundObserver,
+    ) -> (RoundPlan, Option<f64>) {
+        let Some(devices) = self.settings.devices.clone() else {
+            return (plan, None);
+        };
+        let deadline = match self.settings.mode {
+            Mode::Synchronous {
+                deadline_s: Some(d),
+            } => self.clock + d,
+            _ => f64::INFINITY,
+        };
+        let (down, up) = transfer_bytes(&plan);
+        let mut ended = self.clock;
+        let mut delivering = Vec::with_capacity(plan.selected.len());
+        for &node in &plan.selected {
+            let steps = self.nodes[node].steps(&plan.task.training);
+            let timeline = devices.timeline(node, self.clock, steps, down, up);
+            let id = self.nodes[node].id().to_string();
+            match lost(&timeline, deadline) {
+                Some((at, reason)) => {
+                    ended = ended.max(at);
+                    open.fail(&id, reason);
+                    observer.node_returned(plan.task.round);
+                }
+                None => {
+                    ended = ended.max(timeline.done_at);
+                    delivering.push(node);
+                }
+            }
+        }
+        plan.selected = delivering;
+        self.clock = ended;
+        (plan, Some(ended))
+    }
+
+    /// Shows `record` and adds it to `records`; says whether it reached the target accuracy.
+    pub(crate) fn keep(
+        &self,
+        record: RoundRecord,
+        observer: &mut dyn RoundObserver,
+        records: &mut Vec<RoundRecord>,
+    ) -> bool {
+        observer.round_finished(&record);
+        let reached = self
+            .settings
+            .target_accuracy
+            .is_some_and(|target| record.reached(target));
+        records.push(record);
+        reached
+    }
+
+    /// Evaluates the model `applied` produced and writes the round (or version) down.
+    pub(crate) fn record(
+        &mut self,
+        applied: AppliedRound,
+        round: u32,
+        observer: &mut dyn RoundObserver,
+    ) -> Result<RoundRecord, EngineError> {
         observer.evaluating(round);
         let evaluation = self
             .evaluator
@@ -309,9 +453,40 @@ impl Federation {
     }
 }
 
+/// Bytes one node downloads (the model as the plan's compression sends it, and any strategy
+/// broadcast) and uploads (its encoded update, and SCAFFOLD's control change).
+pub(crate) fn transfer_bytes(plan: &RoundPlan) -> (u64, u64) {
+    let dim = plan.task.model.num_params();
+    let compress = plan.task.compress;
+    let control = if plan.task.procedure == ClientProcedure::Scaffold {
+        Compression::None.wire_bytes(dim)
+    } else {
+        0
+    };
+    (
+        compress.download_bytes(dim) + control,
+        compress.wire_bytes(dim) + control,
+    )
+}
+
+/// When and why a task on `timeline` fails to deliver by `deadline`, if it does.
+fn lost(timeline: &Timeline, deadline: f64) -> Option<(f64, String)> {
+    match timeline.lost_at {
+        Some(at) if at < deadline => Some((
+            at,
+            format!("went offline at {at:.0} simulated seconds, before its update arrived"),
+        )),
+        _ if timeline.done_at > deadline => Some((
+            deadline,
+            format!("still working at the round deadline ({deadline:.0} simulated seconds)"),
+        )),
+        _ => None,
+    }
+}
+
 /// Folds one node's result into the round: a refused update or a failure is counted in the
 /// round's failures, and the round goes on.
-fn fold(open: &mut OpenRound, node: NodeId, result: Result<Update, NodeError>) {
+pub(crate) fn fold(open: &mut OpenRound, node: NodeId, result: Result<Update, NodeError>) {
     match result {
         Ok(update) => open.accept(&node.to_string(), &update).unwrap_or(()),
         Err(e) => open.fail(&e.node.to_string(), e.reason),

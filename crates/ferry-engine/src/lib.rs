@@ -8,8 +8,10 @@
 
 #![warn(missing_docs)]
 
+pub mod devices;
 pub mod dispatch;
 pub mod error;
+pub mod fedbuff;
 pub mod federation;
 pub mod floor;
 pub mod node;

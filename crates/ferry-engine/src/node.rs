@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use ferry_core::{
-    Model, Update, evaluation::NodeEvaluation, privacy::node::NodePrivacy,
+    Model, Update, compress::Compression, evaluation::NodeEvaluation, privacy::node::NodePrivacy,
     strategy::ClientProcedure, task::LocalTraining,
 };
 
@@ -28,6 +28,8 @@ pub struct RoundTask {
     pub server_control: Option<Arc<Vec<f32>>>,
     /// Distributed differential privacy: how the node clips and noises its update.
     pub privacy: Option<NodePrivacy>,
+    /// How the node encodes its update on the wire.
+    pub compress: Compression,
 }
 
 /// A federated evaluation's work for one node: score the global model on held-out data.
@@ -58,6 +60,12 @@ pub trait NodeHandle: Send + Sync {
 
     /// Trains on the node's data starting from `task.model` and returns the update.
     fn train(&self, task: &RoundTask) -> Result<Update, NodeError>;
+
+    /// Local SGD steps a task with these settings takes on this node: what its compute time
+    /// on a simulated device is made of. Without knowledge of the node's data, one per epoch.
+    fn steps(&self, training: &LocalTraining) -> u64 {
+        u64::from(training.epochs)
+    }
 
     /// Scores `task.model` on the node's own held-out data (federated evaluation).
     fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError>;

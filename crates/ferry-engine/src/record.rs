@@ -68,6 +68,36 @@ pub struct RoundRecord {
     /// Each selected node that returned no usable update, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<NodeFailure>,
+    /// Simulated devices: the simulated clock when the round (or version) ended, in seconds
+    /// from the start of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sim_time_s: Option<f64>,
+    /// Asynchronous aggregation: how stale the version's updates were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<StalenessStats>,
+}
+
+/// How stale the updates of one asynchronous version were: versions between the model a
+/// node trained on and the one its update was folded into.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct StalenessStats {
+    /// Mean staleness.
+    pub mean: f64,
+    /// Largest staleness.
+    pub max: u64,
+    /// Mean staleness weight the updates were folded with.
+    pub mean_weight: f64,
+}
+
+impl StalenessStats {
+    /// Adds one update of staleness `tau` folded with `weight` to a running tally of `count`
+    /// updates before it.
+    pub fn add(&mut self, count: usize, tau: u64, weight: f64) {
+        let n = count as f64;
+        self.mean = (self.mean * n + tau as f64) / (n + 1.0);
+        self.mean_weight = (self.mean_weight * n + weight) / (n + 1.0);
+        self.max = self.max.max(tau);
+    }
 }
 
 /// A selected node's failure in a round: what it reported, or why its update was refused.

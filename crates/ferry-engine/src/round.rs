@@ -14,6 +14,7 @@ use std::{
 use ferry_core::{
     CoreError, Model, Update,
     aggregate::{Aggregator, UpdateSource, UpdateSum},
+    compress::Compression,
     privacy::{DpRoundRecord, aggregate::DpSum, round::RoundPrivacy},
     strategy::Strategy,
     task::LocalTraining,
@@ -50,6 +51,21 @@ pub struct RoundPlan {
     pub privacy: Option<RoundPrivacy>,
 }
 
+impl RoundPlan {
+    /// The plan with its updates encoded by `compress`, and its model rounded as nodes
+    /// receive it where the compression covers downloads (the server keeps its own
+    /// full-precision model and applies the nodes' changes to it).
+    pub fn compressed(mut self, compress: Compression) -> Self {
+        if let Some(values) = compress.downloaded(self.task.model.values()) {
+            let mut model = Model::clone(&self.task.model);
+            model.values_mut().copy_from_slice(&values);
+            self.task.model = Arc::new(model);
+        }
+        self.task.compress = compress;
+        self
+    }
+}
+
 /// Selects the round's cohort from `available` nodes and builds its task from the current
 /// global model and strategy state. Private runs sample each node independently with
 /// probability `fraction` (Poisson sampling, as the accountant assumes); others take a fixed
@@ -84,6 +100,7 @@ pub fn plan(
             seed,
             server_control: strategy.optimizer.broadcast(),
             privacy: privacy.as_ref().and_then(RoundPrivacy::node_instructions),
+            compress: Compression::None,
         },
         privacy,
     })
@@ -94,8 +111,10 @@ pub struct OpenRound {
     round: u32,
     started: Instant,
     selected: usize,
+    downloads: usize,
     dim: usize,
-    downloaded_values: usize,
+    compress: Compression,
+    control_values: usize,
     aggregator: Box<dyn Aggregator>,
     accepted_nodes: Vec<String>,
     accepted_examples: Vec<u64>,
@@ -122,9 +141,11 @@ impl OpenRound {
             round: plan.task.round,
             started: Instant::now(),
             selected: plan.selected.len(),
-            dim,
             // Every selected node receives the model and whatever the strategy broadcasts.
-            downloaded_values: dim + plan.task.server_control.as_ref().map_or(0, |c| c.len()),
+            downloads: plan.selected.len(),
+            dim,
+            compress: plan.task.compress,
+            control_values: plan.task.server_control.as_ref().map_or(0, |c| c.len()),
             aggregator,
             accepted_nodes: Vec::new(),
             accepted_examples: Vec::new(),
@@ -143,7 +164,7 @@ impl OpenRound {
     pub fn accept(&mut self, node: &str, update: &Update) -> Result<(), ferry_core::CoreError> {
         let started = Instant::now();
         let accepted = self.aggregator.accept(update);
-        let bytes = update.payload_bytes();
+        let bytes = update.wire_bytes(self.compress);
         self.count(
             node,
             accepted,
@@ -245,6 +266,12 @@ impl OpenRound {
         self.aborted = Some(reason);
     }
 
+    /// Asynchronous aggregation: `count` more nodes received the model while this buffer
+    /// filled.
+    pub fn add_downloads(&mut self, count: usize) {
+        self.downloads += count;
+    }
+
     /// Counts `node`, selected, as having returned no usable update, for `reason`.
     pub fn fail(&mut self, node: &str, reason: String) {
         self.failures.push(NodeFailure {
@@ -265,9 +292,9 @@ impl OpenRound {
         strategy: &mut Strategy,
         global: &mut Model,
     ) -> Result<AppliedRound, EngineError> {
-        let bytes_down = (self.selected * self.downloaded_values * std::mem::size_of::<f32>())
-            as u64
-            + self.protocol_bytes_down;
+        let per_node = self.compress.download_bytes(self.dim)
+            + Compression::None.wire_bytes(self.control_values);
+        let bytes_down = self.downloads as u64 * per_node + self.protocol_bytes_down;
         let train_loss = self.train_loss_sum / self.train_losses.max(1) as f64;
         let (round, started, bytes_up) = (self.round, self.started, self.bytes_up);
         let failed = self.failures.clone();
@@ -402,6 +429,8 @@ impl AppliedRound {
             contributors: self.contributors,
             contributor_examples: self.contributor_examples,
             failed: self.failed,
+            sim_time_s: None,
+            staleness: None,
         }
     }
 }

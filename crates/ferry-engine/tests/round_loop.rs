@@ -109,6 +109,9 @@ fn settings(rounds: u32, parallelism: usize) -> RunSettings {
         seed: 3,
         parallelism,
         secure: None,
+        mode: Default::default(),
+        devices: None,
+        compress: Default::default(),
         evaluation: EvaluationSchedule::OFF,
     }
 }

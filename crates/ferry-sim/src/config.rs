@@ -1,12 +1,13 @@
 //! A simulation's complete, validated configuration.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use ferry_core::{
     CoreError, Model,
+    compress::Compression,
     evaluation::EvaluationSchedule,
     personal::PersonalTensors,
-    privacy::{DpSettings, mechanism::Privacy, noise::NoiseSeed},
+    privacy::{DpSettings, Placement, mechanism::Privacy, noise::NoiseSeed},
     robust::RobustRule,
     strategy::{Strategy, StrategyName, StrategyParams},
     task::LocalTraining,
@@ -24,7 +25,7 @@ use ferry_engine::{
     secure::{SecAggSettings, SecureAggregation},
 };
 
-use crate::{SimError, attack::AttackSettings};
+use crate::{SimError, attack::AttackSettings, fleet::FleetSettings};
 
 /// Everything that determines a simulated run (recorded in `history.json`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -84,6 +85,9 @@ pub struct SimConfig {
     pub attack: Option<AttackSettings>,
     /// Secure aggregation: the server learns only each round's sum.
     pub secagg: Option<SecAggSettings>,
+    /// Synchronous or asynchronous aggregation, simulated devices, compression.
+    #[serde(flatten)]
+    pub fleet: FleetSettings,
 }
 
 fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
@@ -171,13 +175,13 @@ impl SimConfig {
     }
 
     /// The round engine's settings for this run, with `secure` aggregation when it has it and
-    /// federated evaluation as `evaluation` says.
+    /// federated evaluation as `evaluation` says; simulated devices are read or drawn here.
     pub fn run_settings(
         &self,
         secure: Option<SecureAggregation>,
         evaluation: EvaluationSchedule,
-    ) -> RunSettings {
-        RunSettings {
+    ) -> Result<RunSettings, SimError> {
+        Ok(RunSettings {
             rounds: self.rounds,
             fraction: self.fraction,
             min_clients: self.min_clients,
@@ -187,7 +191,41 @@ impl SimConfig {
             parallelism: self.threads,
             secure,
             evaluation,
+            mode: self.fleet.mode(),
+            devices: self.fleet.devices(self.clients, self.seed)?.map(Arc::new),
+            compress: self.fleet.compress,
+        })
+    }
+
+    /// Refuses a compression that would break the run's guarantees, with the reason: SecAgg+
+    /// and distributed differential privacy. (Central differential privacy composes: the
+    /// server clips each decoded update, so the noise's sensitivity holds.)
+    pub fn check_compression(&self) -> Result<(), SimError> {
+        let name = self.fleet.compress;
+        if name == Compression::None {
+            return Ok(());
         }
+        if self.secagg.is_some() {
+            return Err(SimError::Devices(format!(
+                "compress = {name} cannot be used with SecAgg+: masked inputs are fixed-point \
+                 integers modulo 2^k under masks that cover every coordinate, so rounding or \
+                 sparsifying them before masking breaks the encoding and saves nothing after; \
+                 shrink SecAgg+'s own encoding with secagg-modulus-bits instead"
+            )));
+        }
+        if self
+            .dp
+            .is_some_and(|dp| dp.placement == Placement::Distributed)
+        {
+            return Err(SimError::Devices(format!(
+                "compress = {name} cannot be used with distributed differential privacy: each \
+                 node's noise share is sized so that the exact sum of the shares carries the \
+                 run's noise, and compressing each noised update (top-k's error feedback adds \
+                 earlier rounds' values) changes that sum; use dp-placement = central, where the \
+                 server clips each decoded update"
+            )));
+        }
+        Ok(())
     }
 
     /// Local epochs a node trains over the whole run on average: what the central and

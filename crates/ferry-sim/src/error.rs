@@ -15,6 +15,9 @@ pub enum SimError {
     /// An attack that cannot be staged as configured.
     #[error("{0}")]
     Attack(String),
+    /// The simulated devices cannot be built as configured.
+    #[error("{0}")]
+    Devices(String),
     /// Model or aggregation error.
     #[error(transparent)]
     Core(#[from] ferry_core::CoreError),

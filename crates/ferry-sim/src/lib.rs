@@ -14,6 +14,7 @@ pub mod baselines;
 pub mod config;
 pub mod error;
 pub mod evaluator;
+pub mod fleet;
 pub mod node;
 pub mod simulation;
 

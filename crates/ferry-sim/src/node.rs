@@ -11,6 +11,7 @@ use ferry_core::{
         noise::{NoiseSeed, NoiseSource},
     },
     seed::mix_seed,
+    task::LocalTraining,
 };
 use ferry_engine::node::{EvaluateTask, NodeError, NodeHandle, NodeId, RoundTask};
 use ferry_ml::{
@@ -33,6 +34,8 @@ pub struct VirtualNode {
     noise_std: f32,
     /// SCAFFOLD's `c_i`, kept across rounds (empty until the node first runs SCAFFOLD).
     control: Mutex<Vec<f32>>,
+    /// Top-k compression's error feedback: what the node has not sent yet.
+    residual: Mutex<Vec<f32>>,
 }
 
 impl VirtualNode {
@@ -52,6 +55,7 @@ impl VirtualNode {
             held_out: Vec::new(),
             noise_std,
             control: Mutex::new(Vec::new()),
+            residual: Mutex::new(Vec::new()),
         }
     }
 
@@ -104,7 +108,19 @@ impl NodeHandle for VirtualNode {
             let mut noise = NoiseSource::new(NoiseSeed::Run(seed), u64::from(task.round));
             privatize(&mut update, instructions, task.model.layout(), &mut noise);
         }
+        let mut residual = self.residual.lock().unwrap_or_else(|p| p.into_inner());
+        task.compress
+            .round_trip(&mut update.delta, &mut residual, seed)
+            .map_err(|e| NodeError {
+                node: self.id,
+                reason: e.to_string(),
+            })?;
         Ok(update)
+    }
+
+    fn steps(&self, training: &LocalTraining) -> u64 {
+        let batches = self.indices.len().div_ceil(training.batch_size.max(1)) as u64;
+        u64::from(training.epochs) * batches
     }
 
     fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError> {

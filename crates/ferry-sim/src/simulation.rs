@@ -152,7 +152,7 @@ impl Simulation {
         let strategy = c.strategy(self.nodes.len(), NoiseSeed::Run(c.seed))?;
         let largest_node = self.partition.parts.iter().map(Vec::len).max().unwrap_or(1);
         let secure = c.secure(&strategy, largest_node as u64)?;
-        let settings = c.run_settings(secure, c.evaluation(true));
+        let settings = c.run_settings(secure, c.evaluation(true))?;
         let nodes = self
             .nodes
             .iter()

@@ -3,6 +3,7 @@
 mod aggregate;
 mod dp;
 mod fleet;
+mod fleet_learning;
 mod niid;
 mod robust;
 mod round;
@@ -36,6 +37,9 @@ pub enum BenchCommand {
     Dp(Box<dp::DpArgs>),
     /// The NIID-Bench Fashion-MNIST protocol for one strategy and partition.
     Niid(niid::NiidArgs),
+    /// Synchronous FedAvg against FedBuff and each update compression against none, on one
+    /// simulated fleet of mixed speed and availability: time and bytes to target accuracy.
+    FleetLearning(fleet_learning::FleetLearningArgs),
     /// Robust aggregation under attack: one simulation per rule and attack, as a table.
     Robust(Box<robust::RobustArgs>),
     /// One deployed round over loopback gRPC + TLS with synthetic updates: time, GB/s, server
@@ -86,6 +90,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Aggregate(args) => aggregate::run(args),
         BenchCommand::Dp(args) => dp::run(*args),
         BenchCommand::Niid(args) => niid::run(args),
+        BenchCommand::FleetLearning(args) => fleet_learning::run(args),
         BenchCommand::Robust(args) => robust::run(*args),
         BenchCommand::Round(args) => round::run(args),
         BenchCommand::Fleet(args) => fleet::run(args),
@@ -167,4 +172,25 @@ pub fn proc_status_bytes_of(pid: &str, field: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Appends `rows` to the results file at `path`, creating it (and its folder) with `header`
+/// first.
+fn append_rows(path: &Path, header: &str, rows: &str) -> Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let fresh = !path.exists();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open results file {}", path.display()))?;
+    if fresh {
+        file.write_all(header.as_bytes())?;
+    }
+    file.write_all(rows.as_bytes())
+        .with_context(|| format!("cannot append to {}", path.display()))
 }

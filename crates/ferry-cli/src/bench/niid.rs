@@ -4,9 +4,9 @@
 //! Protocol: 10 parties, all sampled every round, 50 rounds, 10 local epochs, batch 64, SGD
 //! lr 0.01, momentum 0.9, weight decay 1e-5, the `lenet` model, one initial model for all.
 
-use std::{io::Write, path::PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use ferry_core::{
     strategy::{StrategyName, StrategyParams},
@@ -106,6 +106,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             norm_bound: None,
             attack: None,
             secagg: None,
+            fleet: Default::default(),
         };
         println!(
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",
@@ -132,7 +133,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             args.mu,
             accuracies.join(";")
         );
-        append(&args.results, &row)?;
+        super::append_rows(&args.results, HEADER, &row)?;
         println!(
             "seed {seed}: final accuracy {last:.4} (best {best:.4}) in {wall_s:.0} s, model_sha256 {}; appended to {}",
             final_record.model_sha256,
@@ -149,21 +150,4 @@ fn folder_tag(partition: &Partitioner) -> String {
         .to_string()
         .replace([':', '+'], "")
         .replace('/', "-")
-}
-
-fn append(path: &PathBuf, row: &str) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let fresh = !path.exists();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open results file {}", path.display()))?;
-    if fresh {
-        file.write_all(HEADER.as_bytes())?;
-    }
-    file.write_all(row.as_bytes())
-        .with_context(|| format!("cannot append to {}", path.display()))
 }

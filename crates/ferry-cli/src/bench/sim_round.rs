@@ -91,6 +91,9 @@ pub fn run(args: SimRoundArgs) -> Result<()> {
         parallelism: std::thread::available_parallelism().map_or(1, usize::from),
         secure: None,
         evaluation: EvaluationSchedule::OFF,
+        mode: Default::default(),
+        devices: None,
+        compress: Default::default(),
     };
     let strategy = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), args.nodes);
     let federation = Federation::new(settings, strategy, nodes, Box::new(Unscored), initial)?;

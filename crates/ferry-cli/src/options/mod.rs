@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+mod fleet;
 mod safety;
 
 use anyhow::{Context, Result, bail};
@@ -256,6 +257,55 @@ pub struct SimulateArgs {
     #[arg(long, help_heading = "Attack simulation")]
     #[serde(alias = "poison_fraction")]
     pub poison_fraction: Option<f64>,
+    /// Aggregation mode: sync (rounds) or async (FedBuff: nodes train whenever free, every
+    /// --buffer-size updates make a new version; --rounds counts versions) [default: sync].
+    #[arg(long, help_heading = "Asynchronous aggregation")]
+    pub mode: Option<String>,
+    /// Async: updates per server step (K) [default: 10].
+    #[arg(long, help_heading = "Asynchronous aggregation")]
+    #[serde(alias = "buffer_size")]
+    pub buffer_size: Option<usize>,
+    /// Async: nodes training at once (C) [default: the cohort size, --fraction of the nodes,
+    /// at least --buffer-size].
+    #[arg(long, help_heading = "Asynchronous aggregation")]
+    #[serde(alias = "max_concurrency")]
+    pub max_concurrency: Option<usize>,
+    /// Async: staleness weight, constant, polynomial:A or hinge:A,B [default: polynomial:0.5].
+    #[arg(long, help_heading = "Asynchronous aggregation")]
+    pub staleness: Option<String>,
+    /// Update compression: none, fp16, bf16, int8 or topk:R (the largest R share of the
+    /// values, the rest kept on the node as error feedback); fp16 and bf16 also halve model
+    /// downloads [default: none].
+    #[arg(long, help_heading = "Compression")]
+    pub compress: Option<String>,
+    /// Simulated devices: compute speed per node, constant, uniform:LO,HI, lognormal:SIGMA or
+    /// stragglers:SHARE,SLOWDOWN [default: constant].
+    #[arg(long, help_heading = "Simulated devices")]
+    pub speed: Option<String>,
+    /// Simulated devices: when nodes are online, always or sessions:ON,OFF (mean seconds
+    /// online and offline) [default: always].
+    #[arg(long, help_heading = "Simulated devices")]
+    pub availability: Option<String>,
+    /// Simulated devices: every node's uplink and downlink in Mbit/s, UP,DOWN [default:
+    /// transfers take no time].
+    #[arg(long, value_name = "UP,DOWN", help_heading = "Simulated devices")]
+    pub bandwidth: Option<String>,
+    /// Simulated devices: simulated seconds per local SGD step on a speed-1 device
+    /// [default: 0.05].
+    #[arg(long, value_name = "SECONDS", help_heading = "Simulated devices")]
+    #[serde(alias = "step_time")]
+    pub step_time: Option<f64>,
+    /// Simulated devices from a trace: CSV rows node,online_from,online_to,speed with
+    /// optional up_mbps,down_mbps, one row per online window (replaces --speed and
+    /// --availability).
+    #[arg(long, value_name = "FILE.csv", help_heading = "Simulated devices")]
+    pub trace: Option<PathBuf>,
+    /// Synchronous rounds on simulated devices: simulated seconds a round waits for its
+    /// cohort before dropping the stragglers [default: wait for every node that stays
+    /// online].
+    #[arg(long, value_name = "SECONDS", help_heading = "Simulated devices")]
+    #[serde(alias = "round_deadline")]
+    pub round_deadline: Option<f64>,
 }
 
 macro_rules! prefer_flags {
@@ -329,7 +379,18 @@ impl SimulateArgs {
                 secagg_clip,
                 secagg_quantization_bits,
                 secagg_modulus_bits,
-                secagg_weight_cap
+                secagg_weight_cap,
+                mode,
+                buffer_size,
+                max_concurrency,
+                staleness,
+                compress,
+                speed,
+                availability,
+                bandwidth,
+                step_time,
+                trace,
+                round_deadline
             ]
         );
         self.secagg |= file.secagg;
@@ -453,10 +514,16 @@ impl SimulateArgs {
             norm_bound: self.norm_bound,
             attack: self.resolve_attack()?,
             secagg: self.resolve_secagg()?,
+            fleet: self.resolve_fleet(clients, fraction, min_clients)?,
         };
-        // Refuse combinations secure aggregation cannot serve before any data is loaded.
+        // Refuse combinations secure and asynchronous aggregation or compression cannot
+        // serve before any data is loaded.
         let strategy = config.strategy(clients, NoiseSeed::Os)?;
         config.secure(&strategy, 1)?;
+        config.check_compression()?;
+        if let Some(fedbuff) = &config.fleet.fedbuff {
+            fedbuff.check(&strategy, config.secagg.is_some(), clients)?;
+        }
         Ok(config)
     }
 

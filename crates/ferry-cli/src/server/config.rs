@@ -301,6 +301,22 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
             );
         }
     }
+    for simulated in [
+        "speed",
+        "availability",
+        "bandwidth",
+        "step-time",
+        "trace",
+        "round-deadline",
+    ] {
+        if run.contains_key(simulated) || run.contains_key(&simulated.replace('-', "_")) {
+            bail!(
+                "config file {}: run.{simulated} describes simulated devices; a server's nodes \
+                 are real devices, so remove it (round-timeout bounds a deployed round)",
+                path.display()
+            );
+        }
+    }
     let bad = |e: toml::de::Error| {
         anyhow::anyhow!("config file {}: [run] {}", path.display(), e.message())
     };
@@ -319,6 +335,12 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
         sim.attack.is_none(),
         "config file {}: attack and attackers simulate poisoned nodes in `ferry simulate`; a \
          deployment's nodes are real, so remove them from [run]",
+        path.display()
+    );
+    anyhow::ensure!(
+        sim.fleet.fedbuff.is_none() && sim.fleet.compress == Default::default(),
+        "config file {}: mode = \"async\" and compress run in `ferry simulate` only for now; a \
+         server runs synchronous rounds with f32 updates, so remove them from [run]",
         path.display()
     );
     // The server evaluates on one thread pool and partitions nothing.
