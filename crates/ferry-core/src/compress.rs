@@ -13,11 +13,10 @@
 
 use std::{fmt, str::FromStr};
 
-use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::CoreError;
+use crate::{CoreError, TensorDtype};
 
 /// Values sharing one int8 scale.
 pub const INT8_BLOCK: usize = 1024;
@@ -76,10 +75,25 @@ impl Compression {
     /// The model values a node receives: rounded to half precision where downloads are
     /// compressed; `None` where they travel as they are.
     pub fn downloaded(self, values: &[f32]) -> Option<Vec<f32>> {
+        if !self.compresses_downloads() {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        self.value_dtype().encode_into(values, &mut bytes);
+        let mut rounded = Vec::with_capacity(values.len());
+        self.value_dtype()
+            .decode_into("model", &bytes, &mut rounded)
+            .ok()?;
+        Some(rounded)
+    }
+
+    /// The dtype each value travels in, for the encodings that keep every value (f32 for
+    /// int8 and top-k, which never ask).
+    fn value_dtype(self) -> TensorDtype {
         match self {
-            Self::Fp16 => Some(values.iter().map(|&v| f16::from_f32(v).to_f32()).collect()),
-            Self::Bf16 => Some(values.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()),
-            _ => None,
+            Self::Fp16 => TensorDtype::F16,
+            Self::Bf16 => TensorDtype::Bf16,
+            _ => TensorDtype::F32,
         }
     }
 
@@ -100,15 +114,11 @@ impl Compression {
     /// `seed` drives int8's stochastic rounding.
     pub fn encode(self, values: &[f32], residual: &mut Vec<f32>, seed: u64) -> Vec<u8> {
         match self {
-            Self::None => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Self::Fp16 => values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-            Self::Bf16 => values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
+            Self::None | Self::Fp16 | Self::Bf16 => {
+                let mut out = Vec::new();
+                self.value_dtype().encode_into(values, &mut out);
+                out
+            }
             Self::Int8 => encode_int8(values, seed),
             Self::TopK { ratio } => encode_top_k(values, residual, Self::kept(ratio, values.len())),
         }
@@ -125,18 +135,11 @@ impl Compression {
             )));
         }
         Ok(match self {
-            Self::None => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Self::Fp16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Self::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Self::None | Self::Fp16 | Self::Bf16 => {
+                let mut out = Vec::with_capacity(n);
+                self.value_dtype().decode_into("update", bytes, &mut out)?;
+                out
+            }
             Self::Int8 => decode_int8(bytes, n),
             Self::TopK { .. } => decode_top_k(bytes, n)?,
         })

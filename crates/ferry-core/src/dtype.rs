@@ -48,6 +48,35 @@ impl TensorDtype {
         }
     }
 
+    /// The dtype an update's delta of such a tensor travels in: f16 and bf16 in their own
+    /// 2 bytes (a model kept in half precision gains nothing from a finer delta), f32 and f64
+    /// as f32 (the precision Ferry holds every parameter in).
+    pub fn on_the_wire(self) -> Self {
+        match self {
+            Self::F16 | Self::Bf16 => self,
+            Self::F32 | Self::F64 => Self::F32,
+        }
+    }
+
+    /// Appends `values` encoded in this dtype, little-endian, to `out` (round to nearest).
+    pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            Self::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            Self::F16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+            ),
+            Self::Bf16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
+            ),
+            Self::F64 => out.extend(values.iter().flat_map(|&v| f64::from(v).to_le_bytes())),
+        }
+    }
+
     /// Bytes per value in a file.
     pub fn size(self) -> usize {
         match self {

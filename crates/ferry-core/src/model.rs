@@ -101,6 +101,24 @@ impl ModelLayout {
         self.total
     }
 
+    /// Bytes of the parameter values in the model's file, each tensor in its own dtype:
+    /// what a node downloads.
+    pub fn param_bytes(&self) -> u64 {
+        self.specs
+            .iter()
+            .map(|s| (s.len() * s.dtype.size()) as u64)
+            .sum()
+    }
+
+    /// Bytes of an update's delta values on the wire, each tensor in its wire dtype
+    /// ([`crate::TensorDtype::on_the_wire`]).
+    pub fn delta_bytes(&self) -> u64 {
+        self.specs
+            .iter()
+            .map(|s| (s.len() * s.dtype.on_the_wire().size()) as u64)
+            .sum()
+    }
+
     /// Each tensor with the range of the flat vector that holds it, in layout order.
     pub fn entries(&self) -> impl Iterator<Item = (&TensorSpec, std::ops::Range<usize>)> {
         self.specs

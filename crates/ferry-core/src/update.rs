@@ -39,14 +39,6 @@ impl Update {
             partial: None,
         }
     }
-
-    /// Bytes this update occupies on the wire with its delta encoded by `compress` (SCAFFOLD's
-    /// control change travels as f32; scalars are negligible).
-    pub fn wire_bytes(&self, compress: crate::compress::Compression) -> u64 {
-        let control = self.control_delta.as_ref().map_or(0, Vec::len);
-        compress.wire_bytes(self.delta.len())
-            + crate::compress::Compression::None.wire_bytes(control)
-    }
 }
 
 /// Most metrics one node may report with an update or an evaluation: the round record keeps
@@ -90,14 +82,8 @@ pub struct UpdateMeta {
     pub has_control: bool,
     /// Set for a relay's partial aggregate.
     pub partial: Option<PartialMeta>,
-}
-
-impl UpdateMeta {
-    /// Bytes the update's values occupy on the wire, for a model of `dim` parameters.
-    pub fn payload_bytes(&self, dim: usize) -> u64 {
-        let parts = if self.has_control { 2 } else { 1 };
-        (parts * dim * std::mem::size_of::<f32>()) as u64
-    }
+    /// Bytes the file's tensor values occupy, in the dtypes they were sent in.
+    pub value_bytes: u64,
 }
 
 #[cfg(test)]
@@ -111,15 +97,5 @@ mod tests {
         assert!(check_metric_names(many.iter().map(String::as_str)).is_err());
         let long = "x".repeat(MAX_METRIC_NAME + 1);
         assert!(check_metric_names([long.as_str()].into_iter()).is_err());
-    }
-
-    #[test]
-    fn control_variates_travel_uncompressed_beside_the_delta() {
-        use crate::compress::Compression;
-        let mut u = Update::new(vec![0.0; 10], 1);
-        assert_eq!(u.wire_bytes(Compression::None), 40);
-        u.control_delta = Some(vec![0.0; 10]);
-        assert_eq!(u.wire_bytes(Compression::None), 80);
-        assert_eq!(u.wire_bytes(Compression::Fp16), 60);
     }
 }

@@ -1,7 +1,8 @@
 //! A node's update as a safetensors file, read and written without a second copy of it.
 //!
-//! The file holds the delta as `delta/<tensor>` with the model's shapes, SCAFFOLD's
-//! control-variate change as `control/<tensor>`, and the scalars (`num_examples`, FedNova's
+//! The file holds the delta as `delta/<tensor>` with the model's shapes (each in its wire
+//! dtype: 2 bytes a value for an f16 or bf16 tensor, f32 otherwise; f32 is accepted for any),
+//! SCAFFOLD's control-variate change as `control/<tensor>` in f32, and the scalars (`num_examples`, FedNova's
 //! normaliser, the distributed-DP clip indicator `unclipped`, metrics as `metric.<name>`) in
 //! the metadata. Anything else is refused, so a node cannot slip in tensors of the wrong name,
 //! shape or dtype.
@@ -19,7 +20,7 @@ use std::{
 use safetensors::tensor::Dtype;
 
 use crate::{
-    CoreError, ModelLayout, Update,
+    CoreError, ModelLayout, TensorDtype, Update,
     aggregate::{Part, UpdateSource},
     algebra,
     partial::PartialMeta,
@@ -46,6 +47,7 @@ fn parse_number<T: std::str::FromStr>(key: &str, text: &str) -> Result<T, CoreEr
 fn read_meta(
     metadata: &HashMap<String, String>,
     has_control: bool,
+    value_bytes: u64,
 ) -> Result<UpdateMeta, CoreError> {
     let num_examples = metadata
         .get("num_examples")
@@ -71,6 +73,7 @@ fn read_meta(
         unclipped: optional("unclipped")?,
         has_control,
         partial: PartialMeta::read(metadata, num_examples)?,
+        value_bytes,
     })
 }
 
@@ -85,7 +88,8 @@ pub struct UpdateFile<R> {
 }
 
 impl<R: Read + Seek> UpdateFile<R> {
-    /// Opens the update in `source`, refusing unknown, missing, misshapen or non-f32 tensors.
+    /// Opens the update in `source`, refusing unknown, missing or misshapen tensors and any
+    /// dtype but f32 or, for a delta, its tensor's wire dtype.
     pub fn open(source: R, layout: &ModelLayout) -> Result<Self, CoreError> {
         let file = TensorReader::open(source)?;
         let spec_of = |name: &str| {
@@ -101,7 +105,10 @@ impl<R: Read + Seek> UpdateFile<R> {
             )));
         }
         for entry in file.entries() {
-            if entry.dtype != Dtype::F32 {
+            let wire = spec_of(&entry.name)
+                .filter(|_| entry.name.starts_with(DELTA))
+                .map_or(Dtype::F32, |s| s.dtype.on_the_wire().safetensors());
+            if entry.dtype != Dtype::F32 && entry.dtype != wire {
                 return Err(CoreError::UnsupportedDtype {
                     name: entry.name.clone(),
                     dtype: format!("{:?}", entry.dtype),
@@ -140,7 +147,12 @@ impl<R: Read + Seek> UpdateFile<R> {
                 )));
             }
         };
-        let meta = read_meta(file.metadata(), has_control)?;
+        let value_bytes = file
+            .entries()
+            .iter()
+            .map(|e| (e.len() * TensorDtype::of(e.dtype).map_or(4, TensorDtype::size)) as u64)
+            .sum();
+        let meta = read_meta(file.metadata(), has_control, value_bytes)?;
         Ok(Self {
             tensors: layout
                 .entries()
@@ -229,8 +241,18 @@ impl<R: Read + Seek> UpdateSource for UpdateFile<R> {
     }
 }
 
-/// An update file's tensors in file order: which vector, and which values of it.
-type Pieces = Vec<(Part, Range<usize>)>;
+/// One tensor of an update file: values of the update sent as they lie in memory (f32), or
+/// encoded in a 2-byte wire dtype.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// These values of this vector, as f32.
+    Values(Part, Range<usize>),
+    /// Values encoded for the wire.
+    Encoded(Vec<u8>),
+}
+
+/// An update file's tensors in file order.
+type Pieces = Vec<Piece>;
 
 /// The header of `update`'s file for `layout`, and its tensors in file order.
 fn update_header(update: &Update, layout: &ModelLayout) -> Result<(Vec<u8>, Pieces), CoreError> {
@@ -254,12 +276,24 @@ fn update_header(update: &Update, layout: &ModelLayout) -> Result<(Vec<u8>, Piec
     let mut pieces = Vec::new();
     for part in parts {
         for (spec, range) in layout.entries() {
+            // A relay's partial aggregate is a sum, which keeps f32's precision.
+            let wire = match (part, &update.partial) {
+                (Part::Delta, None) => spec.dtype.on_the_wire(),
+                _ => TensorDtype::F32,
+            };
             planned.push(Planned {
                 name: format!("{}{}", prefix(part), spec.name),
-                dtype: Dtype::F32,
+                dtype: wire.safetensors(),
                 shape: spec.shape.clone(),
             });
-            pieces.push((part, range));
+            pieces.push(match wire {
+                TensorDtype::F32 => Piece::Values(part, range),
+                _ => {
+                    let mut bytes = Vec::new();
+                    wire.encode_into(&update.delta[range], &mut bytes);
+                    Piece::Encoded(bytes)
+                }
+            });
         }
     }
     let mut metadata =
@@ -294,11 +328,10 @@ fn segments<'a>(
         Part::Delta => update.delta.as_slice(),
         Part::Control => update.control_delta.as_deref().unwrap_or_default(),
     };
-    std::iter::once(header).chain(
-        pieces
-            .iter()
-            .map(move |(part, range)| bytemuck::cast_slice(&values(*part)[range.clone()])),
-    )
+    std::iter::once(header).chain(pieces.iter().map(move |piece| match piece {
+        Piece::Values(part, range) => bytemuck::cast_slice(&values(*part)[range.clone()]),
+        Piece::Encoded(bytes) => bytes.as_slice(),
+    }))
 }
 
 /// An update ready to send: its file's bytes are its header followed by its own values, so
@@ -496,6 +529,66 @@ mod tests {
         let missing = encode_vectors(&[("delta/w", &[0.0; 4])]).expect("encode");
         let err = decode_update(&missing, &layout).expect_err("b missing");
         assert!(matches!(err, CoreError::LayoutMismatch(_)), "{err}");
+    }
+
+    fn half_layout(dtype: TensorDtype) -> ModelLayout {
+        ModelLayout::new(vec![
+            TensorSpec {
+                name: "w".into(),
+                shape: vec![2, 2],
+                dtype,
+            },
+            TensorSpec {
+                name: "b".into(),
+                shape: vec![2],
+                dtype: TensorDtype::F64,
+            },
+        ])
+        .expect("layout")
+    }
+
+    #[test]
+    fn half_precision_deltas_travel_in_two_bytes_and_f32_ones_are_still_read() {
+        for dtype in [TensorDtype::F16, TensorDtype::Bf16] {
+            let half_model = half_layout(dtype);
+            let update = full_update();
+            let half = EncodedUpdate::new(update.clone(), &half_model).expect("encode");
+            let mut bytes = Vec::new();
+            half.write_to(&mut bytes).expect("write");
+            let mut file = UpdateFile::open(Cursor::new(&bytes), &half_model).expect("open");
+            // w's 4 delta values in 2 bytes; f64's delta and every control change in f32.
+            assert_eq!(file.meta().value_bytes, 4 * 2 + 2 * 4 + 6 * 4);
+            let back = file.read_whole().expect("read");
+            // Small integers are exact in both half formats.
+            assert_eq!(back.delta, update.delta);
+            assert_eq!(back.control_delta, update.control_delta);
+            // An update of the same shapes in f32 (an older node's) is read as before.
+            let f32_file = encode_update(&update, &layout()).expect("encode");
+            let file = UpdateFile::open(Cursor::new(&f32_file), &half_model).expect("open");
+            assert_eq!(file.meta().value_bytes, 12 * 4);
+        }
+    }
+
+    #[test]
+    fn a_tensor_in_another_half_dtype_is_refused_and_partial_sums_stay_f32() {
+        let update = Update::new(vec![1.0; 6], 3);
+        let bf16 = encode_update(&update, &half_layout(TensorDtype::Bf16)).expect("encode");
+        let err = decode_update(&bf16, &half_layout(TensorDtype::F16)).expect_err("dtype");
+        assert!(matches!(err, CoreError::UnsupportedDtype { .. }), "{err}");
+        let layout = half_layout(TensorDtype::Bf16);
+        let mut partial = update;
+        partial.partial = Some(PartialMeta {
+            weighting: crate::aggregate::Weighting::Examples,
+            weight: 3.0,
+            normalized_examples: 3.0,
+            unclipped: 0.0,
+            train_loss_sum: 0.0,
+            train_losses: 0,
+            contributors: vec![("n1".into(), 3)],
+        });
+        let sum = encode_update(&partial, &layout).expect("encode");
+        let file = UpdateFile::open(Cursor::new(&sum), &layout).expect("open");
+        assert_eq!(file.meta().value_bytes, 6 * 4);
     }
 
     #[test]

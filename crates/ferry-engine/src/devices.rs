@@ -20,7 +20,7 @@ use crate::EngineError;
 const MAX_SESSIONS: usize = 4096;
 
 /// Simulated seconds a session distribution covers before its nodes stay online for good.
-const SESSION_HORIZON_S: f64 = 30.0 * 24.0 * 3600.0;
+const SESSION_HORIZON_S: f64 = 7.0 * 24.0 * 3600.0;
 
 /// Stream mixed into the run seed for device draws, apart from every other draw.
 const DEVICE_STREAM: u64 = 0x6465_7669_6365;
@@ -258,9 +258,11 @@ impl Devices {
         Self::new(complete, step_s)
     }
 
-    /// The fleet as a trace ([`Devices::from_trace`] reads it back to the same fleet): one
-    /// row per online window, with each node's links in Mbit/s where they are finite.
-    pub fn to_trace(&self) -> String {
+    /// The fleet as a trace ([`Devices::from_trace`] reads it back): one row per online
+    /// window that opens before `horizon_s`, each node's last one left open (the node stays
+    /// online from then on), with its links in Mbit/s where they are finite. Up to the
+    /// horizon the trace is the same fleet.
+    pub fn to_trace(&self, horizon_s: f64) -> String {
         let mut out = String::from("node,online_from,online_to,speed,up_mbps,down_mbps\n");
         for (node, p) in self.profiles.iter().enumerate() {
             let links = if p.up_bytes_per_s.is_finite() && p.down_bytes_per_s.is_finite() {
@@ -272,7 +274,13 @@ impl Devices {
             } else {
                 String::new()
             };
-            for (from, to) in &p.online {
+            let kept = p
+                .online
+                .iter()
+                .filter(|(from, _)| *from < horizon_s)
+                .count();
+            for (i, (from, to)) in p.online.iter().take(kept).enumerate() {
+                let to = if i + 1 == kept { f64::INFINITY } else { *to };
                 out.push_str(&format!("{node},{from},{to},{}{links}\n", p.speed));
             }
         }
@@ -304,19 +312,19 @@ impl Devices {
     /// The first moment at or after `t` when at least `count` nodes are online together;
     /// `None` if that never happens.
     pub fn when_online(&self, count: usize, t: f64) -> Option<f64> {
-        let mut moments: Vec<f64> = std::iter::once(t)
-            .chain(
-                self.profiles
-                    .iter()
-                    .flat_map(|p| p.online.iter().map(|&(from, _)| from))
-                    .filter(|&from| from > t),
-            )
+        let online_at = |m: f64| self.profiles.iter().filter(|p| p.online_at(m)).count();
+        if online_at(t) >= count {
+            return Some(t);
+        }
+        let mut moments: Vec<f64> = self
+            .profiles
+            .iter()
+            .flat_map(|p| p.online.iter().map(|&(from, _)| from))
+            .filter(|&from| from > t)
             .collect();
         moments.sort_by(f64::total_cmp);
         moments.dedup();
-        moments
-            .into_iter()
-            .find(|&m| self.profiles.iter().filter(|p| p.online_at(m)).count() >= count)
+        moments.into_iter().find(|&m| online_at(m) >= count)
     }
 
     /// The timeline of a task given to `node` at `t`: download `down_bytes`, run `steps`
@@ -558,8 +566,13 @@ mod tests {
         let a = Devices::drawn(100, speed, sessions, Some((1.0, 10.0)), 0.05, 7).unwrap();
         let b = Devices::drawn(100, speed, sessions, Some((1.0, 10.0)), 0.05, 7).unwrap();
         assert_eq!(a, b);
-        let again = Devices::from_trace(&a.to_trace(), 100, None, 0.05).unwrap();
+        let again = Devices::from_trace(&a.to_trace(f64::INFINITY), 100, None, 0.05).unwrap();
         assert_eq!(again, a);
+        let day = Devices::from_trace(&a.to_trace(86_400.0), 100, None, 0.05).unwrap();
+        for t in [0.0, 5_000.0, 80_000.0] {
+            assert_eq!(day.online_at(t), a.online_at(t));
+        }
+        assert_eq!(day.online_at(1e7).len(), 100);
         let slow = (0..100).filter(|&n| a.profile(n).speed < 1.0).count();
         assert_eq!(slow, 30);
         // Online about two thirds of the time.

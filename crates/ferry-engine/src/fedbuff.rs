@@ -34,11 +34,11 @@ use crate::{
     EngineError,
     devices::{Devices, Timeline},
     dispatch,
-    federation::{Federation, RoundObserver, RunOutcome, StopReason, fold, transfer_bytes},
+    federation::{Federation, RoundObserver, RunOutcome, StopReason, fold},
     floor::RoundFloor,
     node::{NodeError, RoundTask},
     record::StalenessStats,
-    round::{OpenRound, RoundPlan},
+    round::{self, OpenRound, RoundPlan},
 };
 
 /// Stream mixed into the run seed for asynchronous dispatch, apart from every other draw.
@@ -226,7 +226,7 @@ impl Run {
         concurrency: usize,
         open: &mut OpenRound,
     ) {
-        let (down, up) = transfer_bytes(&self.template);
+        let (down, up) = round::transfer_bytes(&self.template.task);
         while self.jobs.len() < concurrency {
             let idle: Vec<usize> = (0..fed.nodes.len())
                 .filter(|&n| !self.busy[n] && devices.profile(n).online_at(self.clock))

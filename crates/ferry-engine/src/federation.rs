@@ -6,7 +6,7 @@ use ferry_core::{
     Model, Update,
     compress::Compression,
     evaluation::{EvaluationSchedule, FederatedEvaluation},
-    strategy::{ClientProcedure, Strategy},
+    strategy::Strategy,
     task::LocalTraining,
 };
 
@@ -344,7 +344,7 @@ impl Federation {
             } => self.clock + d,
             _ => f64::INFINITY,
         };
-        let (down, up) = transfer_bytes(&plan);
+        let (down, up) = round::transfer_bytes(&plan.task);
         let mut ended = self.clock;
         let mut delivering = Vec::with_capacity(plan.selected.len());
         for &node in &plan.selected {
@@ -451,22 +451,6 @@ impl Federation {
             failures,
         )
     }
-}
-
-/// Bytes one node downloads (the model as the plan's compression sends it, and any strategy
-/// broadcast) and uploads (its encoded update, and SCAFFOLD's control change).
-pub(crate) fn transfer_bytes(plan: &RoundPlan) -> (u64, u64) {
-    let dim = plan.task.model.num_params();
-    let compress = plan.task.compress;
-    let control = if plan.task.procedure == ClientProcedure::Scaffold {
-        Compression::None.wire_bytes(dim)
-    } else {
-        0
-    };
-    (
-        compress.download_bytes(dim) + control,
-        compress.wire_bytes(dim) + control,
-    )
 }
 
 /// When and why a task on `timeline` fails to deliver by `deadline`, if it does.

@@ -16,7 +16,7 @@ use ferry_core::{
     aggregate::{Aggregator, UpdateSource, UpdateSum},
     compress::Compression,
     privacy::{DpRoundRecord, aggregate::DpSum, round::RoundPrivacy},
-    strategy::Strategy,
+    strategy::{ClientProcedure, Strategy},
     task::LocalTraining,
 };
 
@@ -66,6 +66,35 @@ impl RoundPlan {
     }
 }
 
+/// Bytes one node moves for `task`: the download (the model in its own dtypes, or as the
+/// task's compression sends it, and whatever the strategy broadcasts, in f32) and the upload
+/// (the delta in its wire dtypes or as the compression encodes it, and SCAFFOLD's control
+/// change in f32).
+pub fn transfer_bytes(task: &RoundTask) -> (u64, u64) {
+    let dim = task.model.num_params();
+    let f32s = |n: usize| Compression::None.wire_bytes(n);
+    let download = if task.compress.compresses_downloads() {
+        task.compress.wire_bytes(dim)
+    } else {
+        task.model.layout().param_bytes()
+    };
+    let broadcast = task.server_control.as_ref().map_or(0, |c| f32s(c.len()));
+    let control = if task.procedure == ClientProcedure::Scaffold {
+        f32s(dim)
+    } else {
+        0
+    };
+    (download + broadcast, delta_bytes(task) + control)
+}
+
+/// Bytes of one update's delta for `task`.
+fn delta_bytes(task: &RoundTask) -> u64 {
+    match task.compress {
+        Compression::None => task.model.layout().delta_bytes(),
+        compress => compress.wire_bytes(task.model.num_params()),
+    }
+}
+
 /// Selects the round's cohort from `available` nodes and builds its task from the current
 /// global model and strategy state. Private runs sample each node independently with
 /// probability `fraction` (Poisson sampling, as the accountant assumes); others take a fixed
@@ -112,9 +141,9 @@ pub struct OpenRound {
     started: Instant,
     selected: usize,
     downloads: usize,
-    dim: usize,
-    compress: Compression,
-    control_values: usize,
+    /// Bytes each download and each update's delta move (see [`transfer_bytes`]).
+    download_bytes: u64,
+    delta_bytes: u64,
     aggregator: Box<dyn Aggregator>,
     accepted_nodes: Vec<String>,
     accepted_examples: Vec<u64>,
@@ -143,9 +172,8 @@ impl OpenRound {
             selected: plan.selected.len(),
             // Every selected node receives the model and whatever the strategy broadcasts.
             downloads: plan.selected.len(),
-            dim,
-            compress: plan.task.compress,
-            control_values: plan.task.server_control.as_ref().map_or(0, |c| c.len()),
+            download_bytes: transfer_bytes(&plan.task).0,
+            delta_bytes: delta_bytes(&plan.task),
             aggregator,
             accepted_nodes: Vec::new(),
             accepted_examples: Vec::new(),
@@ -164,7 +192,8 @@ impl OpenRound {
     pub fn accept(&mut self, node: &str, update: &Update) -> Result<(), ferry_core::CoreError> {
         let started = Instant::now();
         let accepted = self.aggregator.accept(update);
-        let bytes = update.wire_bytes(self.compress);
+        let control = update.control_delta.as_ref().map_or(0, Vec::len);
+        let bytes = self.delta_bytes + Compression::None.wire_bytes(control);
         self.count(
             node,
             accepted,
@@ -186,7 +215,7 @@ impl OpenRound {
         let started = Instant::now();
         let accepted = self.aggregator.accept_source(source);
         let meta = source.meta();
-        let bytes = meta.payload_bytes(self.dim);
+        let bytes = meta.value_bytes;
         if let (Some(partial), Ok(())) = (&meta.partial, &accepted) {
             self.bytes_up += bytes;
             self.aggregating += started.elapsed();
@@ -292,9 +321,7 @@ impl OpenRound {
         strategy: &mut Strategy,
         global: &mut Model,
     ) -> Result<AppliedRound, EngineError> {
-        let per_node = self.compress.download_bytes(self.dim)
-            + Compression::None.wire_bytes(self.control_values);
-        let bytes_down = self.downloads as u64 * per_node + self.protocol_bytes_down;
+        let bytes_down = self.downloads as u64 * self.download_bytes + self.protocol_bytes_down;
         let train_loss = self.train_loss_sum / self.train_losses.max(1) as f64;
         let (round, started, bytes_up) = (self.round, self.started, self.bytes_up);
         let failed = self.failures.clone();

@@ -54,6 +54,10 @@ pub struct FleetLearningArgs {
 /// Nodes in the fleet.
 const NODES: usize = 100;
 
+/// Simulated seconds the written trace covers (every run here ends within an hour); past
+/// them each node stays online.
+const TRACE_HORIZON_S: f64 = 6.0 * 3600.0;
+
 const HEADER: &str = "date,run,seed,records,final_accuracy,sim_s_to_target,up_bytes_to_target,down_bytes_to_target,up_bytes_total\n";
 
 /// FedBuff's settings in the benchmark: 10 updates a version, 20 nodes training at once.
@@ -209,7 +213,7 @@ fn ensure_trace(path: &std::path::Path, seed: u64) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, devices.to_trace())
+    std::fs::write(path, devices.to_trace(TRACE_HORIZON_S))
         .with_context(|| format!("cannot write the trace {}", path.display()))?;
     println!("fleet: drawn and written to {}", path.display());
     Ok(())

@@ -10,7 +10,7 @@ use crate::support;
 
 use std::{fs, path::Path, time::Duration};
 
-use support::{Killer, TestServer, client_args, history, server_succeeds, spawn_logged, write_csv};
+use support::{TestServer, history, server_succeeds, write_csv};
 
 const ROUNDS: u32 = 3;
 
@@ -67,18 +67,7 @@ fn a_users_own_model_is_federated_with_its_dtypes_and_carried_tensors_intact() {
             initial.display()
         ),
     );
-    let mut logs = vec![dir.join("server.log")];
-    let mut processes = Killer(vec![server.spawn(&logs[0])]);
-    for i in 0..2 {
-        let mut args = client_args(&server, &format!("site-{i}"));
-        args.extend([
-            "--trainer-cmd".to_string(),
-            format!("{} {}", support::python3(), trainer.display()),
-        ]);
-        let log = dir.join(format!("client-{i}.log"));
-        processes.0.push(spawn_logged(&args, &log));
-        logs.push(log);
-    }
+    let (mut processes, logs) = support::python_trainer_fleet(&server, dir, 2, &trainer);
     let server_log = server_succeeds(&mut processes, &logs, Duration::from_secs(120));
     assert!(
         server_log.contains("(3 tensors, 16 parameters, 1 carried; no central test set)"),

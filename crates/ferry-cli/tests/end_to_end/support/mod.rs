@@ -446,3 +446,27 @@ pub fn python(args: &[&std::ffi::OsStr], cwd: Option<&Path>, env: &[(&str, &Path
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Starts `server` (logging to `server.log` in `dir`) and `nodes` clients training with the
+/// Python program `trainer` (`client-<i>.log`); returns the processes, server first, and
+/// their logs in the same order.
+pub fn python_trainer_fleet(
+    server: &TestServer,
+    dir: &Path,
+    nodes: u64,
+    trainer: &Path,
+) -> (Killer, Vec<PathBuf>) {
+    let mut logs = vec![dir.join("server.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..nodes {
+        let mut args = client_args(server, &format!("site-{i}"));
+        args.extend([
+            "--trainer-cmd".to_string(),
+            format!("{} {}", python3(), trainer.display()),
+        ]);
+        let log = dir.join(format!("client-{i}.log"));
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+    (processes, logs)
+}
