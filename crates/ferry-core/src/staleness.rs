@@ -4,7 +4,12 @@
 
 use std::{fmt, str::FromStr};
 
-use crate::CoreError;
+use crate::{
+    CoreError, Update,
+    aggregate::{Part, UpdateSource},
+    tensor_file::Visit,
+    update::UpdateMeta,
+};
 
 /// How an update's weight falls with its staleness `tau` (server versions since the model
 /// it trained on).
@@ -48,6 +53,54 @@ impl StalenessWeight {
                 }
             }
         }
+    }
+}
+
+/// An update read from `inner` with its delta scaled by a staleness weight (its scalars and
+/// SCAFFOLD's control change as they are), so that a deployed server folds a stale upload
+/// from its file as simulation folds a scaled update.
+pub struct Weighted<'a> {
+    inner: &'a mut dyn UpdateSource,
+    weight: f32,
+    scaled: Vec<f32>,
+}
+
+impl<'a> Weighted<'a> {
+    /// `inner` with its delta multiplied by `weight`.
+    pub fn new(inner: &'a mut dyn UpdateSource, weight: f64) -> Self {
+        Self {
+            inner,
+            weight: weight as f32,
+            scaled: Vec::new(),
+        }
+    }
+}
+
+impl UpdateSource for Weighted<'_> {
+    fn meta(&self) -> &UpdateMeta {
+        self.inner.meta()
+    }
+
+    fn check(&mut self) -> Result<(), CoreError> {
+        self.inner.check()
+    }
+
+    fn visit(&mut self, part: Part, visit: &mut Visit<'_>) -> Result<(), CoreError> {
+        if part == Part::Control {
+            return self.inner.visit(part, visit);
+        }
+        let (weight, scaled) = (self.weight, &mut self.scaled);
+        self.inner.visit(part, &mut |at, values| {
+            scaled.clear();
+            scaled.extend(values.iter().map(|v| v * weight));
+            visit(at, scaled)
+        })
+    }
+
+    fn read_whole(&mut self) -> Result<Update, CoreError> {
+        let mut update = self.inner.read_whole()?;
+        crate::algebra::scale(&mut update.delta, self.weight);
+        Ok(update)
     }
 }
 
@@ -125,6 +178,29 @@ mod tests {
                 prop_assert!(later <= now);
             }
         }
+    }
+
+    #[test]
+    fn a_weighted_source_scales_the_delta_and_nothing_else() {
+        let layout = crate::ModelLayout::new(vec![crate::TensorSpec::f32("w", vec![3])]).unwrap();
+        let mut update = Update::new(vec![1.0, -2.0, 4.0], 7);
+        update.control_delta = Some(vec![1.0, 1.0, 1.0]);
+        let bytes = crate::update_file::encode_update(&update, &layout).unwrap();
+        let mut file =
+            crate::update_file::UpdateFile::open(std::io::Cursor::new(bytes), &layout).unwrap();
+        let mut weighted = Weighted::new(&mut file, 0.5);
+        let mut seen = Vec::new();
+        weighted
+            .visit(Part::Delta, &mut |_, values| {
+                seen.extend_from_slice(values);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen, [0.5, -1.0, 2.0]);
+        let whole = weighted.read_whole().unwrap();
+        assert_eq!(whole.delta, [0.5, -1.0, 2.0]);
+        assert_eq!(whole.control_delta, Some(vec![1.0, 1.0, 1.0]));
+        assert_eq!(weighted.meta().num_examples, 7);
     }
 
     #[test]

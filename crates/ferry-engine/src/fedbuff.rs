@@ -1,7 +1,8 @@
 //! Asynchronous buffered aggregation (FedBuff, Nguyen et al., 2022) on a simulated clock.
 //!
 //! Up to `max_concurrency` nodes train at once, each on the version of the global model it
-//! received when it started. As each update arrives it is weighted by its staleness (versions
+//! received when it started; a node that contributed to the open buffer gets its next task
+//! from the next version (so one fast node cannot fill a buffer), as in deployment. As each update arrives it is weighted by its staleness (versions
 //! since its model) and folded into the buffer; every `buffer_size` updates the server step
 //! applies the buffer and the model becomes a new version. Nobody waits for the slowest node.
 //!
@@ -68,10 +69,11 @@ impl FedBuff {
         if self.buffer_size == 0 || self.max_concurrency == 0 {
             return refuse("buffer-size and max-concurrency must be at least 1".into());
         }
-        if self.max_concurrency > nodes {
+        if self.max_concurrency > nodes || self.buffer_size > nodes {
             return refuse(format!(
-                "max-concurrency {} is more than the {nodes} nodes of the run",
-                self.max_concurrency
+                "buffer-size {} and max-concurrency {} cannot exceed the {nodes} nodes of the \
+                 run (a node contributes at most once to each version)",
+                self.buffer_size, self.max_concurrency
             ));
         }
         if strategy.privacy.is_some() {
@@ -133,6 +135,7 @@ pub(crate) fn run(
         clock: 0.0,
         version: 0,
         busy: vec![false; fed.nodes.len()],
+        contributed: vec![false; fed.nodes.len()],
         jobs: Vec::new(),
         dispatched: 0,
         rng: ChaCha8Rng::seed_from_u64(mix_seed(fed.settings.seed, ASYNC_STREAM)),
@@ -159,11 +162,13 @@ pub(crate) fn run(
             continue;
         }
         let tau = u64::from(run.version - job.version);
+        let node = job.node;
         let result = match job.result.take() {
             Some(result) => result,
             None => run.train_in_flight(&fed, job),
         };
         let result = result.map(|mut update| {
+            run.contributed[node] = true;
             let weight = buffer.staleness.weight(tau);
             algebra::scale(&mut update.delta, weight as f32);
             run.staleness.add(open.accepted(), tau, weight);
@@ -186,6 +191,7 @@ pub(crate) fn run(
             break;
         }
         run.template = template(&fed, run.version + 1);
+        run.contributed.fill(false);
         open = OpenRound::new(&run.template, &fed.strategy);
         observer.round_started(run.version + 1, buffer.buffer_size);
     }
@@ -204,6 +210,8 @@ struct Run {
     version: u32,
     /// Whether each node has a task in flight.
     busy: Vec<bool>,
+    /// Whether each node's update is in the open buffer.
+    contributed: Vec<bool>,
     /// Tasks in flight, in dispatch order.
     jobs: Vec<Job>,
     /// Tasks handed out so far (each one's seed stream).
@@ -229,7 +237,7 @@ impl Run {
         let (down, up) = round::transfer_bytes(&self.template.task);
         while self.jobs.len() < concurrency {
             let idle: Vec<usize> = (0..fed.nodes.len())
-                .filter(|&n| !self.busy[n] && devices.profile(n).online_at(self.clock))
+                .filter(|&n| self.may_start(n) && devices.profile(n).online_at(self.clock))
                 .collect();
             if idle.is_empty() {
                 return;
@@ -252,6 +260,11 @@ impl Run {
         }
     }
 
+    /// Whether node `n` may be handed a task: none in flight, and not in the open buffer.
+    fn may_start(&self, n: usize) -> bool {
+        !self.busy[n] && !self.contributed[n]
+    }
+
     /// Moves the clock to the next event: a task ending (returned), or an idle node coming
     /// online while a slot is free (`None`: dispatch again). Fails when nothing is in flight
     /// and no node will ever be online again.
@@ -269,7 +282,7 @@ impl Run {
         let arriving = (self.jobs.len() < concurrency)
             .then(|| {
                 (0..self.busy.len())
-                    .filter(|&n| !self.busy[n])
+                    .filter(|&n| self.may_start(n))
                     .filter_map(|n| devices.profile(n).next_online(self.clock))
                     .filter(|&t| t > self.clock)
                     .min_by(f64::total_cmp)

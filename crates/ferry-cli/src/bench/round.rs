@@ -237,6 +237,7 @@ pub(super) fn bench_spec(
         keep_rounds: Some(2),
         evaluation: EvaluationSchedule::OFF,
         personal: Default::default(),
+        asynchronous: None,
     }
 }
 

@@ -338,9 +338,9 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
         path.display()
     );
     anyhow::ensure!(
-        sim.fleet.fedbuff.is_none() && sim.fleet.compress == Default::default(),
-        "config file {}: mode = \"async\" and compress run in `ferry simulate` only for now; a \
-         server runs synchronous rounds with f32 updates, so remove them from [run]",
+        sim.fleet.compress == Default::default(),
+        "config file {}: compress runs in `ferry simulate` only for now (a deployed f16 or bf16 \
+         model already travels in 2 bytes a value); remove it from [run]",
         path.display()
     );
     // The server evaluates on one thread pool and partitions nothing.
@@ -456,6 +456,7 @@ pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy, central: bool) 
         keep_rounds: (d.keep_rounds > 0).then_some(d.keep_rounds),
         evaluation: run.evaluation(central),
         personal: run.personal_tensors()?,
+        asynchronous: run.fleet.fedbuff,
     })
 }
 

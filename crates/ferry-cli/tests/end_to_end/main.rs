@@ -7,6 +7,7 @@
 mod support;
 
 mod access;
+mod asynchronous;
 mod chaos;
 mod churn;
 mod dashboard;

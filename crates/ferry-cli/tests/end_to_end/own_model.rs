@@ -67,7 +67,8 @@ fn a_users_own_model_is_federated_with_its_dtypes_and_carried_tensors_intact() {
             initial.display()
         ),
     );
-    let (mut processes, logs) = support::python_trainer_fleet(&server, dir, 2, &trainer);
+    let (mut processes, logs) =
+        support::python_trainer_fleet(&server, dir, 2, &trainer, |_| String::new());
     let server_log = server_succeeds(&mut processes, &logs, Duration::from_secs(120));
     assert!(
         server_log.contains("(3 tensors, 16 parameters, 1 carried; no central test set)"),

@@ -49,7 +49,8 @@ fn a_bf16_model_moves_two_bytes_a_value_both_ways() {
             initial.display()
         ),
     );
-    let (mut processes, logs) = support::python_trainer_fleet(&server, dir, NODES, &trainer);
+    let (mut processes, logs) =
+        support::python_trainer_fleet(&server, dir, NODES, &trainer, |_| String::new());
     // Once the last round has committed, its model is scored by the nodes (there is no
     // central test set): every upload is in, and the server's counters are read then.
     support::until_listening(server.api_port, "the server's API", Duration::from_secs(60));

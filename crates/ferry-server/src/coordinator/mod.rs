@@ -13,6 +13,7 @@
 //! folded; a restart re-folds the open round's stored updates, so none is lost or counted
 //! twice.
 
+mod buffered;
 mod evaluation;
 mod relays;
 mod retention;
@@ -40,7 +41,7 @@ use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
 use ferry_engine::{
     floor::RoundFloor,
     node::Evaluator,
-    record::RoundRecord,
+    record::{RoundRecord, StalenessStats},
     round::{OpenRound, RoundPlan},
     secure::round_context,
 };
@@ -62,6 +63,8 @@ struct Training {
     deadline: Instant,
     deadline_unix_ms: u64,
     secure: Option<SecureStages>,
+    /// Asynchronous runs: how stale the open version's updates were so far.
+    staleness: StalenessStats,
 }
 
 impl Training {
@@ -87,6 +90,8 @@ struct State {
     online: HashMap<String, Instant>,
     /// Relays, by when each last synced (they are never in a cohort).
     relays: HashMap<String, Instant>,
+    /// Asynchronous runs: each node's task in flight, whatever version it was given in.
+    in_flight: HashMap<String, buffered::InFlight>,
     failures: u32,
     last_failure: Option<String>,
     retry_at: Option<Instant>,
@@ -159,6 +164,22 @@ impl Coordinator {
         let global = Arc::new(Model::read_safetensors(file, &self.spec.personal)?);
         state.global = Some(global.clone());
         Ok(global)
+    }
+
+    /// The open round's plan from the current global model, drawn from `available` nodes.
+    async fn plan_round(
+        &self,
+        state: &mut State,
+        available: usize,
+    ) -> Result<RoundPlan, ServerError> {
+        let global = self.resident_global(state).await?;
+        Ok(ferry_engine::round::plan(
+            state.round,
+            &self.spec.cohort,
+            &state.strategy,
+            &global,
+            available,
+        )?)
     }
 
     /// Why the run ended, once it has.
@@ -314,6 +335,7 @@ impl Coordinator {
             started,
             deadline,
             deadline_unix_ms: unix_ms(deadline),
+            staleness: StalenessStats::default(),
         }
     }
 
@@ -332,7 +354,7 @@ impl Coordinator {
 
     /// What `node` should do now.
     pub async fn work_for(&self, node: &str) -> Work {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
         match state.finished.as_deref() {
             // The server is about to exit and be restarted: nodes wait for it, reconnecting.
             Some(COORDINATOR_ERROR) => return Work::Idle(self.idle_reason(&state)),
@@ -341,6 +363,12 @@ impl Coordinator {
         }
         if let Some(task) = self.evaluation_for(&state, node) {
             return Work::Evaluate(task);
+        }
+        if let Some(buffer) = self.buffered().copied() {
+            return match self.buffered_task(&mut state, &buffer, node) {
+                Some(task) => Work::Task(Box::new(task)),
+                None => Work::Idle(self.idle_reason(&state)),
+            };
         }
         match &state.training {
             Some(t) if t.cohort.contains(node) && !t.answered.contains(node) => {
@@ -415,15 +443,25 @@ impl Coordinator {
         let state = self.state.lock().await;
         let keep = state.training.as_ref().is_some_and(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
-        }) || Self::evaluation_expects(&state, node, round);
+        }) || Self::evaluation_expects(&state, node, round)
+            || state
+                .in_flight
+                .get(node)
+                .is_some_and(|f| f.task.task.round == round);
         (keep, state.round)
     }
 
     /// The blob `sha256` if a node may download it now (the current model or server control).
     pub async fn downloadable(&self, id: &str) -> Option<BlobRef> {
         let state = self.state.lock().await;
+        // An asynchronous task may still be downloading an earlier version's model.
+        let in_flight = state
+            .in_flight
+            .values()
+            .flat_map(|f| std::iter::once(&f.task.model).chain(f.task.server_control.as_ref()));
         std::iter::once(&state.model_blob)
             .chain(state.control_blob.as_ref())
+            .chain(in_flight)
             .find(|b| b.id == id)
             .cloned()
     }

@@ -8,10 +8,7 @@ use std::{
 };
 
 use ferry_core::{Model, server_opt::OptimizerState, wire};
-use ferry_engine::{
-    node::Score,
-    round::{self, AppliedRound},
-};
+use ferry_engine::{node::Score, round::AppliedRound};
 
 use crate::{
     ServerError,
@@ -87,7 +84,10 @@ impl Coordinator {
             (false, _) if state.evaluating.is_some() => self.step_evaluation(state, now).await?,
             (false, _) => self.start_round(state, now).await?,
             (true, true) => self.step_secure(state, now).await?,
-            (true, false) => self.step_plain(state, now).await?,
+            (true, false) => match self.buffered().copied() {
+                Some(buffer) => self.step_buffered(state, &buffer, now).await?,
+                None => self.step_plain(state, now).await?,
+            },
         };
         let closing = state.closing.take();
         let finished = state.finished.clone();
@@ -146,16 +146,12 @@ impl Coordinator {
             self.emit(Event::Finished(reason));
             return Ok(true);
         }
-        let global = self.resident_global(state).await?;
-        let plan = round::plan(
-            state.round,
-            &self.spec.cohort,
-            &state.strategy,
-            &global,
-            online.len(),
-        )?;
-        drop(global);
-        let cohort: Vec<String> = plan.selected.iter().map(|&i| online[i].clone()).collect();
+        let plan = self.plan_round(state, online.len()).await?;
+        // An asynchronous version's cohort is whoever is handed its model.
+        let cohort: Vec<String> = match self.buffered() {
+            Some(_) => Vec::new(),
+            None => plan.selected.iter().map(|&i| online[i].clone()).collect(),
+        };
         self.store.set_population(state.round, online.len()).await?;
         self.store.set_cohort(state.round, &cohort).await?;
         let training = self.open_training(state, plan, cohort.into_iter().collect());
@@ -392,12 +388,13 @@ impl Coordinator {
     /// Aggregates the open round under the lock and leaves it in `state.closing`, for
     /// [`Coordinator::commit_closing`] to evaluate, store and commit once the lock is released.
     /// A round whose aggregate cannot be formed fails (the model has not moved).
-    async fn close_round(&self, state: &mut State) -> Result<(), ServerError> {
+    pub(super) async fn close_round(&self, state: &mut State) -> Result<(), ServerError> {
         let Some(training) = state.training.take() else {
             return Ok(());
         };
         let attempt = Attempt::of(&training);
         let contributors: Vec<String> = training.delivered.iter().cloned().collect();
+        let staleness = self.buffered().map(|_| training.staleness);
         let open = training.into_open();
         // Read back from its blob: the coordinator did not hold it while the round ran.
         let mut global = self.resident_global(state).await?;
@@ -418,6 +415,7 @@ impl Coordinator {
             applied,
             optimizer: state.strategy.optimizer.save(),
             broadcast: state.strategy.optimizer.broadcast(),
+            staleness,
         });
         Ok(())
     }
@@ -438,6 +436,7 @@ impl Coordinator {
             applied,
             optimizer,
             broadcast,
+            staleness,
         } = closing;
         let evaluation = match self.evaluator.clone() {
             Some(evaluator) => {
@@ -449,7 +448,8 @@ impl Coordinator {
             }
             None => Score::unevaluated(),
         };
-        let record = applied.record(evaluation);
+        let mut record = applied.record(evaluation);
+        record.staleness = staleness;
         let model_blob = put_model(&self.blobs, &global).await?;
         drop(global);
         let state_sha = if optimizer.is_empty() {
@@ -521,6 +521,8 @@ pub(super) struct Closing {
     optimizer: OptimizerState,
     /// What the strategy sends nodes with the next model (SCAFFOLD's control).
     broadcast: Option<Arc<Vec<f32>>>,
+    /// Asynchronous runs: how stale the version's updates were.
+    staleness: Option<ferry_engine::record::StalenessStats>,
 }
 
 /// What a failed attempt's record says of its round, taken before the round is consumed.

@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 use ferry_core::{
     Model, aggregate::UpdateSource, strategy::Strategy, update_file::UpdateFile, wire,
 };
-use ferry_engine::{floor::RoundFloor, node::Evaluator, record::RoundRecord, round};
+use ferry_engine::{fedbuff::FedBuff, floor::RoundFloor, node::Evaluator, record::RoundRecord};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::{
@@ -107,6 +107,7 @@ impl Coordinator {
                 finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
                 online: HashMap::new(),
                 relays: HashMap::new(),
+                in_flight: HashMap::new(),
                 failures: 0,
                 last_failure: None,
                 retry_at: None,
@@ -154,6 +155,9 @@ impl Coordinator {
         if state.finished.is_some() {
             return Ok(());
         }
+        if let Some(buffer) = self.buffered().copied() {
+            return self.resume_version(&mut state, &buffer).await;
+        }
         let cohort = self.store.cohort(state.round).await?;
         if cohort.is_empty() {
             return Ok(());
@@ -172,15 +176,7 @@ impl Coordinator {
             .population(state.round)
             .await?
             .unwrap_or(cohort.len());
-        let global = self.resident_global(&mut state).await?;
-        let plan = round::plan(
-            state.round,
-            &self.spec.cohort,
-            &state.strategy,
-            &global,
-            population,
-        )?;
-        drop(global);
+        let plan = self.plan_round(&mut state, population).await?;
         let mut training = self.open_training(&mut state, plan, cohort.into_iter().collect());
         // A relay's partial aggregate is one blob counted for each of its contributors: it
         // is folded once.
@@ -203,6 +199,36 @@ impl Coordinator {
             state.round,
             training.answered.len(),
             training.cohort.len()
+        )));
+        state.training = Some(training);
+        Ok(())
+    }
+}
+
+impl Coordinator {
+    /// After a restart of an asynchronous run: reopens the open version and re-folds its
+    /// stored updates, each with the staleness weight of the round it was trained on.
+    async fn resume_version(&self, state: &mut State, buffer: &FedBuff) -> Result<(), ServerError> {
+        let accepted = self.store.accepted_trained_on(state.round).await?;
+        if accepted.is_empty() {
+            return Ok(());
+        }
+        let plan = self.plan_round(state, accepted.len()).await?;
+        let mut training = self.open_training(state, plan, Default::default());
+        for (node, sha, trained_on) in accepted {
+            let file = std::io::BufReader::new(self.blobs.open(&sha).await?);
+            let mut update = UpdateFile::open(file, &self.layout)?;
+            let tau = u64::from(state.round.saturating_sub(trained_on));
+            let staleness = Some((tau, buffer.staleness.weight(tau)));
+            Self::fold_weighted(&mut training, &node, &mut update, staleness)?;
+            training.answered.insert(node.clone());
+            training.delivered.insert(node);
+        }
+        self.emit(Event::Notice(format!(
+            "resumed version {} with {} of its {} updates already in",
+            state.round,
+            training.delivered.len(),
+            buffer.buffer_size
         )));
         state.training = Some(training);
         Ok(())

@@ -54,6 +54,9 @@ pub struct RunSpec {
     /// held-out data, and what share of the online nodes is asked (each evaluation waits at
     /// most `round_timeout`).
     pub evaluation: EvaluationSchedule,
+    /// Asynchronous buffered aggregation (FedBuff): rounds are versions, closed every
+    /// `buffer_size` updates from whichever nodes deliver; `None` for synchronous rounds.
+    pub asynchronous: Option<ferry_engine::fedbuff::FedBuff>,
 }
 
 /// A reference to a stored blob.

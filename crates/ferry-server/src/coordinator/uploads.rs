@@ -16,6 +16,9 @@ impl Coordinator {
     pub async fn may_upload(&self, node: &str, round: u32) -> Result<Option<Submission>, Refusal> {
         let (open_for_node, answered, current) = {
             let state = self.state.lock().await;
+            if self.destination(&state, node, round).is_some() {
+                return Ok(None);
+            }
             let t = state
                 .training
                 .as_ref()
@@ -54,13 +57,6 @@ impl Coordinator {
         }
     }
 
-    /// Whether `round` is open and waiting for `node`'s update.
-    fn open_for(state: &State, node: &str, round: u32) -> bool {
-        state.training.as_ref().is_some_and(|t| {
-            t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
-        })
-    }
-
     /// Takes a complete, hash-checked upload: checks it against the model, stores it (moving
     /// the staged file into the blob store), and folds it into the open round a piece at a
     /// time from that file.
@@ -83,24 +79,28 @@ impl Coordinator {
         });
         // Decide under the lock; store outside it (blob store and database may be remote);
         // then check again under the lock before folding.
-        {
+        let destination = {
             let mut state = self.state.lock().await;
-            if !Self::open_for(&state, node, round) {
+            let Some(destination) = self.destination(&state, node, round) else {
                 drop(state);
                 return self.may_upload(node, round).await.and_then(|dup| {
                     dup.ok_or_else(|| Refusal::NotOpen(format!("round {round} closed")))
                 });
-            }
+            };
             if let Err(e) = &checked {
                 let refusal = Refusal::Invalid(e.to_string());
                 self.refuse(&mut state, node, &refusal);
                 return Err(refusal);
             }
-        }
+            destination
+        };
+        let counted_in = destination.round;
         let mut file = checked.map_err(|e| Refusal::Invalid(e.to_string()))?;
         let stored = async {
             upload.keep(&self.blobs).await?;
-            self.store.accept(round, node, upload.id()).await
+            self.store
+                .accept_trained_on(counted_in, round, node, upload.id())
+                .await
         }
         .await;
         drop(upload);
@@ -113,11 +113,14 @@ impl Coordinator {
             Err(e) => return Err(Refusal::NotOpen(format!("could not store the update: {e}"))),
         }
         let mut state = self.state.lock().await;
-        if !Self::open_for(&state, node, round) {
+        if self
+            .destination(&state, node, round)
+            .is_none_or(|d| d.round != counted_in)
+        {
             // The round closed while the update was stored: it was not folded, so it does
             // not count (the round's commit forgets it too, should this fail).
             drop(state);
-            let _ = self.store.unaccept(round, node).await;
+            let _ = self.store.unaccept(counted_in, node).await;
             return Err(Refusal::NotOpen(format!(
                 "round {round} closed while the update was stored"
             )));
@@ -126,20 +129,29 @@ impl Coordinator {
             return Err(Refusal::NotOpen("round closed".into()));
         };
         training.answered.insert(node.to_string());
-        if let Err(e) = training.open.accept_source(node, &mut file) {
+        let folded = Self::fold_weighted(training, node, &mut file, destination.staleness);
+        state.in_flight.remove(node);
+        if let Err(e) = folded {
             // Refused by the strategy (for example a missing SCAFFOLD extra): not counted.
-            let _ = self.store.unaccept(round, node).await;
+            let _ = self.store.unaccept(counted_in, node).await;
             let refusal = Refusal::Invalid(e.to_string());
             self.emit(Event::Notice(format!(
                 "refused node {node}'s update for round {round}: {e}"
             )));
             return Err(refusal);
         }
-        training.delivered.insert(node.to_string());
+        if let Some(t) = state.training.as_mut() {
+            t.delivered.insert(node.to_string());
+        }
         drop(state);
         metrics::counter!("ferry_updates_accepted_total").increment(1);
-        self.emit(Event::UpdateAccepted { round });
-        self.notify();
+        self.emit(Event::UpdateAccepted { round: counted_in });
+        if destination.staleness.is_some() {
+            // A slot is free: a waiting node may be handed a task.
+            self.notify_work();
+        } else {
+            self.notify();
+        }
         Ok(Submission::Accepted)
     }
 
@@ -232,6 +244,18 @@ impl Coordinator {
         if self.evaluation_failed(&mut state, node, round, reason) {
             drop(state);
             self.notify();
+            return;
+        }
+        if self.buffered().is_some() && self.destination(&state, node, round).is_some() {
+            state.in_flight.remove(node);
+            if let Some(t) = state.training.as_mut() {
+                t.open.fail(node, reason.to_string());
+            }
+            self.emit(Event::Notice(format!(
+                "node {node} gave up its task on round {round}'s model: {reason}"
+            )));
+            drop(state);
+            self.notify_work();
             return;
         }
         if let Some(t) = state.training.as_mut().filter(|t| {

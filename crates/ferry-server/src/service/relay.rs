@@ -235,6 +235,12 @@ impl Relay for FleetService {
         request: Request<RelaySyncRequest>,
     ) -> Result<Response<RelaySyncResponse>, Status> {
         let relay = self.relay_caller(&request).await?;
+        if self.coordinator.spec().asynchronous.is_some() {
+            return Err(Status::failed_precondition(
+                "this run aggregates asynchronously (mode = \"async\"), and relays serve \
+                 synchronous rounds: connect its nodes to the server itself",
+            ));
+        }
         let RelaySyncRequest {
             online,
             wait_ms,

@@ -409,16 +409,29 @@ impl Store {
         node: &str,
         id: &str,
     ) -> Result<Acceptance, ServerError> {
+        self.accept_trained_on(round, round, node, id).await
+    }
+
+    /// [`Store::accept`] for an asynchronous update trained on the model of version
+    /// `trained_on` (an earlier round), which is kept with it.
+    pub async fn accept_trained_on(
+        &self,
+        round: u32,
+        trained_on: u32,
+        node: &str,
+        id: &str,
+    ) -> Result<Acceptance, ServerError> {
         self.patiently("counting an update", move || async move {
             let mut tx = self.begin().await?;
             let inserted = sqlx::query(
-                "INSERT INTO accepted (round, node_id, sha256) \
-                 SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM run WHERE id = 1 AND round = $1) \
+                "INSERT INTO accepted (round, node_id, sha256, trained_on) \
+                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM run WHERE id = 1 AND round = $1) \
                  ON CONFLICT (round, node_id) DO NOTHING",
             )
             .bind(i64::from(round))
             .bind(node)
             .bind(id)
+            .bind(i64::from(trained_on))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -453,6 +466,30 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             Ok(tx.commit().await?)
+        })
+        .await
+    }
+
+    /// The updates counted in `round` with the round each was trained on, as `(node, content
+    /// id, trained on)`, in node order.
+    pub async fn accepted_trained_on(
+        &self,
+        round: u32,
+    ) -> Result<Vec<(String, String, u32)>, ServerError> {
+        self.patiently("reading a round's updates", move || async move {
+            let rows = sqlx::query(
+                "SELECT node_id, sha256, COALESCE(trained_on, round) FROM accepted \
+                 WHERE round = $1 ORDER BY node_id",
+            )
+            .bind(i64::from(round))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    let trained_on: i64 = r.try_get(2)?;
+                    Ok((r.try_get(0)?, r.try_get(1)?, trained_on as u32))
+                })
+                .collect()
         })
         .await
     }

@@ -92,6 +92,7 @@ pub fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         keep_rounds: None,
         evaluation: ferry_core::evaluation::EvaluationSchedule::OFF,
         personal: Default::default(),
+        asynchronous: None,
     }
 }
 

@@ -448,13 +448,14 @@ pub fn python(args: &[&std::ffi::OsStr], cwd: Option<&Path>, env: &[(&str, &Path
 }
 
 /// Starts `server` (logging to `server.log` in `dir`) and `nodes` clients training with the
-/// Python program `trainer` (`client-<i>.log`); returns the processes, server first, and
-/// their logs in the same order.
+/// Python program `trainer`, given `arguments(i)` (`client-<i>.log`); returns the processes,
+/// server first, and their logs in the same order.
 pub fn python_trainer_fleet(
     server: &TestServer,
     dir: &Path,
     nodes: u64,
     trainer: &Path,
+    arguments: impl Fn(u64) -> String,
 ) -> (Killer, Vec<PathBuf>) {
     let mut logs = vec![dir.join("server.log")];
     let mut processes = Killer(vec![server.spawn(&logs[0])]);
@@ -462,7 +463,7 @@ pub fn python_trainer_fleet(
         let mut args = client_args(server, &format!("site-{i}"));
         args.extend([
             "--trainer-cmd".to_string(),
-            format!("{} {}", python3(), trainer.display()),
+            format!("{} {} {}", python3(), trainer.display(), arguments(i)),
         ]);
         let log = dir.join(format!("client-{i}.log"));
         processes.0.push(spawn_logged(&args, &log));

@@ -24,7 +24,7 @@ on_both_backends!(
 );
 
 /// The schema version this release's migrations bring a store to.
-const LATEST_SCHEMA: i64 = 4;
+const LATEST_SCHEMA: i64 = 5;
 
 async fn tokens_enrol_exactly_one_node_and_revocation_reaches_the_node(backend: Backend) {
     let store = Store::open(&backend.url()).await.expect("open");
@@ -170,6 +170,19 @@ async fn accepted_updates_count_once_and_survive_reopening(backend: Backend) {
             .expect("the retry accepts again"),
         Acceptance::Accepted
     );
+    // An asynchronous update keeps the round it was trained on, for its staleness.
+    assert_eq!(
+        store
+            .accept_trained_on(2, 1, "b", "v")
+            .await
+            .expect("a stale update"),
+        Acceptance::Accepted
+    );
+    assert_eq!(
+        store.accepted_trained_on(2).await.expect("accepted"),
+        [("a".into(), "y".into(), 2), ("b".into(), "v".into(), 1)]
+    );
+    store.unaccept(2, "b").await.expect("unaccept");
     store.unaccept(2, "a").await.expect("unaccept");
     assert!(store.accepted(2).await.expect("accepted").is_empty());
     store.finish_run("budget_exhausted").await.expect("finish");
