@@ -9,4 +9,7 @@ pub enum Refusal {
     NotOpen(String),
     /// The update's content is invalid.
     Invalid(String),
+    /// Asynchronous runs: the update is wanted, but the version it would join is being
+    /// committed; the node sends it again in a moment (a retryable status).
+    NotYet(String),
 }

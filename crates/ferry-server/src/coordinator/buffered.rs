@@ -99,6 +99,27 @@ impl Coordinator {
         })
     }
 
+    /// Asynchronous runs: the refusal of `node`'s update for `round` while no version is open
+    /// (the last one is being committed) and its task is still in flight: it is to be sent
+    /// again, into the next version.
+    pub(super) fn between_versions(
+        &self,
+        state: &State,
+        node: &str,
+        round: u32,
+    ) -> Option<crate::coordinator::Refusal> {
+        let flying = state
+            .in_flight
+            .get(node)
+            .is_some_and(|f| f.task.task.round == round);
+        (self.buffered().is_some() && flying && state.training.is_none()).then(|| {
+            crate::coordinator::Refusal::NotYet(format!(
+                "version {} is being committed; send the update again in a moment",
+                state.round
+            ))
+        })
+    }
+
     /// Folds `source` into the open version with its staleness weight, or as it is in a
     /// synchronous round; notes the staleness.
     pub(super) fn fold_weighted(

@@ -19,6 +19,9 @@ impl Coordinator {
             if self.destination(&state, node, round).is_some() {
                 return Ok(None);
             }
+            if let Some(refusal) = self.between_versions(&state, node, round) {
+                return Err(refusal);
+            }
             let t = state
                 .training
                 .as_ref()
@@ -118,9 +121,20 @@ impl Coordinator {
             .is_none_or(|d| d.round != counted_in)
         {
             // The round closed while the update was stored: it was not folded, so it does
-            // not count (the round's commit forgets it too, should this fail).
+            // not count (the round's commit forgets it too, should this fail). An asynchronous
+            // task still in flight sends it again, into the next version.
+            let again = self.between_versions(&state, node, round).or_else(|| {
+                state
+                    .in_flight
+                    .get(node)
+                    .filter(|f| f.task.task.round == round)
+                    .map(|_| Refusal::NotYet("the version closed; send the update again".into()))
+            });
             drop(state);
             let _ = self.store.unaccept(counted_in, node).await;
+            if let Some(refusal) = again {
+                return Err(refusal);
+            }
             return Err(Refusal::NotOpen(format!(
                 "round {round} closed while the update was stored"
             )));

@@ -20,6 +20,7 @@ pub(super) fn refused(node: &str, refusal: Refusal) -> Status {
     match refusal {
         Refusal::NotOpen(m) => rejected(node, "round_not_open", Status::failed_precondition(m)),
         Refusal::Invalid(m) => rejected(node, "invalid_update", Status::invalid_argument(m)),
+        Refusal::NotYet(m) => rejected(node, "version_closing", Status::unavailable(m)),
     }
 }
 
@@ -46,6 +47,7 @@ pub(super) fn refused_request(node: &str, what: &str, refusal: Refusal) -> Statu
     let status = match refusal {
         Refusal::NotOpen(m) => Status::failed_precondition(m),
         Refusal::Invalid(m) => Status::invalid_argument(m),
+        Refusal::NotYet(m) => Status::unavailable(m),
     };
     tracing::warn!("node {node}: {what} refused: {}", status.message());
     status
