@@ -13,7 +13,10 @@ use ferry_core::{
 use ferry_proto::v1::{
     AdoptRequest, EnrolRequest, RelaySyncRequest, UploadReceipt, relay_client::RelayClient,
 };
-use ferry_server::store::{IdentityKind, Store};
+use ferry_server::{
+    coordinator::RunSpec,
+    store::{IdentityKind, Store},
+};
 use tonic::{Code, Request, metadata::MetadataValue};
 
 use crate::support::{
@@ -416,5 +419,36 @@ async fn a_relay_forwards_for_the_relays_below_it_and_only_for_them() {
         .heartbeat(on_behalf(&top, &node_id(&direct), Default::default()))
         .await
         .expect("now in the top relay's subtree, too");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_relay_syncing_into_an_asynchronous_run_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = RunSpec {
+        asynchronous: Some(ferry_engine::fedbuff::FedBuff {
+            buffer_size: 2,
+            max_concurrency: 2,
+            staleness: Default::default(),
+        }),
+        ..crate::support::spec(1, 1)
+    };
+    let running = crate::support::start_with(dir.path(), spec, None).await;
+    let store = store(dir.path()).await;
+    let mut fleet = client(&running.url).await;
+    let mut relays = RelayClient::connect(running.url.clone())
+        .await
+        .expect("connect");
+    let token = store
+        .create_token_for("relay-a", IdentityKind::Relay)
+        .await
+        .expect("token");
+    let relay = enrol(&mut fleet, &token).await;
+    let refused = relays
+        .sync(authed(&relay, RelaySyncRequest::default()))
+        .await
+        .expect_err("relays serve synchronous rounds");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("asynchronously"), "{refused}");
     running.stop().await;
 }
