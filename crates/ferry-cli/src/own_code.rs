@@ -25,7 +25,7 @@ use ferry_core::{
 };
 use ferry_engine::{
     federation::{Federation, RoundObserver, RunOutcome},
-    node::{EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score},
+    node::{EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score, WireEncoder},
 };
 use ferry_sim::SimConfig;
 
@@ -115,6 +115,8 @@ struct ProgramNode {
     trainer: Box<dyn Trainer>,
     /// The run's personal tensors, which the node keeps as its own.
     personal: PersonalTensors,
+    /// How its updates are encoded, with top-k's error feedback.
+    wire: WireEncoder,
 }
 
 impl NodeHandle for ProgramNode {
@@ -144,6 +146,8 @@ impl NodeHandle for ProgramNode {
             let mut noise = NoiseSource::new(NoiseSeed::Run(task.seed), u64::from(self.id));
             privatize(&mut update, instructions, task.model.layout(), &mut noise);
         }
+        let seed = ferry_core::seed::mix_seed(task.seed, u64::from(self.id));
+        self.wire.encode(self.id, task, &mut update, seed)?;
         Ok(update)
     }
 
@@ -201,6 +205,7 @@ pub fn run(
                 id: i as NodeId,
                 trainer,
                 personal: personal.clone(),
+                wire: WireEncoder::default(),
             }) as Arc<dyn NodeHandle>)
         })
         .collect::<Result<Vec<_>, String>>()
@@ -216,11 +221,6 @@ pub fn run(
     );
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
-    anyhow::ensure!(
-        config.fleet.compress == Default::default(),
-        "--compress applies to built-in virtual nodes for now: your trainer's updates are read \
-         from its f32 files as they are; drop --compress with --trainer-cmd"
-    );
     let settings = config.run_settings(secure, evaluation)?;
     let federation = Federation::new(settings, strategy, nodes, evaluator, start.model)?;
     Ok(federation.run(observer)?)

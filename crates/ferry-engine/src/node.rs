@@ -71,6 +71,35 @@ pub trait NodeHandle: Send + Sync {
     fn evaluate(&self, task: &EvaluateTask) -> Result<NodeEvaluation, NodeError>;
 }
 
+/// What an in-process node keeps for its update's compression between rounds (top-k's
+/// error-feedback residual), and the step that turns its update into what the server decodes
+/// from the wire, as the task's compression says.
+#[derive(Debug, Default)]
+pub struct WireEncoder {
+    residual: std::sync::Mutex<Vec<f32>>,
+}
+
+impl WireEncoder {
+    /// Replaces `update`'s delta by its decoded encoding for `task` (nothing without
+    /// compression), keeping what top-k did not send; `seed` drives int8's rounding.
+    pub fn encode(
+        &self,
+        node: NodeId,
+        task: &RoundTask,
+        update: &mut Update,
+        seed: u64,
+    ) -> Result<(), NodeError> {
+        let mut residual = self.residual.lock().unwrap_or_else(|p| p.into_inner());
+        task.compress
+            .round_trip(&mut update.delta, &mut residual, seed)
+            .map(drop)
+            .map_err(|e| NodeError {
+                node,
+                reason: e.to_string(),
+            })
+    }
+}
+
 /// How a global model scored on held-out data.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Score {

@@ -13,7 +13,7 @@ use ferry_core::{
     seed::mix_seed,
     task::LocalTraining,
 };
-use ferry_engine::node::{EvaluateTask, NodeError, NodeHandle, NodeId, RoundTask};
+use ferry_engine::node::{EvaluateTask, NodeError, NodeHandle, NodeId, RoundTask, WireEncoder};
 use ferry_ml::{
     client::{ClientTask, train_update},
     data::Dataset,
@@ -34,8 +34,8 @@ pub struct VirtualNode {
     noise_std: f32,
     /// SCAFFOLD's `c_i`, kept across rounds (empty until the node first runs SCAFFOLD).
     control: Mutex<Vec<f32>>,
-    /// Top-k compression's error feedback: what the node has not sent yet.
-    residual: Mutex<Vec<f32>>,
+    /// How its updates are encoded, with top-k's error feedback.
+    wire: WireEncoder,
 }
 
 impl VirtualNode {
@@ -55,7 +55,7 @@ impl VirtualNode {
             held_out: Vec::new(),
             noise_std,
             control: Mutex::new(Vec::new()),
-            residual: Mutex::new(Vec::new()),
+            wire: WireEncoder::default(),
         }
     }
 
@@ -108,13 +108,7 @@ impl NodeHandle for VirtualNode {
             let mut noise = NoiseSource::new(NoiseSeed::Run(seed), u64::from(task.round));
             privatize(&mut update, instructions, task.model.layout(), &mut noise);
         }
-        let mut residual = self.residual.lock().unwrap_or_else(|p| p.into_inner());
-        task.compress
-            .round_trip(&mut update.delta, &mut residual, seed)
-            .map_err(|e| NodeError {
-                node: self.id,
-                reason: e.to_string(),
-            })?;
+        self.wire.encode(self.id, task, &mut update, seed)?;
         Ok(update)
     }
 

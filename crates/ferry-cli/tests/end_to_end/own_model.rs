@@ -296,3 +296,22 @@ fn simulate_runs_the_users_trainer_as_every_node_on_its_own_folder() {
         "{stderr}"
     );
 }
+
+#[test]
+fn simulate_compresses_the_users_trainer_updates_as_it_does_virtual_nodes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for i in 0..2 {
+        write_csv(&tmp.path().join(format!("data/site-{i}")), i, 6);
+    }
+    let out = tmp.path().join("run");
+    let pattern = tmp.path().join("data/site-*");
+    simulate_exec_example(&pattern, &out, &["--rounds", "2", "--compress", "int8"]);
+    let h = history(&out).expect("history.json");
+    assert_eq!(h["config"]["compress"], "int8");
+    for r in h["rounds"].as_array().expect("rounds") {
+        // logreg's 7,850 values in one byte each, with 8 block scales of 4 bytes.
+        let participants = r["participants"].as_u64().expect("participants");
+        assert_eq!(participants, 2, "{r}");
+        assert_eq!(r["bytes_up"], participants * (7850 + 4 * 8), "{r}");
+    }
+}
