@@ -167,14 +167,17 @@ pub(crate) fn run(
             Some(result) => result,
             None => run.train_in_flight(&fed, job),
         };
+        let weight = buffer.staleness.weight(tau);
         let result = result.map(|mut update| {
             run.contributed[node] = true;
-            let weight = buffer.staleness.weight(tau);
             algebra::scale(&mut update.delta, weight as f32);
-            run.staleness.add(open.accepted(), tau, weight);
             update
         });
+        let before = open.accepted();
         fold(&mut open, id, result);
+        if open.accepted() > before {
+            run.staleness.add(tau, weight);
+        }
         if open.accepted() < buffer.buffer_size {
             continue;
         }

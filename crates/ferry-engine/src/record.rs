@@ -87,13 +87,16 @@ pub struct StalenessStats {
     pub max: u64,
     /// Mean staleness weight the updates were folded with.
     pub mean_weight: f64,
+    /// Updates noted so far (what the means are over).
+    #[serde(skip)]
+    updates: usize,
 }
 
 impl StalenessStats {
-    /// Adds one update of staleness `tau` folded with `weight` to a running tally of `count`
-    /// updates before it.
-    pub fn add(&mut self, count: usize, tau: u64, weight: f64) {
-        let n = count as f64;
+    /// Notes one update of staleness `tau` folded with `weight`.
+    pub fn add(&mut self, tau: u64, weight: f64) {
+        let n = self.updates as f64;
+        self.updates += 1;
         self.mean = (self.mean * n + tau as f64) / (n + 1.0);
         self.mean_weight = (self.mean_weight * n + weight) / (n + 1.0);
         self.max = self.max.max(tau);

@@ -52,7 +52,8 @@ impl Coordinator {
         }
         let free = state.in_flight.len() < buffer.max_concurrency;
         let t = state.training.as_ref()?;
-        if !free || t.delivered.contains(node) || t.answered.contains(node) {
+        // `answered` holds every node whose update the version folded or refused.
+        if !free || t.answered.contains(node) {
             return None;
         }
         let deadline = Instant::now() + self.spec.round_timeout;
@@ -86,11 +87,7 @@ impl Coordinator {
                 staleness: None,
             });
         };
-        let flying = state
-            .in_flight
-            .get(node)
-            .is_some_and(|f| f.task.task.round == round);
-        (flying && round <= open).then(|| {
+        (Self::in_flight_for(state, node, round) && round <= open).then(|| {
             let tau = u64::from(open - round);
             Destination {
                 round: open,
@@ -99,22 +96,26 @@ impl Coordinator {
         })
     }
 
-    /// Asynchronous runs: the refusal of `node`'s update for `round` while no version is open
-    /// (the last one is being committed) and its task is still in flight: it is to be sent
-    /// again, into the next version.
-    pub(super) fn between_versions(
-        &self,
+    /// Whether `node` has its task on `round`'s model in flight (asynchronous runs only).
+    pub(super) fn in_flight_for(state: &State, node: &str, round: u32) -> bool {
+        state
+            .in_flight
+            .get(node)
+            .is_some_and(|f| f.task.task.round == round)
+    }
+
+    /// Asynchronous runs: the refusal of `node`'s update for `round` that found no version to
+    /// join (the one it was headed for is being committed, or closed while it was stored)
+    /// while its task is still in flight: it is sent again, into the next version.
+    pub(super) fn send_again(
         state: &State,
         node: &str,
         round: u32,
     ) -> Option<crate::coordinator::Refusal> {
-        let flying = state
-            .in_flight
-            .get(node)
-            .is_some_and(|f| f.task.task.round == round);
-        (self.buffered().is_some() && flying && state.training.is_none()).then(|| {
+        Self::in_flight_for(state, node, round).then(|| {
             crate::coordinator::Refusal::NotYet(format!(
-                "version {} is being committed; send the update again in a moment",
+                "version {} closed before this update could join it; send it again in a \
+                 moment, into the next version",
                 state.round
             ))
         })
@@ -131,10 +132,9 @@ impl Coordinator {
         let Some((tau, weight)) = staleness else {
             return t.open.accept_source(node, source);
         };
-        let before = t.open.accepted();
         t.open
             .accept_source(node, &mut Weighted::new(source, weight))?;
-        t.staleness.add(before, tau, weight);
+        t.staleness.add(tau, weight);
         metrics::histogram!("ferry_update_staleness").record(tau as f64);
         Ok(())
     }

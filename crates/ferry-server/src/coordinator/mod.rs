@@ -444,10 +444,7 @@ impl Coordinator {
         let keep = state.training.as_ref().is_some_and(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
         }) || Self::evaluation_expects(&state, node, round)
-            || state
-                .in_flight
-                .get(node)
-                .is_some_and(|f| f.task.task.round == round);
+            || Self::in_flight_for(&state, node, round);
         (keep, state.round)
     }
 

@@ -19,7 +19,7 @@ impl Coordinator {
             if self.destination(&state, node, round).is_some() {
                 return Ok(None);
             }
-            if let Some(refusal) = self.between_versions(&state, node, round) {
+            if let Some(refusal) = Self::send_again(&state, node, round) {
                 return Err(refusal);
             }
             let t = state
@@ -123,13 +123,7 @@ impl Coordinator {
             // The round closed while the update was stored: it was not folded, so it does
             // not count (the round's commit forgets it too, should this fail). An asynchronous
             // task still in flight sends it again, into the next version.
-            let again = self.between_versions(&state, node, round).or_else(|| {
-                state
-                    .in_flight
-                    .get(node)
-                    .filter(|f| f.task.task.round == round)
-                    .map(|_| Refusal::NotYet("the version closed; send the update again".into()))
-            });
+            let again = Self::send_again(&state, node, round);
             drop(state);
             let _ = self.store.unaccept(counted_in, node).await;
             if let Some(refusal) = again {
