@@ -14,7 +14,6 @@ use ferry_core::{
     },
     strategy::ClientProcedure,
     task::LocalTraining,
-    update_file::EncodedUpdate,
     wire,
 };
 use ferry_proto::v1::{
@@ -29,6 +28,7 @@ use crate::{
     backoff::Backoff,
     connection::{self, StoredCredential},
     failover::Servers,
+    feedback::Compressor,
     link::{Link, retry, round_gone},
     secure::SecureSession,
     transfer::{self, UploadBody},
@@ -317,6 +317,21 @@ async fn work(
             return Ok(());
         }
     };
+    let compressor = Compressor::load(
+        &settings.state_dir,
+        &task.run_id,
+        &task.compress,
+        model.num_params(),
+    );
+    let mut compressor = match compressor {
+        Ok(compressor) => compressor,
+        Err(reason) => {
+            report_failure(client, credential, round, &reason).await;
+            on_event(abandon(reason));
+            return Ok(());
+        }
+    };
+    let seed = ferry_core::seed::mix_seed(task.seed, settings.seed_stream);
     let train_task = TrainTask {
         round,
         model,
@@ -329,7 +344,7 @@ async fn work(
         },
         procedure,
         server_control,
-        seed: ferry_core::seed::mix_seed(task.seed, settings.seed_stream),
+        seed,
         deadline: deadline(&task),
         personal,
     };
@@ -391,9 +406,9 @@ async fn work(
         Some(session) => session
             .mask(&update, layout.num_params())
             .map(|masked| Arc::new(bytes::Bytes::from(masked)) as Arc<dyn UploadBody>),
-        None => EncodedUpdate::new(update, &layout)
-            .map(|encoded| Arc::new(encoded) as Arc<dyn UploadBody>)
-            .map_err(|e| e.to_string()),
+        None => compressor
+            .encode(update, &layout, seed)
+            .map(|encoded| Arc::new(encoded) as Arc<dyn UploadBody>),
     };
     let body = match encoded {
         Ok(body) => body,
@@ -409,6 +424,7 @@ async fn work(
         match transfer::upload(client, credential, round, &body, &id, chunk).await {
             Ok(receipt) => {
                 backoff.reset();
+                compressor.delivered()?;
                 on_event(AgentEvent::Delivered {
                     round,
                     duplicate: receipt.duplicate,
@@ -428,6 +444,7 @@ async fn work(
                 return Ok(());
             }
             Err(status) if round_gone(&status) => {
+                compressor.lost()?;
                 on_event(abandon(status.message().to_string()));
                 return Ok(());
             }

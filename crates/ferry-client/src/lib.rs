@@ -9,6 +9,8 @@
 //! - [`transfer`]: resumable, hash-checked downloads and uploads.
 //! - [`exec`]: the external-command trainer (any language, through files).
 //! - [`backoff`]: reconnection pacing.
+//! - [`feedback`]: the update's compression, with top-k's error feedback kept in the state
+//!   folder.
 
 #![warn(missing_docs)]
 
@@ -18,6 +20,7 @@ pub mod connection;
 pub mod error;
 pub mod exec;
 pub mod failover;
+pub mod feedback;
 mod link;
 mod secure;
 pub mod transfer;

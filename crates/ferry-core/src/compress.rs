@@ -59,7 +59,17 @@ impl Compression {
     /// largest weights, and top-k would zero most of the model; top-k's error feedback would
     /// also need the server to keep a residual per node.
     pub fn compresses_downloads(self) -> bool {
-        matches!(self, Self::Fp16 | Self::Bf16)
+        self.download_dtype().is_some()
+    }
+
+    /// The half dtype model downloads travel in where they are compressed (see
+    /// [`crate::download`]).
+    pub fn download_dtype(self) -> Option<TensorDtype> {
+        match self {
+            Self::Fp16 => Some(TensorDtype::F16),
+            Self::Bf16 => Some(TensorDtype::Bf16),
+            _ => None,
+        }
     }
 
     /// Bytes a model download of `n` values occupies: half precision where downloads are

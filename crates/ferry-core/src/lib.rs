@@ -6,6 +6,7 @@
 //! - [`algebra`]: update algebra on flat slices (delta, weighted accumulate, scale, L2 norm).
 //! - [`compress`]: update compression on the wire (half precision, int8, top-k with error
 //!   feedback).
+//! - [`download`]: a model download in half precision, read back in the run's layout.
 //! - [`update`]: what a node sends back after local training.
 //! - [`update_file`]: an update as a safetensors file, read and written without a second copy.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
@@ -29,6 +30,7 @@ pub mod aggregate;
 pub mod algebra;
 pub mod compress;
 pub mod content;
+pub mod download;
 pub mod dtype;
 pub mod error;
 pub mod evaluation;

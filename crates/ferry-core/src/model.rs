@@ -252,15 +252,15 @@ impl Model {
         self.values.len()
     }
 
-    /// The tensors of the model's file: each parameter tensor in its own dtype, then each
-    /// carried tensor as it came.
-    fn planned(&self) -> Vec<Planned> {
+    /// The tensors of the model's file: each parameter tensor in the dtype `dtype_of` gives
+    /// it, then each carried tensor as it came.
+    fn planned(&self, dtype_of: &dyn Fn(&TensorSpec) -> TensorDtype) -> Vec<Planned> {
         self.layout
             .specs()
             .iter()
             .map(|spec| Planned {
                 name: spec.name.clone(),
-                dtype: spec.dtype.safetensors(),
+                dtype: dtype_of(spec).safetensors(),
                 shape: spec.shape.clone(),
             })
             .chain(self.carried.iter().map(|t| Planned {
@@ -274,8 +274,19 @@ impl Model {
     /// Writes the model as a safetensors file to `out` a tensor (or a piece of one) at a
     /// time, so that no second copy of the model is made; returns the bytes written.
     pub fn write_safetensors(&self, out: &mut dyn Write) -> Result<u64, CoreError> {
+        self.write_as(out, &|spec| spec.dtype, None)
+    }
+
+    /// [`Model::write_safetensors`] with each parameter tensor in the dtype `dtype_of` gives
+    /// it (its values rounded to it) and the file's `metadata`.
+    pub(crate) fn write_as(
+        &self,
+        out: &mut dyn Write,
+        dtype_of: &dyn Fn(&TensorSpec) -> TensorDtype,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<u64, CoreError> {
         let io = |e: std::io::Error| CoreError::Io(e.to_string());
-        let (header, order) = tensor_file::header(&self.planned(), None)?;
+        let (header, order) = tensor_file::header(&self.planned(dtype_of), metadata)?;
         out.write_all(&header).map_err(io)?;
         let mut written = header.len() as u64;
         let entries: Vec<_> = self.layout.entries().collect();
@@ -287,14 +298,15 @@ impl Model {
                 continue;
             };
             let values = &self.values[range];
-            if spec.dtype == TensorDtype::F32 {
+            let dtype = dtype_of(spec);
+            if dtype == TensorDtype::F32 {
                 out.write_all(bytemuck::cast_slice(values)).map_err(io)?;
             } else {
                 for piece in values.chunks(1 << 18) {
-                    out.write_all(&spec.dtype.encode(piece)).map_err(io)?;
+                    out.write_all(&dtype.encode(piece)).map_err(io)?;
                 }
             }
-            written += (values.len() * spec.dtype.size()) as u64;
+            written += (values.len() * dtype.size()) as u64;
         }
         Ok(written)
     }
@@ -354,6 +366,7 @@ impl Model {
                 }),
             }
         }
+        crate::download::restore_dtypes(&mut specs, file.metadata())?;
         if specs.is_empty() {
             return Err(CoreError::NoParameters(
                 carried

@@ -84,6 +84,9 @@ pub struct UpdateMeta {
     pub partial: Option<PartialMeta>,
     /// Bytes the file's tensor values occupy, in the dtypes they were sent in.
     pub value_bytes: u64,
+    /// How the delta was compressed on the wire (`None` for tensors of values), so that a
+    /// server can refuse an encoding its run did not ask for.
+    pub compression: crate::compress::Compression,
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@ use std::sync::{Arc, LazyLock};
 
 use ferry_client::exec::{ExecEvaluation, ExecResult, ExecTask};
 use ferry_core::{
-    Model, ModelLayout, TensorSpec, Update, evaluation::NodeEvaluation, update_file, wire,
+    Model, ModelLayout, TensorSpec, Update, compress::Compression, evaluation::NodeEvaluation,
+    update_file, wire,
 };
 use ferry_proto::{secagg as convert, v1};
 use ferry_secagg::{
@@ -102,10 +103,25 @@ fn update_seeds() -> Vec<Vec<u8>> {
     full.control_delta = Some(vec![0.5; 8]);
     full.normalizer = Some(3.0);
     full.unclipped = Some(1.5);
-    [plain, full]
+    let mut seeds: Vec<Vec<u8>> = [&plain, &full]
         .iter()
         .map(|u| update_file::encode_update(u, &LAYOUT).expect("encodes"))
-        .collect()
+        .collect();
+    // Compressed deltas: one byte tensor whose encoding the metadata names.
+    for compression in [Compression::Int8, Compression::TopK { ratio: 0.25 }] {
+        let encoded = update_file::EncodedUpdate::compressed(
+            full.clone(),
+            &LAYOUT,
+            compression,
+            &mut Vec::new(),
+            1,
+        )
+        .expect("encodes");
+        let mut bytes = Vec::new();
+        encoded.write_to(&mut bytes).expect("writes");
+        seeds.push(bytes);
+    }
+    seeds
 }
 
 fn decode_update(bytes: &[u8]) -> Result<(), String> {

@@ -238,6 +238,7 @@ pub(super) fn bench_spec(
         evaluation: EvaluationSchedule::OFF,
         personal: Default::default(),
         asynchronous: None,
+        compress: Default::default(),
     }
 }
 

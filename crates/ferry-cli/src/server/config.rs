@@ -337,12 +337,6 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
          deployment's nodes are real, so remove them from [run]",
         path.display()
     );
-    anyhow::ensure!(
-        sim.fleet.compress == Default::default(),
-        "config file {}: compress runs in `ferry simulate` only for now (a deployed f16 or bf16 \
-         model already travels in 2 bytes a value); remove it from [run]",
-        path.display()
-    );
     // The server evaluates on one thread pool and partitions nothing.
     sim.threads = 1;
     anyhow::ensure!(
@@ -457,6 +451,7 @@ pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy, central: bool) 
         evaluation: run.evaluation(central),
         personal: run.personal_tensors()?,
         asynchronous: run.fleet.fedbuff,
+        compress: run.fleet.compress,
     })
 }
 

@@ -10,7 +10,7 @@ use crate::support;
 
 use std::{fs, time::Duration};
 
-use support::{TestServer, history, rounds_done, server_succeeds, wait_for};
+use support::{history, rounds_done, server_succeeds, wait_for};
 
 const VERSIONS: usize = 8;
 const BUFFER: usize = 2;
@@ -44,27 +44,15 @@ json.dump({"num_examples": 10}, open(task["result_out"], "w"))
 fn versions_advance_without_the_slowest_node_and_survive_a_server_kill() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let initial = dir.join("init.safetensors");
-    support::run_python(
-        &format!(
-            "import numpy as np\nfrom safetensors.numpy import save_file\n\
-             save_file({{'w': np.zeros(8, np.float32)}}, '{}')\n",
-            initial.display()
-        ),
-        &[],
-    );
-    let trainer = dir.join("trainer.py");
-    fs::write(&trainer, TRAINER).expect("trainer");
-    let server = TestServer::new(
+    let (server, trainer) = support::own_model_server(
         dir,
-        &[],
-        false,
+        "numpy",
+        "{'w': np.zeros(8, np.float32)}",
+        TRAINER,
         &format!(
-            "initial_model = \"{}\"\nclients = 3\nmin_clients = 2\nrounds = {VERSIONS}\n\
-             mode = \"async\"\nbuffer-size = {BUFFER}\nmax-concurrency = 3\n\
-             staleness = \"polynomial:0.5\"\nevaluate_every = 0\nround_timeout = 60\n\
-             heartbeat = 1\noffline_after = 4\n",
-            initial.display()
+            "clients = 3\nmin_clients = 2\nrounds = {VERSIONS}\nmode = \"async\"\n\
+             buffer-size = {BUFFER}\nmax-concurrency = 3\nstaleness = \"polynomial:0.5\"\n\
+             evaluate_every = 0\nround_timeout = 60\nheartbeat = 1\noffline_after = 4\n"
         ),
     );
     // site-2 is the slow node.

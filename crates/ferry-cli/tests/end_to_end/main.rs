@@ -10,6 +10,7 @@ mod access;
 mod asynchronous;
 mod chaos;
 mod churn;
+mod compression;
 mod dashboard;
 mod deploy;
 mod fleet;

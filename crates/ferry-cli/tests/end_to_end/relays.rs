@@ -297,6 +297,10 @@ fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
             "dp-noise-multiplier = 0.3\ndp-clip = 1.0\ndp-placement = \"distributed\"\n",
             model,
         ),
+        // Compressed updates are decoded at the relay (the nodes having fetched the
+        // half-precision model through it) and folded into f32 partial sums.
+        ("compress = \"topk:0.01\"\n", model),
+        ("compress = \"fp16\"\n", model),
     ]
     .into_iter()
     .enumerate()
@@ -313,10 +317,13 @@ fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
             "`{extra}` folds at the relays"
         );
     }
-    // Rules that need each update: every node's update reaches the server.
-    for (i, extra) in [
-        "aggregator = \"median\"\n",
-        "dp-noise-multiplier = 0.3\ndp-clip = 1.0\n",
+    // Rules that need each update: every node's update reaches the server as the node sent
+    // it (compressed: int8's byte a value and a 4-byte scale per 1,024 values).
+    let int8 = 7850 + 4 * 8;
+    for (i, (extra, per_node)) in [
+        ("aggregator = \"median\"\n", model),
+        ("dp-noise-multiplier = 0.3\ndp-clip = 1.0\n", model),
+        ("aggregator = \"median\"\ncompress = \"int8\"\n", int8),
     ]
     .into_iter()
     .enumerate()
@@ -327,7 +334,7 @@ fn each_rule_folds_at_relays_or_passes_through_them_and_every_round_applies() {
             SIDE_BY_SIDE,
             extra,
         );
-        assert_eq!(bytes, (NODES * model) as u64, "`{extra}` passes through");
+        assert_eq!(bytes, (NODES * per_node) as u64, "`{extra}` passes through");
     }
     // Through a chain, too, each update passes both relays on its node's behalf.
     let extra = "aggregator = \"median\"\n";

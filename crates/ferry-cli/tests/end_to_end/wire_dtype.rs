@@ -8,7 +8,7 @@ use crate::support;
 
 use std::{fs, time::Duration};
 
-use support::{TestServer, history, http_get, server_succeeds};
+use support::{history, http_get, server_succeeds};
 
 const ROUNDS: u64 = 2;
 const NODES: u64 = 2;
@@ -28,25 +28,14 @@ json.dump({"num_examples": 10}, open(task["result_out"], "w"))
 fn a_bf16_model_moves_two_bytes_a_value_both_ways() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
-    let initial = dir.join("init.safetensors");
-    support::run_python(
-        &format!(
-            "import torch\nfrom safetensors.torch import save_file\n\
-             save_file({{'w': torch.zeros(1000, 500, dtype=torch.bfloat16)}}, '{}')\n",
-            initial.display()
-        ),
-        &[],
-    );
-    let trainer = dir.join("trainer.py");
-    fs::write(&trainer, TRAINER).expect("trainer");
-    let server = TestServer::new(
+    let (server, trainer) = support::own_model_server(
         dir,
-        &[],
-        false,
+        "torch",
+        "{'w': torch.zeros(1000, 500, dtype=torch.bfloat16)}",
+        TRAINER,
         &format!(
-            "initial_model = \"{}\"\nclients = {NODES}\nmin_clients = {NODES}\n\
-             rounds = {ROUNDS}\nround_timeout = 60\nevaluate_every = 1\n",
-            initial.display()
+            "clients = {NODES}\nmin_clients = {NODES}\nrounds = {ROUNDS}\nround_timeout = 60\n\
+             evaluate_every = 1\n"
         ),
     );
     let (mut processes, logs) =

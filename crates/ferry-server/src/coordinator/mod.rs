@@ -37,7 +37,7 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_core::{Model, ModelLayout, strategy::Strategy, wire};
+use ferry_core::{Model, ModelLayout, compress::Compression, strategy::Strategy, wire};
 use ferry_engine::{
     floor::RoundFloor,
     node::Evaluator,
@@ -81,6 +81,9 @@ struct State {
     /// the blob store, and the coordinator reads it back to step it when the round closes).
     global: Option<Arc<Model>>,
     model_blob: BlobRef,
+    /// The global model as training tasks send it where the run compresses downloads (half
+    /// precision); `None` where they send `model_blob`.
+    download_blob: Option<BlobRef>,
     control_blob: Option<BlobRef>,
     round: u32,
     training: Option<Training>,
@@ -173,13 +176,16 @@ impl Coordinator {
         available: usize,
     ) -> Result<RoundPlan, ServerError> {
         let global = self.resident_global(state).await?;
-        Ok(ferry_engine::round::plan(
+        let mut plan = ferry_engine::round::plan(
             state.round,
             &self.spec.cohort,
             &state.strategy,
             &global,
             available,
-        )?)
+        )?;
+        // The ledger charges downloads and updates as the run's compression sends them.
+        plan.task.compress = self.spec.compress;
+        Ok(plan)
     }
 
     /// Why the run ended, once it has.
@@ -383,7 +389,10 @@ impl Coordinator {
         NodeTask {
             run_id: self.run_id.clone(),
             task: t.plan_task.clone(),
-            model: state.model_blob.clone(),
+            model: state
+                .download_blob
+                .clone()
+                .unwrap_or_else(|| state.model_blob.clone()),
             server_control: state.control_blob.clone(),
             deadline_unix_ms: t.deadline_unix_ms,
             secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
@@ -457,6 +466,7 @@ impl Coordinator {
             .values()
             .flat_map(|f| std::iter::once(&f.task.model).chain(f.task.server_control.as_ref()));
         std::iter::once(&state.model_blob)
+            .chain(state.download_blob.as_ref())
             .chain(state.control_blob.as_ref())
             .chain(in_flight)
             .find(|b| b.id == id)
@@ -488,6 +498,25 @@ pub(crate) async fn put_model(blobs: &Blobs, model: &Model) -> Result<BlobRef, S
         })
         .await?;
     Ok(BlobRef { id, size })
+}
+
+/// Stores the copy of `model` that training tasks send where `compress` covers downloads
+/// (half precision, see [`ferry_core::download`]); `None` where tasks send the model itself.
+pub(crate) async fn put_download(
+    blobs: &Blobs,
+    model: &Model,
+    compress: Compression,
+) -> Result<Option<BlobRef>, ServerError> {
+    let Some(half) = compress.download_dtype() else {
+        return Ok(None);
+    };
+    let (id, size) = blobs
+        .put_written(|out| {
+            ferry_core::download::write_rounded(model, out, half)?;
+            Ok(())
+        })
+        .await?;
+    Ok(Some(BlobRef { id, size }))
 }
 
 /// Stores the state a strategy broadcasts to nodes (SCAFFOLD's `c`), if any.

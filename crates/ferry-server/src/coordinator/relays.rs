@@ -145,6 +145,7 @@ impl Coordinator {
         let mut file = upload
             .open_update(&self.layout)
             .and_then(|mut file| {
+                self.spec.accepts(file.meta().compression)?;
                 file.check()?;
                 Ok(file)
             })

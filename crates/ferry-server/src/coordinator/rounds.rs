@@ -14,7 +14,7 @@ use crate::{
     ServerError,
     coordinator::{
         COORDINATOR_ERROR, Coordinator, Event, FAILED_ROUNDS, FailedRound, FleetCheck, State,
-        Training, put_control, put_model, unix_ms,
+        Training, put_control, put_download, put_model, unix_ms,
     },
     secure::Progress,
     store::RoundCommit,
@@ -451,6 +451,7 @@ impl Coordinator {
         let mut record = applied.record(evaluation);
         record.staleness = staleness;
         let model_blob = put_model(&self.blobs, &global).await?;
+        let download_blob = put_download(&self.blobs, &global, self.spec.compress).await?;
         drop(global);
         let state_sha = if optimizer.is_empty() {
             String::new()
@@ -466,12 +467,16 @@ impl Coordinator {
         let evaluate = self.evaluation_due(&record);
         let ends_after_evaluation = if evaluate { finished.take() } else { None };
         let control_blob = put_control(&self.blobs, broadcast).await?;
-        let written = [Some(&model_blob), control_blob.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|blob| blob.id.clone())
-            .chain((!state_sha.is_empty()).then(|| state_sha.clone()))
-            .collect();
+        let written = [
+            Some(&model_blob),
+            download_blob.as_ref(),
+            control_blob.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|blob| blob.id.clone())
+        .chain((!state_sha.is_empty()).then(|| state_sha.clone()))
+        .collect();
         self.store
             .commit_round(&RoundCommit {
                 round,
@@ -487,6 +492,7 @@ impl Coordinator {
         self.prune(round).await;
         let mut state = self.state.lock().await;
         state.model_blob = model_blob;
+        state.download_blob = download_blob;
         state.control_blob = control_blob;
         if let Some(epsilon) = record.epsilon {
             metrics::gauge!("ferry_dp_epsilon").set(epsilon);

@@ -14,7 +14,8 @@ use crate::{
     ServerError,
     blobs::Blobs,
     coordinator::{
-        BlobRef, Coordinator, Event, RunSpec, State, parse_records, put_control, put_model,
+        BlobRef, Coordinator, Event, RunSpec, State, parse_records, put_control, put_download,
+        put_model,
     },
     store::{RunRow, Store},
 };
@@ -80,6 +81,7 @@ impl Coordinator {
             size: blobs.size(&run.model_sha).await?,
             id: run.model_sha.clone(),
         };
+        let download_blob = put_download(&blobs, &global, spec.compress).await?;
         let control_blob = put_control(&blobs, strategy.optimizer.broadcast()).await?;
         let (events, receiver) = mpsc::unbounded_channel();
         let floor = RoundFloor::of(&strategy, spec.secure.as_ref());
@@ -99,6 +101,7 @@ impl Coordinator {
                 strategy,
                 global: Some(Arc::new(global)),
                 model_blob,
+                download_blob,
                 control_blob,
                 round: run.round,
                 training: None,

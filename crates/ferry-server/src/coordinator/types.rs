@@ -4,8 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use ferry_core::{
-    evaluation::EvaluationSchedule, personal::PersonalTensors, privacy::node::NodePrivacy,
-    strategy::ClientProcedure, task::LocalTraining,
+    CoreError, compress::Compression, evaluation::EvaluationSchedule, personal::PersonalTensors,
+    privacy::node::NodePrivacy, strategy::ClientProcedure, task::LocalTraining,
 };
 use ferry_engine::{
     node::RoundTask, record::RoundRecord, round::CohortRule, secure::SecureAggregation,
@@ -57,6 +57,26 @@ pub struct RunSpec {
     /// Asynchronous buffered aggregation (FedBuff): rounds are versions, closed every
     /// `buffer_size` updates from whichever nodes deliver; `None` for synchronous rounds.
     pub asynchronous: Option<ferry_engine::fedbuff::FedBuff>,
+    /// How nodes compress their updates' deltas (their tasks say so); uncompressed updates
+    /// are accepted too.
+    pub compress: Compression,
+}
+
+impl RunSpec {
+    /// Refuses an update compressed otherwise than the run asks (an uncompressed one is
+    /// always taken): the run's refusals (SecAgg+, distributed DP) were decided for its own
+    /// encoding.
+    pub fn accepts(&self, compression: Compression) -> Result<(), CoreError> {
+        if compression == Compression::None || compression == self.compress {
+            Ok(())
+        } else {
+            Err(CoreError::Compression(format!(
+                "the update is {compression}-compressed but this run's compression is {}; \
+                 the node should follow its task's compress field",
+                self.compress
+            )))
+        }
+    }
 }
 
 /// A reference to a stored blob.

@@ -77,6 +77,7 @@ impl Coordinator {
             return self.submit_masked(node, round, &bytes).await;
         }
         let checked = upload.open_update(&self.layout).and_then(|mut file| {
+            self.spec.accepts(file.meta().compression)?;
             file.check()?;
             Ok(file)
         });

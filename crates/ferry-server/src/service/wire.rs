@@ -1,7 +1,7 @@
 //! The service's messages: a coordinator's tasks, SecAgg steps and replies, and upload
 //! receipts, to and from their `ferry.v1` wire form.
 
-use ferry_core::strategy::ClientProcedure;
+use ferry_core::{compress::Compression, strategy::ClientProcedure};
 use ferry_proto::v1::{self, UploadReceipt, sec_agg_request, sec_agg_response};
 use tonic::Status;
 
@@ -74,6 +74,10 @@ pub(super) fn task_message(node_task: &NodeTask, spec: &RunSpec) -> v1::Task {
             .map(|(params, cap)| ferry_proto::secagg::task_to_wire(params, *cap)),
         kind: v1::TaskKind::Train.into(),
         personal: spec.personal.patterns().to_vec(),
+        compress: match spec.compress {
+            Compression::None => String::new(),
+            compress => compress.to_string(),
+        },
     }
 }
 

@@ -93,6 +93,7 @@ pub fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         evaluation: ferry_core::evaluation::EvaluationSchedule::OFF,
         personal: Default::default(),
         asynchronous: None,
+        compress: Default::default(),
     }
 }
 

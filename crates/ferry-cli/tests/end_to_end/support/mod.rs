@@ -447,6 +447,35 @@ pub fn python(args: &[&std::ffi::OsStr], cwd: Option<&Path>, env: &[(&str, &Path
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A server set up in `dir` for a Python trainer's own model: the model file `init.safetensors`
+/// saved from the tensors `tensors` (a Python dict, built with `numpy as np` or `torch` as
+/// `library` says), `trainer` written as `trainer.py` (returned), and `run` after the
+/// `initial_model` line of `[run]`.
+pub fn own_model_server(
+    dir: &Path,
+    library: &str,
+    tensors: &str,
+    trainer: &str,
+    run: &str,
+) -> (TestServer, PathBuf) {
+    let initial = dir.join("init.safetensors");
+    let import = match library {
+        "torch" => "import torch",
+        _ => "import numpy as np",
+    };
+    run_python(
+        &format!(
+            "{import}\nfrom safetensors.{library} import save_file\nsave_file({tensors}, '{}')\n",
+            initial.display()
+        ),
+        &[],
+    );
+    let trainer_path = dir.join("trainer.py");
+    fs::write(&trainer_path, trainer).expect("trainer");
+    let run = format!("initial_model = \"{}\"\n{run}", initial.display());
+    (TestServer::new(dir, &[], false, &run), trainer_path)
+}
+
 /// Starts `server` (logging to `server.log` in `dir`) and `nodes` clients training with the
 /// Python program `trainer`, given `arguments(i)` (`client-<i>.log`); returns the processes,
 /// server first, and their logs in the same order.
