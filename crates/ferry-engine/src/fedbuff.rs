@@ -54,6 +54,10 @@ pub struct FedBuff {
     pub max_concurrency: usize,
     /// How an update's weight falls with its staleness.
     pub staleness: StalenessWeight,
+    /// In simulation, simulated seconds a task may take: one not delivered by then is
+    /// dropped and its slot freed, as a deployed server drops a task past its round timeout
+    /// (`None`: a task takes as long as its node needs). A server ignores it.
+    pub task_deadline_s: Option<f64>,
 }
 
 impl FedBuff {
@@ -111,7 +115,22 @@ struct Job {
     version: u32,
     task: RoundTask,
     timeline: Timeline,
+    /// When the task's deadline drops it, if that comes before it ends.
+    expires_at: Option<f64>,
     result: Option<Result<ferry_core::Update, NodeError>>,
+}
+
+impl Job {
+    /// When the coordinator knows the task's outcome: its update arrived, its node left, or
+    /// its deadline passed.
+    fn ends_at(&self) -> f64 {
+        self.expires_at.unwrap_or_else(|| self.timeline.ends_at())
+    }
+
+    /// Whether the task ends without an update to train for.
+    fn fails(&self) -> bool {
+        self.expires_at.is_some() || self.timeline.lost_at.is_some()
+    }
 }
 
 /// Runs `federation` asynchronously until `rounds` versions or the target accuracy.
@@ -147,13 +166,23 @@ pub(crate) fn run(
     let mut stop = StopReason::RoundsCompleted;
     observer.round_started(1, buffer.buffer_size);
     loop {
-        run.dispatch(&fed, &devices, buffer.max_concurrency, &mut open);
+        run.dispatch(&fed, &devices, buffer, &mut open);
         let Some(mut job) = run.next_event(&devices, buffer.max_concurrency)? else {
             continue;
         };
         run.busy[job.node] = false;
         observer.node_returned(run.version + 1);
         let id = fed.nodes[job.node].id();
+        if let (Some(at), Some(deadline)) = (job.expires_at, buffer.task_deadline_s) {
+            open.fail(
+                &id.to_string(),
+                format!(
+                    "not delivered within the task deadline of {deadline} simulated seconds \
+                     (dropped at {at:.0})"
+                ),
+            );
+            continue;
+        }
         if let Some(at) = job.timeline.lost_at {
             open.fail(
                 &id.to_string(),
@@ -228,17 +257,17 @@ struct Run {
 }
 
 impl Run {
-    /// Hands the current version to idle online nodes, drawn from the seed, until
-    /// `concurrency` tasks are in flight or no idle node is online.
+    /// Hands the current version to idle online nodes, drawn from the seed, until the
+    /// buffer's concurrency is reached or no idle node is online.
     fn dispatch(
         &mut self,
         fed: &Federation,
         devices: &Devices,
-        concurrency: usize,
+        buffer: &FedBuff,
         open: &mut OpenRound,
     ) {
         let (down, up) = round::transfer_bytes(&self.template.task);
-        while self.jobs.len() < concurrency {
+        while self.jobs.len() < buffer.max_concurrency {
             let idle: Vec<usize> = (0..fed.nodes.len())
                 .filter(|&n| self.may_start(n) && devices.profile(n).online_at(self.clock))
                 .collect();
@@ -251,6 +280,10 @@ impl Run {
             task.seed = mix_seed(fed.settings.seed, ASYNC_STREAM ^ self.dispatched);
             let steps = fed.nodes[node].steps(&task.training);
             let timeline = devices.timeline(node, self.clock, steps, down, up);
+            let expires_at = buffer
+                .task_deadline_s
+                .map(|d| self.clock + d)
+                .filter(|&at| at < timeline.ends_at());
             self.busy[node] = true;
             open.add_downloads(1);
             self.jobs.push(Job {
@@ -258,6 +291,7 @@ impl Run {
                 version: self.version,
                 task,
                 timeline,
+                expires_at,
                 result: None,
             });
         }
@@ -280,8 +314,8 @@ impl Run {
             .jobs
             .iter()
             .enumerate()
-            .min_by(|a, b| a.1.timeline.ends_at().total_cmp(&b.1.timeline.ends_at()))
-            .map(|(i, job)| (i, job.timeline.ends_at()));
+            .min_by(|a, b| a.1.ends_at().total_cmp(&b.1.ends_at()))
+            .map(|(i, job)| (i, job.ends_at()));
         let arriving = (self.jobs.len() < concurrency)
             .then(|| {
                 (0..self.busy.len())
@@ -316,7 +350,7 @@ impl Run {
         job: Job,
     ) -> Result<ferry_core::Update, NodeError> {
         let pending: Vec<usize> = (0..self.jobs.len())
-            .filter(|&i| self.jobs[i].result.is_none() && self.jobs[i].timeline.lost_at.is_none())
+            .filter(|&i| self.jobs[i].result.is_none() && !self.jobs[i].fails())
             .collect();
         let tasks: Vec<(usize, &RoundTask)> = std::iter::once((job.node, &job.task))
             .chain(

@@ -117,6 +117,7 @@ fn buffered(buffer_size: usize, max_concurrency: usize) -> Mode {
         buffer_size,
         max_concurrency,
         staleness: StalenessWeight::Polynomial { a: 0.5 },
+        task_deadline_s: None,
     })
 }
 
@@ -204,6 +205,31 @@ fn a_slow_node_s_update_is_folded_late_with_its_staleness() {
     assert!(stale.max >= 5, "{stale:?}");
     assert!(stale.mean_weight < 1.0, "{stale:?}");
     assert!(arrival.sim_time_s.expect("clock") >= 10.0);
+}
+
+#[test]
+fn an_asynchronous_task_past_its_deadline_is_dropped_and_its_slot_handed_out_again() {
+    let Mode::Buffered(buffer) = buffered(2, 4) else {
+        unreachable!("buffered() makes an asynchronous mode")
+    };
+    let mode = Mode::Buffered(FedBuff {
+        task_deadline_s: Some(5.0),
+        ..buffer
+    });
+    // Node 0 takes 10 s a task: each is dropped at 5 s, and the node is given another.
+    let out = run(settings(30, mode, fleet(4, 10.0), 2), 4);
+    let drops: Vec<_> = out.rounds.iter().flat_map(|r| &r.failed).collect();
+    assert!(drops.len() >= 2, "{drops:?}");
+    for drop in &drops {
+        assert_eq!(drop.node, "0");
+        assert!(drop.reason.contains("task deadline"), "{}", drop.reason);
+    }
+    assert!(
+        out.rounds
+            .iter()
+            .all(|r| !r.contributors.contains(&"0".to_string()))
+    );
+    assert_eq!(out.rounds.len(), 30);
 }
 
 #[test]

@@ -21,8 +21,8 @@ pub const DEFAULT_STEP_S: f64 = 0.05;
 pub struct FleetSettings {
     /// Asynchronous buffered aggregation's settings; `None` for synchronous rounds.
     pub fedbuff: Option<FedBuff>,
-    /// Synchronous rounds on simulated devices: simulated seconds a round waits for its
-    /// cohort.
+    /// On simulated devices, simulated seconds a synchronous round waits for its cohort (an
+    /// asynchronous run bounds each task by it, in `fedbuff`).
     pub round_deadline_s: Option<f64>,
     /// Simulated devices; `None` measures the run in rounds only.
     pub devices: Option<DeviceSettings>,

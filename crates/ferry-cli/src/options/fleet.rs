@@ -43,11 +43,6 @@ impl SimulateArgs {
                 None
             }
             "async" => {
-                check(self.round_deadline.is_none(), || {
-                    "--round-deadline applies to synchronous rounds; asynchronous versions wait \
-                     for nobody"
-                        .into()
-                })?;
                 let buffer_size = self.buffer_size.unwrap_or(10);
                 let cohort = selection::cohort_size(clients, fraction, min_clients);
                 let max_concurrency = self
@@ -61,6 +56,8 @@ impl SimulateArgs {
                     buffer_size,
                     max_concurrency,
                     staleness,
+                    // In asynchronous mode the deadline bounds each task.
+                    task_deadline_s: self.round_deadline,
                 })
             }
             other => bail!("--mode must be sync or async, got '{other}'"),
@@ -148,6 +145,19 @@ mod tests {
         let fedbuff = c.fleet.fedbuff.unwrap();
         assert_eq!((fedbuff.buffer_size, fedbuff.max_concurrency), (10, 20));
         assert_eq!(fedbuff.staleness, StalenessWeight::Polynomial { a: 0.5 });
+        assert_eq!(fedbuff.task_deadline_s, None);
+        let bounded = args(&[
+            "--mode",
+            "async",
+            "--speed",
+            "uniform:1,2",
+            "--round-deadline",
+            "30",
+        ]);
+        assert_eq!(
+            bounded.unwrap().fleet.fedbuff.unwrap().task_deadline_s,
+            Some(30.0)
+        );
         let json = serde_json::to_value(&c).unwrap();
         assert_eq!(json["mode"], "async");
         assert_eq!(json["fedbuff"]["buffer_size"], 10);

@@ -300,9 +300,10 @@ pub struct SimulateArgs {
     /// --availability).
     #[arg(long, value_name = "FILE.csv", help_heading = "Simulated devices")]
     pub trace: Option<PathBuf>,
-    /// Synchronous rounds on simulated devices: simulated seconds a round waits for its
-    /// cohort before dropping the stragglers [default: wait for every node that stays
-    /// online].
+    /// On simulated devices: simulated seconds a synchronous round waits for its cohort
+    /// before dropping the stragglers, or, with --mode async, that a task may take before it
+    /// is dropped and its slot handed to another node (as a deployed server's round-timeout
+    /// does) [default: wait for every node that stays online].
     #[arg(long, value_name = "SECONDS", help_heading = "Simulated devices")]
     #[serde(alias = "round_deadline")]
     pub round_deadline: Option<f64>,

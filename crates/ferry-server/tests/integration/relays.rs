@@ -430,6 +430,7 @@ async fn a_relay_syncing_into_an_asynchronous_run_is_refused_with_the_reason() {
             buffer_size: 2,
             max_concurrency: 2,
             staleness: Default::default(),
+            task_deadline_s: None,
         }),
         ..crate::support::spec(1, 1)
     };
