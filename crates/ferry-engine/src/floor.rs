@@ -28,15 +28,19 @@ impl RoundFloor {
             floor.raise(rule.min_updates(), rule.min_updates_reason());
         }
         if let Some(secure) = secure {
-            let params = secure.params;
-            floor.raise(
-                params.min_participants(),
+            let needed = secure.min_participants();
+            let reason = if secure.automatic_threshold {
                 format!(
-                    "SecAgg+ with threshold {} needs at least {} masked inputs",
-                    params.threshold,
-                    params.min_participants()
-                ),
-            );
+                    "SecAgg+ needs at least {needed} masked inputs (its threshold follows each \
+                     round's cohort)"
+                )
+            } else {
+                format!(
+                    "SecAgg+ with threshold {} needs at least {needed} masked inputs",
+                    secure.params.threshold
+                )
+            };
+            floor.raise(needed, reason);
         }
         floor
     }
@@ -104,6 +108,20 @@ mod tests {
                 .reason
                 .as_deref()
                 .is_some_and(|r| r.contains("threshold 5")),
+            "{floor:?}"
+        );
+        // A threshold that follows each round's cohort serves rounds down to 3 nodes.
+        let automatic = SecureAggregation {
+            automatic_threshold: true,
+            ..secure
+        };
+        let floor = RoundFloor::of(&fedavg(), Some(&automatic));
+        assert_eq!(floor.updates, 3);
+        assert!(
+            floor
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("follows each round's cohort")),
             "{floor:?}"
         );
     }

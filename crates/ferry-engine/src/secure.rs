@@ -80,19 +80,28 @@ impl SecAggSettings {
         params
             .validate(cohort)
             .map_err(|e| EngineError::Settings(format!("{e} (rounds of {cohort} nodes)")))?;
-        SecureAggregation::for_strategy(
+        let secure = SecureAggregation::for_strategy(
             params,
             strategy,
             self.weight_cap.unwrap_or(largest_node.max(1)),
-        )
+        )?;
+        Ok(SecureAggregation {
+            automatic_threshold: self.threshold.is_none(),
+            ..secure
+        })
     }
 }
 
 /// A run's secure aggregation, resolved for its strategy and cohort.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecureAggregation {
-    /// The protocol's parameters, the same for every round.
+    /// The protocol's parameters; with an automatic threshold, each round's threshold is
+    /// taken from that round's cohort ([`SecureAggregation::params_for`]).
     pub params: SecAggParams,
+    /// Whether the threshold follows each round's cohort (a majority of each node's
+    /// neighbourhood in that round) rather than the configured one: the run then keeps
+    /// training as nodes leave for good, down to rounds of 3.
+    pub automatic_threshold: bool,
     /// FedAvg weighting: a node's weight factor is `min(n_i, cap) / cap`; `None` weights
     /// every node 1 (differential privacy's fixed-denominator sum, uniform strategies).
     pub weight_cap: Option<u64>,
@@ -157,8 +166,28 @@ impl SecureAggregation {
         }
         Ok(Self {
             params,
+            automatic_threshold: false,
             weight_cap: (weighting == Weighting::Examples).then_some(weight_cap),
         })
+    }
+
+    /// The protocol's parameters for a round of `cohort` nodes.
+    pub fn params_for(&self, cohort: usize) -> SecAggParams {
+        let mut params = self.params;
+        if self.automatic_threshold {
+            params.threshold = params.majority_threshold(cohort);
+        }
+        params
+    }
+
+    /// The fewest masked inputs a round can be unmasked from: the configured threshold's
+    /// floor, or, with an automatic threshold, that of the smallest cohort it serves (3).
+    pub fn min_participants(&self) -> usize {
+        if self.automatic_threshold {
+            self.params_for(MIN_AUTOMATIC_COHORT).min_participants()
+        } else {
+            self.params.min_participants()
+        }
     }
 
     /// The factor in `[0, 1]` a node with `num_examples` examples folds into its input.
@@ -179,6 +208,10 @@ impl SecureAggregation {
         }
     }
 }
+
+/// The smallest cohort an automatic threshold serves: 2 of each node's 2 neighbours, so a
+/// round needs all 3 masked inputs.
+const MIN_AUTOMATIC_COHORT: usize = 3;
 
 /// The HKDF context that binds a round's keys to the run and the round.
 pub fn round_context(run: &str, round: u32) -> Vec<u8> {
@@ -239,16 +272,17 @@ pub(crate) fn run_round(
     mut node_returned: impl FnMut(),
 ) {
     let selected: Vec<&Arc<dyn NodeHandle>> = plan.selected.iter().map(|&i| &nodes[i]).collect();
+    let params = secure.params_for(selected.len());
     let dim = plan.task.model.num_params();
     let mut clients: Vec<SecAggClient> = selected
         .iter()
         .map(|node| {
             let seed = ferry_core::seed::mix_seed(plan.task.seed, u64::from(node.id()));
-            SecAggClient::new(secure.params, seed_bytes(seed))
+            SecAggClient::new(params, seed_bytes(seed))
         })
         .collect();
     let mut server = SecAggServer::new(
-        secure.params,
+        params,
         round_context("simulation", plan.task.round),
         seed_bytes(plan.task.seed ^ 0x5ec_a66),
         dim,
@@ -301,7 +335,7 @@ pub(crate) fn run_round(
                 let weight = secure.weight_factor(update.num_examples);
                 match clients[i].mask(&inbox, &update.delta, weight) {
                     Ok(masked) => {
-                        traffic.up += wire_bytes::masked(&masked, &secure.params);
+                        traffic.up += wire_bytes::masked(&masked, &params);
                         match server.receive_masked(id, &masked) {
                             Ok(()) => {
                                 open.note_secure_update(
@@ -345,4 +379,37 @@ pub(crate) fn run_round(
 struct Traffic {
     up: u64,
     down: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_core::strategy::{StrategyName, StrategyParams};
+
+    use super::*;
+
+    #[test]
+    fn an_unset_threshold_follows_each_rounds_cohort_and_a_set_one_stays() {
+        let fedavg = Strategy::new(StrategyName::FedAvg, &StrategyParams::default(), 10);
+        let automatic = SecAggSettings::default()
+            .resolve(&fedavg, 10, 100)
+            .expect("resolves");
+        assert!(automatic.automatic_threshold);
+        // Ten nodes: 5 of each node's 9 neighbours, so a round needs 6 masked inputs.
+        assert_eq!(automatic.params_for(10).threshold, 5);
+        // Six nodes: 3 of 5 neighbours; five left: 3 of 4. Either round finishes without
+        // one of its nodes.
+        assert_eq!(automatic.params_for(6).threshold, 3);
+        assert_eq!(automatic.params_for(6).min_participants(), 4);
+        assert_eq!(automatic.params_for(5).min_participants(), 4);
+        assert_eq!(automatic.min_participants(), 3);
+        let fixed = SecAggSettings {
+            threshold: Some(5),
+            ..SecAggSettings::default()
+        }
+        .resolve(&fedavg, 10, 100)
+        .expect("resolves");
+        assert!(!fixed.automatic_threshold);
+        assert_eq!(fixed.params_for(6).threshold, 5);
+        assert_eq!(fixed.min_participants(), 6);
+    }
 }

@@ -94,6 +94,11 @@ pub(crate) struct SecureStages {
 }
 
 impl SecureStages {
+    /// The protocol's parameters in this round (its threshold may follow its cohort).
+    pub(crate) fn params(&self) -> SecAggParams {
+        self.params
+    }
+
     /// The stage the round is in, as operators read it.
     pub(crate) fn stage_name(&self) -> &'static str {
         match self.stage {

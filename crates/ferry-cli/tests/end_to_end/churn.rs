@@ -1,7 +1,8 @@
 //! Deployed runs under churn: a robust (Krum) run and a SecAgg+ run, each at its default
 //! settings, with the server killed with SIGKILL twice mid-run and restarted, and one node
 //! killed while it trains and started again. Every round must still be applied and recorded
-//! exactly once, with the participants it folded.
+//! exactly once, with the participants it folded. And a SecAgg+ run with nothing but
+//! `secagg = true` that loses one of its six nodes for good and finishes on the other five.
 //!
 //! Needs the MNIST subset that `scripts/install-deps.sh` installs.
 
@@ -222,5 +223,63 @@ fn a_secagg_deployment_finishes_every_round_through_server_and_node_kills() {
             "round {}: {r}",
             r["round"]
         );
+    }
+}
+
+#[test]
+fn a_secagg_deployment_with_default_settings_goes_on_after_losing_a_node_for_good() {
+    // `secagg = true` and the default fleet of 10: the threshold follows each round's cohort,
+    // so six nodes, and then five, finish their rounds.
+    const ROUNDS: usize = 8;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let server = TestServer::new(
+        dir,
+        &[],
+        false,
+        &format!(
+            "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nrounds = {ROUNDS}\nsecagg = true\n\
+             round_timeout = 20\nheartbeat = 1\noffline_after = 4\nsecagg-stage-timeout = 8\n"
+        ),
+    );
+    let mut logs = vec![dir.join("server.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..NODES {
+        let log = dir.join(format!("client-{i}.log"));
+        let args = share_client_args(&server, "logreg", NODES, i, 120);
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+    // Rounds start once 3 nodes are online, so the first may hold fewer than six.
+    let all_six = || {
+        history(&server.out).is_some_and(|h| {
+            h["rounds"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["participants"] == NODES))
+        })
+    };
+    wait_for(
+        "a round of all six nodes",
+        Duration::from_secs(120),
+        &logs,
+        all_six,
+    );
+    // One site leaves for good.
+    let gone = processes.0.len() - 1;
+    processes.0[gone].kill().expect("kill -9 a node");
+    let _ = processes.0[gone].wait();
+    let killed_after = rounds_done(&server.out);
+    assert!(
+        killed_after + 1 < ROUNDS,
+        "the run was about to end when the node was lost; give it more rounds"
+    );
+    let server_log = support::server_succeeds(&mut processes, &logs, Duration::from_secs(240));
+    let h = history(&server.out).expect("history.json");
+    let rounds = h["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), ROUNDS, "{server_log}");
+    for r in &rounds[killed_after + 1..] {
+        // Five sites: a round needs 4 masked inputs.
+        let participants = r["participants"].as_u64().expect("participants");
+        assert!((4..NODES as u64).contains(&participants), "{r}");
     }
 }

@@ -322,7 +322,7 @@ impl Coordinator {
             let graph_seed: [u8; 32] = Sha256::digest(crate::auth::new_secret()).into();
             SecureStages::new(
                 plan.task.round,
-                secure.params,
+                secure.params_for(cohort.len()),
                 round_context(&self.run_id, plan.task.round),
                 graph_seed,
                 self.layout.num_params(),
@@ -395,7 +395,12 @@ impl Coordinator {
                 .unwrap_or_else(|| state.model_blob.clone()),
             server_control: state.control_blob.clone(),
             deadline_unix_ms: t.deadline_unix_ms,
-            secagg: self.spec.secure.as_ref().map(|s| (s.params, s.weight_cap)),
+            secagg: self
+                .spec
+                .secure
+                .as_ref()
+                .zip(t.secure.as_ref())
+                .map(|(s, stages)| (stages.params(), s.weight_cap)),
         }
     }
 

@@ -347,6 +347,7 @@ async fn a_secure_round_runs_over_the_protocol_and_starts_again_after_a_restart(
     let secure_spec = || RunSpec {
         secure: Some(SecureAggregation {
             params,
+            automatic_threshold: false,
             weight_cap: Some(10),
         }),
         ..spec(1, 3)
