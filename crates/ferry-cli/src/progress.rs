@@ -197,6 +197,26 @@ pub fn federated_summary(federated: Option<&FederatedEvaluation>) -> String {
     })
 }
 
+/// Prints how evenly the final model serves the sites that scored it, when they did:
+/// `fairness over 20 sites: worst site-3 0.6123, worst 10% (2 sites) 0.6500, mean 0.8012,
+/// spread 0.2100, std 0.0512`.
+pub fn print_fairness(fairness: Option<&ferry_core::fairness::FairnessReport>) {
+    if let Some(f) = fairness {
+        println!(
+            "fairness over {} sites: worst {} {:.4}, worst 10% ({} sites) {:.4}, mean {:.4}, \
+             spread {:.4}, std {:.4}",
+            f.sites,
+            f.worst_site,
+            f.worst_accuracy,
+            f.worst_tenth_sites,
+            f.worst_tenth_accuracy,
+            f.mean_accuracy,
+            f.spread,
+            f.std
+        );
+    }
+}
+
 /// A figure to four decimals, or `-` when it was not measured (NaN).
 pub fn figure(value: f64) -> String {
     if value.is_nan() {

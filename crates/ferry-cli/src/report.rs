@@ -4,7 +4,9 @@
 use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
-use ferry_core::{Model, evaluation::FederatedEvaluation, model::sha256_hex};
+use ferry_core::{
+    Model, evaluation::FederatedEvaluation, fairness::FairnessReport, model::sha256_hex,
+};
 use ferry_engine::{
     federation::{RoundObserver, RunOutcome, StopReason},
     record::RoundRecord,
@@ -38,6 +40,34 @@ pub struct FinalRecord {
     /// evaluated it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federated: Option<FederatedEvaluation>,
+    /// How evenly the final model serves the sites that scored it, from `federated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fairness: Option<FairnessReport>,
+}
+
+impl FinalRecord {
+    /// The final record of a run whose rounds were `rounds` (the last one's figures), whose
+    /// model file has `model_sha256`, and which stopped for `stop` after `wall_s` seconds.
+    pub fn of(
+        rounds: &[RoundRecord],
+        model_sha256: String,
+        stop: StopReason,
+        wall_s: f64,
+    ) -> Result<Self> {
+        let last = rounds.last().context("the run finished no round")?;
+        Ok(Self {
+            accuracy: last.accuracy,
+            loss: last.loss,
+            model_sha256,
+            rounds_run: last.round,
+            stop,
+            wall_s,
+            bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
+            bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
+            federated: last.federated.clone(),
+            fairness: last.federated.as_ref().and_then(FairnessReport::of),
+        })
+    }
 }
 
 /// Everything `history.json` holds, for a run configured by `C` (a simulation or a deployment).
@@ -107,22 +137,11 @@ pub fn write_simulation(
     baselines: Option<&Baselines>,
     attackers: &[u32],
 ) -> Result<FinalRecord> {
-    let last = outcome.rounds.last().context("the run finished no round")?;
     let (model_safetensors, sha) = model_bytes(&outcome.model)?;
     let history = History {
         config,
         rounds: &outcome.rounds,
-        final_record: Some(FinalRecord {
-            accuracy: last.accuracy,
-            loss: last.loss,
-            model_sha256: sha,
-            rounds_run: last.round,
-            stop: outcome.stop,
-            wall_s,
-            bytes_up: outcome.rounds.iter().map(|r| r.bytes_up).sum(),
-            bytes_down: outcome.rounds.iter().map(|r| r.bytes_down).sum(),
-            federated: last.federated.clone(),
-        }),
+        final_record: Some(FinalRecord::of(&outcome.rounds, sha, outcome.stop, wall_s)?),
         baselines,
         attackers,
         failed_rounds: &[],

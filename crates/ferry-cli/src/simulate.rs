@@ -114,6 +114,7 @@ pub fn run(command: SimulateCommand) -> Result<()> {
         human_bytes(f.bytes_down)
     );
     println!("model_sha256 {}", f.model_sha256);
+    progress::print_fairness(f.fairness.as_ref());
     if let Some(b) = &baselines {
         println!(
             "is federated learning worth it here? test accuracy, same {} epochs per node:",
@@ -224,5 +225,6 @@ fn run_own_code(
         progress::figure(f.accuracy),
         out.display()
     );
+    progress::print_fairness(f.fairness.as_ref());
     Ok(())
 }

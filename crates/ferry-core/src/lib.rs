@@ -11,6 +11,7 @@
 //! - [`update_file`]: an update as a safetensors file, read and written without a second copy.
 //! - [`aggregate`]: the streaming [`aggregate::Aggregator`] interface and FedAvg.
 //! - [`evaluation`]: federated evaluation (nodes' scores on their held-out data, combined).
+//! - [`fairness`]: how evenly a model serves the sites (worst site, worst tenth, spread).
 //! - [`personal`]: personalisation by name (tensors that stay on each node, as in FedBN).
 //! - [`privacy`]: client-level differential privacy (clipping, noise, RDP accountant).
 //! - [`robust`]: robust aggregation (median, trimmed mean, Krum, Multi-Krum, Bulyan, norm
@@ -34,6 +35,7 @@ pub mod download;
 pub mod dtype;
 pub mod error;
 pub mod evaluation;
+pub mod fairness;
 pub mod model;
 pub mod partial;
 pub mod personal;

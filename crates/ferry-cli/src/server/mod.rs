@@ -262,19 +262,14 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let history = History {
         config: &setup.config,
         rounds: &rounds,
-        final_record: Some(FinalRecord {
-            accuracy: last.accuracy,
-            loss: last.loss,
-            model_sha256: sha.clone(),
-            rounds_run: last.round,
+        final_record: Some(FinalRecord::of(
+            &rounds,
+            sha.clone(),
             // The coordinator ends runs with the stop reasons' names.
-            stop: serde_json::from_value(serde_json::Value::String(reason.clone()))
+            serde_json::from_value(serde_json::Value::String(reason.clone()))
                 .unwrap_or(StopReason::RoundsCompleted),
-            wall_s: started.elapsed().as_secs_f64(),
-            bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
-            bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
-            federated: last.federated.clone(),
-        }),
+            started.elapsed().as_secs_f64(),
+        )?),
         baselines: None,
         attackers: &[],
         failed_rounds: &failed,
@@ -291,6 +286,12 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         figure(last.loss),
         federated_summary(last.federated.as_ref()),
         setup.file.out.display()
+    );
+    crate::progress::print_fairness(
+        history
+            .final_record
+            .as_ref()
+            .and_then(|f| f.fairness.as_ref()),
     );
     Ok(())
 }
