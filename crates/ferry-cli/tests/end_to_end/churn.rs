@@ -216,10 +216,11 @@ fn a_secagg_deployment_finishes_every_round_through_server_and_node_kills() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let Churned { rounds, .. } = churned_run(tmp.path(), "secagg = true\n");
     for r in &rounds {
-        // Six nodes: the default threshold is 3 of 5 neighbours; a sum needs 4 masked inputs.
+        // The default threshold follows each round's cohort: a round of 3 needs all 3 masked
+        // inputs, one of six 4 (3 of 5 neighbours).
         let participants = r["participants"].as_u64().expect("participants");
         assert!(
-            (4..=NODES as u64).contains(&participants),
+            (3..=NODES as u64).contains(&participants),
             "round {}: {r}",
             r["round"]
         );
@@ -229,7 +230,7 @@ fn a_secagg_deployment_finishes_every_round_through_server_and_node_kills() {
 #[test]
 fn a_secagg_deployment_with_default_settings_goes_on_after_losing_a_node_for_good() {
     // `secagg = true` and the default fleet of 10: the threshold follows each round's cohort,
-    // so six nodes, and then five, finish their rounds.
+    // so rounds of the six nodes, and then of the five left, finish.
     const ROUNDS: usize = 8;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
@@ -250,24 +251,22 @@ fn a_secagg_deployment_with_default_settings_goes_on_after_losing_a_node_for_goo
         processes.0.push(spawn_logged(&args, &log));
         logs.push(log);
     }
-    // Rounds start once 3 nodes are online, so the first may hold fewer than six.
-    let all_six = || {
-        history(&server.out).is_some_and(|h| {
-            h["rounds"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r["participants"] == NODES))
-        })
+    // Rounds start once 3 nodes are online. The node that will leave takes part first.
+    let victim_log = logs[NODES].clone();
+    let delivered = || {
+        let log = fs::read_to_string(&victim_log).unwrap_or_default();
+        !rounds_saying(&log, ": update delivered").is_empty()
     };
     wait_for(
-        "a round of all six nodes",
+        "the last node's first update",
         Duration::from_secs(120),
         &logs,
-        all_six,
+        delivered,
     );
-    // One site leaves for good.
-    let gone = processes.0.len() - 1;
-    processes.0[gone].kill().expect("kill -9 a node");
-    let _ = processes.0[gone].wait();
+    let victim = node_id(&fs::read_to_string(&victim_log).expect("log")).expect("enrolled");
+    // It leaves for good.
+    processes.0[NODES].kill().expect("kill -9 a node");
+    let _ = processes.0[NODES].wait();
     let killed_after = rounds_done(&server.out);
     assert!(
         killed_after + 1 < ROUNDS,
@@ -277,9 +276,17 @@ fn a_secagg_deployment_with_default_settings_goes_on_after_losing_a_node_for_goo
     let h = history(&server.out).expect("history.json");
     let rounds = h["rounds"].as_array().expect("rounds");
     assert_eq!(rounds.len(), ROUNDS, "{server_log}");
+    assert!(
+        rounds.iter().any(|r| r["contributors"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c == victim.as_str()))),
+        "the lost node took part before it left: {rounds:?}"
+    );
+    // Every round after the one it was lost in finishes on the other five, or fewer.
     for r in &rounds[killed_after + 1..] {
-        // Five sites: a round needs 4 masked inputs.
         let participants = r["participants"].as_u64().expect("participants");
-        assert!((4..NODES as u64).contains(&participants), "{r}");
+        assert!((3..NODES as u64).contains(&participants), "{r}");
+        let contributors = r["contributors"].as_array().expect("contributors");
+        assert!(!contributors.iter().any(|c| c == victim.as_str()), "{r}");
     }
 }

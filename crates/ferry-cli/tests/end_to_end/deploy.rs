@@ -311,11 +311,18 @@ fn exec_and_builtin_trainers_learn_together_over_mutual_tls() {
         .filter_map(|a| a.as_f64())
         .fold(f64::INFINITY, f64::min);
     assert_eq!(fairness["sites"], 3, "{fairness}");
-    assert_eq!(fairness["worst_accuracy"].as_f64(), Some(worst), "{fairness}");
+    assert_eq!(
+        fairness["worst_accuracy"].as_f64(),
+        Some(worst),
+        "{fairness}"
+    );
     assert_eq!(fairness["worst_tenth_sites"], 1, "{fairness}");
     let server_says = fs::read_to_string(&logs[0]).expect("server log");
     assert!(server_says.contains("federated accuracy"), "{server_says}");
-    assert!(server_says.contains("fairness over 3 sites"), "{server_says}");
+    assert!(
+        server_says.contains("fairness over 3 sites"),
+        "{server_says}"
+    );
 }
 
 #[test]
