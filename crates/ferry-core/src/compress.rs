@@ -82,21 +82,6 @@ impl Compression {
         }
     }
 
-    /// The model values a node receives: rounded to half precision where downloads are
-    /// compressed; `None` where they travel as they are.
-    pub fn downloaded(self, values: &[f32]) -> Option<Vec<f32>> {
-        if !self.compresses_downloads() {
-            return None;
-        }
-        let mut bytes = Vec::new();
-        self.value_dtype().encode_into(values, &mut bytes);
-        let mut rounded = Vec::with_capacity(values.len());
-        self.value_dtype()
-            .decode_into("model", &bytes, &mut rounded)
-            .ok()?;
-        Some(rounded)
-    }
-
     /// The dtype each value travels in, for the encodings that keep every value (f32 for
     /// int8 and top-k, which never ask).
     fn value_dtype(self) -> TensorDtype {

@@ -31,22 +31,30 @@ pub fn write_rounded(
         .layout()
         .specs()
         .iter()
-        .filter(|spec| rounds(spec.dtype))
+        .filter(|spec| travel(spec.dtype, half) != spec.dtype)
         .map(|spec| (spec.name.as_str(), name(spec.dtype)))
         .collect();
     let json =
         serde_json::to_string(&rounded).map_err(|e| CoreError::Safetensors(e.to_string()))?;
     let metadata = HashMap::from([(ROUNDED.to_string(), json)]);
-    model.write_as(
-        out,
-        &|spec| if rounds(spec.dtype) { half } else { spec.dtype },
-        Some(metadata),
-    )
+    model.write_as(out, &|spec| travel(spec.dtype, half), Some(metadata))
 }
 
-/// Whether a tensor of `dtype` is rounded for the download.
-fn rounds(dtype: TensorDtype) -> bool {
-    dtype.size() > 2
+/// `model` as a node reads it back from its download copy: each tensor's values rounded to
+/// the dtype it travels in. Simulation trains its virtual nodes from this, so that they start
+/// where deployed nodes do.
+pub fn as_downloaded(model: &Model, half: TensorDtype) -> Model {
+    let mut received = model.clone();
+    for (spec, range) in model.layout().entries() {
+        travel(spec.dtype, half).round(&mut received.values_mut()[range]);
+    }
+    received
+}
+
+/// The dtype a tensor of `dtype` travels in: `half` where it is wider than 2 bytes a value,
+/// its own otherwise.
+fn travel(dtype: TensorDtype, half: TensorDtype) -> TensorDtype {
+    if dtype.size() > 2 { half } else { dtype }
 }
 
 fn name(dtype: TensorDtype) -> &'static str {
@@ -123,6 +131,8 @@ mod tests {
                 .expect("decode");
             assert_eq!(back.values(), expected.as_slice());
             assert_ne!(back.values()[0], 0.1, "0.1 is not exact in half precision");
+            // Simulation's virtual nodes start from the same values.
+            assert_eq!(as_downloaded(&model, half), back, "{half:?}");
         }
     }
 

@@ -77,6 +77,20 @@ impl TensorDtype {
         }
     }
 
+    /// Rounds `values` in place to what this dtype holds (to nearest; f32 and f64 hold every
+    /// f32 value).
+    pub fn round(self, values: &mut [f32]) {
+        match self {
+            Self::F32 | Self::F64 => {}
+            Self::F16 => values
+                .iter_mut()
+                .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+            Self::Bf16 => values
+                .iter_mut()
+                .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        }
+    }
+
     /// Bytes per value in a file.
     pub fn size(self) -> usize {
         match self {

@@ -56,10 +56,8 @@ impl RoundPlan {
     /// receive it where the compression covers downloads (the server keeps its own
     /// full-precision model and applies the nodes' changes to it).
     pub fn compressed(mut self, compress: Compression) -> Self {
-        if let Some(values) = compress.downloaded(self.task.model.values()) {
-            let mut model = Model::clone(&self.task.model);
-            model.values_mut().copy_from_slice(&values);
-            self.task.model = Arc::new(model);
+        if let Some(half) = compress.download_dtype() {
+            self.task.model = Arc::new(ferry_core::download::as_downloaded(&self.task.model, half));
         }
         self.task.compress = compress;
         self
