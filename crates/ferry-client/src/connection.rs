@@ -131,15 +131,9 @@ impl StoredCredential {
 
     /// Saves the credential in `state_dir` (written to a temporary file, then renamed).
     pub fn save(&self, state_dir: &Path) -> Result<(), ClientError> {
-        let io = |context: String| move |source| ClientError::Io { context, source };
-        std::fs::create_dir_all(state_dir)
-            .map_err(io(format!("creating {}", state_dir.display())))?;
-        let path = Self::path(state_dir);
-        let tmp = path.with_extension("json.tmp");
         let text =
             serde_json::to_string_pretty(self).map_err(|e| ClientError::Settings(e.to_string()))?;
-        std::fs::write(&tmp, text).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))
+        crate::state_file::replace(&Self::path(state_dir), text.as_bytes())
     }
 
     /// Attaches the credential to a request.
@@ -181,13 +175,10 @@ pub fn enrolment_secret(state_dir: &Path) -> Result<String, ClientError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
     }
-    std::fs::create_dir_all(state_dir).map_err(io(format!("creating {}", state_dir.display())))?;
     let mut bytes = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     let secret = ferry_core::model::hex(&bytes);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &secret).map_err(io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(io(format!("writing {}", path.display())))?;
+    crate::state_file::replace(&path, secret.as_bytes())?;
     Ok(secret)
 }
 

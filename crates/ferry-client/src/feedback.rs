@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use ferry_core::{ModelLayout, Update, compress::Compression, update_file::EncodedUpdate};
+use ferry_core::{
+    ModelLayout, TensorDtype, Update, compress::Compression, update_file::EncodedUpdate,
+};
 
 use crate::ClientError;
 
@@ -48,11 +50,12 @@ impl Compressor {
             .as_deref()
             .and_then(|p| std::fs::read(p).ok())
             .filter(|bytes| bytes.len() == 4 * num_params)
-            .map(|bytes| {
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect()
+            .and_then(|bytes| {
+                let mut values = Vec::with_capacity(num_params);
+                TensorDtype::F32
+                    .decode_into("residual", &bytes, &mut values)
+                    .ok()
+                    .map(|()| values)
             })
             .unwrap_or_default();
         Ok(Self {
@@ -96,21 +99,10 @@ impl Compressor {
     }
 
     fn save(&self, values: &[f32]) -> Result<(), ClientError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        let io = |context: String| move |source| ClientError::Io { context, source };
-        let dir = path.parent().unwrap_or(path);
-        std::fs::create_dir_all(dir).map_err(io(format!(
-            "cannot create {} for the compression's residual; check the state folder's \
-             permissions",
-            dir.display()
-        )))?;
-        let temporary = path.with_extension("partial");
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        std::fs::write(&temporary, bytes)
-            .map_err(io(format!("cannot write {}", temporary.display())))?;
-        std::fs::rename(&temporary, path).map_err(io(format!("cannot replace {}", path.display())))
+        match &self.path {
+            Some(path) => crate::state_file::replace(path, &TensorDtype::F32.encode(values)),
+            None => Ok(()),
+        }
     }
 }
 

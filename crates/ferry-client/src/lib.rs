@@ -23,6 +23,7 @@ pub mod failover;
 pub mod feedback;
 mod link;
 mod secure;
+mod state_file;
 pub mod transfer;
 
 pub use error::ClientError;

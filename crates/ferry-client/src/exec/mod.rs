@@ -119,15 +119,12 @@ impl RoundFiles {
             .collect();
         let bytes = personal::save(&own).map_err(|e| e.to_string())?;
         let file = self.own_tensors_file();
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, &file))
-            .map_err(|e| {
-                format!(
-                    "cannot keep the node's personal tensors in {}: {e}",
-                    file.display()
-                )
-            })
+        crate::state_file::replace(&file, &bytes).map_err(|e| {
+            format!(
+                "cannot keep the node's personal tensors in {}: {e}",
+                file.display()
+            )
+        })
     }
 
     /// Writes `model` and the task to `dir`; returns the path of `task.json`.
