@@ -243,14 +243,7 @@ fn a_secagg_deployment_with_default_settings_goes_on_after_losing_a_node_for_goo
              round_timeout = 20\nheartbeat = 1\noffline_after = 4\nsecagg-stage-timeout = 8\n"
         ),
     );
-    let mut logs = vec![dir.join("server.log")];
-    let mut processes = Killer(vec![server.spawn(&logs[0])]);
-    for i in 0..NODES {
-        let log = dir.join(format!("client-{i}.log"));
-        let args = share_client_args(&server, "logreg", NODES, i, 120);
-        processes.0.push(spawn_logged(&args, &log));
-        logs.push(log);
-    }
+    let (mut processes, logs) = support::start_share_fleet(&server, "logreg", NODES, 120);
     // Rounds start once 3 nodes are online. The node that will leave takes part first.
     let victim_log = logs[NODES].clone();
     let delivered = || {

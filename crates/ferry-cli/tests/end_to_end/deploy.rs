@@ -15,8 +15,8 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    Killer, TestServer, client_args, history, http_get, rounds_done, run_ok, share_client_args,
-    spawn_logged, wait_for, write_csv,
+    Killer, TestServer, client_args, history, http_get, rounds_done, run_ok, spawn_logged,
+    wait_for, write_csv,
 };
 
 const ROUNDS: usize = 6;
@@ -37,7 +37,7 @@ fn deployed_run_survives_a_lost_client_and_a_killed_server() {
         ),
     );
     let out = server.out.clone();
-    let (mut processes, mut logs) = start_fleet(&server, "lenet", 120);
+    let (mut processes, mut logs) = support::start_share_fleet(&server, "lenet", CLIENTS, 120);
 
     // A client dies for good while it trains for round 2.
     let victim_log = logs[CLIENTS].clone();
@@ -364,32 +364,6 @@ fn demo_runs_a_whole_deployment_and_stops_everything() {
     }
 }
 
-/// Starts `server` and `CLIENTS` built-in-trainer clients on IID shares of the MNIST subset,
-/// each with its own token; returns the processes (server first) and their logs.
-fn start_fleet(server: &TestServer, model: &str, give_up_s: u32) -> (Killer, Vec<PathBuf>) {
-    let mut logs = vec![server.dir.join("server-1.log")];
-    let mut processes = Killer(vec![server.spawn(&logs[0])]);
-    spawn_clients(server, model, give_up_s, &mut processes, &mut logs);
-    (processes, logs)
-}
-
-/// Starts `CLIENTS` built-in clients, each with its share of the MNIST subset.
-fn spawn_clients(
-    server: &TestServer,
-    model: &str,
-    give_up_s: u32,
-    processes: &mut Killer,
-    logs: &mut Vec<PathBuf>,
-) {
-    let dir = &server.dir;
-    for i in 0..CLIENTS {
-        let log = dir.join(format!("client-{i}.log"));
-        let args = share_client_args(server, model, CLIENTS, i, give_up_s);
-        processes.0.push(spawn_logged(&args, &log));
-        logs.push(log);
-    }
-}
-
 /// Runs a `CLIENTS`-node logistic-regression deployment on the MNIST subset, with `run` added
 /// to its `[run]` section, until the server exits; returns the server, the processes (the
 /// clients may still be stopping) and their logs.
@@ -403,7 +377,7 @@ fn run_logreg_fleet(dir: &Path, run: &str) -> (TestServer, Killer, Vec<PathBuf>)
              min_clients = {CLIENTS}\nround_timeout = 60\n{run}"
         ),
     );
-    let (mut processes, logs) = start_fleet(&server, "logreg", 60);
+    let (mut processes, logs) = support::start_share_fleet(&server, "logreg", CLIENTS, 60);
     wait_for(
         "the server to finish",
         Duration::from_secs(240),
@@ -514,7 +488,7 @@ fn a_secure_deployment_survives_a_client_killed_between_stages() {
         &logs,
         || fs::read_to_string(&victim_log).is_ok_and(|log| log.contains("enrolled")),
     );
-    spawn_clients(&server, "logreg", 60, &mut processes, &mut logs);
+    support::spawn_share_clients(&server, "logreg", CLIENTS, 60, &mut processes, &mut logs);
     let mut victim_round = 0;
     wait_for(
         "the victim to train",

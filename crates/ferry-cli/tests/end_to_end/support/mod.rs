@@ -368,6 +368,39 @@ pub fn share_args(model: &str, nodes: usize, index: usize, give_up_s: u32) -> Ve
     .to_vec()
 }
 
+/// Starts `server` (logging to `server-1.log`) and `nodes` built-in-trainer clients on IID
+/// shares of the MNIST subset, each with its own token; returns the processes (server first)
+/// and their logs.
+pub fn start_share_fleet(
+    server: &TestServer,
+    model: &str,
+    nodes: usize,
+    give_up_s: u32,
+) -> (Killer, Vec<PathBuf>) {
+    let mut logs = vec![server.dir.join("server-1.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    spawn_share_clients(server, model, nodes, give_up_s, &mut processes, &mut logs);
+    (processes, logs)
+}
+
+/// Starts `nodes` built-in clients (`client-<i>.log`), each with its share of the MNIST
+/// subset, adding them to `processes` and `logs`.
+pub fn spawn_share_clients(
+    server: &TestServer,
+    model: &str,
+    nodes: usize,
+    give_up_s: u32,
+    processes: &mut Killer,
+    logs: &mut Vec<PathBuf>,
+) {
+    for i in 0..nodes {
+        let log = server.dir.join(format!("client-{i}.log"));
+        let args = share_client_args(server, model, nodes, i, give_up_s);
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
+}
+
 /// Runs `server` expecting it to refuse its configuration at start; returns what it said.
 pub fn refused_at_start(server: &TestServer) -> String {
     let out = ferry().args(server.args()).output().expect("server runs");
