@@ -17,11 +17,13 @@ use ferry_client::{
 use ferry_core::{Update, evaluation::NodeEvaluation, wire};
 use ferry_ml::{
     client::{ClientTask, train_update},
-    data::{Dataset, DatasetKind, partition::Partitioner},
+    data::{Dataset, DatasetKind},
     models::ModelKind,
     params,
     train::{self, LocalData},
 };
+
+use crate::node_share::NodeShare;
 
 /// Options of `ferry client`.
 #[derive(Args, Debug)]
@@ -55,18 +57,9 @@ pub struct ClientArgs {
     /// Model the server trains: lenet, cnn, mlp or logreg.
     #[arg(long, default_value = "lenet")]
     pub model: String,
-    /// Take one share of the dataset, split like `ferry simulate` does: iid, dirichlet:B, ...
-    #[arg(long, default_value = "iid")]
-    pub partition: String,
-    /// Number of shares the dataset is split into.
-    #[arg(long, default_value_t = 10)]
-    pub num_partitions: usize,
-    /// This node's share, from 0; without it the node trains on the whole training split.
-    #[arg(long)]
-    pub partition_index: Option<usize>,
-    /// Seed of the split (the same on every node).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// The node's share of the dataset.
+    #[command(flatten)]
+    pub share: NodeShare,
     /// Train with this command instead of the built-in models, for example "python3 train.py"
     /// (see docs/exec-trainer.md); it gets the round's task.json path as its last argument.
     #[arg(long, value_name = "COMMAND")]
@@ -200,26 +193,11 @@ fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
     let model: ModelKind = args.model.parse()?;
     let splits = kind.load(args.data_dir.as_deref())?;
     let (data, held_out) = (splits.train, splits.test);
-    let share = |labels: &[u8]| -> Result<(Vec<usize>, f32)> {
-        Ok(match args.partition_index {
-            Some(index) => {
-                anyhow::ensure!(
-                    index < args.num_partitions,
-                    "--partition-index {index} must be below --num-partitions {}",
-                    args.num_partitions
-                );
-                let partitioner: Partitioner = args.partition.parse()?;
-                let mut split = partitioner.split(labels, args.num_partitions, args.seed)?;
-                (split.parts.swap_remove(index), split.noise_std[index])
-            }
-            None => ((0..labels.len()).collect(), 0.0),
-        })
-    };
-    let (indices, noise_std) = share(&data.labels)?;
+    let (indices, noise_std) = args.share.indices(&data.labels)?;
     let held_out_indices = if held_out.is_empty() {
         Vec::new()
     } else {
-        share(&held_out.labels)?.0
+        args.share.indices(&held_out.labels)?.0
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
@@ -290,7 +268,7 @@ pub fn run(args: ClientArgs) -> Result<()> {
         },
         token: args.token.clone(),
         state_dir: args.state_dir.clone(),
-        seed_stream: args.partition_index.unwrap_or(0) as u64,
+        seed_stream: args.share.partition_index.unwrap_or(0) as u64,
         max_backoff: Duration::from_secs(10),
         give_up_after: Duration::from_secs_f64(args.give_up_after),
     };

@@ -14,6 +14,8 @@ use ferry_ml::{
 };
 use serde_json::json;
 
+use crate::node_share::NodeShare;
+
 /// Options of `ferry evaluate`.
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
@@ -27,6 +29,17 @@ pub struct EvaluateArgs {
     /// Folder holding the dataset files (searched before $FERRY_DATA and /usr/share/datasets).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Score on one deployed node's held-out data instead of the whole test set: its share
+    /// of the test split, given by the flags that node was started with.
+    #[command(flatten)]
+    share: NodeShare,
+    /// Score on a site of a finished simulation instead: the output folder of the run ...
+    #[arg(long, value_name = "RUN_DIR", requires = "site")]
+    run: Option<PathBuf>,
+    /// ... and the site (virtual node id) whose held-out examples score the model, as its
+    /// cross-site matrix names it.
+    #[arg(long, requires = "run")]
+    site: Option<u32>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -43,9 +56,20 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         )
     })?;
     let kind = params::kind_of(&model)?;
-    let dataset: DatasetKind = args.dataset.parse()?;
-    let test = dataset.load(args.data_dir.as_deref())?.test;
-    let evaluation = train::evaluate(kind, &model, &test, &[], 0)?;
+    let (evaluation, dataset, scored) = match (&args.run, args.site) {
+        (Some(run), Some(site)) => on_simulated_site(&model, run, site)?,
+        _ => {
+            let dataset: DatasetKind = args.dataset.parse()?;
+            let test = dataset.load(args.data_dir.as_deref())?.test;
+            let (indices, noise) = args.share.indices(&test.labels)?;
+            let scored = match args.share.partition_index {
+                Some(i) => format!("share {i} of the {dataset} test set"),
+                None => format!("the {dataset} test set"),
+            };
+            let evaluation = train::evaluate_examples(kind, &model, &test, &indices, &[noise], 0)?;
+            (evaluation, dataset, scored)
+        }
+    };
     let sha256 = ferry_core::model::sha256_hex(&bytes);
     let names = dataset.class_names();
     if args.json {
@@ -56,7 +80,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{} ({} parameters, sha256 {sha256}) on the {dataset} test set ({} images)",
+        "{} ({} parameters, sha256 {sha256}) on {scored} ({} images)",
         kind,
         model.num_params(),
         evaluation.examples
@@ -87,6 +111,29 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `model` scored on the held-out examples of `site` in the finished simulation in `run`,
+/// exactly as its cross-site matrix scored it.
+fn on_simulated_site(
+    model: &Model,
+    run: &std::path::Path,
+    site: u32,
+) -> Result<(Evaluation, DatasetKind, String)> {
+    let sim = crate::cross_site::simulation_of(run, None)?;
+    let node = sim
+        .nodes()
+        .get(site as usize)
+        .with_context(|| format!("the run has {} sites, numbered from 0", sim.nodes().len()))?;
+    let seed = ferry_sim::cross_site::scoring_seed(sim.config().seed);
+    let evaluation = node
+        .score_held_out(model, seed)
+        .context("the site holds no examples out of training")??;
+    Ok((
+        evaluation,
+        sim.config().dataset,
+        format!("site {site}'s held-out examples in {}", run.display()),
+    ))
 }
 
 /// The evaluation as one JSON object: totals, then per class its accuracy, example count and

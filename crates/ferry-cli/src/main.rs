@@ -5,10 +5,12 @@ mod bench;
 mod certs;
 mod chart;
 mod client;
+mod cross_site;
 mod dashboard;
 mod demo;
 mod evaluate;
 mod folder_split;
+mod node_share;
 mod options;
 mod own_code;
 mod privacy;
@@ -36,6 +38,8 @@ enum Command {
     Simulate(Box<simulate::SimulateCommand>),
     /// Score a saved model on a dataset's test set, overall and class by class.
     Evaluate(evaluate::EvaluateArgs),
+    /// The cross-site validation matrix of a finished run: which model works on which site.
+    CrossSite(cross_site::CrossSiteArgs),
     /// Run a whole deployment on this machine: TLS server, client processes, fresh credentials.
     Demo(demo::DemoArgs),
     /// Coordinate a deployed federation: nodes on other machines dial in over gRPC + TLS.
@@ -76,6 +80,7 @@ fn main() {
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(*args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::CrossSite(args) => cross_site::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Server(args) => server::run(args),
         Command::Client(args) => client::run(*args),

@@ -217,6 +217,19 @@ pub fn print_fairness(fairness: Option<&ferry_core::fairness::FairnessReport>) {
     }
 }
 
+/// One line on what the sites gain over training alone, for example
+/// `gain over training alone on each site's held-out data: mean +0.1520, least 7 -0.0300 (1 of
+/// 10 sites worse off)`; nothing without baselines' per-site figures.
+pub fn print_local_gain(gain: Option<&ferry_core::fairness::LocalGain>) {
+    if let Some(g) = gain {
+        println!(
+            "gain over training alone on each site's held-out data: mean {:+.4}, least {} \
+             {:+.4} ({} of {} sites worse off)",
+            g.mean_gain, g.worst_site, g.worst_gain, g.sites_worse_off, g.sites
+        );
+    }
+}
+
 /// A figure to four decimals, or `-` when it was not measured (NaN).
 pub fn figure(value: f64) -> String {
     if value.is_nan() {

@@ -5,7 +5,11 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
 use ferry_core::{
-    Model, evaluation::FederatedEvaluation, fairness::FairnessReport, model::sha256_hex,
+    Model,
+    cross_site::{CrossSiteMatrix, CrossSiteModels},
+    evaluation::FederatedEvaluation,
+    fairness::{FairnessReport, LocalGain},
+    model::sha256_hex,
 };
 use ferry_engine::{
     federation::{RoundObserver, RunOutcome, StopReason},
@@ -43,6 +47,13 @@ pub struct FinalRecord {
     /// How evenly the final model serves the sites that scored it, from `federated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fairness: Option<FairnessReport>,
+    /// Each site's gain from the federation over training alone (simulations with
+    /// `--baselines` and federated evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gain_over_local: Option<LocalGain>,
+    /// The cross-site validation matrix, when the run asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_site: Option<CrossSiteMatrix>,
 }
 
 impl FinalRecord {
@@ -66,7 +77,21 @@ impl FinalRecord {
             bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
             federated: last.federated.clone(),
             fairness: last.federated.as_ref().and_then(FairnessReport::of),
+            gain_over_local: None,
+            cross_site: None,
         })
+    }
+
+    /// Sets the cross-site matrix, when the run asked for one, to its global row: the final
+    /// federated evaluation, in which every site scored the final model.
+    pub fn with_global_matrix(mut self, asked: Option<CrossSiteModels>) -> Self {
+        if asked.is_some() {
+            self.cross_site = self
+                .federated
+                .as_ref()
+                .and_then(CrossSiteMatrix::of_evaluation);
+        }
+        self
     }
 }
 
@@ -106,7 +131,8 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot create output folder {}", dir.display()))
 }
 
-fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` as `dir/name` whole: beside it first, then renamed into place.
+pub(crate) fn put(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
     // Write beside the target and rename, so a reader never sees half a file.
     let partial = dir.join(format!(".{name}.partial"));
@@ -127,21 +153,33 @@ pub fn write_history<C: Serialize>(dir: &Path, history: &History<'_, C>) -> Resu
 }
 
 /// Writes a finished simulated run's outputs into `dir`: the final model, the history with its
-/// final record (and `baselines`, when they were trained) and the chart; returns the final
-/// record.
+/// final record (with `baselines` and the `cross_site` matrix, when they were computed; else
+/// the matrix's global row from the final evaluation, when the run asked for one) and the
+/// chart; returns the final record.
 pub fn write_simulation(
     dir: &Path,
     config: &SimConfig,
     outcome: &RunOutcome,
     wall_s: f64,
     baselines: Option<&Baselines>,
+    cross_site: Option<CrossSiteMatrix>,
     attackers: &[u32],
 ) -> Result<FinalRecord> {
     let (model_safetensors, sha) = model_bytes(&outcome.model)?;
+    let mut final_record = FinalRecord::of(&outcome.rounds, sha, outcome.stop, wall_s)?
+        .with_global_matrix(config.cross_site);
+    if cross_site.is_some() {
+        final_record.cross_site = cross_site;
+    }
+    final_record.gain_over_local = final_record
+        .federated
+        .as_ref()
+        .zip(baselines)
+        .and_then(|(f, b)| LocalGain::of(&f.node_accuracy, &b.local_site_accuracies));
     let history = History {
         config,
         rounds: &outcome.rounds,
-        final_record: Some(FinalRecord::of(&outcome.rounds, sha, outcome.stop, wall_s)?),
+        final_record: Some(final_record),
         baselines,
         attackers,
         failed_rounds: &[],
@@ -302,6 +340,7 @@ mod tests {
             attack: None,
             secagg: None,
             fleet: Default::default(),
+            cross_site: None,
         }
     }
 

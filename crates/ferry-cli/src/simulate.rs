@@ -9,6 +9,7 @@ use ferry_sim::{SimConfig, Simulation, baselines};
 
 use crate::{
     client::TrainerMode,
+    cross_site,
     dashboard::{self, LiveObserver},
     folder_split,
     options::SimulateArgs,
@@ -52,6 +53,8 @@ pub fn run(command: SimulateCommand) -> Result<()> {
         config.seed
     );
     report::prepare_dir(&out)?;
+    let settings = toml::to_string(&args).context("describing the run's settings")?;
+    report::put(&out, cross_site::RUN_SETTINGS, settings.as_bytes())?;
     let sim = Simulation::prepare(config.clone())?;
     let classes = sim.node_classes();
     let sizes: Vec<usize> = classes.iter().map(|c| c.iter().sum()).collect();
@@ -93,12 +96,17 @@ pub fn run(command: SimulateCommand) -> Result<()> {
     } else {
         None
     };
+    let matrix = config
+        .cross_site
+        .map(|models| cross_site::for_simulation(&sim, &outcome.model, models, &out))
+        .transpose()?;
     let f = report::write_simulation(
         &out,
         &config,
         &outcome,
         wall_s,
         baselines.as_ref(),
+        matrix,
         sim.attackers(),
     )?;
     let best = outcome.best_accuracy();
@@ -125,6 +133,7 @@ pub fn run(command: SimulateCommand) -> Result<()> {
         println!("  local only, mean node   {:.4}", b.local_mean_accuracy);
         println!("  local only, worst node  {:.4}", b.local_worst_accuracy);
     }
+    progress::print_local_gain(f.gain_over_local.as_ref());
     println!("outputs in {}", out.display());
     Ok(())
 }
@@ -170,6 +179,12 @@ fn run_own_code(
         );
     }
     let mut config = args.resolve()?;
+    if config.cross_site == Some(ferry_core::cross_site::CrossSiteModels::Local) {
+        anyhow::bail!(
+            "--cross-site local is not available with --trainer-cmd yet: sites' own models are \
+             fine-tuned and exchanged by built-in virtual nodes only; use --cross-site global"
+        );
+    }
     let out = args.out_dir();
     report::prepare_dir(&out)?;
     let folders = match (folders, args.clients) {
@@ -214,6 +229,7 @@ fn run_own_code(
         &config,
         &outcome,
         started.elapsed().as_secs_f64(),
+        None,
         None,
         &[],
     )?;

@@ -184,6 +184,7 @@ fn procedure(task: &Task) -> Result<ClientProcedure, String> {
         Ok(Procedure::Proximal) => Ok(ClientProcedure::Proximal { mu: task.mu }),
         Ok(Procedure::Scaffold) => Ok(ClientProcedure::Scaffold),
         Ok(Procedure::Normalized) => Ok(ClientProcedure::Normalized),
+        Ok(Procedure::LossReporting) => Ok(ClientProcedure::LossReporting),
         _ => Err(format!(
             "unknown client procedure {}; upgrade this node",
             task.procedure

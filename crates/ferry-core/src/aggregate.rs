@@ -339,9 +339,6 @@ impl Aggregator for WeightedMean {
     }
 
     fn finish(self: Box<Self>) -> Result<Aggregate, CoreError> {
-        if self.accepted == 0 {
-            return Err(CoreError::NoUpdates);
-        }
         let divisor = match self.weighting {
             Weighting::Examples | Weighting::Uniform => self.weight_sum,
             // sum_i p_i d_i * sum_i p_i a_i, with p_i = n_i / N and d_i = delta_i / a_i.
@@ -349,13 +346,30 @@ impl Aggregator for WeightedMean {
                 self.examples as f64 * self.examples as f64 / self.normalizer_sum
             }
         };
-        let mut delta = self.sum;
-        algebra::divide(&mut delta, divisor);
-        Ok(Aggregate {
-            delta,
-            participants: self.accepted,
-            num_examples: self.examples,
-            control_delta_sum: self.control_sum,
+        let mut aggregate = Aggregate::divided(self.sum, divisor, self.accepted, self.examples)?;
+        aggregate.control_delta_sum = self.control_sum;
+        Ok(aggregate)
+    }
+}
+
+impl Aggregate {
+    /// A linear rule's aggregate: its running `sum` divided by `divisor`, over `participants`
+    /// updates of `num_examples` examples; refuses an empty round.
+    pub(crate) fn divided(
+        mut sum: Vec<f32>,
+        divisor: f64,
+        participants: usize,
+        num_examples: u64,
+    ) -> Result<Self, CoreError> {
+        if participants == 0 {
+            return Err(CoreError::NoUpdates);
+        }
+        algebra::divide(&mut sum, divisor);
+        Ok(Self {
+            delta: sum,
+            participants,
+            num_examples,
+            control_delta_sum: None,
             unclipped_fraction: None,
             excluded: Vec::new(),
         })
@@ -363,7 +377,7 @@ impl Aggregator for WeightedMean {
 }
 
 /// Adds each visited piece, times `weight`, to its place in `sum`.
-fn fold_into(
+pub(crate) fn fold_into(
     sum: &mut [f32],
     weight: f64,
 ) -> impl FnMut(usize, &[f32]) -> Result<(), CoreError> + '_ {

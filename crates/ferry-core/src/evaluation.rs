@@ -68,6 +68,9 @@ pub struct FederatedEvaluation {
     /// Each counted node's own accuracy, by node (what a dashboard shows per node).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_accuracy: BTreeMap<String, f64>,
+    /// Each counted node's held-out examples, by node (the cross-site matrix's counts).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_examples: BTreeMap<String, u64>,
 }
 
 impl FederatedEvaluation {
@@ -79,6 +82,10 @@ impl FederatedEvaluation {
         combined.node_accuracy = results
             .iter()
             .map(|(node, e)| (node.clone(), e.accuracy))
+            .collect();
+        combined.node_examples = results
+            .iter()
+            .map(|(node, e)| (node.clone(), e.num_examples))
             .collect();
         Some(combined)
     }
@@ -126,6 +133,7 @@ impl FederatedEvaluation {
                 .map(|(name, (sum, count))| (name, sum / count as f64))
                 .collect(),
             node_accuracy: BTreeMap::new(),
+            node_examples: BTreeMap::new(),
         })
     }
 }

@@ -65,6 +65,48 @@ impl FairnessReport {
     }
 }
 
+/// What each site gains from the federation over training alone: the federated model's
+/// accuracy on the site's held-out data minus that of a model the site trained on its own data
+/// only, scored on the same examples.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LocalGain {
+    /// Sites with both figures.
+    pub sites: usize,
+    /// Unweighted mean gain over those sites.
+    pub mean_gain: f64,
+    /// The site that gains least (or loses most).
+    pub worst_site: String,
+    /// Its gain.
+    pub worst_gain: f64,
+    /// Sites the federated model serves worse than their own model.
+    pub sites_worse_off: usize,
+    /// Every site's gain.
+    pub per_site: BTreeMap<String, f64>,
+}
+
+impl LocalGain {
+    /// The gains of the sites found in both `federated` and `local` (accuracy by site);
+    /// `None` when no site is in both.
+    pub fn of(federated: &BTreeMap<String, f64>, local: &BTreeMap<String, f64>) -> Option<Self> {
+        let per_site: BTreeMap<String, f64> = federated
+            .iter()
+            .filter_map(|(site, f)| Some((site.clone(), f - local.get(site)?)))
+            .collect();
+        let (worst_site, worst_gain) = per_site
+            .iter()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(s, g)| (s.clone(), *g))?;
+        Some(Self {
+            sites: per_site.len(),
+            mean_gain: per_site.values().sum::<f64>() / per_site.len() as f64,
+            worst_site,
+            worst_gain,
+            sites_worse_off: per_site.values().filter(|g| **g < 0.0).count(),
+            per_site,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -99,6 +141,20 @@ mod tests {
             (three.worst_tenth_sites, three.worst_tenth_accuracy),
             (1, 0.6)
         );
+    }
+
+    #[test]
+    fn each_sites_gain_is_its_federated_accuracy_over_its_own_models() {
+        let federated = sites(&[0.9, 0.6, 0.8]);
+        let mut local = sites(&[0.7, 0.65, 0.8]);
+        local.insert("elsewhere".into(), 0.1);
+        let gain = LocalGain::of(&federated, &local).expect("three sites");
+        assert_eq!(gain.sites, 3);
+        assert_eq!(gain.worst_site, "site-01");
+        assert!((gain.worst_gain + 0.05).abs() < 1e-12);
+        assert_eq!(gain.sites_worse_off, 1);
+        assert!((gain.mean_gain - 0.05).abs() < 1e-12);
+        assert!(LocalGain::of(&federated, &BTreeMap::new()).is_none());
     }
 
     proptest! {

@@ -10,6 +10,7 @@ use crate::{
     CoreError,
     aggregate::{Aggregator, WeightedMean, Weighting},
     privacy::mechanism::Privacy,
+    qfedavg::{FairMean, FairParams},
     robust::{NormBounded, RobustAggregator, RobustRule},
     server_opt::{
         AdaptiveParams, AdaptiveRule, AdaptiveServer, ScaffoldServer, ServerOptimizer, ServerSgd,
@@ -31,6 +32,9 @@ pub enum ClientProcedure {
     Scaffold,
     /// FedNova: plain local SGD, returning the normalising factor `a_i` of its local steps.
     Normalized,
+    /// q-FedAvg: plain local SGD, also reporting the loss of the received model on the node's
+    /// training data before training ([`crate::qfedavg::LOSS_BEFORE`]).
+    LossReporting,
 }
 
 /// FedNova's normalising factor for `steps` local SGD steps with momentum `rho`:
@@ -50,6 +54,8 @@ pub enum AggregationRule {
     WeightedMean(Weighting),
     /// A robust rule over the buffered deltas.
     Robust(RobustRule),
+    /// q-FedAvg's loss-weighted step over the deltas.
+    Fair(FairParams),
 }
 
 impl AggregationRule {
@@ -58,6 +64,7 @@ impl AggregationRule {
         match self {
             Self::WeightedMean(weighting) => Box::new(WeightedMean::new(dim, weighting)),
             Self::Robust(rule) => Box::new(RobustAggregator::new(rule, dim)),
+            Self::Fair(params) => Box::new(FairMean::new(dim, params)),
         }
     }
 }
@@ -82,11 +89,13 @@ pub enum StrategyName {
     FedAdam,
     /// FedYogi (Reddi et al., 2021).
     FedYogi,
+    /// q-FedAvg (Li et al., 2020): fair resource allocation across nodes.
+    QFedAvg,
 }
 
 impl StrategyName {
     /// Every strategy, in the order help texts list them.
-    pub const ALL: [StrategyName; 8] = [
+    pub const ALL: [StrategyName; 9] = [
         Self::FedAvg,
         Self::FedAvgM,
         Self::FedProx,
@@ -95,6 +104,7 @@ impl StrategyName {
         Self::FedAdagrad,
         Self::FedAdam,
         Self::FedYogi,
+        Self::QFedAvg,
     ];
 
     fn as_str(self) -> &'static str {
@@ -107,14 +117,21 @@ impl StrategyName {
             Self::FedAdagrad => "fedadagrad",
             Self::FedAdam => "fedadam",
             Self::FedYogi => "fedyogi",
+            Self::QFedAvg => "qfedavg",
         }
     }
 
     /// The server learning rate used when the run does not set one: 1 for the SGD family
-    /// (FedAvg applies the mean delta as is), 0.01 for the adaptive optimizers.
+    /// (FedAvg applies the mean delta as is; q-FedAvg's step is sized by its own `L`), 0.01
+    /// for the adaptive optimizers.
     pub fn default_server_lr(self) -> f64 {
         match self {
-            Self::FedAvg | Self::FedAvgM | Self::FedProx | Self::Scaffold | Self::FedNova => 1.0,
+            Self::FedAvg
+            | Self::FedAvgM
+            | Self::FedProx
+            | Self::Scaffold
+            | Self::FedNova
+            | Self::QFedAvg => 1.0,
             Self::FedAdagrad | Self::FedAdam | Self::FedYogi => 0.01,
         }
     }
@@ -153,11 +170,16 @@ pub struct StrategyParams {
     pub beta2: f64,
     /// Adaptive optimizers' adaptivity floor.
     pub tau: f64,
+    /// q-FedAvg's fairness exponent (0 is the uniform mean).
+    pub q: f64,
+    /// q-FedAvg's step size `1 / L`.
+    pub q_lr: f64,
 }
 
 impl Default for StrategyParams {
     /// Reddi et al.'s suggested starting point (b1 0.9, b2 0.99, tau 1e-3), FedAvgM
-    /// momentum 0.9 and FedProx mu 0.01 (from NIID-Bench's grid).
+    /// momentum 0.9, FedProx mu 0.01 (from NIID-Bench's grid), and q-FedAvg's q 0.2 and step
+    /// size 0.1 (Flower's defaults).
     fn default() -> Self {
         Self {
             mu: 0.01,
@@ -166,6 +188,8 @@ impl Default for StrategyParams {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
+            q: 0.2,
+            q_lr: 0.1,
         }
     }
 }
@@ -242,6 +266,14 @@ impl Strategy {
                 ClientProcedure::LocalSgd,
                 by_examples,
                 adaptive(AdaptiveRule::Yogi),
+            ),
+            StrategyName::QFedAvg => (
+                ClientProcedure::LossReporting,
+                AggregationRule::Fair(FairParams {
+                    q: params.q,
+                    lipschitz: 1.0 / params.q_lr,
+                }),
+                sgd(0.0),
             ),
         };
         Self {

@@ -169,6 +169,7 @@
     if (page === "overview") renderOverview(view);
     if (page === "classes") renderClasses();
     if (page === "nodes") renderNodes(view);
+    if (page === "sites") renderSites(view);
     if (page === "safety") renderSafety(view);
     if (page === "compare") renderCompare();
     if (page === "operate") renderOperate(view);
@@ -186,6 +187,7 @@
     const uses = safetyUses(view);
     $("tab-safety").hidden = !(uses.dp || uses.robust || uses.secagg);
     $("tab-compare").hidden = view.runs.length < 2;
+    $("tab-sites").hidden = !crossSite(view);
     $("tab-operate").hidden = !view.actions;
     const picker = $("run-picker");
     picker.hidden = view.runs.length < 2;
@@ -262,6 +264,24 @@
     const rows = Array.from({ length: classes }, (_, c) => "class " + c);
     const values = rows.map((_, c) => rs.map((r) => r.class_accuracy[c]));
     charts.heatmap($("class-heatmap"), rows, rs.map((r) => r.round), values);
+  }
+
+  // The cross-site matrix: one row per model, one column per site.
+  function crossSite(view) {
+    const f = view.history && view.history.final;
+    return f && f.cross_site ? f.cross_site : null;
+  }
+  function renderSites(view) {
+    const m = crossSite(view);
+    const rows = m ? m.rows.map((r) => r.model) : [];
+    const sites = m ? m.sites : [];
+    charts.heatmap($("sites-heatmap"), rows, sites, m ? m.rows.map((r) => r.accuracy) : [], {
+      cell: (r, c, v) => `${r} on site ${c}: ${v === null || v === undefined ? "not scored" : charts.fmt(v)}`,
+      empty: "this run has no cross-site matrix (run it with --cross-site)",
+    });
+    $("sites-examples").textContent = m
+      ? "held-out examples per site: " + sites.map((s, i) => s + " " + m.examples[i]).join(", ")
+      : "";
   }
 
   // One line per node: its enrolment and connectivity joined with what the rounds record.

@@ -91,8 +91,14 @@
     });
   }
 
-  // values[row][col] in [0, 1] or null; rows and cols are labels.
-  function heatmap(svg, rows, cols, values) {
+  // values[row][col] in [0, 1] or null; rows and cols are labels. `labels` names a cell
+  // (row, col, value) and says what an empty map means; by default the columns are rounds.
+  const roundLabels = {
+    cell: (r, c, v) => `${r}, round ${c}: ${v === null || v === undefined ? "no test examples" : fmt(v)}`,
+    empty: "this run scores no classes (no central test set, or rounds not evaluated yet)",
+  };
+  function heatmap(svg, rows, cols, values, labels) {
+    labels = labels || roundLabels;
     clear(svg);
     const left = 70, top = 26, cell = Math.max(6, Math.min(28, Math.floor(900 / Math.max(cols.length, 1))));
     const height = top + rows.length * 22 + 30, width = left + cols.length * cell + 90;
@@ -103,7 +109,7 @@
     if (rows.length === 0 || cols.length === 0) {
       svg.setAttribute("viewBox", "0 0 640 60");
       svg.style.height = "60px";
-      el(svg, "text", { x: 320, y: 34, "text-anchor": "middle" }, "this run scores no classes (no central test set, or rounds not evaluated yet)");
+      el(svg, "text", { x: 320, y: 34, "text-anchor": "middle" }, labels.empty);
       return;
     }
     const every = Math.ceil(cols.length / 20);
@@ -116,7 +122,7 @@
         const v = values[i][j];
         const fill = v === null || v === undefined ? "#f2f4f7" : `hsl(${Math.round(8 + 132 * v)}, 62%, ${Math.round(88 - 46 * v)}%)`;
         const rect = el(svg, "rect", { x: left + j * cell, y: top + i * 22, width: cell - 1, height: 21, fill: fill });
-        el(rect, "title", {}, `${r}, round ${c}: ${v === null || v === undefined ? "no test examples" : fmt(v)}`);
+        el(rect, "title", {}, labels.cell(r, c, v));
       });
     });
     const lx = left + cols.length * cell + 16;

@@ -45,6 +45,7 @@ impl Dashboard {
             .route("/", get(index))
             .route("/assets/{name}", get(asset))
             .route("/dashboard/v1/run", get(run))
+            .route("/dashboard/v1/cross-site", get(cross_site))
             .route("/dashboard/v1/events", get(feed))
             .route("/dashboard/v1/compare", get(compare))
             .route("/dashboard/v1/tokens", get(tokens).post(create_token))
@@ -117,6 +118,27 @@ async fn run(
     let mut view = d.source.view(query.run).await?;
     view.actions = d.source.operator().is_some() && d.access.has_admin();
     Ok(Json(view).into_response())
+}
+
+/// The run's cross-site validation matrix (`final.cross_site` of its history), for tools that
+/// want the matrix alone.
+async fn cross_site(
+    State(d): State<Dashboard>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<RunQuery>,
+) -> Answer {
+    d.access.may_view(peer, &headers)?;
+    let view = d.source.view(query.run).await?;
+    match view.history.get("final").and_then(|f| f.get("cross_site")) {
+        Some(matrix) if !matrix.is_null() => Ok(Json(matrix.clone()).into_response()),
+        _ => Err(DashboardError::NotFound(
+            "this run has no cross-site matrix: run it with --cross-site (a server's [run]: \
+             cross-site = \"global\"), or compute it with `ferry cross-site RUN_DIR`"
+                .into(),
+        )
+        .into()),
+    }
 }
 
 async fn feed(

@@ -131,6 +131,11 @@ impl SecureAggregation {
                     "FedNova's per-node normalisation cannot be applied; use another strategy",
                 );
             }
+            ClientProcedure::LossReporting => {
+                return refuse(
+                    "q-FedAvg cannot weigh each node's update by its own loss; use another strategy",
+                );
+            }
             ClientProcedure::LocalSgd | ClientProcedure::Proximal { .. } => {}
         }
         if matches!(strategy.aggregation, AggregationRule::Robust(_)) {
@@ -156,7 +161,8 @@ impl SecureAggregation {
             }
             None => match strategy.aggregation {
                 AggregationRule::WeightedMean(weighting) => weighting,
-                AggregationRule::Robust(_) => Weighting::Uniform,
+                // Refused above.
+                AggregationRule::Robust(_) | AggregationRule::Fair(_) => Weighting::Uniform,
             },
         };
         if weight_cap == 0 {

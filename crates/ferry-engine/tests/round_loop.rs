@@ -373,7 +373,11 @@ fn a_secure_round_that_loses_too_many_nodes_aborts_and_the_run_goes_on() {
 
 #[test]
 fn secure_aggregation_refuses_strategies_that_need_each_update() {
-    for name in [StrategyName::Scaffold, StrategyName::FedNova] {
+    for name in [
+        StrategyName::Scaffold,
+        StrategyName::FedNova,
+        StrategyName::QFedAvg,
+    ] {
         let strategy = Strategy::new(name, &StrategyParams::default(), 8);
         let err = SecAggSettings::default()
             .resolve(&strategy, 8, 10)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use ferry_core::{
     Model, Update, algebra,
+    qfedavg::LOSS_BEFORE,
     strategy::{ClientProcedure, fednova_normalizer},
     task::LocalTraining,
 };
@@ -13,7 +14,7 @@ use ferry_core::{
 use crate::{
     MlError,
     models::ModelKind,
-    train::{LocalData, LocalProcedure, train_local},
+    train::{LocalData, LocalProcedure, evaluate_examples, train_local},
 };
 
 /// One round's work as the node sees it.
@@ -58,11 +59,17 @@ pub fn train_update(
         Vec::new()
     };
     let procedure = match task.procedure {
-        ClientProcedure::LocalSgd | ClientProcedure::Normalized => LocalProcedure::Plain,
+        ClientProcedure::LocalSgd
+        | ClientProcedure::Normalized
+        | ClientProcedure::LossReporting => LocalProcedure::Plain,
         ClientProcedure::Proximal { mu } => LocalProcedure::Proximal { mu },
         ClientProcedure::Scaffold => LocalProcedure::Corrected {
             correction: &correction,
         },
+    };
+    let loss_before = match task.procedure {
+        ClientProcedure::LossReporting => Some(loss_on(kind, task.model, data, task.seed)?),
+        _ => None,
     };
     let outcome = train_local(kind, task.model, data, task.training, procedure, task.seed)?;
     let mut delta = vec![0.0; dim];
@@ -72,6 +79,9 @@ pub fn train_update(
         ("train_loss".to_string(), outcome.mean_loss),
         ("steps".to_string(), outcome.steps as f64),
     ]);
+    if let Some(loss) = loss_before {
+        update.metrics.insert(LOSS_BEFORE.to_string(), loss);
+    }
     match task.procedure {
         ClientProcedure::Scaffold => {
             // c_i+ = c_i - c + (x - y) / (K * lr); the node sends dc = c_i+ - c_i.
@@ -88,7 +98,20 @@ pub fn train_update(
         ClientProcedure::Normalized => {
             update.normalizer = Some(fednova_normalizer(outcome.steps, task.training.momentum));
         }
-        ClientProcedure::LocalSgd | ClientProcedure::Proximal { .. } => {}
+        ClientProcedure::LocalSgd
+        | ClientProcedure::Proximal { .. }
+        | ClientProcedure::LossReporting => {}
     }
     Ok(update)
+}
+
+/// The mean loss of `model` on the node's training data, read as training reads it (with the
+/// partition's pixel noise, if any): q-FedAvg's `F_k`.
+fn loss_on(kind: ModelKind, model: &Model, data: LocalData<'_>, seed: u64) -> Result<f64, MlError> {
+    let noise: &[f32] = if data.noise_std > 0.0 {
+        &[data.noise_std]
+    } else {
+        &[]
+    };
+    Ok(evaluate_examples(kind, model, data.dataset, data.indices, noise, seed)?.loss)
 }

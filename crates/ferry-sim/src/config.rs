@@ -25,6 +25,8 @@ use ferry_engine::{
     secure::{SecAggSettings, SecureAggregation},
 };
 
+use ferry_core::cross_site::CrossSiteModels;
+
 use crate::{SimError, attack::AttackSettings, fleet::FleetSettings};
 
 /// Everything that determines a simulated run (recorded in `history.json`).
@@ -88,6 +90,10 @@ pub struct SimConfig {
     /// Synchronous or asynchronous aggregation, simulated devices, compression.
     #[serde(flatten)]
     pub fleet: FleetSettings,
+    /// The cross-site validation matrix at the end of the run: the global model, or also
+    /// each site's fine-tuned model, on every site's held-out data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_site: Option<CrossSiteModels>,
 }
 
 fn as_text<S: Serializer>(p: &Partitioner, s: S) -> Result<S::Ok, S::Error> {
@@ -166,11 +172,19 @@ impl SimConfig {
 
     /// When the run evaluates federatedly; `central` says whether it also has a central test
     /// set (without one, federated evaluation runs every round unless configured otherwise).
+    /// A run with a cross-site matrix evaluates at least after its last round, on every node:
+    /// the matrix's global row is that evaluation.
     pub fn evaluation(&self, central: bool) -> EvaluationSchedule {
         let every = self.evaluate_every.unwrap_or(if central { 0 } else { 1 });
-        EvaluationSchedule {
-            every,
-            fraction: self.evaluate_fraction,
+        match self.cross_site {
+            Some(_) => EvaluationSchedule {
+                every: if every == 0 { u32::MAX } else { every },
+                fraction: 1.0,
+            },
+            None => EvaluationSchedule {
+                every,
+                fraction: self.evaluate_fraction,
+            },
         }
     }
 

@@ -12,6 +12,7 @@
 pub mod attack;
 pub mod baselines;
 pub mod config;
+pub mod cross_site;
 pub mod error;
 pub mod evaluator;
 pub mod fleet;

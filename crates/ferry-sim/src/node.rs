@@ -72,6 +72,27 @@ impl VirtualNode {
         self
     }
 
+    /// `model` scored on the node's held-out examples, read as its federated evaluation reads
+    /// them; `None` when it holds none out.
+    pub fn score_held_out(
+        &self,
+        model: &ferry_core::Model,
+        seed: u64,
+    ) -> Option<Result<train::Evaluation, ferry_ml::MlError>> {
+        if self.held_out.is_empty() {
+            return None;
+        }
+        let seed = mix_seed(seed, u64::from(self.id));
+        Some(train::evaluate_examples(
+            self.model,
+            model,
+            &self.dataset,
+            &self.held_out,
+            &[self.noise_std],
+            seed,
+        ))
+    }
+
     /// The node's data, for baselines.
     pub fn data(&self) -> LocalData<'_> {
         LocalData {
@@ -122,19 +143,11 @@ impl NodeHandle for VirtualNode {
             node: self.id,
             reason,
         };
-        if self.held_out.is_empty() {
-            return Err(fail("the node holds no examples out of training".into()));
+        match self.score_held_out(&task.model, task.seed) {
+            None => Err(fail("the node holds no examples out of training".into())),
+            Some(scored) => scored
+                .map(|e| e.to_node_evaluation())
+                .map_err(|e| fail(e.to_string())),
         }
-        let seed = mix_seed(task.seed, u64::from(self.id));
-        train::evaluate_examples(
-            self.model,
-            &task.model,
-            &self.dataset,
-            &self.held_out,
-            &[self.noise_std],
-            seed,
-        )
-        .map(|e| e.to_node_evaluation())
-        .map_err(|e| fail(e.to_string()))
     }
 }

@@ -126,7 +126,7 @@ fn simulate_in(
     let outcome = sim.run(&mut observer)?;
     let wall_s = started.elapsed().as_secs_f64();
     let final_record =
-        report::write_simulation(dir, config, &outcome, wall_s, None, sim.attackers())?;
+        report::write_simulation(dir, config, &outcome, wall_s, None, None, sim.attackers())?;
     Ok((outcome, final_record))
 }
 

@@ -107,6 +107,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             attack: None,
             secagg: None,
             fleet: Default::default(),
+            cross_site: None,
         };
         println!(
             "NIID-Bench: {strategy} on {partition}, seed {seed}, {} rounds x {} local epochs",

@@ -9,8 +9,8 @@ mod safety;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_core::{
-    evaluation::EvaluationSchedule, privacy::noise::NoiseSeed, strategy::StrategyParams,
-    task::LocalTraining,
+    cross_site::CrossSiteModels, evaluation::EvaluationSchedule, privacy::noise::NoiseSeed,
+    strategy::StrategyParams, task::LocalTraining,
 };
 use ferry_sim::SimConfig;
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use serde::Deserialize;
 /// Options of `ferry simulate`. Every one may also be set in the `--config` file under the
 /// same name (for example `local-epochs = 2`, or `local_epochs = 2`); flags override the file.
 /// The `[run]` section of a server configuration uses the same keys.
-#[derive(Args, Debug, Clone, Default, Deserialize)]
+#[derive(Args, Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct SimulateArgs {
     /// TOML file with the same keys as these flags.
@@ -75,8 +75,8 @@ pub struct SimulateArgs {
     /// Partition: iid, dirichlet:B, labels:C, classes:A+B/C+D/..., quantity:B or noise:S [default: iid].
     #[arg(long)]
     pub partition: Option<String>,
-    /// Strategy: fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam or fedyogi
-    /// [default: fedavg].
+    /// Strategy: fedavg, fedavgm, fedprox, scaffold, fednova, fedadagrad, fedadam, fedyogi or
+    /// qfedavg [default: fedavg].
     #[arg(long)]
     pub strategy: Option<String>,
     /// Server learning rate [default: 1 for fedavg/fedavgm, 0.01 for the adaptive ones].
@@ -99,6 +99,15 @@ pub struct SimulateArgs {
     /// FedAdam/FedYogi/FedAdagrad adaptivity floor [default: 1e-3].
     #[arg(long)]
     pub tau: Option<f64>,
+    /// q-FedAvg fairness exponent q >= 0: the higher, the more weight on the nodes the model
+    /// serves worst; 0 is the uniform mean [default: 0.2].
+    #[arg(long)]
+    pub q: Option<f64>,
+    /// q-FedAvg step size 1/L, where L estimates the loss's Lipschitz constant: the larger,
+    /// the longer each server step [default: 0.1].
+    #[arg(long)]
+    #[serde(alias = "q_lr")]
+    pub q_lr: Option<f64>,
     /// Seed for everything random [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -122,6 +131,17 @@ pub struct SimulateArgs {
     #[arg(long, help_heading = "Federated evaluation")]
     #[serde(alias = "evaluate_fraction")]
     pub evaluate_fraction: Option<f64>,
+    /// Cross-site validation matrix at the end of the run: `global` scores the global model
+    /// on every site's held-out data; `local` also fine-tunes a copy on each site's own data
+    /// and scores every site's copy on every site (the copies leave the sites, so runs with
+    /// SecAgg+ or DP refuse it) [default: off].
+    #[arg(
+        long,
+        value_name = "global|local",
+        help_heading = "Federated evaluation"
+    )]
+    #[serde(alias = "cross_site")]
+    pub cross_site: Option<String>,
     /// Federated evaluation with built-in virtual nodes: share of each node's examples held
     /// out of training to evaluate on, in (0, 1) [default: 0.1].
     #[arg(long, help_heading = "Federated evaluation")]
@@ -347,12 +367,15 @@ impl SimulateArgs {
                 beta1,
                 beta2,
                 tau,
+                q,
+                q_lr,
                 seed,
                 target_accuracy,
                 personal,
                 evaluate_every,
                 evaluate_fraction,
                 evaluate_holdout,
+                cross_site,
                 out,
                 threads,
                 dp_noise_multiplier,
@@ -469,7 +492,16 @@ impl SimulateArgs {
             beta1: self.beta1.unwrap_or(defaults.beta1),
             beta2: self.beta2.unwrap_or(defaults.beta2),
             tau: self.tau.unwrap_or(defaults.tau),
+            q: self.q.unwrap_or(defaults.q),
+            q_lr: self.q_lr.unwrap_or(defaults.q_lr),
         };
+        ferry_core::qfedavg::FairParams::checked(server.q, 1.0 / server.q_lr).map_err(|_| {
+            anyhow::anyhow!(
+                "--q must be a number >= 0 and --q-lr a positive number, got {} and {}",
+                server.q,
+                server.q_lr
+            )
+        })?;
         if let Some(lr) = server.server_lr {
             check(lr > 0.0 && lr.is_finite(), || {
                 format!("--server-lr must be a positive number, got {lr}")
@@ -490,6 +522,7 @@ impl SimulateArgs {
         check(server.tau > 0.0 && server.tau.is_finite(), || {
             format!("--tau must be a positive number, got {}", server.tau)
         })?;
+        let dp = self.resolve_dp(fraction)?;
         let config = SimConfig {
             dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
             data_dir: self.data_dir.clone(),
@@ -510,12 +543,13 @@ impl SimulateArgs {
             evaluate_fraction,
             evaluate_holdout,
             threads,
-            dp: self.resolve_dp(fraction)?,
+            dp,
             aggregator: self.resolve_aggregator(clients, fraction, min_clients)?,
             norm_bound: self.norm_bound,
             attack: self.resolve_attack()?,
             secagg: self.resolve_secagg()?,
             fleet: self.resolve_fleet(clients, fraction, min_clients)?,
+            cross_site: self.resolve_cross_site(dp.is_some())?,
         };
         // Refuse combinations secure and asynchronous aggregation or compression cannot
         // serve before any data is loaded.
@@ -526,6 +560,31 @@ impl SimulateArgs {
             fedbuff.check(&strategy, config.secagg.is_some(), clients)?;
         }
         Ok(config)
+    }
+
+    /// The cross-site matrix asked for, refusing sites' own models where updates are meant to
+    /// stay hidden or private.
+    fn resolve_cross_site(&self, dp: bool) -> Result<Option<CrossSiteModels>> {
+        let Some(text) = &self.cross_site else {
+            return Ok(None);
+        };
+        let models: CrossSiteModels = text.parse().map_err(|e: String| anyhow::anyhow!("--{e}"))?;
+        if models == CrossSiteModels::Local {
+            let hidden = if self.secagg {
+                Some("SecAgg+ hides each site's update from the server")
+            } else if dp {
+                Some("differential privacy bounds what the run reveals about each site")
+            } else {
+                None
+            };
+            if let Some(why) = hidden {
+                bail!(
+                    "--cross-site local sends each site's own model out of the site, but {why}; \
+                     use --cross-site global, which shares only scores"
+                );
+            }
+        }
+        Ok(Some(models))
     }
 
     /// The output folder: `--out`, or `runs/<timestamp>`.

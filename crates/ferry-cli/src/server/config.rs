@@ -337,6 +337,13 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
          deployment's nodes are real, so remove them from [run]",
         path.display()
     );
+    anyhow::ensure!(
+        sim.cross_site != Some(ferry_core::cross_site::CrossSiteModels::Local),
+        "config file {}: cross-site = \"local\" is not available in deployment yet (each site's \
+         own model would have to be fine-tuned, uploaded and sent to every other site); use \
+         cross-site = \"global\", the global model scored on every site",
+        path.display()
+    );
     // The server evaluates on one thread pool and partitions nothing.
     sim.threads = 1;
     anyhow::ensure!(

@@ -262,14 +262,17 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let history = History {
         config: &setup.config,
         rounds: &rounds,
-        final_record: Some(FinalRecord::of(
-            &rounds,
-            sha.clone(),
-            // The coordinator ends runs with the stop reasons' names.
-            serde_json::from_value(serde_json::Value::String(reason.clone()))
-                .unwrap_or(StopReason::RoundsCompleted),
-            started.elapsed().as_secs_f64(),
-        )?),
+        final_record: Some(
+            FinalRecord::of(
+                &rounds,
+                sha.clone(),
+                // The coordinator ends runs with the stop reasons' names.
+                serde_json::from_value(serde_json::Value::String(reason.clone()))
+                    .unwrap_or(StopReason::RoundsCompleted),
+                started.elapsed().as_secs_f64(),
+            )?
+            .with_global_matrix(run.cross_site),
+        ),
         baselines: None,
         attackers: &[],
         failed_rounds: &failed,

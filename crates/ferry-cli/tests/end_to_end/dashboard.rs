@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 use support::{
     Killer, TestServer,
     cli::{mnist_logreg, simulate},
-    client_args, free_port, http_post, rounds_done, share_args, share_client_args, spawn_logged,
-    token_client_args, until_listening, wait_for,
+    client_args, free_port, http_get, http_post, rounds_done, share_args, share_client_args,
+    spawn_logged, token_client_args, until_listening, wait_for,
     webdriver::Browser,
 };
 
@@ -336,7 +336,16 @@ fn finished_runs_and_a_live_simulation_in_a_real_browser() {
     );
     simulate(
         &runs.join("krum"),
-        &mnist_logreg(&["--rounds", "4", "--clients", "10", "--aggregator", "krum"]),
+        &mnist_logreg(&[
+            "--rounds",
+            "4",
+            "--clients",
+            "10",
+            "--aggregator",
+            "krum",
+            "--cross-site",
+            "local",
+        ]),
     );
     std::fs::create_dir_all(runs.join("fleet")).expect("fleet run folder");
     std::fs::write(
@@ -380,6 +389,29 @@ fn finished_runs_and_a_live_simulation_in_a_real_browser() {
         "return !document.getElementById('robust-panel').hidden \
          && document.querySelectorAll('#excluded-table tbody tr').length === 4;",
     );
+
+    // The cross-site matrix: the global model and 10 sites' own models on 10 sites, on the
+    // page and alone through the API; a run without one says how to get it.
+    page.goto(&format!("{home}?run=krum#sites"));
+    until(
+        &page,
+        "the cross-site heatmap",
+        Duration::from_secs(20),
+        "return !document.getElementById('tab-sites').hidden \
+         && document.getElementById('sites-heatmap').dataset.cells === '110';",
+    );
+    screenshot(&page, "cross-site.png");
+    let (status, body) = http_get(port, "/dashboard/v1/cross-site?run=krum", None);
+    assert_eq!(status, 200, "{body}");
+    let matrix: Value = serde_json::from_str(&body).expect("matrix JSON");
+    assert_eq!(
+        matrix["rows"].as_array().map(Vec::len),
+        Some(11),
+        "{matrix}"
+    );
+    let (status, body) = http_get(port, "/dashboard/v1/cross-site?run=private", None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("ferry cross-site"), "{body}");
 
     // Comparison: every run on one chart.
     open(&page, &home, "compare");

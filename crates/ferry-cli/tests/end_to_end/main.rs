@@ -11,6 +11,7 @@ mod asynchronous;
 mod chaos;
 mod churn;
 mod compression;
+mod cross_site;
 mod dashboard;
 mod deploy;
 mod fleet;

@@ -179,6 +179,13 @@ fn strategies_with_their_own_server_step_apply_every_deployed_round() {
             nodes: 3,
             floor: 1,
         },
+        // The server refuses a q-FedAvg update without its node's loss_before, so a round
+        // is applied only if the deployed nodes report it.
+        Case {
+            run: "strategy = \"qfedavg\"\nq = 2\n",
+            nodes: 3,
+            floor: 1,
+        },
     ] {
         deploy(&case);
     }

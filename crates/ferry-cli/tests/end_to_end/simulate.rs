@@ -266,6 +266,8 @@ fn baselines_report_central_and_local_accuracy() {
             "--partition",
             "labels:2",
             "--baselines",
+            "--evaluate-every",
+            "2",
         ]),
     );
     let b = &h["baselines"];
@@ -283,6 +285,29 @@ fn baselines_report_central_and_local_accuracy() {
         central > 0.8,
         "pooled training of logreg on MNIST: {central}"
     );
+    // Each site's gain: the federated model's accuracy on the site's held-out data minus its
+    // own model's there.
+    let site_local = b["local_site_accuracies"].as_object().expect("per site");
+    assert_eq!(site_local.len(), 10);
+    let federated = h["final"]["federated"]["node_accuracy"]
+        .as_object()
+        .expect("federated per site");
+    let gain = &h["final"]["gain_over_local"];
+    assert_eq!(gain["sites"], 10);
+    for (site, g) in gain["per_site"].as_object().expect("per site") {
+        let expected = federated[site].as_f64().expect("f") - site_local[site].as_f64().expect("l");
+        assert!(
+            (g.as_f64().expect("gain") - expected).abs() < 1e-12,
+            "{site}"
+        );
+    }
+    let worse = gain["per_site"]
+        .as_object()
+        .expect("per site")
+        .values()
+        .filter(|g| g.as_f64().is_some_and(|g| g < 0.0))
+        .count();
+    assert_eq!(gain["sites_worse_off"], worse);
 }
 
 #[test]
@@ -499,6 +524,7 @@ fn every_strategy_improves_on_label_skew_and_reports_its_state() {
         ("fedadagrad", 2, 1),
         ("fedadam", 2, 1),
         ("fedyogi", 2, 1),
+        ("qfedavg", 0, 1),
     ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let h = simulate(

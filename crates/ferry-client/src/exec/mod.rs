@@ -227,6 +227,13 @@ impl RoundFiles {
                 .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
             update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
         }
+        if task.procedure == ClientProcedure::LossReporting {
+            ferry_core::qfedavg::loss_before(&result.metrics).map_err(|_| {
+                "q-FedAvg needs metrics.loss_before in result.json: the loss of the received \
+                 model on the node's training data, measured before training"
+                    .to_string()
+            })?;
+        }
         update.metrics = result.metrics;
         Ok(update)
     }
@@ -258,7 +265,9 @@ pub struct ExecTask {
     pub weight_decay: f64,
     /// Seed for shuffling.
     pub seed: u64,
-    /// `local_sgd`, `proximal` (add `(mu/2)·‖w − w_global‖²`) or `normalized` (report `steps`).
+    /// `local_sgd`, `proximal` (add `(mu/2)·‖w − w_global‖²`), `normalized` (report `steps`)
+    /// or `loss_reporting` (report `loss_before`, the received model's loss on the training
+    /// data before training).
     pub procedure: String,
     /// FedProx's mu (0 unless `procedure` is `proximal`).
     pub mu: f64,
@@ -321,6 +330,7 @@ fn procedure_name(procedure: ClientProcedure) -> Result<(&'static str, f64), Str
         ClientProcedure::LocalSgd => Ok(("local_sgd", 0.0)),
         ClientProcedure::Proximal { mu } => Ok(("proximal", mu)),
         ClientProcedure::Normalized => Ok(("normalized", 0.0)),
+        ClientProcedure::LossReporting => Ok(("loss_reporting", 0.0)),
         ClientProcedure::Scaffold => Err(
             "the run uses SCAFFOLD, which the external-command trainer does not support; use the built-in trainer".into(),
         ),

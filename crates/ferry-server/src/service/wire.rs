@@ -16,6 +16,7 @@ pub(super) fn procedure(p: ClientProcedure) -> (v1::Procedure, f64) {
         ClientProcedure::Proximal { mu } => (v1::Procedure::Proximal, mu),
         ClientProcedure::Scaffold => (v1::Procedure::Scaffold, 0.0),
         ClientProcedure::Normalized => (v1::Procedure::Normalized, 0.0),
+        ClientProcedure::LossReporting => (v1::Procedure::LossReporting, 0.0),
     }
 }
 
