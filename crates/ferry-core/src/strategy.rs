@@ -178,8 +178,9 @@ pub struct StrategyParams {
 
 impl Default for StrategyParams {
     /// Reddi et al.'s suggested starting point (b1 0.9, b2 0.99, tau 1e-3), FedAvgM
-    /// momentum 0.9, FedProx mu 0.01 (from NIID-Bench's grid), and q-FedAvg's q 0.2 and step
-    /// size 0.1 (Flower's defaults).
+    /// momentum 0.9, FedProx mu 0.01 (from NIID-Bench's grid), and q-FedAvg's q 1 and step
+    /// size 1 (the best of docs/benchmarks/fairness.md's grid; Flower's 0.2 and 0.1 slowed
+    /// training there).
     fn default() -> Self {
         Self {
             mu: 0.01,
@@ -188,8 +189,8 @@ impl Default for StrategyParams {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
-            q: 0.2,
-            q_lr: 0.1,
+            q: 1.0,
+            q_lr: 1.0,
         }
     }
 }

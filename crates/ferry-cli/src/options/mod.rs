@@ -100,11 +100,11 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub tau: Option<f64>,
     /// q-FedAvg fairness exponent q >= 0: the higher, the more weight on the nodes the model
-    /// serves worst; 0 is the uniform mean [default: 0.2].
+    /// serves worst; 0 is the uniform mean [default: 1].
     #[arg(long)]
     pub q: Option<f64>,
     /// q-FedAvg step size 1/L, where L estimates the loss's Lipschitz constant: the larger,
-    /// the longer each server step [default: 0.1].
+    /// the longer each server step [default: 1].
     #[arg(long)]
     #[serde(alias = "q_lr")]
     pub q_lr: Option<f64>,
