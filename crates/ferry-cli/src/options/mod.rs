@@ -5,13 +5,11 @@ use std::path::{Path, PathBuf};
 
 mod fleet;
 mod safety;
+mod strategy;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ferry_core::{
-    cross_site::CrossSiteModels, evaluation::EvaluationSchedule, privacy::noise::NoiseSeed,
-    strategy::StrategyParams, task::LocalTraining,
-};
+use ferry_core::{evaluation::EvaluationSchedule, privacy::noise::NoiseSeed, task::LocalTraining};
 use ferry_sim::SimConfig;
 use serde::Deserialize;
 
@@ -484,44 +482,7 @@ impl SimulateArgs {
         check(evaluate_holdout > 0.0 && evaluate_holdout < 1.0, || {
             format!("--evaluate-holdout must be in (0, 1), got {evaluate_holdout}")
         })?;
-        let defaults = StrategyParams::default();
-        let server = StrategyParams {
-            mu: self.mu.unwrap_or(defaults.mu),
-            server_lr: self.server_lr,
-            server_momentum: self.server_momentum.unwrap_or(defaults.server_momentum),
-            beta1: self.beta1.unwrap_or(defaults.beta1),
-            beta2: self.beta2.unwrap_or(defaults.beta2),
-            tau: self.tau.unwrap_or(defaults.tau),
-            q: self.q.unwrap_or(defaults.q),
-            q_lr: self.q_lr.unwrap_or(defaults.q_lr),
-        };
-        ferry_core::qfedavg::FairParams::checked(server.q, 1.0 / server.q_lr).map_err(|_| {
-            anyhow::anyhow!(
-                "--q must be a number >= 0 and --q-lr a positive number, got {} and {}",
-                server.q,
-                server.q_lr
-            )
-        })?;
-        if let Some(lr) = server.server_lr {
-            check(lr > 0.0 && lr.is_finite(), || {
-                format!("--server-lr must be a positive number, got {lr}")
-            })?;
-        }
-        for (flag, value) in [
-            ("--server-momentum", server.server_momentum),
-            ("--beta1", server.beta1),
-            ("--beta2", server.beta2),
-        ] {
-            check((0.0..1.0).contains(&value), || {
-                format!("{flag} must be in [0, 1), got {value}")
-            })?;
-        }
-        check(server.mu >= 0.0 && server.mu.is_finite(), || {
-            format!("--mu must be a number >= 0, got {}", server.mu)
-        })?;
-        check(server.tau > 0.0 && server.tau.is_finite(), || {
-            format!("--tau must be a positive number, got {}", server.tau)
-        })?;
+        let server = self.resolve_strategy_params()?;
         let dp = self.resolve_dp(fraction)?;
         let config = SimConfig {
             dataset: self.dataset.as_deref().unwrap_or("fashion-mnist").parse()?,
@@ -560,31 +521,6 @@ impl SimulateArgs {
             fedbuff.check(&strategy, config.secagg.is_some(), clients)?;
         }
         Ok(config)
-    }
-
-    /// The cross-site matrix asked for, refusing sites' own models where updates are meant to
-    /// stay hidden or private.
-    fn resolve_cross_site(&self, dp: bool) -> Result<Option<CrossSiteModels>> {
-        let Some(text) = &self.cross_site else {
-            return Ok(None);
-        };
-        let models: CrossSiteModels = text.parse().map_err(|e: String| anyhow::anyhow!("--{e}"))?;
-        if models == CrossSiteModels::Local {
-            let hidden = if self.secagg {
-                Some("SecAgg+ hides each site's update from the server")
-            } else if dp {
-                Some("differential privacy bounds what the run reveals about each site")
-            } else {
-                None
-            };
-            if let Some(why) = hidden {
-                bail!(
-                    "--cross-site local sends each site's own model out of the site, but {why}; \
-                     use --cross-site global, which shares only scores"
-                );
-            }
-        }
-        Ok(Some(models))
     }
 
     /// The output folder: `--out`, or `runs/<timestamp>`.
