@@ -230,6 +230,8 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
             "3",
             "--lr",
             "0.02",
+            "--cross-site",
+            "global",
             "--out",
             "run",
         ])
@@ -253,5 +255,33 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
     assert!(
         federated[2] > federated[0] && federated[2] > 0.6,
         "{federated:?}"
+    );
+    // The cross-site matrix of a model of the user's own: the SDK's evaluate on every site.
+    let matrix = &h["final"]["cross_site"];
+    assert_eq!(
+        matrix["examples"],
+        serde_json::json!([200, 200, 200]),
+        "{matrix}"
+    );
+    let rows = matrix["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 1, "only the global model: {matrix}");
+    for (site, cell) in matrix["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .zip(rows[0]["accuracy"].as_array().expect("cells"))
+    {
+        let site = site.as_str().expect("site");
+        assert_eq!(
+            cell, &h["final"]["federated"]["node_accuracy"][site],
+            "{site}"
+        );
+    }
+    // Computed on demand, the matrix is the final evaluation's again.
+    let run = tmp.path().join("run");
+    support::run_ok(&["cross-site", run.to_str().expect("utf-8")]);
+    assert_eq!(
+        &history(&run).expect("history.json")["final"]["cross_site"],
+        matrix
     );
 }
