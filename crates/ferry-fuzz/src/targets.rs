@@ -463,6 +463,7 @@ fn trainer_seeds() -> Vec<Vec<u8>> {
         model_out: "round-3/trained.safetensors".into(),
         result_out: "round-3/result.json".into(),
         data_dir: Some("data".into()),
+        checkpoint_dir: "checkpoints/round-3-0123456789abcdef".into(),
     };
     let evaluation = ExecEvaluation {
         kind: "evaluate".into(),

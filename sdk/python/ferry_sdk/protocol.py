@@ -38,6 +38,9 @@ class Task(_FromTaskJson):
     procedure: str
     mu: float
     data_dir: Optional[str]
+    #: A folder that outlives this process and the node agent for this task: save
+    #: checkpoints there and resume from them when the task is started again.
+    checkpoint_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)

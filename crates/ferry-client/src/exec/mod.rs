@@ -143,10 +143,41 @@ impl RoundFiles {
         Ok(task_path)
     }
 
+    /// The checkpoint folder of `task` (with `model` as the trainer gets it), created if
+    /// missing and kept as it is otherwise: the same task after a restart of the trainer or
+    /// of the agent (the server gives an open round's task back to its node) finds what the
+    /// trainer saved. Other tasks' checkpoint folders are removed, so at most one task's
+    /// checkpoints are kept.
+    fn checkpoint_dir(&self, task: &TrainTask, model: &Model) -> Result<PathBuf, String> {
+        let bytes = model.to_safetensors().map_err(|e| e.to_string())?;
+        let name = format!(
+            "round-{}-{}",
+            task.round,
+            &ferry_core::content::content_id(&bytes)[..16]
+        );
+        let root = self.work_dir.join("checkpoints");
+        let dir = root.join(&name);
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for stale in entries.flatten().filter(|e| e.file_name() != name.as_str()) {
+                std::fs::remove_dir_all(stale.path()).map_err(|e| {
+                    format!(
+                        "cannot remove the old checkpoints {}: {e}",
+                        stale.path().display()
+                    )
+                })?;
+            }
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
     /// Writes the round's global model and `task.json` to a fresh folder; returns the task
     /// and the path of `task.json`.
     fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
         let (procedure, mu) = procedure_name(task.procedure)?;
+        let model = self.with_own_tensors(&task.model, &task.personal)?;
+        let checkpoint_dir = self.checkpoint_dir(task, &model)?;
         let dir = self.fresh_dir(&format!("round-{}", task.round))?;
         let exec_task = ExecTask {
             kind: "train".into(),
@@ -163,8 +194,8 @@ impl RoundFiles {
             model_out: dir.join("trained.safetensors"),
             result_out: dir.join("result.json"),
             data_dir: self.data_dir.clone(),
+            checkpoint_dir,
         };
-        let model = self.with_own_tensors(&task.model, &task.personal)?;
         let task_path = Self::write_task(&dir, &model, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
     }
@@ -279,6 +310,10 @@ pub struct ExecTask {
     pub result_out: PathBuf,
     /// The node's data folder (`--data-dir`), if given.
     pub data_dir: Option<PathBuf>,
+    /// A folder for the trainer's checkpoints that outlives the trainer and the agent: a
+    /// trainer started again on the same task (after it was killed, or after the node
+    /// restarted while the round was open) finds there what it saved, and resumes.
+    pub checkpoint_dir: PathBuf,
 }
 
 /// What the command reads from `task.json` for an evaluation task: score `model_in` on the
@@ -358,9 +393,33 @@ fn stderr_tail(text: &str) -> String {
     format!("; stderr: {}", &tail[start..])
 }
 
+/// Times a training command killed by a signal is started again on its task (it resumes from
+/// its checkpoint folder) before the round is given up.
+const RESTARTS_AFTER_KILL: u32 = 3;
+
 impl ExecTrainer {
+    /// Runs the command on the training task at `task_path`, starting it again if a signal
+    /// killed it (an out-of-memory killer, an operator), at most [`RESTARTS_AFTER_KILL`]
+    /// times.
+    fn run_training(&self, task_path: &Path) -> Result<(), String> {
+        let mut restarts = 0;
+        loop {
+            match self.run_once(task_path) {
+                Err(Ended::Killed(why)) if restarts < RESTARTS_AFTER_KILL => {
+                    restarts += 1;
+                    eprintln!(
+                        "{why}; starting it again from its checkpoint folder ({restarts} of \
+                         {RESTARTS_AFTER_KILL})"
+                    );
+                }
+                Err(Ended::Killed(why) | Ended::Failed(why)) => return Err(why),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
     /// Runs the command once on the task at `task_path`; a failure says how it ended.
-    fn run_once(&self, task_path: &Path) -> Result<(), String> {
+    fn run_once(&self, task_path: &Path) -> Result<(), Ended> {
         let run = self
             .command
             .command()
@@ -368,24 +427,46 @@ impl ExecTrainer {
             .env("FERRY_TASK", task_path)
             .spawn()
             .and_then(|child| child.wait_with_output())
-            .map_err(|e| self.command.cannot_run(&e))?;
+            .map_err(|e| Ended::Failed(self.command.cannot_run(&e)))?;
         // The node's log keeps all the trainer said; the server hears the end of it.
         eprint!("{}", String::from_utf8_lossy(&run.stderr));
-        if !run.status.success() {
-            return Err(format!(
-                "the trainer command exited with {}{}",
-                run.status,
-                stderr_tail(&String::from_utf8_lossy(&run.stderr))
-            ));
+        if run.status.success() {
+            return Ok(());
         }
-        Ok(())
+        let why = format!(
+            "the trainer command exited with {}{}",
+            run.status,
+            stderr_tail(&String::from_utf8_lossy(&run.stderr))
+        );
+        Err(
+            match std::os::unix::process::ExitStatusExt::signal(&run.status) {
+                Some(_) => Ended::Killed(why),
+                None => Ended::Failed(why),
+            },
+        )
+    }
+}
+
+/// How a trainer command that did not succeed ended.
+enum Ended {
+    /// A signal killed it: starting it again may finish the task.
+    Killed(String),
+    /// It failed by itself, or could not start.
+    Failed(String),
+}
+
+impl From<Ended> for String {
+    fn from(ended: Ended) -> Self {
+        match ended {
+            Ended::Killed(why) | Ended::Failed(why) => why,
+        }
     }
 }
 
 impl Trainer for ExecTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
         let (exec_task, task_path) = self.files.prepare(task)?;
-        self.run_once(&task_path)?;
+        self.run_training(&task_path)?;
         self.files.collect(task, &exec_task)
     }
 
@@ -479,6 +560,93 @@ pub(crate) mod tests {
             (written.round, written.seed, written.procedure.as_str()),
             (2, 5, "normalized")
         );
+    }
+
+    /// A shell trainer that appends a line to `runs` in its checkpoint folder, is killed by
+    /// SIGKILL while `saved` is missing there (it writes it first, as a checkpoint), and
+    /// otherwise finishes, reporting that it resumed.
+    const KILLED_ONCE: &str = "d=$(dirname \"$1\"); \
+        c=$(sed -n 's/.*\"checkpoint_dir\": \"\\(.*\\)\".*/\\1/p' \"$1\"); \
+        echo run >> \"$c/runs\"; \
+        if [ ! -f \"$c/saved\" ]; then touch \"$c/saved\"; kill -9 $$; fi; \
+        cp \"$d/global.safetensors\" \"$d/trained.safetensors\"; \
+        echo '{\"num_examples\": 4, \"metrics\": {\"resumed\": 1}}' > \"$d/result.json\"";
+
+    /// The shell script `script` as a per-round trainer working in `work`.
+    fn sh_trainer(script: &Path, work: &Path) -> ExecTrainer {
+        ExecTrainer::new(
+            &format!("sh {}", script.display()),
+            None,
+            work.to_path_buf(),
+        )
+        .expect("trainer")
+    }
+
+    fn checkpoint_folders(work: &Path) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(work.join("checkpoints"))
+            .expect("checkpoints")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
+    #[test]
+    fn a_trainer_killed_mid_task_is_started_again_on_its_checkpoint_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("train.sh");
+        std::fs::write(&script, KILLED_ONCE).expect("script");
+        let work = dir.path().join("work");
+        let trainer = sh_trainer(&script, &work);
+        let update = trainer
+            .train(&task(ClientProcedure::LocalSgd))
+            .expect("the second start finishes");
+        assert_eq!(update.metrics["resumed"], 1.0);
+        let folders = checkpoint_folders(&work);
+        assert_eq!(folders.len(), 1, "{folders:?}");
+        let runs = std::fs::read_to_string(folders[0].join("runs")).expect("runs");
+        assert_eq!(runs.lines().count(), 2, "killed once, started again once");
+        // A restarted agent given the same task back finds the same folder, checkpoint kept.
+        let restarted = sh_trainer(&script, &work);
+        restarted
+            .train(&task(ClientProcedure::LocalSgd))
+            .expect("resumes at once");
+        assert_eq!(checkpoint_folders(&work), folders);
+        let runs = std::fs::read_to_string(folders[0].join("runs")).expect("runs");
+        assert_eq!(runs.lines().count(), 3, "no kill: the checkpoint was found");
+        // The next task's folder replaces it.
+        restarted
+            .train(&sample_task(
+                3,
+                ClientProcedure::LocalSgd,
+                vec![4.0, 5.0],
+                None,
+            ))
+            .expect("trains");
+        let next = checkpoint_folders(&work);
+        assert_eq!(next.len(), 1);
+        assert_ne!(next, folders);
+    }
+
+    #[test]
+    fn a_trainer_killed_every_time_is_given_up_after_its_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("train.sh");
+        std::fs::write(
+            &script,
+            "c=$(sed -n 's/.*\"checkpoint_dir\": \"\\(.*\\)\".*/\\1/p' \"$1\"); \
+             echo run >> \"$c/runs\"; kill -9 $$",
+        )
+        .expect("script");
+        let work = dir.path().join("work");
+        let trainer = sh_trainer(&script, &work);
+        let err = trainer
+            .train(&task(ClientProcedure::LocalSgd))
+            .expect_err("gives up");
+        assert!(err.contains("signal: 9"), "{err}");
+        let runs =
+            std::fs::read_to_string(checkpoint_folders(&work)[0].join("runs")).expect("runs");
+        assert_eq!(runs.lines().count() as u32, 1 + RESTARTS_AFTER_KILL);
     }
 
     #[test]
