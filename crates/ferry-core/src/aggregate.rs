@@ -85,7 +85,7 @@ pub trait Aggregator: Send {
     /// [`Aggregator::accept`] for an update read from `source`; rules that fold each update
     /// into one accumulator read it a piece at a time, the others read it whole.
     fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
-        refuse_partial(source.meta())?;
+        refuse_partial(source.meta().partial.as_ref())?;
         let update = source.read_whole()?;
         self.accept(&update)
     }
@@ -106,9 +106,10 @@ pub trait Aggregator: Send {
     fn finish(self: Box<Self>) -> Result<Aggregate, CoreError>;
 }
 
-/// Refuses a relay's partial aggregate: a rule that reads each update whole needs each one.
-pub fn refuse_partial(meta: &UpdateMeta) -> Result<(), CoreError> {
-    match meta.partial {
+/// Refuses a relay's partial aggregate, for a rule that needs each update on its own (one
+/// that reads each update whole, or weighs it by its own node's figures).
+pub fn refuse_partial(partial: Option<&PartialMeta>) -> Result<(), CoreError> {
+    match partial {
         Some(_) => Err(CoreError::PartialNotFoldable(
             "this rule needs each node's update on its own; relays pass such updates through"
                 .into(),

@@ -113,7 +113,7 @@ impl FairMean {
 
 impl Aggregator for FairMean {
     fn accept(&mut self, update: &Update) -> Result<(), CoreError> {
-        refuse_partial_update(update)?;
+        refuse_partial(update.partial.as_ref())?;
         crate::aggregate::validate_update(update, self.sum.len())?;
         let loss = loss_before(&update.metrics)?;
         algebra::weighted_accumulate(&mut self.sum, &update.delta, self.params.weight(loss));
@@ -123,7 +123,7 @@ impl Aggregator for FairMean {
     }
 
     fn accept_source(&mut self, source: &mut dyn UpdateSource) -> Result<(), CoreError> {
-        refuse_partial(source.meta())?;
+        refuse_partial(source.meta().partial.as_ref())?;
         source.check()?;
         let meta = source.meta().clone();
         let loss = loss_before(&meta.metrics)?;
@@ -132,7 +132,7 @@ impl Aggregator for FairMean {
         {
             let mut fold = fold_into(&mut self.sum, weight);
             source.visit(Part::Delta, &mut |at, values| {
-                norm2 += values.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>();
+                norm2 += algebra::l2_norm(values).powi(2);
                 fold(at, values)
             })?;
         }
@@ -150,16 +150,6 @@ impl Aggregator for FairMean {
 
     fn finish(self: Box<Self>) -> Result<Aggregate, CoreError> {
         Aggregate::divided(self.sum, self.h_sum, self.accepted, self.examples)
-    }
-}
-
-fn refuse_partial_update(update: &Update) -> Result<(), CoreError> {
-    match update.partial {
-        Some(_) => Err(CoreError::PartialNotFoldable(
-            "q-FedAvg weighs each node's update by its own loss; relays pass its updates through"
-                .into(),
-        )),
-        None => Ok(()),
     }
 }
 

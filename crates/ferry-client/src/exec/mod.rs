@@ -107,6 +107,14 @@ impl RoundFiles {
         })
     }
 
+    /// The safetensors bytes the trainer gets for `model`: with the node's own personal
+    /// tensors in place.
+    fn model_bytes(&self, model: &Model, personal: &PersonalTensors) -> Result<Vec<u8>, String> {
+        self.with_own_tensors(model, personal)?
+            .to_safetensors()
+            .map_err(|e| e.to_string())
+    }
+
     /// Keeps the personal tensors of `trained` for the node's next rounds.
     fn keep_own_tensors(&self, trained: &Model, personal: &PersonalTensors) -> Result<(), String> {
         if personal.is_empty() {
@@ -127,15 +135,15 @@ impl RoundFiles {
         })
     }
 
-    /// Writes `model` and the task to `dir`; returns the path of `task.json`.
+    /// Writes the model's safetensors bytes `global` and the task to `dir`; returns the path
+    /// of `task.json`.
     fn write_task(
         dir: &Path,
-        model: &Model,
+        global: &[u8],
         model_in: &Path,
         task: &impl Serialize,
     ) -> Result<PathBuf, String> {
         let task_path = dir.join("task.json");
-        let global = model.to_safetensors().map_err(|e| e.to_string())?;
         let task_json = serde_json::to_vec_pretty(task).map_err(|e| e.to_string())?;
         std::fs::write(model_in, global)
             .and_then(|()| std::fs::write(&task_path, task_json))
@@ -143,17 +151,16 @@ impl RoundFiles {
         Ok(task_path)
     }
 
-    /// The checkpoint folder of `task` (with `model` as the trainer gets it), created if
+    /// The checkpoint folder of `task` (whose model the trainer gets as `global`), created if
     /// missing and kept as it is otherwise: the same task after a restart of the trainer or
     /// of the agent (the server gives an open round's task back to its node) finds what the
     /// trainer saved. Other tasks' checkpoint folders are removed, so at most one task's
     /// checkpoints are kept.
-    fn checkpoint_dir(&self, task: &TrainTask, model: &Model) -> Result<PathBuf, String> {
-        let bytes = model.to_safetensors().map_err(|e| e.to_string())?;
+    fn checkpoint_dir(&self, task: &TrainTask, global: &[u8]) -> Result<PathBuf, String> {
         let name = format!(
             "round-{}-{}",
             task.round,
-            &ferry_core::content::content_id(&bytes)[..16]
+            &ferry_core::content::content_id(global)[..16]
         );
         let root = self.work_dir.join("checkpoints");
         let dir = root.join(&name);
@@ -176,8 +183,8 @@ impl RoundFiles {
     /// and the path of `task.json`.
     fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
         let (procedure, mu) = procedure_name(task.procedure)?;
-        let model = self.with_own_tensors(&task.model, &task.personal)?;
-        let checkpoint_dir = self.checkpoint_dir(task, &model)?;
+        let global = self.model_bytes(&task.model, &task.personal)?;
+        let checkpoint_dir = self.checkpoint_dir(task, &global)?;
         let dir = self.fresh_dir(&format!("round-{}", task.round))?;
         let exec_task = ExecTask {
             kind: "train".into(),
@@ -196,7 +203,7 @@ impl RoundFiles {
             data_dir: self.data_dir.clone(),
             checkpoint_dir,
         };
-        let task_path = Self::write_task(&dir, &model, &exec_task.model_in, &exec_task)?;
+        let task_path = Self::write_task(&dir, &global, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
     }
 
@@ -212,8 +219,8 @@ impl RoundFiles {
             result_out: dir.join("result.json"),
             data_dir: self.data_dir.clone(),
         };
-        let model = self.with_own_tensors(&task.model, &task.personal)?;
-        let task_path = Self::write_task(&dir, &model, &exec_task.model_in, &exec_task)?;
+        let global = self.model_bytes(&task.model, &task.personal)?;
+        let task_path = Self::write_task(&dir, &global, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
     }
 
@@ -539,12 +546,7 @@ pub(crate) mod tests {
              echo '{\"num_examples\": 7, \"metrics\": {\"train_loss\": 0.5, \"steps\": 3}}' > \"$d/result.json\"",
         )
         .expect("script");
-        let trainer = ExecTrainer::new(
-            &format!("sh {}", script.display()),
-            None,
-            dir.path().join("work"),
-        )
-        .expect("trainer");
+        let trainer = sh_trainer(&script, &dir.path().join("work"));
         let update = trainer
             .train(&task(ClientProcedure::Normalized))
             .expect("trains");
@@ -653,12 +655,7 @@ pub(crate) mod tests {
     fn an_evaluation_task_asks_for_figures_and_refuses_incomplete_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let script = dir.path().join("evaluate.sh");
-        let trainer = ExecTrainer::new(
-            &format!("sh {}", script.display()),
-            None,
-            dir.path().join("work"),
-        )
-        .expect("trainer");
+        let trainer = sh_trainer(&script, &dir.path().join("work"));
         let eval_task = EvalTask {
             round: 3,
             model: task(ClientProcedure::LocalSgd).model,
@@ -791,12 +788,7 @@ pub(crate) mod tests {
         for (body, needle) in cases {
             let script = dir.path().join("bad.sh");
             std::fs::write(&script, body).expect("script");
-            let trainer = ExecTrainer::new(
-                &format!("sh {}", script.display()),
-                None,
-                dir.path().join("w"),
-            )
-            .expect("trainer");
+            let trainer = sh_trainer(&script, &dir.path().join("w"));
             let err = trainer
                 .train(&task(ClientProcedure::LocalSgd))
                 .expect_err(needle);
