@@ -33,16 +33,18 @@ def train(module, task):
         module.parameters(), lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay
     )
     generator = torch.Generator().manual_seed(task.seed)
+    # Saved every 30 seconds in the task's checkpoint folder: a trainer or node killed
+    # mid-round resumes from the last save when the task is started again.
+    checkpoint = pytorch.Checkpoint(task, module, optimizer, every_seconds=30, generators=[generator])
     module.train()
-    total, batches = 0.0, 0
-    for _ in range(task.epochs):
-        for batch in torch.randperm(len(labels), generator=generator).split(task.batch_size):
+    for _ in checkpoint.epochs():
+        for batch in checkpoint.batches(torch.randperm(len(labels), generator=generator).split(task.batch_size)):
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(module(images[batch]), labels[batch])
             loss.backward()
             optimizer.step()
-            total, batches = total + loss.item(), batches + 1
-    return (None, len(labels), {"train_loss": total / max(batches, 1)})
+            checkpoint.values["loss_sum"] = checkpoint.values.get("loss_sum", 0.0) + loss.item()
+    return (None, len(labels), {"train_loss": checkpoint.values.get("loss_sum", 0.0) / max(checkpoint.step, 1)})
 
 
 def evaluate(module, task):

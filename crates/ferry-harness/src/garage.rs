@@ -102,6 +102,12 @@ impl Garage {
             secret: random_hex(32),
         };
         garage.set_up();
+        if let Ok(Some(status)) = garage.child.try_wait() {
+            panic!(
+                "Garage exited after it came up ({status}); its log: {}",
+                garage.log()
+            );
+        }
         garage
     }
 

@@ -13,10 +13,22 @@
 pub mod garage;
 pub mod postgres;
 
-/// A free TCP port on loopback (free when asked; nothing holds it after).
+/// A free TCP port on loopback (free when asked; nothing holds it after), never one this
+/// process was given before: the system may hand a just-released port out again, and two
+/// services started side by side (two Garages in parallel tests) must not be given the same.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free port on loopback")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|addr| addr.port())
+            .expect("a free port on loopback");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }

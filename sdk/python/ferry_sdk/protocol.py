@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import sys
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Union
+
+import numpy as np
 
 from .tensors import FerryError, Model, check_trained, load_model, save_model
 
@@ -149,19 +152,35 @@ def serve_evaluation_task(evaluate: EvaluateFn, task_json: dict) -> None:
     write_evaluation(task_json, _evaluation(evaluate(model, EvaluateTask.from_json(task_json))))
 
 
+def seed_generators(seed: int) -> None:
+    """Seeds Python's ``random``, NumPy's global generator and, when PyTorch is loaded,
+    PyTorch's (CPU and GPUs) from a task's ``seed``, so that a run repeats bit for bit: dropout,
+    shuffles and augmentations that draw from these generators draw the same numbers for the
+    same task."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+
+
 def run(
     train: TrainFn,
     evaluate: Optional[EvaluateFn] = None,
     *,
     serve: Callable[[TrainFn, dict], None] = serve_task,
     serve_evaluation: Callable[[EvaluateFn, dict], None] = serve_evaluation_task,
+    seed: bool = True,
 ) -> None:
     """Serves Ferry's trainer protocol until Ferry stops the program: training tasks go to
     ``train``, federated-evaluation tasks to ``evaluate`` (a node without it reports that it
     cannot evaluate). ``serve`` and ``serve_evaluation`` handle one task each (the numpy ones
-    by default)."""
+    by default). Before each task, the generators are seeded from the task's seed
+    (:func:`seed_generators`); pass ``seed=False`` to seed them yourself."""
 
     def handle(task_json: dict) -> None:
+        if seed and task_json.get("seed") is not None:
+            seed_generators(int(task_json["seed"]))
         if task_json.get("kind", "train") != "evaluate":
             serve(train, task_json)
         elif evaluate is None:

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import Checkpoint
 from .protocol import (
     EvaluateResult,
     EvaluateTask,
@@ -66,14 +67,21 @@ def check_state(global_state: Dict[str, torch.Tensor], trained: Dict[str, torch.
 
 
 def run(
-    module: torch.nn.Module, train: TorchTrainFn, evaluate: Optional[TorchEvaluateFn] = None
+    module: torch.nn.Module,
+    train: TorchTrainFn,
+    evaluate: Optional[TorchEvaluateFn] = None,
+    *,
+    seed: bool = True,
 ) -> None:
     """Serves Ferry's trainer protocol: each round, the global model is loaded into ``module``
     (``strict=True``), ``train(module, task)`` trains it in place and returns
     ``TrainResult(model=None, num_examples, metrics)`` (or ``(None, n, metrics)``), and the
     module's checked ``state_dict`` is written back. For a federated evaluation the global
     model is loaded the same way and ``evaluate(module, task)`` scores it (under
-    ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``."""
+    ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``.
+    Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
+    so that dropout and shuffles repeat for the same seed; pass ``seed=False`` to seed them
+    yourself."""
 
     def serve(train_fn: TorchTrainFn, task_json: dict) -> None:
         global_state = load_file(task_json["model_in"])
@@ -89,4 +97,4 @@ def run(
             result = _evaluation(evaluate_fn(module, EvaluateTask.from_json(task_json)))
         write_evaluation(task_json, result)
 
-    run_protocol(train, evaluate, serve=serve, serve_evaluation=score)
+    run_protocol(train, evaluate, serve=serve, serve_evaluation=score, seed=seed)

@@ -163,3 +163,20 @@ def test_model_files_round_trip_every_dtype_and_zero_d_tensors(tmp_path):
     for name, array in model.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
         assert np.array_equal(back[name], array), name
+
+
+def test_each_task_seeds_python_and_numpy_so_a_long_lived_trainer_repeats_itself(make_round, long_lived):
+    import random
+
+    drawn = []
+
+    def train(model, task):
+        drawn.append((random.random(), float(np.random.rand())))
+        return model, 1, {}
+
+    first, second = make_round(), make_round()
+    random.seed(1)
+    np.random.seed(1)
+    assert long_lived(ferry_sdk.run, train, tasks=[first, second]) == [{"ferry": "done"}] * 2
+    # Both tasks carry seed 7: the second draws what the first drew.
+    assert drawn[0] == drawn[1]

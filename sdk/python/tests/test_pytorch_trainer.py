@@ -131,3 +131,41 @@ def test_initial_models_and_results_move_in_and_out_of_pytorch(tmp_path):
     bf16 = {"w": torch.ones(2, 2, dtype=torch.bfloat16)}
     pytorch.save_initial_model(bf16, path)
     assert pytorch.check_state(bf16, {"w": torch.full((2, 2), 0.5, dtype=torch.bfloat16)})["w"].dtype == torch.bfloat16
+
+
+def dropout_fit(module, task):
+    """Trains through a dropout layer on inputs drawn from PyTorch's and NumPy's global
+    generators, seeding nothing itself."""
+    x = torch.randn(32, 4) + torch.tensor(np.random.rand(32, 4), dtype=torch.float32)
+    opt = torch.optim.SGD(module.parameters(), lr=task.lr)
+    module.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = (torch.nn.functional.dropout(module(x), 0.5) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return None, 32, {}
+
+
+def trained_twice(make_round, per_round, **options):
+    """The models of two runs of ``dropout_fit`` on the same task, the global generators left
+    in different states before each, as two processes' would be."""
+    models = []
+    for scramble in (1, 2):
+        task = torch_round(make_round, make_net())
+        torch.manual_seed(1000 + scramble)
+        np.random.seed(1000 + scramble)
+        per_round(pytorch.run, make_net(), dropout_fit, task=task, **options)
+        models.append(task.trained())
+    return models
+
+
+def test_the_same_task_trains_the_same_model_because_the_generators_are_seeded_from_it(make_round, per_round):
+    first, second = trained_twice(make_round, per_round)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_a_trainer_that_seeds_itself_can_turn_the_seeding_off(make_round, per_round):
+    first, second = trained_twice(make_round, per_round, seed=False)
+    assert not np.array_equal(first["0.weight"], second["0.weight"])

@@ -20,6 +20,7 @@ mod own_model;
 mod parity;
 mod pytorch_example;
 mod relays;
+mod resume;
 mod safety;
 mod sdk;
 mod simulate;

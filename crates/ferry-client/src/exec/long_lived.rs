@@ -23,7 +23,10 @@ use std::{
 use ferry_core::{Update, evaluation::NodeEvaluation};
 use serde::{Deserialize, Serialize};
 
-use super::{RoundFiles, TrainerCommand, stderr_tail};
+use super::{
+    RoundFiles, TrainerCommand,
+    process::{Ended, RESTARTS_AFTER_KILL, StarterThread, spawn_kept, stderr_tail},
+};
 use crate::agent::{EvalTask, TrainTask, Trainer};
 
 /// Lines of the program's stderr kept for a failure report.
@@ -39,6 +42,8 @@ pub struct LongLivedTrainer {
 /// The running program and the threads reading its output.
 struct Process {
     child: Child,
+    /// Dropped after the program has ended; the program dies with it.
+    _starter: StarterThread,
     stdin: ChildStdin,
     replies: Receiver<Reply>,
     stderr: Arc<Mutex<VecDeque<String>>>,
@@ -75,14 +80,12 @@ impl LongLivedTrainer {
     }
 
     fn start(&self) -> Result<Process, String> {
-        let mut child = self
-            .command
-            .command()
+        let mut command = self.command.command();
+        command
             .env("FERRY_TRAINER", "long-lived")
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| self.command.cannot_run(&e))?;
+            .stdout(Stdio::piped());
+        let (mut child, starter) = spawn_kept(command).map_err(|e| self.command.cannot_run(&e))?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -123,6 +126,7 @@ impl LongLivedTrainer {
         });
         Ok(Process {
             child,
+            _starter: starter,
             stdin,
             replies,
             stderr: kept,
@@ -136,15 +140,13 @@ impl Process {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Stops the program and says how it ended, with the end of its stderr.
-    fn end(mut self, kill: bool) -> String {
+    /// Stops the program (killing it first if `kill`) and says how it ended, with the end
+    /// of its stderr.
+    fn end(mut self, kill: bool) -> Ended {
         if kill {
             let _ = self.child.kill();
         }
-        let status = self
-            .child
-            .wait()
-            .map_or_else(|e| format!("an unknown status ({e})"), |s| s.to_string());
+        let status = self.child.wait();
         // Let the stderr thread drain what the program wrote last.
         std::thread::sleep(Duration::from_millis(50));
         let tail = self
@@ -152,7 +154,10 @@ impl Process {
             .lock()
             .map(|lines| lines.iter().cloned().collect::<Vec<_>>().join("\n"))
             .unwrap_or_default();
-        format!("{status}{}", stderr_tail(&tail))
+        match status {
+            Ok(status) => Ended::from_status(status, format!("{status}{}", stderr_tail(&tail))),
+            Err(e) => Ended::Failed(format!("an unknown status ({e}){}", stderr_tail(&tail))),
+        }
     }
 
     /// Hands the program `task` and waits for its answer until `deadline`.
@@ -195,7 +200,9 @@ enum Waited {
 
 impl LongLivedTrainer {
     /// Hands the running program (started again if it died) `task` for `round`, and waits
-    /// for its answer until `deadline`; `what` names the work in failure reports.
+    /// for its answer until `deadline`; `what` names the work in failure reports. A program
+    /// killed by a signal during the task is started again on it (it resumes from its
+    /// checkpoint folder), at most [`RESTARTS_AFTER_KILL`] times.
     fn exchange(
         &self,
         task: &impl Serialize,
@@ -207,45 +214,62 @@ impl LongLivedTrainer {
             .process
             .lock()
             .map_err(|_| "the trainer's previous task panicked".to_string())?;
-        if let Some(mut process) = slot.take() {
-            if process.alive() {
-                *slot = Some(process);
-            } else {
-                eprintln!(
-                    "the trainer process had exited ({}); starting it again",
-                    process.end(false)
-                );
+        let mut restarts = 0;
+        loop {
+            let mut process = match slot.take() {
+                Some(mut process) => {
+                    if process.alive() {
+                        process
+                    } else {
+                        eprintln!(
+                            "the trainer process had exited ({}); starting it again",
+                            String::from(process.end(false))
+                        );
+                        self.start()?
+                    }
+                }
+                None => self.start()?,
+            };
+            match process.serve(task, deadline) {
+                Ok(Reply::Done) => {
+                    *slot = Some(process);
+                    return Ok(());
+                }
+                Ok(Reply::Failed(message)) => {
+                    *slot = Some(process);
+                    return Err(format!(
+                        "the trainer reported for {what} {round}: {message}"
+                    ));
+                }
+                Err(Waited::Refused(reason)) => {
+                    *slot = Some(process);
+                    return Err(reason);
+                }
+                Err(Waited::Late) => {
+                    return Err(format!(
+                        "the trainer did not finish {what} {round} by the round's deadline; it \
+                         was stopped ({}) and starts again for the next task",
+                        String::from(process.end(true))
+                    ));
+                }
+                Err(Waited::Died) => match process.end(false) {
+                    Ended::Killed(how) if restarts < RESTARTS_AFTER_KILL => {
+                        restarts += 1;
+                        eprintln!(
+                            "the trainer process was killed ({how}) during {what} {round}; \
+                             starting it again on the same task ({restarts} of \
+                             {RESTARTS_AFTER_KILL})"
+                        );
+                    }
+                    ended => {
+                        return Err(format!(
+                            "the trainer process exited with {} during {what} {round}; it \
+                             starts again for the next task",
+                            String::from(ended)
+                        ));
+                    }
+                },
             }
-        }
-        let mut process = match slot.take() {
-            Some(process) => process,
-            None => self.start()?,
-        };
-        match process.serve(task, deadline) {
-            Ok(Reply::Done) => {
-                *slot = Some(process);
-                Ok(())
-            }
-            Ok(Reply::Failed(message)) => {
-                *slot = Some(process);
-                Err(format!(
-                    "the trainer reported for {what} {round}: {message}"
-                ))
-            }
-            Err(Waited::Refused(reason)) => {
-                *slot = Some(process);
-                Err(reason)
-            }
-            Err(Waited::Late) => Err(format!(
-                "the trainer did not finish {what} {round} by the round's deadline; it was \
-                 stopped ({}) and starts again for the next task",
-                process.end(true)
-            )),
-            Err(Waited::Died) => Err(format!(
-                "the trainer process exited with {} during {what} {round}; it starts again \
-                 for the next task",
-                process.end(false)
-            )),
         }
     }
 }
@@ -283,8 +307,9 @@ mod tests {
     }
 
     /// A Python program serving tasks: it adds 1 to every weight and reports its process id
-    /// as a metric; round 3 crashes it, round 4 hangs it, round 5 is refused.
-    const SERVER: &str = r#"import json, os, sys, time
+    /// as a metric; round 3 crashes it, round 4 hangs it, round 5 is refused, and round 7
+    /// is killed by SIGKILL until it has left `saved` in its checkpoint folder.
+    const SERVER: &str = r#"import json, os, signal, sys, time
 from safetensors.numpy import load_file, save_file
 assert os.environ["FERRY_TRAINER"] == "long-lived"
 for line in sys.stdin:
@@ -306,6 +331,11 @@ for line in sys.stdin:
     if task["round"] == 5:
         print(json.dumps({"ferry": "error", "message": "no data for this round"}), flush=True)
         continue
+    if task["round"] == 7:
+        saved = os.path.join(task["checkpoint_dir"], "saved")
+        if not os.path.exists(saved):
+            open(saved, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
     m = load_file(task["model_in"])
     save_file({k: v + 1 for k, v in m.items()}, task["model_out"])
     json.dump({"num_examples": 3, "metrics": {"pid": os.getpid()}}, open(task["result_out"], "w"))
@@ -321,6 +351,21 @@ for line in sys.stdin:
             dir.join("work"),
         )
         .expect("trainer")
+    }
+
+    #[test]
+    fn a_program_killed_during_a_task_is_started_again_on_that_task() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trainer = trainer(dir.path());
+        let first = trainer.train(&task(1, None)).expect("round 1");
+        let resumed = trainer
+            .train(&task(7, None))
+            .expect("round 7 is finished by the restarted program");
+        assert_eq!(resumed.delta, [1.0, 1.0]);
+        assert_ne!(
+            resumed.metrics["pid"], first.metrics["pid"],
+            "a new process finished it"
+        );
     }
 
     #[test]

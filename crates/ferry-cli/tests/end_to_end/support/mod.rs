@@ -32,12 +32,7 @@ pub fn run_ok(args: &[&str]) -> Output {
     out
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
+pub use ferry_harness::free_port;
 
 pub fn spawn_logged(args: &[String], log: &Path) -> Child {
     spawn_logged_with_env::<&str>(args, log, &[])
