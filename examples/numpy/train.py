@@ -50,8 +50,14 @@ def train(model, task):
             batch = order[start:start + task.batch_size]
             p = probabilities(features[batch], w, b)
             losses.append(-np.log(np.clip((p * onehot[batch]).sum(axis=1), 1e-12, None)).mean())
-            grad_w = features[batch].T @ (p - onehot[batch]) / len(batch) + task.weight_decay * w
-            grad_b = (p - onehot[batch]).mean(axis=0) + task.weight_decay * b
+            grads = task.local.gradients(  # FedProx's term when the run uses it; counts the step
+                {
+                    weight: features[batch].T @ (p - onehot[batch]) / len(batch) + task.weight_decay * w,
+                    bias: (p - onehot[batch]).mean(axis=0) + task.weight_decay * b,
+                },
+                {weight: w, bias: b},
+            )
+            grad_w, grad_b = grads[weight], grads[bias]
             velocity_w = task.momentum * velocity_w + grad_w
             velocity_b = task.momentum * velocity_b + grad_b
             w, b = w - task.lr * velocity_w, b - task.lr * velocity_b

@@ -10,11 +10,12 @@ import os
 import random
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 
+from .procedure import LocalProcedure, check_applied
 from .tensors import FerryError, Model, check_trained, load_model, save_model
 
 
@@ -24,7 +25,13 @@ class _FromTaskJson:
     @classmethod
     def from_json(cls, task: dict):
         """The task of a ``task.json`` object (keys the class does not declare are ignored)."""
-        return cls(**{name: task.get(name) for name in cls.__dataclass_fields__})
+        return cls(
+            **{
+                name: task.get(name)
+                for name, declared in cls.__dataclass_fields__.items()
+                if declared.metadata.get("from_json", True)
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,11 @@ class Task(_FromTaskJson):
     #: A folder that outlives this process and the node agent for this task: save
     #: checkpoints there and resume from them when the task is started again.
     checkpoint_dir: Optional[str] = None
+    #: The strategy's local procedure for a NumPy loop (FedProx's term, FedNova's steps): pass
+    #: each step's gradients through ``task.local.gradients(grads, model)``.
+    local: Optional[LocalProcedure] = field(
+        default=None, compare=False, repr=False, metadata={"from_json": False}
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,16 @@ def serve_task(train: TrainFn, task_json: dict) -> None:
     where the task says, after checking them."""
     global_model = load_model(task_json["model_in"])
     copy = {name: array.copy() for name, array in global_model.items()}
-    result = _result(train(copy, Task.from_json(task_json)))
+    task = Task.from_json(task_json)
+    local = LocalProcedure(task.procedure, task.mu, global_model)
+    result = _result(train(copy, replace(task, local=local)))
+    check_applied(
+        task.procedure,
+        task.mu,
+        local.steps,
+        result.metrics,
+        "pass each step's gradients through task.local.gradients(grads, model)",
+    )
     trained = check_trained(global_model, result.model)
     write_result(task_json, result)
     save_model(trained, task_json["model_out"])

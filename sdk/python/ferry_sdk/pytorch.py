@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import Checkpoint
+from .procedure import HookedSteps, check_applied
 from .protocol import (
     EvaluateResult,
     EvaluateTask,
@@ -79,14 +80,29 @@ def run(
     module's checked ``state_dict`` is written back. For a federated evaluation the global
     model is loaded the same way and ``evaluate(module, task)`` scores it (under
     ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``.
-    Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
+    The strategy's local procedure needs nothing from ``train``: under FedProx, gradient hooks
+    add ``mu * (w - w_global)`` to every trainable parameter's gradient, and the backward
+    passes through the module are counted as FedNova's ``steps`` (unless ``train`` reports its
+    own). Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
     so that dropout and shuffles repeat for the same seed; pass ``seed=False`` to seed them
     yourself."""
 
     def serve(train_fn: TorchTrainFn, task_json: dict) -> None:
         global_state = load_file(task_json["model_in"])
         module.load_state_dict(global_state, strict=True)
-        result = _result(train_fn(module, Task.from_json(task_json)))
+        task = Task.from_json(task_json)
+        hooks = HookedSteps(module, task.procedure, task.mu)
+        try:
+            result = _result(train_fn(module, task))
+        finally:
+            hooks.remove()
+        check_applied(
+            task.procedure,
+            task.mu,
+            hooks.steps,
+            result.metrics,
+            "train the module passed to train (no backward pass through it was seen)",
+        )
         trained = check_state(global_state, module.state_dict())
         write_result(task_json, result)
         save_file(trained, task_json["model_out"])

@@ -3,6 +3,9 @@ and ``evaluate`` return before anything reaches Ferry."""
 
 from __future__ import annotations
 
+import json
+import random
+
 import numpy as np
 import pytest
 
@@ -166,8 +169,6 @@ def test_model_files_round_trip_every_dtype_and_zero_d_tensors(tmp_path):
 
 
 def test_each_task_seeds_python_and_numpy_so_a_long_lived_trainer_repeats_itself(make_round, long_lived):
-    import random
-
     drawn = []
 
     def train(model, task):
@@ -180,3 +181,44 @@ def test_each_task_seeds_python_and_numpy_so_a_long_lived_trainer_repeats_itself
     assert long_lived(ferry_sdk.run, train, tasks=[first, second]) == [{"ferry": "done"}] * 2
     # Both tasks carry seed 7: the second draws what the first drew.
     assert drawn[0] == drawn[1]
+
+
+def pulled_to_zero(model, task, steps=4):
+    """``steps`` steps of gradient descent on ``0.5 * |w|^2`` for ``head.bias``, each step's
+    gradient passed through the task's local procedure."""
+    w = model["head.bias"].copy()
+    for _ in range(steps):
+        grads = task.local.gradients({"head.bias": w.copy()}, {"head.bias": w})
+        w = w - task.lr * grads["head.bias"]
+    return ferry_sdk.TrainResult({**model, "head.bias": w}, num_examples=4)
+
+
+def numpy_procedure_round(make_round, procedure, mu=0.0):
+    task = make_round()
+    task.task.update(procedure=procedure, mu=mu)
+    task.task_file.write_text(json.dumps(task.task))
+    return task
+
+
+def test_the_numpy_helper_adds_fedprox_term_and_counts_fednova_steps(make_round, per_round):
+    start = numpy_model()["head.bias"]
+    proximal = numpy_procedure_round(make_round, "proximal", mu=1.0)
+    per_round(ferry_sdk.run, pulled_to_zero, task=proximal)
+    # With mu = 1 the proximal term pulls back towards the global model: w <- w - lr*(w + (w - w0)).
+    expected = start.copy()
+    for _ in range(4):
+        expected = expected - 0.1 * (expected + (expected - start))
+    assert np.allclose(proximal.trained()["head.bias"], expected)
+    normalized = numpy_procedure_round(make_round, "normalized")
+    per_round(ferry_sdk.run, pulled_to_zero, task=normalized)
+    assert normalized.result()["metrics"]["steps"] == 4
+    assert np.allclose(normalized.trained()["head.bias"], start * 0.9**4)
+
+
+def test_a_numpy_loop_that_skips_the_helper_is_told_so(make_round, per_round):
+    proximal = numpy_procedure_round(make_round, "proximal", mu=0.01)
+    with pytest.raises(ferry_sdk.FerryError, match="task.local.gradients"):
+        per_round(ferry_sdk.run, halfway_to_one, task=proximal)
+    normalized = numpy_procedure_round(make_round, "normalized")
+    with pytest.raises(ferry_sdk.FerryError, match="FedNova"):
+        per_round(ferry_sdk.run, halfway_to_one, task=normalized)

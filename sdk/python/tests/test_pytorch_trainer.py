@@ -3,6 +3,8 @@ state dict, and model files in and out of PyTorch."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -169,3 +171,82 @@ def test_the_same_task_trains_the_same_model_because_the_generators_are_seeded_f
 def test_a_trainer_that_seeds_itself_can_turn_the_seeding_off(make_round, per_round):
     first, second = trained_twice(make_round, per_round, seed=False)
     assert not np.array_equal(first["0.weight"], second["0.weight"])
+
+
+def steps_fit(module, task, steps=5, metrics=None):
+    """``steps`` SGD steps on a fixed regression; seeds nothing the SDK does not."""
+    x = torch.linspace(-1, 1, 64).reshape(16, 4)
+    y = x[:, :3] * 2
+    opt = torch.optim.SGD(module.parameters(), lr=task.lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((module(x) - y) ** 2).mean().backward()
+        opt.step()
+    return None, 16, dict(metrics or {})
+
+
+def proximal_by_hand(module, mu, steps=5):
+    """The same loop with FedProx's term written into the loss, as a user would by hand."""
+    anchor = [p.detach().clone() for p in module.parameters()]
+    x = torch.linspace(-1, 1, 64).reshape(16, 4)
+    y = x[:, :3] * 2
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((module(x) - y) ** 2).mean()
+        loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(module.parameters(), anchor))
+        loss.backward()
+        opt.step()
+    return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def procedure_round(make_round, procedure, mu=0.0):
+    task = torch_round(make_round, make_net())
+    task.task.update(procedure=procedure, mu=mu)
+    task.task_file.write_text(json.dumps(task.task))
+    return task
+
+
+def test_fedprox_needs_no_user_code_the_sdk_adds_the_proximal_term(make_round, per_round):
+    proximal = procedure_round(make_round, "proximal", mu=0.5)
+    per_round(pytorch.run, make_net(), steps_fit, task=proximal)
+    plain = procedure_round(make_round, "local_sgd")
+    per_round(pytorch.run, make_net(), steps_fit, task=plain)
+    by_hand = proximal_by_hand(make_net(), mu=0.5)
+    for name in by_hand:
+        if by_hand[name].dtype.kind == "f":  # integer counters are the global model's
+            assert np.allclose(proximal.trained()[name], by_hand[name], atol=1e-6), name
+    assert not np.allclose(proximal.trained()["0.weight"], plain.trained()["0.weight"], atol=1e-4)
+
+
+def test_fednova_steps_are_counted_unless_train_reports_its_own(make_round, per_round):
+    counted = procedure_round(make_round, "normalized")
+    per_round(pytorch.run, make_net(), lambda m, t: steps_fit(m, t, steps=7), task=counted)
+    assert counted.result()["metrics"]["steps"] == 7
+    own = procedure_round(make_round, "normalized")
+    per_round(pytorch.run, make_net(), lambda m, t: steps_fit(m, t, metrics={"steps": 3}), task=own)
+    assert own.result()["metrics"]["steps"] == 3
+    plain = procedure_round(make_round, "local_sgd")
+    per_round(pytorch.run, make_net(), steps_fit, task=plain)
+    assert "steps" not in plain.result()["metrics"]
+
+
+def test_a_long_lived_trainer_takes_each_tasks_hooks_off_after_it(make_round, long_lived):
+    module = make_net()
+    proximal = procedure_round(make_round, "proximal", mu=0.5)
+    plain = procedure_round(make_round, "local_sgd")
+    alone = procedure_round(make_round, "local_sgd")
+    long_lived(pytorch.run, module, steps_fit, tasks=[proximal, plain])
+    long_lived(pytorch.run, make_net(), steps_fit, tasks=[alone])
+    # The plain task after a proximal one trains as a plain task alone does.
+    assert np.array_equal(plain.trained()["0.weight"], alone.trained()["0.weight"])
+
+
+def test_a_strategy_whose_procedure_was_never_applied_is_refused(make_round, per_round):
+    proximal = procedure_round(make_round, "proximal", mu=0.5)
+    with pytest.raises(ferry_sdk.FerryError, match="FedProx .* never applied"):
+        per_round(pytorch.run, make_net(), lambda m, t: (None, 4, {}), task=proximal)
+    normalized = procedure_round(make_round, "normalized")
+    with pytest.raises(ferry_sdk.FerryError, match="FedNova"):
+        per_round(pytorch.run, make_net(), lambda m, t: (None, 4, {}), task=normalized)
+    assert not normalized.result_out.exists()

@@ -189,6 +189,69 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
     )));
 }
 
+/// FedProx and FedNova reach a PyTorch loop that knows neither: the SDK adds the proximal
+/// term and counts the steps, so every node's update is taken and each strategy ends with its
+/// own model; SCAFFOLD, whose control variates the trainer protocol does not carry, is refused
+/// before any trainer starts.
+#[test]
+fn fedprox_and_fednova_reach_a_pytorch_loop_that_knows_neither() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fs::write(tmp.path().join("net.py"), TORCH_MODEL).expect("model");
+    let initial = tmp.path().join("init.safetensors");
+    let header = format!(
+        "import sys; sys.path.insert(0, '{}')\nimport torch, net\nfrom ferry_sdk import pytorch\n",
+        tmp.path().display()
+    );
+    python(&format!(
+        "{header}pytorch.save_initial_model(net.make(), '{}')",
+        initial.display()
+    ));
+    // Each site fits its own target, so that the strategies' corrections matter.
+    let trainer = format!(
+        "{header}def train(module, task):\n\
+         \x20   site = 1.0 if task.data_dir.endswith('1') else -1.0\n\
+         \x20   x = torch.randn(64, 4); y = x[:, :3] * 2 + site\n\
+         \x20   opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=task.momentum)\n\
+         \x20   for _ in range(10 if site > 0 else 30):\n\
+         \x20       opt.zero_grad(); loss = ((module(x) - y) ** 2).mean(); loss.backward(); opt.step()\n\
+         \x20   return (None, 64, {{'train_loss': float(loss)}})\n\
+         pytorch.run(net.make(), train)\n"
+    );
+    let mut models = Vec::new();
+    for strategy in [
+        &["--strategy", "fedavg"][..],
+        &["--strategy", "fedprox", "--mu", "1.0"],
+        &["--strategy", "fednova"],
+    ] {
+        let dir = tmp.path().join(strategy[1]);
+        let out = simulate(&dir, &trainer, &initial, strategy);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{strategy:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let h = history(&dir.join("run")).expect("history.json");
+        let rounds = h["rounds"].as_array().expect("rounds");
+        assert!(
+            rounds.iter().all(|r| r["participants"] == 2),
+            "{strategy:?}: no node failed: {rounds:?}\n{stdout}"
+        );
+        models.push(fs::read(dir.join("run/model.safetensors")).expect("model"));
+    }
+    assert_ne!(models[0], models[1], "FedProx is not FedAvg");
+    assert_ne!(models[0], models[2], "FedNova is not FedAvg");
+    let scaffold = tmp.path().join("scaffold");
+    let out = simulate(&scaffold, &trainer, &initial, &["--strategy", "scaffold"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--strategy scaffold is not available with --trainer-cmd"),
+        "{stderr}"
+    );
+    assert!(!scaffold.join("run/nodes").exists(), "no trainer started");
+}
+
 /// `examples/numpy` as its README runs it: CSV sites made from Fashion-MNIST, a zero softmax
 /// regression, and the SDK trainer simulated as every site, whose federated accuracy rises.
 #[test]
