@@ -14,7 +14,7 @@ use ferry_client::{
     connection::ServerAddress,
     exec::{ExecTrainer, long_lived::LongLivedTrainer},
 };
-use ferry_core::{Update, evaluation::NodeEvaluation, wire};
+use ferry_core::{Update, evaluation::NodeEvaluation};
 use ferry_ml::{
     client::{ClientTask, train_update},
     data::{Dataset, DatasetKind},
@@ -132,7 +132,7 @@ impl Trainer for BuiltinTrainer {
         let update =
             train_update(self.model, data, client_task, &mut control).map_err(|e| e.to_string())?;
         if !control.is_empty() {
-            save_control(&self.control_file, &control)?;
+            ferry_client::control::save(&self.control_file, &control)?;
         }
         Ok(update)
     }
@@ -159,35 +159,6 @@ impl Trainer for BuiltinTrainer {
     }
 }
 
-fn save_control(path: &Path, control: &[f32]) -> Result<(), String> {
-    let bytes = wire::encode_vectors(&[("control", control)]).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            format!(
-                "cannot save the node's control variate to {}: {e}",
-                path.display()
-            )
-        })
-}
-
-fn load_control(path: &Path) -> Result<Vec<f32>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Ok(wire::decode_vectors(&bytes)
-            .with_context(|| {
-                format!(
-                    "{} is damaged; delete it to start SCAFFOLD from zero",
-                    path.display()
-                )
-            })?
-            .remove("control")
-            .unwrap_or_default()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
-}
-
 fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
     let kind: DatasetKind = args.dataset.parse()?;
     let model: ModelKind = args.model.parse()?;
@@ -201,7 +172,7 @@ fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("cannot create {}", args.state_dir.display()))?;
-    let control_file = args.state_dir.join("scaffold-control.safetensors");
+    let control_file = args.state_dir.join(ferry_client::control::CONTROL_FILE);
     Ok(BuiltinTrainer {
         model,
         data,
@@ -209,7 +180,9 @@ fn builtin_trainer(args: &ClientArgs) -> Result<BuiltinTrainer> {
         noise_std,
         held_out,
         held_out_indices,
-        control: Mutex::new(load_control(&control_file)?),
+        control: Mutex::new(
+            ferry_client::control::load(&control_file).map_err(anyhow::Error::msg)?,
+        ),
         control_file,
     })
 }

@@ -185,13 +185,6 @@ fn run_own_code(
              fine-tuned and exchanged by built-in virtual nodes only; use --cross-site global"
         );
     }
-    if config.strategy == ferry_core::strategy::StrategyName::Scaffold {
-        anyhow::bail!(
-            "--strategy scaffold is not available with --trainer-cmd yet: the trainer protocol \
-             does not carry SCAFFOLD's control variates to and from your program; use fedprox or \
-             fednova (the SDK applies both to any training loop), or a built-in --model"
-        );
-    }
     let out = args.out_dir();
     report::prepare_dir(&out)?;
     let folders = match (folders, args.clients) {

@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod connection;
+pub mod control;
 pub mod error;
 pub mod exec;
 pub mod failover;

@@ -43,6 +43,7 @@ pub mod personal;
 pub mod privacy;
 pub mod qfedavg;
 pub mod robust;
+pub mod scaffold;
 pub mod seed;
 pub mod server_opt;
 pub mod staleness;

@@ -464,6 +464,7 @@ fn trainer_seeds() -> Vec<Vec<u8>> {
         result_out: "round-3/result.json".into(),
         data_dir: Some("data".into()),
         checkpoint_dir: "checkpoints/round-3-0123456789abcdef".into(),
+        correction_in: None,
     };
     let evaluation = ExecEvaluation {
         kind: "evaluate".into(),

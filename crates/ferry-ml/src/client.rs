@@ -51,10 +51,7 @@ pub fn train_update(
     }
     // SCAFFOLD: the correction c - c_i, with c and c_i zero until first set.
     let correction: Vec<f32> = if scaffold {
-        match server_control {
-            Some(c) => c.iter().zip(control.iter()).map(|(c, ci)| c - ci).collect(),
-            None => control.iter().map(|ci| -ci).collect(),
-        }
+        ferry_core::scaffold::correction(server_control, control)
     } else {
         Vec::new()
     };
@@ -84,14 +81,12 @@ pub fn train_update(
     }
     match task.procedure {
         ClientProcedure::Scaffold => {
-            // c_i+ = c_i - c + (x - y) / (K * lr); the node sends dc = c_i+ - c_i.
-            let scale = -1.0 / (outcome.steps.max(1) as f64 * task.training.lr) as f32;
-            let dc: Vec<f32> = update
-                .delta
-                .iter()
-                .enumerate()
-                .map(|(j, d)| scale * d - server_control.map_or(0.0, |c| c[j]))
-                .collect();
+            let dc = ferry_core::scaffold::control_change(
+                &update.delta,
+                outcome.steps,
+                task.training.lr,
+                server_control,
+            );
             algebra::add_scaled(control, &dc, 1.0);
             update.control_delta = Some(dc);
         }

@@ -1,6 +1,8 @@
 """Each strategy's local procedure, applied by the SDK so that the user's training loop need not
 know the strategy: FedProx's proximal term (``mu * (w - w_global)`` added to every trainable
-tensor's gradient) and FedNova's count of local steps. The PyTorch front end applies both to any
+tensor's gradient), SCAFFOLD's correction (``c - c_i`` added to every gradient; Ferry keeps the
+node's control variate and works out its change) and the count of local steps that FedNova and
+SCAFFOLD report. The PyTorch front end applies both to any
 loop through gradient hooks; a NumPy loop passes each step's gradients through
 :meth:`LocalProcedure.gradients`."""
 
@@ -12,8 +14,11 @@ import numpy as np
 
 from .tensors import FerryError, Model
 
-#: The procedures whose work the SDK does: FedProx's and FedNova's.
-PROXIMAL, NORMALIZED = "proximal", "normalized"
+#: The procedures whose work the SDK does: FedProx's, FedNova's and SCAFFOLD's.
+PROXIMAL, NORMALIZED, SCAFFOLD = "proximal", "normalized", "scaffold"
+
+#: The procedures that report the local steps taken, by the name Ferry's protocol gives them.
+COUNTED = {NORMALIZED: "FedNova", SCAFFOLD: "SCAFFOLD"}
 
 
 class LocalProcedure:
@@ -26,13 +31,17 @@ class LocalProcedure:
             for name in grads:
                 model[name] -= task.lr * grads[name]
 
-    Under FedProx the call adds ``mu * (w - w_global)``; under every strategy it counts the step,
-    and the count is reported as FedNova's ``steps`` unless ``train`` reports its own."""
+    Under FedProx the call adds ``mu * (w - w_global)``, under SCAFFOLD the correction
+    ``c - c_i``; under every strategy it counts the step, and the count is reported as FedNova's
+    and SCAFFOLD's ``steps`` unless ``train`` reports its own."""
 
-    def __init__(self, procedure: str, mu: float, global_model: Model) -> None:
+    def __init__(
+        self, procedure: str, mu: float, global_model: Model, correction: Optional[Model] = None
+    ) -> None:
         self.procedure = procedure
         self.mu = float(mu or 0.0)
         self._global = global_model
+        self._correction = correction if procedure == SCAFFOLD else None
         #: Local steps taken: calls of :meth:`gradients`.
         self.steps = 0
 
@@ -40,13 +49,18 @@ class LocalProcedure:
         """``gradients`` with FedProx's proximal term added when the task asks for it (the
         same arrays otherwise); counts one local step."""
         self.steps += 1
-        if self.procedure != PROXIMAL or self.mu == 0.0:
+        proximal = self.procedure == PROXIMAL and self.mu != 0.0
+        if not proximal and self._correction is None:
             return gradients
         out = {}
         for name, grad in gradients.items():
             if name not in self._global:
                 raise FerryError(f"gradient '{name}' names no tensor of the global model")
-            out[name] = grad + self.mu * (model[name] - self._global[name]).astype(grad.dtype)
+            out[name] = grad
+            if proximal:
+                out[name] = out[name] + self.mu * (model[name] - self._global[name]).astype(grad.dtype)
+            if self._correction is not None and name in self._correction:
+                out[name] = out[name] + self._correction[name].astype(grad.dtype)
         return out
 
 
@@ -54,11 +68,11 @@ def check_applied(procedure: str, mu: float, steps: int, metrics: Dict[str, floa
     """Fills in FedNova's ``steps`` from the ``steps`` counted, and refuses a task whose
     strategy's procedure was never applied: the update would silently be another strategy's.
     ``how`` says how a loop applies it (the front end's own words)."""
-    if procedure == NORMALIZED and "steps" not in metrics:
+    if procedure in COUNTED and "steps" not in metrics:
         if steps == 0:
             raise FerryError(
-                f"the run uses FedNova, which needs the number of local steps: {how}, or report "
-                "metrics['steps'] yourself"
+                f"the run uses {COUNTED[procedure]}, which needs the number of local steps: "
+                f"{how}, or report metrics['steps'] yourself"
             )
         metrics["steps"] = steps
     if procedure == PROXIMAL and mu and steps == 0:
@@ -69,28 +83,35 @@ def check_applied(procedure: str, mu: float, steps: int, metrics: Dict[str, floa
 
 class HookedSteps:
     """Gradient hooks on a PyTorch module's trainable parameters for one task: they add
-    FedProx's term when the procedure is proximal, and count backward passes through the module
+    FedProx's term when the procedure is proximal and SCAFFOLD's correction (``correction``,
+    the task's tensors by name) when it is scaffold, and count backward passes through the module
     (one per local step; a loop that accumulates gradients over several backward passes per
     step reports ``metrics['steps']`` itself)."""
 
-    def __init__(self, module, procedure: str, mu: float) -> None:
+    def __init__(self, module, procedure: str, mu: float, correction: Optional[dict] = None) -> None:
         mu = float(mu or 0.0) if procedure == PROXIMAL else 0.0
+        correction = correction if procedure == SCAFFOLD else None
         self.steps = 0
         self._handles = []
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        for index, parameter in enumerate(trainable):
+        trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        for index, (name, parameter) in enumerate(trainable):
             anchor: Optional[object] = parameter.detach().clone() if mu else None
+            shift = None
+            if correction is not None and name in correction:
+                shift = correction[name].to(dtype=parameter.dtype, device=parameter.device)
             self._handles.append(
-                parameter.register_hook(self._hook(parameter, anchor, mu, counts=index == 0))
+                parameter.register_hook(self._hook(parameter, anchor, mu, shift, counts=index == 0))
             )
 
-    def _hook(self, parameter, anchor, mu: float, counts: bool):
+    def _hook(self, parameter, anchor, mu: float, shift, counts: bool):
         def hook(grad):
             if counts:
                 self.steps += 1
-            if anchor is None:
-                return grad
-            return grad + mu * (parameter.detach() - anchor)
+            if anchor is not None:
+                grad = grad + mu * (parameter.detach() - anchor)
+            if shift is not None:
+                grad = grad + shift
+            return grad
 
         return hook
 

@@ -51,6 +51,9 @@ class Task(_FromTaskJson):
     #: A folder that outlives this process and the node agent for this task: save
     #: checkpoints there and resume from them when the task is started again.
     checkpoint_dir: Optional[str] = None
+    #: SCAFFOLD only: a model file of the correction ``c - c_i`` that the SDK adds to every
+    #: local gradient (Ferry keeps the node's ``c_i``).
+    correction_in: Optional[str] = None
     #: The strategy's local procedure for a NumPy loop (FedProx's term, FedNova's steps): pass
     #: each step's gradients through ``task.local.gradients(grads, model)``.
     local: Optional[LocalProcedure] = field(
@@ -153,7 +156,8 @@ def serve_task(train: TrainFn, task_json: dict) -> None:
     global_model = load_model(task_json["model_in"])
     copy = {name: array.copy() for name, array in global_model.items()}
     task = Task.from_json(task_json)
-    local = LocalProcedure(task.procedure, task.mu, global_model)
+    correction = load_model(task.correction_in) if task.correction_in else None
+    local = LocalProcedure(task.procedure, task.mu, global_model, correction)
     result = _result(train(copy, replace(task, local=local)))
     check_applied(
         task.procedure,

@@ -81,9 +81,9 @@ def run(
     model is loaded the same way and ``evaluate(module, task)`` scores it (under
     ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``.
     The strategy's local procedure needs nothing from ``train``: under FedProx, gradient hooks
-    add ``mu * (w - w_global)`` to every trainable parameter's gradient, and the backward
-    passes through the module are counted as FedNova's ``steps`` (unless ``train`` reports its
-    own). Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
+    add ``mu * (w - w_global)`` to every trainable parameter's gradient, under SCAFFOLD the
+    correction ``c - c_i``, and the backward passes through the module are counted as FedNova's
+    and SCAFFOLD's ``steps`` (unless ``train`` reports its own). Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
     so that dropout and shuffles repeat for the same seed; pass ``seed=False`` to seed them
     yourself."""
 
@@ -91,7 +91,8 @@ def run(
         global_state = load_file(task_json["model_in"])
         module.load_state_dict(global_state, strict=True)
         task = Task.from_json(task_json)
-        hooks = HookedSteps(module, task.procedure, task.mu)
+        correction = load_file(task.correction_in) if task.correction_in else None
+        hooks = HookedSteps(module, task.procedure, task.mu, correction)
         try:
             result = _result(train_fn(module, task))
         finally:

@@ -222,3 +222,18 @@ def test_a_numpy_loop_that_skips_the_helper_is_told_so(make_round, per_round):
     normalized = numpy_procedure_round(make_round, "normalized")
     with pytest.raises(ferry_sdk.FerryError, match="FedNova"):
         per_round(ferry_sdk.run, halfway_to_one, task=normalized)
+
+
+def test_the_numpy_helper_adds_scaffolds_correction_and_counts_its_steps(make_round, per_round, tmp_path):
+    start = numpy_model()["head.bias"]
+    correction = {name: np.full_like(array, 0.5) for name, array in numpy_model().items()}
+    ferry_sdk.save_model(correction, str(tmp_path / "correction.safetensors"))
+    task = numpy_procedure_round(make_round, "scaffold")
+    task.task["correction_in"] = str(tmp_path / "correction.safetensors")
+    task.task_file.write_text(json.dumps(task.task))
+    per_round(ferry_sdk.run, pulled_to_zero, task=task)
+    expected = start.copy()
+    for _ in range(4):
+        expected = expected - 0.1 * (expected + 0.5)
+    assert np.allclose(task.trained()["head.bias"], expected)
+    assert task.result()["metrics"]["steps"] == 4

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import ferry_sdk
 from ferry_sdk import pytorch
@@ -250,3 +251,28 @@ def test_a_strategy_whose_procedure_was_never_applied_is_refused(make_round, per
     with pytest.raises(ferry_sdk.FerryError, match="FedNova"):
         per_round(pytorch.run, make_net(), lambda m, t: (None, 4, {}), task=normalized)
     assert not normalized.result_out.exists()
+
+
+def test_scaffold_adds_the_correction_to_every_gradient_and_reports_the_steps(make_round, per_round, tmp_path):
+    start = make_net()
+    correction = {n: torch.full_like(p, 0.3) for n, p in start.named_parameters()}
+    correction_file = tmp_path / "correction.safetensors"
+    save_file({n: t.contiguous() for n, t in correction.items()}, str(correction_file))
+    task = procedure_round(make_round, "scaffold")
+    task.task["correction_in"] = str(correction_file)
+    task.task_file.write_text(json.dumps(task.task))
+    per_round(pytorch.run, make_net(), steps_fit, task=task)
+    assert task.result()["metrics"]["steps"] == 5
+    # The same loop with the correction added by hand.
+    module = make_net()
+    x = torch.linspace(-1, 1, 64).reshape(16, 4)
+    y = x[:, :3] * 2
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        ((module(x) - y) ** 2).mean().backward()
+        for n, p in module.named_parameters():
+            p.grad += correction[n]
+        opt.step()
+    for n, p in module.named_parameters():
+        assert np.allclose(task.trained()[n], p.detach().numpy(), atol=1e-6), n

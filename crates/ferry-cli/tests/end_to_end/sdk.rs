@@ -189,12 +189,12 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
     )));
 }
 
-/// FedProx and FedNova reach a PyTorch loop that knows neither: the SDK adds the proximal
-/// term and counts the steps, so every node's update is taken and each strategy ends with its
-/// own model; SCAFFOLD, whose control variates the trainer protocol does not carry, is refused
-/// before any trainer starts.
+/// FedProx, FedNova and SCAFFOLD reach a PyTorch loop that knows none of them: the SDK adds
+/// the proximal term or SCAFFOLD's correction to the gradients and counts the steps, and each
+/// node keeps its control variate with Ferry, so every node's update is taken and each strategy
+/// ends with its own model.
 #[test]
-fn fedprox_and_fednova_reach_a_pytorch_loop_that_knows_neither() {
+fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
     fs::write(tmp.path().join("net.py"), TORCH_MODEL).expect("model");
     let initial = tmp.path().join("init.safetensors");
@@ -222,6 +222,7 @@ fn fedprox_and_fednova_reach_a_pytorch_loop_that_knows_neither() {
         &["--strategy", "fedavg"][..],
         &["--strategy", "fedprox", "--mu", "1.0"],
         &["--strategy", "fednova"],
+        &["--strategy", "scaffold"],
     ] {
         let dir = tmp.path().join(strategy[1]);
         let out = simulate(&dir, &trainer, &initial, strategy);
@@ -241,15 +242,17 @@ fn fedprox_and_fednova_reach_a_pytorch_loop_that_knows_neither() {
     }
     assert_ne!(models[0], models[1], "FedProx is not FedAvg");
     assert_ne!(models[0], models[2], "FedNova is not FedAvg");
-    let scaffold = tmp.path().join("scaffold");
-    let out = simulate(&scaffold, &trainer, &initial, &["--strategy", "scaffold"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("--strategy scaffold is not available with --trainer-cmd"),
-        "{stderr}"
-    );
-    assert!(!scaffold.join("run/nodes").exists(), "no trainer started");
+    assert_ne!(models[0], models[3], "SCAFFOLD is not FedAvg");
+    // Each node kept its own control variate with Ferry, moved by its two rounds.
+    let controls: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            fs::read(tmp.path().join(format!(
+                "scaffold/run/nodes/node-{i}/scaffold-control.safetensors"
+            )))
+            .expect("the node's control variate")
+        })
+        .collect();
+    assert_ne!(controls[0], controls[1]);
 }
 
 /// `examples/numpy` as its README runs it: CSV sites made from Fashion-MNIST, a zero softmax

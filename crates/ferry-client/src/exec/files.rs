@@ -11,6 +11,7 @@ use ferry_core::{
     Model, Update, algebra,
     evaluation::NodeEvaluation,
     personal::{self, PersonalTensors},
+    scaffold,
     strategy::{ClientProcedure, fednova_normalizer},
 };
 use serde::{Deserialize, Serialize};
@@ -136,13 +137,67 @@ impl RoundFiles {
         Ok(dir)
     }
 
+    /// Where the node keeps its SCAFFOLD control variate between rounds.
+    fn control_file(&self) -> PathBuf {
+        self.work_dir.join(crate::control::CONTROL_FILE)
+    }
+
+    /// The node's control variate for `model`: zero until set, and when the model's size
+    /// changed.
+    fn own_control(&self, model: &Model) -> Result<Vec<f32>, String> {
+        let own = crate::control::load(&self.control_file())?;
+        Ok(if own.len() == model.num_params() {
+            own
+        } else {
+            vec![0.0; model.num_params()]
+        })
+    }
+
+    /// Writes SCAFFOLD's correction `c - c_i` for `task` to `dir` as a file of the model's
+    /// tensors; returns its path.
+    fn write_correction(&self, task: &TrainTask, dir: &Path) -> Result<PathBuf, String> {
+        let own = self.own_control(&task.model)?;
+        let correction = scaffold::correction(task.server_control.as_deref(), &own);
+        let bytes = Model::new(task.model.layout().clone(), correction)
+            .and_then(|m| m.to_safetensors())
+            .map_err(|e| e.to_string())?;
+        let path = dir.join("correction.safetensors");
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(path)
+    }
+
+    /// SCAFFOLD's change of the node's control variate after training moved the model by
+    /// `delta` in `steps` steps; the node's variate takes it and is kept.
+    fn keep_control_change(
+        &self,
+        task: &TrainTask,
+        delta: &[f32],
+        steps: f64,
+    ) -> Result<Vec<f32>, String> {
+        let change = scaffold::control_change(
+            delta,
+            steps as u64,
+            task.training.lr,
+            task.server_control.as_deref(),
+        );
+        let mut own = self.own_control(&task.model)?;
+        algebra::add_scaled(&mut own, &change, 1.0);
+        crate::control::save(&self.control_file(), &own)?;
+        Ok(change)
+    }
+
     /// Writes the round's global model and `task.json` to a fresh folder; returns the task
     /// and the path of `task.json`.
     pub(super) fn prepare(&self, task: &TrainTask) -> Result<(ExecTask, PathBuf), String> {
-        let (procedure, mu) = procedure_name(task.procedure)?;
+        let (procedure, mu) = procedure_name(task.procedure);
         let global = self.model_bytes(&task.model, &task.personal)?;
         let checkpoint_dir = self.checkpoint_dir(task, &global)?;
         let dir = self.fresh_dir(&format!("round-{}", task.round))?;
+        let correction_in = match task.procedure {
+            ClientProcedure::Scaffold => Some(self.write_correction(task, &dir)?),
+            _ => None,
+        };
         let exec_task = ExecTask {
             kind: "train".into(),
             round: task.round,
@@ -159,6 +214,7 @@ impl RoundFiles {
             result_out: dir.join("result.json"),
             data_dir: self.data_dir.clone(),
             checkpoint_dir,
+            correction_in,
         };
         let task_path = Self::write_task(&dir, &global, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
@@ -225,6 +281,13 @@ impl RoundFiles {
                 .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
             update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
         }
+        if task.procedure == ClientProcedure::Scaffold {
+            let steps = result
+                .metrics
+                .get("steps")
+                .ok_or("SCAFFOLD needs metrics.steps (local SGD steps taken) in result.json")?;
+            update.control_delta = Some(self.keep_control_change(task, &update.delta, *steps)?);
+        }
         if task.procedure == ClientProcedure::LossReporting {
             ferry_core::qfedavg::loss_before(&result.metrics).map_err(|_| {
                 "q-FedAvg needs metrics.loss_before in result.json: the loss of the received \
@@ -256,9 +319,9 @@ pub struct ExecTask {
     pub weight_decay: f64,
     /// Seed for shuffling.
     pub seed: u64,
-    /// `local_sgd`, `proximal` (add `(mu/2)·‖w − w_global‖²`), `normalized` (report `steps`)
-    /// or `loss_reporting` (report `loss_before`, the received model's loss on the training
-    /// data before training).
+    /// `local_sgd`, `proximal` (add `(mu/2)·‖w − w_global‖²`), `normalized` (report `steps`),
+    /// `loss_reporting` (report `loss_before`, the received model's loss on the training data
+    /// before training) or `scaffold` (add `correction_in` to every gradient, report `steps`).
     pub procedure: String,
     /// FedProx's mu (0 unless `procedure` is `proximal`).
     pub mu: f64,
@@ -274,6 +337,11 @@ pub struct ExecTask {
     /// trainer started again on the same task (after it was killed, or after the node
     /// restarted while the round was open) finds there what it saved, and resumes.
     pub checkpoint_dir: PathBuf,
+    /// SCAFFOLD only: a file of the model's tensors holding the correction `c - c_i` to add
+    /// to every local gradient (the server's control variate less the node's, which Ferry
+    /// keeps); the trainer also reports `metrics.steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correction_in: Option<PathBuf>,
 }
 
 /// What the command reads from `task.json` for an evaluation task: score `model_in` on the
@@ -305,15 +373,13 @@ pub struct ExecResult {
     pub metrics: BTreeMap<String, f64>,
 }
 
-fn procedure_name(procedure: ClientProcedure) -> Result<(&'static str, f64), String> {
+fn procedure_name(procedure: ClientProcedure) -> (&'static str, f64) {
     match procedure {
-        ClientProcedure::LocalSgd => Ok(("local_sgd", 0.0)),
-        ClientProcedure::Proximal { mu } => Ok(("proximal", mu)),
-        ClientProcedure::Normalized => Ok(("normalized", 0.0)),
-        ClientProcedure::LossReporting => Ok(("loss_reporting", 0.0)),
-        ClientProcedure::Scaffold => Err(
-            "the run uses SCAFFOLD, which the external-command trainer does not support; use the built-in trainer".into(),
-        ),
+        ClientProcedure::LocalSgd => ("local_sgd", 0.0),
+        ClientProcedure::Proximal { mu } => ("proximal", mu),
+        ClientProcedure::Normalized => ("normalized", 0.0),
+        ClientProcedure::LossReporting => ("loss_reporting", 0.0),
+        ClientProcedure::Scaffold => ("scaffold", 0.0),
     }
 }
 

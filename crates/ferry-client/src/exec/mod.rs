@@ -158,13 +158,10 @@ pub(crate) mod tests {
     #[test]
     fn a_command_that_copies_the_model_gives_a_zero_delta() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let script = dir.path().join("train.sh");
-        std::fs::write(
-            &script,
-            "d=$(dirname \"$1\"); cp \"$d/global.safetensors\" \"$d/trained.safetensors\"; \
-             echo '{\"num_examples\": 7, \"metrics\": {\"train_loss\": 0.5, \"steps\": 3}}' > \"$d/result.json\"",
-        )
-        .expect("script");
+        let script = copying_script(
+            dir.path(),
+            r#"{"num_examples": 7, "metrics": {"train_loss": 0.5, "steps": 3}}"#,
+        );
         let trainer = sh_trainer(&script, &dir.path().join("work"));
         let update = trainer
             .train(&task(ClientProcedure::Normalized))
@@ -201,6 +198,21 @@ pub(crate) mod tests {
             work.to_path_buf(),
         )
         .expect("trainer")
+    }
+
+    /// A shell trainer in `dir` that copies the global model (a zero delta) and writes
+    /// `result` as its result.json; returns the script's path.
+    fn copying_script(dir: &Path, result: &str) -> PathBuf {
+        let script = dir.join("copy.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "d=$(dirname \"$1\"); cp \"$d/global.safetensors\" \"$d/trained.safetensors\"; \
+                 echo '{result}' > \"$d/result.json\""
+            ),
+        )
+        .expect("script");
+        script
     }
 
     fn checkpoint_folders(work: &Path) -> Vec<PathBuf> {
@@ -247,6 +259,50 @@ pub(crate) mod tests {
         let next = checkpoint_folders(&work);
         assert_eq!(next.len(), 1);
         assert_ne!(next, folders);
+    }
+
+    /// The correction Ferry handed the trainer for round `round`.
+    fn correction(work: &Path, round: u32) -> Vec<f32> {
+        let bytes = std::fs::read(work.join(format!("round-{round}/correction.safetensors")))
+            .expect("correction.safetensors");
+        Model::from_safetensors(&bytes)
+            .expect("a model file")
+            .values()
+            .to_vec()
+    }
+
+    #[test]
+    fn scaffold_hands_the_trainer_its_correction_and_keeps_the_nodes_control_variate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = copying_script(
+            dir.path(),
+            r#"{"num_examples": 4, "metrics": {"steps": 2}}"#,
+        );
+        let work = dir.path().join("work");
+        let trainer = sh_trainer(&script, &work);
+        let round = |round, control: Vec<f32>| {
+            let mut task = sample_task(round, ClientProcedure::Scaffold, vec![1.0, 2.0], None);
+            task.server_control = Some(control);
+            task
+        };
+        let first = trainer.train(&round(1, vec![0.5, -1.0])).expect("trains");
+        // The node's c_i starts at zero, so the correction is the server's c; the model did
+        // not move, so c_i changes by -c.
+        assert_eq!(correction(&work, 1), [0.5, -1.0]);
+        assert_eq!(first.control_delta, Some(vec![-0.5, 1.0]));
+        // A restarted node (a new trainer on the same folder) keeps c_i = [-0.5, 1.0].
+        let restarted = sh_trainer(&script, &work);
+        restarted.train(&round(2, vec![1.0, 1.0])).expect("trains");
+        assert_eq!(correction(&work, 2), [1.5, 0.0]);
+        let written: ExecTask = serde_json::from_slice(
+            &std::fs::read(work.join("round-2/task.json")).expect("task.json"),
+        )
+        .expect("task parses");
+        assert_eq!(written.procedure, "scaffold");
+        assert_eq!(
+            written.correction_in,
+            Some(work.join("round-2/correction.safetensors"))
+        );
     }
 
     #[test]
@@ -413,11 +469,12 @@ pub(crate) mod tests {
                 .expect_err(needle);
             assert!(err.contains(needle), "{body}: {err}");
         }
-        let trainer = ExecTrainer::new("true", None, dir.path().join("w")).expect("trainer");
-        let err = trainer
+        // SCAFFOLD's control change needs the number of steps taken.
+        let script = copying_script(dir.path(), r#"{"num_examples": 4}"#);
+        let err = sh_trainer(&script, &dir.path().join("w"))
             .train(&task(ClientProcedure::Scaffold))
             .expect_err("scaffold");
-        assert!(err.contains("SCAFFOLD"), "{err}");
+        assert!(err.contains("SCAFFOLD needs metrics.steps"), "{err}");
         assert!(ExecTrainer::new("  ", None, dir.path().into()).is_err());
     }
 }
