@@ -192,7 +192,9 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
 /// FedProx, FedNova and SCAFFOLD reach a PyTorch loop that knows none of them: the SDK adds
 /// the proximal term or SCAFFOLD's correction to the gradients and counts the steps, and each
 /// node keeps its control variate with Ferry, so every node's update is taken and each strategy
-/// ends with its own model.
+/// ends with its own model. The loop draws its data from NumPy's global generator (seeded from
+/// the operating system when a process starts) and its dropout from PyTorch's without seeding
+/// either: the SDK does, so each strategy run twice gives the same model.
 #[test]
 fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -208,12 +210,13 @@ fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
     ));
     // Each site fits its own target, so that the strategies' corrections matter.
     let trainer = format!(
-        "{header}def train(module, task):\n\
+        "{header}import numpy as np\ndef train(module, task):\n\
          \x20   site = 1.0 if task.data_dir.endswith('1') else -1.0\n\
-         \x20   x = torch.randn(64, 4); y = x[:, :3] * 2 + site\n\
+         \x20   x = torch.from_numpy(np.random.randn(64, 4)).float(); y = x[:, :3] * 2 + site\n\
          \x20   opt = torch.optim.SGD(module.parameters(), lr=0.05, momentum=task.momentum)\n\
          \x20   for _ in range(10 if site > 0 else 30):\n\
-         \x20       opt.zero_grad(); loss = ((module(x) - y) ** 2).mean(); loss.backward(); opt.step()\n\
+         \x20       opt.zero_grad(); out = torch.nn.functional.dropout(module(x), 0.2)\n\
+         \x20       loss = ((out - y) ** 2).mean(); loss.backward(); opt.step()\n\
          \x20   return (None, 64, {{'train_loss': float(loss)}})\n\
          pytorch.run(net.make(), train)\n"
     );
@@ -225,6 +228,12 @@ fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
         &["--strategy", "scaffold"],
     ] {
         let dir = tmp.path().join(strategy[1]);
+        let again = tmp.path().join(format!("{}-again", strategy[1]));
+        assert!(
+            simulate(&again, &trainer, &initial, strategy)
+                .status
+                .success()
+        );
         let out = simulate(&dir, &trainer, &initial, strategy);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -238,7 +247,12 @@ fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
             rounds.iter().all(|r| r["participants"] == 2),
             "{strategy:?}: no node failed: {rounds:?}\n{stdout}"
         );
-        models.push(fs::read(dir.join("run/model.safetensors")).expect("model"));
+        let model = fs::read(dir.join("run/model.safetensors")).expect("model");
+        assert!(
+            model == fs::read(again.join("run/model.safetensors")).expect("model"),
+            "{strategy:?}: the same run twice, the same model"
+        );
+        models.push(model);
     }
     assert_ne!(models[0], models[1], "FedProx is not FedAvg");
     assert_ne!(models[0], models[2], "FedNova is not FedAvg");
