@@ -1,6 +1,7 @@
 //! The files a node and its trainer command exchange: each task's folder with the global
-//! model and `task.json`, the trainer's checkpoint folder, the node's personal tensors kept
-//! between rounds, and the trained model and `result.json` read back into an update.
+//! model and `task.json`, the trainer's checkpoint folder, the node's personal tensors and
+//! SCAFFOLD control variate kept between rounds, and the trained model and `result.json` read
+//! back into an update.
 
 use std::{
     collections::BTreeMap,
