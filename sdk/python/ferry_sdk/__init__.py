@@ -23,15 +23,18 @@ and checks what ``train`` returns before anything is uploaded. PyTorch users can
 """
 
 from .protocol import EvaluateResult, EvaluateTask, Task, TrainResult, run
+from .simulation import Simulation, simulate
 from .tensors import FerryError, load_model, save_model
 
 __all__ = [
     "EvaluateResult",
     "EvaluateTask",
     "FerryError",
+    "Simulation",
     "Task",
     "TrainResult",
     "run",
+    "simulate",
     "load_model",
     "save_model",
 ]

@@ -189,6 +189,44 @@ def seed_generators(seed: int) -> None:
         torch.manual_seed(seed)
 
 
+@dataclass
+class Served:
+    """The user's functions and how each of Ferry's tasks reaches them: training tasks go to
+    ``train``, federated-evaluation tasks to ``evaluate`` (a node without it reports that it
+    cannot evaluate), each through ``serve`` or ``serve_evaluation`` (the numpy ones by
+    default), the generators seeded from the task's seed first unless ``seed`` is off."""
+
+    train: TrainFn
+    evaluate: Optional[EvaluateFn] = None
+    serve: Callable[[TrainFn, dict], None] = serve_task
+    serve_evaluation: Callable[[EvaluateFn, dict], None] = serve_evaluation_task
+    seed: bool = True
+
+    def handle(self, task_json: dict) -> None:
+        """Does one task; raises what went wrong."""
+        if self.seed and task_json.get("seed") is not None:
+            seed_generators(int(task_json["seed"]))
+        if task_json.get("kind", "train") != "evaluate":
+            self.serve(self.train, task_json)
+        elif self.evaluate is None:
+            raise FerryError(
+                "Ferry asked this node to evaluate the global model, but the trainer has no "
+                "evaluate function; pass one: run(train, evaluate)"
+            )
+        else:
+            self.serve_evaluation(self.evaluate, task_json)
+
+    def answer(self, line: str) -> dict:
+        """Does the task of one long-lived protocol line; the answer line's object (a failure
+        is reported as this node's for the round, its traceback printed to stderr)."""
+        try:
+            self.handle(json.loads(line))
+            return {"ferry": "done"}
+        except Exception as error:
+            traceback.print_exc()
+            return {"ferry": "error", "message": f"{type(error).__name__}: {error}"}
+
+
 def run(
     train: TrainFn,
     evaluate: Optional[EvaluateFn] = None,
@@ -202,29 +240,10 @@ def run(
     cannot evaluate). ``serve`` and ``serve_evaluation`` handle one task each (the numpy ones
     by default). Before each task, the generators are seeded from the task's seed
     (:func:`seed_generators`); pass ``seed=False`` to seed them yourself."""
-
-    def handle(task_json: dict) -> None:
-        if seed and task_json.get("seed") is not None:
-            seed_generators(int(task_json["seed"]))
-        if task_json.get("kind", "train") != "evaluate":
-            serve(train, task_json)
-        elif evaluate is None:
-            raise FerryError(
-                "Ferry asked this node to evaluate the global model, but the trainer has no "
-                "evaluate function; pass one: run(train, evaluate)"
-            )
-        else:
-            serve_evaluation(evaluate, task_json)
-
+    served = Served(train, evaluate, serve, serve_evaluation, seed)
     if os.environ.get("FERRY_TRAINER") != "long-lived":
         with open(sys.argv[-1]) as f:
-            handle(json.load(f))
+            served.handle(json.load(f))
         return
     for line in sys.stdin:
-        try:
-            handle(json.loads(line))
-            answer = {"ferry": "done"}
-        except Exception as error:  # reported as this node's failure for the round
-            traceback.print_exc()
-            answer = {"ferry": "error", "message": f"{type(error).__name__}: {error}"}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(served.answer(line)), flush=True)

@@ -10,9 +10,11 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import Checkpoint
 from .procedure import HookedSteps, check_applied
+from .simulation import Simulation, simulate_served
 from .protocol import (
     EvaluateResult,
     EvaluateTask,
+    Served,
     Task,
     TrainResult,
     _evaluation,
@@ -67,25 +69,8 @@ def check_state(global_state: Dict[str, torch.Tensor], trained: Dict[str, torch.
     return out
 
 
-def run(
-    module: torch.nn.Module,
-    train: TorchTrainFn,
-    evaluate: Optional[TorchEvaluateFn] = None,
-    *,
-    seed: bool = True,
-) -> None:
-    """Serves Ferry's trainer protocol: each round, the global model is loaded into ``module``
-    (``strict=True``), ``train(module, task)`` trains it in place and returns
-    ``TrainResult(model=None, num_examples, metrics)`` (or ``(None, n, metrics)``), and the
-    module's checked ``state_dict`` is written back. For a federated evaluation the global
-    model is loaded the same way and ``evaluate(module, task)`` scores it (under
-    ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``.
-    The strategy's local procedure needs nothing from ``train``: under FedProx, gradient hooks
-    add ``mu * (w - w_global)`` to every trainable parameter's gradient, under SCAFFOLD the
-    correction ``c - c_i``, and the backward passes through the module are counted as FedNova's
-    and SCAFFOLD's ``steps`` (unless ``train`` reports its own). Before each task, Python's, NumPy's and PyTorch's generators are seeded from the task's seed,
-    so that dropout and shuffles repeat for the same seed; pass ``seed=False`` to seed them
-    yourself."""
+def _served(module: torch.nn.Module, train: TorchTrainFn, evaluate: Optional[TorchEvaluateFn], seed: bool) -> Served:
+    """How tasks reach ``train`` and ``evaluate`` working on ``module`` (see :func:`run`)."""
 
     def serve(train_fn: TorchTrainFn, task_json: dict) -> None:
         global_state = load_file(task_json["model_in"])
@@ -114,4 +99,46 @@ def run(
             result = _evaluation(evaluate_fn(module, EvaluateTask.from_json(task_json)))
         write_evaluation(task_json, result)
 
-    run_protocol(train, evaluate, serve=serve, serve_evaluation=score, seed=seed)
+    return Served(train, evaluate, serve, score, seed)
+
+
+def run(
+    module: torch.nn.Module,
+    train: TorchTrainFn,
+    evaluate: Optional[TorchEvaluateFn] = None,
+    *,
+    seed: bool = True,
+) -> None:
+    """Serves Ferry's trainer protocol: each round, the global model is loaded into ``module``
+    (``strict=True``), ``train(module, task)`` trains it in place and returns
+    ``TrainResult(model=None, num_examples, metrics)`` (or ``(None, n, metrics)``), and the
+    module's checked ``state_dict`` is written back. For a federated evaluation the global
+    model is loaded the same way and ``evaluate(module, task)`` scores it (under
+    ``torch.no_grad()``), returning ``EvaluateResult(num_examples, loss, accuracy, metrics)``.
+    The strategy's local procedure needs nothing from ``train``: under FedProx, gradient hooks
+    add ``mu * (w - w_global)`` to every trainable parameter's gradient, under SCAFFOLD the
+    correction ``c - c_i``, and the backward passes through the module are counted as FedNova's
+    and SCAFFOLD's ``steps`` (unless ``train`` reports its own). Before each task, Python's,
+    NumPy's and PyTorch's generators are seeded from the task's seed, so that dropout and
+    shuffles repeat for the same seed; pass ``seed=False`` to seed them yourself."""
+    served = _served(module, train, evaluate, seed)
+    run_protocol(
+        train,
+        evaluate,
+        serve=served.serve,
+        serve_evaluation=served.serve_evaluation,
+        seed=seed,
+    )
+
+
+def simulate(
+    module: torch.nn.Module,
+    train: TorchTrainFn,
+    evaluate: Optional[TorchEvaluateFn] = None,
+    *,
+    seed_generators: bool = True,
+    **settings,
+) -> Simulation:
+    """:func:`ferry_sdk.simulate` for a PyTorch module: every virtual node's tasks reach
+    ``train`` and ``evaluate`` as :func:`run` hands them over, in this process."""
+    return simulate_served(_served(module, train, evaluate, seed_generators), **settings)
