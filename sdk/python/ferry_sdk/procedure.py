@@ -17,6 +17,9 @@ from .tensors import FerryError, Model
 #: The procedures whose work the SDK does: FedProx's, FedNova's and SCAFFOLD's.
 PROXIMAL, NORMALIZED, SCAFFOLD = "proximal", "normalized", "scaffold"
 
+#: q-FedAvg's procedure: the node reports its loss before training, which only its loop knows.
+LOSS_REPORTING = "loss_reporting"
+
 #: The procedures that report the local steps taken, by the name Ferry's protocol gives them.
 COUNTED = {NORMALIZED: "FedNova", SCAFFOLD: "SCAFFOLD"}
 
@@ -65,8 +68,9 @@ class LocalProcedure:
 
 
 def check_applied(procedure: str, mu: float, steps: int, metrics: Dict[str, float], how: str) -> None:
-    """Fills in FedNova's ``steps`` from the ``steps`` counted, and refuses a task whose
-    strategy's procedure was never applied: the update would silently be another strategy's.
+    """Fills in FedNova's and SCAFFOLD's ``steps`` from the ``steps`` counted, and refuses a
+    task whose strategy's procedure was never applied (the update would silently be another
+    strategy's) or whose result lacks q-FedAvg's ``loss_before``.
     ``how`` says how a loop applies it (the front end's own words)."""
     if procedure in COUNTED and "steps" not in metrics:
         if steps == 0:
@@ -75,6 +79,12 @@ def check_applied(procedure: str, mu: float, steps: int, metrics: Dict[str, floa
                 f"{how}, or report metrics['steps'] yourself"
             )
         metrics["steps"] = steps
+    if procedure == LOSS_REPORTING and "loss_before" not in metrics:
+        raise FerryError(
+            "the run uses q-FedAvg, which weighs each node by its loss before training: report "
+            "metrics['loss_before'], the received model's mean loss on the node's training "
+            "data, measured before training"
+        )
     if procedure == PROXIMAL and mu and steps == 0:
         raise FerryError(
             f"the run uses FedProx (mu={mu}), but its proximal term was never applied: {how}"

@@ -237,3 +237,18 @@ def test_the_numpy_helper_adds_scaffolds_correction_and_counts_its_steps(make_ro
         expected = expected - 0.1 * (expected + 0.5)
     assert np.allclose(task.trained()["head.bias"], expected)
     assert task.result()["metrics"]["steps"] == 4
+
+
+def test_q_fedavg_asks_for_the_loss_before_training_by_name(make_round, per_round):
+    task = numpy_procedure_round(make_round, "loss_reporting")
+    with pytest.raises(ferry_sdk.FerryError, match=r"metrics\['loss_before'\]"):
+        per_round(ferry_sdk.run, halfway_to_one, task=task)
+    reported = numpy_procedure_round(make_round, "loss_reporting")
+
+    def with_loss(model, task):
+        result = halfway_to_one(model, task)
+        result.metrics["loss_before"] = 0.7
+        return result
+
+    per_round(ferry_sdk.run, with_loss, task=reported)
+    assert reported.result()["metrics"]["loss_before"] == 0.7
