@@ -1,6 +1,6 @@
 """Simulations started from Python: ``ferry simulate`` runs the federation while every virtual
 node's tasks come back to functions of the calling process. Needs the ``ferry`` binary the
-README's test command builds first (``target/release/ferry``)."""
+README's test command builds first (``target/release/ferry``, or under ``$CARGO_TARGET_DIR``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import ferry_sdk
 from ferry_sdk import pytorch
 
 ROOT = Path(__file__).resolve().parents[3]
-FERRY = ROOT / "target" / "release" / "ferry"
+FERRY = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "release" / "ferry"
 
 
 @pytest.fixture
