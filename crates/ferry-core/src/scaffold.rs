@@ -2,6 +2,15 @@
 //! built-in trainer and the external-command trainer: the correction a node adds to every
 //! local gradient, and the change of its control variate after local training.
 
+/// Makes the node's control variate `own` fit a model of `len` parameters: kept when it does,
+/// zero when it is missing (the node's first SCAFFOLD round) or was kept for another model.
+pub fn fit(own: &mut Vec<f32>, len: usize) {
+    if own.len() != len {
+        own.clear();
+        own.resize(len, 0.0);
+    }
+}
+
 /// `c - c_i`: what a node adds to each local gradient, from the server's control variate `c`
 /// (zero until the server has one) and the node's own `c_i` (zero until set; `own` is the
 /// model's length).
@@ -28,6 +37,18 @@ pub fn control_change(delta: &[f32], steps: u64, lr: f64, server: Option<&[f32]>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_variate_is_kept_when_it_fits_and_zero_otherwise() {
+        let mut own = vec![1.0, 2.0];
+        fit(&mut own, 2);
+        assert_eq!(own, [1.0, 2.0]);
+        fit(&mut own, 3);
+        assert_eq!(own, [0.0; 3]);
+        let mut none = Vec::new();
+        fit(&mut none, 2);
+        assert_eq!(none, [0.0; 2]);
+    }
 
     #[test]
     fn the_correction_is_the_servers_variate_less_the_nodes() {

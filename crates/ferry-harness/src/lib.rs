@@ -4,6 +4,7 @@
 //! - [`postgres`]: a database of one's own on the PostgreSQL server that
 //!   `scripts/start-postgres.sh` runs (or `FERRY_TEST_POSTGRES_URL`).
 //! - [`garage`]: a Garage S3 server on loopback, with a bucket and a key.
+//! - [`process`]: whether a process a test did not start itself has ended.
 //!
 //! A service that is missing fails its caller with what to run: these are parts of the suite,
 //! not options.
@@ -12,6 +13,7 @@
 
 pub mod garage;
 pub mod postgres;
+pub mod process;
 
 /// A free TCP port on loopback (free when asked; nothing holds it after), never one this
 /// process was given before: the system may hand a just-released port out again, and two

@@ -45,9 +45,8 @@ pub fn train_update(
     let dim = task.model.num_params();
     let server_control = task.server_control.filter(|c| !c.is_empty());
     let scaffold = task.procedure == ClientProcedure::Scaffold;
-    if scaffold && control.len() != dim {
-        control.clear();
-        control.resize(dim, 0.0);
+    if scaffold {
+        ferry_core::scaffold::fit(control, dim);
     }
     // SCAFFOLD: the correction c - c_i, with c and c_i zero until first set.
     let correction: Vec<f32> = if scaffold {

@@ -240,7 +240,13 @@ def run(
     cannot evaluate). ``serve`` and ``serve_evaluation`` handle one task each (the numpy ones
     by default). Before each task, the generators are seeded from the task's seed
     (:func:`seed_generators`); pass ``seed=False`` to seed them yourself."""
-    served = Served(train, evaluate, serve, serve_evaluation, seed)
+    serve_tasks(Served(train, evaluate, serve, serve_evaluation, seed))
+
+
+def serve_tasks(served: Served) -> None:
+    """Serves Ferry's trainer protocol with ``served`` until Ferry stops the program: the one
+    task of a per-round process (its file is the last argument), or one task per stdin line in
+    long-lived mode, each answered with one line."""
     if os.environ.get("FERRY_TRAINER") != "long-lived":
         with open(sys.argv[-1]) as f:
             served.handle(json.load(f))

@@ -19,7 +19,7 @@ from .protocol import (
     TrainResult,
     _evaluation,
     _result,
-    run as run_protocol,
+    serve_tasks,
     write_evaluation,
     write_result,
 )
@@ -121,14 +121,7 @@ def run(
     and SCAFFOLD's ``steps`` (unless ``train`` reports its own). Before each task, Python's,
     NumPy's and PyTorch's generators are seeded from the task's seed, so that dropout and
     shuffles repeat for the same seed; pass ``seed=False`` to seed them yourself."""
-    served = _served(module, train, evaluate, seed)
-    run_protocol(
-        train,
-        evaluate,
-        serve=served.serve,
-        serve_evaluation=served.serve_evaluation,
-        seed=seed,
-    )
+    serve_tasks(_served(module, train, evaluate, seed))
 
 
 def simulate(

@@ -15,9 +15,10 @@ use std::{
     fs,
     path::{Path, PathBuf},
     sync::OnceLock,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use ferry_harness::process::ends_within;
 use support::{Killer, TestServer, client_args, history, server_succeeds, spawn_logged_with_env};
 
 /// The node's trainer: 2 local epochs of 40 batches, 50 ms each, a checkpoint every 10 steps;
@@ -113,15 +114,18 @@ fn federation(dir: &Path, interruption: Interruption) -> Outcome {
         let task_dir = wait_for_first_checkpoint(&server, &logs);
         // Past the checkpoint, so that some steps are lost and done again.
         std::thread::sleep(Duration::from_millis(300));
-        let trainer_pid = fs::read_to_string(task_dir.join("pid")).expect("the trainer's pid");
-        let trainer_pid = trainer_pid.trim().to_string();
+        let trainer_pid: u32 = fs::read_to_string(task_dir.join("pid"))
+            .expect("the trainer's pid")
+            .trim()
+            .parse()
+            .expect("a process id");
         match interruption {
-            Interruption::Trainer => kill(&trainer_pid),
+            Interruption::Trainer => kill(trainer_pid),
             _ => {
                 processes.0[1].kill().expect("kill -9 site-0's agent");
                 let _ = processes.0[1].wait();
                 assert!(
-                    gone_within(&trainer_pid, Duration::from_secs(10)),
+                    ends_within(trainer_pid, Duration::from_secs(10)),
                     "the trainer dies with its agent"
                 );
                 let log = dir.join("client-0-restarted.log");
@@ -182,26 +186,12 @@ fn wait_for_first_checkpoint(server: &TestServer, logs: &[PathBuf]) -> PathBuf {
     dir
 }
 
-fn kill(pid: &str) {
+fn kill(pid: u32) {
     let status = std::process::Command::new("kill")
-        .args(["-9", pid])
+        .args(["-9", &pid.to_string()])
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -9 {pid}");
-}
-
-/// Whether process `pid` has ended (a zombie counts as ended) within `limit`.
-fn gone_within(pid: &str, limit: Duration) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        let running = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.split_whitespace().nth(2) != Some("Z"));
-        if !running {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// The final model of the run nothing interrupts (computed once for both tests).

@@ -146,12 +146,9 @@ impl RoundFiles {
     /// The node's control variate for `model`: zero until set, and when the model's size
     /// changed.
     fn own_control(&self, model: &Model) -> Result<Vec<f32>, String> {
-        let own = crate::control::load(&self.control_file())?;
-        Ok(if own.len() == model.num_params() {
-            own
-        } else {
-            vec![0.0; model.num_params()]
-        })
+        let mut own = crate::control::load(&self.control_file())?;
+        scaffold::fit(&mut own, model.num_params());
+        Ok(own)
     }
 
     /// Writes SCAFFOLD's correction `c - c_i` for `task` to `dir` as a file of the model's
@@ -174,11 +171,11 @@ impl RoundFiles {
         &self,
         task: &TrainTask,
         delta: &[f32],
-        steps: f64,
+        steps: u64,
     ) -> Result<Vec<f32>, String> {
         let change = scaffold::control_change(
             delta,
-            steps as u64,
+            steps,
             task.training.lr,
             task.server_control.as_deref(),
         );
@@ -275,26 +272,34 @@ impl RoundFiles {
         let mut delta = vec![0.0; task.model.num_params()];
         algebra::delta_into(&mut delta, trained.values(), task.model.values());
         let mut update = Update::new(delta, result.num_examples);
-        if task.procedure == ClientProcedure::Normalized {
-            let steps = result
+        let steps = |strategy: &str| {
+            result
                 .metrics
                 .get("steps")
-                .ok_or("FedNova needs metrics.steps (local SGD steps taken) in result.json")?;
-            update.normalizer = Some(fednova_normalizer(*steps as u64, task.training.momentum));
-        }
-        if task.procedure == ClientProcedure::Scaffold {
-            let steps = result
-                .metrics
-                .get("steps")
-                .ok_or("SCAFFOLD needs metrics.steps (local SGD steps taken) in result.json")?;
-            update.control_delta = Some(self.keep_control_change(task, &update.delta, *steps)?);
-        }
-        if task.procedure == ClientProcedure::LossReporting {
-            ferry_core::qfedavg::loss_before(&result.metrics).map_err(|_| {
-                "q-FedAvg needs metrics.loss_before in result.json: the loss of the received \
-                 model on the node's training data, measured before training"
-                    .to_string()
-            })?;
+                .map(|s| *s as u64)
+                .ok_or(format!(
+                    "{strategy} needs metrics.steps (local SGD steps taken) in result.json"
+                ))
+        };
+        match task.procedure {
+            ClientProcedure::Normalized => {
+                update.normalizer = Some(fednova_normalizer(
+                    steps("FedNova")?,
+                    task.training.momentum,
+                ));
+            }
+            ClientProcedure::Scaffold => {
+                let change = self.keep_control_change(task, &update.delta, steps("SCAFFOLD")?)?;
+                update.control_delta = Some(change);
+            }
+            ClientProcedure::LossReporting => {
+                ferry_core::qfedavg::loss_before(&result.metrics).map_err(|_| {
+                    "q-FedAvg needs metrics.loss_before in result.json: the loss of the received \
+                     model on the node's training data, measured before training"
+                        .to_string()
+                })?;
+            }
+            ClientProcedure::LocalSgd | ClientProcedure::Proximal { .. } => {}
         }
         update.metrics = result.metrics;
         Ok(update)

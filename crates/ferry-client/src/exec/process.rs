@@ -148,24 +148,8 @@ pub(super) fn stderr_tail(text: &str) -> String {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
-
-    fn alive(pid: u32) -> bool {
-        // A zombie (exited, not yet reaped by its dead parent's reaper) counts as gone.
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.split_whitespace().nth(2) != Some("Z"))
-    }
-
-    fn gone_within(pid: u32, limit: Duration) -> bool {
-        let started = Instant::now();
-        while started.elapsed() < limit {
-            if !alive(pid) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
+    use ferry_harness::process::{ends_within, running};
+    use std::time::Duration;
 
     #[test]
     fn a_kept_trainer_lives_while_its_starter_is_held_and_dies_when_it_is_dropped() {
@@ -175,10 +159,10 @@ mod tests {
         // The thread that asked is not the one that started it: it ends, the trainer stays.
         std::thread::spawn(|| ()).join().expect("joins");
         std::thread::sleep(Duration::from_millis(200));
-        assert!(alive(pid), "the trainer lives while its starter is held");
+        assert!(running(pid), "the trainer lives while its starter is held");
         drop(starter);
         assert!(
-            gone_within(pid, Duration::from_secs(10)),
+            ends_within(pid, Duration::from_secs(10)),
             "the trainer dies with its starter thread"
         );
         let _ = child.wait();
@@ -191,7 +175,7 @@ mod tests {
             .join()
             .expect("joins");
         assert!(
-            gone_within(child.id(), Duration::from_secs(10)),
+            ends_within(child.id(), Duration::from_secs(10)),
             "the trainer dies with the thread that started it"
         );
         let status = child.wait().expect("reaped");
