@@ -71,6 +71,10 @@ pub struct ClientArgs {
     /// Seconds to keep retrying while the server is unreachable.
     #[arg(long, default_value_t = 300.0)]
     pub give_up_after: f64,
+    /// Let this site's own model (the final model fine-tuned here) leave the site, so that a
+    /// run with cross-site = "local" has every site score it (see docs/cross-site.md).
+    #[arg(long)]
+    pub share_local_model: bool,
 }
 
 /// How the external-command trainer's program runs.
@@ -244,6 +248,7 @@ pub fn run(args: ClientArgs) -> Result<()> {
         seed_stream: args.share.partition_index.unwrap_or(0) as u64,
         max_backoff: Duration::from_secs(10),
         give_up_after: Duration::from_secs_f64(args.give_up_after),
+        share_local_model: args.share_local_model,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -258,8 +263,21 @@ pub fn run(args: ClientArgs) -> Result<()> {
         }
         AgentEvent::Training(round) => println!("round {round}: training"),
         AgentEvent::Evaluating(round) => println!("round {round}: evaluating the new model"),
-        AgentEvent::Evaluated { round, accuracy } => {
-            println!("round {round}: evaluated, accuracy {accuracy:.4} on held-out data")
+        AgentEvent::Tuning => println!(
+            "the rounds are done: fine-tuning the final model into this site's own, for the \
+             cross-site matrix (--share-local-model)"
+        ),
+        AgentEvent::Evaluated {
+            round,
+            site_model: None,
+            accuracy,
+        } => println!("round {round}: evaluated, accuracy {accuracy:.4} on held-out data"),
+        AgentEvent::Evaluated {
+            site_model: Some(site),
+            accuracy,
+            ..
+        } => {
+            println!("cross-site: site {site}'s own model scores {accuracy:.4} on this site's data")
         }
         AgentEvent::Delivered { round, duplicate } => println!(
             "round {round}: update delivered{}",

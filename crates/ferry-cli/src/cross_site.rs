@@ -1,11 +1,15 @@
-//! The cross-site validation matrix: computed at the end of `ferry simulate --cross-site`, and
+//! The cross-site validation matrix: computed at the end of `ferry simulate --cross-site` (and
+//! of a deployed run by its coordinator, which this writes out the same way), and
 //! on demand for a finished run with `ferry cross-site RUN_DIR`.
 //!
 //! Beside `history.json`'s `final.cross_site`, the matrix is written as `cross-site.csv` (one
 //! row per model, one column per site) and, for sites' own models, each model as
 //! `cross-site/<site>.safetensors`, so that any cell can be checked with `ferry evaluate`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
 use ferry_core::{
@@ -62,18 +66,25 @@ pub fn for_simulation(
     let result = cross_site::run(sim, model, models, || bar.inc(1));
     bar.finish_and_clear();
     let result = result?;
-    if !result.local_models.is_empty() {
-        let dir = out.join("cross-site");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        for (site, local) in &result.local_models {
-            let (bytes, _) = report::model_bytes(local)?;
-            put(&dir, &format!("{site}.safetensors"), &bytes)?;
-        }
-    }
+    write_site_models(out, &result.local_models)?;
     write_csv(out, &result.matrix)?;
     print_summary(&result.matrix);
     Ok(result.matrix)
+}
+
+/// Writes each site's own model as `cross-site/<site>.safetensors` in `out` (nothing when
+/// there are none), so that any cell of the matrix can be checked with `ferry evaluate`.
+pub fn write_site_models(out: &Path, models: &BTreeMap<String, Model>) -> Result<()> {
+    if models.is_empty() {
+        return Ok(());
+    }
+    let dir = out.join("cross-site");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (site, model) in models {
+        let (bytes, _) = report::model_bytes(model)?;
+        put(&dir, &format!("{site}.safetensors"), &bytes)?;
+    }
+    Ok(())
 }
 
 /// Writes `cross-site.csv`: a header of the sites, a row of their example counts, then one

@@ -369,6 +369,7 @@ mod tests {
             failed: Vec::new(),
             sim_time_s: None,
             staleness: None,
+            cross_site: None,
         }
     }
 

@@ -105,8 +105,10 @@ pub async fn run_on(
         name: credential.name.clone(),
     });
     loop {
-        let request =
-            credential.authorize(tonic::Request::new(PullTaskRequest { wait_ms: 20_000 }));
+        let request = credential.authorize(tonic::Request::new(PullTaskRequest {
+            wait_ms: 20_000,
+            share_local_model: settings.share_local_model,
+        }));
         let outcome = match client.pull_task(request).await {
             Ok(response) => {
                 backoff.reset();
@@ -130,7 +132,17 @@ pub async fn run_on(
                 )
                 .await?;
             }
+            Some(Outcome::Task(task))
+                if task.kind == TaskKind::Tune as i32 && !settings.share_local_model =>
+            {
+                let reason = "this node does not share its own model; start it with \
+                              --share-local-model to send one for the cross-site matrix";
+                report_failure(&mut client, &credential, task.round, reason).await;
+            }
             Some(Outcome::Task(task)) => {
+                if task.kind == TaskKind::Tune as i32 {
+                    on_event(AgentEvent::Tuning);
+                }
                 work(
                     &settings,
                     &mut client,
@@ -500,6 +512,7 @@ async fn evaluate(
     };
     let report = EvaluationReport {
         round,
+        site_model: task.site_model.clone(),
         num_examples: evaluation.num_examples,
         loss: evaluation.loss,
         accuracy: evaluation.accuracy,
@@ -511,6 +524,7 @@ async fn evaluate(
             Ok(_) => {
                 on_event(AgentEvent::Evaluated {
                     round,
+                    site_model: (!report.site_model.is_empty()).then(|| report.site_model.clone()),
                     accuracy: evaluation.accuracy,
                 });
                 return Ok(());

@@ -28,6 +28,10 @@ pub struct AgentSettings {
     pub max_backoff: Duration,
     /// Give up after the server has been unreachable this long.
     pub give_up_after: Duration,
+    /// Whether the node lets its own fine-tuned model leave the site for a cross-site
+    /// validation matrix (`cross-site = "local"`); a site's model reveals more about its data
+    /// than its scores do, so it is the site's choice.
+    pub share_local_model: bool,
 }
 
 /// Something the agent reports while it works.
@@ -46,10 +50,16 @@ pub enum AgentEvent {
     Training(u32),
     /// Scoring a round's global model on the node's held-out data.
     Evaluating(u32),
+    /// After the last round: fine-tuning the final model into this site's own model, which
+    /// leaves the site for the cross-site matrix (the node opted in).
+    Tuning,
     /// The node's score of a round's global model was sent.
     Evaluated {
         /// The round.
         round: u32,
+        /// For the cross-site matrix: the site whose own model was scored (`None`: the
+        /// global model).
+        site_model: Option<String>,
         /// The node's accuracy on its held-out data.
         accuracy: f64,
     },

@@ -75,6 +75,10 @@ pub struct RoundRecord {
     /// Asynchronous aggregation: how stale the version's updates were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staleness: Option<StalenessStats>,
+    /// Deployed runs with sites' own models (`cross-site = "local"`): the final round's
+    /// cross-site validation matrix, written once every site has scored every model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_site: Option<ferry_core::cross_site::CrossSiteMatrix>,
 }
 
 /// How stale the updates of one asynchronous version were: versions between the model a

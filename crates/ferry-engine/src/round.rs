@@ -456,6 +456,7 @@ impl AppliedRound {
             failed: self.failed,
             sim_time_s: None,
             staleness: None,
+            cross_site: None,
         }
     }
 }

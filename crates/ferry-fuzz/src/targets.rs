@@ -222,7 +222,11 @@ fn message_seeds() -> Vec<Vec<u8>> {
         }
         .encode_to_vec(),
         v1::HeartbeatRequest { round: 4 }.encode_to_vec(),
-        v1::PullTaskRequest { wait_ms: 30_000 }.encode_to_vec(),
+        v1::PullTaskRequest {
+            wait_ms: 30_000,
+            ..Default::default()
+        }
+        .encode_to_vec(),
         v1::DownloadRequest {
             hash: "ab".repeat(32),
             offset: 4096,
@@ -247,6 +251,7 @@ fn message_seeds() -> Vec<Vec<u8>> {
             loss: 0.5,
             accuracy: 0.9,
             metrics: [("f1".to_string(), 0.8)].into(),
+            site_model: "site-1".into(),
         }
         .encode_to_vec(),
         v1::FailureReport {

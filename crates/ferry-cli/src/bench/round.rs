@@ -121,6 +121,7 @@ pub fn run_client(args: RoundClientArgs) -> Result<()> {
         seed_stream: args.index as u64,
         max_backoff: Duration::from_secs(1),
         give_up_after: Duration::from_secs(60),
+        share_local_model: false,
     };
     let trainer = Arc::new(SyntheticTrainer(args.params));
     runtime.block_on(agent::run(settings, trainer, |_| {}))?;
@@ -239,6 +240,7 @@ pub(super) fn bench_spec(
         personal: Default::default(),
         asynchronous: None,
         compress: Default::default(),
+        cross_site: None,
     }
 }
 

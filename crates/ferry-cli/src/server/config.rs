@@ -337,13 +337,6 @@ pub(crate) fn check(file: ServerFile, path: &Path, insecure: bool) -> Result<Ser
          deployment's nodes are real, so remove them from [run]",
         path.display()
     );
-    anyhow::ensure!(
-        sim.cross_site != Some(ferry_core::cross_site::CrossSiteModels::Local),
-        "config file {}: cross-site = \"local\" is not available in deployment yet (each site's \
-         own model would have to be fine-tuned, uploaded and sent to every other site); use \
-         cross-site = \"global\", the global model scored on every site",
-        path.display()
-    );
     // The server evaluates on one thread pool and partitions nothing.
     sim.threads = 1;
     anyhow::ensure!(
@@ -459,6 +452,7 @@ pub(super) fn spec(config: &DeployedConfig, strategy: &Strategy, central: bool) 
         personal: run.personal_tensors()?,
         asynchronous: run.fleet.fedbuff,
         compress: run.fleet.compress,
+        cross_site: run.cross_site,
     })
 }
 

@@ -259,20 +259,28 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let last = rounds.last().context("the run finished no round")?;
     let model = coordinator.global().await?;
     let (model_bytes, sha) = report::model_bytes(&model)?;
+    let mut final_record = FinalRecord::of(
+        &rounds,
+        sha.clone(),
+        // The coordinator ends runs with the stop reasons' names.
+        serde_json::from_value(serde_json::Value::String(reason.clone()))
+            .unwrap_or(StopReason::RoundsCompleted),
+        started.elapsed().as_secs_f64(),
+    )?
+    .with_global_matrix(run.cross_site);
+    if let Some(matrix) = &last.cross_site {
+        // Sites' own models were fine-tuned and scored: the coordinator's full matrix.
+        final_record.cross_site = Some(matrix.clone());
+    }
+    if let Some(matrix) = &final_record.cross_site {
+        crate::cross_site::write_csv(&setup.file.out, matrix)?;
+        crate::cross_site::write_site_models(&setup.file.out, &coordinator.site_models().await?)?;
+        crate::cross_site::print_summary(matrix);
+    }
     let history = History {
         config: &setup.config,
         rounds: &rounds,
-        final_record: Some(
-            FinalRecord::of(
-                &rounds,
-                sha.clone(),
-                // The coordinator ends runs with the stop reasons' names.
-                serde_json::from_value(serde_json::Value::String(reason.clone()))
-                    .unwrap_or(StopReason::RoundsCompleted),
-                started.elapsed().as_secs_f64(),
-            )?
-            .with_global_matrix(run.cross_site),
-        ),
+        final_record: Some(final_record),
         baselines: None,
         attackers: &[],
         failed_rounds: &failed,

@@ -9,9 +9,9 @@ use std::{collections::BTreeMap, fs, path::Path, time::Duration};
 
 use serde_json::Value;
 use support::{
-    TestServer,
+    Killer, TestServer,
     cli::{assert_clean_failure, ferry_stdout, mnist_logreg, simulate, written_history},
-    refused_at_start, start_share_fleet, wait_for,
+    refused_at_start, share_client_args, spawn_logged, wait_for,
 };
 
 /// `ferry evaluate --json` of `model` with `scope` flags: (accuracy, examples).
@@ -23,6 +23,16 @@ fn evaluate(model: &Path, scope: &[&str]) -> (f64, u64) {
         report["accuracy"].as_f64().expect("accuracy"),
         report["examples"].as_u64().expect("examples"),
     )
+}
+
+/// The matrix's models, in row order.
+fn row_models(matrix: &Value) -> Vec<&str> {
+    matrix["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["model"].as_str().expect("model"))
+        .collect()
 }
 
 /// The matrix's cells by (model, site).
@@ -67,12 +77,7 @@ fn a_simulated_matrix_scores_every_model_on_every_site_as_ferry_evaluate_does() 
     let matrix = &h["final"]["cross_site"];
     let sites = ["0", "1", "2", "3"];
     assert_eq!(matrix["sites"], serde_json::json!(sites));
-    let models: Vec<&str> = matrix["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| r["model"].as_str().expect("model"))
-        .collect();
+    let models = row_models(matrix);
     assert_eq!(
         models,
         ["global", "local:0", "local:1", "local:2", "local:3"]
@@ -147,19 +152,31 @@ fn sites_own_models_stay_home_when_updates_are_hidden_or_private() {
 }
 
 #[test]
-fn a_deployed_matrix_is_the_global_model_on_every_nodes_share_as_ferry_evaluate_scores_it() {
+fn a_deployed_matrix_scores_the_global_model_and_the_sites_that_share_theirs_as_ferry_evaluate_does()
+ {
     let tmp = tempfile::tempdir().expect("tempdir");
     let nodes = 3;
+    let sharing = 2;
     let server = TestServer::new(
         tmp.path(),
         &[],
         false,
         &format!(
             "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nclients = {nodes}\n\
-             min_clients = {nodes}\nrounds = 2\nround_timeout = 60\ncross-site = \"global\"\n"
+             min_clients = {nodes}\nrounds = 2\nround_timeout = 60\ncross-site = \"local\"\n"
         ),
     );
-    let (mut processes, logs) = start_share_fleet(&server, "logreg", nodes, 60);
+    let mut logs = vec![server.dir.join("server-1.log")];
+    let mut processes = Killer(vec![server.spawn(&logs[0])]);
+    for i in 0..nodes {
+        let log = server.dir.join(format!("client-{i}.log"));
+        let mut args = share_client_args(&server, "logreg", nodes, i, 60);
+        if i < sharing {
+            args.push("--share-local-model".into());
+        }
+        processes.0.push(spawn_logged(&args, &log));
+        logs.push(log);
+    }
     wait_for(
         "the server to finish",
         Duration::from_secs(180),
@@ -168,8 +185,6 @@ fn a_deployed_matrix_is_the_global_model_on_every_nodes_share_as_ferry_evaluate_
     );
     let h = support::history(&server.out).expect("history.json");
     let matrix = &h["final"]["cross_site"];
-    let cells = cells(matrix);
-    assert_eq!(cells.len(), nodes, "{matrix}");
     // Which node id each share's client enrolled as.
     let mut share_of = BTreeMap::new();
     for (i, log) in logs[1..].iter().enumerate() {
@@ -181,13 +196,32 @@ fn a_deployed_matrix_is_the_global_model_on_every_nodes_share_as_ferry_evaluate_
             .expect("the client says which node it is");
         share_of.insert(id.to_string(), i);
     }
-    let model = server.out.join("model.safetensors");
+    let models = row_models(matrix);
+    let mut expected = vec!["global".to_string()];
+    expected.extend(
+        share_of
+            .iter()
+            .filter(|(_, share)| **share < sharing)
+            .map(|(id, _)| format!("local:{id}")),
+    );
+    assert_eq!(
+        models, expected,
+        "only the sites that opted in send a model"
+    );
+    let cells = cells(matrix);
+    assert_eq!(cells.len(), nodes * (1 + sharing), "{matrix}");
     let sites = matrix["sites"].as_array().expect("sites");
-    for (column, site) in sites.iter().enumerate() {
-        let site = site.as_str().expect("site");
+    for ((model, site), accuracy) in &cells {
+        let file = match model.strip_prefix("local:") {
+            Some(own) => server
+                .out
+                .join("cross-site")
+                .join(format!("{own}.safetensors")),
+            None => server.out.join("model.safetensors"),
+        };
         let share = share_of[site].to_string();
         let scored = evaluate(
-            &model,
+            &file,
             &[
                 "--dataset",
                 "mnist-subset",
@@ -199,25 +233,37 @@ fn a_deployed_matrix_is_the_global_model_on_every_nodes_share_as_ferry_evaluate_
                 &share,
             ],
         );
-        let in_matrix = (
-            cells[&("global".to_string(), site.to_string())],
-            matrix["examples"][column].as_u64().expect("examples"),
-        );
-        assert_eq!(scored.1, in_matrix.1, "site {site}");
+        let column = sites.iter().position(|s| s == site).expect("column");
+        let examples = matrix["examples"][column].as_u64().expect("examples");
+        assert_eq!(scored.1, examples, "{model} on site {site}");
         assert!(
-            (scored.0 - in_matrix.0).abs() < 1e-9,
-            "site {site}: {scored:?} vs {in_matrix:?}"
+            (scored.0 - accuracy).abs() < 1e-9,
+            "{model} on site {site}: ferry evaluate {scored:?}, matrix {accuracy}"
         );
     }
-    // Sites' own models stay on their nodes in deployment.
+    // A site's own model is the final model fine-tuned there: not the global model.
+    let global = fs::read(server.out.join("model.safetensors")).expect("model");
+    for (id, _) in share_of.iter().filter(|(_, share)| **share < sharing) {
+        let own = fs::read(
+            server
+                .out
+                .join("cross-site")
+                .join(format!("{id}.safetensors")),
+        )
+        .expect("site model");
+        assert_ne!(own, global, "site {id}'s model");
+    }
+    let csv = fs::read_to_string(server.out.join("cross-site.csv")).expect("cross-site.csv");
+    assert_eq!(csv.lines().count(), 2 + 1 + sharing, "{csv}");
+    // Sites' own models are refused where updates are hidden from the server.
     let refused = TestServer::new(
         &tmp.path().join("local"),
         &[],
         false,
-        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\ncross-site = \"local\"\n",
+        "dataset = \"mnist-subset\"\nmodel = \"logreg\"\nsecagg = true\ncross-site = \"local\"\n",
     );
     assert!(
-        refused_at_start(&refused).contains("cross-site = \"global\""),
+        refused_at_start(&refused).contains("cross-site global"),
         "the refusal names the fix"
     );
 }

@@ -67,8 +67,11 @@ impl Coordinator {
     }
 
     /// Whether the model committed with `record` is to be evaluated by the nodes.
+    /// A run with a cross-site matrix always has its final model scored, however it ends.
     pub(super) fn evaluation_due(&self, record: &RoundRecord) -> bool {
-        record.federated.is_none() && self.spec.evaluation.due(record.round, self.spec.rounds)
+        let final_matrix = self.spec.cross_site.is_some() && self.finish_reason(record).is_some();
+        record.federated.is_none()
+            && (final_matrix || self.spec.evaluation.due(record.round, self.spec.rounds))
     }
 
     /// Opens the federated evaluation of committed `record`; the run ends after it for
@@ -156,7 +159,10 @@ impl Coordinator {
         let silent = e.asked.as_ref().map_or(0, |a| a.len() - e.answered.len());
         let mut record = e.record;
         record.federated = FederatedEvaluation::combine_named(&e.results, e.failures + silent);
-        let finished = e.then_finish.or_else(|| self.finish_reason(&record));
+        let mut finished = e.then_finish.or_else(|| self.finish_reason(&record));
+        let site_models = finished
+            .take_if(|reason| self.ends_with_site_models(reason))
+            .map(|reason| (record.clone(), reason));
         let json = serde_json::to_string(&record)
             .map_err(|e| ServerError::Settings(format!("round record: {e}")))?;
         self.store
@@ -177,6 +183,9 @@ impl Coordinator {
         }
         metrics::counter!("ferry_evaluations_total").increment(1);
         self.emit(Event::RoundEvaluated(Box::new(record)));
+        if let Some((record, reason)) = site_models {
+            self.open_site_models(state, record, reason).await?;
+        }
         if let Some(reason) = finished {
             state.finished = Some(reason.clone());
             self.emit(Event::Finished(reason));
@@ -193,6 +202,7 @@ impl Coordinator {
             model: state.model_blob.clone(),
             seed: e.seed,
             deadline_unix_ms: unix_ms(e.deadline),
+            site_model: None,
         })
     }
 
@@ -204,14 +214,21 @@ impl Coordinator {
             .is_some_and(|e| e.expects(node, round))
     }
 
-    /// Takes `node`'s score of `round`'s model. Figures that would corrupt the result are
-    /// refused and count as the node's failure.
+    /// Takes `node`'s score of `round`'s model (or of `site_model`'s own model, for the
+    /// cross-site matrix). Figures that would corrupt the result are refused and count as the
+    /// node's failure.
     pub async fn report_evaluation(
         &self,
         node: &str,
         round: u32,
+        site_model: Option<&str>,
         evaluation: NodeEvaluation,
     ) -> Result<(), Refusal> {
+        if let Some(site) = site_model {
+            return self
+                .report_site_model_score(node, round, site, evaluation)
+                .await;
+        }
         let mut state = self.state.lock().await;
         let current = state.round;
         let Some(e) = state.evaluating.as_mut().filter(|e| e.expects(node, round)) else {

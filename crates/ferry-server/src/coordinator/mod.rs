@@ -14,6 +14,7 @@
 //! twice.
 
 mod buffered;
+mod cross_site;
 mod evaluation;
 mod relays;
 mod retention;
@@ -89,6 +90,9 @@ struct State {
     training: Option<Training>,
     /// The latest committed round's federated evaluation, while nodes score its model.
     evaluating: Option<Evaluating>,
+    /// After the final round, with `cross-site = "local"`: sites' own models fine-tuned and
+    /// scored before the run ends.
+    cross_site: Option<cross_site::CrossSitePhase>,
     finished: Option<String>,
     online: HashMap<String, Instant>,
     /// Relays, by when each last synced (they are never in a cohort).
@@ -200,6 +204,10 @@ impl Coordinator {
             (Some(reason), _) if is_failure(reason) => ("failed", 0, 0),
             (Some(_), _) => ("finished", 0, 0),
             (None, Some(t)) => ("training", t.cohort.len(), t.open.accepted()),
+            (None, None) if state.cross_site.is_some() => {
+                let (asked, done) = state.cross_site.as_ref().map_or((0, 0), |p| p.progress());
+                ("cross_site", asked, done)
+            }
             (None, None) if state.evaluating.is_some() => {
                 let (asked, done) = state.evaluating.as_ref().map_or((0, 0), |e| e.progress());
                 ("evaluating", asked, done)
@@ -358,14 +366,20 @@ impl Coordinator {
         }
     }
 
-    /// What `node` should do now.
-    pub async fn work_for(&self, node: &str) -> Work {
+    /// What `node` should do now; `shares` says whether it lets its own fine-tuned model
+    /// leave the site for the cross-site matrix.
+    pub async fn work_for(&self, node: &str, shares: bool) -> Work {
         let mut state = self.state.lock().await;
         match state.finished.as_deref() {
             // The server is about to exit and be restarted: nodes wait for it, reconnecting.
             Some(COORDINATOR_ERROR) => return Work::Idle(self.idle_reason(&state)),
             Some(reason) => return Work::Finished(reason.to_string()),
             None => {}
+        }
+        if state.cross_site.is_some() {
+            return self
+                .site_model_work(&mut state, node, shares)
+                .unwrap_or_else(|| Work::Idle(self.idle_reason(&state)));
         }
         if let Some(task) = self.evaluation_for(&state, node) {
             return Work::Evaluate(task);
@@ -409,6 +423,11 @@ impl Coordinator {
         if state.finished.as_deref() == Some(COORDINATOR_ERROR) {
             return "the coordinator stopped on an error; waiting for it".into();
         }
+        if state.cross_site.is_some() {
+            return "the rounds are done; sites' own models are being fine-tuned and scored \
+                    for the cross-site matrix"
+                .into();
+        }
         match (&state.training, &state.evaluating) {
             (Some(t), _) => format!(
                 "round {} is running without this node; it can join the next one",
@@ -424,7 +443,11 @@ impl Coordinator {
 
     /// What a run with no open round waits for, in an operator's words.
     fn waiting(&self, state: &State) -> Option<String> {
-        if state.finished.is_some() || state.training.is_some() || state.evaluating.is_some() {
+        if state.finished.is_some()
+            || state.training.is_some()
+            || state.evaluating.is_some()
+            || state.cross_site.is_some()
+        {
             return None;
         }
         let now = Instant::now();
@@ -458,6 +481,7 @@ impl Coordinator {
         let keep = state.training.as_ref().is_some_and(|t| {
             t.plan_task.round == round && t.cohort.contains(node) && !t.answered.contains(node)
         }) || Self::evaluation_expects(&state, node, round)
+            || Self::site_models_expect(&state, node, round)
             || Self::in_flight_for(&state, node, round);
         (keep, state.round)
     }
@@ -476,6 +500,7 @@ impl Coordinator {
             .chain(in_flight)
             .find(|b| b.id == id)
             .cloned()
+            .or_else(|| Self::site_model_blob(&state, id))
     }
 
     /// The blob store, for streaming downloads.

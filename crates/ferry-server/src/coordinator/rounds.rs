@@ -81,6 +81,7 @@ impl Coordinator {
             .as_ref()
             .map_or((false, false), |t| (true, t.secure.is_some()));
         let changed = match (open, secure) {
+            (false, _) if state.cross_site.is_some() => self.step_site_models(state, now).await?,
             (false, _) if state.evaluating.is_some() => self.step_evaluation(state, now).await?,
             (false, _) => self.start_round(state, now).await?,
             (true, true) => self.step_secure(state, now).await?,

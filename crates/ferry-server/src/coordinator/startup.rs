@@ -106,6 +106,7 @@ impl Coordinator {
                 round: run.round,
                 training: None,
                 evaluating: None,
+                cross_site: None,
                 closing: None,
                 finished: (!run.finished.is_empty()).then(|| run.finished.clone()),
                 online: HashMap::new(),
@@ -145,6 +146,8 @@ impl Coordinator {
                 last.round
             )));
             self.open_evaluation(&mut state, last, finish);
+        } else if let Some(reason) = finish.clone().filter(|r| self.ends_with_site_models(r)) {
+            self.open_site_models(&mut state, last, reason).await?;
         } else if let Some(reason) = finish {
             self.store.finish_run(&reason).await?;
             state.finished = Some(reason);

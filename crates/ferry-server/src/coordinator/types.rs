@@ -4,8 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use ferry_core::{
-    CoreError, compress::Compression, evaluation::EvaluationSchedule, personal::PersonalTensors,
-    privacy::node::NodePrivacy, strategy::ClientProcedure, task::LocalTraining,
+    CoreError, compress::Compression, cross_site::CrossSiteModels, evaluation::EvaluationSchedule,
+    personal::PersonalTensors, privacy::node::NodePrivacy, strategy::ClientProcedure,
+    task::LocalTraining,
 };
 use ferry_engine::{
     node::RoundTask, record::RoundRecord, round::CohortRule, secure::SecureAggregation,
@@ -60,6 +61,9 @@ pub struct RunSpec {
     /// How nodes compress their updates' deltas (their tasks say so); uncompressed updates
     /// are accepted too.
     pub compress: Compression,
+    /// The cross-site validation matrix asked for: with `Local`, nodes that opt in fine-tune
+    /// the final model and every node scores each site's own model before the run ends.
+    pub cross_site: Option<CrossSiteModels>,
 }
 
 impl RunSpec {
@@ -98,6 +102,7 @@ pub struct RunStatus {
     /// Rounds configured.
     pub rounds: u32,
     /// `waiting_for_nodes`, `training`, `evaluating` (nodes score the round's model),
+    /// `cross_site` (after the last round: sites' own models fine-tuned and scored),
     /// `retrying` (after a failed attempt), `finished` or `failed`.
     pub phase: String,
     /// Online nodes a round needs before it starts.
@@ -110,9 +115,11 @@ pub struct RunStatus {
     pub last_failure: Option<String>,
     /// Nodes heard from recently.
     pub nodes_online: usize,
-    /// Nodes in the open round's cohort (while evaluating: nodes asked to evaluate).
+    /// Nodes in the open round's cohort (while evaluating: nodes asked to evaluate; in the
+    /// cross-site phase: nodes fine-tuning and site models in, then site models).
     pub cohort: usize,
-    /// Updates accepted so far in the open round (while evaluating: evaluations in).
+    /// Updates accepted so far in the open round (while evaluating: evaluations in; in the
+    /// cross-site phase: site models in, then scores in).
     pub updates_in: usize,
     /// Why the run ended, once it has.
     pub finished: Option<String>,
@@ -166,8 +173,11 @@ pub enum Event {
 pub enum Work {
     /// Train this.
     Task(Box<NodeTask>),
-    /// Score this round's model on the node's held-out data.
+    /// Score this round's model (or a site's own model) on the node's held-out data.
     Evaluate(EvaluationTask),
+    /// Fine-tune the final model on the node's data and send the update: the site's own
+    /// model for the cross-site matrix.
+    Tune(Box<NodeTask>),
     /// Nothing now.
     Idle(String),
     /// The run is over.
@@ -236,6 +246,9 @@ pub struct EvaluationTask {
     pub seed: u64,
     /// When the evaluation may close without this node.
     pub deadline_unix_ms: u64,
+    /// The site whose own fine-tuned model `model` is, for the cross-site matrix; `None` for
+    /// the global model.
+    pub site_model: Option<String>,
 }
 
 /// The outcome of a completed upload.

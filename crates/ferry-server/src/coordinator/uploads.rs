@@ -16,7 +16,9 @@ impl Coordinator {
     pub async fn may_upload(&self, node: &str, round: u32) -> Result<Option<Submission>, Refusal> {
         let (open_for_node, answered, current) = {
             let state = self.state.lock().await;
-            if self.destination(&state, node, round).is_some() {
+            if self.destination(&state, node, round).is_some()
+                || Self::tuning_upload_open(&state, node, round)
+            {
                 return Ok(None);
             }
             if let Some(refusal) = Self::send_again(&state, node, round) {
@@ -75,6 +77,9 @@ impl Coordinator {
                 .await
                 .map_err(|e| Refusal::NotOpen(e.to_string()))?;
             return self.submit_masked(node, round, &bytes).await;
+        }
+        if Self::tuning_upload_open(&*self.state.lock().await, node, round) {
+            return self.submit_site_model(node, round, upload).await;
         }
         let checked = upload.open_update(&self.layout).and_then(|mut file| {
             self.spec.accepts(file.meta().compression)?;
@@ -250,7 +255,9 @@ impl Coordinator {
     /// Records that `node` cannot deliver `round`.
     pub async fn report_failure(&self, node: &str, round: u32, reason: &str) {
         let mut state = self.state.lock().await;
-        if self.evaluation_failed(&mut state, node, round, reason) {
+        if self.evaluation_failed(&mut state, node, round, reason)
+            || self.site_models_failed(&mut state, node, reason)
+        {
             drop(state);
             self.notify();
             return;

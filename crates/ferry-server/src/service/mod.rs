@@ -22,7 +22,9 @@ mod wire;
 
 use callers::{Actor, permission_denied, store_unavailable, unauthenticated};
 use refusals::{refused, refused_request, rejected, stage_refused};
-use wire::{evaluation_message, receipt, secagg_outcome, secagg_step, task_message};
+use wire::{
+    evaluation_message, receipt, secagg_outcome, secagg_step, task_message, tuning_message,
+};
 
 use crate::{
     auth,
@@ -211,13 +213,20 @@ impl Fleet for FleetService {
     ) -> Result<Response<PullTaskResponse>, Status> {
         let node = self.node_actor(&request).await?;
         self.guard.node_call(&node)?;
-        let wait = Duration::from_millis(u64::from(request.into_inner().wait_ms)).min(MAX_WAIT);
+        let PullTaskRequest {
+            wait_ms,
+            share_local_model,
+        } = request.into_inner();
+        let wait = Duration::from_millis(u64::from(wait_ms)).min(MAX_WAIT);
         let mut changed = self.coordinator.subscribe_work();
         let give_up = tokio::time::Instant::now() + wait;
         let outcome = loop {
-            match self.coordinator.work_for(&node).await {
+            match self.coordinator.work_for(&node, share_local_model).await {
                 Work::Task(task) => {
                     break Outcome::Task(task_message(&task, self.coordinator.spec()));
+                }
+                Work::Tune(task) => {
+                    break Outcome::Task(tuning_message(&task, self.coordinator.spec()));
                 }
                 Work::Evaluate(task) => {
                     break Outcome::Task(evaluation_message(&task, self.coordinator.spec()));
@@ -454,6 +463,7 @@ impl Fleet for FleetService {
             loss,
             accuracy,
             metrics,
+            site_model,
         } = request.into_inner();
         let evaluation = NodeEvaluation {
             num_examples,
@@ -462,7 +472,12 @@ impl Fleet for FleetService {
             metrics: metrics.into_iter().collect(),
         };
         self.coordinator
-            .report_evaluation(&node, round, evaluation)
+            .report_evaluation(
+                &node,
+                round,
+                (!site_model.is_empty()).then_some(site_model.as_str()),
+                evaluation,
+            )
             .await
             .map_err(|r| refused_request(&node, "evaluation", r))?;
         Ok(Response::new(FailureAck {}))

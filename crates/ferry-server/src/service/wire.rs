@@ -38,7 +38,19 @@ pub(super) fn evaluation_message(task: &EvaluationTask, spec: &RunSpec) -> v1::T
         heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
         kind: v1::TaskKind::Evaluate.into(),
         personal: spec.personal.patterns().to_vec(),
+        site_model: task.site_model.clone().unwrap_or_default(),
         ..v1::Task::default()
+    }
+}
+
+/// The task of a node that fine-tunes the final model into its own, for the cross-site
+/// matrix: a training task of its own kind, whose update is sent uncompressed (it becomes a
+/// model that every site scores).
+pub(super) fn tuning_message(node_task: &NodeTask, spec: &RunSpec) -> v1::Task {
+    v1::Task {
+        kind: v1::TaskKind::Tune.into(),
+        compress: String::new(),
+        ..task_message(node_task, spec)
     }
 }
 
@@ -79,6 +91,7 @@ pub(super) fn task_message(node_task: &NodeTask, spec: &RunSpec) -> v1::Task {
             Compression::None => String::new(),
             compress => compress.to_string(),
         },
+        site_model: String::new(),
     }
 }
 

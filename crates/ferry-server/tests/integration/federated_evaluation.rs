@@ -7,7 +7,7 @@
 
 use crate::support;
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use ferry_core::{
     Model, Update,
@@ -22,7 +22,7 @@ use ferry_proto::v1::{
 use ferry_server::coordinator::{Coordinator, RunSpec};
 use support::{
     add_token, authed, chunks, client, enrol, initial, pull, spec, start_from,
-    start_with_evaluator, update_bytes, upload,
+    start_with_evaluator, update_bytes, upload, wait_phase,
 };
 use tonic::{Code, transport::Channel};
 
@@ -67,6 +67,7 @@ fn report(round: u32, num_examples: u64, accuracy: f64) -> EvaluationReport {
         loss: 1.0 - accuracy,
         accuracy,
         metrics: HashMap::from([("f1".to_string(), accuracy / 2.0)]),
+        site_model: String::new(),
     }
 }
 
@@ -89,19 +90,6 @@ async fn score_all(
 async fn ends(coordinator: &Coordinator, reason: &str) {
     coordinator.until_finished().await;
     assert_eq!(coordinator.finished().await.as_deref(), Some(reason));
-}
-
-async fn wait_phase(coordinator: &Coordinator, phase: &str) {
-    for _ in 0..200 {
-        if coordinator.status().await.phase == phase {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "phase {phase} not reached: {:?}",
-        coordinator.status().await
-    );
 }
 
 async fn evaluation_task(c: &mut FleetClient<Channel>, credential: &str) -> Task {
@@ -242,9 +230,15 @@ async fn a_restarted_server_evaluates_the_committed_round_again() {
     let mut reconnected = Vec::new();
     for (_, credential) in fleet.iter() {
         let mut node = client(&restarted.url).await;
-        node.pull_task(authed(credential, PullTaskRequest { wait_ms: 0 }))
-            .await
-            .expect("pull");
+        node.pull_task(authed(
+            credential,
+            PullTaskRequest {
+                wait_ms: 0,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("pull");
         reconnected.push((node, credential.clone()));
     }
     score_all(&mut reconnected, |_| report(1, 10, 0.7)).await;

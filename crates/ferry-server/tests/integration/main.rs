@@ -9,6 +9,7 @@ mod support;
 mod abuse_limits;
 mod blob_store;
 mod connection_state;
+mod cross_site;
 mod disk_full;
 mod federated_evaluation;
 mod legacy_store;

@@ -64,12 +64,21 @@ async fn identity_uploads_refusals_and_restart() {
     let b = enrol(&mut c, &token_b).await;
     let forged = format!("{}.{}", a.split('.').next().expect("id"), "0".repeat(64));
     let err = c
-        .pull_task(authed(&forged, PullTaskRequest { wait_ms: 0 }))
+        .pull_task(authed(
+            &forged,
+            PullTaskRequest {
+                wait_ms: 0,
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("forged");
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = c
-        .pull_task(Request::new(PullTaskRequest { wait_ms: 0 }))
+        .pull_task(Request::new(PullTaskRequest {
+            wait_ms: 0,
+            ..Default::default()
+        }))
         .await
         .expect_err("anonymous");
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -217,7 +226,13 @@ async fn identity_uploads_refusals_and_restart() {
         global.values()
     );
     let finished = c
-        .pull_task(authed(&a, PullTaskRequest { wait_ms: 2000 }))
+        .pull_task(authed(
+            &a,
+            PullTaskRequest {
+                wait_ms: 2000,
+                ..Default::default()
+            },
+        ))
         .await
         .expect("pull")
         .into_inner();
@@ -234,7 +249,13 @@ async fn identity_uploads_refusals_and_restart() {
         .await
         .expect("revoke");
     let err = c
-        .pull_task(authed(&a, PullTaskRequest { wait_ms: 0 }))
+        .pull_task(authed(
+            &a,
+            PullTaskRequest {
+                wait_ms: 0,
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("revoked");
     assert_eq!(err.code(), Code::Unauthenticated);

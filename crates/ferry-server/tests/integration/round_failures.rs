@@ -50,7 +50,13 @@ async fn online_nodes(
         let token = add_token(dir, &format!("site-{i}")).await;
         let credential = enrol(&mut fleet, &token).await;
         fleet
-            .pull_task(authed(&credential, PullTaskRequest { wait_ms: 0 }))
+            .pull_task(authed(
+                &credential,
+                PullTaskRequest {
+                    wait_ms: 0,
+                    ..Default::default()
+                },
+            ))
             .await
             .expect("pull");
         credentials.push(credential);
@@ -179,7 +185,13 @@ async fn a_run_whose_rounds_keep_failing_stops_as_failed_without_claiming_rounds
         }
         for credential in &credentials {
             let _ = fleet
-                .pull_task(authed(credential, PullTaskRequest { wait_ms: 0 }))
+                .pull_task(authed(
+                    credential,
+                    PullTaskRequest {
+                        wait_ms: 0,
+                        ..Default::default()
+                    },
+                ))
                 .await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -94,6 +94,7 @@ pub fn spec(rounds: u32, min_clients: usize) -> RunSpec {
         personal: Default::default(),
         asynchronous: None,
         compress: Default::default(),
+        cross_site: None,
     }
 }
 
@@ -304,7 +305,13 @@ pub async fn enrol(client: &mut FleetClient<Channel>, token: &str) -> String {
 pub async fn pull(client: &mut FleetClient<Channel>, credential: &str) -> Task {
     for _ in 0..20 {
         let response = client
-            .pull_task(authed(credential, PullTaskRequest { wait_ms: 2000 }))
+            .pull_task(authed(
+                credential,
+                PullTaskRequest {
+                    wait_ms: 2000,
+                    ..Default::default()
+                },
+            ))
             .await
             .expect("pull")
             .into_inner();
@@ -357,4 +364,18 @@ pub async fn wait_rounds(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("round {rounds} did not close within 10 s");
+}
+
+/// Waits (at most 10 s) for the run's status to show `phase`.
+pub async fn wait_phase(coordinator: &Coordinator, phase: &str) {
+    for _ in 0..200 {
+        if coordinator.status().await.phase == phase {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "phase {phase} not reached: {:?}",
+        coordinator.status().await
+    );
 }

@@ -83,6 +83,7 @@ pub fn run(args: FleetNodesArgs) -> Result<()> {
                 max_backoff: Duration::from_secs(2),
                 // A large fleet takes minutes to enrol on one machine: an agent keeps trying.
                 give_up_after: Duration::from_secs(600),
+                share_local_model: false,
             };
             let (arrivals, model_ready) = (arrivals.clone(), model_ready.clone());
             let on_event = move |event| {
