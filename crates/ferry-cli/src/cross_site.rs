@@ -16,6 +16,7 @@ use ferry_core::{
     Model,
     cross_site::{CrossSiteMatrix, CrossSiteModels, GLOBAL_ROW},
 };
+use ferry_engine::{cross_site::SiteModels, federation::RunOutcome};
 use ferry_sim::{Simulation, cross_site};
 
 use crate::{
@@ -33,7 +34,8 @@ pub struct CrossSiteArgs {
     /// A finished run's output folder.
     pub run_dir: PathBuf,
     /// `global`: the global model on every site; `local`: also each site's own fine-tuned
-    /// model on every site (simulations only) [default: global].
+    /// model on every site (built-in simulations only: other runs make it while they run)
+    /// [default: global].
     #[arg(long, value_name = "global|local")]
     pub models: Option<String>,
 }
@@ -70,6 +72,34 @@ pub fn for_simulation(
     write_csv(out, &result.matrix)?;
     print_summary(&result.matrix);
     Ok(result.matrix)
+}
+
+/// The matrix of a simulation of the user's own trainer whose nodes made `site_models`: the
+/// final federated evaluation's global row, then each site model's row; prints its summary
+/// (and any node that failed) and writes the CSV and the sites' models into `out`. `None`
+/// when no site scored the final model.
+pub fn for_own_code(
+    outcome: &RunOutcome,
+    site_models: SiteModels,
+    out: &Path,
+) -> Result<Option<CrossSiteMatrix>> {
+    for failure in &site_models.failures {
+        eprintln!("cross-site: {failure}");
+    }
+    let Some(matrix) = outcome
+        .rounds
+        .last()
+        .and_then(|r| r.federated.as_ref())
+        .and_then(CrossSiteMatrix::of_evaluation)
+        .map(|global| global.with_local_rows(&site_models.scores))
+    else {
+        eprintln!("cross-site: no site scored the final model, so the run has no matrix");
+        return Ok(None);
+    };
+    write_site_models(out, &site_models.models)?;
+    write_csv(out, &matrix)?;
+    print_summary(&matrix);
+    Ok(Some(matrix))
 }
 
 /// Writes each site's own model as `cross-site/<site>.safetensors` in `out` (nothing when
@@ -191,15 +221,24 @@ pub fn run(args: CrossSiteArgs) -> Result<()> {
 }
 
 /// The matrix of a run whose nodes are out of reach (a deployment, or a simulation of the
-/// user's own trainer): its final federated evaluation.
+/// user's own trainer): the one its nodes made at its end if it has sites' own models (nothing
+/// can make those again), else its final federated evaluation.
 fn evaluated_matrix(
     history: &serde_json::Value,
     models: CrossSiteModels,
 ) -> Result<CrossSiteMatrix> {
+    let stored: Option<CrossSiteMatrix> =
+        serde_json::from_value(history["final"]["cross_site"].clone()).ok();
+    if let Some(stored) = stored.filter(|m| m.rows.len() > 1) {
+        println!("the run's matrix has its sites' own models, made at its end: kept as it is");
+        print_summary(&stored);
+        return Ok(stored);
+    }
     if models == CrossSiteModels::Local {
         bail!(
-            "sites' own models are scored after the run only for built-in simulations: this \
-             run's nodes and their data are out of reach; use --models global"
+            "this run's nodes and their data are out of reach, so sites' own models can only \
+             be made while it runs: run it with --cross-site local (a server's cross-site = \
+             \"local\"), or use --models global"
         );
     }
     let federated = serde_json::from_value(history["final"]["federated"].clone()).context(

@@ -16,6 +16,7 @@ use ferry_client::{
 };
 use ferry_core::{
     Model, Update,
+    cross_site::CrossSiteModels,
     evaluation::NodeEvaluation,
     personal::PersonalTensors,
     privacy::{
@@ -24,12 +25,13 @@ use ferry_core::{
     },
 };
 use ferry_engine::{
+    cross_site::{SiteModels, fine_tune_and_score},
     federation::{Federation, RoundObserver, RunOutcome},
     node::{EvaluateTask, Evaluator, NodeError, NodeHandle, NodeId, RoundTask, Score, WireEncoder},
 };
 use ferry_sim::SimConfig;
 
-use crate::{client::TrainerMode, starting_point::StartingPoint};
+use crate::{client::TrainerMode, progress::progress_bar, starting_point::StartingPoint};
 
 /// Examples a node's FedAvg weight reflects at most under secure aggregation: Ferry does not
 /// know the sizes of the user's data folders, as a server does not know its nodes'.
@@ -178,7 +180,8 @@ impl Evaluator for Unevaluated {
 }
 
 /// Runs `config`'s federation with `command` as the trainer of one node per data folder in
-/// `folders`, in `mode`; round folders go under `out/nodes/`.
+/// `folders`, in `mode`; round folders go under `out/nodes/`. With `--cross-site local`, the
+/// same nodes then fine-tune the final model and score each other's (the sites' models).
 pub fn run(
     command: &str,
     mode: TrainerMode,
@@ -186,7 +189,7 @@ pub fn run(
     config: &SimConfig,
     out: &Path,
     observer: &mut dyn RoundObserver,
-) -> Result<RunOutcome> {
+) -> Result<(RunOutcome, Option<SiteModels>)> {
     let start = StartingPoint::of(config)?;
     let evaluation = config.evaluation(start.evaluator.is_some());
     let personal = config.personal_tensors()?;
@@ -222,6 +225,29 @@ pub fn run(
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
     let settings = config.run_settings(secure, evaluation)?;
-    let federation = Federation::new(settings, strategy, nodes, evaluator, start.model)?;
-    Ok(federation.run(observer)?)
+    let federation = Federation::new(settings, strategy, nodes.clone(), evaluator, start.model)?;
+    let outcome = federation.run(observer)?;
+    if config.cross_site != Some(CrossSiteModels::Local) {
+        return Ok((outcome, None));
+    }
+    println!(
+        "cross-site validation: every node fine-tunes the final model with your trainer, then \
+         scores every site's model"
+    );
+    let bar = progress_bar(
+        2 * nodes.len() as u64,
+        "cross-site [{bar:30}] {pos}/{len} steps  {elapsed}",
+    );
+    let after_last = outcome.rounds.last().map_or(1, |r| r.round + 1);
+    let site_models = fine_tune_and_score(
+        &nodes,
+        &Arc::new(outcome.model.clone()),
+        &config.training,
+        after_last,
+        config.seed,
+        config.threads,
+        || bar.inc(1),
+    );
+    bar.finish_and_clear();
+    Ok((outcome, Some(site_models)))
 }

@@ -179,12 +179,6 @@ fn run_own_code(
         );
     }
     let mut config = args.resolve()?;
-    if config.cross_site == Some(ferry_core::cross_site::CrossSiteModels::Local) {
-        anyhow::bail!(
-            "--cross-site local is not available with --trainer-cmd yet: sites' own models are \
-             fine-tuned and exchanged by built-in virtual nodes only; use --cross-site global"
-        );
-    }
     let out = args.out_dir();
     report::prepare_dir(&out)?;
     let folders = match (folders, args.clients) {
@@ -220,17 +214,22 @@ fn run_own_code(
         ),
         LiveObserver(live.clone()),
     );
-    let outcome = own_code::run(trainer, mode, &folders, &config, &out, &mut observer)?;
+    let (outcome, site_models) =
+        own_code::run(trainer, mode, &folders, &config, &out, &mut observer)?;
     if let Some(live) = &live {
         live.finished(&stop_name(outcome.stop));
     }
+    let matrix = site_models
+        .map(|site_models| cross_site::for_own_code(&outcome, site_models, &out))
+        .transpose()?
+        .flatten();
     let f = report::write_simulation(
         &out,
         &config,
         &outcome,
         started.elapsed().as_secs_f64(),
         None,
-        None,
+        matrix,
         &[],
     )?;
     println!(

@@ -88,24 +88,41 @@ impl CrossSiteMatrix {
         }
         let sites: Vec<String> = global.keys().cloned().collect();
         let examples = sites.iter().map(|s| global[s].1).collect();
-        let row = |model: String, scores: &SiteScores| MatrixRow {
+        let matrix = Self {
+            sites,
+            examples,
+            rows: Vec::new(),
+        };
+        let global_row = matrix.row_of(GLOBAL_ROW.to_string(), global);
+        Some(
+            Self {
+                rows: vec![global_row],
+                ..matrix
+            }
+            .with_local_rows(local),
+        )
+    }
+
+    /// This matrix with a row added for each site's own model (`local`, by site), scored on
+    /// this matrix's sites.
+    pub fn with_local_rows(mut self, local: &BTreeMap<String, SiteScores>) -> Self {
+        for (site, scores) in local {
+            let row = self.row_of(local_row(site), scores);
+            self.rows.push(row);
+        }
+        self
+    }
+
+    /// The row of `model` with `scores` on this matrix's sites.
+    fn row_of(&self, model: String, scores: &SiteScores) -> MatrixRow {
+        MatrixRow {
             model,
-            accuracy: sites
+            accuracy: self
+                .sites
                 .iter()
                 .map(|s| scores.get(s).map(|(a, _)| *a))
                 .collect(),
-        };
-        let mut rows = vec![row(GLOBAL_ROW.to_string(), global)];
-        rows.extend(
-            local
-                .iter()
-                .map(|(site, scores)| row(local_row(site), scores)),
-        );
-        Some(Self {
-            sites,
-            examples,
-            rows,
-        })
+        }
     }
 
     /// The global row of a federated evaluation that kept each site's accuracy and examples.

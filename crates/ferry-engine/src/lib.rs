@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cross_site;
 pub mod devices;
 pub mod dispatch;
 pub mod error;

@@ -269,6 +269,26 @@ fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
     assert_ne!(controls[0], controls[1]);
 }
 
+/// Prints, as JSON, each site model's accuracy (`run/cross-site/<i>.safetensors`) on each
+/// site's `data/*/test.csv`, in folder order, computed with NumPy alone.
+const RESCORE: &str = "\
+import glob, json, numpy as np
+from ferry_sdk.tensors import load_model
+sites = sorted(glob.glob('data/*'))
+out = {}
+for own in range(len(sites)):
+    m = load_model(f'run/cross-site/{own}.safetensors')
+    w = next(t for t in m.values() if t.ndim == 2).astype(np.float64)
+    b = next(t for t in m.values() if t.ndim == 1).astype(np.float64)
+    cells = []
+    for site in sites:
+        rows = np.loadtxt(site + '/test.csv', delimiter=',', ndmin=2)
+        x = rows[:, 1:] / 255.0 if rows[:, 1:].max() > 1 else rows[:, 1:]
+        cells.append(float(((x @ w + b).argmax(axis=1) == rows[:, 0]).mean()))
+    out[str(own)] = cells
+print(json.dumps(out))
+";
+
 /// `examples/numpy` as its README runs it: CSV sites made from Fashion-MNIST, a zero softmax
 /// regression, and the SDK trainer simulated as every site, whose federated accuracy rises.
 #[test]
@@ -311,7 +331,7 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
             "--lr",
             "0.02",
             "--cross-site",
-            "global",
+            "local",
             "--out",
             "run",
         ])
@@ -336,7 +356,8 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
         federated[2] > federated[0] && federated[2] > 0.6,
         "{federated:?}"
     );
-    // The cross-site matrix of a model of the user's own: the SDK's evaluate on every site.
+    // The cross-site matrix of a model of the user's own: every site fine-tunes the final
+    // model with the SDK's train, and the SDK's evaluate scores every model on every site.
     let matrix = &h["final"]["cross_site"];
     assert_eq!(
         matrix["examples"],
@@ -344,7 +365,42 @@ fn the_numpy_example_learns_and_its_sites_evaluate_it() {
         "{matrix}"
     );
     let rows = matrix["rows"].as_array().expect("rows");
-    assert_eq!(rows.len(), 1, "only the global model: {matrix}");
+    let models: Vec<&str> = rows
+        .iter()
+        .map(|r| r["model"].as_str().expect("model"))
+        .collect();
+    assert_eq!(
+        models,
+        ["global", "local:0", "local:1", "local:2"],
+        "{matrix}"
+    );
+    // Each site model's cells, scored again here in NumPy from the saved model and the site's
+    // test.csv, without Ferry.
+    let rescored: serde_json::Value = serde_json::from_str(&support::python(
+        &["-c".as_ref(), RESCORE.as_ref()],
+        Some(tmp.path()),
+        &[("PYTHONPATH", &sdk_path())],
+    ))
+    .expect("the rescoring's JSON");
+    for row in &rows[1..] {
+        let own = row["model"]
+            .as_str()
+            .expect("model")
+            .trim_start_matches("local:");
+        for (site, cell) in row["accuracy"]
+            .as_array()
+            .expect("cells")
+            .iter()
+            .enumerate()
+        {
+            let again = rescored[own][site].as_f64().expect("rescored");
+            let cell = cell.as_f64().expect("scored");
+            assert!(
+                (cell - again).abs() < 1e-9,
+                "local:{own} on site {site}: {cell} vs {again}"
+            );
+        }
+    }
     for (site, cell) in matrix["sites"]
         .as_array()
         .expect("sites")

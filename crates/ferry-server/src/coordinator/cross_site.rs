@@ -93,15 +93,8 @@ impl CrossSitePhase {
 
     /// The matrix: the final federated evaluation's global row, then each site model's row.
     fn matrix(&self) -> Option<CrossSiteMatrix> {
-        let global = CrossSiteMatrix::of_evaluation(self.record.federated.as_ref()?)?;
-        let global_scores: SiteScores = global
-            .sites
-            .iter()
-            .zip(&global.examples)
-            .zip(&global.rows[0].accuracy)
-            .filter_map(|((site, n), a)| Some((site.clone(), ((*a)?, *n))))
-            .collect();
-        CrossSiteMatrix::build(&global_scores, &self.scores)
+        CrossSiteMatrix::of_evaluation(self.record.federated.as_ref()?)
+            .map(|global| global.with_local_rows(&self.scores))
     }
 }
 
