@@ -18,7 +18,7 @@ use ferry_core::{
     Model, Update,
     cross_site::CrossSiteModels,
     evaluation::NodeEvaluation,
-    personal::PersonalTensors,
+    personal::TensorRoles,
     privacy::{
         node::privatize,
         noise::{NoiseSeed, NoiseSource},
@@ -116,7 +116,7 @@ struct ProgramNode {
     id: NodeId,
     trainer: Box<dyn Trainer>,
     /// The run's personal tensors, which the node keeps as its own.
-    personal: PersonalTensors,
+    personal: TensorRoles,
     /// How its updates are encoded, with top-k's error feedback.
     wire: WireEncoder,
 }

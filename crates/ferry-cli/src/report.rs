@@ -314,6 +314,7 @@ mod tests {
             model: "logreg".parse().expect("model"),
             initial_model: None,
             personal: Vec::new(),
+            frozen: Vec::new(),
             clients: 2,
             fraction: 1.0,
             min_clients: 1,

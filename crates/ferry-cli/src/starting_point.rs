@@ -28,8 +28,8 @@ impl StartingPoint {
         let Some(path) = &run.initial_model else {
             if !personal.is_empty() {
                 bail!(
-                    "personal tensors are for a model of your own: set initial_model (the \
-                     built-in {} trains every tensor)",
+                    "personal and frozen tensors are for a model of your own: set \
+                     initial_model (the built-in {} trains every tensor)",
                     run.model
                 );
             }
@@ -57,7 +57,7 @@ impl StartingPoint {
                 .map(|t| t.name.as_str())
                 .filter(|name| personal.matches(name))
                 .collect();
-            format!("; kept on each node: {}", names.join(", "))
+            format!("; kept on each node or frozen: {}", names.join(", "))
         };
         let description = format!(
             "the model in {} ({} tensors, {} parameters, {} carried{kept}; no central test set)",

@@ -7,7 +7,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use ferry_core::{
     Model, Update,
     evaluation::NodeEvaluation,
-    personal::PersonalTensors,
+    personal::TensorRoles,
     privacy::{
         node::{NodePrivacy, privatize},
         noise::{NoiseSeed, NoiseSource},
@@ -51,8 +51,9 @@ pub struct TrainTask {
     pub seed: u64,
     /// When the round may close without this node; a trainer may stop work past it.
     pub deadline: Option<std::time::SystemTime>,
-    /// The run's personal tensors (carried in `model`): the node keeps its own values.
-    pub personal: PersonalTensors,
+    /// The run's personal tensors (carried in `model`: the node keeps its own values) and
+    /// frozen tensors (carried, to come back unchanged).
+    pub personal: TensorRoles,
 }
 
 /// What a trainer receives to score a round's global model (federated evaluation).
@@ -67,7 +68,7 @@ pub struct EvalTask {
     /// When the server stops waiting for this node's score.
     pub deadline: Option<std::time::SystemTime>,
     /// The run's personal tensors (carried in `model`): the node scores with its own values.
-    pub personal: PersonalTensors,
+    pub personal: TensorRoles,
 }
 
 /// Local training on the node's own data: the built-in burn trainer, or an external command.
@@ -258,7 +259,7 @@ async fn global_model(
     task: &Task,
     backoff: &mut Backoff,
     on_event: &(impl Fn(AgentEvent) + Send + Sync),
-) -> Result<Option<(Model, PersonalTensors)>, ClientError> {
+) -> Result<Option<(Model, TensorRoles)>, ClientError> {
     let round = task.round;
     let abandon = |reason: String| AgentEvent::Abandoned { round, reason };
     let Some(model_ref) = &task.model else {
@@ -273,7 +274,9 @@ async fn global_model(
         }
     };
     let read = file.open().and_then(|source| {
-        let personal = PersonalTensors::new(task.personal.clone()).map_err(|e| e.to_string())?;
+        let personal = TensorRoles::new(task.personal.clone())
+            .and_then(|roles| roles.with_frozen(task.frozen.clone()))
+            .map_err(|e| e.to_string())?;
         let model = Model::read_safetensors(source, &personal).map_err(|e| e.to_string())?;
         Ok((model, personal))
     });

@@ -95,7 +95,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{ModelLayout, personal::PersonalTensors};
+    use crate::{ModelLayout, personal::TensorRoles};
 
     #[test]
     fn a_half_precision_copy_reads_back_in_the_models_layout_with_rounded_values() {
@@ -123,8 +123,7 @@ mod tests {
             let header = |b: &[u8]| 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
             assert_eq!(bytes.len() - header(&bytes), 10);
             assert_eq!(full.len() - header(&full), 22);
-            let back =
-                Model::from_safetensors_with(&bytes, &PersonalTensors::default()).expect("read");
+            let back = Model::from_safetensors_with(&bytes, &TensorRoles::default()).expect("read");
             assert_eq!(back.layout(), model.layout(), "{half:?}");
             let mut expected = Vec::new();
             half.decode_into("model", &half.encode(model.values()), &mut expected)

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     CoreError,
     dtype::{CarriedTensor, TensorDtype},
-    personal::PersonalTensors,
+    personal::TensorRoles,
     tensor_file::{self, Planned, TensorReader},
 };
 
@@ -323,15 +323,12 @@ impl Model {
     /// the parameters, every other tensor is carried. A file without a floating-point tensor
     /// is refused.
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, CoreError> {
-        Self::from_safetensors_with(bytes, &PersonalTensors::default())
+        Self::from_safetensors_with(bytes, &TensorRoles::default())
     }
 
     /// [`Model::from_safetensors`] for a run with `personal` tensors: those are carried too,
     /// whatever their dtype, so they are never averaged or uploaded.
-    pub fn from_safetensors_with(
-        bytes: &[u8],
-        personal: &PersonalTensors,
-    ) -> Result<Self, CoreError> {
+    pub fn from_safetensors_with(bytes: &[u8], personal: &TensorRoles) -> Result<Self, CoreError> {
         Self::read_safetensors(std::io::Cursor::new(bytes), personal)
     }
 
@@ -339,7 +336,7 @@ impl Model {
     /// time: the values are the only copy of the parameters held.
     pub fn read_safetensors(
         source: impl Read + Seek,
-        personal: &PersonalTensors,
+        personal: &TensorRoles,
     ) -> Result<Self, CoreError> {
         let mut file = TensorReader::open(source).map_err(|e| match e {
             CoreError::Safetensors(e) => {
@@ -563,7 +560,7 @@ mod tests {
 
     #[test]
     fn personal_tensors_are_carried_and_a_node_can_put_its_own_in() {
-        let personal = PersonalTensors::new(vec!["fc.b*".into()]).expect("valid");
+        let personal = TensorRoles::new(vec!["fc.b*".into()]).expect("valid");
         let model = Model::from_safetensors_with(&mixed_file(), &personal).expect("a model");
         let names: Vec<&str> = model.layout().names().collect();
         assert_eq!(
@@ -583,7 +580,7 @@ mod tests {
             model.with_own(&[own]).is_err(),
             "a saved tensor of another shape"
         );
-        let everything = PersonalTensors::new(vec!["*".into()]).expect("valid");
+        let everything = TensorRoles::new(vec!["*".into()]).expect("valid");
         assert!(matches!(
             Model::from_safetensors_with(&mixed_file(), &everything),
             Err(CoreError::NoParameters(_))

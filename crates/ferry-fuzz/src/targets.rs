@@ -470,6 +470,7 @@ fn trainer_seeds() -> Vec<Vec<u8>> {
         data_dir: Some("data".into()),
         checkpoint_dir: "checkpoints/round-3-0123456789abcdef".into(),
         correction_in: None,
+        frozen: vec!["attn.lora_A".into()],
     };
     let evaluation = ExecEvaluation {
         kind: "evaluate".into(),

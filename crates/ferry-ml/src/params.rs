@@ -11,7 +11,7 @@ use burn::{
     module::{ModuleMapper, ModuleVisitor, Param},
     prelude::*,
 };
-use ferry_core::{CoreError, Model, ModelLayout, TensorSpec, personal::PersonalTensors};
+use ferry_core::{CoreError, Model, ModelLayout, TensorSpec, personal::TensorRoles};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -234,14 +234,14 @@ pub fn kind_of(model: &Model) -> Result<ModelKind, MlError> {
 /// Reads the model file at `path` that a user hands over (any named tensors; see
 /// `ferry_core::dtype`), naming the file in every error.
 pub fn load_model_file(path: &std::path::Path) -> Result<Model, MlError> {
-    load_model_file_with(path, &PersonalTensors::default())
+    load_model_file_with(path, &TensorRoles::default())
 }
 
 /// [`load_model_file`] for a run with `personal` tensors (carried, never averaged); refuses
 /// patterns that name none of the file's tensors.
 pub fn load_model_file_with(
     path: &std::path::Path,
-    personal: &PersonalTensors,
+    personal: &TensorRoles,
 ) -> Result<Model, MlError> {
     let bad = |reason: String| MlError::BadDataFile {
         path: path.to_path_buf(),

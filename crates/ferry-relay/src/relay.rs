@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_core::{Model, ModelLayout, personal::PersonalTensors};
+use ferry_core::{Model, ModelLayout, personal::TensorRoles};
 use ferry_proto::v1::{
     self, AdoptRequest, AdoptResponse, BlobRef, RelaySyncResponse, fleet_server::FleetServer,
     relay_server::RelayServer,
@@ -255,7 +255,9 @@ impl Relay {
         if let Some(layout) = lock(&self.layouts).get(&model.hash) {
             return Ok(layout.clone());
         }
-        let personal = PersonalTensors::new(task.personal.clone()).map_err(internal)?;
+        let personal = TensorRoles::new(task.personal.clone())
+            .and_then(|roles| roles.with_frozen(task.frozen.clone()))
+            .map_err(internal)?;
         let file = self.blobs.open(&model.hash).await.map_err(internal)?;
         let layout = tokio::task::spawn_blocking(move || {
             Model::read_safetensors(std::io::BufReader::new(file), &personal)

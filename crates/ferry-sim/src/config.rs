@@ -6,7 +6,7 @@ use ferry_core::{
     CoreError, Model,
     compress::Compression,
     evaluation::EvaluationSchedule,
-    personal::PersonalTensors,
+    personal::TensorRoles,
     privacy::{DpSettings, Placement, mechanism::Privacy, noise::NoiseSeed},
     robust::RobustRule,
     strategy::{Strategy, StrategyName, StrategyParams},
@@ -44,6 +44,11 @@ pub struct SimConfig {
     /// FedBN keeps BatchNorm local); only for a model of the user's own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub personal: Vec<String>,
+    /// Patterns naming the model's frozen tensors: sent to nodes with the model, never
+    /// trained, uploaded or averaged (FFA-LoRA's shared A, a pinned base); only for a model of
+    /// the user's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
     /// Number of virtual nodes.
     pub clients: usize,
     /// Fraction of nodes selected per round.
@@ -105,10 +110,11 @@ impl SimConfig {
     /// which train built-in networks, it must be a `model` network, for example a finished
     /// run's `model.safetensors`), else the network initialised from the seed.
     pub fn initial(&self) -> Result<Model, SimError> {
-        if !self.personal.is_empty() {
+        if !self.personal.is_empty() || !self.frozen.is_empty() {
             return Err(SimError::InitialModel(
-                "personal tensors stay on nodes that train a model of your own; built-in \
-                 virtual nodes train every tensor, so use --personal with --trainer-cmd"
+                "personal and frozen tensors are for nodes that train a model of your own; \
+                 built-in virtual nodes train every tensor, so use --personal and --frozen with \
+                 --trainer-cmd"
                     .into(),
             ));
         }
@@ -165,9 +171,9 @@ impl SimConfig {
             .transpose()
     }
 
-    /// The run's personal tensors.
-    pub fn personal_tensors(&self) -> Result<PersonalTensors, CoreError> {
-        PersonalTensors::new(self.personal.clone())
+    /// The run's personal and frozen tensors.
+    pub fn personal_tensors(&self) -> Result<TensorRoles, CoreError> {
+        TensorRoles::new(self.personal.clone())?.with_frozen(self.frozen.clone())
     }
 
     /// When the run evaluates federatedly; `central` says whether it also has a central test

@@ -10,8 +10,8 @@ import os
 import random
 import sys
 import traceback
-from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Optional, Union
+from dataclasses import MISSING, dataclass, field, replace
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class _FromTaskJson:
         """The task of a ``task.json`` object (keys the class does not declare are ignored)."""
         return cls(
             **{
-                name: task.get(name)
+                name: task.get(name, None if declared.default is MISSING else declared.default)
                 for name, declared in cls.__dataclass_fields__.items()
                 if declared.metadata.get("from_json", True)
             }
@@ -54,6 +54,10 @@ class Task(_FromTaskJson):
     #: SCAFFOLD only: a model file of the correction ``c - c_i`` that the SDK adds to every
     #: local gradient (Ferry keeps the node's ``c_i``).
     correction_in: Optional[str] = None
+    #: The model's frozen tensors, by name (the run's ``frozen`` patterns): leave them out of
+    #: the optimizer and return them unchanged, or Ferry refuses the update. The PyTorch front
+    #: end does this itself (their ``requires_grad`` is off while ``train`` runs).
+    frozen: Tuple[str, ...] = ()
     #: The strategy's local procedure for a NumPy loop (FedProx's term, FedNova's steps): pass
     #: each step's gradients through ``task.local.gradients(grads, model)``.
     local: Optional[LocalProcedure] = field(

@@ -69,6 +69,17 @@ def check_state(global_state: Dict[str, torch.Tensor], trained: Dict[str, torch.
     return out
 
 
+def _freeze(module: torch.nn.Module, names) -> list:
+    """Turns off ``requires_grad`` of the module's parameters named in ``names`` (the task's
+    frozen tensors) that had it on, so no optimizer moves them; returns those parameters, to
+    turn it on again after the task. A frozen tensor that is a buffer has no gradient anyway."""
+    wanted = set(names or ())
+    frozen = [p for name, p in module.named_parameters() if name in wanted and p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return frozen
+
+
 def _served(module: torch.nn.Module, train: TorchTrainFn, evaluate: Optional[TorchEvaluateFn], seed: bool) -> Served:
     """How tasks reach ``train`` and ``evaluate`` working on ``module`` (see :func:`run`)."""
 
@@ -78,10 +89,13 @@ def _served(module: torch.nn.Module, train: TorchTrainFn, evaluate: Optional[Tor
         task = Task.from_json(task_json)
         correction = load_file(task.correction_in) if task.correction_in else None
         hooks = HookedSteps(module, task.procedure, task.mu, correction)
+        frozen = _freeze(module, task.frozen)
         try:
             result = _result(train_fn(module, task))
         finally:
             hooks.remove()
+            for parameter in frozen:
+                parameter.requires_grad_(True)
         check_applied(
             task.procedure,
             task.mu,

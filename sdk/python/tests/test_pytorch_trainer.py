@@ -276,3 +276,18 @@ def test_scaffold_adds_the_correction_to_every_gradient_and_reports_the_steps(ma
         opt.step()
     for n, p in module.named_parameters():
         assert np.allclose(task.trained()[n], p.detach().numpy(), atol=1e-6), n
+
+
+def test_frozen_tensors_stay_as_received_and_train_again_in_the_next_task(make_round, long_lived):
+    module = make_net()
+    frozen = torch_round(make_round, make_net())
+    frozen.task.update(frozen=["0.weight"])
+    frozen.task_file.write_text(json.dumps(frozen.task))
+    plain = torch_round(make_round, make_net())
+    long_lived(pytorch.run, module, fit, tasks=[frozen, plain])
+    start = make_net()
+    assert np.array_equal(frozen.trained()["0.weight"], start[0].weight.detach().numpy())
+    # (Under BatchNorm the linear bias gets no gradient; BatchNorm's own weight trains.)
+    assert not np.allclose(frozen.trained()["1.weight"], start[1].weight.detach().numpy())
+    # The next task, which freezes nothing, trains the weight again.
+    assert not np.allclose(plain.trained()["0.weight"], start[0].weight.detach().numpy())

@@ -74,6 +74,7 @@ pub fn run(args: NiidArgs) -> Result<()> {
             model: ModelKind::Lenet,
             initial_model: None,
             personal: Vec::new(),
+            frozen: Vec::new(),
             clients: 10,
             fraction: 1.0,
             min_clients: 10,

@@ -119,6 +119,11 @@ pub struct SimulateArgs {
     /// anything (FedBN: the BatchNorm tensors, for example 'bn*,features.1.*').
     #[arg(long, value_name = "PATTERNS", value_delimiter = ',')]
     pub personal: Option<Vec<String>>,
+    /// Frozen tensors of your own model: sent to nodes with the model, never trained,
+    /// uploaded or averaged, by name patterns (FFA-LoRA's shared A and a pinned base, for
+    /// example '*.lora_A,base.*'); a trainer that changes one has its update refused.
+    #[arg(long, value_name = "PATTERNS", value_delimiter = ',')]
+    pub frozen: Option<Vec<String>>,
     /// Federated evaluation: nodes score the global model on their own held-out data after
     /// every N rounds and after the last; 0 turns it off [default: 1 for a run without a
     /// central test set, 0 otherwise].
@@ -370,6 +375,7 @@ impl SimulateArgs {
                 seed,
                 target_accuracy,
                 personal,
+                frozen,
                 evaluate_every,
                 evaluate_fraction,
                 evaluate_holdout,
@@ -490,6 +496,7 @@ impl SimulateArgs {
             model: self.model.as_deref().unwrap_or("lenet").parse()?,
             initial_model: self.initial_model.clone(),
             personal: self.personal.clone().unwrap_or_default(),
+            frozen: self.frozen.clone().unwrap_or_default(),
             clients,
             fraction,
             min_clients,

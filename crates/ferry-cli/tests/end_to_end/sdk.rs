@@ -7,7 +7,11 @@
 
 use crate::support;
 
-use std::{fs, path::Path, process::Output};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Output,
+};
 
 use support::{history, python3, sdk_path};
 
@@ -122,22 +126,30 @@ def make():
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
 "#;
 
-/// FedBN's pattern: the BatchNorm layer (`1.*`) is personal, so it stays on each node.
-#[test]
-fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictly() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    fs::write(tmp.path().join("net.py"), TORCH_MODEL).expect("model");
-    let initial = tmp.path().join("init.safetensors");
-    let with_net = |body: &str| {
+/// Writes `net.py` (`TORCH_MODEL`) into `dir` and its initial model as `init.safetensors`;
+/// returns that model's path and a maker of Python scripts that import torch, `net` and the
+/// SDK's PyTorch front end before their `body`.
+fn torch_net(dir: &Path) -> (PathBuf, impl Fn(&str) -> String) {
+    fs::write(dir.join("net.py"), TORCH_MODEL).expect("model");
+    let initial = dir.join("init.safetensors");
+    let root = dir.display().to_string();
+    let with_net = move |body: &str| {
         format!(
-            "import sys; sys.path.insert(0, '{}')\nimport torch, net\nfrom ferry_sdk import pytorch\n{body}",
-            tmp.path().display()
+            "import sys; sys.path.insert(0, '{root}')\nimport torch, net\nfrom ferry_sdk import pytorch\n{body}"
         )
     };
     python(&with_net(&format!(
         "pytorch.save_initial_model(net.make(), '{}')",
         initial.display()
     )));
+    (initial, with_net)
+}
+
+/// FedBN's pattern: the BatchNorm layer (`1.*`) is personal, so it stays on each node.
+#[test]
+fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (initial, with_net) = torch_net(tmp.path());
     let trainer = with_net(
         "import ferry_sdk\n\
          module = net.make()\n\
@@ -187,6 +199,62 @@ fn a_pytorch_module_with_batchnorm_trains_through_the_sdk_and_loads_back_strictl
         tmp.path().join("run/model.safetensors").display(),
         tmp.path().display()
     )));
+}
+
+/// Frozen tensors travel down and never back: a PyTorch loop that trains every parameter it
+/// is given leaves the frozen one alone (the SDK takes it out of the optimizer), the final
+/// model holds it as it started, the updates are smaller by it, and a pattern that names no
+/// tensor is refused at start.
+#[test]
+fn a_frozen_tensor_reaches_every_node_and_never_moves() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (initial, with_net) = torch_net(tmp.path());
+    let trainer = with_net(
+        "def train(module, task):\n\
+         \x20   torch.manual_seed(task.seed)\n\
+         \x20   x = torch.randn(64, 4); y = x[:, :3] * 2\n\
+         \x20   opt = torch.optim.SGD(module.parameters(), lr=0.1)\n\
+         \x20   for _ in range(5):\n\
+         \x20       opt.zero_grad(); loss = ((module(x) - y) ** 2).mean(); loss.backward(); opt.step()\n\
+         \x20   return (None, 64, {'train_loss': float(loss)})\n\
+         pytorch.run(net.make(), train)\n",
+    );
+    let bytes_up = |dir: &Path, extra: &[&str]| -> u64 {
+        let out = simulate(dir, &trainer, &initial, extra);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let h = history(&dir.join("run")).expect("history.json");
+        h["rounds"][0]["bytes_up"].as_u64().expect("bytes_up")
+    };
+    let frozen_dir = tmp.path().join("frozen");
+    let with_frozen = bytes_up(&frozen_dir, &["--frozen", "0.weight"]);
+    let without = bytes_up(&tmp.path().join("plain"), &[]);
+    // 0.weight is 3 x 4 float32 values, 48 bytes, in each of the round's two updates.
+    assert!(
+        without >= with_frozen + 2 * 48,
+        "{without} bytes up without, {with_frozen} with 0.weight frozen"
+    );
+    python(&with_net(&format!(
+        "m = pytorch.load_into(net.make(), '{}', strict=True)\n\
+         start = net.make()\n\
+         assert torch.equal(m[0].weight, start[0].weight), 'frozen: never moved'\n\
+         assert not torch.equal(m[1].weight, start[1].weight), 'the rest trained'\n",
+        frozen_dir.join("run/model.safetensors").display()
+    )));
+    let refused = simulate(
+        &tmp.path().join("typo"),
+        &trainer,
+        &initial,
+        &["--frozen", "0.wieght"],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("'0.wieght'"),
+        "{stderr}"
+    );
 }
 
 /// FedProx, FedNova and SCAFFOLD reach a PyTorch loop that knows none of them: the SDK adds

@@ -11,7 +11,7 @@ use std::{
 use ferry_core::{
     Model, Update, algebra,
     evaluation::NodeEvaluation,
-    personal::{self, PersonalTensors},
+    personal::{self, TensorRoles},
     scaffold,
     strategy::{ClientProcedure, fednova_normalizer},
 };
@@ -52,9 +52,9 @@ impl RoundFiles {
 
     /// `model` with the node's own personal tensors in place of the server's, once the node
     /// has trained them.
-    fn with_own_tensors(&self, model: &Model, personal: &PersonalTensors) -> Result<Model, String> {
+    fn with_own_tensors(&self, model: &Model, personal: &TensorRoles) -> Result<Model, String> {
         let file = self.own_tensors_file();
-        if personal.is_empty() || !file.exists() {
+        if !personal.has_personal() || !file.exists() {
             return Ok(model.clone());
         }
         let own = personal::load(&read(&file, "personal tensors")?).map_err(|e| e.to_string())?;
@@ -68,21 +68,21 @@ impl RoundFiles {
 
     /// The safetensors bytes the trainer gets for `model`: with the node's own personal
     /// tensors in place.
-    fn model_bytes(&self, model: &Model, personal: &PersonalTensors) -> Result<Vec<u8>, String> {
+    fn model_bytes(&self, model: &Model, personal: &TensorRoles) -> Result<Vec<u8>, String> {
         self.with_own_tensors(model, personal)?
             .to_safetensors()
             .map_err(|e| e.to_string())
     }
 
     /// Keeps the personal tensors of `trained` for the node's next rounds.
-    fn keep_own_tensors(&self, trained: &Model, personal: &PersonalTensors) -> Result<(), String> {
-        if personal.is_empty() {
+    fn keep_own_tensors(&self, trained: &Model, personal: &TensorRoles) -> Result<(), String> {
+        if !personal.has_personal() {
             return Ok(());
         }
         let own: Vec<_> = trained
             .carried()
             .iter()
-            .filter(|t| personal.matches(&t.name))
+            .filter(|t| personal.is_personal(&t.name))
             .collect();
         let bytes = personal::save(&own).map_err(|e| e.to_string())?;
         let file = self.own_tensors_file();
@@ -213,6 +213,13 @@ impl RoundFiles {
             data_dir: self.data_dir.clone(),
             checkpoint_dir,
             correction_in,
+            frozen: task
+                .model
+                .carried()
+                .iter()
+                .filter(|t| task.personal.is_frozen(&t.name))
+                .map(|t| t.name.clone())
+                .collect(),
         };
         let task_path = Self::write_task(&dir, &global, &exec_task.model_in, &exec_task)?;
         Ok((exec_task, task_path))
@@ -264,6 +271,9 @@ impl RoundFiles {
         task.model
             .check_same_layout(trained.layout())
             .map_err(|e| format!("the trained model does not match the global model: {e}"))?;
+        task.personal
+            .check_frozen_kept(&task.model, &trained)
+            .map_err(|e| e.to_string())?;
         self.keep_own_tensors(&trained, &task.personal)?;
         let result: ExecResult = serde_json::from_slice(&read(&exec_task.result_out, "result")?)
             .map_err(|e| {
@@ -348,6 +358,10 @@ pub struct ExecTask {
     /// keeps); the trainer also reports `metrics.steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correction_in: Option<PathBuf>,
+    /// The model's frozen tensors, by name: in `model_in`, to be left untrained (out of the
+    /// optimizer) and written back unchanged; a trained model that changed one is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen: Vec<String>,
 }
 
 /// What the command reads from `task.json` for an evaluation task: score `model_in` on the

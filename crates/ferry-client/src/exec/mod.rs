@@ -105,7 +105,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::agent::EvalTask;
     use ferry_core::{
-        Model, ModelLayout, TensorSpec, personal::PersonalTensors, strategy::ClientProcedure,
+        Model, ModelLayout, TensorSpec, personal::TensorRoles, strategy::ClientProcedure,
         task::LocalTraining,
     };
     use std::sync::Arc;
@@ -145,7 +145,7 @@ pub(crate) mod tests {
             server_control: None,
             seed: 5,
             deadline,
-            personal: PersonalTensors::default(),
+            personal: TensorRoles::default(),
         }
     }
 
@@ -336,7 +336,7 @@ pub(crate) mod tests {
             model: task(ClientProcedure::LocalSgd).model,
             seed: 1,
             deadline: None,
-            personal: PersonalTensors::default(),
+            personal: TensorRoles::default(),
         };
         let cases = [
             (
@@ -394,7 +394,7 @@ pub(crate) mod tests {
             work.clone(),
         )
         .expect("trainer");
-        let personal = PersonalTensors::new(vec!["bn".into()]).expect("valid");
+        let personal = TensorRoles::new(vec!["bn".into()]).expect("valid");
         let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
         task.model = task
             .model
@@ -443,6 +443,58 @@ pub(crate) mod tests {
             scored.accuracy, 0.12,
             "scored with the node's own bn after round 2"
         );
+    }
+
+    /// A frozen tensor (`lora_a`) is named in `task.json`, never part of the update, and a
+    /// trainer that changes it has its update refused, naming the tensor.
+    #[test]
+    fn a_frozen_tensor_travels_down_only_and_may_not_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("train.py");
+        // Adds one to every tensor but those task.json lists as frozen, unless told to touch
+        // them too.
+        std::fs::write(
+            &script,
+            "import json, sys\nfrom safetensors.numpy import load_file, save_file\n\
+             t = json.load(open(sys.argv[-1]))\nm = load_file(t['model_in'])\n\
+             keep = [] if 'touch' in sys.argv else t.get('frozen', [])\n\
+             save_file({k: v if k in keep else v + 1 for k, v in m.items()}, t['model_out'])\n\
+             json.dump({'num_examples': 2}, open(t['result_out'], 'w'))\n",
+        )
+        .expect("script");
+        let roles = TensorRoles::default()
+            .with_frozen(vec!["lora_*".into()])
+            .expect("valid");
+        let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
+        task.model = task
+            .model
+            .with_carried(vec![ferry_core::dtype::CarriedTensor {
+                name: "lora_a".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: bytemuck::cast_slice(&[0.5f32]).to_vec(),
+            }])
+            .expect("model");
+        task.personal = roles;
+        let trainer = |args: &str, work: &str| {
+            ExecTrainer::new(
+                &format!("{} {} {args}", python3(), script.display()),
+                None,
+                dir.path().join(work),
+            )
+            .expect("trainer")
+        };
+        let update = trainer("", "kept").train(&task).expect("trains");
+        assert_eq!(update.delta, [1.0, 1.0], "only the trainable tensors");
+        let task_json: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.path().join("kept/round-1/task.json")).expect("task.json"),
+        )
+        .expect("json");
+        assert_eq!(task_json["frozen"], serde_json::json!(["lora_a"]));
+        let refused = trainer("touch", "touched")
+            .train(&task)
+            .expect_err("a changed frozen tensor is refused");
+        assert!(refused.contains("frozen tensor 'lora_a'"), "{refused}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use ferry_core::{
     CoreError, compress::Compression, cross_site::CrossSiteModels, evaluation::EvaluationSchedule,
-    personal::PersonalTensors, privacy::node::NodePrivacy, strategy::ClientProcedure,
+    personal::TensorRoles, privacy::node::NodePrivacy, strategy::ClientProcedure,
     task::LocalTraining,
 };
 use ferry_engine::{
@@ -50,7 +50,7 @@ pub struct RunSpec {
     pub keep_rounds: Option<u32>,
     /// Personalisation: the model's tensors that stay on each node (nodes are told, and
     /// replace them with their own).
-    pub personal: PersonalTensors,
+    pub personal: TensorRoles,
     /// Federated evaluation: after which rounds nodes score the new model on their own
     /// held-out data, and what share of the online nodes is asked (each evaluation waits at
     /// most `round_timeout`).

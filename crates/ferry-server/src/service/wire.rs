@@ -38,6 +38,7 @@ pub(super) fn evaluation_message(task: &EvaluationTask, spec: &RunSpec) -> v1::T
         heartbeat_interval_ms: spec.heartbeat_interval.as_millis() as u32,
         kind: v1::TaskKind::Evaluate.into(),
         personal: spec.personal.patterns().to_vec(),
+        frozen: spec.personal.frozen_patterns().to_vec(),
         site_model: task.site_model.clone().unwrap_or_default(),
         ..v1::Task::default()
     }
@@ -87,6 +88,7 @@ pub(super) fn task_message(node_task: &NodeTask, spec: &RunSpec) -> v1::Task {
             .map(|(params, cap)| ferry_proto::secagg::task_to_wire(params, *cap)),
         kind: v1::TaskKind::Train.into(),
         personal: spec.personal.patterns().to_vec(),
+        frozen: spec.personal.frozen_patterns().to_vec(),
         compress: match spec.compress {
             Compression::None => String::new(),
             compress => compress.to_string(),

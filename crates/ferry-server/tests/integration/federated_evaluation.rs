@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use ferry_core::{
     Model, Update,
     evaluation::EvaluationSchedule,
-    personal::PersonalTensors,
+    personal::TensorRoles,
     strategy::{Strategy, StrategyName, StrategyParams},
 };
 use ferry_proto::v1::{
@@ -251,7 +251,7 @@ async fn a_restarted_server_evaluates_the_committed_round_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personal_tensors_are_named_in_every_task_and_never_averaged() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let personal = PersonalTensors::new(vec!["b".into()]).expect("valid");
+    let personal = TensorRoles::new(vec!["b".into()]).expect("valid");
     let start =
         Model::from_safetensors_with(&initial().to_safetensors().expect("bytes"), &personal)
             .expect("model");
