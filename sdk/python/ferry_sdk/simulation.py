@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from collections import deque
@@ -43,13 +44,21 @@ class Simulation:
 
 
 def find_ferry(ferry: Optional[str] = None) -> str:
-    """The ``ferry`` program to run: ``ferry`` if given, else ``$FERRY_BIN``, else the one on
-    ``PATH``."""
-    candidate = ferry or os.environ.get("FERRY_BIN") or shutil.which("ferry")
+    """The ``ferry`` program to run: ``ferry`` if given, else ``$FERRY_BIN``, else the one the
+    ``ferry`` wheel installed beside this Python (a notebook's kernel runs a virtual
+    environment's Python without its ``bin`` on ``PATH``), else the one on ``PATH``."""
+    beside = os.path.join(sysconfig.get_path("scripts"), "ferry")
+    candidate = (
+        ferry
+        or os.environ.get("FERRY_BIN")
+        or (beside if os.path.isfile(beside) else None)
+        or shutil.which("ferry")
+    )
     if not candidate or not os.path.isfile(candidate):
         raise FerryError(
-            "the ferry program was not found: put it on PATH, set FERRY_BIN, or pass ferry='...' "
-            "(it is built as target/release/ferry by `cargo build --release`)"
+            "the ferry program was not found: `pip install ferry` (a wheel that carries it), put "
+            "it on PATH, set FERRY_BIN, or pass ferry='...' (it is built as target/release/ferry "
+            "by `cargo build --release`)"
         )
     return candidate
 
