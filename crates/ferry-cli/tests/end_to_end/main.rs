@@ -16,6 +16,7 @@ mod dashboard;
 mod deploy;
 mod fleet;
 mod fleet_sim;
+mod llm_lora;
 mod own_model;
 mod parity;
 mod pytorch_example;
