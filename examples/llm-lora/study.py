@@ -55,7 +55,8 @@ def simulate(ferry, cfg, out, extra=()):
          "--trainer-mode", "long-lived", "--node-data", os.path.join(cfg.out, "data", "sites", "*"),
          "--initial-model", os.path.join(cfg.out, "init.safetensors"), "--rounds", str(cfg.rounds),
          "--local-epochs", "1", "--lr", str(cfg.lr), "--evaluate-every", str(cfg.rounds),
-         "--seed", "0", "--out", out, *extra], env=child_env(cfg.steps), quiet=True)
+         "--server-lr", str(cfg.server_lr), "--seed", "0", "--out", out, *extra],
+        env=child_env(cfg.steps), quiet=True)
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
     history["wall_s"] = time.time() - started
@@ -85,8 +86,14 @@ def main() -> None:
     parser.add_argument("--out", default="lora-run")
     parser.add_argument("--ferry")
     parser.add_argument("--quick", action="store_true", help="a short variant, for the tests")
+    parser.add_argument("--rounds", type=int, default=12, help="federated rounds")
+    parser.add_argument("--steps", type=int, default=10, help="each site's Adam steps per round")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--server-lr", type=float, default=1.0, help="FedAvg's server learning rate")
     cfg = parser.parse_args()
-    cfg.base_steps, cfg.rounds, cfg.steps, cfg.lr = (40, 2, 2, 0.01) if cfg.quick else (800, 12, 10, 0.01)
+    cfg.base_steps = 800
+    if cfg.quick:
+        cfg.base_steps, cfg.rounds, cfg.steps = 40, 2, 2
     ferry = find_ferry(cfg.ferry)
     data = os.path.join(cfg.out, "data")
     began = time.time()
@@ -102,6 +109,7 @@ def main() -> None:
              for d in sorted(glob.glob(os.path.join(data, "sites", "*")))}
     budget = cfg.rounds * cfg.steps  # one site's gradient steps in the federated runs
     results = {"settings": {"rounds": cfg.rounds, "steps_per_round": cfg.steps, "lr": cfg.lr,
+                            "server_lr": cfg.server_lr,
                             "base_steps": cfg.base_steps, "rank": gpt.RANK, "width": gpt.WIDTH,
                             "layers": gpt.LAYERS, "context": gpt.CONTEXT}}
     results["base"] = scores(base, None, sites)

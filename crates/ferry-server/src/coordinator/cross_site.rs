@@ -258,15 +258,11 @@ impl Coordinator {
         round: u32,
         upload: Verified,
     ) -> Result<super::Submission, Refusal> {
-        let invalid = |e: &dyn std::fmt::Display| Refusal::Invalid(e.to_string());
-        let update = upload
+        // Checked against the model before it is kept: its site model is made from it.
+        upload
             .open_update(&self.layout)
-            .and_then(|mut file| {
-                file.check()?;
-                Ok(file)
-            })
-            .map_err(|e| invalid(&e))?;
-        drop(update);
+            .and_then(|mut file| file.check())
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
         let stored = async {
             upload.keep(&self.blobs).await?;
             self.store.accept(round, node, upload.id()).await
@@ -427,8 +423,9 @@ impl Coordinator {
         let Some(p) = state.cross_site.take() else {
             return Ok(());
         };
-        let mut record = p.record.clone();
-        record.cross_site = p.matrix();
+        let matrix = p.matrix();
+        let mut record = p.record;
+        record.cross_site = matrix;
         let json = serde_json::to_string(&record)
             .map_err(|e| ServerError::Settings(format!("round record: {e}")))?;
         self.store
