@@ -12,7 +12,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ferry_client::{
     agent::{EvalTask, TrainTask, Trainer},
-    exec::{ExecTrainer, long_lived::LongLivedTrainer},
+    exec::{
+        ExecTrainer,
+        long_lived::LongLivedTrainer,
+        pool::{PooledTrainer, WorkerPool},
+    },
 };
 use ferry_core::{
     Model, Update,
@@ -48,9 +52,62 @@ pub struct OwnCodeArgs {
     /// folder is that node's `data_dir`.
     #[arg(long, value_name = "PATTERN", help_heading = "Your own code")]
     pub node_data: Option<String>,
-    /// How --trainer-cmd runs: once per round and node, or one process per node for the run.
+    /// How --trainer-cmd runs: once per round and node, or long-lived processes that take
+    /// every task as a JSON line.
     #[arg(long, value_enum, help_heading = "Your own code")]
     pub trainer_mode: Option<TrainerMode>,
+    /// Long-lived mode: how many processes serve the virtual nodes' tasks, any node in any
+    /// process (results never depend on it), or `per-node` for one process per node for the
+    /// run (each holds its framework: memory grows with the nodes) [default: the number of
+    /// cores].
+    #[arg(long, value_name = "N|per-node", help_heading = "Your own code")]
+    pub trainer_workers: Option<Workers>,
+}
+
+/// How many long-lived processes serve a simulation's virtual nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// A pool of this many processes, each serving any node's task.
+    Pool(usize),
+    /// One process per node, for the run.
+    PerNode,
+}
+
+impl std::str::FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "per-node" => Ok(Self::PerNode),
+            n => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Self::Pool(n)),
+                _ => Err(format!(
+                    "give a number of processes (1 or more) or 'per-node', not '{n}'"
+                )),
+            },
+        }
+    }
+}
+
+/// How the user's program serves a simulation's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// A process per task.
+    PerRound,
+    /// Long-lived processes, as many as `Workers` says.
+    LongLived(Workers),
+}
+
+impl std::fmt::Display for Serving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PerRound => f.write_str("a process per task"),
+            Self::LongLived(Workers::PerNode) => f.write_str("a long-lived process per node"),
+            Self::LongLived(Workers::Pool(n)) => {
+                write!(f, "{n} long-lived process(es) serving every node")
+            }
+        }
+    }
 }
 
 impl OwnCodeArgs {
@@ -59,11 +116,36 @@ impl OwnCodeArgs {
     pub fn wanted(&self) -> Result<Option<(&str, Vec<PathBuf>)>> {
         match (&self.trainer_cmd, &self.node_data) {
             (Some(command), Some(pattern)) => Ok(Some((command, node_folders(pattern)?))),
-            (None, None) if self.trainer_mode.is_none() => Ok(None),
+            (None, None) if self.trainer_mode.is_none() && self.trainer_workers.is_none() => {
+                Ok(None)
+            }
             (Some(_), None) => bail!(
                 "--trainer-cmd needs --node-data 'DIR/*': one folder of data per virtual node"
             ),
-            _ => bail!("--node-data and --trainer-mode need --trainer-cmd, the program to run"),
+            _ => bail!(
+                "--node-data, --trainer-mode and --trainer-workers need --trainer-cmd, the \
+                 program to run"
+            ),
+        }
+    }
+
+    /// How the program serves tasks: per round unless long-lived, where a pool of as many
+    /// processes as cores serves every node unless --trainer-workers says otherwise.
+    pub fn serving(&self) -> Result<Serving> {
+        match (
+            self.trainer_mode.unwrap_or(TrainerMode::PerRound),
+            self.trainer_workers,
+        ) {
+            (TrainerMode::PerRound, None) => Ok(Serving::PerRound),
+            (TrainerMode::PerRound, Some(_)) => bail!(
+                "--trainer-workers sets how many long-lived processes serve the nodes: add \
+                 --trainer-mode long-lived"
+            ),
+            (TrainerMode::LongLived, workers) => {
+                Ok(Serving::LongLived(workers.unwrap_or_else(|| {
+                    Workers::Pool(std::thread::available_parallelism().map_or(1, usize::from))
+                })))
+            }
         }
     }
 }
@@ -180,11 +262,11 @@ impl Evaluator for Unevaluated {
 }
 
 /// Runs `config`'s federation with `command` as the trainer of one node per data folder in
-/// `folders`, in `mode`; round folders go under `out/nodes/`. With `--cross-site local`, the
+/// `folders`, served as `serving` says; round folders go under `out/nodes/`. With `--cross-site local`, the
 /// same nodes then fine-tune the final model and score each other's (the sites' models).
 pub fn run(
     command: &str,
-    mode: TrainerMode,
+    serving: Serving,
     folders: &[PathBuf],
     config: &SimConfig,
     out: &Path,
@@ -194,15 +276,27 @@ pub fn run(
     let evaluation = config.evaluation(start.evaluator.is_some());
     let personal = config.personal_tensors()?;
     let evaluator = start.evaluator.unwrap_or_else(|| Box::new(Unevaluated));
+    let pool = match serving {
+        Serving::LongLived(Workers::Pool(n)) => {
+            Some(WorkerPool::new(command, n).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
     let nodes = folders
         .iter()
         .enumerate()
         .map(|(i, folder)| {
             let work = out.join("nodes").join(format!("node-{i}"));
             let data = Some(folder.clone());
-            let trainer: Box<dyn Trainer> = match mode {
-                TrainerMode::PerRound => Box::new(ExecTrainer::new(command, data, work)?),
-                TrainerMode::LongLived => Box::new(LongLivedTrainer::new(command, data, work)?),
+            let trainer: Box<dyn Trainer> = match serving {
+                Serving::PerRound => Box::new(ExecTrainer::new(command, data, work)?),
+                Serving::LongLived(Workers::PerNode) => {
+                    Box::new(LongLivedTrainer::new(command, data, work)?)
+                }
+                Serving::LongLived(Workers::Pool(_)) => match &pool {
+                    Some(pool) => Box::new(PooledTrainer::new(pool.clone(), data, work)),
+                    None => return Err("the worker pool was not started".to_string()),
+                },
             };
             Ok(Arc::new(ProgramNode {
                 id: i as NodeId,
@@ -214,7 +308,7 @@ pub fn run(
         .collect::<Result<Vec<_>, String>>()
         .map_err(anyhow::Error::msg)?;
     println!(
-        "{} nodes, each training with `{command}` ({mode:?}) on its folder: {}",
+        "{} nodes, each training with `{command}` on its folder ({serving}): {}",
         nodes.len(),
         folders
             .iter()

@@ -8,7 +8,6 @@ use ferry_engine::federation::StopReason;
 use ferry_sim::{SimConfig, Simulation, baselines};
 
 use crate::{
-    client::TrainerMode,
     cross_site,
     dashboard::{self, LiveObserver},
     folder_split,
@@ -37,8 +36,8 @@ pub struct SimulateCommand {
 pub fn run(command: SimulateCommand) -> Result<()> {
     let args = command.run.merge_config_file()?;
     if let Some((trainer, folders)) = command.own.wanted()? {
-        let mode = command.own.trainer_mode.unwrap_or(TrainerMode::PerRound);
-        return run_own_code(&args, trainer, mode, &folders, command.dashboard);
+        let serving = command.own.serving()?;
+        return run_own_code(&args, trainer, serving, &folders, command.dashboard);
     }
     let config = args.resolve()?;
     let out = args.out_dir();
@@ -169,7 +168,7 @@ fn stop_name(stop: StopReason) -> String {
 fn run_own_code(
     args: &SimulateArgs,
     trainer: &str,
-    mode: TrainerMode,
+    serving: own_code::Serving,
     folders: &[std::path::PathBuf],
     dashboard: Option<std::net::SocketAddr>,
 ) -> Result<()> {
@@ -215,7 +214,7 @@ fn run_own_code(
         LiveObserver(live.clone()),
     );
     let (outcome, site_models) =
-        own_code::run(trainer, mode, &folders, &config, &out, &mut observer)?;
+        own_code::run(trainer, serving, &folders, &config, &out, &mut observer)?;
     if let Some(live) = &live {
         live.finished(&stop_name(outcome.stop));
     }

@@ -337,6 +337,95 @@ fn fedprox_fednova_and_scaffold_reach_a_pytorch_loop_that_knows_none_of_them() {
     assert_ne!(controls[0], controls[1]);
 }
 
+/// `examples/numpy`'s sites in `dir` (`nodes` folders under `data/`, `per_node` training and
+/// `test_per_node` held-out Fashion-MNIST rows each) and its initial model,
+/// `init.safetensors`; returns the example's folder.
+fn numpy_sites(dir: &Path, nodes: u32, per_node: u32, test_per_node: u32) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy");
+    let script = |file: &str, args: &[&str]| {
+        support::run_sdk_script(&example.join(file), args, Some(dir));
+    };
+    let (nodes, per_node, test) = (
+        nodes.to_string(),
+        per_node.to_string(),
+        test_per_node.to_string(),
+    );
+    script(
+        "make_sites.py",
+        &[
+            "--nodes",
+            &nodes,
+            "--per-node",
+            &per_node,
+            "--test-per-node",
+            &test,
+        ],
+    );
+    script("init_model.py", &["init.safetensors"]);
+    example
+}
+
+/// `ferry simulate` in `dir` of `numpy_sites`' sites with the example's trainer in long-lived
+/// mode from `init.safetensors`, at learning rate 0.02, with `extra` options.
+fn numpy_simulate(dir: &Path, example: &Path, extra: &[&str]) -> Output {
+    support::ferry()
+        .current_dir(dir)
+        .env("PYTHONPATH", sdk_path())
+        .args(["simulate", "--trainer-cmd"])
+        .arg(format!(
+            "{} {}",
+            python3(),
+            example.join("train.py").display()
+        ))
+        .args([
+            "--trainer-mode",
+            "long-lived",
+            "--node-data",
+            "data/*",
+            "--initial-model",
+            "init.safetensors",
+            "--lr",
+            "0.02",
+        ])
+        .args(extra)
+        .output()
+        .expect("simulate runs")
+}
+
+/// The NumPy example's trainer served by a pool of 1 and of 2 processes, and by a process per
+/// node: the same model each time (which process serves which node changes nothing), and the
+/// pool's processes are as many as asked.
+#[test]
+fn the_worker_count_never_changes_the_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let example = numpy_sites(tmp.path(), 4, 300, 100);
+    let model = |workers: &str| -> (Vec<u8>, String) {
+        let out = format!("run-{workers}");
+        let done = numpy_simulate(
+            tmp.path(),
+            &example,
+            &["--trainer-workers", workers, "--rounds", "2", "--out", &out],
+        );
+        let stdout = String::from_utf8_lossy(&done.stdout).to_string();
+        assert!(
+            done.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let bytes = fs::read(tmp.path().join(&out).join("model.safetensors")).expect("model");
+        (bytes, stdout)
+    };
+    let (one, said) = model("1");
+    assert!(
+        said.contains("1 long-lived process(es) serving every node"),
+        "{said}"
+    );
+    let (two, _) = model("2");
+    let (per_node, said) = model("per-node");
+    assert!(said.contains("a long-lived process per node"), "{said}");
+    assert!(one == two && two == per_node, "the models differ");
+}
+
 /// Prints, as JSON, each site model's accuracy (`run/cross-site/<i>.safetensors`) on each
 /// site's `data/*/test.csv`, in folder order, computed with NumPy alone.
 const RESCORE: &str = "\
@@ -362,49 +451,12 @@ print(json.dumps(out))
 #[test]
 fn the_numpy_example_learns_and_its_sites_evaluate_it() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/numpy");
-    let script = |file: &str, args: &[&str]| {
-        support::run_sdk_script(&example.join(file), args, Some(tmp.path()));
-    };
-    script(
-        "make_sites.py",
-        &[
-            "--nodes",
-            "3",
-            "--per-node",
-            "600",
-            "--test-per-node",
-            "200",
-        ],
+    let example = numpy_sites(tmp.path(), 3, 600, 200);
+    let out = numpy_simulate(
+        tmp.path(),
+        &example,
+        &["--rounds", "3", "--cross-site", "local", "--out", "run"],
     );
-    script("init_model.py", &["init.safetensors"]);
-    let out = support::ferry()
-        .current_dir(tmp.path())
-        .env("PYTHONPATH", sdk_path())
-        .args(["simulate", "--trainer-cmd"])
-        .arg(format!(
-            "{} {}",
-            python3(),
-            example.join("train.py").display()
-        ))
-        .args([
-            "--trainer-mode",
-            "long-lived",
-            "--node-data",
-            "data/*",
-            "--initial-model",
-            "init.safetensors",
-            "--rounds",
-            "3",
-            "--lr",
-            "0.02",
-            "--cross-site",
-            "local",
-            "--out",
-            "run",
-        ])
-        .output()
-        .expect("simulate runs");
     assert!(
         out.status.success(),
         "{}",

@@ -34,8 +34,15 @@ const STDERR_LINES: usize = 10;
 
 /// A trainer whose program serves every round's task from one process.
 pub struct LongLivedTrainer {
-    command: TrainerCommand,
     files: RoundFiles,
+    worker: Worker,
+}
+
+/// One long-lived process of the user's program, started when its first task comes and
+/// started again when it dies: a node's own (see [`LongLivedTrainer`]), or one of a pool that
+/// serves any virtual node (see [`super::pool`]).
+pub struct Worker {
+    command: TrainerCommand,
     process: Mutex<Option<Process>>,
 }
 
@@ -73,8 +80,17 @@ impl LongLivedTrainer {
         work_dir: std::path::PathBuf,
     ) -> Result<Self, String> {
         Ok(Self {
-            command: TrainerCommand::parse(command)?,
             files: RoundFiles::new(data_dir, work_dir),
+            worker: Worker::new(command)?,
+        })
+    }
+}
+
+impl Worker {
+    /// A worker that starts `command` (split on whitespace) when its first task comes.
+    pub fn new(command: &str) -> Result<Self, String> {
+        Ok(Self {
+            command: TrainerCommand::parse(command)?,
             process: Mutex::new(None),
         })
     }
@@ -198,12 +214,12 @@ enum Waited {
     Refused(String),
 }
 
-impl LongLivedTrainer {
+impl Worker {
     /// Hands the running program (started again if it died) `task` for `round`, and waits
     /// for its answer until `deadline`; `what` names the work in failure reports. A program
     /// killed by a signal during the task is started again on it (it resumes from its
     /// checkpoint folder), at most [`RESTARTS_AFTER_KILL`] times.
-    fn exchange(
+    pub(super) fn exchange(
         &self,
         task: &impl Serialize,
         round: u32,
@@ -276,21 +292,39 @@ impl LongLivedTrainer {
 
 impl Trainer for LongLivedTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        let (exec_task, _) = self.files.prepare(task)?;
-        self.exchange(&exec_task, task.round, task.deadline, "round")?;
-        self.files.collect(task, &exec_task)
+        train_with(&self.files, &self.worker, task)
     }
 
     fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String> {
-        let (exec_task, _) = self.files.prepare_evaluation(task)?;
-        self.exchange(
-            &exec_task,
-            task.round,
-            task.deadline,
-            "the evaluation of round",
-        )?;
-        RoundFiles::collect_evaluation(&exec_task)
+        evaluate_with(&self.files, &self.worker, task)
     }
+}
+
+/// `task` trained by `worker`'s program in `files`' round folders.
+pub(super) fn train_with(
+    files: &RoundFiles,
+    worker: &Worker,
+    task: &TrainTask,
+) -> Result<Update, String> {
+    let (exec_task, _) = files.prepare(task)?;
+    worker.exchange(&exec_task, task.round, task.deadline, "round")?;
+    files.collect(task, &exec_task)
+}
+
+/// `task` scored by `worker`'s program in `files`' round folders.
+pub(super) fn evaluate_with(
+    files: &RoundFiles,
+    worker: &Worker,
+    task: &EvalTask,
+) -> Result<NodeEvaluation, String> {
+    let (exec_task, _) = files.prepare_evaluation(task)?;
+    worker.exchange(
+        &exec_task,
+        task.round,
+        task.deadline,
+        "the evaluation of round",
+    )?;
+    RoundFiles::collect_evaluation(&exec_task)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 mod files;
 pub mod long_lived;
+pub mod pool;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -147,6 +148,19 @@ pub(crate) mod tests {
             deadline,
             personal: TensorRoles::default(),
         }
+    }
+
+    /// `model` carrying a one-value f32 tensor `name` (a personal or frozen tensor).
+    pub(super) fn with_scalar(model: &Model, name: &str, value: f32) -> Model {
+        model
+            .clone()
+            .with_carried(vec![ferry_core::dtype::CarriedTensor {
+                name: name.into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![1],
+                data: bytemuck::cast_slice(&[value]).to_vec(),
+            }])
+            .expect("model")
     }
 
     fn task(procedure: ClientProcedure) -> TrainTask {
@@ -396,15 +410,7 @@ pub(crate) mod tests {
         .expect("trainer");
         let personal = TensorRoles::new(vec!["bn".into()]).expect("valid");
         let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
-        task.model = task
-            .model
-            .with_carried(vec![ferry_core::dtype::CarriedTensor {
-                name: "bn".into(),
-                dtype: safetensors::Dtype::F32,
-                shape: vec![1],
-                data: bytemuck::cast_slice(&[10.0f32]).to_vec(),
-            }])
-            .expect("model");
+        task.model = with_scalar(&task.model, "bn", 10.0);
         task.personal = personal.clone();
         let bn_given = |round: u32| {
             let bytes = std::fs::read(work.join(format!("round-{round}/global.safetensors")))
@@ -466,15 +472,7 @@ pub(crate) mod tests {
             .with_frozen(vec!["lora_*".into()])
             .expect("valid");
         let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
-        task.model = task
-            .model
-            .with_carried(vec![ferry_core::dtype::CarriedTensor {
-                name: "lora_a".into(),
-                dtype: safetensors::Dtype::F32,
-                shape: vec![1],
-                data: bytemuck::cast_slice(&[0.5f32]).to_vec(),
-            }])
-            .expect("model");
+        task.model = with_scalar(&task.model, "lora_a", 0.5);
         task.personal = roles;
         let trainer = |args: &str, work: &str| {
             ExecTrainer::new(
