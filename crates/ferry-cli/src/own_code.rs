@@ -193,6 +193,21 @@ pub fn node_folders(pattern: &str) -> Result<Vec<PathBuf>> {
     Ok(folders)
 }
 
+/// The node folders for the run's first line: all of them when few, else the first three,
+/// the last and how many between.
+fn folder_list(folders: &[PathBuf]) -> String {
+    let shown = |f: &PathBuf| f.display().to_string();
+    match folders {
+        [first @ .., last] if folders.len() > 5 => format!(
+            "{}, ... ({} more), {}",
+            first[..3].iter().map(shown).collect::<Vec<_>>().join(", "),
+            folders.len() - 4,
+            shown(last)
+        ),
+        _ => folders.iter().map(shown).collect::<Vec<_>>().join(", "),
+    }
+}
+
 /// A virtual node whose training is the user's program on its own data folder.
 struct ProgramNode {
     id: NodeId,
@@ -310,11 +325,7 @@ pub fn run(
     println!(
         "{} nodes, each training with `{command}` on its folder ({serving}): {}",
         nodes.len(),
-        folders
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        folder_list(folders)
     );
     let strategy = config.strategy(nodes.len(), NoiseSeed::Run(config.seed))?;
     let secure = config.secure(&strategy, WEIGHT_CAP)?;
