@@ -19,11 +19,13 @@ A Ferry node hands each round's training to your program (``ferry client --train
 
 ``run`` serves both of Ferry's modes (a process per round, or ``--trainer-mode long-lived``)
 and checks what ``train`` returns before anything is uploaded. PyTorch users can work on an
-``nn.Module`` directly with :func:`ferry_sdk.pytorch.run`.
+``nn.Module`` directly with :func:`ferry_sdk.pytorch.run`. A process that serves many nodes
+(a simulation's pool of workers) keeps their data with :class:`ferry_sdk.SiteCache`.
 """
 
 from .protocol import EvaluateResult, EvaluateTask, Task, TrainResult, run
 from .simulation import Simulation, simulate
+from .site_cache import SiteCache
 from .tensors import FerryError, load_model, save_model
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "EvaluateTask",
     "FerryError",
     "Simulation",
+    "SiteCache",
     "Task",
     "TrainResult",
     "run",
