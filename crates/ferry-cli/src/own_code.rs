@@ -303,15 +303,12 @@ pub fn run(
         .map(|(i, folder)| {
             let work = out.join("nodes").join(format!("node-{i}"));
             let data = Some(folder.clone());
-            let trainer: Box<dyn Trainer> = match serving {
-                Serving::PerRound => Box::new(ExecTrainer::new(command, data, work)?),
-                Serving::LongLived(Workers::PerNode) => {
+            let trainer: Box<dyn Trainer> = match (&pool, serving) {
+                (Some(pool), _) => Box::new(PooledTrainer::new(pool.clone(), data, work)),
+                (None, Serving::PerRound) => Box::new(ExecTrainer::new(command, data, work)?),
+                (None, Serving::LongLived(_)) => {
                     Box::new(LongLivedTrainer::new(command, data, work)?)
                 }
-                Serving::LongLived(Workers::Pool(_)) => match &pool {
-                    Some(pool) => Box::new(PooledTrainer::new(pool.clone(), data, work)),
-                    None => return Err("the worker pool was not started".to_string()),
-                },
             };
             Ok(Arc::new(ProgramNode {
                 id: i as NodeId,

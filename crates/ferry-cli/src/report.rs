@@ -78,14 +78,17 @@ impl FinalRecord {
             federated: last.federated.clone(),
             fairness: last.federated.as_ref().and_then(FairnessReport::of),
             gain_over_local: None,
-            cross_site: None,
+            // A deployed coordinator writes the full matrix (sites' own models included) into
+            // the final round's record.
+            cross_site: last.cross_site.clone(),
         })
     }
 
-    /// Sets the cross-site matrix, when the run asked for one, to its global row: the final
-    /// federated evaluation, in which every site scored the final model.
+    /// Sets the cross-site matrix, when the run asked for one and its last round holds none,
+    /// to its global row: the final federated evaluation, in which every site scored the
+    /// final model.
     pub fn with_global_matrix(mut self, asked: Option<CrossSiteModels>) -> Self {
-        if asked.is_some() {
+        if asked.is_some() && self.cross_site.is_none() {
             self.cross_site = self
                 .federated
                 .as_ref()

@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use ferry_core::{
-    Model, compress::Compression, cross_site::SiteScores, seed::mix_seed,
+    Model, algebra, compress::Compression, cross_site::SiteScores, seed::mix_seed,
     strategy::ClientProcedure, task::LocalTraining,
 };
 
@@ -110,12 +110,11 @@ pub fn fine_tune_and_score(
     out
 }
 
-/// `model` plus a node's fine-tuning delta.
-fn own_model(model: &Model, delta: &[f32]) -> Model {
+/// A site's own model: `model` plus the site's fine-tuning delta (the deployed coordinator
+/// makes it the same way from an uploaded update).
+pub fn own_model(model: &Model, delta: &[f32]) -> Model {
     let mut own = model.clone();
-    for (value, change) in own.values_mut().iter_mut().zip(delta) {
-        *value += change;
-    }
+    algebra::add_scaled(own.values_mut(), delta, 1.0);
     own
 }
 

@@ -259,7 +259,7 @@ async fn serve(setup: ServerSetup) -> Result<()> {
     let last = rounds.last().context("the run finished no round")?;
     let model = coordinator.global().await?;
     let (model_bytes, sha) = report::model_bytes(&model)?;
-    let mut final_record = FinalRecord::of(
+    let final_record = FinalRecord::of(
         &rounds,
         sha.clone(),
         // The coordinator ends runs with the stop reasons' names.
@@ -268,10 +268,6 @@ async fn serve(setup: ServerSetup) -> Result<()> {
         started.elapsed().as_secs_f64(),
     )?
     .with_global_matrix(run.cross_site);
-    if let Some(matrix) = &last.cross_site {
-        // Sites' own models were fine-tuned and scored: the coordinator's full matrix.
-        final_record.cross_site = Some(matrix.clone());
-    }
     if let Some(matrix) = &final_record.cross_site {
         crate::cross_site::write_csv(&setup.file.out, matrix)?;
         crate::cross_site::write_site_models(&setup.file.out, &coordinator.site_models().await?)?;

@@ -23,7 +23,7 @@ use ferry_core::{
     strategy::ClientProcedure,
     update_file::decode_update,
 };
-use ferry_engine::record::RoundRecord;
+use ferry_engine::{cross_site::own_model, record::RoundRecord};
 
 use crate::{
     ServerError,
@@ -117,8 +117,7 @@ impl Coordinator {
         let round = record.round + 1;
         let global = self.resident_global(state).await?;
         let mut site_models = BTreeMap::new();
-        for (node, id) in self.store.accepted(round).await? {
-            let model = self.site_model(&global, &id).await?;
+        for (node, model) in self.stored_site_models(&global, round).await? {
             site_models.insert(node, put_model(&self.blobs, &model).await?);
         }
         self.emit(Event::Notice(format!(
@@ -148,11 +147,20 @@ impl Coordinator {
     async fn site_model(&self, global: &Model, id: &str) -> Result<Model, ServerError> {
         let bytes = self.blobs.get(id).await?;
         let update = decode_update(&bytes, &self.layout)?;
-        let mut model = global.clone();
-        for (value, change) in model.values_mut().iter_mut().zip(&update.delta) {
-            *value += change;
+        Ok(own_model(global, &update.delta))
+    }
+
+    /// The site models of the updates stored under `round` (the one after the last), by site.
+    async fn stored_site_models(
+        &self,
+        global: &Model,
+        round: u32,
+    ) -> Result<BTreeMap<String, Model>, ServerError> {
+        let mut models = BTreeMap::new();
+        for (node, id) in self.store.accepted(round).await? {
+            models.insert(node, self.site_model(global, &id).await?);
         }
-        Ok(model)
+        Ok(models)
     }
 
     /// The sites' own models of the finished run, by site, rebuilt from the stored updates
@@ -168,11 +176,7 @@ impl Coordinator {
             let mut state = self.state.lock().await;
             self.resident_global(&mut state).await?
         };
-        let mut models = BTreeMap::new();
-        for (node, id) in self.store.accepted(last.round + 1).await? {
-            models.insert(node, self.site_model(&global, &id).await?);
-        }
-        Ok(models)
+        self.stored_site_models(&global, last.round + 1).await
     }
 
     /// What `node` does in the phase: fine-tune if it shares its model and has not yet,
