@@ -10,17 +10,20 @@ import os
 import numpy as np
 import ferry_sdk
 
-_files = {}
+
+def read(path):
+    """(labels, features) of one of the site's CSV files."""
+    rows = np.loadtxt(path, delimiter=",", ndmin=2)
+    features = rows[:, 1:]
+    return rows[:, 0].astype(np.int64), features / 255.0 if features.max() > 1 else features
 
 
-def examples(data_dir, name):
-    """(labels, features) of one of the site's CSV files, read once per process."""
-    path = os.path.join(data_dir, name)
-    if path not in _files:
-        rows = np.loadtxt(path, delimiter=",", ndmin=2)
-        features = rows[:, 1:]
-        _files[path] = (rows[:, 0].astype(np.int64), features / 255.0 if features.max() > 1 else features)
-    return _files[path]
+# A process may serve many nodes (`ferry simulate`'s pool of workers): the files of the 64
+# folders used last are kept, the others read again when their node's next task comes.
+examples = {
+    name: ferry_sdk.SiteCache(lambda folder, name=name: read(os.path.join(folder, name)), max_sites=64)
+    for name in ("train.csv", "test.csv")
+}
 
 
 def split(model):
@@ -39,7 +42,7 @@ def probabilities(features, w, b):
 def train(model, task):
     weight, bias = split(model)
     w, b = model[weight].astype(np.float64), model[bias].astype(np.float64)
-    labels, features = examples(task.data_dir, "train.csv")
+    labels, features = examples["train.csv"](task.data_dir)
     onehot = np.eye(w.shape[1])[labels]
     rng = np.random.default_rng(task.seed)
     velocity_w, velocity_b = np.zeros_like(w), np.zeros_like(b)
@@ -67,7 +70,7 @@ def train(model, task):
 
 def evaluate(model, task):
     weight, bias = split(model)
-    labels, features = examples(task.data_dir, "test.csv")
+    labels, features = examples["test.csv"](task.data_dir)
     p = probabilities(features, model[weight].astype(np.float64), model[bias].astype(np.float64))
     loss = float(-np.log(np.clip(p[np.arange(len(labels)), labels], 1e-12, None)).mean())
     accuracy = float((p.argmax(axis=1) == labels).mean())

@@ -15,19 +15,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from net import FashionNet  # noqa: E402
 
 torch.set_num_threads(1)
-_files = {}
-
-
-def examples(data_dir, name):
-    """The node's `train.pt` or `test.pt`, read once per process."""
-    path = os.path.join(data_dir, name)
-    if path not in _files:
-        _files[path] = torch.load(path)
-    return _files[path]
+# A process may serve many nodes (`ferry simulate`'s pool of workers): the shares of the 16
+# folders used last are kept, the others read again when their node's next task comes.
+training_shares = ferry_sdk.SiteCache(lambda folder: torch.load(os.path.join(folder, "train.pt")), max_sites=16)
+held_out_shares = ferry_sdk.SiteCache(lambda folder: torch.load(os.path.join(folder, "test.pt")), max_sites=16)
 
 
 def train(module, task):
-    share = examples(task.data_dir, "train.pt")
+    share = training_shares(task.data_dir)
     images, labels = share["images"], share["labels"]
     optimizer = torch.optim.SGD(
         module.parameters(), lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay
@@ -48,7 +43,7 @@ def train(module, task):
 
 
 def evaluate(module, task):
-    held_out = examples(task.data_dir, "test.pt")
+    held_out = held_out_shares(task.data_dir)
     images, labels = held_out["images"], held_out["labels"]
     module.eval()
     logits = module(images)

@@ -14,6 +14,10 @@
 #   train       LeNet images/s at batch 64 (PyTorch from Debian's python3-torch)
 #   lenet       simulated LeNet rounds on Fashion-MNIST, 10 nodes, 1 epoch, central test
 #               (Flower: PyTorch on its Ray runtime; Ferry: `ferry simulate` with its defaults)
+#   owncode     your own PyTorch code on many virtual nodes: examples/many-nodes' LeNet on
+#               Fashion-MNIST split by Dirichlet(0.5) into OWN_NODES (1000) nodes, 10% per
+#               round, OWN_ROUNDS (50) rounds (Ferry: `ferry simulate --trainer-cmd` with a pool
+#               of one worker per core; Flower: the same shares, nodes and seeds on Ray)
 # Results, command, machine and date go to docs/benchmarks/vs-flower.md by hand.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -88,6 +92,31 @@ print(json.dumps({"round_s": sum(later) / len(later), "accuracy": h["rounds"][-1
     "$ours"
   rm -rf "$out"
 fi
+if wants owncode; then
+  own_nodes=${OWN_NODES:-1000}
+  own_rounds=${OWN_ROUNDS:-50}
+  echo "your own PyTorch LeNet, $own_nodes virtual nodes, $own_rounds rounds ..."
+  out=$(mktemp -d)
+  example=$root/examples/many-nodes
+  py=$root/.venv/bin/python3
+  PYTHONPATH=$root/sdk/python "$py" "$example/pool.py" --out "$out/pooled" > /dev/null
+  PYTHONPATH=$root/sdk/python "$py" "$example/init_model.py" "$out/init.safetensors"
+  memory=$(cd "$out" && PYTHONPATH=$root/sdk/python python3 "$here/tree_peak.py" -- "$ferry" simulate \
+    --trainer-cmd "$py $example/train.py" --trainer-mode long-lived --node-data pooled \
+    --clients "$own_nodes" --partition dirichlet:0.5 --fraction 0.1 --rounds "$own_rounds" \
+    --initial-model init.safetensors --local-epochs 2 --batch-size 32 --lr 0.05 \
+    --evaluate-every 10 --evaluate-fraction 1 --out run 2> /dev/null | tail -1)
+  ours=$(python3 -c 'import json, sys
+h = json.load(open(sys.argv[1] + "/run/history.json"))
+later = [r["wall_s"] for r in h["rounds"][1:]]
+print(json.dumps({"round_s": sum(later) / len(later), "accuracy": h["rounds"][-1]["federated"]["accuracy"],
+                  "peak_rss_mb": json.loads(sys.argv[2])["peak_rss_mb"]}))' "$out" "$memory")
+  record "owncode $own_nodes nodes" \
+    "$("$venv/bin/python" "$here/own_code_round.py" --node-dirs "$out/run/data/node-*" \
+        --test "$out/pooled/test.csv" --rounds "$own_rounds" --replay "$out/run/history.json" 2>/dev/null | tail -1)" \
+    "$ours"
+  rm -rf "$out"
+fi
 
 python3 - "$results" <<'PY'
 import json, sys
@@ -112,6 +141,10 @@ for line in open(sys.argv[1]):
     elif kind == "aggregate":
         rows += [(f"{label}: seconds", f["seconds"], r["seconds"], True),
                  (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True)]
+    elif kind == "owncode":
+        rows += [(f"{label}: s per round (both: your PyTorch code)", f["mean_round_s"], r["round_s"], True),
+                 (f"{label}: peak MB, all processes", f["peak_rss_mb"], r["peak_rss_mb"], True),
+                 (f"{label}: test accuracy after the last round", f["accuracy"], r["accuracy"], False)]
     elif kind == "lenet":
         rows += [(f"{label}: s per round (Flower column: with PyTorch)", f["mean_round_s"], r["round_s"], True),
                  (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True),
@@ -125,6 +158,9 @@ for name, f, r, lower_is_better in rows:
         print(f"{name:58}{'':>12}{r:>12.2f}{lower_is_better:>9.0f}%")
         continue
     ratio = f / r if lower_is_better else r / f
-    print(f"{name:58}{f:>12.2f}{r:>12.2f}{ratio:>9.1f}x")
+    digits = 4 if "accuracy" in name else 2
+    print(f"{name:58}{f:>12.{digits}f}{r:>12.{digits}f}{ratio:>9.{digits - 1}f}x")
 print("ratio: how many times faster or smaller Ferry is (above 1: Ferry ahead)")
 PY
+echo "raw results (workload, Flower, Ferry):"
+cat "$results"

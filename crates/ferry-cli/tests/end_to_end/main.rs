@@ -17,6 +17,7 @@ mod deploy;
 mod fleet;
 mod fleet_sim;
 mod llm_lora;
+mod many_nodes;
 mod own_model;
 mod parity;
 mod pytorch_example;

@@ -43,7 +43,63 @@ pub struct LongLivedTrainer {
 /// serves any virtual node (see [`super::pool`]).
 pub struct Worker {
     command: TrainerCommand,
+    /// Its place in a pool, told to the program as `FERRY_TRAINER_WORKER` (to pick a device,
+    /// say); `None` for a node's own process.
+    index: Option<usize>,
     process: Mutex<Option<Process>>,
+}
+
+/// Why one attempt at a task did not succeed.
+pub(super) enum Attempt {
+    /// A signal killed the program during the task: it may be tried again, where it resumes
+    /// from the node's checkpoint folder. Holds how it was killed.
+    Killed(String),
+    /// The task failed for good; the node's failure report.
+    Failed(String),
+}
+
+/// Hands a task to a program and waits for its answer, trying again after a kill.
+pub(super) trait Exchange {
+    /// Serves `task` for `round` until `deadline`; `what` names the work in reports.
+    fn exchange(
+        &self,
+        task: &impl Serialize,
+        round: u32,
+        deadline: Option<SystemTime>,
+        what: &str,
+    ) -> Result<(), String>;
+}
+
+/// Runs `attempt` at `what` of `round` until it succeeds, fails for good, or its program has
+/// been killed 1 + [`RESTARTS_AFTER_KILL`] times; after each kill the task is tried `again`
+/// (where, in words).
+pub(super) fn retried_after_kills(
+    what: &str,
+    round: u32,
+    again: &str,
+    mut attempt: impl FnMut() -> Result<(), Attempt>,
+) -> Result<(), String> {
+    let mut retries = 0;
+    loop {
+        match attempt() {
+            Ok(()) => return Ok(()),
+            Err(Attempt::Killed(how)) if retries < RESTARTS_AFTER_KILL => {
+                retries += 1;
+                eprintln!(
+                    "the trainer process was killed ({how}) during {what} {round}; the task \
+                     goes {again} ({retries} of {RESTARTS_AFTER_KILL})"
+                );
+            }
+            Err(Attempt::Killed(how)) => {
+                return Err(format!(
+                    "the trainer process was killed ({how}) during {what} {round}, {} \
+                     times; it starts again for the next task",
+                    1 + RESTARTS_AFTER_KILL
+                ));
+            }
+            Err(Attempt::Failed(report)) => return Err(report),
+        }
+    }
 }
 
 /// The running program and the threads reading its output.
@@ -81,22 +137,27 @@ impl LongLivedTrainer {
     ) -> Result<Self, String> {
         Ok(Self {
             files: RoundFiles::new(data_dir, work_dir),
-            worker: Worker::new(command)?,
+            worker: Worker::new(command, None)?,
         })
     }
 }
 
 impl Worker {
-    /// A worker that starts `command` (split on whitespace) when its first task comes.
-    pub fn new(command: &str) -> Result<Self, String> {
+    /// A worker that starts `command` (split on whitespace) when its first task comes; `index`
+    /// is its place in a pool, if it is in one.
+    pub fn new(command: &str, index: Option<usize>) -> Result<Self, String> {
         Ok(Self {
             command: TrainerCommand::parse(command)?,
+            index,
             process: Mutex::new(None),
         })
     }
 
     fn start(&self) -> Result<Process, String> {
         let mut command = self.command.command();
+        if let Some(index) = self.index {
+            command.env("FERRY_TRAINER_WORKER", index.to_string());
+        }
         command
             .env("FERRY_TRAINER", "long-lived")
             .stdin(Stdio::piped())
@@ -215,78 +276,78 @@ enum Waited {
 }
 
 impl Worker {
-    /// Hands the running program (started again if it died) `task` for `round`, and waits
-    /// for its answer until `deadline`; `what` names the work in failure reports. A program
-    /// killed by a signal during the task is started again on it (it resumes from its
-    /// checkpoint folder), at most [`RESTARTS_AFTER_KILL`] times.
-    pub(super) fn exchange(
+    /// Hands the running program (started again if it had died) `task` for `round`, and waits
+    /// for its answer until `deadline`, once; `what` names the work in failure reports.
+    pub(super) fn attempt(
+        &self,
+        task: &impl Serialize,
+        round: u32,
+        deadline: Option<SystemTime>,
+        what: &str,
+    ) -> Result<(), Attempt> {
+        let mut slot = self
+            .process
+            .lock()
+            .map_err(|_| Attempt::Failed("the trainer's previous task panicked".into()))?;
+        let mut process = match slot.take() {
+            Some(mut process) => {
+                if process.alive() {
+                    process
+                } else {
+                    eprintln!(
+                        "the trainer process had exited ({}); starting it again",
+                        String::from(process.end(false))
+                    );
+                    self.start().map_err(Attempt::Failed)?
+                }
+            }
+            None => self.start().map_err(Attempt::Failed)?,
+        };
+        match process.serve(task, deadline) {
+            Ok(Reply::Done) => {
+                *slot = Some(process);
+                Ok(())
+            }
+            Ok(Reply::Failed(message)) => {
+                *slot = Some(process);
+                Err(Attempt::Failed(format!(
+                    "the trainer reported for {what} {round}: {message}"
+                )))
+            }
+            Err(Waited::Refused(reason)) => {
+                *slot = Some(process);
+                Err(Attempt::Failed(reason))
+            }
+            Err(Waited::Late) => Err(Attempt::Failed(format!(
+                "the trainer did not finish {what} {round} by the round's deadline; it was \
+                 stopped ({}) and starts again for the next task",
+                String::from(process.end(true))
+            ))),
+            Err(Waited::Died) => match process.end(false) {
+                Ended::Killed(how) => Err(Attempt::Killed(how)),
+                ended => Err(Attempt::Failed(format!(
+                    "the trainer process exited with {} during {what} {round}; it starts \
+                     again for the next task",
+                    String::from(ended)
+                ))),
+            },
+        }
+    }
+}
+
+/// A node's own process is started again on a task it was killed during (it resumes from its
+/// checkpoint folder), at most [`RESTARTS_AFTER_KILL`] times.
+impl Exchange for Worker {
+    fn exchange(
         &self,
         task: &impl Serialize,
         round: u32,
         deadline: Option<SystemTime>,
         what: &str,
     ) -> Result<(), String> {
-        let mut slot = self
-            .process
-            .lock()
-            .map_err(|_| "the trainer's previous task panicked".to_string())?;
-        let mut restarts = 0;
-        loop {
-            let mut process = match slot.take() {
-                Some(mut process) => {
-                    if process.alive() {
-                        process
-                    } else {
-                        eprintln!(
-                            "the trainer process had exited ({}); starting it again",
-                            String::from(process.end(false))
-                        );
-                        self.start()?
-                    }
-                }
-                None => self.start()?,
-            };
-            match process.serve(task, deadline) {
-                Ok(Reply::Done) => {
-                    *slot = Some(process);
-                    return Ok(());
-                }
-                Ok(Reply::Failed(message)) => {
-                    *slot = Some(process);
-                    return Err(format!(
-                        "the trainer reported for {what} {round}: {message}"
-                    ));
-                }
-                Err(Waited::Refused(reason)) => {
-                    *slot = Some(process);
-                    return Err(reason);
-                }
-                Err(Waited::Late) => {
-                    return Err(format!(
-                        "the trainer did not finish {what} {round} by the round's deadline; it \
-                         was stopped ({}) and starts again for the next task",
-                        String::from(process.end(true))
-                    ));
-                }
-                Err(Waited::Died) => match process.end(false) {
-                    Ended::Killed(how) if restarts < RESTARTS_AFTER_KILL => {
-                        restarts += 1;
-                        eprintln!(
-                            "the trainer process was killed ({how}) during {what} {round}; \
-                             starting it again on the same task ({restarts} of \
-                             {RESTARTS_AFTER_KILL})"
-                        );
-                    }
-                    ended => {
-                        return Err(format!(
-                            "the trainer process exited with {} during {what} {round}; it \
-                             starts again for the next task",
-                            String::from(ended)
-                        ));
-                    }
-                },
-            }
-        }
+        retried_after_kills(what, round, "to the process started again", || {
+            self.attempt(task, round, deadline, what)
+        })
     }
 }
 
@@ -303,7 +364,7 @@ impl Trainer for LongLivedTrainer {
 /// `task` trained by `worker`'s program in `files`' round folders.
 pub(super) fn train_with(
     files: &RoundFiles,
-    worker: &Worker,
+    worker: &impl Exchange,
     task: &TrainTask,
 ) -> Result<Update, String> {
     let (exec_task, _) = files.prepare(task)?;
@@ -314,7 +375,7 @@ pub(super) fn train_with(
 /// `task` scored by `worker`'s program in `files`' round folders.
 pub(super) fn evaluate_with(
     files: &RoundFiles,
-    worker: &Worker,
+    worker: &impl Exchange,
     task: &EvalTask,
 ) -> Result<NodeEvaluation, String> {
     let (exec_task, _) = files.prepare_evaluation(task)?;

@@ -6,15 +6,20 @@
 //! personal tensors and SCAFFOLD control variate are its [`RoundFiles`], and every task hands
 //! the program the model (with the node's own personal tensors in it), the node's `data_dir`
 //! and seed. A task takes whichever worker is free, so which worker serves which node never
-//! changes a result.
+//! changes a result. A task whose worker is killed goes to another worker (the killed one is
+//! started again when its next task comes), where it resumes from the node's checkpoint folder.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::{
+    sync::{Arc, Condvar, Mutex},
+    time::SystemTime,
+};
 
 use ferry_core::{Update, evaluation::NodeEvaluation};
+use serde::Serialize;
 
 use super::{
     RoundFiles,
-    long_lived::{Worker, evaluate_with, train_with},
+    long_lived::{Attempt, Exchange, Worker, evaluate_with, retried_after_kills, train_with},
 };
 use crate::agent::{EvalTask, TrainTask, Trainer};
 
@@ -31,7 +36,7 @@ impl WorkerPool {
     /// task comes.
     pub fn new(command: &str, workers: usize) -> Result<Arc<Self>, String> {
         let workers = (0..workers.max(1))
-            .map(|_| Worker::new(command))
+            .map(|index| Worker::new(command, Some(index)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(Self {
             free: Mutex::new((0..workers.len()).rev().collect()),
@@ -50,12 +55,14 @@ impl WorkerPool {
         self.workers.is_empty()
     }
 
-    /// Runs `work` on a free worker, waiting for one.
-    fn with_worker<T>(&self, work: impl FnOnce(&Worker) -> T) -> T {
+    /// Runs `work` on a free worker, waiting for one, and says which it was; a free worker
+    /// other than `avoid` is taken first.
+    fn with_worker<T>(&self, avoid: Option<usize>, work: impl FnOnce(&Worker) -> T) -> (usize, T) {
         let index = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             loop {
-                if let Some(index) = free.pop() {
+                let other = free.iter().rposition(|&index| Some(index) != avoid);
+                if let Some(index) = other.map(|at| free.remove(at)).or_else(|| free.pop()) {
                     break index;
                 }
                 free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
@@ -67,7 +74,32 @@ impl WorkerPool {
             .unwrap_or_else(|p| p.into_inner())
             .push(index);
         self.freed.notify_one();
-        result
+        (index, result)
+    }
+}
+
+/// A task whose worker is killed is tried again on another free worker (the same one only when
+/// it is the pool's only free one), at most [`super::process::RESTARTS_AFTER_KILL`] times.
+impl Exchange for WorkerPool {
+    fn exchange(
+        &self,
+        task: &impl Serialize,
+        round: u32,
+        deadline: Option<SystemTime>,
+        what: &str,
+    ) -> Result<(), String> {
+        let mut killed = None;
+        retried_after_kills(what, round, "to another worker", || {
+            let (index, attempt) =
+                self.with_worker(killed, |worker| worker.attempt(task, round, deadline, what));
+            attempt.map_err(|attempt| match attempt {
+                Attempt::Killed(how) => {
+                    killed = Some(index);
+                    Attempt::Killed(format!("{how}, worker {index}"))
+                }
+                failed => failed,
+            })
+        })
     }
 }
 
@@ -95,13 +127,11 @@ impl PooledTrainer {
 
 impl Trainer for PooledTrainer {
     fn train(&self, task: &TrainTask) -> Result<Update, String> {
-        self.pool
-            .with_worker(|worker| train_with(&self.files, worker, task))
+        train_with(&self.files, &*self.pool, task)
     }
 
     fn evaluate(&self, task: &EvalTask) -> Result<NodeEvaluation, String> {
-        self.pool
-            .with_worker(|worker| evaluate_with(&self.files, worker, task))
+        evaluate_with(&self.files, &*self.pool, task)
     }
 }
 
@@ -166,5 +196,48 @@ for line in sys.stdin:
         assert_eq!(score(&a, &task.model), 0.13);
         assert_eq!(score(&b, &task.model), 0.11);
         assert_eq!(pool.len(), 1);
+    }
+
+    /// Trains like `SERVER`, reports which worker it is, and kills itself first when its
+    /// node's folder holds a file `die` (which it removes).
+    const KILLED_ONCE: &str = r#"import json, os, signal, sys
+from safetensors.numpy import load_file, save_file
+for line in sys.stdin:
+    task = json.loads(line)
+    flag = os.path.join(task["data_dir"], "die")
+    if os.path.exists(flag):
+        os.remove(flag)
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_file({k: v + 1 for k, v in load_file(task["model_in"]).items()}, task["model_out"])
+    json.dump({"num_examples": 2, "metrics": {"worker": float(os.environ["FERRY_TRAINER_WORKER"])}},
+              open(task["result_out"], "w"))
+    print(json.dumps({"ferry": "done"}), flush=True)
+"#;
+
+    #[test]
+    fn a_task_whose_worker_is_killed_is_finished_by_another_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("serve.py");
+        std::fs::write(&script, KILLED_ONCE).expect("script");
+        let pool =
+            WorkerPool::new(&format!("{} {}", python3(), script.display()), 2).expect("pool");
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("data");
+        let node = PooledTrainer::new(pool, Some(data.clone()), dir.path().join("node"));
+        let mut task = sample_task(1, ClientProcedure::LocalSgd, vec![1.0, 2.0], None);
+        let worker = |task: &TrainTask| node.train(task).expect("trains").metrics["worker"];
+        assert_eq!(worker(&task), 0.0, "a lone task takes the first worker");
+        std::fs::write(data.join("die"), "").expect("flag");
+        task.round = 2;
+        assert_eq!(worker(&task), 1.0, "the other worker finished the task");
+        assert!(
+            !data.join("die").exists(),
+            "worker 0 was killed on it first"
+        );
+        task.round = 3;
+        assert!(
+            [0.0, 1.0].contains(&worker(&task)),
+            "the pool serves on after the kill"
+        );
     }
 }
