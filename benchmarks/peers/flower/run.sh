@@ -18,6 +18,10 @@
 #               Fashion-MNIST split by Dirichlet(0.5) into OWN_NODES (1000) nodes, 10% per
 #               round, OWN_ROUNDS (50) rounds (Ferry: `ferry simulate --trainer-cmd` with a pool
 #               of one worker per core; Flower: the same shares, nodes and seeds on Ray)
+#   fedbn       your own PyTorch code with BatchNorm kept on each node (FedBN):
+#               examples/pytorch's FashionNet on FEDBN_SITES (300) site folders, 10% per
+#               round, 10 rounds, every node scoring every round's model (federated
+#               evaluation); Flower: the same sites, nodes and seeds, BatchNorm kept per node
 # Results, command, machine and date go to docs/benchmarks/vs-flower.md by hand.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -118,6 +122,30 @@ print(json.dumps({"round_s": sum(later) / len(later), "accuracy": h["rounds"][-1
   rm -rf "$out"
 fi
 
+if wants fedbn; then
+  sites=${FEDBN_SITES:-300}
+  echo "your own PyTorch CNN with personal BatchNorm, $sites sites, 10 rounds ..."
+  out=$(mktemp -d)
+  example=$root/examples/pytorch
+  py=$root/.venv/bin/python3
+  (cd "$out" && PYTHONPATH=$root/sdk/python "$py" "$example/make_shares.py" --nodes "$sites" \
+    --per-node 150 --test-per-node $((10000 / sites < 30 ? 10000 / sites : 30)) --out data > /dev/null \
+    && PYTHONPATH=$root/sdk/python "$py" "$example/init_model.py" init.safetensors)
+  memory=$(cd "$out" && PYTHONPATH=$root/sdk/python python3 "$here/tree_peak.py" -- "$ferry" simulate \
+    --trainer-cmd "$py $example/train.py" --trainer-mode long-lived --node-data 'data/*' \
+    --initial-model init.safetensors --personal 'features.1.*,features.5.*' --fraction 0.1 \
+    --rounds 10 --lr 0.05 --out run 2> /dev/null | tail -1)
+  ours=$(python3 -c 'import json, sys
+h, m = json.load(open(sys.argv[1] + "/run/history.json")), json.loads(sys.argv[2])
+print(json.dumps({"run_s": m["wall_s"], "peak_rss_mb": m["peak_rss_mb"],
+                  "accuracy": h["rounds"][-1]["federated"]["accuracy"]}))' "$out" "$memory")
+  record "fedbn $sites sites" \
+    "$("$venv/bin/python" "$here/fedbn_round.py" --sites "$out/data/site-*" \
+        --replay "$out/run/history.json" 2>/dev/null | tail -1)" \
+    "$ours"
+  rm -rf "$out"
+fi
+
 python3 - "$results" <<'PY'
 import json, sys
 rows = []
@@ -145,6 +173,10 @@ for line in open(sys.argv[1]):
         rows += [(f"{label}: s per round (both: your PyTorch code)", f["mean_round_s"], r["round_s"], True),
                  (f"{label}: peak MB, all processes", f["peak_rss_mb"], r["peak_rss_mb"], True),
                  (f"{label}: test accuracy after the last round", f["accuracy"], r["accuracy"], False)]
+    elif kind == "fedbn":
+        rows += [(f"{label}: whole run, s (both: your PyTorch code)", f["run_s"], r["run_s"], True),
+                 (f"{label}: peak MB, all processes", f["peak_rss_mb"], r["peak_rss_mb"], True),
+                 (f"{label}: federated accuracy after the last round", f["accuracy"], r["accuracy"], False)]
     elif kind == "lenet":
         rows += [(f"{label}: s per round (Flower column: with PyTorch)", f["mean_round_s"], r["round_s"], True),
                  (f"{label}: peak MB", f["peak_rss_mb"], r["peak_rss_mb"], True),
