@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(HERE, "noopbench"))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "examples", "pytorch"))
 
 from measure import simulate  # noqa: E402
-from own_code_round import mix_seed  # noqa: E402
+from pairing import Replay, assign  # noqa: E402
 
 
 def main():
@@ -46,20 +46,19 @@ def main():
     started = time.time()
 
     folders = sorted(glob.glob(args.sites))  # Ferry's node order: folder names, sorted
-    with open(args.replay) as f:
-        history = json.load(f)
-    ferry = history["config"]
-    replayed = [[int(node) for node in r["contributors"]] for r in history["rounds"]]
-    rounds = len(replayed)
+    replay = Replay(args.replay)
+    ferry = replay.config
+    rounds = len(replay.nodes)
     if ferry["clients"] != len(folders):
         raise SystemExit(f"{args.sites} matches {len(folders)} folders; the Ferry run had {ferry['clients']} nodes")
 
     import torch
     from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, FitIns, ndarrays_to_parameters
+    from flwr.common import Context, ndarrays_to_parameters
     from flwr.server import ServerAppComponents, ServerConfig
     from noopbench.server_app import TimedFedAvg
 
+    from arrays import arrays_of, load_arrays
     from net import FashionNet
 
     torch.manual_seed(0)  # the initial model of examples/pytorch/init_model.py
@@ -79,7 +78,7 @@ def main():
 
     def model_of(parameters, node):
         model = FashionNet()
-        model.load_state_dict({k: torch.tensor(a) for k, a in zip(initial, parameters)})
+        load_arrays(model, parameters)
         model.load_state_dict(own(node), strict=False)
         return model
 
@@ -95,17 +94,16 @@ def main():
             images, labels = share["images"], share["labels"]
             optimizer = torch.optim.SGD(model.parameters(), lr=ferry["lr"], momentum=ferry["momentum"],
                                         weight_decay=ferry["weight_decay"])
-            generator = torch.Generator().manual_seed(mix_seed(mix_seed(ferry["seed"], int(config["round"])), node))
+            generator = torch.Generator().manual_seed(replay.seed(int(config["round"]), node))
             model.train()
             for _ in range(ferry["epochs"]):
                 for batch in torch.randperm(len(labels), generator=generator).split(ferry["batch_size"]):
                     optimizer.zero_grad()
                     torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
                     optimizer.step()
-            state = model.state_dict()
-            torch.save({k: v for k, v in state.items() if k.startswith(batch_norm)},
+            torch.save({k: v for k, v in model.state_dict().items() if k.startswith(batch_norm)},
                        os.path.join(kept, f"{node}.pt"))
-            return [v.detach().numpy().copy() for v in state.values()], len(labels), {}
+            return arrays_of(model), len(labels), {}
 
         def evaluate(self, parameters, config):
             torch.set_num_threads(1)
@@ -129,11 +127,7 @@ def main():
 
         def configure_fit(self, server_round, parameters, client_manager):
             chosen = super().configure_fit(server_round, parameters, client_manager)
-            nodes = replayed[server_round - 1]
-            if len(nodes) > len(chosen):
-                raise SystemExit(f"round {server_round}: {len(nodes)} nodes to replay, {len(chosen)} clients sampled")
-            return [(client, FitIns(fit.parameters, {"round": server_round, "node": node}))
-                    for (client, fit), node in zip(chosen, nodes)]
+            return assign(chosen, server_round, replay.nodes[server_round - 1])
 
         def aggregate_evaluate(self, server_round, results, failures):
             examples = sum(r.num_examples for _, r in results)
@@ -143,7 +137,7 @@ def main():
     times_file = os.path.join(kept, "round-times.txt")
 
     def server_fn(context: Context):
-        sampled = len(replayed[0])
+        sampled = len(replay.nodes[0])
         strategy = Strategy(
             times_file=times_file, fraction_fit=sampled / len(folders), fraction_evaluate=1.0,
             min_fit_clients=sampled, min_evaluate_clients=len(folders),

@@ -47,6 +47,7 @@ def main():
     from flwr.common import Context, ndarrays_to_parameters
     from flwr.server import ServerAppComponents, ServerConfig
     from noopbench.server_app import TimedFedAvg
+    from arrays import arrays_of, load_arrays
     from train_speed import LeNet
 
     train_x = torch.tensor(idx("train-images-idx3-ubyte.gz"), dtype=torch.float32).div(255).unsqueeze(1)
@@ -56,12 +57,6 @@ def main():
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
     shares = order.chunk(args.nodes)
 
-    def get(model):
-        return [v.detach().numpy().copy() for v in model.state_dict().values()]
-
-    def put(model, arrays):
-        model.load_state_dict({k: torch.tensor(a) for k, a in zip(model.state_dict(), arrays)})
-
     class Node(NumPyClient):
         def __init__(self, share):
             self.share = share
@@ -69,7 +64,7 @@ def main():
         def fit(self, parameters, config):
             torch.set_num_threads(1)
             model = LeNet()
-            put(model, parameters)
+            load_arrays(model, parameters)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9,
                                         weight_decay=1e-5)
             loss_fn = nn.CrossEntropyLoss()
@@ -79,7 +74,7 @@ def main():
                 optimizer.zero_grad()
                 loss_fn(model(train_x[batch]), train_y[batch]).backward()
                 optimizer.step()
-            return get(model), len(mine), {}
+            return arrays_of(model), len(mine), {}
 
     def client_fn(context: Context):
         return Node(shares[int(context.node_config["partition-id"])]).to_client()
@@ -88,7 +83,7 @@ def main():
 
     def evaluate(server_round, parameters, config):
         model = LeNet()
-        put(model, parameters)
+        load_arrays(model, parameters)
         with torch.no_grad():
             logits = model(test_x)
         accuracy[0] = float((logits.argmax(1) == test_y).float().mean())
@@ -101,7 +96,7 @@ def main():
         strategy = TimedFedAvg(
             times_file=times_file, fraction_fit=1.0, fraction_evaluate=0.0,
             min_fit_clients=args.nodes, min_available_clients=args.nodes,
-            initial_parameters=ndarrays_to_parameters(get(LeNet())), evaluate_fn=evaluate)
+            initial_parameters=ndarrays_to_parameters(arrays_of(LeNet())), evaluate_fn=evaluate)
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=args.rounds))
 
     per_round, mean, peak_mb = simulate(server_fn, ClientApp(client_fn=client_fn), args.nodes,

@@ -32,15 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "noopbench"))
 sys.path.insert(0, EXAMPLE)
 
 from measure import simulate  # noqa: E402
-
-
-def mix_seed(seed, stream):
-    """Ferry's seed mixing (`ferry_core::seed::mix_seed`, SplitMix64's finaliser)."""
-    mask = (1 << 64) - 1
-    z = seed ^ (((stream + 1) * 0x9E3779B97F4A7C15) & mask)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return z ^ (z >> 31)
+from pairing import Replay, assign  # noqa: E402
 
 
 def main():
@@ -62,34 +54,26 @@ def main():
     if not folders:
         raise SystemExit(f"--node-dirs {args.node_dirs} matches no folder")
 
-    replayed, run_seed = None, None
-    if args.replay:
-        with open(args.replay) as f:
-            history = json.load(f)
-        replayed = [[int(node) for node in r["contributors"]] for r in history["rounds"]]
-        ferry = history["config"]
+    replay = Replay(args.replay) if args.replay else None
+    if replay:
+        ferry = replay.config
         args.epochs, args.batch_size, args.lr = ferry["epochs"], ferry["batch_size"], ferry["lr"]
-        args.momentum, args.weight_decay, run_seed = ferry["momentum"], ferry["weight_decay"], ferry["seed"]
-        if len(replayed) < args.rounds:
-            raise SystemExit(f"--replay has {len(replayed)} rounds; --rounds is {args.rounds}")
+        args.momentum, args.weight_decay = ferry["momentum"], ferry["weight_decay"]
+        if len(replay.nodes) < args.rounds:
+            raise SystemExit(f"--replay has {len(replay.nodes)} rounds; --rounds is {args.rounds}")
 
     import time
 
     import torch
     from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, FitIns, ndarrays_to_parameters
+    from flwr.common import Context, ndarrays_to_parameters
     from flwr.server import ServerAppComponents, ServerConfig
     from noopbench.server_app import TimedFedAvg
 
     import local
     import rows
+    from arrays import arrays_of, load_arrays
     from lenet import LeNet
-
-    def get(model):
-        return [v.detach().numpy().copy() for v in model.state_dict().values()]
-
-    def put(model, arrays):
-        model.load_state_dict({k: torch.tensor(a) for k, a in zip(model.state_dict(), arrays)})
 
     class Node(NumPyClient):
         def __init__(self, node):
@@ -100,17 +84,15 @@ def main():
             node = int(config.get("node", self.node))
             images, labels = rows.load(folders[node], "train.csv")
             model = LeNet()
-            put(model, parameters)
+            load_arrays(model, parameters)
             loss = local.local_sgd(
                 model, images, labels, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay,
                 generator=torch.Generator().manual_seed(node_seed(int(config["round"]), node)))
-            return get(model), len(labels), {"train_loss": loss}
+            return arrays_of(model), len(labels), {"train_loss": loss}
 
     def node_seed(round_, node):
-        if run_seed is None:
-            return round_ * len(folders) + node
-        return mix_seed(mix_seed(run_seed, round_), node)
+        return replay.seed(round_, node) if replay else round_ * len(folders) + node
 
     def client_fn(context: Context):
         node = int(context.node_config["partition-id"])
@@ -124,7 +106,7 @@ def main():
             return None
         started = time.time()
         model = LeNet()
-        put(model, parameters)
+        load_arrays(model, parameters)
         loss, accuracy[server_round] = local.score(model, *test)
         evaluation_s[server_round] = time.time() - started
         return loss, {"accuracy": accuracy[server_round]}
@@ -134,14 +116,8 @@ def main():
 
         def configure_fit(self, server_round, parameters, client_manager):
             chosen = super().configure_fit(server_round, parameters, client_manager)
-            nodes = replayed[server_round - 1] if replayed else [None] * len(chosen)
-            if len(nodes) > len(chosen):
-                raise SystemExit(f"round {server_round}: {len(nodes)} nodes to replay, {len(chosen)} clients sampled")
-            # FedAvg hands every client one shared FitIns: each gets its own here.
-            return [
-                (client, FitIns(fit.parameters, {"round": server_round, **({} if node is None else {"node": node})}))
-                for (client, fit), node in zip(chosen, nodes)
-            ]
+            nodes = replay.nodes[server_round - 1] if replay else [None] * len(chosen)
+            return assign(chosen, server_round, nodes)
 
     times_file = os.path.join(tempfile.mkdtemp(prefix="flower-own-code-"), "round-times.txt")
 
@@ -151,7 +127,7 @@ def main():
         strategy = Strategy(
             times_file=times_file, fraction_fit=args.fraction, fraction_evaluate=0.0,
             min_fit_clients=sampled, min_available_clients=len(folders),
-            initial_parameters=ndarrays_to_parameters(get(LeNet())), evaluate_fn=evaluate)
+            initial_parameters=ndarrays_to_parameters(arrays_of(LeNet())), evaluate_fn=evaluate)
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=args.rounds))
 
     per_round, _, peak_mb = simulate(server_fn, ClientApp(client_fn=client_fn), len(folders), times_file)
@@ -165,7 +141,7 @@ def main():
         "mean_round_s": sum(per_round) / len(per_round),
         "accuracy": accuracy.get(args.rounds),
         "accuracy_by_round": accuracy,
-        "replayed": bool(replayed),
+        "replayed": bool(replay),
         "peak_rss_mb": peak_mb,
     }))
 

@@ -274,8 +274,7 @@ async fn global_model(
         }
     };
     let read = file.open().and_then(|source| {
-        let personal = TensorRoles::new(task.personal.clone())
-            .and_then(|roles| roles.with_frozen(task.frozen.clone()))
+        let personal = TensorRoles::of(task.personal.clone(), task.frozen.clone())
             .map_err(|e| e.to_string())?;
         let model = Model::read_safetensors(source, &personal).map_err(|e| e.to_string())?;
         Ok((model, personal))

@@ -30,6 +30,12 @@ impl TensorRoles {
         })
     }
 
+    /// A run's roles from its `personal` and `frozen` patterns (each non-empty), as a task or
+    /// a run's settings name them.
+    pub fn of(personal: Vec<String>, frozen: Vec<String>) -> Result<Self, CoreError> {
+        Self::new(personal)?.with_frozen(frozen)
+    }
+
     /// These roles with the frozen tensors `patterns` name (each non-empty).
     pub fn with_frozen(self, patterns: Vec<String>) -> Result<Self, CoreError> {
         Self::checked(&patterns, "frozen")?;
@@ -196,8 +202,7 @@ mod tests {
 
     #[test]
     fn frozen_tensors_are_carried_but_not_personal_and_must_come_back_unchanged() {
-        let roles = TensorRoles::new(vec!["bn*".into()])
-            .and_then(|r| r.with_frozen(vec!["*.lora_A".into(), "bn*".into()]))
+        let roles = TensorRoles::of(vec!["bn*".into()], vec!["*.lora_A".into(), "bn*".into()])
             .expect("valid");
         assert!(roles.is_frozen("attn.lora_A") && roles.matches("attn.lora_A"));
         assert!(!roles.is_personal("attn.lora_A"));

@@ -255,9 +255,8 @@ impl Relay {
         if let Some(layout) = lock(&self.layouts).get(&model.hash) {
             return Ok(layout.clone());
         }
-        let personal = TensorRoles::new(task.personal.clone())
-            .and_then(|roles| roles.with_frozen(task.frozen.clone()))
-            .map_err(internal)?;
+        let personal =
+            TensorRoles::of(task.personal.clone(), task.frozen.clone()).map_err(internal)?;
         let file = self.blobs.open(&model.hash).await.map_err(internal)?;
         let layout = tokio::task::spawn_blocking(move || {
             Model::read_safetensors(std::io::BufReader::new(file), &personal)

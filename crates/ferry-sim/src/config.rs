@@ -173,7 +173,7 @@ impl SimConfig {
 
     /// The run's personal and frozen tensors.
     pub fn personal_tensors(&self) -> Result<TensorRoles, CoreError> {
-        TensorRoles::new(self.personal.clone())?.with_frozen(self.frozen.clone())
+        TensorRoles::of(self.personal.clone(), self.frozen.clone())
     }
 
     /// When the run evaluates federatedly; `central` says whether it also has a central test
