@@ -22,7 +22,8 @@
 #   - .venv/ in the repository: a virtual environment over Debian's /usr/bin/python3 that sees
 #     Debian's numpy, torch and pytest and adds safetensors from PyPI, which Debian 12 does not
 #     package, and maturin (which builds the wheel that carries the ferry binary), with
-#     .venv/wheelhouse holding numpy and safetensors wheels for the wheel's offline test. Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
+#     .venv/wheelhouse holding numpy and safetensors wheels for the wheel's offline test.
+#     Debian 12 refuses pip installs into the system Python (PEP 668); a project-local
 #     environment needs no --break-system-packages. The tests run Python as .venv/bin/python3.
 #
 # Safe to run again: anything already present is left alone.
